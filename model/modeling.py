@@ -1,0 +1,302 @@
+"""p-MoD LLaVA-1.5 and LLaVA-NeXT on HF transformers: configs, models, ``to_pmod``, registration.
+
+The classes subclass HF's own (``LlavaConfig`` / ``LlavaForConditionalGeneration`` and the NeXT
+pair) and add only what differs: a ``pmod`` config field, decoder layers wrapped as p-MoD layers
+(:mod:`pmod_bench.model.layer`), and a forward that tells the layers where the vision tokens are.
+After ``import pmod_bench`` they are registered with ``AutoConfig`` / ``AutoModelForImageTextToText``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator, Optional, Union
+
+import torch
+import functools
+import inspect
+
+from torch import nn
+from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration
+
+from .config import PMoDConfig
+from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
+from .layer import PMoDInputs, PMoDLayerMixin, PMoDRouter, wrap_decoder_layer
+
+
+# ------------------------------------------------------------------------------------------- models
+class PMoDModelMixin:
+    """Routing behaviour shared by the p-MoD LLaVA and LLaVA-NeXT models."""
+
+    config: Union[PMoDLlavaConfig, PMoDLlavaNextConfig]
+
+    def _install_pmod_layers(self) -> None:
+        lm = self.model.language_model
+        ratios = self.config.layer_ratios()
+        pmod = self.config.pmod_config
+        hidden = self.config.text_config.hidden_size
+        for i in self.config.pmod_router_layers:
+            lm.layers[i] = wrap_decoder_layer(lm.layers[i], i, ratios[i], pmod, hidden)
+        self._pmod_record: Optional[dict] = None
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PMoDRouter):  # routers missing from a checkpoint (e.g. a vanilla LLaVA one)
+            from transformers import initialization as init
+
+            if module.zero_init:
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
+
+    # ---------------------------------------------------------------------------- inspection
+    @property
+    def pmod_layers(self) -> dict[int, nn.Module]:
+        """The p-MoD (routed) decoder layers by index."""
+        return {i: l for i, l in enumerate(self.model.language_model.layers) if isinstance(l, PMoDLayerMixin)}
+
+    def layer_ratios(self) -> list[float]:
+        """Retention ratio of every decoder layer as the model runs now (1.0 = every token processed)."""
+        return [getattr(l, "ratio", 1.0) for l in self.model.language_model.layers]
+
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[dict]:
+        """Opt-in introspection: within the block, each forward with vision tokens records, per p-MoD
+        layer, ``{"selected": (B, N) bool, "target": (B, N) bool}`` (the paper's Fig. 5/6)."""
+        record: dict = {}
+        previous, self._pmod_record = self._pmod_record, record
+        try:
+            yield record
+        finally:
+            self._pmod_record = previous
+
+    # ------------------------------------------------------------------------------ overrides
+    def set_pmod_ratios(
+        self,
+        pmod: Union[PMoDConfig, dict, None] = None,
+        allow_untrained_routers: bool = False,
+        **changes: Any,
+    ) -> list[float]:
+        """Run a trained model at other retention ratios, without retraining.
+
+        ``model.set_pmod_ratios(shift=0.3)``, ``set_pmod_ratios(schedule="linear")`` or
+        ``set_pmod_ratios(ratios=[...])``. Layers with a router take the new ratio (a ratio of 1.0
+        processes every token and keeps the learned weighting). A layer without a trained router
+        that the new schedule would route raises an error, unless ``allow_untrained_routers`` (the
+        new router is zero-initialised: every token weighs 1 and ties are broken by position).
+        Returns the new per-layer ratios.
+        """
+        base = PMoDConfig.from_dict(pmod) if pmod is not None else self.config.pmod_config
+        if "ratios" not in changes and ("shift" in changes or "schedule" in changes):
+            changes["ratios"] = None
+        new = base.replace(**changes) if changes else base
+        lm = self.model.language_model
+        ratios = new.layer_ratios(len(lm.layers))
+        routers = set(self.config.pmod_router_layers)
+        need = [i for i, r in enumerate(ratios) if r < 1.0 and i not in routers]
+        if need and not allow_untrained_routers:
+            raise ValueError(
+                f"the new ratios route layers {need}, which have no trained router (trained routers: {sorted(routers)}). "
+                "Choose a schedule that keeps those layers ordinary, or pass allow_untrained_routers=True."
+            )
+        hidden = self.config.text_config.hidden_size
+        for i, r in enumerate(ratios):
+            if i in routers or r < 1.0:
+                lm.layers[i] = wrap_decoder_layer(lm.layers[i], i, r, new, hidden)
+                routers.add(i)
+        self.config.pmod = new.to_dict()
+        self.config.pmod_router_layers = sorted(routers)
+        if any(r == 1.0 for i, r in enumerate(ratios) if i in routers):
+            self.config.pmod["ratios"] = ratios  # keep router layers at 1.0 explicit on save
+        return ratios
+
+    # -------------------------------------------------------------------------------- forward
+    def _routing_inputs(self, input_ids, attention_mask, inputs_embeds, vision_token_mask) -> PMoDInputs:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        n = ref.shape[1]
+        target = None
+        if vision_token_mask is not None and vision_token_mask.shape[:2] == ref.shape[:2]:
+            target = vision_token_mask.bool()
+        elif input_ids is not None:
+            target = input_ids == self.config.image_token_id
+        elif self.training or n > 1:
+            warnings.warn(
+                "p-MoD forward with inputs_embeds and no vision_token_mask: no vision tokens are known, so every "
+                "token is processed. Pass input_ids or vision_token_mask=(B, N) bool.",
+                stacklevel=3,
+            )
+        tokens = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            tokens = attention_mask[:, -n:].bool()
+            if bool(tokens.all()):
+                tokens = None
+        if target is not None and not bool(target.any()):
+            target = None
+        return PMoDInputs(target_mask=target, token_mask=tokens, record=self._pmod_record)
+
+    def _pmod_forward(self, parent_forward, args: tuple, kwargs: dict):
+        if args:  # positional arguments in the parent's order
+            names = [n for n in inspect.signature(parent_forward).parameters if n != "self"]
+            kwargs.update(zip(names, args))
+        vision_token_mask = kwargs.pop("vision_token_mask", None)
+        kwargs["pmod_inputs"] = self._routing_inputs(
+            kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), vision_token_mask
+        )
+        return parent_forward(**kwargs)
+
+    # --------------------------------------------------------------------------- accounting
+    def kv_cache_entries(self, cache) -> list[int]:
+        """Stored KV entries per layer (summed over the batch, padding slots excluded)."""
+        out = []
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                out.append(0)
+                continue
+            valid = getattr(layer, "valid", None)
+            out.append(int(valid.sum()) if valid is not None else keys.shape[0] * keys.shape[-2])
+        return out
+
+
+def _signature_of(parent):
+    """Give a forward the parent's signature plus ``vision_token_mask`` (generate() inspects it)."""
+    sig = inspect.signature(parent)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter("vision_token_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + [extra] + var_kw
+
+    def decorate(fn):
+        fn.__signature__ = sig.replace(parameters=params)
+        fn.__doc__ = (
+            "HF forward, plus ``vision_token_mask`` (B, N) bool marking the vision tokens for callers that pass "
+            "``inputs_embeds`` instead of ``input_ids``.\n\n" + (parent.__doc__ or "")
+        )
+        return fn
+
+    return decorate
+
+
+class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGeneration):
+    """p-MoD-LLaVA-1.5: HF ``LlavaForConditionalGeneration`` with p-MoD decoder layers."""
+
+    config_class = PMoDLlavaConfig
+
+    def __init__(self, config: PMoDLlavaConfig):
+        super().__init__(config)
+        self._install_pmod_layers()
+
+    @_signature_of(LlavaForConditionalGeneration.forward)
+    def forward(self, *args, **kwargs):
+        return self._pmod_forward(super().forward, args, kwargs)
+
+
+class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditionalGeneration):
+    """p-MoD-LLaVA-NeXT: HF ``LlavaNextForConditionalGeneration`` with p-MoD decoder layers."""
+
+    config_class = PMoDLlavaNextConfig
+
+    def __init__(self, config: PMoDLlavaNextConfig):
+        super().__init__(config)
+        self._install_pmod_layers()
+
+    @_signature_of(LlavaNextForConditionalGeneration.forward)
+    def forward(self, *args, **kwargs):
+        return self._pmod_forward(super().forward, args, kwargs)
+
+
+#: vanilla HF class -> (p-MoD model class, p-MoD config class)
+PMOD_COUNTERPARTS = {
+    LlavaNextForConditionalGeneration: (PMoDLlavaNextForConditionalGeneration, PMoDLlavaNextConfig),
+    LlavaForConditionalGeneration: (PMoDLlavaForConditionalGeneration, PMoDLlavaConfig),
+}
+
+
+def pmod_config_from(config, pmod: Union[PMoDConfig, dict, None] = None):
+    """The p-MoD HF config for a vanilla LLaVA / LLaVA-NeXT config (same fields plus ``pmod``)."""
+    for vanilla_cls, (_, cfg_cls) in PMOD_COUNTERPARTS.items():
+        if isinstance(config, vanilla_cls.config_class):
+            d = config.to_dict()
+            for key in ("model_type", "architectures", "transformers_version", "pmod", "pmod_router_layers"):
+                d.pop(key, None)
+            new = cfg_cls(**d, pmod=PMoDConfig.from_dict(pmod).to_dict())
+            new._attn_implementation = config._attn_implementation
+            return new
+    raise TypeError(f"expected a LlavaConfig or LlavaNextConfig, got {type(config).__name__}")
+
+
+def to_pmod(model: nn.Module, pmod: Union[PMoDConfig, dict, None] = None, **changes: Any) -> nn.Module:
+    """Turn a vanilla HF LLaVA / LLaVA-NeXT model into its p-MoD counterpart.
+
+    The decoder layers that the schedule routes become p-MoD layers; every weight is the vanilla
+    model's own tensor (no copy) and the routers are zero-initialised, so the model computes what
+    it computed before until its routers are trained.  Returns the p-MoD model (the input model's
+    tensors are shared with it; keep using the returned object).
+    """
+    cfg = PMoDConfig.from_dict(pmod)
+    if changes:
+        cfg = cfg.replace(**changes)
+    if isinstance(model, PMoDModelMixin):
+        model.set_pmod_ratios(cfg)
+        return model
+    for vanilla_cls, (pmod_cls, _) in PMOD_COUNTERPARTS.items():
+        if isinstance(model, vanilla_cls):
+            break
+    else:
+        raise TypeError(
+            f"to_pmod expects an HF LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, got {type(model).__name__}"
+        )
+    new_config = pmod_config_from(model.config, cfg)
+    with torch.device("meta"):
+        new = pmod_cls(new_config)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False, assign=True)
+    not_router = [k for k in missing if ".router." not in k]
+    if not_router or unexpected:
+        raise RuntimeError(f"to_pmod: weights did not map one to one (missing {not_router[:5]}, unexpected {unexpected[:5]})")
+    # tensors outside the state dict (non-persistent buffers such as RoPE's inv_freq) come over as-is
+    old_modules = dict(model.named_modules())
+    for name, module in new.named_modules():
+        old = old_modules.get(name)
+        if old is None:
+            continue
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta and old._buffers.get(key) is not None:
+                module._buffers[key] = old._buffers[key]
+        for key, val in list(vars(module).items()):
+            if isinstance(val, torch.Tensor) and val.is_meta and isinstance(getattr(old, key, None), torch.Tensor):
+                setattr(module, key, getattr(old, key))
+    ref = next(model.parameters())
+    for layer in new.pmod_layers.values():
+        layer.router.to_empty(device=ref.device)
+        layer.router.to(dtype=ref.dtype)
+        layer.router.reset_parameters()
+    leftover = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"to_pmod left tensors on the meta device: {leftover[:5]}")
+    new.generation_config = model.generation_config
+    new.train(model.training)
+    return new
+
+
+def register_auto_classes() -> None:
+    """Register the p-MoD models and processors with transformers' Auto classes (idempotent)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        CLIPImageProcessor,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    AutoModelForImageTextToText.register(PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(PMoDLlavaConfig, LlavaProcessor, exist_ok=True)
+    AutoProcessor.register(PMoDLlavaNextConfig, LlavaNextProcessor, exist_ok=True)
+    AutoImageProcessor.register(PMoDLlavaConfig, slow_image_processor_class=CLIPImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(PMoDLlavaNextConfig, slow_image_processor_class=LlavaNextImageProcessor, exist_ok=True)

@@ -1,0 +1,289 @@
+"""``build_report``: read runs, build every table and figure, write them all or nothing.
+
+Output layout (``DIR``)::
+
+    index.md                    links every table and figure and says which inputs each came from
+    report.json                 the same, machine-readable
+    tables/tableN.{md,tex,csv}  Tables 1-12
+    figures/*.{png,pdf}         trade-off, Fig. 4, and (when runs provide them) Figs. 3, 5, 6
+
+Everything is first written to a staging directory beside ``DIR``; only when every file was produced
+are they moved into ``DIR`` (one ``os.replace`` each). A bad input therefore leaves ``DIR`` as it was.
+Other files already in ``DIR`` are left alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from .matching import DEFAULT_MODEL, Reproduction, match_runs
+from .paper import paper_table
+from .render import RENDERERS
+from .runs import Run, load_runs
+from .tables import ReportTable, build_tables
+
+
+class ReportError(ValueError):
+    """A report that cannot be built as asked; the message says what to change."""
+
+
+@dataclass
+class ReportResult:
+    output: Path
+    files: list[Path] = field(default_factory=list)
+    tables: list[ReportTable] = field(default_factory=list)
+    figures: dict[str, list[Path]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    name: str
+    files: list[str]  # relative to the output dir
+    inputs: str
+    embed: Optional[str] = None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pmod-bench")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "run"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _runs_of(rep: Reproduction, keys: Sequence[Optional[str]]) -> list[str]:
+    out: list[str] = []
+    for k in keys:
+        for s in rep.sources(k):
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], notes: list[str]) -> list[_Item]:
+    from . import figures as F
+
+    items: list[_Item] = []
+    fig_dir = stage / "figures"
+
+    data = F.tradeoff_data(rep)
+    paths = F.plot_tradeoff(data, fig_dir / "tradeoff")
+    inputs = "paper: Table 7 (efficiency relative to LLaVA-NeXT-7B, AVG over Doc, Chart, Text, GQA, SEED, MMB)"
+    if data.reproduced:
+        keys = [f"{data.reproduced_model}/{'baseline' if p.name == 'baseline' else 'p-MoD-' + p.name[2:]}" for p in data.reproduced]
+        inputs += f"; reproduced ({data.reproduced_model}, score = mean of {', '.join(data.reproduced_benchmarks)}): " + ", ".join(_runs_of(rep, keys))
+    elif rep is not None:
+        inputs += "; no reproduced points"
+    notes.extend(f"Trade-off figure: {n}" for n in data.notes)
+    items.append(_Item("Efficiency-performance trade-off across shift factors δ (Table 7)",
+                       [str(p.relative_to(stage)) for p in paths], inputs, str(paths[0].relative_to(stage))))
+
+    try:
+        schedules = F.retention_schedules_data(32)
+    except ImportError as e:
+        raise ReportError(
+            f"Fig. 4 needs pmod_bench.prd_ratios (model/schedules.py), which did not import ({e}). "
+            "Reinstall pmod-bench (pip install -e .) or pass --no-figures."
+        ) from e
+    paths = F.plot_retention_schedules(schedules, fig_dir / "fig4_retention_schedules")
+    items.append(_Item("Fig. 4: retention ratio per layer of each schedule of Table 4 (L = 32)",
+                       [str(p.relative_to(stage)) for p in paths],
+                       "pmod_bench.prd_ratios; each schedule's shift solved for the mean retention of PRD with δ = 0.5 "
+                       "(model.schedules.match_shift)", str(paths[0].relative_to(stage))))
+
+    if rep is not None and rep.exploration:
+        series, benches = F.exploration_data(rep.exploration)
+        if series:
+            paths = F.plot_exploration(series, benches, fig_dir / "fig3_exploration")
+            items.append(_Item("Fig. 3: score as the retention of one layer group is lowered",
+                               [str(p.relative_to(stage)) for p in paths],
+                               "eval runs labelled fig3:GROUP:RETENTION: " + ", ".join(str(p.run.path) for p in rep.exploration),
+                               str(paths[0].relative_to(stage))))
+        else:
+            notes.append("Fig. 3 not drawn: the exploration runs share no benchmark, or all are 'base' runs.")
+    used: set[str] = set()
+    for run in (rep.introspections if rep is not None else []):
+        intro = run.introspection
+        slug = _slug(run.name)
+        while slug in used:
+            slug += "-2"
+        used.add(slug)
+        if not intro["layers"]:
+            notes.append(f"Figs. 5 and 6 not drawn for {run.path}: introspection.json lists no layer.")
+            continue
+        if intro.get("grid") and intro.get("image"):
+            paths = F.plot_token_selection(intro, run.path / intro["image"], fig_dir / f"fig5_token_selection_{slug}")
+            items.append(_Item(f"Fig. 5: tokens selected at several layers, over the image ({run.name})",
+                               [str(p.relative_to(stage)) for p in paths],
+                               f"{run.path}/introspection.json, image {intro['image']}", str(paths[0].relative_to(stage))))
+        else:
+            notes.append(f"Fig. 5 not drawn for {run.path}: introspection.json has no image or no grid.")
+        paths = F.plot_selection_map(intro, fig_dir / f"fig6_selection_map_{slug}")
+        items.append(_Item(f"Fig. 6: selection decisions, layer x vision token ({run.name})",
+                           [str(p.relative_to(stage)) for p in paths], f"{run.path}/introspection.json",
+                           str(paths[0].relative_to(stage))))
+    if rep is not None and not rep.exploration:
+        notes.append("Fig. 3 not drawn: no eval run is labelled fig3:GROUP:RETENTION (see docs/RUN_DIRS.md).")
+    if rep is not None and not rep.introspections:
+        notes.append("Figs. 5 and 6 not drawn: no run holds introspection.json.")
+    return items
+
+
+def _md_links(files: Sequence[str]) -> str:
+    return " · ".join(f"[{Path(f).suffix[1:]}]({f})" for f in files)
+
+
+def _index(command: str, runs: Sequence[Run], rep: Optional[Reproduction], tables: Sequence[tuple[ReportTable, list[str]]],
+           figures: Sequence[_Item], notes: Sequence[str]) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = ["# p-MoD report", ""]
+    out.append(f"Generated by `{command}` at {now} (pmod-bench {_version()}).")
+    if rep is None:
+        out.append("The paper's own tables and figures; no runs. Values: p-MoD (ICCV 2025), "
+                   "p-MoD-paper.txt with the column headers restored in TABLES.md.")
+    else:
+        out.append(f"{len(runs)} run(s) compared with the paper: each table shows the paper's line and, for every row a "
+                   "run reproduced, a reproduced line and the difference (reproduced - paper). A dash is a value no run "
+                   "measured; averages follow the paper (MME as score/20) and are computed only from complete rows.")
+    out += ["", "## Tables", "", "| Table | Title | Files | Inputs |", "|:--|:--|:--|:--|"]
+    for t, files in tables:
+        pt = paper_table(t.number)
+        inputs = f"paper ({pt.source_text})"
+        if rep is not None:
+            used = _runs_of(rep, [line.key for line in t.lines if line.kind == "reproduced"])
+            inputs += "; runs: " + (", ".join(f"`{u}`" for u in used) if used else "none matched")
+        out.append(f"| {t.number} | {t.title} | {_md_links(files)} | {inputs} |")
+    out += ["", "## Figures", "", "| Figure | Files | Inputs |", "|:--|:--|:--|"]
+    for f in figures:
+        out.append(f"| {f.name} | {_md_links(f.files)} | {f.inputs} |")
+    if runs:
+        out += ["", "## Inputs and how they were matched", "",
+                "| Run | Kind | run.json label | Created | Matched as | How |", "|:--|:--|:--|:--|:--|:--|"]
+        assert rep is not None
+        per_run: dict[str, list[tuple[str, str]]] = {}
+        for e in rep.entries:
+            per_run.setdefault(str(e.run.path), []).append((f"`{e.key}`", e.how))
+        for p in rep.exploration:
+            per_run.setdefault(str(p.run.path), []).append(
+                (f"Fig. 3: {p.group} layers at {100 * p.retention:g}% retention", "label"))
+        for run, why in rep.unmatched:
+            per_run.setdefault(str(run.path), []).append(("not matched", why))
+        for run in runs:
+            matched = per_run.get(str(run.path), [("-", "")])
+            out.append(f"| `{run.path}` | {run.kind} | {run.label or ''} | {run.meta.get('created', '')} | "
+                       f"{'<br>'.join(m for m, _ in matched)} | {'<br>'.join(h for _, h in matched)} |")
+        out += ["", "Matching rules: docs/RUN_DIRS.md, section \"How `pmod-bench report` matches runs to the paper's rows\"."]
+    if notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if figures:
+        out += ["", "## Gallery", ""]
+        for f in figures:
+            if f.embed:
+                out += [f"### {f.name}", "", f"![{f.name}]({f.embed})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def build_report(
+    run_dirs: Sequence["str | Path"] = (),
+    output: "str | Path" = "report",
+    *,
+    paper: bool = False,
+    labels: Optional[Mapping[str, str]] = None,
+    default_model: str = DEFAULT_MODEL,
+    figures: bool = True,
+    command: Optional[str] = None,
+    progress: bool = False,
+) -> ReportResult:
+    """Build the report into ``output``: every paper table (Markdown, LaTeX, CSV) and figure.
+
+    ``paper=True`` renders the paper's own tables and figures without runs; otherwise ``run_dirs``
+    are read (docs/RUN_DIRS.md), matched to the paper's rows (``labels`` maps a run directory to a
+    label, see :mod:`pmod_bench.reports.matching`) and shown beside the paper's values.
+    Raises :class:`~pmod_bench.reports.runs.RunDirError`, :class:`~pmod_bench.reports.matching.LabelError`
+    or :class:`ReportError` before anything is written.
+    """
+    run_dirs = list(run_dirs)
+    if paper and run_dirs:
+        raise ReportError("--paper renders the paper alone; drop --paper to compare runs with the paper.")
+    if not paper and not run_dirs:
+        raise ReportError("give one or more RUN_DIRs to compare with the paper, or --paper for the paper's own tables.")
+    if labels and paper:
+        raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ReportError(f"--output {output} exists and is not a directory; choose another path.")
+    if command is None:
+        command = "pmod-bench report " + ("--paper" if paper else " ".join(map(str, run_dirs))) + f" --output {output}"
+
+    runs = load_runs(run_dirs, progress=progress)
+    rep = None if paper else match_runs(runs, labels, default_model)
+    notes: list[str] = list(rep.notes) if rep is not None else []
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    result = ReportResult(output=output)
+    try:
+        tables = build_tables(rep)
+        table_files: list[tuple[ReportTable, list[str]]] = []
+        for t in tables:
+            files = []
+            for ext, render in RENDERERS.items():
+                rel = f"tables/{t.id}.{ext}"
+                _write(stage / rel, render(t))
+                files.append(rel)
+            table_files.append((t, files))
+        fig_items: list[_Item] = []
+        if figures:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError as e:
+                raise ReportError("figures need matplotlib: pip install matplotlib (or pass --no-figures).") from e
+            fig_items = _figures(stage, rep, runs, notes)
+        _write(stage / "index.md", _index(command, runs, rep, table_files, fig_items, notes))
+        summary: dict[str, Any] = {
+            "mode": "paper" if paper else "runs",
+            "command": command,
+            "tables": {t.id: {"files": files, "reproduced_rows": sorted({l.key for l in t.lines if l.kind == "reproduced"})}
+                       for t, files in table_files},
+            "figures": {f.name: f.files for f in fig_items},
+            "runs": [{"path": str(r.path), "kind": r.kind, "label": r.label} for r in runs],
+            "matches": [{"source": e.source, "key": e.key, "how": e.how} for e in (rep.entries if rep else [])],
+            "notes": notes,
+        }
+        _write(stage / "report.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+
+        # every file exists: move them into place
+        staged = sorted(p for p in stage.rglob("*") if p.is_file())
+        for src in staged:
+            dst = output / src.relative_to(stage)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            result.files.append(dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result.tables = [t for t, _ in table_files]
+    result.figures = {f.name: [output / p for p in f.files] for f in fig_items}
+    result.notes = notes
+    return result
+
+
+__all__ = ["build_report", "ReportResult", "ReportError"]

@@ -1,0 +1,418 @@
+"""The paper's figures, rebuilt from its tables and from runs (PNG at 200 dpi and PDF).
+
+Data preparation (``*_data`` functions, pure) is separate from drawing (``plot_*``); drawing uses
+matplotlib's object API with the Agg canvas (no pyplot state, no display needed). matplotlib, numpy
+and Pillow are imported inside the functions so that ``import pmod_bench.reports`` stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from .matching import ExplorationPoint, Reproduction
+from .paper import BENCHMARKS, as_number, paper_average, paper_table
+
+DPI = 200
+FORMATS = ("png", "pdf")
+PAPER_COLOR = "#1f4e9c"
+REPRO_COLOR = "#d9731a"
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "pdf.fonttype": 42,  # TrueType in PDFs (editable text, accepted by publishers)
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+}
+SCHEDULE_TITLES = {"constant": "Constant", "interleaved": "Interleaved", "stepped": "Stepped",
+                   "linear": "Linear", "cosine": "PRD (shifted cosine)"}
+
+
+def _figure(width: float, height: float):
+    """A figure on the Agg canvas (no pyplot, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in FORMATS:
+        p = stem.with_suffix(f".{fmt}")
+        fig.savefig(p, dpi=DPI, format=fmt)
+        paths.append(p)
+    return paths
+
+
+def _rc():
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+# --------------------------------------------------------------------------- trade-off (Table 7)
+@dataclass(frozen=True)
+class TradeoffPoint:
+    name: str  # "baseline", "δ=0.5"
+    tflops_pct: Optional[float]
+    kv_pct: Optional[float]
+    latency_pct: Optional[float]
+    score: Optional[float]
+
+
+@dataclass
+class TradeoffData:
+    paper: list[TradeoffPoint]
+    reproduced: list[TradeoffPoint] = field(default_factory=list)
+    reproduced_model: Optional[str] = None
+    reproduced_benchmarks: tuple[str, ...] = ()
+    same_measure: bool = True  # reproduced score is the paper's AVG over Table 7's benchmarks
+    notes: list[str] = field(default_factory=list)
+
+
+def _point_name(variant: str) -> str:
+    return "baseline" if variant == "baseline" else "δ=" + variant.removeprefix("p-MoD-")
+
+
+def _is_shift_variant(variant: str) -> bool:
+    if variant == "baseline":
+        return True
+    try:
+        float(variant.removeprefix("p-MoD-"))
+        return variant.startswith("p-MoD-")
+    except ValueError:
+        return False
+
+
+def tradeoff_data(rep: Optional[Reproduction] = None) -> TradeoffData:
+    """Points of the efficiency-performance trade-off: Table 7's, and those the runs reproduce.
+
+    Efficiency is relative to the baseline (%), the score is the average over Table 7's benchmarks.
+    Reproduced points need a profile row (efficiency) and an eval run (score) of the same
+    configuration. When not every point has all six benchmarks, the reproduced score is the mean of
+    the benchmarks that all points share, labelled as such and drawn on its own axis.
+    """
+    t7 = paper_table(7)
+    base = t7.rows[0].cells
+    pts = []
+    for row in t7.rows:
+        c = row.cells
+        pts.append(TradeoffPoint(
+            _point_name(row.variant), 100 * c["TFLOPs"] / base["TFLOPs"], c["KV cache"],
+            100 * c["Latency (ms)"] / base["Latency (ms)"], as_number(c["AVG"]),
+        ))
+    data = TradeoffData(paper=pts)
+    if rep is None:
+        return data
+    # configurations with efficiency (profile) numbers, grouped by model
+    by_model: dict[str, list[str]] = {}
+    for key in rep.efficiency:
+        model, _, variant = key.partition("/")
+        if _is_shift_variant(variant):
+            by_model.setdefault(model, []).append(key)
+    if not by_model:
+        data.notes.append("no profile run of the baseline or a p-MoD-δ variant: only the paper's points are drawn.")
+        return data
+    model = "llava-next-7b" if "llava-next-7b" in by_model else max(by_model, key=lambda m: len(by_model[m]))
+    keys = by_model[model]
+    def benches_of(k: str) -> set[str]:
+        return {m for m in rep.values.get(k, {}) if m in BENCHMARKS}
+
+    scored = [k for k in keys if benches_of(k)]
+    table7 = list(t7.avg_over)
+    if scored and all(all(rep.get(k, b) is not None for b in table7) for k in scored):
+        benches = table7
+    else:
+        common = None
+        for k in scored:
+            common = benches_of(k) if common is None else common & benches_of(k)
+        common = common or set()
+        benches = [b for b in table7 if b in common] or sorted(common)
+    if not benches:
+        data.notes.append("no benchmark was evaluated for every profiled configuration: no reproduced points.")
+        scored = []
+    for k in keys:
+        eff = rep.efficiency[k]
+        score = paper_average({b: rep.get(k, b) for b in benches}, benches) if k in scored else None
+        if score is None:
+            data.notes.append(f"{k}: profiled but not evaluated on {', '.join(benches) or 'any shared benchmark'}; not drawn.")
+            continue
+        lat = eff.get("latency_ratio")
+        data.reproduced.append(TradeoffPoint(
+            _point_name(k.partition("/")[2]), 100 * eff["tflops_ratio"], 100 * eff["kv_cache_ratio"],
+            None if lat is None else 100 * lat, score,
+        ))
+    data.reproduced_model = model
+    data.reproduced_benchmarks = tuple(benches)
+    data.same_measure = list(benches) == table7
+    return data
+
+
+def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
+    """Three panels: TFLOPs, KV cache and latency (% of baseline) against the average score."""
+    with _rc():
+        fig = _figure(7.0, 2.45)
+        axes = fig.subplots(1, 3, sharey=True)
+        panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache (% of baseline)"),
+                  ("latency_pct", "Latency (% of baseline)")]
+        handles: dict[str, Any] = {}
+        twins = []
+        for ax, (attr, xlabel) in zip(axes, panels):
+            for series, color, marker, ls, label, target in (
+                (data.paper, PAPER_COLOR, "o", "-", "paper (Table 7, LLaVA-NeXT-7B)", ax),
+                (data.reproduced, REPRO_COLOR, "s", "--", None, None),
+            ):
+                pts = [p for p in series if getattr(p, attr) is not None and p.score is not None]
+                if not pts:
+                    continue
+                if target is None:
+                    if data.same_measure:
+                        target = ax
+                    else:
+                        target = ax.twinx()
+                        twins.append(target)
+                    label = f"reproduced ({data.reproduced_model})"
+                    if not data.same_measure:
+                        label += f": mean of {', '.join(data.reproduced_benchmarks)}, right axis"
+                pts.sort(key=lambda p: getattr(p, attr))
+                xs, ys = [getattr(p, attr) for p in pts], [p.score for p in pts]
+                (h,) = target.plot(xs, ys, color=color, marker=marker, ls=ls, lw=1.2, ms=4.5, label=label)
+                handles[label] = h
+                # the curves rise to the right: paper labels above-left, reproduced below-right
+                off, ha, va = ((-4, 3), "right", "bottom") if color == PAPER_COLOR else ((4, -3), "left", "top")
+                for p, x, y in zip(pts, xs, ys):
+                    target.annotate(p.name, (x, y), xytext=off, textcoords="offset points", ha=ha, va=va,
+                                    fontsize=6.5, color=color)
+            ax.set_xlabel(xlabel)
+            ax.margins(x=0.12, y=0.18)
+        axes[0].set_ylabel("Average score (AVG, Table 7)")
+        if twins:
+            lo = min(t.get_ylim()[0] for t in twins)
+            hi = max(t.get_ylim()[1] for t in twins)
+            for t in twins:
+                t.set_ylim(lo, hi)
+                t.grid(False)
+                t.spines["right"].set_visible(True)
+                t.tick_params(axis="y", colors=REPRO_COLOR, labelsize=7)
+                if t is not twins[-1]:
+                    t.set_yticklabels([])
+            twins[-1].set_ylabel("Reproduced score", color=REPRO_COLOR)
+        fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles),
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, stem)
+
+
+# --------------------------------------------------------------------------- Fig. 4: schedules
+def retention_schedules_data(num_layers: int = 32, target_shift: float = 0.5) -> dict[str, list[float]]:
+    """Per-layer retention of Table 4's schedules, each at PRD's mean retention (about 54% for δ=0.5).
+
+    Uses ``pmod_bench.prd_ratios`` (model/schedules.py); each schedule's shift is solved so that its
+    mean retention equals the cosine schedule's, as in the paper's Table 4.
+    """
+    from pmod_bench import prd_ratios
+    from pmod_bench.model.schedules import match_shift, mean_retention
+
+    cosine = prd_ratios(num_layers, schedule="cosine", shift=target_shift)
+    target = mean_retention(cosine)
+    out: dict[str, list[float]] = {}
+    for sched in ("constant", "interleaved", "stepped", "linear"):
+        min_ratio = 0.15
+        try:
+            shift = match_shift(sched, num_layers, target)
+        except ValueError:
+            # interleaved: half the layers are ordinary, so its routed layers need a ratio below 0.15
+            min_ratio = 0.01
+            shift = match_shift(sched, num_layers, target, min_ratio=min_ratio)
+        out[sched] = prd_ratios(num_layers, schedule=sched, shift=shift, min_ratio=min_ratio)
+    out["cosine"] = cosine
+    return out
+
+
+def plot_retention_schedules(schedules: Mapping[str, Sequence[float]], stem: Path) -> list[Path]:
+    """The paper's Fig. 4: one bar panel per schedule; grey bars are ordinary layers (no routing)."""
+    with _rc():
+        n = len(schedules)
+        fig = _figure(7.0, 1.95)
+        axes = fig.subplots(1, n, sharey=True)
+        axes = [axes] if n == 1 else list(axes)
+        for ax, (name, ratios) in zip(axes, schedules.items()):
+            L = len(ratios)
+            colors = ["#b8b8b8" if r >= 1.0 else PAPER_COLOR for r in ratios]
+            ax.bar(range(L), [100 * r for r in ratios], width=0.85, color=colors)
+            mean = 100 * sum(ratios) / L
+            ax.set_title(f"{SCHEDULE_TITLES.get(name, name)}\nmean {mean:.1f}%")
+            ax.set_xticks([0, L // 4, L // 2, 3 * L // 4, L - 1])
+            ax.set_xlim(-0.8, L - 0.2)
+            ax.set_ylim(0, 105)
+            ax.set_xlabel("Layer")
+            ax.grid(axis="x", visible=False)
+        axes[0].set_ylabel("Retention (%)")
+        from matplotlib.patches import Patch
+
+        fig.legend([Patch(color=PAPER_COLOR), Patch(color="#b8b8b8")], ["p-MoD layer", "ordinary layer (100%)"],
+                   loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0), frameon=False)
+        fig.tight_layout(w_pad=0.6)
+        return _save(fig, stem)
+
+
+# --------------------------------------------------------------------------- Fig. 3: exploration
+def exploration_data(points: Sequence[ExplorationPoint]) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
+    """Per layer group, (retention %, score) sorted by retention; the score is the mean over the
+    benchmarks every exploration run has (MME as score/20). The ``base`` run joins every group."""
+    if not points:
+        return {}, []
+    common = set(points[0].values)
+    for p in points[1:]:
+        common &= set(p.values)
+    benches = sorted(common)
+    if not benches:
+        return {}, []
+    series: dict[str, list[tuple[float, float]]] = {}
+    base = [p for p in points if p.group == "base"]
+    for p in points:
+        if p.group == "base":
+            continue
+        series.setdefault(p.group, []).append((100 * p.retention, paper_average(p.values, benches)))
+    for group in series:
+        for b in base:
+            series[group].append((100 * b.retention, paper_average(b.values, benches)))
+        series[group].sort()
+    order = ["shallow", "middle", "deep"]
+    return {g: series[g] for g in order if g in series}, benches
+
+
+def plot_exploration(series: Mapping[str, Sequence[tuple[float, float]]], benchmarks: Sequence[str], stem: Path) -> list[Path]:
+    """The paper's Fig. 3(b): score as the retention of one layer group is lowered."""
+    colors = {"shallow": "#c0392b", "middle": "#7d5ba6", "deep": PAPER_COLOR}
+    with _rc():
+        fig = _figure(3.5, 2.6)
+        ax = fig.subplots()
+        for group, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.2, color=colors.get(group), label=f"{group} layers lowered")
+        ax.invert_xaxis()
+        ax.set_xlabel("Retention of the lowered layer group (%)")
+        label = "Average score" if len(benchmarks) > 1 else f"{benchmarks[0]} score"
+        ax.set_ylabel(label)
+        if len(benchmarks) > 1:
+            ax.set_title("mean of " + ", ".join(benchmarks), fontsize=7)
+        ax.legend(frameon=False)
+        fig.tight_layout()
+        return _save(fig, stem)
+
+
+# --------------------------------------------------------------------------- Figs. 5 and 6: selection
+def _routed_layers(intro: Mapping[str, Any]) -> list[int]:
+    return sorted(int(k) for k in intro["layers"])
+
+
+def pick_layers(layers: Sequence[int], n: int = 4) -> list[int]:
+    """Up to ``n`` layers spread evenly over ``layers`` (first and last included)."""
+    layers = sorted(layers)
+    if len(layers) <= n:
+        return layers
+    idx = sorted({round(i * (len(layers) - 1) / (n - 1)) for i in range(n)})
+    return [layers[i] for i in idx]
+
+
+def plot_token_selection(intro: Mapping[str, Any], image_path: Path, stem: Path, layers: Optional[Sequence[int]] = None) -> list[Path]:
+    """The paper's Fig. 5: the tokens a layer keeps, over the input image (skipped tokens faded).
+
+    Vision token ``i < rows * cols`` covers grid cell ``(i // cols, i % cols)``; tokens beyond the grid
+    (e.g. LLaVA-NeXT's newline or base-image tokens) are not drawn.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rows, cols = intro["grid"]
+    chosen = list(layers) if layers is not None else pick_layers(_routed_layers(intro))
+    with Image.open(image_path) as im:
+        img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    n = len(chosen)
+    panel = min(1.75, 7.0 / max(n, 1))
+    with _rc():
+        fig = _figure(panel * n, panel * h / w + 0.35)
+        axes = fig.subplots(1, n, squeeze=False)[0]
+        for ax, layer in zip(axes, chosen):
+            keep = np.zeros(rows * cols, dtype=bool)
+            sel = [i for i in intro["layers"].get(str(layer), []) if i < rows * cols]
+            keep[sel] = True
+            overlay = np.zeros((rows, cols, 4))
+            overlay[..., :3] = 1.0
+            overlay[..., 3] = np.where(keep.reshape(rows, cols), 0.0, 0.78)
+            ax.imshow(img, extent=(0, w, h, 0))
+            ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
+            ax.set_title(f"layer {layer}: {len(sel)}/{rows * cols} kept", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            for s in ax.spines.values():
+                s.set_visible(True)
+                s.set_linewidth(0.4)
+        fig.tight_layout(w_pad=0.4)
+        return _save(fig, stem)
+
+
+def selection_matrix(intro: Mapping[str, Any]):
+    """Layer x token codes: 0 skipped, 1 selected, 2 ordinary layer (all processed), 3 no data."""
+    import numpy as np
+
+    L, V = intro["num_layers"], intro["vision_tokens"]
+    ratios = intro.get("ratios")
+    m = np.full((L, V), 3, dtype=np.int8)
+    for layer in range(L):
+        sel = intro["layers"].get(str(layer))
+        if sel is not None:
+            m[layer, :] = 0
+            m[layer, sel] = 1
+        elif ratios is not None and ratios[layer] >= 1.0:
+            m[layer, :] = 2
+    return m
+
+
+def plot_selection_map(intro: Mapping[str, Any], stem: Path) -> list[Path]:
+    """The paper's Fig. 6: selection decisions as a layer x vision-token map."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    m = selection_matrix(intro)
+    colors = ["#f4f4f4", PAPER_COLOR, "#9db8e0", "#d9d9d9"]
+    names = ["skipped", "selected", "ordinary layer (all processed)", "no data"]
+    present = sorted(set(int(v) for v in set(m.flatten().tolist())))
+    L, V = m.shape
+    with _rc():
+        fig = _figure(7.0, min(max(1.6, 0.09 * L + 0.9), 4.2))
+        ax = fig.subplots()
+        ax.imshow(m, cmap=ListedColormap(colors), vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest",
+                  extent=(-0.5, V - 0.5, L - 0.5, -0.5))
+        ax.set_xlabel("Vision-token index")
+        ax.set_ylabel("Layer")
+        ax.grid(False)
+        fig.legend([Patch(facecolor=colors[i], edgecolor="#888888", linewidth=0.4) for i in present],
+                   [names[i] for i in present], loc="lower center", ncol=len(present), bbox_to_anchor=(0.5, 1.0),
+                   frameon=False)
+        fig.tight_layout()
+        return _save(fig, stem)
+
+
+__all__ = [
+    "TradeoffPoint", "TradeoffData", "tradeoff_data", "plot_tradeoff", "retention_schedules_data",
+    "plot_retention_schedules", "exploration_data", "plot_exploration", "plot_token_selection",
+    "selection_matrix", "plot_selection_map", "pick_layers", "DPI",
+]

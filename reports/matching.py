@@ -1,0 +1,435 @@
+"""Match runs to the paper's table rows.
+
+Every paper row reports one configuration, keyed ``MODEL/VARIANT`` (``llava-next-7b/p-MoD-0.5``); the
+same configuration appears in several tables (p-MoD-0.5 on LLaVA-NeXT-7B fills rows of Tables 1-7 and
+10). A run (or, for a profile run, each of its rows) is matched to one key:
+
+1. an explicit label, ``--label RUN_DIR=LABEL`` on the command line, else
+2. the run's ``run.json`` ``label`` when it parses as a label (free text is ignored), else
+3. automatically: the model from ``summary.json`` ``model`` / profile ``arch`` and the variant from
+   ``summary.json`` ``pmod`` (PMoDConfig fields) / the profile row's ``method``, ``variant``,
+   ``schedule`` and ``shift``.
+
+A LABEL is ``MODEL/VARIANT``, ``VARIANT``, ``MODEL`` or ``fig3:GROUP:RETENTION`` (an exploration run
+of the paper's Fig. 3, GROUP one of shallow, middle, deep, base). See :func:`parse_label`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from .paper import BENCHMARKS, PAPER_MODELS, paper_variants
+from .runs import Run
+
+DEFAULT_MODEL = "llava-next-7b"
+SCHEDULES = ("cosine", "linear", "constant", "interleaved", "stepped")
+EXPLORATION_GROUPS = ("shallow", "middle", "deep", "base")
+
+_METHOD_ALIASES = {
+    "gammamod": "gamma-MoD", "γmod": "gamma-MoD", "mod+tanhnorm": "MoD+TanhNorm",
+    "mod+tanhnorm+string": "MoD+TanhNorm+STRing", "vanillamod": "vanilla-MoD", "mod": "vanilla-MoD",
+    "prumerge": "LLaVA-PruMerge", "llavaprumerge": "LLaVA-PruMerge",
+}
+_NORM_VARIANTS = {
+    "softmax": "p-MoD-softmax", "shiftedsoftmax": "p-MoD-shifted-softmax", "normnone": "p-MoD-norm-none",
+    "nonorm": "p-MoD-norm-none", "none": "p-MoD-norm-none", "tanh1": "p-MoD-tanh-1", "tanhnorm1": "p-MoD-tanh-1",
+}
+
+
+class LabelError(ValueError):
+    """An explicit label that does not parse; the message lists the accepted forms."""
+
+
+def _squash(s: str) -> str:
+    """Lower case without spaces, hyphens, underscores or dots: 'LLaVA-PruMerge' -> 'llavaprumerge'."""
+    return re.sub(r"[\s\-_.]", "", s.lower())
+
+
+def canonical_model(name: Optional[str]) -> Optional[str]:
+    """The paper model a model name / HF id / preset refers to, or None.
+
+    >>> canonical_model("llava-hf/llava-v1.6-vicuna-7b-hf"), canonical_model("MCG-NJU/p-MoD-LLaVA-v1.5-7B")
+    ('llava-next-7b', 'llava-v1.5-7b')
+    >>> canonical_model("tiny") is None
+    True
+    """
+    if not name:
+        return None
+    s = name.strip().lower()
+    if s in PAPER_MODELS:
+        return s
+    flat = re.sub(r"[^a-z0-9.]", "", s)
+    if "next" in flat or "v1.6" in flat or "llava1.6" in flat:
+        family = "llava-next"
+    elif "v1.5" in flat or "llava1.5" in flat:
+        family = "llava-v1.5"
+    else:
+        return None
+    size = "13b" if "13b" in flat else "7b" if "7b" in flat else None
+    model = f"{family}-{size}" if size else None
+    return model if model in PAPER_MODELS else None
+
+
+def _fmt_shift(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def canonical_variant(name: Optional[str]) -> Optional[str]:
+    """A variant name in the paper's spelling (``p-MoD-0.5``, ``FastV``, ...), or None if unknown.
+
+    >>> [canonical_variant(v) for v in ("p-mod-cosine-0.40", "PRD", "fastv", "p-MoD-linear-0.57", "ratios:1,0.5")]
+    ['p-MoD-0.4', 'p-MoD-0.5', 'FastV', 'p-MoD-linear', None]
+    """
+    if not name:
+        return None
+    raw = name.strip().lstrip("+").strip()
+    s = raw.lower().replace("_", "-").replace(" ", "-")
+    sq = _squash(raw)
+    known = {_squash(v): v for v in paper_variants()}
+    if sq in known:
+        return known[sq]
+    if sq in ("baseline", "base", "vanilla", "dense"):
+        return "baseline"
+    if sq in ("pmod", "prd", "cosine", "pmodcosine", "pmodprd"):
+        return "p-MoD-0.5"
+    if sq in _METHOD_ALIASES:
+        return _METHOD_ALIASES[sq]
+    m = re.fullmatch(r"p-?mod-(?:(cosine|prd)-)?(\d+(?:\.\d+)?)", s)
+    if m:
+        return f"p-MoD-{_fmt_shift(float(m.group(2)))}"
+    m = re.fullmatch(r"p-?mod-(linear|constant|interleaved|stepped)(?:-(\d+(?:\.\d+)?))?", s)
+    if m:
+        return f"p-MoD-{m.group(1)}"
+    if s in SCHEDULES[1:]:
+        return f"p-MoD-{s}"
+    m = re.fullmatch(r"p-?mod-(.+)", s)
+    if m and _squash(m.group(1)) in _NORM_VARIANTS:
+        return _NORM_VARIANTS[_squash(m.group(1))]
+    if sq in ("shiftedsoftmax", "tanh1", "tanhnorm1", "normnone", "nonorm"):
+        return _NORM_VARIANTS[sq]
+    return None
+
+
+@dataclass(frozen=True)
+class Label:
+    """A parsed label: which configuration a run reports, or which exploration point it is."""
+
+    text: str
+    model: Optional[str] = None
+    variant: Optional[str] = None
+    group: Optional[str] = None  # Fig. 3 exploration: shallow | middle | deep | base
+    retention: Optional[float] = None
+
+
+LABEL_FORMS = (
+    "MODEL/VARIANT (llava-next-7b/p-MoD-0.4), VARIANT (p-MoD-0.5, baseline, FastV, p-MoD-linear, "
+    "vanilla-MoD, MoD+TanhNorm, MoD+TanhNorm+STRing, p-MoD-softmax, ...), MODEL (llava-v1.5-7b), or "
+    "fig3:GROUP:RETENTION (fig3:deep:0.4; GROUP shallow, middle, deep or base)"
+)
+
+
+def parse_label(text: str) -> Optional[Label]:
+    """Parse a label; None when it is free text.
+
+    >>> parse_label("llava-next-7b/p-MoD-0.4")
+    Label(text='llava-next-7b/p-MoD-0.4', model='llava-next-7b', variant='p-MoD-0.4', group=None, retention=None)
+    >>> parse_label("fig3:deep:40%").retention
+    0.4
+    >>> parse_label("second try on the new cluster") is None
+    True
+    """
+    t = text.strip()
+    m = re.fullmatch(r"fig3:([a-z]+):(\d+(?:\.\d+)?)(%?)", t, flags=re.I)
+    if m:
+        group = m.group(1).lower()
+        group = "base" if group in ("all", "none", "start") else group
+        if group not in EXPLORATION_GROUPS:
+            return None
+        r = float(m.group(2))
+        r = r / 100.0 if (m.group(3) or r > 1.0) else r
+        return Label(t, group=group, retention=r)
+    if "/" in t:
+        head, _, tail = t.rpartition("/")
+        model, variant = canonical_model(head), canonical_variant(tail)
+        if model and variant:
+            return Label(t, model=model, variant=variant)
+        return None
+    if t.lower() in PAPER_MODELS:
+        return Label(t, model=t.lower())
+    variant = canonical_variant(t)
+    if variant:
+        return Label(t, variant=variant)
+    return None
+
+
+def parse_label_strict(text: str, where: str) -> Label:
+    label = parse_label(text)
+    if label is None:
+        raise LabelError(f"{where}: cannot read label {text!r}. Accepted forms: {LABEL_FORMS}.")
+    return label
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def variant_from_pmod(pmod: Optional[Mapping[str, Any]]) -> tuple[str, str]:
+    """The variant an eval run's ``pmod`` (PMoDConfig fields) describes, and why."""
+    if pmod is None:
+        return "baseline", "pmod is null (baseline)"
+    sched = str(pmod.get("schedule") or "cosine").lower()
+    sched = {"prd": "cosine", "shiftedcos": "cosine", "shiftedlinear": "linear", "interleave": "interleaved"}.get(sched, sched)
+    shift = pmod.get("shift", 0.5)
+    shift = 0.5 if shift is None else float(shift)
+    norm = str(pmod.get("weight_norm") or "tanh").lower()
+    scale = pmod.get("norm_scale")
+    string = pmod.get("string", True)
+    tanh02 = norm == "tanh" and (scale is None or math.isclose(float(scale), 0.2))
+    if pmod.get("ratios") is not None:
+        return "p-MoD-explicit", "explicit per-layer ratios; label the run to match a paper row"
+    if string is False:
+        return f"MoD-{sched}-{norm}-nostring", "STRing off; label it vanilla-MoD or MoD+TanhNorm to match Table 3"
+    if sched == "cosine" and tanh02:
+        return f"p-MoD-{_fmt_shift(shift)}", f"pmod: {sched} schedule, shift {_fmt_shift(shift)}, TanhNorm 0.2, STRing"
+    if tanh02 and sched in SCHEDULES:
+        return f"p-MoD-{sched}", f"pmod: {sched} schedule (Table 4), TanhNorm 0.2, STRing"
+    if sched == "cosine" and math.isclose(shift, 0.5):
+        if norm == "tanh" and scale is not None and math.isclose(float(scale), 1.0):
+            return "p-MoD-tanh-1", "pmod: TanhNorm alpha 1 (Table 6)"
+        named = {"softmax": "p-MoD-softmax", "shifted_softmax": "p-MoD-shifted-softmax", "none": "p-MoD-norm-none"}
+        if norm in named:
+            return named[norm], f"pmod: weight_norm {norm} (Table 6)"
+    return f"p-MoD-{sched}-{_fmt_shift(shift)}-{norm}", "no paper row has this p-MoD configuration"
+
+
+def variant_from_profile_row(row: Mapping[str, Any]) -> tuple[str, str]:
+    """The variant a profile row describes, and why."""
+    by_name = canonical_variant(row["variant"])
+    if by_name:
+        return by_name, f"profile variant '{row['variant']}'"
+    method = str(row["method"])
+    if method == "baseline":
+        return "baseline", "profile method 'baseline'"
+    if method == "pmod":
+        sched, shift = (row.get("schedule") or "").lower(), row.get("shift")
+        if sched == "cosine" and shift is not None:
+            return f"p-MoD-{_fmt_shift(shift)}", f"profile schedule cosine, shift {_fmt_shift(shift)}"
+        if sched in SCHEDULES:
+            return f"p-MoD-{sched}", f"profile schedule {sched}"
+        return str(row["variant"]), f"profile variant '{row['variant']}' is not a paper variant"
+    return canonical_variant(method) or str(row["variant"]), f"profile method '{method}'"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Values that one run (or one profile row) contributes to one configuration key."""
+
+    run: Run
+    model: str
+    variant: str
+    values: Mapping[str, float]
+    how: str
+    source: str  # "runs/eval-a" or "runs/prof row 2"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.variant}"
+
+
+@dataclass(frozen=True)
+class ExplorationPoint:
+    """An eval run of the paper's Fig. 3: retention lowered to ``retention`` in layer ``group``."""
+
+    run: Run
+    group: str
+    retention: float
+    values: Mapping[str, float]
+
+
+@dataclass
+class Reproduction:
+    """Everything the runs reproduce, keyed for the tables and figures."""
+
+    entries: list[Entry] = field(default_factory=list)
+    exploration: list[ExplorationPoint] = field(default_factory=list)
+    introspections: list[Run] = field(default_factory=list)
+    unmatched: list[tuple[Run, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    values: dict[str, dict[str, tuple[float, str]]] = field(default_factory=dict)
+    efficiency: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+
+    def get(self, key: Optional[str], metric: Optional[str]) -> Optional[float]:
+        if key is None or metric is None:
+            return None
+        got = self.values.get(key, {}).get(metric)
+        return got[0] if got else None
+
+    def sources(self, key: Optional[str]) -> list[str]:
+        if key is None:
+            return []
+        return sorted({src for _, src in self.values.get(key, {}).values()})
+
+    def has(self, key: Optional[str]) -> bool:
+        return key is not None and bool(self.values.get(key))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.values)
+
+
+#: efficiency metrics a profile row gives (table column metric -> value)
+def _profile_values(row: Mapping[str, Any]) -> dict[str, float]:
+    vals = {"prefill_tflops": float(row["prefill_tflops"]), "kv_cache_pct": 100.0 * float(row["kv_cache_ratio"])}
+    if row["prefill_latency_ms"] is not None:
+        vals["prefill_latency_ms"] = float(row["prefill_latency_ms"])
+    if row["train_gpu_hours"] is not None:
+        vals["train_gpu_hours"] = float(row["train_gpu_hours"])
+    return vals
+
+
+def _label_keys(run: Run, labels: Mapping[str, str]) -> list[str]:
+    """The --label keys that name this run: its path (as given or resolved) or its base name."""
+    here = run.path.resolve()
+    return [k for k in labels if k == run.path.name or Path(k).resolve() == here]
+
+
+def _label_for(run: Run, labels: Mapping[str, str]) -> tuple[Optional[Label], str]:
+    for key in _label_keys(run, labels):
+        return parse_label_strict(labels[key], f"--label {key}"), f"--label {labels[key]!r}"
+    if run.label:
+        lab = parse_label(run.label)
+        if lab is not None:
+            return lab, f"run.json label {run.label!r}"
+    return None, ""
+
+
+def match_runs(
+    runs: Iterable[Run],
+    labels: Optional[Mapping[str, str]] = None,
+    default_model: str = DEFAULT_MODEL,
+) -> Reproduction:
+    """Match runs to paper configurations (see the module docstring for the rules).
+
+    ``labels`` maps a run directory (as given, resolved, or its base name) to a label. Runs whose
+    model is not a paper model (``tiny``, a local path) are matched as ``default_model``. Where two
+    runs give the same value, the later one wins (profile runs are applied first, then eval, then
+    train, so a measured training run's GPU hours replace a profile estimate); every replacement is
+    noted.
+    """
+    if default_model not in PAPER_MODELS:
+        raise LabelError(f"--default-model {default_model!r} is not a paper model; use one of {', '.join(PAPER_MODELS)}.")
+    labels = dict(labels or {})
+    rep = Reproduction()
+    runs = list(runs)
+    used_labels: set[str] = set()
+
+    def model_of(label: Optional[Label], name: Optional[str], what: str) -> tuple[str, str]:
+        if label and label.model:
+            return label.model, ""
+        m = canonical_model(name)
+        if m:
+            return m, ""
+        return default_model, f"{what} {name!r} is not a paper model: matched as {default_model} (--default-model)"
+
+    order = {"profile": 0, "eval": 1, "train": 2}
+    for run in sorted(runs, key=lambda r: order[r.kind]):
+        label, label_how = _label_for(run, labels)
+        used_labels.update(_label_keys(run, labels))
+        if run.introspection is not None:
+            rep.introspections.append(run)
+        if run.label and label is None:
+            rep.notes.append(f"{run.path}: run.json label {run.label!r} is free text, not a label; matched automatically.")
+
+        if run.kind == "eval":
+            values = {}
+            for row in run.rows:
+                bench = row["benchmark"]
+                if bench not in BENCHMARKS:
+                    rep.notes.append(f"{run.path}: benchmark {bench!r} is not a paper column; shown in the inputs only.")
+                    continue
+                if bench in values:
+                    rep.notes.append(f"{run.path}: benchmark {bench} appears twice; the later row ({row['task']}) is used.")
+                values[bench] = float(row["value"])
+            if label and label.group:
+                rep.exploration.append(ExplorationPoint(run, label.group, float(label.retention), values))
+                continue
+            model, note = model_of(label, run.data["model"], "model")
+            if label and label.variant:
+                variant, how = label.variant, label_how
+            else:
+                variant, how = variant_from_pmod(run.data["pmod"])
+                if label_how:
+                    how = f"{label_how}; {how}"
+            if note:
+                rep.notes.append(f"{run.path}: {note}.")
+            rep.entries.append(Entry(run, model, variant, values, how, str(run.path)))
+
+        elif run.kind == "profile":
+            if label and label.group:
+                raise LabelError(f"{run.path}: a fig3 label applies to eval runs, not to a profile run.")
+            rows = run.rows
+            if label and label.variant and len(rows) != 1:
+                if label_how.startswith("--label"):
+                    raise LabelError(
+                        f"{run.path}: {label_how} names a variant, but this profile run holds {len(rows)} rows "
+                        f"(one per variant); label a profile run with a MODEL only (e.g. llava-next-7b)."
+                    )
+                label = Label(label.text, model=label.model)
+            chosen: dict[str, tuple[int, Mapping[str, Any], str]] = {}
+            for i, row in enumerate(rows):
+                model, note = model_of(label, row["arch"], "arch")
+                if label and label.variant:
+                    variant, how = label.variant, label_how
+                else:
+                    variant, how = variant_from_profile_row(row)
+                if note:
+                    how = f"{how}; {note}"
+                key = f"{model}/{variant}"
+                prev = chosen.get(key)
+                # one scenario per configuration: batch size 1 first, else the first row
+                if prev is None or (prev[1]["batch_size"] != 1 and row["batch_size"] == 1):
+                    chosen[key] = (i, row, how)
+            for key, (i, row, how) in chosen.items():
+                model, _, variant = key.partition("/")
+                extra = {m: row[m] for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio")}
+                extra["ratios"] = list(row["ratios"])
+                rep.entries.append(Entry(run, model, variant, _profile_values(row), how, f"{run.path} row {i}", extra))
+            skipped = len(rows) - len(chosen)
+            if skipped:
+                rep.notes.append(
+                    f"{run.path}: {skipped} profile row(s) repeat a configuration in another scenario; "
+                    f"the batch-size-1 (else first) row of each is used."
+                )
+
+        else:  # train
+            if not (label and label.variant):
+                rep.unmatched.append((run, "train runs are matched only by a label MODEL/VARIANT"))
+                continue
+            model = label.model or default_model
+            rep.entries.append(Entry(run, model, label.variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
+                                     label_how, str(run.path)))
+
+    for k in labels:
+        if k not in used_labels:
+            raise LabelError(f"--label {k}={labels[k]}: {k!r} is not one of the run directories given.")
+
+    for e in rep.entries:
+        slot = rep.values.setdefault(e.key, {})
+        for metric, v in e.values.items():
+            if metric in slot and slot[metric][1] != e.source:
+                rep.notes.append(f"{e.key} {metric}: {e.source} replaces {slot[metric][1]}.")
+            slot[metric] = (v, e.source)
+        if e.extra:
+            rep.efficiency[e.key] = dict(e.extra)
+    return rep
+
+
+__all__ = [
+    "DEFAULT_MODEL", "Label", "LabelError", "LABEL_FORMS", "Entry", "ExplorationPoint", "Reproduction",
+    "canonical_model", "canonical_variant", "parse_label", "variant_from_pmod", "variant_from_profile_row", "match_runs",
+]

@@ -1,0 +1,130 @@
+"""Build each report table once, as lines of typed values; :mod:`.render` formats them.
+
+Per paper row the table holds a ``paper`` line (the paper's values) and, when some run reproduced
+that row, a ``reproduced`` line and a ``diff`` line (reproduced - paper). Nothing is invented: a value
+no run measured stays ``None`` (rendered as a dash) and a reproduced AVG is computed only when every
+benchmark cell of the row is present (MME entering as score / 20, the paper's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from .matching import Reproduction
+from .paper import PaperColumn, PaperTable, Value, as_number, load_paper_tables, paper_average
+
+#: a value that does not apply (descriptive text columns on a reproduced line): rendered empty
+NOT_APPLICABLE = ""
+
+LINE_KINDS = ("paper", "reproduced", "diff")
+HEADER_MARK = {"inferred": "†"}
+HEADER_LEGEND = {"inferred": "† column header inferred by matching the same model's values across tables (TABLES.md)."}
+
+
+@dataclass(frozen=True)
+class Line:
+    label: str  # the row label on its first line, "" on the reproduced / diff lines
+    kind: str  # paper | reproduced | diff
+    values: tuple[Value, ...]  # one per value column; None = missing
+    key: Optional[str] = None  # MODEL/VARIANT of the paper row
+    group: int = 0  # index of the paper row the line belongs to
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """One table ready to render: header, lines and notes (pure data)."""
+
+    id: str
+    number: int
+    title: str
+    label_header: str
+    columns: tuple[PaperColumn, ...]  # the value columns
+    lines: tuple[Line, ...]
+    compare: bool  # True when lines include reproduced / diff lines (a 'line' column is shown)
+    notes: tuple[str, ...] = ()
+
+    def header(self, col: PaperColumn, marks: bool = True) -> str:
+        return col.header + (HEADER_MARK.get(col.header_source, "") if marks else "")
+
+
+def _reproduced_values(table: PaperTable, key: str, rep: Reproduction) -> tuple[Value, ...]:
+    cols = table.value_columns
+    measured: dict[str, Optional[float]] = {}
+    for c in cols:
+        if c.kind in ("benchmark", "efficiency"):
+            measured[c.key] = rep.get(key, c.metric)
+    out: list[Value] = []
+    for c in cols:
+        if c.kind in ("benchmark", "efficiency"):
+            out.append(measured[c.key])
+        elif c.kind == "avg":
+            out.append(paper_average(measured, table.avg_over))
+        elif c.kind == "unknown":
+            out.append(None)  # an unknown column cannot be measured
+        else:
+            out.append(NOT_APPLICABLE)
+    return tuple(out)
+
+
+def _diff(paper: Sequence[Value], repro: Sequence[Value]) -> tuple[Value, ...]:
+    out: list[Value] = []
+    for p, r in zip(paper, repro):
+        if r == NOT_APPLICABLE:
+            out.append(NOT_APPLICABLE)
+            continue
+        a, b = as_number(p), as_number(r)
+        out.append(None if a is None or b is None else b - a)
+    return tuple(out)
+
+
+def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> ReportTable:
+    """The report table of one paper table; ``rep=None`` gives the paper's values only."""
+    cols = table.value_columns
+    compare = rep is not None and any(rep.has(r.key) for r in table.rows)
+    lines: list[Line] = []
+    used: list[str] = []
+    for gi, row in enumerate(table.rows):
+        paper_vals = tuple(row.cells.get(c.key) for c in cols)
+        lines.append(Line(row.label, "paper", paper_vals, row.key, gi))
+        if compare and rep.has(row.key):
+            repro = _reproduced_values(table, row.key, rep)
+            lines.append(Line("", "reproduced", repro, row.key, gi))
+            lines.append(Line("", "diff", _diff(paper_vals, repro), row.key, gi))
+            used.append(f"{row.label or row.key} ({row.key}): {', '.join(rep.sources(row.key))}")
+    notes: list[str] = []
+    for source in sorted({c.header_source for c in cols}):
+        if source in HEADER_LEGEND:
+            notes.append(HEADER_LEGEND[source])
+    notes.extend(table.notes)
+    for row in table.rows:
+        if row.note:
+            notes.append(f"{row.label}: {row.note}")
+    if table.avg_over:
+        notes.append(
+            f"AVG: mean of {', '.join(table.avg_over)}"
+            + (", MME as score/20" if "MME" in table.avg_over else "")
+            + "; a reproduced AVG only when every one of them was measured."
+        )
+    notes.append(f"Source: {table.source_text}.")
+    if rep is not None:
+        if compare:
+            notes.append("diff = reproduced - paper; a dash marks a value no run measured.")
+            notes.extend(f"Reproduced {u}." for u in used)
+            if any(not rep.has(r.key) for r in table.rows if r.key):
+                notes.append("Rows without a reproduced line were not matched by any run.")
+        elif any(r.key for r in table.rows):
+            notes.append("No run matched a row of this table.")
+    return ReportTable(
+        id=table.id, number=table.number, title=table.title, label_header=table.label_column.header,
+        columns=cols, lines=tuple(lines), compare=compare, notes=tuple(notes),
+    )
+
+
+def build_tables(rep: Optional[Reproduction] = None, tables: Optional[Sequence[Union[int, str]]] = None) -> list[ReportTable]:
+    """Report tables for every paper table (or the numbers / ids in ``tables``)."""
+    wanted = None if tables is None else {f"table{t}" if str(t).isdigit() else str(t).lower() for t in tables}
+    return [build_table(t, rep) for t in load_paper_tables() if wanted is None or t.id in wanted]
+
+
+__all__ = ["Line", "ReportTable", "build_table", "build_tables", "NOT_APPLICABLE", "LINE_KINDS"]
