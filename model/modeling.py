@@ -40,6 +40,14 @@ class PMoDModelMixin:
             lm.layers[i] = wrap_decoder_layer(lm.layers[i], i, ratios[i], pmod, hidden)
         self._pmod_record: Optional[dict] = None
 
+    def initialize_weights(self):
+        # HF dispatches each sub-model's own `_init_weights` (the routers sit inside the LLM, whose
+        # init would draw them from a normal distribution); re-initialise them with ours afterwards.
+        # transformers.initialization skips tensors that were loaded from a checkpoint.
+        super().initialize_weights()
+        for layer in self.pmod_layers.values():
+            self._init_weights(layer.router)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PMoDRouter):  # routers missing from a checkpoint (e.g. a vanilla LLaVA one)
             from transformers import initialization as init

@@ -24,8 +24,7 @@ SUBCOMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one clear line, exit code 2."""
+from pmod_bench.errors import UserError  # noqa: E402  (re-exported: handlers raise pmod_bench.cli.UserError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,4 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from pmod_bench.cli import main as _main  # the package's module, so UserError is the same class
+
+    sys.exit(_main())

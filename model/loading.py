@@ -1,0 +1,296 @@
+"""One entry point that turns any model *source* into ``(model, processor)``: :func:`load_model`.
+
+Sources, tried in this order::
+
+    tiny | tiny-llava | llava-1.5-7b | ...     a preset (random weights, seed 0); "NAME:vanilla" = no p-MoD
+    ./dir  (config.json model_type pmod_llava / pmod_llava_next)   a p-MoD checkpoint in HF layout
+    ./dir  (model_type llava / llava_next)                         a vanilla HF LLaVA(-NeXT) checkpoint
+    ./dir  (config.json with mm_vision_tower / mm_projector_type)  the original LLaVA / p-MoD layout:
+                                                                  converted once into the cache (below)
+    ORG/NAME                                                       a hub id: resolved with
+                                                                  huggingface_hub.snapshot_download (any of
+                                                                  the layouts above), offline from the cache
+
+The conversion cache is ``$PMOD_BENCH_CACHE/converted/<hash>`` (default ``~/.cache/pmod_bench``), or
+``<cache_dir>/converted/<hash>`` when ``cache_dir`` is given; ``cache_dir`` is also the HF hub cache in
+which hub ids are looked up (as ``cache_dir`` of ``from_pretrained``; default ``HF_HUB_CACHE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .config import PMoDConfig
+
+PMOD_MODEL_TYPES = ("pmod_llava", "pmod_llava_next")
+VANILLA_MODEL_TYPES = ("llava", "llava_next")
+VANILLA_SUFFIX = ":vanilla"
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved or loaded; the message names the fix."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+def default_cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Root of pmod-bench's own cache: ``cache_dir``, else $PMOD_BENCH_CACHE, else ~/.cache/pmod_bench."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("PMOD_BENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pmod_bench"
+
+
+def read_config_json(directory: Union[str, os.PathLike]) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ModelSourceError(
+            f"'{directory}' has no config.json, so it is no model checkpoint. Expected an HF checkpoint "
+            "(config.json + *.safetensors) or the original LLaVA layout (config.json with mm_vision_tower + weights)."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint.") from exc
+
+
+def checkpoint_layout(directory: Union[str, os.PathLike]) -> str:
+    """``"pmod"`` (HF p-MoD), ``"vanilla"`` (HF LLaVA / LLaVA-NeXT) or ``"original"`` (LLaVA repo layout)."""
+    cfg = read_config_json(directory)
+    from .convert import is_original_layout
+
+    if is_original_layout(cfg):
+        return "original"
+    model_type = cfg.get("model_type")
+    if model_type in PMOD_MODEL_TYPES:
+        return "pmod"
+    if model_type in VANILLA_MODEL_TYPES:
+        return "vanilla"
+    raise ModelSourceError(
+        f"{Path(directory) / 'config.json'} has model_type '{model_type}', which pmod-bench cannot load. Supported: "
+        f"{', '.join(PMOD_MODEL_TYPES + VANILLA_MODEL_TYPES)} (HF layout), or the original LLaVA / p-MoD layout "
+        "(model_type llava_llama / pmod_llava_llama with mm_vision_tower, mm_projector_type)."
+    )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def resolve_hub_id(repo_id: str, cache_dir=None, revision: Optional[str] = None) -> Path:
+    """Local snapshot directory of a hub repo: downloaded, or taken from the HF cache when offline.
+
+    The HF cache layout is ``<cache>/models--ORG--NAME/snapshots/<commit>/...`` with ``refs/<revision>``
+    naming the commit; a snapshot laid out that way by hand (or copied from another machine) works.
+    """
+    from huggingface_hub import snapshot_download
+
+    hub_cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    errors = []
+    for local_only in (False, True):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache, local_files_only=local_only))
+        except Exception as exc:  # offline mode, no network, missing repo, gated repo, ...
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    from huggingface_hub import constants
+
+    where = hub_cache or constants.HF_HUB_CACHE
+    raise ModelSourceError(
+        f"'{repo_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
+        f"({errors[0]}), nor found in the HF cache '{where}' ({errors[-1]}). The hub may be unreachable from "
+        f"this machine: download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`), copy it here "
+        f"and pass the local path, or place a hub-layout snapshot under {where}/models--{repo_id.replace('/', '--')}/"
+        "snapshots/<rev>/ (with refs/main naming <rev>), or pass cache_dir=/--cache-dir."
+    )
+
+
+def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = None) -> Path:
+    """A local directory for ``source`` (a path, or a hub id resolved to its snapshot)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelSourceError(f"'{source}' is a file; pass the checkpoint directory that contains config.json.")
+    if not _looks_like_hub_id(source):
+        from .presets import PRESETS
+
+        raise ModelSourceError(
+            f"'{source}' is neither a preset ({', '.join(PRESETS)}, add ':vanilla' for no p-MoD), an existing "
+            "directory, nor a hub id ORG/NAME. Check the path."
+        )
+    return resolve_hub_id(source, cache_dir=cache_dir, revision=revision)
+
+
+def converted_cache_dir(src: Path, cache_dir=None) -> Path:
+    """Where the conversion of original-layout ``src`` is cached: keyed by its path, config and weight files."""
+    from .convert import CONVERTER_VERSION
+
+    h = hashlib.sha256()
+    h.update(f"v{CONVERTER_VERSION}\0{src.resolve()}\0".encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{int(st.st_mtime)}\0".encode())
+    h.update((src / "config.json").read_bytes())
+    return default_cache_root(cache_dir) / "converted" / h.hexdigest()[:20]
+
+
+def ensure_converted(src: Path, cache_dir=None, **convert_kwargs: Any) -> Path:
+    """Convert an original-layout checkpoint into the cache once; later calls reuse it."""
+    from .convert import CONVERTED_MARKER, convert_checkpoint
+
+    dst = converted_cache_dir(src, cache_dir)
+    if (dst / CONVERTED_MARKER).is_file():
+        return dst
+    convert_checkpoint(src, dst, **convert_kwargs)
+    return dst
+
+
+def _parse_dtype(dtype):
+    if dtype is None or dtype == "auto":
+        return dtype
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    name = names.get(str(dtype).lower(), str(dtype).lower().replace("torch.", ""))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ModelSourceError(f"unknown dtype '{dtype}'; use float32, bfloat16, float16 or auto.")
+    return value
+
+
+def _load_processor(directory: Path):
+    names = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    if not any((directory / n).is_file() for n in names):
+        warnings.warn(f"{directory} holds no processor / tokenizer files; returning processor=None.", stacklevel=3)
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(directory))
+    except Exception as exc:  # a checkpoint saved without a complete processor
+        warnings.warn(f"could not load a processor from {directory} ({type(exc).__name__}: {exc}); processor=None.", stacklevel=3)
+        return None
+
+
+def _apply_pmod(model, pmod, layout: str, vanilla: bool):
+    """Vanilla model + pmod -> to_pmod; p-MoD model + pmod -> set_pmod_ratios (override)."""
+    if pmod is None:
+        return model
+    if vanilla:
+        raise ModelSourceError("vanilla=True (or ':vanilla') and a p-MoD config were both given; pass only one.")
+    if layout == "pmod":
+        if isinstance(pmod, PMoDConfig):
+            model.set_pmod_ratios(pmod)
+        else:
+            changes = dict(pmod)
+            allow = bool(changes.pop("allow_untrained_routers", False))
+            model.set_pmod_ratios(allow_untrained_routers=allow, **changes)
+        return model
+    from .modeling import to_pmod
+
+    return to_pmod(model, PMoDConfig.from_dict(pmod))
+
+
+# ------------------------------------------------------------------------------------- the API
+def load_model(
+    source: str,
+    pmod: Union[PMoDConfig, dict, None] = None,
+    dtype=None,
+    device=None,
+    attn_implementation: str = "sdpa",
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    vanilla: bool = False,
+    revision: Optional[str] = None,
+):
+    """Load ``(model, processor)`` from a preset name, a local checkpoint directory or a hub id.
+
+    * ``source``: ``tiny`` / ``tiny-llava`` / another preset (random weights, seed 0; ``"tiny:vanilla"``
+      or ``vanilla=True`` gives the model without p-MoD); a directory in HF layout (p-MoD or vanilla
+      LLaVA / LLaVA-NeXT); a directory or hub id in the original LLaVA / p-MoD repository layout
+      (converted on the fly into the cache, reused afterwards); an HF hub id (``ORG/NAME``).
+    * ``pmod``: a :class:`PMoDConfig` or dict. Preset: its p-MoD config (None = the default one).
+      p-MoD checkpoint: overrides its schedule (``{"shift": 0.3}``, ``{"ratios": [...]}``;
+      ``set_pmod_ratios``). Vanilla checkpoint: turns it into p-MoD with zero-init routers (``to_pmod``);
+      None keeps the vanilla baseline.
+    * ``dtype``: torch dtype or name (``bfloat16``, ``float16``, ``float32``, ``auto``); default float32.
+    * ``device``: where to put the model (``cuda``, ``cpu``, ...); default: where it loads (CPU).
+    * ``cache_dir``: cache root for conversions (``<cache_dir>/converted/<hash>``) and the HF hub cache
+      for hub ids; default ``$PMOD_BENCH_CACHE`` (``~/.cache/pmod_bench``) and ``HF_HUB_CACHE``.
+    """
+    from .presets import PRESETS
+
+    torch_dtype = _parse_dtype(dtype)
+    name = source[: -len(VANILLA_SUFFIX)] if source.endswith(VANILLA_SUFFIX) else source
+    if name in PRESETS and not Path(source).expanduser().is_dir():
+        vanilla = vanilla or source.endswith(VANILLA_SUFFIX)
+        if vanilla and pmod is not None:
+            raise ModelSourceError(f"'{source}' asks for the vanilla model but a p-MoD config was given; pass only one.")
+        from .presets import build_preset, preset_processor
+
+        cfg = None if vanilla else PMoDConfig.from_dict(pmod)
+        model, processor = build_preset(
+            name, pmod=cfg, seed=0, dtype=torch_dtype if torch_dtype != "auto" else None,
+            attn_implementation=attn_implementation,
+        )
+        if processor is None and name.startswith("tiny"):
+            processor = preset_processor(name)
+        return _finish(model, device), processor
+    if source.endswith(VANILLA_SUFFIX):
+        raise ModelSourceError(f"the ':vanilla' suffix is for presets ({', '.join(PRESETS)}); for '{name}' use vanilla=True.")
+
+    directory = resolve_source_dir(source, cache_dir=cache_dir, revision=revision)
+    layout = checkpoint_layout(directory)
+    if layout == "original":
+        directory = ensure_converted(directory, cache_dir=cache_dir)
+        layout = checkpoint_layout(directory)
+    if vanilla and layout == "pmod":
+        raise ModelSourceError(
+            f"{directory} is a p-MoD checkpoint; vanilla=True needs a vanilla LLaVA checkpoint (or use "
+            "pmod={'ratios': [1.0] * num_layers} to process every token with the trained weights)."
+        )
+
+    from transformers import AutoModelForImageTextToText
+
+    import pmod_bench  # noqa: F401  (registers the p-MoD classes with the Auto classes)
+
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelSourceError(
+            f"could not load the model in {directory}: {type(exc).__name__}: {exc}. If it is in the original LLaVA "
+            "layout, convert it with `pmod-bench convert SRC DST` (the error then names the missing keys)."
+        ) from exc
+    model.eval()
+    model = _apply_pmod(model, None if vanilla else pmod, layout, vanilla)
+    processor = _load_processor(directory)
+    return _finish(model, device), processor
+
+
+def _finish(model, device):
+    model.eval()
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+__all__ = [
+    "load_model",
+    "ModelSourceError",
+    "checkpoint_layout",
+    "resolve_hub_id",
+    "resolve_source_dir",
+    "converted_cache_dir",
+    "ensure_converted",
+    "default_cache_root",
+]

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and inputs built locally (no downloads, ever)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from pmod_bench.model.presets import preset_processor
+
+    return preset_processor("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_vanilla():
+    """The vanilla (no p-MoD) tiny LLaVA-NeXT model, fp32, eval mode."""
+    from pmod_bench.model.presets import build_preset
+
+    model, _ = build_preset("tiny", pmod=None)
+    return model
+
+
+def make_inputs(processor, sizes=((64, 48),), questions=None):
+    """Processor inputs for one generated image per size (batched, left-padded)."""
+    from pmod_bench.model.presets import demo_image
+
+    questions = questions or ["What is shown in the image?", "Is there a red circle? Answer yes or no."]
+    prompts, images = [], []
+    for i, (w, h) in enumerate(sizes):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % len(questions)]}]}]
+        prompts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
+        images.append(demo_image(w, h, seed=(7 * w + h) % 13))  # same image for the same size
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
