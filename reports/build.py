@@ -89,8 +89,9 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
     paths = F.plot_tradeoff(data, fig_dir / "tradeoff")
     inputs = "paper: Table 7 (efficiency relative to LLaVA-NeXT-7B, AVG over Doc, Chart, Text, GQA, SEED, MMB)"
     if data.reproduced:
-        keys = [f"{data.reproduced_model}/{'baseline' if p.name == 'baseline' else 'p-MoD-' + p.name[2:]}" for p in data.reproduced]
-        inputs += f"; reproduced ({data.reproduced_model}, score = mean of {', '.join(data.reproduced_benchmarks)}): " + ", ".join(_runs_of(rep, keys))
+        benches = ", ".join(data.reproduced_benchmarks)
+        sources = _runs_of(rep, [p.key for p in data.reproduced])
+        inputs += f"; reproduced ({data.reproduced_model}, score = mean of {benches}): " + ", ".join(sources)
     elif rep is not None:
         inputs += "; no reproduced points"
     notes.extend(f"Trade-off figure: {n}" for n in data.notes)
@@ -169,8 +170,7 @@ def _index(command: str, runs: Sequence[Run], rep: Optional[Reproduction], table
         pt = paper_table(t.number)
         inputs = f"paper ({pt.source_text})"
         if rep is not None:
-            used = _runs_of(rep, [line.key for line in t.lines if line.kind == "reproduced"])
-            inputs += "; runs: " + (", ".join(f"`{u}`" for u in used) if used else "none matched")
+            inputs += "; runs: " + (", ".join(f"`{u}`" for u in t.sources) if t.sources else "none matched")
         out.append(f"| {t.number} | {t.title} | {_md_links(files)} | {inputs} |")
     out += ["", "## Figures", "", "| Figure | Files | Inputs |", "|:--|:--|:--|"]
     for f in figures:
@@ -262,7 +262,7 @@ def build_report(
         summary: dict[str, Any] = {
             "mode": "paper" if paper else "runs",
             "command": command,
-            "tables": {t.id: {"files": files, "reproduced_rows": sorted({l.key for l in t.lines if l.kind == "reproduced"})}
+            "tables": {t.id: {"files": files, "reproduced_rows": sorted({ln.key for ln in t.lines if ln.kind == "reproduced"})}
                        for t, files in table_files},
             "figures": {f.name: f.files for f in fig_items},
             "runs": [{"path": str(r.path), "kind": r.kind, "label": r.label} for r in runs],

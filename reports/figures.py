@@ -72,6 +72,7 @@ class TradeoffPoint:
     kv_pct: Optional[float]
     latency_pct: Optional[float]
     score: Optional[float]
+    key: Optional[str] = None  # MODEL/VARIANT of a reproduced point
 
 
 @dataclass
@@ -104,7 +105,7 @@ def tradeoff_data(rep: Optional[Reproduction] = None) -> TradeoffData:
     Efficiency is relative to the baseline (%), the score is the average over Table 7's benchmarks.
     Reproduced points need a profile row (efficiency) and an eval run (score) of the same
     configuration. When not every point has all six benchmarks, the reproduced score is the mean of
-    the benchmarks that all points share, labelled as such and drawn on its own axis.
+    the benchmarks that all points share, labelled as such and drawn in its own row.
     """
     t7 = paper_table(7)
     base = t7.rows[0].cells
@@ -154,7 +155,7 @@ def tradeoff_data(rep: Optional[Reproduction] = None) -> TradeoffData:
         lat = eff.get("latency_ratio")
         data.reproduced.append(TradeoffPoint(
             _point_name(k.partition("/")[2]), 100 * eff["tflops_ratio"], 100 * eff["kv_cache_ratio"],
-            None if lat is None else 100 * lat, score,
+            None if lat is None else 100 * lat, score, key=k,
         ))
     data.reproduced_model = model
     data.reproduced_benchmarks = tuple(benches)
@@ -162,55 +163,51 @@ def tradeoff_data(rep: Optional[Reproduction] = None) -> TradeoffData:
     return data
 
 
+def _draw_series(ax, pts: Sequence[TradeoffPoint], attr: str, color: str, marker: str, ls: str, label: str, below: bool):
+    pts = sorted((p for p in pts if getattr(p, attr) is not None and p.score is not None), key=lambda p: getattr(p, attr))
+    if not pts:
+        return None
+    xs, ys = [getattr(p, attr) for p in pts], [p.score for p in pts]
+    (h,) = ax.plot(xs, ys, color=color, marker=marker, ls=ls, lw=1.2, ms=4.5, label=label)
+    # the curves rise to the right: labels above-left of their point, or below-right for a second series
+    # (the leftmost point is labelled to its right, clear of the y axis)
+    off, ha, va = ((4, -3), "left", "top") if below else ((-4, 3), "right", "bottom")
+    for i, (p, x, y) in enumerate(zip(pts, xs, ys)):
+        o, h_al, v_al = ((5, -1), "left", "top" if below else "center") if i == 0 else (off, ha, va)
+        ax.annotate(p.name, (x, y), xytext=o, textcoords="offset points", ha=h_al, va=v_al, fontsize=6.5, color=color)
+    return h
+
+
 def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
-    """Three panels: TFLOPs, KV cache and latency (% of baseline) against the average score."""
+    """Three panels: TFLOPs, KV cache and latency (% of baseline) against the average score.
+
+    When the reproduced score is the paper's measure (AVG over Table 7's six benchmarks) both series
+    share the panels; otherwise the reproduced series gets its own row (same x axes), since the two
+    scores are different quantities.
+    """
+    panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache (% of baseline)"),
+              ("latency_pct", "Latency (% of baseline)")]
+    paper_label = "paper (Table 7, LLaVA-NeXT-7B)"
+    repro_label = f"reproduced ({data.reproduced_model})"
+    two_rows = bool(data.reproduced) and not data.same_measure
     with _rc():
-        fig = _figure(7.0, 2.45)
-        axes = fig.subplots(1, 3, sharey=True)
-        panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache (% of baseline)"),
-                  ("latency_pct", "Latency (% of baseline)")]
+        fig = _figure(7.0, 4.3 if two_rows else 2.45)
+        grid = fig.subplots(2 if two_rows else 1, 3, sharex="col", sharey="row", squeeze=False)
         handles: dict[str, Any] = {}
-        twins = []
-        for ax, (attr, xlabel) in zip(axes, panels):
-            for series, color, marker, ls, label, target in (
-                (data.paper, PAPER_COLOR, "o", "-", "paper (Table 7, LLaVA-NeXT-7B)", ax),
-                (data.reproduced, REPRO_COLOR, "s", "--", None, None),
-            ):
-                pts = [p for p in series if getattr(p, attr) is not None and p.score is not None]
-                if not pts:
-                    continue
-                if target is None:
-                    if data.same_measure:
-                        target = ax
-                    else:
-                        target = ax.twinx()
-                        twins.append(target)
-                    label = f"reproduced ({data.reproduced_model})"
-                    if not data.same_measure:
-                        label += f": mean of {', '.join(data.reproduced_benchmarks)}, right axis"
-                pts.sort(key=lambda p: getattr(p, attr))
-                xs, ys = [getattr(p, attr) for p in pts], [p.score for p in pts]
-                (h,) = target.plot(xs, ys, color=color, marker=marker, ls=ls, lw=1.2, ms=4.5, label=label)
-                handles[label] = h
-                # the curves rise to the right: paper labels above-left, reproduced below-right
-                off, ha, va = ((-4, 3), "right", "bottom") if color == PAPER_COLOR else ((4, -3), "left", "top")
-                for p, x, y in zip(pts, xs, ys):
-                    target.annotate(p.name, (x, y), xytext=off, textcoords="offset points", ha=ha, va=va,
-                                    fontsize=6.5, color=color)
-            ax.set_xlabel(xlabel)
-            ax.margins(x=0.12, y=0.18)
-        axes[0].set_ylabel("Average score (AVG, Table 7)")
-        if twins:
-            lo = min(t.get_ylim()[0] for t in twins)
-            hi = max(t.get_ylim()[1] for t in twins)
-            for t in twins:
-                t.set_ylim(lo, hi)
-                t.grid(False)
-                t.spines["right"].set_visible(True)
-                t.tick_params(axis="y", colors=REPRO_COLOR, labelsize=7)
-                if t is not twins[-1]:
-                    t.set_yticklabels([])
-            twins[-1].set_ylabel("Reproduced score", color=REPRO_COLOR)
+        for col, (attr, xlabel) in enumerate(panels):
+            ax = grid[0][col]
+            h = _draw_series(ax, data.paper, attr, PAPER_COLOR, "o", "-", paper_label, below=False)
+            handles[paper_label] = h
+            rax = grid[1][col] if two_rows else ax
+            h = _draw_series(rax, data.reproduced, attr, REPRO_COLOR, "s", "--", repro_label, below=not two_rows)
+            if h is not None:
+                handles[repro_label] = h
+            for a in {id(ax): ax, id(rax): rax}.values():
+                a.margins(x=0.2, y=0.2)
+            grid[-1][col].set_xlabel(xlabel)
+        grid[0][0].set_ylabel("Average score\n(paper AVG, Table 7)" if two_rows else "Average score (AVG, Table 7)")
+        if two_rows:
+            grid[1][0].set_ylabel("Reproduced score\n(mean of " + ", ".join(data.reproduced_benchmarks) + ")")
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles),
                    bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
@@ -224,8 +221,9 @@ def retention_schedules_data(num_layers: int = 32, target_shift: float = 0.5) ->
     Uses ``pmod_bench.prd_ratios`` (model/schedules.py); each schedule's shift is solved so that its
     mean retention equals the cosine schedule's, as in the paper's Table 4.
     """
-    from pmod_bench import prd_ratios
     from pmod_bench.model.schedules import match_shift, mean_retention
+
+    from pmod_bench import prd_ratios
 
     cosine = prd_ratios(num_layers, schedule="cosine", shift=target_shift)
     target = mean_retention(cosine)
@@ -330,8 +328,10 @@ def pick_layers(layers: Sequence[int], n: int = 4) -> list[int]:
     return [layers[i] for i in idx]
 
 
-def plot_token_selection(intro: Mapping[str, Any], image_path: Path, stem: Path, layers: Optional[Sequence[int]] = None) -> list[Path]:
-    """The paper's Fig. 5: the tokens a layer keeps, over the input image (skipped tokens faded).
+def plot_token_selection(
+    intro: Mapping[str, Any], image_path: Path, stem: Path, layers: Optional[Sequence[int]] = None
+) -> list[Path]:
+    """The paper's Fig. 5: the tokens a layer keeps, over the input image (skipped tokens shaded).
 
     Vision token ``i < rows * cols`` covers grid cell ``(i // cols, i % cols)``; tokens beyond the grid
     (e.g. LLaVA-NeXT's newline or base-image tokens) are not drawn.
@@ -353,9 +353,10 @@ def plot_token_selection(intro: Mapping[str, Any], image_path: Path, stem: Path,
             keep = np.zeros(rows * cols, dtype=bool)
             sel = [i for i in intro["layers"].get(str(layer), []) if i < rows * cols]
             keep[sel] = True
+            # skipped tokens are shaded dark (a white fade would vanish on white backgrounds)
             overlay = np.zeros((rows, cols, 4))
-            overlay[..., :3] = 1.0
-            overlay[..., 3] = np.where(keep.reshape(rows, cols), 0.0, 0.78)
+            overlay[..., :3] = 0.08
+            overlay[..., 3] = np.where(keep.reshape(rows, cols), 0.0, 0.68)
             ax.imshow(img, extent=(0, w, h, 0))
             ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
             ax.set_title(f"layer {layer}: {len(sel)}/{rows * cols} kept", fontsize=7)

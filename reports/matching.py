@@ -269,6 +269,11 @@ class Reproduction:
         got = self.values.get(key, {}).get(metric)
         return got[0] if got else None
 
+    def source_of(self, key: Optional[str], metric: Optional[str]) -> Optional[str]:
+        """The run (or profile row) a value came from."""
+        got = self.values.get(key or "", {}).get(metric or "")
+        return got[1] if got else None
+
     def sources(self, key: Optional[str]) -> list[str]:
         if key is None:
             return []

@@ -93,7 +93,8 @@ class PaperTable:
     def source_text(self) -> str:
         lines = self.source.get("lines")
         where = f"lines {lines[0]}-{lines[1]}" if lines else ""
-        return f"{self.source.get('file', 'paper')} {where}; headers restored in {self.source.get('headers', 'TABLES.md')}".strip()
+        headers = self.source.get("headers", "TABLES.md")
+        return f"{self.source.get('file', 'paper')} {where}; headers restored in {headers}"
 
 
 def as_number(value: Value) -> Optional[float]:

@@ -13,7 +13,7 @@ import math
 from typing import Optional
 
 from .paper import PaperColumn, Value
-from .tables import NOT_APPLICABLE, Line, ReportTable
+from .tables import ReportTable
 
 MISSING = {"md": "–", "tex": "--", "csv": ""}
 KIND_TEXT = {

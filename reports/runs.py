@@ -127,7 +127,9 @@ def _check_introspection(doc: Any, path: Path, run_dir: Path) -> Mapping[str, An
         if not isinstance(image, str):
             raise RunDirError(f"{path}: 'image' must be a path relative to the run directory, or null.")
         if not (run_dir / image).is_file():
-            raise RunDirError(f"{path}: image '{image}' not found in {run_dir}; copy the input image there or set 'image' to null.")
+            raise RunDirError(
+                f"{path}: image '{image}' not found in {run_dir}; copy the input image there or set 'image' to null."
+            )
     return doc
 
 

@@ -43,6 +43,7 @@ class ReportTable:
     lines: tuple[Line, ...]
     compare: bool  # True when lines include reproduced / diff lines (a 'line' column is shown)
     notes: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # the runs (or profile rows) whose values the table shows
 
     def header(self, col: PaperColumn, marks: bool = True) -> str:
         return col.header + (HEADER_MARK.get(col.header_source, "") if marks else "")
@@ -78,20 +79,38 @@ def _diff(paper: Sequence[Value], repro: Sequence[Value]) -> tuple[Value, ...]:
     return tuple(out)
 
 
+def _measured_sources(table: PaperTable, key: Optional[str], rep: Reproduction) -> list[str]:
+    """The runs that measured at least one of this table's columns for configuration ``key``."""
+    out: list[str] = []
+    for c in table.value_columns:
+        if c.kind in ("benchmark", "efficiency"):
+            src = rep.source_of(key, c.metric)
+            if src and src not in out:
+                out.append(src)
+    return out
+
+
 def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> ReportTable:
-    """The report table of one paper table; ``rep=None`` gives the paper's values only."""
+    """The report table of one paper table; ``rep=None`` gives the paper's values only.
+
+    A paper row gets reproduced / diff lines when some run measured at least one of the table's
+    columns for that row's configuration.
+    """
     cols = table.value_columns
-    compare = rep is not None and any(rep.has(r.key) for r in table.rows)
+    measured = {r.key: _measured_sources(table, r.key, rep) for r in table.rows if r.key} if rep is not None else {}
+    compare = any(measured.values())
     lines: list[Line] = []
     used: list[str] = []
+    sources: list[str] = []
     for gi, row in enumerate(table.rows):
         paper_vals = tuple(row.cells.get(c.key) for c in cols)
         lines.append(Line(row.label, "paper", paper_vals, row.key, gi))
-        if compare and rep.has(row.key):
+        if measured.get(row.key):
             repro = _reproduced_values(table, row.key, rep)
             lines.append(Line("", "reproduced", repro, row.key, gi))
             lines.append(Line("", "diff", _diff(paper_vals, repro), row.key, gi))
-            used.append(f"{row.label or row.key} ({row.key}): {', '.join(rep.sources(row.key))}")
+            used.append(f"{row.label or row.key} ({row.key}): {', '.join(measured[row.key])}")
+            sources.extend(s for s in measured[row.key] if s not in sources)
     notes: list[str] = []
     for source in sorted({c.header_source for c in cols}):
         if source in HEADER_LEGEND:
@@ -103,21 +122,21 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
     if table.avg_over:
         notes.append(
             f"AVG: mean of {', '.join(table.avg_over)}"
-            + (", MME as score/20" if "MME" in table.avg_over else "")
-            + "; a reproduced AVG only when every one of them was measured."
+            + (" (MME as score/20)" if "MME" in table.avg_over else "")
+            + ("; a reproduced AVG only when every one of them was measured." if rep is not None else ".")
         )
     notes.append(f"Source: {table.source_text}.")
     if rep is not None:
         if compare:
             notes.append("diff = reproduced - paper; a dash marks a value no run measured.")
             notes.extend(f"Reproduced {u}." for u in used)
-            if any(not rep.has(r.key) for r in table.rows if r.key):
+            if any(not measured.get(r.key) for r in table.rows if r.key):
                 notes.append("Rows without a reproduced line were not matched by any run.")
         elif any(r.key for r in table.rows):
             notes.append("No run matched a row of this table.")
     return ReportTable(
         id=table.id, number=table.number, title=table.title, label_header=table.label_column.header,
-        columns=cols, lines=tuple(lines), compare=compare, notes=tuple(notes),
+        columns=cols, lines=tuple(lines), compare=compare, notes=tuple(notes), sources=tuple(sources),
     )
 
 
