@@ -444,3 +444,41 @@ def test_demo_cli_prints_per_layer_table():
     assert "KV-cache entries" in out.stdout and "ratio" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "pmod_bench.cli", "demo", "--image-size", "12by5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "WIDTHxHEIGHT" in bad.stderr
+
+
+def test_beam_search_and_gradient_checkpointing(tiny_vanilla, tiny_processor):
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+    random_routers(model)
+    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
+    with torch.no_grad():  # beam search reorders the per-layer caches (and their validity masks)
+        out = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert len(hidden) == model.config.text_config.num_hidden_layers + 1  # p-MoD layers are captured too
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        model(**inputs, labels=labels).loss.backward()
+        assert all(l.router.weight.grad.abs().sum() > 0 for l in model.pmod_layers.values())
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_cuda_bf16_generate_is_finite(tiny_processor, attn):
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    from pmod_bench.model.presets import build_preset
+
+    vanilla, _ = build_preset("tiny", pmod=None, dtype=torch.bfloat16, attn_implementation=attn)
+    model = to_pmod(vanilla.cuda(), PMoDConfig(shift=0.3))
+    random_routers(model)
+    inputs = {k: v.cuda() for k, v in make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)]).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.isfinite(torch.stack(out.logits)).all()
