@@ -63,6 +63,7 @@ CONVERTER_VERSION = 1
 CONVERTED_MARKER = "pmod_bench_conversion.json"
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "PmodLlavaLlamaForCausalLM")
 IMAGE_TOKEN = "<image>"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -226,7 +227,7 @@ def map_original_keys(sd: dict) -> MappedWeights:
     """Rename an original-layout state dict to HF names (vision tower weights kept apart)."""
     out = MappedWeights()
     for key, t in sd.items():
-        if key.endswith("rotary_emb.inv_freq"):  # buffer saved by old transformers versions
+        if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # buffers saved by old transformers versions
             out.dropped.append(key)
             continue
         if key.startswith(VISION_PREFIX):
@@ -355,13 +356,20 @@ def load_original_tokenizer(src: Path, model_max_length: Optional[int] = None):
             "Copy the tokenizer files of the base LLM (e.g. lmsys/vicuna-7b-v1.5) next to config.json."
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(src))
+        # from a copy of just the tokenizer files: AutoTokenizer would otherwise parse the original config.json
+        # as an HF config (model_type "llava" there is not HF's LLaVA) and warn about it
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy(src / name, Path(tmp) / name)
+            tok = AutoTokenizer.from_pretrained(tmp)
     except Exception as exc:
         if not (src / "tokenizer.model").is_file():
             raise ConversionError(f"could not load the tokenizer of {src} ({type(exc).__name__}: {exc}).") from exc
         # transformers reads tokenizer.model through protobuf; when that fails (e.g. a protobuf runtime older
         # than sentencepiece's generated code) read the same vocabulary with the sentencepiece library
         tok = _llama_tokenizer_from_sentencepiece(src, exc)
+    _match_original_chunking(tok)
     added = []
     if IMAGE_TOKEN not in tok.get_vocab():
         from tokenizers import AddedToken
@@ -371,9 +379,32 @@ def load_original_tokenizer(src: Path, model_max_length: Optional[int] = None):
     if tok.pad_token is None:  # LLaVA pads with <unk> (train.py: tokenizer.pad_token = tokenizer.unk_token)
         tok.pad_token = tok.unk_token
     tok.padding_side = "left"  # batched generation; the original trained with right padding
+    tok.init_kwargs["padding_side"] = "left"
     if model_max_length:
         tok.model_max_length = int(model_max_length)
+        tok.init_kwargs["model_max_length"] = int(model_max_length)
     return tok, added
+
+
+def _match_original_chunking(tok) -> None:
+    """Tokenize the text after ``<image>`` as the original does.
+
+    The original splits the prompt at ``<image>`` and encodes each chunk with sentencepiece, so every
+    chunk gets sentencepiece's dummy prefix "▁" (the familiar ``-200, 29871, 13`` after the image).
+    A Metaspace pre-tokenizer with ``prepend_scheme="always"`` does the same around special tokens
+    (HF's non-legacy default, "first", would drop that "▁").
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None or type(pre).__name__ != "Metaspace":
+        return
+    from tokenizers import pre_tokenizers
+
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="always", split=pre.split)
+    # LlamaTokenizer rebuilds its pre-tokenizer from `legacy` when reloaded: legacy=True means "always"
+    tok.legacy = True
+    if hasattr(tok, "init_kwargs"):
+        tok.init_kwargs["legacy"] = True
 
 
 def _llama_tokenizer_from_sentencepiece(src: Path, cause: Exception):
@@ -411,7 +442,8 @@ def _llama_tokenizer_from_sentencepiece(src: Path, cause: Exception):
     )
     return LlamaTokenizer(
         vocab=vocab, merges=generate_merges(vocab, skip_tokens=set(special)), legacy=bool(tcfg.get("legacy", False)),
-        add_prefix_space=tcfg.get("add_prefix_space"), model_max_length=tcfg.get("model_max_length", 4096), **names,
+        add_prefix_space=tcfg.get("add_prefix_space"), model_max_length=tcfg.get("model_max_length", 4096),
+        add_bos_token=tcfg.get("add_bos_token", True), add_eos_token=tcfg.get("add_eos_token", False), **names,
     )
 
 
@@ -499,6 +531,7 @@ def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_siz
         text["pad_token_id"] = pad_token_id
     if text.get("rope_scaling"):
         raise ConversionError(f"rope_scaling {text['rope_scaling']} is not supported by this converter (Vicuna uses none).")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta", 10000.0))}
     LlamaConfig(**text)  # validate early
 
     is_pmod = "mod_target_layers" in cfg and cfg["mod_target_layers"]

@@ -280,7 +280,9 @@ class PMoDLayerMixin:
             w = self._weights(logits, target)  # (B, N)
             k = num_selected(target.sum(dim=1), self.ratio)  # (B,)
             k_max = int(k.max())
-            scores = logits.detach().float().masked_fill(~target, float("-inf"))
+            # rank by the normalised weight in the model's dtype, as the reference does (same order as
+            # the logits, and the same ties where tanh saturates in bf16)
+            scores = w.detach().float().masked_fill(~target, float("-inf"))
             top = scores.topk(k_max, dim=1).indices  # (B, k_max)
             keep = torch.arange(k_max, device=x.device)[None, :] < k[:, None]  # (B, k_max)
             selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter(1, top, keep)

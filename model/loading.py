@@ -100,16 +100,17 @@ def resolve_hub_id(repo_id: str, cache_dir=None, revision: Optional[str] = None)
     from huggingface_hub import constants
 
     where = hub_cache or constants.HF_HUB_CACHE
+    why = errors[0] if len(errors[0]) <= 240 else errors[0][:240] + "..."
     raise ModelSourceError(
         f"'{repo_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
-        f"({errors[0]}), nor found in the HF cache '{where}' ({errors[-1]}). The hub may be unreachable from "
+        f"({why}), nor found in the HF cache '{where}'. The hub may be unreachable from "
         f"this machine: download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`), copy it here "
         f"and pass the local path, or place a hub-layout snapshot under {where}/models--{repo_id.replace('/', '--')}/"
         "snapshots/<rev>/ (with refs/main naming <rev>), or pass cache_dir=/--cache-dir."
     )
 
 
-def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = None) -> Path:
+def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = None, presets_hint: bool = False) -> Path:
     """A local directory for ``source`` (a path, or a hub id resolved to its snapshot)."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -119,10 +120,8 @@ def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = No
     if not _looks_like_hub_id(source):
         from .presets import PRESETS
 
-        raise ModelSourceError(
-            f"'{source}' is neither a preset ({', '.join(PRESETS)}, add ':vanilla' for no p-MoD), an existing "
-            "directory, nor a hub id ORG/NAME. Check the path."
-        )
+        preset = f"a preset ({', '.join(PRESETS)}; add ':vanilla' for no p-MoD), " if presets_hint else ""
+        raise ModelSourceError(f"'{source}' is neither {preset}an existing directory, nor a hub id ORG/NAME. Check the path.")
     return resolve_hub_id(source, cache_dir=cache_dir, revision=revision)
 
 
@@ -246,7 +245,7 @@ def load_model(
     if source.endswith(VANILLA_SUFFIX):
         raise ModelSourceError(f"the ':vanilla' suffix is for presets ({', '.join(PRESETS)}); for '{name}' use vanilla=True.")
 
-    directory = resolve_source_dir(source, cache_dir=cache_dir, revision=revision)
+    directory = resolve_source_dir(source, cache_dir=cache_dir, revision=revision, presets_hint=True)
     layout = checkpoint_layout(directory)
     if layout == "original":
         directory = ensure_converted(directory, cache_dir=cache_dir)
@@ -265,12 +264,22 @@ def load_model(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(directory), **kwargs)
+        model, info = AutoModelForImageTextToText.from_pretrained(str(directory), output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelSourceError(
             f"could not load the model in {directory}: {type(exc).__name__}: {exc}. If it is in the original LLaVA "
             "layout, convert it with `pmod-bench convert SRC DST` (the error then names the missing keys)."
         ) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # from_pretrained would silently random-initialise them
+        raise ModelSourceError(
+            f"the weights in {directory} lack {len(missing)} tensor(s) that its config.json ({layout} layout) needs: "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}. The checkpoint is incomplete or its config.json "
+            "describes another architecture: re-download / re-save it (model.save_pretrained), or fix config.json."
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        warnings.warn(f"{directory}: {len(unexpected)} tensor(s) not used by the model, e.g. {unexpected[:5]}", stacklevel=2)
     model.eval()
     model = _apply_pmod(model, None if vanilla else pmod, layout, vanilla)
     processor = _load_processor(directory)
