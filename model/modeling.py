@@ -117,9 +117,7 @@ class PMoDModelMixin:
                 lm.layers[i] = wrap_decoder_layer(lm.layers[i], i, r, new, hidden)
                 routers.add(i)
         self.config.pmod = new.to_dict()
-        self.config.pmod_router_layers = sorted(routers)
-        if any(r == 1.0 for i, r in enumerate(ratios) if i in routers):
-            self.config.pmod["ratios"] = ratios  # keep router layers at 1.0 explicit on save
+        self.config.pmod_router_layers = sorted(routers)  # router layers at ratio 1.0 stay routed on reload
         return ratios
 
     # -------------------------------------------------------------------------------- forward

@@ -482,3 +482,17 @@ def test_cuda_bf16_generate_is_finite(tiny_processor, attn):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert torch.isfinite(torch.stack(out.logits)).all()
+
+
+def test_override_saved_and_reloaded(tmp_path, tiny_vanilla):
+    from transformers import AutoModelForImageTextToText
+
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    random_routers(model)
+    ratios = model.set_pmod_ratios(shift=0.6)  # some trained router layers now keep every token
+    assert 1.0 in [ratios[i] for i in model.pmod_layers]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert sorted(loaded.pmod_layers) == sorted(model.pmod_layers) and loaded.layer_ratios() == ratios
+    for i, layer in model.pmod_layers.items():
+        assert torch.equal(loaded.pmod_layers[i].router.weight, layer.router.weight)
