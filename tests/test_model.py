@@ -428,13 +428,22 @@ def test_import_is_light():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_registration_in_any_import_order(tmp_path):
-    code = (
-        "import transformers\nfrom transformers import AutoConfig, AutoModelForImageTextToText\nimport pmod_bench\n"
-        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import transformers\nfrom transformers import AutoConfig, AutoModelForImageTextToText\nimport pmod_bench",
+        "import pmod_bench\nfrom transformers import LlavaConfig",  # a circular import in flight at registration
+        "import pmod_bench\nfrom transformers import AutoConfig",
+        "from transformers import LlavaNextConfig\nimport pmod_bench",
+        "import pmod_bench\nimport transformers.models.llava.modeling_llava",
+    ],
+)
+def test_registration_in_any_import_order(imports):
+    code = imports + (
+        "\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
         "assert 'pmod_llava_next' in CONFIG_MAPPING and 'pmod_llava' in CONFIG_MAPPING\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
