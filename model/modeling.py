@@ -299,7 +299,12 @@ def register_auto_classes() -> None:
         LlavaNextProcessor,
         LlavaProcessor,
     )
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
+    # save / load in the same key layout as HF's own LLaVA checkpoints (language_model.model.layers.N...)
+    for model_type, base in ((PMoDLlavaConfig.model_type, "llava"), (PMoDLlavaNextConfig.model_type, "llava_next")):
+        if get_checkpoint_conversion_mapping(model_type) is None and get_checkpoint_conversion_mapping(base) is not None:
+            register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping(base))
     AutoModelForImageTextToText.register(PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(PMoDLlavaConfig, LlavaProcessor, exist_ok=True)

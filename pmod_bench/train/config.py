@@ -18,11 +18,12 @@ import functools
 import inspect
 import math
 import os
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from pmod_bench.model.config import PMoDConfig
 
@@ -66,15 +67,15 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
 class ModelConfig:
     """Which model to train: a ready LLaVA checkpoint, or a composition of LLM + vision tower + connector."""
 
-    source: Optional[str] = None
+    source: str | None = None
     """Start from this model: a tiny preset (tiny, tiny-llava), a local HF LLaVA / LLaVA-NeXT / p-MoD checkpoint directory, or a hub id. Leave empty to compose from llm + vision_tower."""
-    llm: Optional[str] = None
+    llm: str | None = None
     """Compose: the language model, an HF causal-LM directory or hub id (the paper: lmsys/vicuna-7b-v1.5)."""
-    vision_tower: Optional[str] = None
+    vision_tower: str | None = None
     """Compose: the CLIP vision tower, directory or hub id (the paper: openai/clip-vit-large-patch14-336)."""
     arch: str = "llava_next"
     """Compose: llava (LLaVA-1.5, one square tile) or llava_next (anyres tiles + image_newline)."""
-    projector: Optional[str] = None
+    projector: str | None = None
     """Pretrained connector to load: a PT output directory, its connector.safetensors, or LLaVA's mm_projector.bin (the reference starts SFT from LLaVA's official one)."""
     grid_pinpoints: list = field(default_factory=lambda: [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
     """Compose, llava_next: anyres grids in tiles (rows, cols) of the vision tower's image size; the paper's (2,2),(1,2),(2,1),(1,3),(3,1)."""
@@ -111,7 +112,7 @@ class DataConfig:
 
     json: list = field(default_factory=list)
     """Conversation file(s), LLaVA format: [{"id", "image": "coco/train2017/x.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}]; .json or .jsonl."""
-    image_folder: Optional[str] = None
+    image_folder: str | None = None
     """Folder that the records' "image" paths are relative to."""
     template: str = "vicuna_v1"
     """Prompt format: vicuna_v1 (LLaVA-1.5/NeXT SFT, exact LLaVA string), plain (LLaVA PT: image + caption), chat (the tokenizer's chat template)."""
@@ -127,7 +128,7 @@ class DataConfig:
     """Stop even under on_bad_sample=skip after this many bad samples in a row (a wrong image_folder)."""
     num_workers: int = 4
     """DataLoader worker processes (0 = load in the training process)."""
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     """Use only the first N records (debugging)."""
 
     def __post_init__(self) -> None:
@@ -159,7 +160,7 @@ class OptimConfig:
     """Samples per process per forward pass."""
     epochs: float = 1.0
     """Passes over the data (the paper: 1)."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Optimizer steps; overrides epochs when set."""
     warmup_ratio: float = 0.03
     """Fraction of the steps with linear warm-up."""
@@ -173,9 +174,9 @@ class OptimConfig:
     """bf16 (the paper), fp16, or fp32 (CPU tests)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant)."""
-    deepspeed: Optional[str] = None
+    deepspeed: str | None = None
     """DeepSpeed config: zero2 or zero3 (shipped, see recipes/ds_zero*.json), a JSON path, or null for plain DDP."""
-    trainable: Optional[list] = None
+    trainable: list | None = None
     """Module groups to train, from connector, llm, routers, vision; null = the stage's default (pt: connector; sft: connector, llm, routers)."""
     seed: int = 42
     """Seed for initialisation of new modules, data order and dropout."""
@@ -183,20 +184,22 @@ class OptimConfig:
     """Log (and append to train_log.jsonl) every N optimizer steps."""
     save_steps: int = 1000
     """Write a resumable checkpoint (output_dir/checkpoint-N) every N optimizer steps."""
-    save_total_limit: Optional[int] = 1
+    save_total_limit: int | None = 1
     """Keep at most this many checkpoints (null = all)."""
-    resume: Optional[str] = "auto"
+    resume: str | None = "auto"
     """auto: continue from the newest checkpoint in output_dir if there is one; a checkpoint path; or null (start fresh; refuses an output_dir that holds checkpoints)."""
-    stop_at_step: Optional[int] = None
+    stop_at_step: int | None = None
     """Checkpoint and stop after this optimizer step, with the schedule of the full run (for time-limited jobs; resume continues exactly)."""
     overflow_guard: bool = True
     """Turn on PMoDConfig.overflow_guard: a NaN/Inf in a p-MoD layer stops training with PMoDOverflowError naming the layer (the paper's OVERFLOW rows); train_summary.json records it."""
-    ddp_find_unused_parameters: Optional[bool] = None
+    ddp_find_unused_parameters: bool | None = None
     """DDP's unused-parameter search; null = on for p-MoD models (a batch without images leaves the routers unused), off otherwise."""
     report_to: list = field(default_factory=list)
     """Extra loggers for HF Trainer (wandb, tensorboard); train_log.jsonl is always written."""
     device: str = "auto"
     """auto (CUDA if available, else CPU with the gloo backend), cuda, or cpu."""
+    progress_bar: bool = True
+    """Show HF Trainer's progress bar (the JSONL log is written either way)."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "epochs"):
@@ -236,7 +239,7 @@ class OptimConfig:
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
 
-    def deepspeed_path(self) -> Optional[str]:
+    def deepspeed_path(self) -> str | None:
         """The DeepSpeed JSON to use (shipped configs resolved), or None."""
         if self.deepspeed is None:
             return None
@@ -253,7 +256,7 @@ class TrainConfig:
     """pt (pre-training: the connector learns on captions) or sft (instruction tuning: connector + LLM + p-MoD routers)."""
     output_dir: str = "runs/train"
     """Run directory: run.json, train_log.jsonl, train_summary.json, checkpoints, and the final model (save_pretrained + processor)."""
-    label: Optional[str] = None
+    label: str | None = None
     """run.json label; MODEL/VARIANT (llava-next-7b/p-MoD-0.5) lets `pmod-bench report` match the run to the paper's tables."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (see model.*)."""
@@ -261,11 +264,11 @@ class TrainConfig:
     """The data (see data.*)."""
     train: OptimConfig = field(default_factory=OptimConfig)
     """The training loop (see train.*)."""
-    pmod: Optional[PMoDConfig] = None
+    pmod: PMoDConfig | None = None
     """p-MoD settings (PMoDConfig fields: schedule, shift, weight_norm, string, ...); null = the vanilla LLaVA baseline."""
-    match_mean_retention: Optional[Union[float, str]] = None
+    match_mean_retention: float | str | None = None
     """Replace pmod.shift by the shift at which pmod.schedule has this mean retention over the LLM's layers (schedules.match_shift); 'prd' = that of the default PRD (cosine, delta 0.5): the paper's Table 4 comparison at equal compute."""
-    recipe: Optional[str] = None
+    recipe: str | None = None
     """Recipe name or path (set by the loader)."""
 
     def __post_init__(self) -> None:
@@ -291,7 +294,7 @@ class TrainConfig:
         """The module groups this run trains."""
         return list(self.train.trainable) if self.train.trainable is not None else list(STAGE_TRAINABLE[self.stage])
 
-    def resolved_pmod(self, num_layers: int) -> Optional[PMoDConfig]:
+    def resolved_pmod(self, num_layers: int) -> PMoDConfig | None:
         """The p-MoD config for an LLM of ``num_layers`` layers: matched shift and the overflow guard applied."""
         if self.pmod is None:
             return None
@@ -329,7 +332,7 @@ def _pmod_from_dict(d: dict) -> PMoDConfig:
 
 
 # ---------------------------------------------------------------------------------- field docs
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict:
     """{field name: docstring} from the string literal under each field (litgpt-style)."""
     docs: dict = {}
@@ -386,7 +389,7 @@ def _build_section(cls: type, d: Any, where: str):
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def config_from_dict(d: dict, recipe: Optional[str] = None) -> TrainConfig:
+def config_from_dict(d: dict, recipe: str | None = None) -> TrainConfig:
     """Validate a merged recipe mapping into a :class:`TrainConfig`."""
     if not isinstance(d, dict):
         raise ConfigError(f"a recipe must be a mapping, got {type(d).__name__}.")
@@ -416,13 +419,13 @@ def list_recipes() -> dict:
     return out
 
 
-def resolve_recipe(name_or_path: Union[str, os.PathLike]) -> Path:
+def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
     """A recipe path from a path or a shipped recipe name (with or without .yaml)."""
     p = Path(name_or_path)
     if p.is_file():
         return p.resolve()
     shipped = list_recipes()
-    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    stem = p.name.removesuffix(".yaml")
     if stem in shipped and (len(p.parts) == 1 or not p.exists()):
         return shipped[stem]
     raise ConfigError(
@@ -441,7 +444,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_recipe_dict(path: Union[str, os.PathLike], _stack: tuple = ()) -> dict:
+def read_recipe_dict(path: str | os.PathLike, _stack: tuple = ()) -> dict:
     """The merged mapping of a recipe file: its ``include:`` files first (relative to it), then its own keys."""
     import yaml
 
@@ -487,11 +490,8 @@ def parse_override(text: str) -> tuple:
 
 
 def _looks_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return any(c.isdigit() for c in s) and s.strip().lower() not in ("nan", "inf", "-inf", "infinity")
+    """Exponent notation without a dot (1e-3), which YAML 1.1 reads as a string."""
+    return re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", s) is not None
 
 
 def apply_overrides(d: dict, overrides: typing.Iterable[str]) -> dict:
@@ -516,12 +516,12 @@ def _fix_yaml_floats(d: Any) -> Any:
         return {k: _fix_yaml_floats(v) for k, v in d.items()}
     if isinstance(d, list):
         return [_fix_yaml_floats(v) for v in d]
-    if isinstance(d, str) and _looks_float(d) and any(ch in d.lower() for ch in "e."):
+    if isinstance(d, str) and _looks_float(d):
         return float(d)
     return d
 
 
-def load_recipe(name_or_path: Union[str, os.PathLike], overrides: typing.Iterable[str] = ()) -> TrainConfig:
+def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> TrainConfig:
     """Load a recipe (shipped name or path), apply ``key=value`` overrides, validate."""
     path = resolve_recipe(name_or_path)
     d = apply_overrides(_fix_yaml_floats(read_recipe_dict(path)), overrides)
@@ -529,7 +529,7 @@ def load_recipe(name_or_path: Union[str, os.PathLike], overrides: typing.Iterabl
     return config_from_dict(d, recipe=name)
 
 
-def recipe_command(path: Union[str, os.PathLike]) -> Optional[str]:
+def recipe_command(path: str | os.PathLike) -> str | None:
     """The command on a recipe's first line (``# pmod-bench train --config ...``), or None."""
     with open(path, encoding="utf-8") as fh:
         first = fh.readline().strip()
@@ -540,7 +540,23 @@ def recipe_command(path: Union[str, os.PathLike]) -> Optional[str]:
 
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "list_recipes",
-    "resolve_recipe", "read_recipe_dict", "config_from_dict", "apply_overrides", "describe_keys", "field_docs",
-    "recipe_command", "STAGES", "TRAINABLE_GROUPS", "STAGE_TRAINABLE", "DEEPSPEED_CONFIGS", "RECIPE_DIR",
+    "DEEPSPEED_CONFIGS",
+    "RECIPE_DIR",
+    "STAGES",
+    "STAGE_TRAINABLE",
+    "TRAINABLE_GROUPS",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "describe_keys",
+    "field_docs",
+    "list_recipes",
+    "load_recipe",
+    "read_recipe_dict",
+    "recipe_command",
+    "resolve_recipe",
 ]

@@ -1,0 +1,385 @@
+"""Architectures the profiler measures, and how an image becomes vision tokens.
+
+An :class:`Arch` holds the shapes that FLOPs and KV-cache accounting need (taken from an HF
+``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses) plus the HF config itself, so the
+same architecture can be built on the meta device (FLOP counting without weights) or with random
+weights (latency). Sources (:func:`load_arch`): a preset name (``pmod_bench.model.presets``), a
+local HF model directory or its ``config.json``, or a hub id (needs the network).
+
+Vision tokens (:func:`vision_layout`) are computed with transformers' own LLaVA-NeXT helpers
+(``image_size_to_num_patches``, ``get_anyres_image_grid_shape``, ``unpad_image``: the functions
+``LlavaNextModel.get_image_features`` / ``pack_image_features`` call), never re-derived:
+672x672 -> 2,928 tokens, 640x480 -> 2,340 (LLaVA-NeXT-7B); LLaVA-1.5 -> 576 for any image.
+"""
+
+from __future__ import annotations
+
+from .errors import ProfileError
+
+import difflib
+import functools
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+#: text models whose decoder layer is pre-norm attention + gated MLP (gate, up, down): the
+#: shapes the analytic model assumes (and the layers a p-MoD layer can wrap).
+GATED_MLP_TEXT_MODELS = ("llama", "mistral", "qwen2")
+#: vision towers the analytic model knows (the meta-device counter runs any HF tower)
+VISION_MODELS = ("clip_vision_model",)
+
+
+class ArchError(ProfileError):
+    """An architecture that cannot be loaded or profiled; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """Decoder-only LLM shapes (Vicuna-7B: 32 layers, d 4096, MLP 11008, 32 heads, no GQA)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def linear_macs_per_token(self) -> int:
+        """Multiply-adds of one token through one layer's weight matrices: q, k, v, o, gate, up, down."""
+        d = self.hidden
+        return d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d + 3 * d * self.intermediate
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (weights + the two RMSNorm scales; no biases)."""
+        return self.linear_macs_per_token + 2 * self.hidden
+
+    def params(self, tied_embeddings: bool = False) -> int:
+        """Parameters of the LLM: layers + final norm + embedding + lm_head."""
+        emb = self.vocab * self.hidden
+        return self.layers * self.layer_params + self.hidden + emb * (1 if tied_embeddings else 2)
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """ViT vision tower (CLIP ViT-L/14-336: 24 layers, d 1024, MLP 4096, 336 px, patch 14)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+    feature_layers: int = 1
+    """Number of hidden-state layers concatenated into the projector input (LLaVA: 1, layer -2)."""
+    drop_cls: bool = True
+    """vision_feature_select_strategy 'default': the CLS feature is dropped before the projector."""
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per tile inside the tower: the patches plus CLS."""
+        return self.patches + 1
+
+    @property
+    def features_per_tile(self) -> int:
+        return self.patches if self.drop_cls else self.seq_len
+
+    @property
+    def params(self) -> int:
+        d, m = self.hidden, self.intermediate
+        per_layer = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d  # q,k,v,o (+bias), fc1, fc2 (+bias), 2 LayerNorms
+        embed = self.channels * self.patch_size**2 * d + (self.seq_len + 1) * d
+        return self.layers * per_layer + embed + 4 * d  # + pre/post LayerNorm
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One LLaVA-family architecture: shapes for accounting plus the HF config it came from."""
+
+    name: str
+    family: str  # "llava" (LLaVA-1.5 shape) or "llava_next" (anyres)
+    text: TextDims
+    vision: VisionDims
+    projector_hidden: int
+    image_token_id: int
+    grid_pinpoints: Optional[tuple[tuple[int, int], ...]] = None  # (height, width) pairs, px
+    pmod: Optional[dict] = field(default=None, compare=False)  # the config's own p-MoD settings, if any
+    config: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def projector_in(self) -> int:
+        return self.vision.hidden * self.vision.feature_layers
+
+    @property
+    def projector_params(self) -> int:
+        return self.projector_in * self.projector_hidden + self.projector_hidden * self.projector_hidden + 2 * self.projector_hidden
+
+    @property
+    def llm_params(self) -> int:
+        return self.text.params(bool(getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)))
+
+    @property
+    def anyres(self) -> bool:
+        return self.family == "llava_next"
+
+    def vanilla_config(self):
+        """The HF config without p-MoD fields (a fresh copy)."""
+        from pmod_bench.model.hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
+
+        cfg = self.config
+        if isinstance(cfg, (PMoDLlavaConfig, PMoDLlavaNextConfig)):
+            from transformers import LlavaConfig, LlavaNextConfig
+
+            d = cfg.to_dict()
+            for key in ("model_type", "architectures", "transformers_version", "pmod", "pmod_router_layers"):
+                d.pop(key, None)
+            cfg = (LlavaNextConfig if isinstance(cfg, PMoDLlavaNextConfig) else LlavaConfig)(**d)
+        else:
+            cfg = type(cfg).from_dict(cfg.to_dict())
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _presets() -> tuple[str, ...]:
+    from pmod_bench.model.presets import PRESETS
+
+    return PRESETS
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unknown(source: str) -> ArchError:
+    presets = _presets()
+    close = difflib.get_close_matches(source, presets, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ArchError(
+        f"unknown architecture '{source}'.{hint} Pass a preset ({', '.join(presets)}), a local HF model "
+        "directory holding config.json, or a hub id such as llava-hf/llava-v1.6-vicuna-7b-hf."
+    )
+
+
+def ensure_registered() -> None:
+    """Make sure AutoConfig knows the p-MoD model types (idempotent).
+
+    ``import pmod_bench`` registers them when transformers' auto package loads; importing a LLaVA
+    config module before that package has finished loading makes that registration fail (it warns
+    once and does not retry), so register again here through the public ``AutoConfig.register``.
+    """
+    import pmod_bench  # noqa: F401
+    from transformers import AutoConfig  # load the auto package completely first
+
+    from pmod_bench.model.hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
+
+    for cls in (PMoDLlavaConfig, PMoDLlavaNextConfig):
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+
+
+@functools.lru_cache(maxsize=32)
+def load_arch(source: str) -> Arch:
+    """The :class:`Arch` of a preset name, a local HF directory / config.json, or a hub id."""
+    ensure_registered()
+    source = str(source).strip()
+    if source in _presets():
+        from pmod_bench.model.presets import preset_config
+
+        return arch_from_config(source, preset_config(source))
+    path = Path(source).expanduser()
+    if path.exists():
+        directory = path.parent if path.is_file() else path
+        if not (directory / "config.json").is_file():
+            raise ArchError(f"{directory} holds no config.json; pass an HF model directory (config.json is enough, no weights needed).")
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(str(directory))
+        except (ValueError, KeyError, OSError) as exc:
+            raise ArchError(f"{directory}/config.json could not be read as an HF config: {exc}") from None
+        return arch_from_config(source, cfg)
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and all(source.split("/"))
+    if not looks_like_hub_id:
+        raise _unknown(source)
+    from transformers import AutoConfig
+
+    try:  # the local HF cache first: no network needed if the config was downloaded before
+        cfg = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        if not _hub_reachable():
+            raise ArchError(
+                f"'{source}' is neither a preset nor a local directory, and the Hugging Face Hub is unreachable from "
+                "this machine (offline?). Download the model's config.json into a directory and pass that directory, "
+                f"or use a preset: {', '.join(_presets())}."
+            ) from None
+        try:
+            cfg = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ArchError(f"could not load the config of hub id '{source}': {exc}") from None
+    return arch_from_config(source, cfg)
+
+
+def arch_from_config(name: str, cfg: Any) -> Arch:
+    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT config (p-MoD or vanilla)."""
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    if isinstance(cfg, LlavaNextConfig):
+        family = "llava_next"
+    elif isinstance(cfg, LlavaConfig):
+        family = "llava"
+    else:
+        raise ArchError(
+            f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5 "
+            "and LLaVA-NeXT models (model_type llava, llava_next, pmod_llava, pmod_llava_next)."
+        )
+    tc, vc = cfg.text_config, cfg.vision_config
+    if tc.model_type not in GATED_MLP_TEXT_MODELS:
+        raise ArchError(
+            f"{name}: text model '{tc.model_type}' is not supported; supported are {', '.join(GATED_MLP_TEXT_MODELS)} "
+            "(pre-norm attention + gated MLP decoder layers)."
+        )
+    if vc.model_type not in VISION_MODELS:
+        raise ArchError(f"{name}: vision tower '{vc.model_type}' is not supported; supported: {', '.join(VISION_MODELS)}.")
+    heads = tc.num_attention_heads
+    text = TextDims(
+        layers=tc.num_hidden_layers,
+        hidden=tc.hidden_size,
+        intermediate=tc.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        vocab=tc.vocab_size,
+    )
+    layer = cfg.vision_feature_layer
+    vision = VisionDims(
+        layers=vc.num_hidden_layers,
+        hidden=vc.hidden_size,
+        intermediate=vc.intermediate_size,
+        heads=vc.num_attention_heads,
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        channels=getattr(vc, "num_channels", 3),
+        feature_layers=len(layer) if isinstance(layer, (list, tuple)) else 1,
+        drop_cls=cfg.vision_feature_select_strategy == "default",
+    )
+    pinpoints = None
+    if family == "llava_next":
+        pinpoints = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints)
+    return Arch(
+        name=name,
+        family=family,
+        text=text,
+        vision=vision,
+        projector_hidden=tc.hidden_size,
+        image_token_id=int(cfg.image_token_id),
+        grid_pinpoints=pinpoints,
+        pmod=getattr(cfg, "pmod", None),
+        config=cfg,
+    )
+
+
+# ------------------------------------------------------------------------------------ vision tokens
+@dataclass(frozen=True)
+class VisionLayout:
+    """How one image of ``image_size`` (width, height) reaches the LLM."""
+
+    image_size: tuple[int, int]
+    tiles: int
+    """Vision-encoder passes (anyres: grid tiles + the base image; LLaVA-1.5: 1)."""
+    projector_tokens: int
+    """Features through the projector (tiles x features per tile; before unpadding)."""
+    vision_tokens: int
+    """LLM positions holding image features (base tile + unpadded grid + one newline per row)."""
+    grid: Optional[tuple[int, int]] = None
+    """anyres tile grid (rows, cols)."""
+    unpadded: Optional[tuple[int, int]] = None
+    """feature map (rows, cols) after unpad_image, before the newline column."""
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'672x672' -> (672, 672): WIDTHxHEIGHT in pixels; errors name the fix."""
+    raw = str(text).strip().lower().replace("×", "x")
+    parts = raw.split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        w, h = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ArchError(f"bad image size '{text}': expected WIDTHxHEIGHT in pixels, e.g. 672x672 or 640x480.") from None
+    check_image_size((w, h))
+    return w, h
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    w, h = size
+    if not (isinstance(w, int) and isinstance(h, int)) or w < 1 or h < 1 or w > 32768 or h > 32768:
+        raise ArchError(f"bad image size {w}x{h}: width and height must be whole pixels in 1..32768, e.g. 672x672.")
+
+
+def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
+    """Vision tokens of one image, by the same transformers functions the model runs.
+
+    LLaVA-NeXT (``LlavaNextModel.get_image_features`` then ``pack_image_features``): the image is
+    tiled on the best grid pinpoint (``image_size_to_num_patches`` counts the tiles plus the base
+    image), each tile gives ``features_per_tile`` features, the grid's feature map is cropped back
+    to the image's aspect ratio (``unpad_image``) and gets one ``image_newline`` per row; the base
+    image's features come first. LLaVA-1.5: one 336 px tile, 576 features.
+    """
+    check_image_size(image_size)
+    w, h = image_size
+    v = arch.vision
+    if not arch.anyres:
+        return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=v.features_per_tile, vision_tokens=v.features_per_tile)
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    pinpoints = [list(p) for p in arch.grid_pinpoints]
+    hw = [h, w]  # transformers takes image sizes as (height, width)
+    tiles = image_size_to_num_patches(image_size=hw, grid_pinpoints=pinpoints, patch_size=v.image_size)
+    rows, cols = get_anyres_image_grid_shape(hw, pinpoints, v.image_size)
+    feature_map = torch.empty((1, rows * v.grid, cols * v.grid), device="meta")  # (C, H, W) as pack_image_features
+    uh, uw = unpad_image(feature_map, hw).shape[1:]
+    vision_tokens = v.features_per_tile + uh * (uw + 1)  # base image + unpadded grid with a newline per row
+    return VisionLayout(
+        image_size=(w, h), tiles=int(tiles), projector_tokens=int(tiles) * v.features_per_tile,
+        vision_tokens=int(vision_tokens), grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)),
+    )
+
+
+__all__ = [
+    "Arch", "ArchError", "TextDims", "VisionDims", "VisionLayout", "load_arch", "arch_from_config",
+    "vision_layout", "parse_image_size", "check_image_size",
+]

@@ -1,0 +1,246 @@
+"""The ``pmod-bench profile`` subcommand (argparse only at import time; the work is imported lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, Optional
+
+EPILOG = """\
+examples:
+  pmod-bench profile                                   # LLaVA-NeXT-7B: baseline, p-MoD-0.3/0.4/0.5 beside Table 7
+  pmod-bench profile --hardware A6000                  # + roofline floor of the time to first token on an A6000
+  pmod-bench profile --arch llava-1.5-7b llava-next-13b --shift 0.5
+  pmod-bench profile --shift 0.3 0.4 0.5 0.6 --schedule cosine linear --image-size 672x672 640x480 336x1008
+  pmod-bench profile --ratios 1*8,0.5*24 --variant fastv:k=2,keep=0.5 --no-baseline
+  pmod-bench profile --arch tiny --batch-size 1 4      # small arch: latency measured on CPU too
+  pmod-bench profile --device cuda --repeats 20        # on a GPU: the 7B is built with random bf16 weights and timed
+  pmod-bench profile --arch path/to/hf_model_dir --variant config   # a local config.json (no weights needed)
+  pmod-bench profile --train-run runs/train-pmod05 --json profile.json --output runs/profile-next
+
+Variants: baseline | p-MoD-0.5 | p-MoD-linear-0.4 | pmod:shift=0.4,schedule=stepped,steps=4 |
+ratios:1*8,0.5*24 (one ratio per LLM layer, VALUE*COUNT repeats) | fastv:k=2,keep=0.5 | config (the
+config's own p-MoD settings). Conventions: docs in pmod_bench/profiler/flops.py; row keys: docs/RUN_DIRS.md.
+"""
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "profile",
+        help="FLOPs, KV cache, latency, memory and training cost of p-MoD and baseline variants",
+        description="Profile LLaVA / LLaVA-NeXT architectures under the baseline, p-MoD at any δ or schedule, explicit "
+        "per-layer ratios and comparison methods: FLOPs (analytic, checked with FlopCounterMode), KV cache, latency "
+        "(GPU, or small models on CPU), memory, roofline floors and training GPU hours, beside the paper's Table 7.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w = p.add_argument_group("what to profile")
+    w.add_argument("--arch", nargs="+", action="extend", metavar="ARCH",
+                   help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, tiny, tiny-llava), local HF dir / config.json, "
+                   "or hub id (default: llava-next-7b)")
+    w.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable; see below)")
+    w.add_argument("--shift", nargs="+", type=float, metavar="DELTA", help="p-MoD shift factors δ (sweep)")
+    w.add_argument("--schedule", nargs="+", metavar="NAME", help="p-MoD schedules: cosine (PRD), linear, constant, interleaved, stepped")
+    w.add_argument("--ratios", action="append", default=[], metavar="R,R,...",
+                   help="explicit per-layer retention ratios, one per LLM layer (VALUE*COUNT repeats), repeatable")
+    w.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (ratios still refer to it)")
+    s = p.add_argument_group("scenario")
+    s.add_argument("--image-size", nargs="+", metavar="WxH", help="image sizes in pixels (default: 672x672)")
+    s.add_argument("--text-tokens", type=int, default=58, metavar="N", help="prompt text tokens (default: %(default)s, the paper's)")
+    s.add_argument("--gen-tokens", type=int, default=16, metavar="N", help="generated tokens (default: %(default)s)")
+    s.add_argument("--batch-size", nargs="+", type=int, metavar="B", help="batch sizes (default: 1)")
+    s.add_argument("--logits", choices=("last", "all"), default="last",
+                   help="positions whose logits the prefill computes: last (generation, default) or all")
+    m = p.add_argument_group("measurement")
+    lat = m.add_mutually_exclusive_group()
+    lat.add_argument("--latency", dest="latency", action="store_const", const="on", default="auto",
+                     help="time prefill and decode (default: on a GPU, or for small archs on CPU)")
+    lat.add_argument("--no-latency", dest="latency", action="store_const", const="off", help="do not time anything")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    m.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="KV-cache bytes, weights and GPU timing dtype (default: bf16)")
+    m.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default: %(default)s)")
+    m.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs (default: %(default)s)")
+    m.add_argument("--hardware", default=None, metavar="NAME",
+                   help="A6000, H100-SXM, H100-PCIe, A100-80GB-SXM, ...: roofline floor and MFU (auto-detected on a GPU)")
+    m.add_argument("--no-verify", action="store_true", help="skip the FlopCounterMode (meta device) check of the FLOPs")
+    t = p.add_argument_group("training cost")
+    t.add_argument("--recipe", default="auto", metavar="NAME",
+                   help="llava-next-sft, llava-1.5-sft, llava-next-pt, llava-1.5-pt, or none (default: the paper's SFT recipe of the "
+                   "architecture's family, for LLMs of 1B+ parameters)")
+    t.add_argument("--train-samples", type=int, metavar="N", help="override the recipe's number of samples")
+    t.add_argument("--train-text-tokens", type=int, metavar="N", help="override the recipe's mean text tokens per sample")
+    t.add_argument("--mfu", type=float, metavar="X", help="override the recipe's model FLOPs utilisation")
+    t.add_argument("--overhead-s", type=float, metavar="S", help="override the recipe's GPU-seconds of overhead per sample")
+    t.add_argument("--train-run", metavar="RUN_DIR", help="a `pmod-bench train` run: measured tokens/s -> GPU hours and MFU")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the rows as JSON ({\"rows\": [...]})")
+    o.add_argument("--output", "-o", metavar="RUN_DIR", help="write a run directory: run.json + profile.json + profile.csv")
+    o.add_argument("--label", metavar="TEXT", help="run.json label (e.g. llava-next-7b)")
+    o.add_argument("--quiet", "-q", action="store_true", help="do not print the table")
+    p.set_defaults(func=run, handler=run)
+    return p
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["pmod-bench", "profile"]
+    flags = [
+        ("arch", "--arch"), ("variant", "--variant"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
+        ("image_size", "--image-size"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
+        ("train_samples", "--train-samples"), ("train_text_tokens", "--train-text-tokens"), ("mfu", "--mfu"),
+        ("overhead_s", "--overhead-s"), ("train_run", "--train-run"), ("json", "--json"), ("output", "--output"), ("label", "--label"),
+    ]
+    for dest, flag in flags:
+        value = getattr(args, dest, None)
+        if value in (None, [], ""):
+            continue
+        if dest in ("variant", "ratios"):
+            for v in value:
+                parts += [flag, str(v)]
+        elif isinstance(value, list):
+            parts += [flag] + [str(v) for v in value]
+        else:
+            parts += [flag, str(value)]
+    defaults = {"text_tokens": 58, "gen_tokens": 16, "logits": "last", "dtype": "bf16", "warmup": 2, "repeats": 5, "recipe": "auto"}
+    for dest, default in defaults.items():
+        value = getattr(args, dest, default)
+        if value != default:
+            parts += ["--" + dest.replace("_", "-"), str(value)]
+    if args.latency != "auto":
+        parts.append("--latency" if args.latency == "on" else "--no-latency")
+    for dest in ("no_baseline", "no_verify"):
+        if getattr(args, dest, False):
+            parts.append("--" + dest.replace("_", "-"))
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``pmod-bench profile``: 0 on success; bad input raises UserError (exit 2)."""
+    from pmod_bench.cli import UserError
+
+    from .errors import ProfileError
+
+    try:
+        return _run(args)
+    except ProfileError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _variants(args: argparse.Namespace) -> Optional[list[Any]]:
+    from .variants import Baseline, PMoD, make_pmod_config, parse_ratios, parse_variant
+
+    explicit = bool(args.variant or args.shift or args.schedule or args.ratios)
+    if not explicit:
+        if args.no_baseline:
+            from .variants import PAPER_SHIFTS
+
+            return [PMoD(make_pmod_config(shift=s)) for s in PAPER_SHIFTS]
+        return None  # the default set
+    out: list[Any] = [] if args.no_baseline else [Baseline()]
+    if args.shift or args.schedule:
+        for schedule in args.schedule or ["cosine"]:
+            for shift in args.shift or [0.5]:
+                out.append(PMoD(make_pmod_config(shift=shift, schedule=schedule)))
+    for r in args.ratios:
+        out.append(PMoD(make_pmod_config(ratios=parse_ratios(r))))
+    for spec in args.variant:
+        v = spec if spec.strip().lower() == "config" else parse_variant(spec)
+        if isinstance(v, Baseline) and not args.no_baseline:
+            continue  # already there
+        out.append(v)
+    if not out:
+        from .errors import ProfileError
+
+        raise ProfileError("nothing to profile: --no-baseline and no variant; add --shift, --ratios or --variant.")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    import time
+
+    from .errors import ProfileError
+
+    t0 = time.perf_counter()
+    from .arch import load_arch, parse_image_size
+    from .core import profile, scenarios_from
+    from .render import format_table, write_json, write_run_dir
+    from .training import default_recipe, get_recipe
+
+    archs = args.arch or ["llava-next-7b"]
+    sizes = [parse_image_size(s) for s in (args.image_size or ["672x672"])]
+    batches = args.batch_size or [1]
+    for name, value, low in (("--batch-size", min(batches), 1), ("--text-tokens", args.text_tokens, 0),
+                             ("--gen-tokens", args.gen_tokens, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ProfileError(f"{name} must be >= {low}, got {value}.")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ProfileError(f"--mfu must be in (0, 1], got {args.mfu}.")
+    device = args.device
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ProfileError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or run on a GPU).")
+    elif device and device != "cpu":
+        raise ProfileError(f"--device {device}: expected cpu, cuda or cuda:N.")
+    scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits)
+    variants = _variants(args)
+
+    rows = []
+    for arch_name in archs:
+        arch = load_arch(arch_name)
+        overrides = (args.train_samples, args.train_text_tokens, args.mfu, args.overhead_s)
+        if args.recipe == "none" or (args.recipe == "auto" and all(o is None for o in overrides)):
+            recipe = None if args.recipe == "none" else "auto"
+        else:
+            base = default_recipe(arch.family) if args.recipe == "auto" else get_recipe(args.recipe)
+            recipe = get_recipe(base.name, samples=args.train_samples, text_tokens=args.train_text_tokens, mfu=args.mfu,
+                                overhead_s_per_sample=args.overhead_s)
+        bar = _progress_bar(arch.name, len(scenarios) * len(variants or [0, 0, 0, 0]))
+        try:
+            rows += profile(
+                arch, variants, scenarios, latency=args.latency, device=device, dtype=DTYPES[args.dtype], hardware=args.hardware,
+                recipe=recipe, train_run=args.train_run, verify=not args.no_verify, warmup=args.warmup, repeats=args.repeats,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+    if not args.quiet:
+        print(format_table(rows), end="")
+    command = _command(args)
+    if args.json:
+        write_json(args.json, rows, command=command)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.output:
+        try:
+            d = write_run_dir(args.output, rows, command, label=args.label)
+        except FileExistsError as exc:
+            raise ProfileError(str(exc)) from None
+        print(f"wrote {d}/run.json, profile.json, profile.csv", file=sys.stderr)
+    if not args.quiet:
+        print(f"profiled {len(rows)} row(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+class _progress_bar:
+    """tqdm on stderr (silent when stderr is not a terminal); called by profile() before each step."""
+
+    def __init__(self, name: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=name, unit="row", leave=False, file=sys.stderr, disable=None)
+        self.started = False
+
+    def __call__(self, message: str, new_row: bool) -> None:
+        if new_row:
+            if self.started:
+                self.bar.update(1)
+            self.started = True
+        self.bar.set_description_str(message[:70])
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+

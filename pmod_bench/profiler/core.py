@@ -1,0 +1,423 @@
+"""``profile()``: FLOPs, KV cache, latency, memory and training cost of every (arch, variant, scenario).
+
+The result is a list of :class:`ProfileRow` (one per architecture x variant x scenario), the rows
+of ``profile.json`` (docs/RUN_DIRS.md). Renderers (:mod:`.render`) turn rows into the table, JSON
+and CSV; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .arch import Arch, check_image_size, load_arch, vision_layout
+from .errors import ProfileError
+from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, train_flops, vision_flops
+from .hardware import Hardware, detect_hardware, get_hardware
+from .kvcache import dtype_bytes, kv_cache
+from .training import TrainRecipe, default_recipe, get_recipe, measured_train_cost, read_train_run
+from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
+
+#: LLMs above this many parameters are not timed on CPU unless asked (and then refused: too slow)
+CPU_LATENCY_MAX_PARAMS = 1_000_000_000
+#: relative tolerance of the FLOPs cross-check
+FLOPS_CHECK_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What one sample looks like: one image, a prompt, a generated answer; a batch of identical samples."""
+
+    image_size: tuple[int, int] = (672, 672)
+    """(width, height) in pixels. 672x672 fills LLaVA-NeXT's 2x2 grid: 2,928 vision tokens, the paper's setting."""
+    text_tokens: int = 58
+    """prompt text tokens: the Vicuna-v1 system prompt + one short question; the count at which the
+    paper's 39.46 (LLaVA-NeXT-7B) and 8.38 (LLaVA-1.5-7B) TFLOPs are reproduced."""
+    gen_tokens: int = 16
+    """generated tokens (the first comes out of the prefill, the rest from gen_tokens - 1 decode steps)"""
+    batch_size: int = 1
+    logits: str = "last"
+    """positions whose logits the headline prefill computes: last (generation) or all (a plain forward)"""
+
+    def __post_init__(self) -> None:
+        size = tuple(self.image_size)
+        if len(size) != 2:
+            raise ProfileError(f"image_size must be (width, height), got {self.image_size!r}")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        check_image_size(self.image_size)
+        for name, low in (("text_tokens", 0), ("gen_tokens", 1), ("batch_size", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ProfileError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.logits not in ("last", "all"):
+            raise ProfileError(f"logits must be 'last' or 'all', got {self.logits!r}")
+
+
+@dataclass
+class ProfileRow:
+    """One row of profile.json. Units are in the names; TFLOPs and KV bytes are per sample."""
+
+    arch: str
+    variant: str
+    method: str
+    shift: Optional[float]
+    schedule: Optional[str]
+    ratios: list[float]
+    image_size: list[int]
+    batch_size: int
+    vision_tokens: int
+    text_tokens: int
+    gen_tokens: int
+    # FLOPs (2 per multiply-add), per sample
+    prefill_tflops: float
+    """LLM prefill: decoder layers (full attention) + routers + lm_head on the scenario's logits positions"""
+    prefill_tflops_causal: float
+    decode_tflops_per_token: float
+    """mean LLM FLOPs of one decode step over the gen_tokens - 1 steps"""
+    vision_tflops: float
+    """vision encoder (all tiles) + projector"""
+    tflops_ratio: float
+    kv_cache_bytes: int
+    kv_cache_ratio: float
+    kv_cache_ratio_all_tokens: float
+    prefill_latency_ms: Optional[float]
+    decode_latency_ms_per_token: Optional[float]
+    latency_ratio: Optional[float]
+    peak_memory_bytes: Optional[int]
+    device: str
+    train_tflops_per_sample: float
+    train_gpu_hours: Optional[float]
+    # ---- additional keys (docs/RUN_DIRS.md allows writers to add keys) ----
+    prefill_tflops_paper: float = 0.0
+    """the paper's convention: decoder weights + routers + lm_head on all N positions, no attention products"""
+    tflops_ratio_paper: float = 0.0
+    prefill_attention_tflops: float = 0.0
+    """the full-attention part of prefill_tflops"""
+    vision_encoder_tflops: float = 0.0
+    projector_tflops: float = 0.0
+    ttft_tflops: float = 0.0
+    """vision_tflops + prefill_tflops: the work before the first token"""
+    decode_tflops_total: float = 0.0
+    mean_retention: float = 1.0
+    kept_vision_tokens: list[int] = field(default_factory=list)
+    kv_cache_bytes_per_layer: list[int] = field(default_factory=list)
+    kv_cache_bytes_final: int = 0
+    """after all gen_tokens were generated (gen_tokens - 1 of them fed back)"""
+    kv_dtype: str = "bfloat16"
+    lm_head_positions: str = "last"
+    """positions whose logits prefill_tflops includes: last (generation) or all (a plain forward)"""
+    tiles: int = 1
+    llm_params: int = 0
+    prefill_tflops_measured: Optional[float] = None
+    """FlopCounterMode on the meta device, same convention as prefill_tflops"""
+    vision_tflops_measured: Optional[float] = None
+    flops_check_rel_err: Optional[float] = None
+    flops_check_tool: Optional[str] = None
+    prefill_latency_ms_p10: Optional[float] = None
+    prefill_latency_ms_p90: Optional[float] = None
+    decode_latency_ms_p10: Optional[float] = None
+    decode_latency_ms_p90: Optional[float] = None
+    latency_repeats: Optional[int] = None
+    latency_dtype: Optional[str] = None
+    latency_note: Optional[str] = None
+    peak_memory_prefill_bytes: Optional[int] = None
+    achieved_tflops_per_s: Optional[float] = None
+    mfu: Optional[float] = None
+    hardware: Optional[str] = None
+    prefill_floor_ms: Optional[float] = None
+    """roofline lower bound of the time to first token (vision + LLM prefill) on ``hardware``"""
+    vision_floor_ms: Optional[float] = None
+    decode_floor_ms_per_token: Optional[float] = None
+    prefill_bound: Optional[str] = None
+    decode_bound: Optional[str] = None
+    telemetry: dict = field(default_factory=dict)
+    train_recipe: Optional[str] = None
+    train_samples: Optional[int] = None
+    train_tokens_per_sample: Optional[int] = None
+    train_hardware: Optional[str] = None
+    train_run: Optional[str] = None
+    train_gpu_hours_run: Optional[float] = None
+    """GPU hours the train run itself used (its train_summary.json)"""
+    train_world_size: Optional[int] = None
+    train_tokens_per_s_measured: Optional[float] = None
+    train_gpu_hours_measured: Optional[float] = None
+    """the recipe's data at the run's measured throughput"""
+    train_tflops_per_s_per_gpu: Optional[float] = None
+    train_mfu_measured: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: the keys docs/RUN_DIRS.md requires, in its order
+REQUIRED_KEYS = (
+    "arch", "variant", "method", "shift", "schedule", "ratios", "image_size", "batch_size", "vision_tokens",
+    "text_tokens", "gen_tokens", "prefill_tflops", "prefill_tflops_causal", "decode_tflops_per_token", "vision_tflops",
+    "tflops_ratio", "kv_cache_bytes", "kv_cache_ratio", "kv_cache_ratio_all_tokens", "prefill_latency_ms",
+    "decode_latency_ms_per_token", "latency_ratio", "peak_memory_bytes", "device", "train_tflops_per_sample",
+    "train_gpu_hours",
+)
+ROW_KEYS = tuple(f.name for f in dataclasses.fields(ProfileRow))
+
+CONVENTIONS = {
+    "flops": "2 FLOPs per multiply-add; matrix products only (GEMMs, Q·K^T and P·V, patch conv); per sample",
+    "prefill_tflops": "LLM prefill, attention counted full (every query x every key of its layer's processed set), "
+    "lm_head on the logits positions of the scenario (last = generation); vision tower excluded (vision_tflops)",
+    "prefill_tflops_causal": "same with causal attention (query i sees i+1 keys)",
+    "prefill_tflops_paper": "the paper's convention (DeepSpeed profiler, flash-attention kernels invisible): decoder "
+    "weights + routers + lm_head on all positions, no attention products, no vision tower",
+    "kv_cache_ratio": "sum over layers of kept vision tokens / (layers x vision tokens), vs the baseline (paper convention)",
+    "kv_cache_ratio_all_tokens": "all cached entries / the baseline's",
+    "latency": "median; prefill = time to first token (vision + LLM); decode per token; batch of batch_size",
+    "train": "forward + backward model FLOPs per sample (backward 2x for trained, 1x for pass-through frozen, 0 for the "
+    "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x mfu) + overhead) / 3600, recipe constants",
+}
+
+
+# -------------------------------------------------------------------------------------------- API
+def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]]]) -> list[Variant]:
+    """Variant objects for ``arch`` (strings parsed; 'config' = the arch config's own p-MoD settings)."""
+    if variants is None:
+        return default_variants()
+    out: list[Variant] = []
+    for v in variants:
+        if isinstance(v, Variant):
+            out.append(v)
+        elif str(v).strip().lower() == "config":
+            if not arch.pmod:
+                raise ProfileError(f"--variant config: {arch.name} is not a p-MoD config (no 'pmod' field); name the variant instead.")
+            cfg = dict(arch.pmod)
+            out.append(PMoD(make_pmod_config(**cfg), label=None))
+        else:
+            out.append(parse_variant(str(v)))
+    for v in out:  # validate against this arch (explicit ratios must match the layer count)
+        v.kept_vision_tokens(arch.text.layers, 1)
+    names = [v.name for v in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ProfileError(f"variants {dup} are given twice; give each once.")
+    return out
+
+
+def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: Sequence[Variant]) -> tuple[bool, Optional[str]]:
+    cuda = device.startswith("cuda")
+    if latency in (False, "off", "no", "false"):
+        return False, "not measured (--no-latency)"
+    small = arch.llm_params < CPU_LATENCY_MAX_PARAMS
+    if latency in (True, "on", "yes", "true"):
+        if not cuda and not small:
+            raise ProfileError(
+                f"timing {arch.name} ({arch.llm_params / 1e9:.1f}B LLM parameters) on CPU would take minutes per forward and "
+                f"~{4 * arch.llm_params / 1e9:.0f} GB of RAM; time it on a GPU (--device cuda) or time a small arch (--arch tiny). "
+                "Use --hardware A6000 for a roofline floor instead."
+            )
+        return True, None
+    if latency != "auto":
+        raise ProfileError(f"latency must be auto, on or off, got {latency!r}")
+    if cuda or small:
+        return True, None
+    return False, f"not measured: {arch.name} is not timed on CPU (use --device cuda on a GPU, or --arch tiny)"
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def profile(
+    arch: Union[str, Arch] = "llava-next-7b",
+    variants: Optional[Sequence[Union[Variant, str]]] = None,
+    scenarios: Optional[Sequence[Scenario]] = None,
+    *,
+    latency: Union[str, bool] = "auto",
+    device: Optional[str] = None,
+    dtype: str = "bfloat16",
+    hardware: Optional[str] = None,
+    recipe: Union[str, TrainRecipe, None] = "auto",
+    train_run: Optional[str] = None,
+    verify: bool = True,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: Optional[Callable[[str, bool], None]] = None,
+) -> list[ProfileRow]:
+    """Profile ``arch`` under every variant and scenario; one :class:`ProfileRow` each.
+
+    ``variants``: Variant objects or specs ('baseline', 'p-MoD-0.4', 'ratios:1*8,0.5*24',
+    'fastv:k=2,keep=0.5', 'config'); default baseline + p-MoD-0.3/0.4/0.5 (Table 7).
+    ``scenarios``: default ``[Scenario()]`` (672x672, 58 text tokens, 16 generated, batch 1).
+    ``latency``: 'auto' (GPU, or small archs on CPU), True, False. ``hardware``: name for the
+    roofline floor and MFU (auto-detected on a GPU). ``recipe``: training recipe name or object
+    ('auto' = the paper's SFT recipe of the arch's family for LLMs of 1B+ parameters, None = skip). ``verify``: count the prefill with FlopCounterMode on the meta device and
+    fail if it disagrees with the analytic count by more than 1%. ``progress(message, new_row)``:
+    called before each row (new_row True) and before each timing (False).
+    """
+    a = arch if isinstance(arch, Arch) else load_arch(str(arch))
+    vs = resolve_variants(a, variants)
+    scs = list(scenarios) if scenarios else [Scenario()]
+    dev = device or _default_device()
+    kv_bytes_el = dtype_bytes(dtype)
+    dtype_name = str(dtype).replace("torch.", "")
+    hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
+    timed, latency_note = _want_latency(latency, a, dev, vs)
+    if timed:
+        from .latency import device_name
+
+        dev_name = device_name(dev)
+        hw = hw or detect_hardware(dev_name)
+    else:
+        dev_name = "cuda" if dev.startswith("cuda") else "cpu"
+    rec: Optional[TrainRecipe]
+    if recipe == "auto":  # the paper's recipes are for 7B/13B-class models; small archs get none unless asked
+        rec = default_recipe(a.family) if a.llm_params >= CPU_LATENCY_MAX_PARAMS else None
+    elif isinstance(recipe, str):
+        rec = get_recipe(recipe)
+    else:
+        rec = recipe
+    run = read_train_run(train_run) if train_run else None
+    note = progress or (lambda msg, new_row: None)
+
+    L, text = a.text.layers, a.text
+    weight_bytes_llm = (a.llm_params - text.vocab * text.hidden) * kv_bytes_el  # embeddings are looked up, not read
+    weight_bytes_vision = (a.vision.params + a.projector_params) * kv_bytes_el
+
+    rows: list[ProfileRow] = []
+    models: dict[str, Any] = {}
+    base_model = None
+    for sc in scs:
+        layout = vision_layout(a, sc.image_size)
+        V, T, B = layout.vision_tokens, sc.text_tokens, sc.batch_size
+        N = V + T
+        logits_tokens = 1 if sc.logits == "last" else N
+        vis = vision_flops(a, layout)
+        base_kept = [V] * L
+        base_prefill = llm_prefill_flops(text, T, V, base_kept, (), logits_tokens).total("full")
+        base_paper = paper_prefill_flops(text, T, V, base_kept)
+        # training sample of the recipe
+        if rec is not None:
+            t_layout = vision_layout(a, rec.image_size) if rec.image_size else layout
+            tV, tT = t_layout.vision_tokens, rec.text_tokens
+            t_vis = vision_flops(a, t_layout)
+        batch = None
+        scenario_rows: list[ProfileRow] = []
+        for v in vs:
+            note(f"{a.name} · {v.name} · {sc.image_size[0]}x{sc.image_size[1]} · batch {B}", True)
+            kept = v.kept_vision_tokens(L, V)
+            routers = v.router_layers(L)
+            pf = llm_prefill_flops(text, T, V, kept, routers, logits_tokens)
+            paper = paper_prefill_flops(text, T, V, kept, routers)
+            kv = kv_cache(text, v, V, T, dtype_name)
+            steps = max(sc.gen_tokens - 1, 1)
+            dec = llm_decode_mean(text, kv.entries, steps)
+            ratios = v.layer_ratios(L)
+            row = ProfileRow(
+                arch=a.name, variant=v.name, method=v.method, shift=v.shift, schedule=v.schedule, ratios=list(ratios),
+                image_size=list(sc.image_size), batch_size=B, vision_tokens=V, text_tokens=T, gen_tokens=sc.gen_tokens,
+                prefill_tflops=pf.total("full") / 1e12, prefill_tflops_causal=pf.total("causal") / 1e12,
+                decode_tflops_per_token=dec.total("full") / 1e12, vision_tflops=vis.total / 1e12,
+                tflops_ratio=pf.total("full") / base_prefill,
+                kv_cache_bytes=kv.bytes, kv_cache_ratio=kv.vision_ratio, kv_cache_ratio_all_tokens=kv.all_tokens_ratio,
+                prefill_latency_ms=None, decode_latency_ms_per_token=None, latency_ratio=None, peak_memory_bytes=None,
+                device=dev_name, train_tflops_per_sample=0.0, train_gpu_hours=None,
+                prefill_tflops_paper=paper / 1e12, tflops_ratio_paper=paper / base_paper,
+                prefill_attention_tflops=pf.attention_full / 1e12, vision_encoder_tflops=vis.encoder / 1e12,
+                projector_tflops=vis.projector / 1e12, ttft_tflops=(vis.total + pf.total("full")) / 1e12,
+                decode_tflops_total=dec.total("full") * max(sc.gen_tokens - 1, 0) / 1e12,
+                mean_retention=sum(ratios) / len(ratios), kept_vision_tokens=list(kept),
+                kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(max(sc.gen_tokens - 1, 0)),
+                kv_dtype=dtype_name, lm_head_positions=sc.logits, tiles=layout.tiles, llm_params=a.llm_params, latency_note=latency_note,
+            )
+            # FLOPs cross-check: FlopCounterMode on the meta device
+            if verify:
+                from .counters import count_flops_meta
+
+                m = count_flops_meta(a, v, sc.image_size, T, batch_size=B, logits_tokens=logits_tokens, decode=False)
+                row.prefill_tflops_measured = m.prefill_llm / 1e12
+                row.vision_tflops_measured = m.vision / 1e12
+                err = max(abs(m.prefill_llm - pf.total("full")) / pf.total("full"), abs(m.vision - vis.total) / vis.total)
+                row.flops_check_rel_err = err
+                row.flops_check_tool = m.tool
+                if err > FLOPS_CHECK_TOLERANCE:
+                    raise RuntimeError(
+                        f"{a.name} {v.name}: analytic and FlopCounterMode FLOPs differ by {100 * err:.2f}% "
+                        f"(analytic {pf.total('full')}, measured {m.prefill_llm}); please report this."
+                    )
+            # roofline floor (weights read once + KV written / read)
+            if hw is not None:
+                pre_flops = B * (vis.total + pf.total("causal"))
+                pre_bytes = weight_bytes_vision + weight_bytes_llm + B * kv.bytes
+                dec_flops = B * dec.total("full")
+                dec_bytes = weight_bytes_llm + B * (kv.bytes + kv.bytes_per_entry * L * (steps - 1) / 2)
+                row.hardware = hw.name
+                row.prefill_floor_ms = hw.roofline_ms(pre_flops, pre_bytes)
+                row.vision_floor_ms = hw.roofline_ms(B * vis.total, weight_bytes_vision)
+                row.decode_floor_ms_per_token = hw.roofline_ms(dec_flops, dec_bytes)
+                row.prefill_bound = hw.bound(pre_flops, pre_bytes)
+                row.decode_bound = hw.bound(dec_flops, dec_bytes)
+            # training cost
+            if rec is not None:
+                t_kept = v.kept_vision_tokens(L, tV)
+                t_llm = llm_prefill_flops(text, tT, tV, t_kept, routers, logits_tokens=tT + tV)
+                tf = train_flops(t_llm, t_vis, train_llm=rec.train_llm, train_projector=rec.train_projector,
+                                 train_vision=rec.train_vision)
+                row.train_tflops_per_sample = tf.total / 1e12
+                row.train_gpu_hours = rec.gpu_hours(tf.total)
+                row.train_recipe, row.train_samples = rec.name, rec.samples
+                row.train_tokens_per_sample, row.train_hardware = tV + tT, rec.hardware
+                if run is not None:
+                    meas = measured_train_cost(run, rec, tV + tT, tf.total, rec.hw)
+                    for key, value in meas.items():
+                        if not hasattr(row, key):
+                            raise AttributeError(f"ProfileRow has no field {key}")
+                        setattr(row, key, value)
+            # latency
+            if timed and v.runnable:
+                import torch
+
+                from .latency import time_generation
+                from .models import Sample, random_model, synthetic_batch
+
+                lat_dtype = dtype_name if dev.startswith("cuda") else "float32"
+                note(f"{a.name} · {v.name}: timing on {dev_name} ({lat_dtype})", False)
+                if batch is None:
+                    batch = synthetic_batch(a, [Sample(sc.image_size, T)] * B, device=dev, dtype=getattr(torch, lat_dtype))
+                if v.name not in models:
+                    model, base_model = random_model(a, v, device=dev, dtype=getattr(torch, lat_dtype), base=base_model)
+                    models[v.name] = model
+                tm = time_generation(models[v.name], batch, sc.gen_tokens, warmup=warmup, repeats=repeats, device=dev)
+                row.prefill_latency_ms = tm.prefill.median
+                row.prefill_latency_ms_p10, row.prefill_latency_ms_p90 = tm.prefill.p10, tm.prefill.p90
+                row.latency_repeats = tm.prefill.n
+                if tm.decode is not None:
+                    row.decode_latency_ms_per_token = tm.decode.median
+                    row.decode_latency_ms_p10, row.decode_latency_ms_p90 = tm.decode.p10, tm.decode.p90
+                row.peak_memory_bytes, row.peak_memory_prefill_bytes = tm.peak_memory_bytes, tm.peak_memory_prefill_bytes
+                row.telemetry = tm.telemetry
+                row.device = tm.device
+                row.latency_dtype = lat_dtype
+                row.latency_note = None
+                row.achieved_tflops_per_s = B * row.ttft_tflops / (tm.prefill.median / 1e3)
+                if hw is not None and dev.startswith("cuda"):
+                    row.mfu = row.achieved_tflops_per_s / hw.bf16_tflops
+            elif timed:
+                row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
+            scenario_rows.append(row)
+        base_row = next((r for r in scenario_rows if r.method == "baseline" and r.prefill_latency_ms), None)
+        for r in scenario_rows:
+            if base_row is not None and r.prefill_latency_ms:
+                r.latency_ratio = r.prefill_latency_ms / base_row.prefill_latency_ms
+        rows.extend(scenario_rows)
+    return rows
+
+
+def scenarios_from(image_sizes: Sequence[tuple[int, int]] = ((672, 672),), batch_sizes: Sequence[int] = (1,),
+                   text_tokens: int = 58, gen_tokens: int = 16, logits: str = "last") -> list[Scenario]:
+    """Every image size x batch size."""
+    return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits) for s in image_sizes for b in batch_sizes]
+
+
+__all__ = ["Scenario", "ProfileRow", "profile", "resolve_variants", "scenarios_from", "REQUIRED_KEYS", "ROW_KEYS", "CONVENTIONS"]

@@ -1,0 +1,125 @@
+"""Models and inputs for measurement: meta-device architectures, random-weight models, synthetic batches.
+
+No weights are ever downloaded. FLOPs and KV cache depend only on shapes and on how many tokens a
+layer keeps (trunc(V * rho), not which ones), so random weights measure them exactly; latency
+depends on shapes and kernels, not on weight values.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .arch import Arch, vision_layout
+from .variants import Variant
+
+
+# ---------------------------------------------------------------------------------------- building
+@functools.lru_cache(maxsize=8)
+def meta_model(arch: Arch):
+    """The vanilla HF model of ``arch`` on the meta device (no memory, built in well under a second)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cfg = arch.vanilla_config()
+    cls = LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model.eval()
+
+
+def random_model(arch: Arch, variant: Variant, device: str = "cpu", dtype=None, seed: int = 0, base=None):
+    """A model of ``variant`` with random weights (routers random too, as after training).
+
+    ``base``: a vanilla model of the same arch to share weights with (p-MoD variants are made from
+    it with ``to_pmod``, so several variants cost one set of weights). Returns (model, base).
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    from pmod_bench.model.modeling import to_pmod
+    from pmod_bench.model.presets import random_routers
+
+    if not variant.runnable:
+        raise NotImplementedError(f"{variant.name}: no real model for method '{variant.method}' (accounting only)")
+    if base is None:
+        cfg = arch.vanilla_config()
+        cls = LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
+        torch.manual_seed(seed)
+        with torch.device(device):  # built in place, directly in ``dtype`` (a 7B in bf16 needs 14 GB, not 28)
+            base = cls._from_config(cfg, dtype=dtype) if dtype is not None else cls(cfg)
+        base.eval()
+    pmod = variant.pmod_config()
+    if pmod is None:
+        return base, base
+    model = to_pmod(base, pmod)
+    random_routers(model, seed=seed)
+    model.eval()
+    return model, base
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class Sample:
+    """One synthetic prompt: ``text_tokens`` text tokens around one image of ``image_size`` (w, h)."""
+
+    image_size: tuple[int, int]
+    text_tokens: int
+
+
+def sample_layout(arch: Arch, sample: Sample) -> tuple[int, int]:
+    """(vision tokens, sequence length) of one sample."""
+    v = vision_layout(arch, sample.image_size).vision_tokens
+    return v, v + sample.text_tokens
+
+
+def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", dtype=None, seed: int = 0) -> dict[str, Any]:
+    """Model inputs for ``samples``: input_ids with the image placeholders, pixel_values, image_sizes.
+
+    The image sits after two thirds of the text (system prompt + "USER:"), the rest follows it (the
+    question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded (pad id 0, mask 0).
+    The model checks that the placeholders match the features it computes, so a wrong vision-token
+    count fails loudly here.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = arch.config
+    vocab = arch.text.vocab
+    img = arch.image_token_id
+    pad = getattr(cfg.text_config, "pad_token_id", None)
+    pad = 0 if pad is None else int(pad)
+    rows = []
+    for s in samples:
+        v, _ = sample_layout(arch, s)
+        pre = (2 * s.text_tokens) // 3
+        post = s.text_tokens - pre
+        text = torch.randint(3, vocab, (s.text_tokens,), generator=g)
+        text = torch.where(text == img, torch.full_like(text, 3), text)
+        rows.append(torch.cat([text[:pre], torch.full((v,), img, dtype=torch.long), text[pre:]]))
+        assert post >= 0
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    size = arch.vision.image_size
+    fdtype = dtype or torch.float32
+    if arch.anyres:
+        tiles = [vision_layout(arch, s.image_size).tiles for s in samples]
+        pixel_values = torch.randn((len(samples), max(tiles), arch.vision.channels, size, size), generator=g).to(fdtype)
+        image_sizes = torch.tensor([[s.image_size[1], s.image_size[0]] for s in samples], dtype=torch.long)  # (H, W)
+        batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": image_sizes}
+    else:
+        pixel_values = torch.randn((len(samples), arch.vision.channels, size, size), generator=g).to(fdtype)
+        batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    return {k: t.to(device) for k, t in batch.items()}
+
+
+def vision_token_mask(arch: Arch, input_ids) -> Any:
+    return input_ids == arch.image_token_id
+
+
+__all__ = ["meta_model", "random_model", "Sample", "sample_layout", "synthetic_batch", "vision_token_mask"]

@@ -1,0 +1,227 @@
+"""Render profile rows: the console table (beside the paper's numbers), JSON, CSV, run directories.
+
+Rows are built once (:func:`.core.profile`); every format here is a pure function of the row dicts,
+except the writers, which write atomically (temporary file in the same directory, then
+``os.replace``) as docs/RUN_DIRS.md requires.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from .paper import paper_value
+
+SCHEMA_VERSION = 1
+
+
+def _rows(rows: Iterable[Any]) -> list[dict]:
+    return [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in rows]
+
+
+def _fmt(x: Optional[float], spec: str, none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _pct(x: Optional[float], digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _unit(tflops: float) -> tuple[str, float]:
+    """A readable FLOPs unit for values around ``tflops`` TFLOPs: (name, factor from TFLOPs)."""
+    if tflops >= 0.1:
+        return "TFLOPs", 1.0
+    if tflops >= 1e-4:
+        return "GFLOPs", 1e3
+    return "MFLOPs", 1e6
+
+
+def _align(table: list[list[str]], right: Sequence[bool]) -> list[str]:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    out = []
+    for k, r in enumerate(table):
+        cells = [c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def format_table(rows: Iterable[Any], paper: bool = True) -> str:
+    """The efficiency half of the paper's Table 7, one block per (arch, scenario), paper numbers beside."""
+    rows = _rows(rows)
+    if not rows:
+        return "(no rows)"
+    blocks: dict[tuple, list[dict]] = {}
+    for r in rows:
+        blocks.setdefault((r["arch"], tuple(r["image_size"]), r["text_tokens"], r["gen_tokens"], r["batch_size"]), []).append(r)
+    lines: list[str] = []
+    for (arch, size, T, G, B), rs in blocks.items():
+        r0 = rs[0]
+        tiles = r0.get("tiles", 1)
+        unit, scale = _unit(max(r["prefill_tflops"] for r in rs))
+        lines.append(
+            f"{arch} · {size[0]}x{size[1]} image -> {r0['vision_tokens']:,} vision tokens ({tiles} tile{'s' if tiles > 1 else ''}) "
+            f"+ {T} text tokens, {G} generated · batch {B} · vision tower + projector {r0['vision_tflops'] * scale:.2f} {unit}/sample"
+        )
+        has_paper = paper and any(paper_value(arch, r["variant"], "tflops") is not None for r in rs)
+        has_floor = any(r.get("prefill_floor_ms") is not None for r in rs)
+        head = ["Variant", unit, "(causal)", "(paper conv.)"]
+        right = [False, True, True, True]
+        if has_paper:
+            head.append("paper")
+            right.append(True)
+        head += ["ratio", "KV cache"]
+        right += [True, True]
+        if has_paper:
+            head.append("paper")
+            right.append(True)
+        head += ["TTFT ms", "decode ms/tok"]
+        right += [True, True]
+        if has_paper:
+            head.append("paper ms")
+            right.append(True)
+        if has_floor:
+            head += [f"floor ms ({rs[0].get('hardware')})"]
+            right += [True]
+        head.append("GPU h est.")
+        right.append(True)
+        if has_paper:
+            head.append("paper GPU h")
+            right.append(True)
+        table = [head]
+        for r in rs:
+            pv = lambda m, r=r: paper_value(arch, r["variant"], m)  # noqa: E731
+            cells = [r["variant"], f"{r['prefill_tflops'] * scale:.2f}", f"{r['prefill_tflops_causal'] * scale:.2f}",
+                     f"{r.get('prefill_tflops_paper', 0.0) * scale:.2f}"]
+            if has_paper:
+                cells.append(_fmt(pv("tflops"), ".2f"))
+            cells += [_pct(r["tflops_ratio"]), _pct(r["kv_cache_ratio"])]
+            if has_paper:
+                cells.append(_pct(pv("kv_cache_ratio")))
+            cells += [_fmt(r["prefill_latency_ms"], ".1f"), _fmt(r["decode_latency_ms_per_token"], ".2f")]
+            if has_paper:
+                cells.append(_fmt(pv("latency_ms"), ".1f"))
+            if has_floor:
+                cells.append(_fmt(r.get("prefill_floor_ms"), ".1f"))
+            cells.append(_fmt(r["train_gpu_hours"], ".0f"))
+            if has_paper:
+                cells.append(_fmt(pv("gpu_hours"), ".0f"))
+            table.append(cells)
+        lines += _align(table, right)
+        lines += _notes(rs, has_paper)
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _notes(rs: list[dict], has_paper: bool) -> list[str]:
+    r0 = rs[0]
+    logits = "last position" if r0.get("lm_head_positions", "last") == "last" else "all positions"
+    notes = [
+        "FLOPs: LLM prefill per sample, 2 FLOPs per multiply-add, attention counted full ('causal': halved), "
+        f"lm_head on the {logits}; ratio = TFLOPs / baseline's.",
+        "paper conv.: decoder weights + routers + lm_head on all positions, no attention products, no vision tower "
+        "(DeepSpeed profiler with flash attention): the convention of the paper's TFLOPs.",
+    ]
+    errs = [r["flops_check_rel_err"] for r in rs if r.get("flops_check_rel_err") is not None]
+    if errs:
+        notes.append(f"FLOPs check: FlopCounterMode on the meta device agrees with the analytic count (max |Δ| {100 * max(errs):.3f}%).")
+    notes.append("KV cache: Σ_l kept vision tokens / (L·V), the paper's convention; all-token ratios and bytes are in the JSON.")
+    lat = [r for r in rs if r["prefill_latency_ms"] is not None]
+    if lat:
+        r = lat[0]
+        notes.append(
+            f"Latency: median of {r.get('latency_repeats')} runs on {r['device']} ({r.get('latency_dtype')}, random weights); "
+            "TTFT = vision + LLM prefill; decode = per token with the cache."
+        )
+    else:
+        reason = next((r.get("latency_note") for r in rs if r.get("latency_note")), "not measured")
+        notes.append(f"Latency: {reason}.")
+    if any(r.get("prefill_floor_ms") is not None for r in rs):
+        notes.append("floor: roofline lower bound of TTFT on that hardware (causal FLOPs / peak vs weights + KV bytes / bandwidth).")
+    elif r0["device"] == "cpu":
+        notes.append("Roofline floor: add --hardware A6000 (or H100-SXM, A100-80GB-SXM, ...).")
+    if r0.get("train_recipe"):
+        notes.append(
+            f"GPU h est.: recipe {r0['train_recipe']} ({r0.get('train_samples'):,} samples of {r0.get('train_tokens_per_sample'):,} "
+            f"tokens on {r0.get('train_hardware')}), {r0['train_tflops_per_sample']:.1f} train TFLOPs/sample for the first row; "
+            "throughput constants calibrated on the paper's baseline and p-MoD-0.5 GPU hours."
+        )
+    if has_paper:
+        notes.append("paper: p-MoD paper Table 7 (LLaVA-NeXT-7B; latency on one RTX A6000) / Table 1 (LLaVA-1.5-7B).")
+    return ["  " + n for n in notes]
+
+
+# ------------------------------------------------------------------------------------ JSON / CSV
+def rows_to_csv(rows: Iterable[Any]) -> str:
+    """CSV of the rows; list and dict values as JSON strings (docs/RUN_DIRS.md)."""
+    rows = _rows(rows)
+    if not rows:
+        return ""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else ("" if v is None else v)) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def profile_document(rows: Iterable[Any], **extra: Any) -> dict[str, Any]:
+    from .core import CONVENTIONS
+
+    return {"rows": _rows(rows), "conventions": CONVENTIONS, **extra}
+
+
+def atomic_write(path: "str | Path", text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: "str | Path", rows: Iterable[Any], **extra: Any) -> None:
+    atomic_write(path, json.dumps(profile_document(rows, **extra), indent=1, allow_nan=False) + "\n")
+
+
+def write_run_dir(run_dir: "str | Path", rows: Iterable[Any], command: str, label: Optional[str] = None,
+                  created: Optional[str] = None, **extra: Any) -> Path:
+    """run.json + profile.json + profile.csv (docs/RUN_DIRS.md), each written atomically."""
+    from pmod_bench import __version__
+
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} exists and is not a directory; choose another --output.")
+    d.mkdir(parents=True, exist_ok=True)
+    rows = _rows(rows)
+    meta: dict[str, Any] = {
+        "kind": "profile", "schema_version": SCHEMA_VERSION,
+        "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "pmod_bench_version": __version__, "command": command,
+    }
+    if label:
+        meta["label"] = label
+    write_json(d / "profile.json", rows, **extra)
+    atomic_write(d / "profile.csv", rows_to_csv(rows))
+    atomic_write(d / "run.json", json.dumps(meta, indent=1) + "\n")  # last: a run.json means the run is complete
+    return d
+
+
+__all__ = ["format_table", "rows_to_csv", "profile_document", "write_json", "write_run_dir", "atomic_write"]

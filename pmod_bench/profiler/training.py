@@ -1,0 +1,183 @@
+"""Training cost: FLOPs per sample, a GPU-hours estimate for a recipe, measured throughput of a train run.
+
+Estimate (per recipe, on the recipe's hardware)::
+
+    GPU hours = samples x (train FLOPs per sample / (peak x MFU) + overhead_s_per_sample) / 3600
+
+Training FLOPs per sample follow :func:`.flops.train_flops` (forward + backward, no recomputation:
+model FLOPs in the PaLM sense; gradient checkpointing's extra forward is part of what the MFU
+absorbs). The two throughput constants of the LLaVA-NeXT SFT recipe are **calibrated**, not
+measured: they are the values at which this model reproduces the paper's own Table 7 baseline
+(560 GPU h) and p-MoD-0.5 (435 GPU h) on 8 x RTX A6000 at the default training sample (a 672 x 672
+image: 2,928 vision tokens, and 400 text tokens, an assumed mean conversation length). p-MoD-0.3
+and -0.4 are then predictions. The overhead term stands for per-sample costs that do not shrink
+with the LLM's token count (data loading and anyres preprocessing, ZeRO-3 parameter gathers,
+optimizer steps): without it a FLOPs-proportional estimate would credit p-MoD with a 40% saving,
+where the paper measured 22%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ProfileError
+from .hardware import Hardware, get_hardware
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """One training stage, as far as its cost goes."""
+
+    name: str
+    stage: str  # "pt" | "sft"
+    samples: int
+    text_tokens: int
+    """mean text tokens per training sample (assumption; the image gives the vision tokens)"""
+    train_llm: bool
+    train_projector: bool = True
+    train_vision: bool = False
+    hardware: str = "A6000"
+    gpus: int = 8
+    mfu: float = 0.40
+    """model FLOPs utilisation of the training run"""
+    overhead_s_per_sample: float = 0.0
+    """GPU-seconds per sample that do not scale with FLOPs"""
+    image_size: Optional[tuple[int, int]] = None
+    """image of the training sample; None = the profiled scenario's"""
+    paper_gpu_hours: dict = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("pt", "sft"):
+            raise ProfileError(f"recipe {self.name}: stage must be 'pt' or 'sft', got {self.stage!r}")
+        if not 0 < self.mfu <= 1:
+            raise ProfileError(f"recipe {self.name}: mfu must be in (0, 1], got {self.mfu}")
+        if self.overhead_s_per_sample < 0 or self.samples < 1 or self.text_tokens < 0 or self.gpus < 1:
+            raise ProfileError(f"recipe {self.name}: samples, gpus must be >= 1 and text_tokens, overhead >= 0")
+
+    @property
+    def hw(self) -> Hardware:
+        return get_hardware(self.hardware)
+
+    def gpu_hours(self, train_flops_per_sample: float) -> float:
+        per_sample_s = train_flops_per_sample / (self.hw.bf16_tflops * 1e12 * self.mfu) + self.overhead_s_per_sample
+        return self.samples * per_sample_s / 3600.0
+
+
+#: calibrated on Table 7 (see the module docstring and tests/test_profiler.py::test_recipe_calibration)
+_NEXT_SFT_MFU = 0.6974
+_NEXT_SFT_OVERHEAD_S = 1.1834
+
+RECIPES: dict[str, TrainRecipe] = {
+    r.name: r
+    for r in (
+        TrainRecipe(
+            "llava-next-sft", "sft", 779_000, 400, train_llm=True, mfu=_NEXT_SFT_MFU, overhead_s_per_sample=_NEXT_SFT_OVERHEAD_S,
+            image_size=(672, 672),
+            paper_gpu_hours={"baseline": 560, "p-MoD-0.3": 403, "p-MoD-0.4": 415, "p-MoD-0.5": 435},
+            source="paper Table 12 (779K SFT samples, connector + LLM + routers trained, vision encoder frozen) and Table 7 "
+            "(8x RTX A6000; throughput constants calibrated on its baseline and p-MoD-0.5 rows)",
+        ),
+        TrainRecipe(
+            "llava-1.5-sft", "sft", 665_000, 400, train_llm=True, mfu=_NEXT_SFT_MFU, overhead_s_per_sample=_NEXT_SFT_OVERHEAD_S,
+            source="paper Table 12 (665K SFT samples); throughput constants of llava-next-sft (not calibrated for LLaVA-1.5)",
+        ),
+        TrainRecipe(
+            "llava-next-pt", "pt", 558_000, 60, train_llm=False, mfu=_NEXT_SFT_MFU, overhead_s_per_sample=_NEXT_SFT_OVERHEAD_S,
+            source="paper Table 12 (558K captions, connector only); throughput constants of llava-next-sft",
+        ),
+        TrainRecipe(
+            "llava-1.5-pt", "pt", 558_000, 60, train_llm=False, mfu=_NEXT_SFT_MFU, overhead_s_per_sample=_NEXT_SFT_OVERHEAD_S,
+            source="paper Table 12 (558K captions, connector only); throughput constants of llava-next-sft",
+        ),
+    )
+}
+
+
+def default_recipe(arch_family: str) -> TrainRecipe:
+    return RECIPES["llava-next-sft" if arch_family == "llava_next" else "llava-1.5-sft"]
+
+
+def get_recipe(name: str, **overrides: Any) -> TrainRecipe:
+    if name not in RECIPES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ProfileError(f"unknown recipe '{name}'.{hint} Known: {', '.join(RECIPES)}.")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(RECIPES[name], **changes) if changes else RECIPES[name]
+
+
+# --------------------------------------------------------------------------------- measured runs
+@dataclass(frozen=True)
+class TrainRun:
+    """What a train run directory (docs/RUN_DIRS.md, kind "train") says about throughput."""
+
+    path: str
+    recipe: str
+    stage: str
+    tokens_per_s: Optional[float]
+    gpu_hours: Optional[float]
+    world_size: int
+    steps: Optional[int]
+
+
+def read_train_run(run_dir: "str | Path") -> TrainRun:
+    """Read run.json + train_summary.json (+ the last train_log.jsonl line for world_size)."""
+    path = Path(run_dir)
+    meta_path, summary_path = path / "run.json", path / "train_summary.json"
+    for p in (meta_path, summary_path):
+        if not p.is_file():
+            raise ProfileError(f"{path}: no {p.name}; pass a run directory written by `pmod-bench train` (docs/RUN_DIRS.md).")
+    try:
+        meta = json.loads(meta_path.read_text())
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: malformed JSON ({exc}); re-create the train run.") from None
+    if meta.get("kind") != "train":
+        raise ProfileError(f"{path}: run.json kind is {meta.get('kind')!r}, not 'train'; pass a train run directory.")
+    world = 1
+    log = path / "train_log.jsonl"
+    if log.is_file():
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        if lines:
+            try:
+                world = int(json.loads(lines[-1]).get("world_size") or 1)
+            except (json.JSONDecodeError, TypeError, ValueError):
+                world = 1
+
+    def num(key: str) -> Optional[float]:
+        v = summary.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    steps = summary.get("steps")
+    return TrainRun(str(path), str(summary.get("recipe", "?")), str(summary.get("stage", "?")), num("tokens_per_s"),
+                    num("gpu_hours"), world, int(steps) if isinstance(steps, int) else None)
+
+
+def measured_train_cost(run: TrainRun, recipe: TrainRecipe, tokens_per_sample: int, train_flops_per_sample: float,
+                        hardware: Optional[Hardware] = None) -> dict[str, Any]:
+    """GPU hours the measured throughput implies for the recipe's data, and the achieved MFU.
+
+    ``tokens_per_s`` of train_summary.json is read as the throughput of the whole run (all
+    processes); GPU hours = recipe tokens / tokens_per_s x world_size / 3600.
+    """
+    out: dict[str, Any] = {"train_run": run.path, "train_gpu_hours_run": run.gpu_hours, "train_world_size": run.world_size}
+    if not run.tokens_per_s:
+        return out
+    samples_per_s = run.tokens_per_s / tokens_per_sample
+    out["train_tokens_per_s_measured"] = run.tokens_per_s
+    out["train_gpu_hours_measured"] = recipe.samples / samples_per_s * run.world_size / 3600.0
+    tflops_per_gpu = samples_per_s * train_flops_per_sample / run.world_size / 1e12
+    out["train_tflops_per_s_per_gpu"] = tflops_per_gpu
+    if hardware is not None:
+        out["train_mfu_measured"] = tflops_per_gpu / hardware.bf16_tflops
+    return out
+
+
+__all__ = ["TrainRecipe", "RECIPES", "get_recipe", "default_recipe", "TrainRun", "read_train_run", "measured_train_cost"]

@@ -1,0 +1,348 @@
+"""Variants: what a method does to the vision tokens, layer by layer, as the profiler needs it.
+
+A :class:`Variant` says, for an LLM of ``L`` layers and ``V`` vision tokens per sample, how many
+vision tokens each layer processes (:meth:`Variant.kept_vision_tokens`) and which layers run an
+extra router over all tokens (:meth:`Variant.router_layers`). That is all FLOPs and KV-cache
+accounting needs: a layer processes its kept vision tokens plus every text token, and caches keys
+and values of exactly the tokens it processed. Variants with a real implementation in this
+package (baseline, p-MoD) also say how to build the model (:meth:`Variant.pmod_config`), so their
+FLOPs, KV cache and latency can be measured on a real forward pass.
+
+A comparison method plugs in by subclassing and registering::
+
+    @register_variant("fastv")
+    @dataclass(frozen=True)
+    class FastV(Variant):
+        ...
+
+and is then reachable from the CLI as ``--variant fastv:k=2,keep=0.5``.
+"""
+
+from __future__ import annotations
+
+from .errors import ProfileError
+
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from pmod_bench.model.config import PMoDConfig
+
+#: method name -> Variant subclass (see :func:`register_variant`)
+VARIANT_METHODS: dict[str, type["Variant"]] = {}
+
+
+class VariantError(ProfileError):
+    """A variant specification that cannot be used; the message names the fix."""
+
+
+def register_variant(method: str):
+    """Class decorator: make a Variant subclass available as ``--variant METHOD:OPTIONS``."""
+
+    def deco(cls):
+        cls.method = method
+        VARIANT_METHODS[method] = cls
+        return cls
+
+    return deco
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def num_selected(vision_tokens: int, ratio: float) -> int:
+    """k = trunc(V * rho) in float32 arithmetic, exactly as the model (``model.layer.num_selected``).
+
+    The product of two float32 values is exact in float64, so rounding it once to float32 gives the
+    IEEE float32 product that torch computes.
+    """
+    return math.trunc(_f32(_f32(float(vision_tokens)) * _f32(float(ratio))))
+
+
+class Variant:
+    """Base class: one way of treating the vision tokens inside the LLM."""
+
+    method: ClassVar[str] = "?"
+    name: str
+
+    # -- what the accounting needs -----------------------------------------------------------
+    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        """Vision tokens processed (and cached) by each layer, per sample."""
+        raise NotImplementedError
+
+    def router_layers(self, num_layers: int) -> list[int]:
+        """Layers that run a router Linear(d, 1) over all N tokens of the prefill."""
+        return []
+
+    def layer_ratios(self, num_layers: int) -> list[float]:
+        """Nominal retention of each layer (1.0 = every vision token)."""
+        return [1.0] * num_layers
+
+    # -- descriptive -------------------------------------------------------------------------
+    @property
+    def shift(self) -> Optional[float]:
+        return None
+
+    @property
+    def schedule(self) -> Optional[str]:
+        return None
+
+    # -- real models ---------------------------------------------------------------------------
+    @property
+    def runnable(self) -> bool:
+        """Whether this package can build a real model of this variant (for measurement)."""
+        return False
+
+    def pmod_config(self) -> Optional[PMoDConfig]:
+        """The p-MoD settings of the real model; None = the vanilla (baseline) model."""
+        raise NotImplementedError(f"variant {self.name} ({self.method}) has no real implementation in pmod-bench")
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Variant":
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"variant": self.name, "method": self.method, "shift": self.shift, "schedule": self.schedule}
+
+
+@register_variant("baseline")
+@dataclass(frozen=True)
+class Baseline(Variant):
+    """The unmodified model: every layer processes every vision token."""
+
+    name: str = "baseline"
+
+    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        return [vision_tokens] * num_layers
+
+    @property
+    def runnable(self) -> bool:
+        return True
+
+    def pmod_config(self) -> Optional[PMoDConfig]:
+        return None
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Baseline":
+        if options:
+            raise VariantError(f"the baseline takes no options, got {sorted(options)}")
+        return cls()
+
+
+def _format_ratios(ratios: list[float]) -> str:
+    """Compact, exact: runs of equal values as VALUE*COUNT (parse_ratios reads it back)."""
+    out, i = [], 0
+    while i < len(ratios):
+        j = i
+        while j + 1 < len(ratios) and ratios[j + 1] == ratios[i]:
+            j += 1
+        n = j - i + 1
+        out.append(f"{ratios[i]:g}" + (f"*{n}" if n > 1 else ""))
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_ratios(text: str) -> list[float]:
+    """'1*8,0.8,0.7,0.15*22' -> per-layer ratios; VALUE*COUNT repeats a value."""
+    out: list[float] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        value, star, count = part.partition("*")
+        try:
+            r = float(value)
+            n = int(count) if star else 1
+        except ValueError:
+            raise VariantError(f"bad ratios '{text}': expected comma-separated numbers in (0, 1], VALUE*COUNT repeats (e.g. 1*8,0.5*24).") from None
+        if n < 1:
+            raise VariantError(f"bad ratios '{text}': a repeat count must be >= 1.")
+        out.extend([r] * n)
+    if not out:
+        raise VariantError("empty --ratios: give one retention ratio per LLM layer, e.g. 1*8,0.5*24.")
+    return out
+
+
+@register_variant("pmod")
+@dataclass(frozen=True)
+class PMoD(Variant):
+    """p-MoD: each routed layer keeps the top trunc(V * rho_l) vision tokens (METHOD.md)."""
+
+    config: PMoDConfig = field(default_factory=PMoDConfig)
+    label: Optional[str] = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        if self.label:
+            return self.label
+        if self.config.ratios is not None:
+            return "ratios:" + _format_ratios(self.config.ratios)
+        c, d = self.config, PMoDConfig()
+        extra = "".join(
+            f"-{tag}{getattr(c, key):g}" for key, tag in (("max_ratio", "max"), ("min_ratio", "min"), ("steps", "steps"))
+            if getattr(c, key) != getattr(d, key) and (key != "steps" or c.schedule == "stepped")
+        )
+        return c.name + extra
+
+    def layer_ratios(self, num_layers: int) -> list[float]:
+        try:
+            return self.config.layer_ratios(num_layers)
+        except ValueError as exc:
+            raise VariantError(f"{self.name}: {exc}") from None
+
+    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        return [vision_tokens if r >= 1.0 else num_selected(vision_tokens, r) for r in self.layer_ratios(num_layers)]
+
+    def router_layers(self, num_layers: int) -> list[int]:
+        return [i for i, r in enumerate(self.layer_ratios(num_layers)) if r < 1.0]
+
+    @property
+    def shift(self) -> Optional[float]:
+        return None if self.config.ratios is not None else self.config.shift
+
+    @property
+    def schedule(self) -> Optional[str]:
+        return "explicit" if self.config.ratios is not None else self.config.schedule
+
+    @property
+    def runnable(self) -> bool:
+        return True
+
+    def pmod_config(self) -> Optional[PMoDConfig]:
+        return self.config
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "PMoD":
+        opts = dict(options)
+        kwargs: dict[str, Any] = {}
+        if "ratios" in opts:
+            kwargs["ratios"] = parse_ratios(opts.pop("ratios"))
+        for key in ("shift", "max_ratio", "min_ratio"):
+            if key in opts:
+                kwargs[key] = _number(opts.pop(key), key)
+        if "steps" in opts:
+            kwargs["steps"] = int(_number(opts.pop("steps"), "steps"))
+        if "schedule" in opts:
+            kwargs["schedule"] = opts.pop("schedule")
+        if opts:
+            raise VariantError(f"unknown p-MoD option(s) {sorted(opts)}; known: shift, schedule, max_ratio, min_ratio, steps, ratios.")
+        return cls(make_pmod_config(**kwargs))
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise VariantError(f"{what} must be a number, got '{text}'.") from None
+    if not math.isfinite(v):
+        raise VariantError(f"{what} must be finite, got '{text}'.")
+    return v
+
+
+def make_pmod_config(**kwargs: Any) -> PMoDConfig:
+    """PMoDConfig(**kwargs) with its validation errors turned into VariantError (they name the fix)."""
+    try:
+        return PMoDConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        if "shift" in msg:
+            msg += " Pass δ with --shift, e.g. --shift 0.3 0.4 0.5."
+        raise VariantError(msg) from None
+
+
+@register_variant("fastv")
+@dataclass(frozen=True)
+class FastV(Variant):
+    """FastV-style pruning (Chen et al., ECCV 2024): layers >= k keep floor(V * keep) vision tokens.
+
+    Accounting only (no model in this package): the attention-score ranking at layer k-1 is not
+    counted (it reuses that layer's attention; with flash attention it needs one extra QK^T row
+    block per text token, negligible).
+    """
+
+    k: int = 2
+    keep: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 0:
+            raise VariantError(f"FastV k (the pruning layer) must be an integer >= 0, got {self.k!r}.")
+        if not 0.0 <= self.keep <= 1.0:
+            raise VariantError(f"FastV keep (fraction of vision tokens kept) must be in [0, 1], got {self.keep!r}.")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"FastV-K{self.k}-keep{self.keep:g}"
+
+    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        kept = math.floor(vision_tokens * self.keep)
+        return [vision_tokens if l < self.k else kept for l in range(num_layers)]
+
+    def layer_ratios(self, num_layers: int) -> list[float]:
+        return [1.0 if l < self.k else self.keep for l in range(num_layers)]
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "FastV":
+        opts = dict(options)
+        k = int(_number(opts.pop("k", "2"), "k"))
+        keep = _number(opts.pop("keep", opts.pop("r", "0.5")), "keep")
+        if opts:
+            raise VariantError(f"unknown FastV option(s) {sorted(opts)}; known: k (layer), keep (fraction kept).")
+        return cls(k=k, keep=keep)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+_PMOD_NAME = re.compile(r"p-?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)", re.IGNORECASE)
+
+#: the paper's Table 7 variants, the default of ``pmod-bench profile``
+PAPER_SHIFTS = (0.3, 0.4, 0.5)
+
+
+def default_variants() -> list[Variant]:
+    return [Baseline()] + [PMoD(make_pmod_config(shift=s)) for s in PAPER_SHIFTS]
+
+
+def parse_variant(spec: str) -> Variant:
+    """A variant from text.
+
+    ``baseline``; ``p-MoD-0.4`` / ``p-MoD-linear-0.4`` (PMoDConfig names); ``pmod:shift=0.4,schedule=linear``;
+    ``ratios:1*8,0.5*24`` (explicit per-layer ratios); ``fastv:k=2,keep=0.5``; any registered
+    ``METHOD:KEY=VALUE,...``.
+    """
+    text = str(spec).strip()
+    m = _PMOD_NAME.fullmatch(text)
+    if m:
+        kwargs: dict[str, Any] = {"shift": _number(m.group("shift"), "shift")}
+        if m.group("schedule"):
+            kwargs["schedule"] = m.group("schedule")
+        return PMoD(make_pmod_config(**kwargs))
+    method, _, rest = text.partition(":")
+    norm = lambda name: name.strip().lower().replace("-", "").replace("_", "")  # noqa: E731  (p-MoD = pmod = p_mod)
+    method = norm(method)
+    if method == "ratios":
+        return PMoD(make_pmod_config(ratios=parse_ratios(rest)))
+    cls = {norm(k): c for k, c in VARIANT_METHODS.items()}.get(method)
+    if cls is None:
+        import difflib
+
+        known = sorted(VARIANT_METHODS)
+        close = difflib.get_close_matches(method, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise VariantError(
+            f"unknown variant '{spec}'.{hint} Use baseline, p-MoD-0.5, p-MoD-linear-0.4, pmod:shift=0.4,schedule=linear, "
+            f"ratios:1*8,0.5*24, or METHOD:KEY=VALUE with METHOD in {', '.join(known)}."
+        )
+    options: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))) if rest else ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise VariantError(f"bad variant option '{item}' in '{spec}': expected KEY=VALUE.")
+        options[key.strip().lower()] = value.strip()
+    return cls.from_options(options)
+
+
+__all__ = [
+    "Variant", "Baseline", "PMoD", "FastV", "VariantError", "VARIANT_METHODS", "register_variant",
+    "parse_variant", "parse_ratios", "default_variants", "make_pmod_config", "num_selected", "PAPER_SHIFTS",
+]

@@ -1,0 +1,470 @@
+"""LLaVA conversation data for training: records, prompt templates, label masking, batching, sampling.
+
+Data flow of one sample (lazy: nothing is read before ``__getitem__``)::
+
+    record {"image": "coco/x.jpg", "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}
+      │ template (vicuna_v1 | plain | chat) -> text + char spans of the assistant turns (what is learned)
+      │ tokenizer(text, offsets) -> ids0 (one <image> token per image), labels0 = id inside a span, else -100
+      │ processor(text, images) -> input_ids with each <image> expanded to its feature count (anyres for
+      │                            LLaVA-NeXT), pixel_values, image_sizes
+      └ align ids0 with input_ids: image tokens get label -100; every other token must match ids0
+    -> {"input_ids": (N,), "labels": (N,), "pixel_values": (n_img, [P,] 3, H, W), "image_sizes": (n_img, 2)}
+
+A record that cannot be used (missing or corrupt image, malformed conversation, image tokens beyond
+``max_length``, nothing to learn) is a *bad sample*: with ``on_bad_sample: fail`` it raises
+:class:`BadSampleError` naming the record's index, id and image path; with ``skip`` the next record is
+used in its place and the bad one is reported with the batch (the trainer counts and logs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"  # how LLaVA data marks the image in a human turn
+
+#: Vicuna v1 (LLaVA's conv_vicuna_v1): SYSTEM + " " + "USER: q ASSISTANT: a</s>USER: ..."
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+class BadSampleError(RuntimeError):
+    """A record that cannot become a training sample (raised under ``on_bad_sample: fail``)."""
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, path: str | None = None):
+        super().__init__(reason)
+        self.reason, self.path = reason, path
+
+
+# ------------------------------------------------------------------------------------------ records
+def read_records(paths: Sequence[str], max_samples: int | None = None) -> list:
+    """All records of the JSON (list) / JSONL files, in order."""
+    out: list = []
+    for p in paths:
+        if not os.path.isfile(p):
+            from pmod_bench.train.config import ConfigError
+
+            raise ConfigError(f"data.json file '{p}' does not exist; pass data.json=PATH (LLaVA conversation JSON).")
+        with open(p, encoding="utf-8") as fh:
+            if p.endswith(".jsonl"):
+                for line_no, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            out.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            out.append({"__malformed__": f"{p}:{line_no}: not JSON ({exc.msg})"})
+            else:
+                data = json.load(fh)
+                if not isinstance(data, list):
+                    from pmod_bench.train.config import ConfigError
+
+                    raise ConfigError(f"{p}: expected a JSON list of records (LLaVA format), got {type(data).__name__}.")
+                out.extend(data)
+        if max_samples is not None and len(out) >= max_samples:
+            return out[:max_samples]
+    return out
+
+
+@dataclass
+class Record:
+    """A validated record: its turns start with the human and alternate; images listed."""
+
+    index: int
+    id: str
+    images: list
+    turns: list  # [(role "human"|"gpt", text)]
+    words: int
+
+
+def normalize_record(rec: Any, index: int) -> Record:
+    """Check a raw record's structure (no file access); raise _Bad with the reason."""
+    if not isinstance(rec, dict):
+        raise _Bad(f"record is a {type(rec).__name__}, not an object")
+    if "__malformed__" in rec:
+        raise _Bad(rec["__malformed__"])
+    rid = str(rec.get("id", index))
+    image = rec.get("image")
+    images = [] if image in (None, "", []) else [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise _Bad(f"'image' must be a path or a list of paths, got {image!r}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise _Bad("'conversations' must be a non-empty list")
+    turns = []
+    for j, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise _Bad(f"conversations[{j}] must be an object with a string 'value'")
+        role = ROLE_ALIASES.get(str(t.get("from", "")).lower())
+        if role is None:
+            raise _Bad(f"conversations[{j}] has from={t.get('from')!r}; expected human or gpt")
+        turns.append((role, t["value"]))
+    while turns and turns[0][0] != "human":  # LLaVA skips a leading assistant turn
+        turns = turns[1:]
+    for j, (role, _) in enumerate(turns):
+        if role != ("human" if j % 2 == 0 else "gpt"):
+            raise _Bad("turns must alternate human, gpt, human, ...")
+    if turns and turns[-1][0] == "human":  # a question without an answer teaches nothing
+        turns = turns[:-1]
+    if not turns:
+        raise _Bad("no human/gpt turn pair")
+    n_tags = sum(v.count(IMAGE_PLACEHOLDER) for _, v in turns)
+    if not images and n_tags:
+        raise _Bad(f"{n_tags} '<image>' tag(s) but no 'image' field")
+    if len(images) == 1:
+        # LLaVA (preprocess_multimodal): the image goes first in the first human turn
+        turns = [(r, v.replace(IMAGE_PLACEHOLDER, "").strip()) for r, v in turns]
+        turns[0] = ("human", IMAGE_PLACEHOLDER + "\n" + turns[0][1])
+    elif len(images) > 1 and n_tags != len(images):
+        raise _Bad(f"{len(images)} images but {n_tags} '<image>' tags")
+    if any(v.count(IMAGE_PLACEHOLDER) for r, v in turns if r == "gpt"):
+        raise _Bad("'<image>' tag in an assistant turn")
+    words = sum(len(v.split()) for _, v in turns)
+    return Record(index, rid, images, turns, words)
+
+
+# ---------------------------------------------------------------------------------------- templates
+def render_vicuna_v1(turns: list, image_token: str) -> tuple:
+    """LLaVA's vicuna_v1 string and the char spans of the assistant answers (+ their ``</s>``)."""
+    text = VICUNA_SYSTEM + " "
+    spans = []
+    for role, value in turns:
+        value = value.replace(IMAGE_PLACEHOLDER, image_token)
+        if role == "human":
+            text += "USER: " + value + " "
+        else:
+            text += "ASSISTANT: "
+            start = len(text)
+            text += value + "</s>"
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def render_plain(turns: list, image_token: str, has_image: bool) -> tuple:
+    """LLaVA's PT format: the image, then the first answer (the caption) and a newline; only the caption is learned."""
+    caption = turns[1][1]
+    prefix = image_token if has_image else ""
+    return prefix + caption + "\n", [(len(prefix), len(prefix) + len(caption) + 1)]
+
+
+def render_chat(turns: list, render, image_token: str) -> tuple:
+    """The chat template's string; an assistant turn's span is what its message adds after the generation prompt."""
+    messages = []
+    for role, value in turns:
+        if role == "human":
+            n = value.count(IMAGE_PLACEHOLDER)
+            content = [{"type": "image"} for _ in range(n)]
+            content.append({"type": "text", "text": value.replace(IMAGE_PLACEHOLDER, "").strip()})
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": value}]})
+    text = render(messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], add_generation_prompt=True)
+        upto = render(messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise _Bad("the chat template does not render conversations prefix by prefix; use data.template=vicuna_v1")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+# ------------------------------------------------------------------------------------------ images
+def expand_to_square(img, background: tuple):
+    """LLaVA-1.5's ``expand2square``: pad the shorter side (centred) with the mean colour."""
+    from PIL import Image
+
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise _Bad("image file not found", path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise _Bad(f"image cannot be decoded ({type(exc).__name__}: {exc})", path) from None
+    if img.size[0] < 1 or img.size[1] < 1:
+        raise _Bad("image is empty", path)
+    return img
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class LlavaConversationDataset(Dataset):
+    """Lazy LLaVA conversation dataset (see the module docstring for one sample's data flow)."""
+
+    def __init__(
+        self,
+        records: list,
+        processor,
+        image_folder: str | None = None,
+        template: str = "vicuna_v1",
+        max_length: int = 2048,
+        image_aspect_ratio: str = "pad",
+        on_bad_sample: str = "skip",
+        max_consecutive_bad: int = 32,
+    ) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise TypeError("training needs a fast tokenizer (offsets mapping for label masking); load the processor with use_fast=True")
+        self.image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_folder = image_folder
+        self.template, self.max_length = template, max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.on_bad_sample, self.max_consecutive_bad = on_bad_sample, max_consecutive_bad
+        mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or [0.5, 0.5, 0.5]
+        self._background = tuple(int(round(255 * m)) for m in mean)
+        self.records: list = []
+        self.malformed: list = []  # [{"index", "id", "path", "reason"}] dropped at load
+        for i, raw in enumerate(records):
+            try:
+                self.records.append(normalize_record(raw, i))
+            except _Bad as bad:
+                rid = raw.get("id") if isinstance(raw, dict) else None
+                entry = {"index": i, "id": None if rid is None else str(rid), "path": None, "reason": bad.reason}
+                if on_bad_sample == "fail":
+                    raise BadSampleError(_describe(entry) + " (data.on_bad_sample=skip would skip and count it)") from None
+                self.malformed.append(entry)
+        if not self.records:
+            raise BadSampleError("no usable record in the data: every record is malformed (see the reasons with data.on_bad_sample=fail)")
+        if image_folder is None and any(r.images for r in self.records):
+            from pmod_bench.train.config import ConfigError
+
+            raise ConfigError("the data has image records but data.image_folder is not set; pass data.image_folder=DIR.")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def modality_lengths(self) -> list:
+        """Word count per record, negative for text-only records (LLaVA's convention)."""
+        return [r.words if r.images else -r.words for r in self.records]
+
+    # ------------------------------------------------------------------------------------
+    def __getitem__(self, i: int) -> dict:
+        bad = []
+        for attempt in range(self.max_consecutive_bad + 1):
+            j = (i + attempt) % len(self.records)
+            rec = self.records[j]
+            try:
+                sample = self.build(rec)
+            except _Bad as exc:
+                entry = {"index": rec.index, "id": rec.id, "path": exc.path, "reason": exc.reason}
+                if self.on_bad_sample == "fail":
+                    raise BadSampleError(_describe(entry) + " (data.on_bad_sample=skip would skip and count it)") from None
+                bad.append(entry)
+                continue
+            sample["bad_samples"] = bad
+            return sample
+        raise BadSampleError(
+            f"{len(bad)} bad samples in a row from record {self.records[i].index} (last: {_describe(bad[-1])}); "
+            "check data.image_folder and data.json"
+        )
+
+    def _text_and_spans(self, rec: Record) -> tuple:
+        has_image = bool(rec.images)
+        if self.template == "vicuna_v1":
+            return render_vicuna_v1(rec.turns, self.image_token)
+        if self.template == "plain":
+            return render_plain(rec.turns, self.image_token, has_image)
+        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        if not getattr(owner, "chat_template", None):
+            raise _Bad("data.template=chat but the processor has no chat template; use data.template=vicuna_v1")
+        render = lambda msgs, add_generation_prompt: owner.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return render_chat(rec.turns, render, self.image_token)
+
+    def build(self, rec: Record) -> dict:
+        """One sample from a validated record (raises _Bad)."""
+        text, spans = self._text_and_spans(rec)
+        add_special = self.template != "chat"  # chat templates write their own BOS
+        enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids0, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels0 = [
+            tok if any(s < b and e > a for a, b in spans) and tok != self.image_token_id else IGNORE_INDEX
+            for tok, (s, e) in zip(ids0, offsets)
+        ]
+        out: dict = {}
+        if rec.images:
+            images = []
+            for rel in rec.images:
+                path = rel if os.path.isabs(rel) else os.path.join(self.image_folder, rel)
+                img = load_image(path)
+                if self.image_aspect_ratio == "pad":
+                    img = expand_to_square(img, self._background)
+                images.append(img)
+            try:
+                proc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=add_special)
+            except Exception as exc:  # a processor error on one image must not end a 1-epoch run
+                raise _Bad(f"processor failed ({type(exc).__name__}: {exc})", os.path.join(self.image_folder or "", rec.images[0])) from None
+            ids = proc["input_ids"][0].tolist()
+            labels = _expand_labels(ids0, labels0, ids, self.image_token_id)
+            out["pixel_values"] = proc["pixel_values"]  # (n_img, [P,] 3, H, W)
+            if "image_sizes" in proc:
+                out["image_sizes"] = proc["image_sizes"]  # (n_img, 2)
+        else:
+            ids, labels = list(ids0), labels0
+        if len(ids) > self.max_length:
+            if self.image_token_id in ids[self.max_length:]:
+                raise _Bad(f"{len(ids)} tokens with the image tokens; they do not fit data.max_length={self.max_length}")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(l == IGNORE_INDEX for l in labels[1:]):
+            raise _Bad("no assistant token to learn within data.max_length")
+        out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        out["labels"] = torch.tensor(labels, dtype=torch.long)
+        return out
+
+
+def _expand_labels(ids0: list, labels0: list, ids: list, image_id: int) -> list:
+    """Labels for the processor's ids: ids0 with each image token run expanded (label -100)."""
+    labels: list = []
+    j = 0
+    for tok, lab in zip(ids0, labels0):
+        if tok == image_id:
+            n = 0
+            while j < len(ids) and ids[j] == image_id:
+                j, n = j + 1, n + 1
+            if n == 0:
+                raise _Bad("the processor dropped an image token")
+            labels.extend([IGNORE_INDEX] * n)
+            continue
+        if j >= len(ids) or ids[j] != tok:
+            raise _Bad("the processor tokenized the text differently from the tokenizer (label masking would be wrong)")
+        labels.append(lab)
+        j += 1
+    if j != len(ids):
+        raise _Bad("the processor added tokens that the tokenizer did not produce")
+    return labels
+
+
+def _describe(entry: dict) -> str:
+    where = f", image {entry['path']}" if entry.get("path") else ""
+    return f"bad sample: record {entry['index']} (id {entry.get('id')!r}{where}): {entry['reason']}"
+
+
+# ----------------------------------------------------------------------------------------- collator
+class DataCollator:
+    """Right-pads a list of samples into a batch; concatenates images (LLaVA-NeXT: pads the tile axis)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, samples: list) -> dict:
+        n = max(s["input_ids"].numel() for s in samples)
+        B = len(samples)
+        input_ids = torch.full((B, n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, n), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, n), dtype=torch.long)
+        for b, s in enumerate(samples):
+            k = s["input_ids"].numel()
+            input_ids[b, :k], labels[b, :k], attention_mask[b, :k] = s["input_ids"], s["labels"], 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pix = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        if pix:
+            if pix[0].dim() == 5:  # (n_img, P, 3, H, W): pad P (HF LLaVA-NeXT uses image_sizes to drop the padding)
+                P = max(p.shape[1] for p in pix)
+                pix = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, P - p.shape[1])) for p in pix]
+            batch["pixel_values"] = torch.cat(pix, dim=0)
+            sizes = [s["image_sizes"] for s in samples if "image_sizes" in s]
+            if sizes:
+                batch["image_sizes"] = torch.cat(sizes, dim=0)
+        bad = [e for s in samples for e in s.get("bad_samples", ())]
+        if bad:
+            batch["bad_samples"] = bad
+        return batch
+
+
+# ------------------------------------------------------------------------------------------ sampler
+class ModalityLengthGroupedSampler(Sampler):
+    """LLaVA's modality-grouped length sampler, by global batch.
+
+    The records are split by modality (image vs text-only), shuffled, cut into groups of one global
+    batch (``per_device x processes x accumulation``), each group sorted by length (longest first),
+    and the full groups are shuffled together; the two leftover partial groups form a last mixed
+    group. A global batch therefore holds the same samples however it is split over processes and
+    accumulation steps, and (except the last) only one modality.
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0) -> None:
+        self.lengths = list(lengths)
+        self.group_size = int(group_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _groups(self, idx: list, g: torch.Generator) -> list:
+        perm = [idx[k] for k in torch.randperm(len(idx), generator=g).tolist()]
+        groups = [perm[k : k + self.group_size] for k in range(0, len(perm), self.group_size)]
+        return [sorted(grp, key=lambda i: -abs(self.lengths[i])) for grp in groups]
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        mm = [i for i, l in enumerate(self.lengths) if l > 0]
+        lang = [i for i, l in enumerate(self.lengths) if l <= 0]
+        if not mm or not lang:
+            groups = self._groups(mm or lang, g)
+            order = torch.randperm(len(groups), generator=g).tolist()
+            return iter([i for k in order for i in groups[k]])
+        mm_groups, lang_groups = self._groups(mm, g), self._groups(lang, g)
+        tail = []
+        for groups in (mm_groups, lang_groups):
+            if len(groups[-1]) < self.group_size:
+                tail.extend(groups.pop())
+        full = mm_groups + lang_groups
+        order = torch.randperm(len(full), generator=g).tolist()
+        out = [i for k in order for i in full[k]]
+        out.extend(sorted(tail, key=lambda i: -abs(self.lengths[i])))
+        return iter(out)
+
+
+def count_tokens(batch: dict) -> int:
+    """Non-padding input tokens (vision tokens included) of a collated batch."""
+    return int(batch["attention_mask"].sum())
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BadSampleError",
+    "DataCollator",
+    "LlavaConversationDataset",
+    "ModalityLengthGroupedSampler",
+    "Record",
+    "count_tokens",
+    "expand_to_square",
+    "normalize_record",
+    "read_records",
+    "render_chat",
+    "render_plain",
+    "render_vicuna_v1",
+]

@@ -1,0 +1,184 @@
+"""``pmod-bench eval`` and ``pmod-bench data``: the evaluation runner and its benchmark data.
+
+Only argparse is imported at module level (``pmod-bench --help`` stays instant); lmms-eval, torch
+and datasets load inside the handlers.
+
+    pmod-bench eval --model DIR --suite table1 --output runs/next7b [--limit N] [--batch-size B] [--shift 0.3]
+    pmod-bench eval --list                 # suites, benchmarks, tasks and metrics
+    pmod-bench eval --tasks-dir            # the --include_path for `python -m lmms_eval`
+    pmod-bench data check [SUITE] [--root DIR]
+    pmod-bench data fixtures DIR [--suite SUITE]
+"""
+
+from __future__ import annotations
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """{field: docstring} of a dataclass (the string literal after each field), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.replace("``", "").split())
+    return docs
+
+
+def add_parser(subparsers) -> None:
+    from .runner import EvalConfig
+
+    doc = _field_docs(EvalConfig)
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on the paper's benchmarks through lmms-eval (resumable run directory)",
+        description="Run benchmark suites through lmms-eval with the pmod_llava model and write an eval run directory "
+                    "(docs/RUN_DIRS.md). Re-running the same command on the same --output resumes an interrupted run. "
+                    "With PMOD_BENCH_DATA=DIR (or --data DIR) datasets are read from DIR/ORG/NAME snapshots.",
+    )
+    p.add_argument("--model", help=doc.get("model"))
+    p.add_argument("--suite", default=None, help=doc.get("suite") + " See --list.")
+    p.add_argument("--output", metavar="RUN_DIR", help=doc.get("output"))
+    p.add_argument("--limit", type=int, default=None, help=doc.get("limit"))
+    p.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (answers equal batch size 1)")
+    p.add_argument("--shift", type=float, default=None, help="run a p-MoD model at this shift factor delta")
+    p.add_argument("--schedule", default=None, help="run a p-MoD model with this schedule (cosine, linear, constant, ...)")
+    p.add_argument("--ratios", default=None, help="explicit per-layer retention ratios, e.g. '1,1,0.85,...'")
+    p.add_argument("--pmod", default=None, help=doc.get("pmod"))
+    p.add_argument("--allow-untrained-routers", action="store_true", help="let --shift/--schedule/--ratios route layers without a trained router")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: this process's GPU, else CPU)")
+    p.add_argument("--attn", dest="attn_implementation", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
+    p.add_argument("--chat-template", default="vicuna_v1", help="vicuna_v1 (the paper's), processor (the checkpoint's own), or a .jinja file")
+    p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs"))
+    p.add_argument("--data", default=None, metavar="DIR", help="local data root (sets PMOD_BENCH_DATA for this run)")
+    p.add_argument("--label", default=None, help="free text stored in run.json")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs; 1 is fastest on a shared machine)")
+    p.add_argument("--list", action="store_true", help="list suites and benchmarks, then exit")
+    p.add_argument("--tasks-dir", action="store_true", help="print the adapter tasks' lmms-eval --include_path, then exit")
+    p.set_defaults(func=_eval)
+
+    d = subparsers.add_parser("data", help="check benchmark data (PMOD_BENCH_DATA) or write test fixtures",
+                              description="Benchmark data for the adapter tasks: `check` validates local snapshots, "
+                                          "`fixtures` writes tiny datasets in the hub schema.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    c = dsub.add_parser("check", help="report, per benchmark, whether its local data is present and valid")
+    c.add_argument("suite", nargs="?", default="all", help="suite or benchmarks (default: all)")
+    c.add_argument("--root", default=None, help="data root (default: $PMOD_BENCH_DATA)")
+    c.set_defaults(func=_data_check)
+    f = dsub.add_parser("fixtures", help="write tiny fixture datasets (hub schema, snapshot layout) under DIR")
+    f.add_argument("dir", help="output root; use it as PMOD_BENCH_DATA")
+    f.add_argument("--suite", default="all", help="suite or benchmarks (default: all)")
+    f.set_defaults(func=_data_fixtures)
+    d.set_defaults(func=lambda args: (d.print_help(), 0)[1])
+
+
+def _user_error(msg: str):
+    from pmod_bench.cli import UserError
+
+    return UserError(msg)
+
+
+def _eval(args) -> int:
+    import os
+    import shlex
+    import sys
+
+    if args.tasks_dir:
+        from . import TASKS_DIR
+
+        print(TASKS_DIR)
+        return 0
+    if args.list:
+        from .benchmarks import describe
+
+        print(describe())
+        return 0
+    missing = [f"--{n}" for n in ("model", "suite", "output") if not getattr(args, n)]
+    if missing:
+        raise _user_error(f"missing {', '.join(missing)}; e.g. pmod-bench eval --model DIR --suite table1 --output runs/x "
+                          "(see --list for suites)")
+    if args.data:
+        os.environ["PMOD_BENCH_DATA"] = str(args.data)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .runner import EvalConfig, RunDirMismatch, format_rows, run_eval
+
+    try:
+        cfg = EvalConfig(
+            model=args.model, suite=args.suite, output=args.output, limit=args.limit, batch_size=args.batch_size,
+            pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
+            allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
+            attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
+            label=args.label, command=" ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]]),
+        )
+        outcome = run_eval(cfg)
+    except (ValueError, RunDirMismatch) as exc:  # bad settings / a run dir of another evaluation
+        raise _user_error(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun, rank 0 reports
+        return 1 if outcome.failures else 0
+    if outcome.rows:
+        print(format_rows(outcome.rows))
+    if outcome.failures:
+        print(f"pmod-bench eval: {len(outcome.failures)} benchmark(s) failed:", file=sys.stderr)
+        for key, msg in outcome.failures.items():
+            print(f"  {key}: {msg}", file=sys.stderr)
+        print(f"Tracebacks in {args.output}/errors/. Fix the cause and re-run the same command: finished benchmarks "
+              "are kept.", file=sys.stderr)
+        return 1
+    if outcome.pending:
+        print(f"pmod-bench eval: no results for {', '.join(outcome.pending)}", file=sys.stderr)
+        return 1
+    print(f"results: {args.output}/summary.json")
+    return 0
+
+
+def _data_check(args) -> int:
+    from .benchmarks import resolve_suite
+    from .data import ENV_VAR, check_benchmark, data_root
+
+    root = data_root(args.root)
+    if root is None:
+        raise _user_error(f"no data root: set {ENV_VAR}=DIR or pass --root DIR (datasets are read from DIR/ORG/NAME); "
+                          "without it lmms-eval fetches from the hub (needs an HF token)")
+    try:
+        benches = resolve_suite(args.suite)
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
+    bad = 0
+    print(f"data root: {root}")
+    print(f"{'benchmark':<10} {'status':<8} {'dataset [config] splits':<58} rows")
+    for b in benches:
+        for st in check_benchmark(b, root):
+            ref = st.ref
+            name = f"{ref.hub_id} [{ref.config or 'default'}] {'/'.join(ref.splits)}"
+            rows = "/".join(str(st.rows[s]) for s in ref.splits if s in st.rows)
+            print(f"{b.key:<10} {'ok' if st.ok else 'MISSING' if st.path is not None and not st.path.is_dir() else 'INVALID':<8} "
+                  f"{name:<58} {rows}")
+            if not st.ok:
+                bad += 1
+                print(f"{'':<10} -> {st.error}")
+    print(f"{bad} problem(s)" if bad else "all present and valid")
+    return 1 if bad else 0
+
+
+def _data_fixtures(args) -> int:
+    from .benchmarks import resolve_suite
+    from .fixtures import generate
+
+    try:
+        keys = [b.key for b in resolve_suite(args.suite)]
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
+    out = generate(args.dir, keys)
+    print(f"wrote {len(out)} fixture dataset(s) under {args.dir} for {', '.join(keys)}; "
+          f"use PMOD_BENCH_DATA={args.dir}")
+    return 0
+
+
+__all__ = ["add_parser"]

@@ -1,0 +1,205 @@
+"""Offline benchmark data: ``PMOD_BENCH_DATA=/root`` reads hub dataset ``ORG/NAME`` from ``/root/ORG/NAME/``.
+
+The local copy is laid out exactly as a snapshot download of the dataset repository
+(``huggingface-cli download ORG/NAME --repo-type dataset --local-dir /root/ORG/NAME``): the README's
+``configs:`` section and the parquet files under the same paths. ``datasets`` resolves configs and
+splits from it exactly as it does on the hub, so the adapter tasks see the same splits and columns.
+
+Checks are cheap (config/split resolution by ``datasets.load_dataset_builder``, columns from the
+parquet schema, row counts from parquet metadata): nothing is decoded or copied. Every problem is a
+:class:`DataError` naming the benchmark, the expected path and the missing config, split or column.
+Heavy imports (datasets, pyarrow) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .benchmarks import BENCHMARKS, Benchmark, DataRef, benchmark_for_task
+
+ENV_VAR = "PMOD_BENCH_DATA"
+
+
+class DataError(ValueError):
+    """A missing or malformed local benchmark copy; the message names benchmark, path and fix."""
+
+
+def data_root(root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """The local data root: ``root`` if given, else ``$PMOD_BENCH_DATA``, else None (use the hub)."""
+    value = root if root is not None else os.environ.get(ENV_VAR, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """``<root>/<ORG>/<NAME>`` for hub id ``ORG/NAME`` (None when no local root is configured)."""
+    base = data_root(root)
+    return None if base is None else base / hub_id
+
+
+def _download_hint(ref: DataRef, path: Path) -> str:
+    return (f"Put a snapshot of the hub dataset there (`huggingface-cli download {ref.hub_id} --repo-type dataset "
+            f"--local-dir {path}`), or unset {ENV_VAR} to read from the hub.")
+
+
+@dataclass
+class RefStatus:
+    """Result of checking one (dataset, config) of a benchmark."""
+
+    ref: DataRef
+    path: Optional[Path]
+    ok: bool
+    rows: dict[str, int] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def readme_configs(path: Path) -> Optional[dict[str, dict[str, list[str]]]]:
+    """{config: {split: [path patterns]}} from a snapshot's README.md ``configs:`` section (None if absent)."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list):
+        return None
+    out: dict[str, dict[str, list[str]]] = {}
+    for c in configs:
+        if not isinstance(c, dict) or "config_name" not in c:
+            continue
+        files = c.get("data_files") or []
+        splits: dict[str, list[str]] = {}
+        if isinstance(files, (str, list)) and not (isinstance(files, list) and files and isinstance(files[0], dict)):
+            splits["train"] = [files] if isinstance(files, str) else list(files)
+        elif isinstance(files, dict):
+            splits = {k: ([v] if isinstance(v, str) else list(v)) for k, v in files.items()}
+        else:
+            for entry in files:
+                pth = entry.get("path")
+                splits[str(entry.get("split", "train"))] = [pth] if isinstance(pth, str) else list(pth or [])
+        out[str(c["config_name"])] = splits
+    return out
+
+
+def split_files(path: Path, config: Optional[str]) -> dict[str, list[str]]:
+    """{split: [data files]} of a local dataset repository copy, resolved as ``datasets`` does.
+
+    A README ``configs:`` section is read directly (so a missing split or file is named); without
+    one, ``datasets.load_dataset_builder`` infers the layout.
+    """
+    configs = readme_configs(path)
+    if configs is not None:
+        name = config or "default"
+        if name not in configs:
+            raise ValueError(f"config '{name}' is not in README.md's configs (found: {', '.join(configs) or 'none'})")
+        return {split: sorted(str(f) for pat in pats for f in path.glob(pat) if f.is_file())
+                for split, pats in configs[name].items()}
+    import datasets
+
+    builder = datasets.load_dataset_builder(str(path), config)
+    files = builder.config.data_files or {}
+    return {str(split): [str(f) for f in fs] for split, fs in files.items()}
+
+
+def check_ref(benchmark: Benchmark, ref: DataRef, root: "str | os.PathLike | None" = None) -> RefStatus:
+    """Check one local dataset copy: directory, config, splits, columns. Never raises for bad data."""
+    path = local_dir(ref.hub_id, root)
+    if path is None:
+        return RefStatus(ref, None, False, error=f"{ENV_VAR} is not set (data would come from the hub)")
+    config = ref.config or "default"
+    where = f"{benchmark.key}: local copy of {ref.hub_id}"
+    if not path.is_dir():
+        return RefStatus(ref, path, False, error=f"{where} not found: expected directory {path}. {_download_hint(ref, path)}")
+    try:
+        files = split_files(path, ref.config)
+    except Exception as exc:  # datasets raises ValueError / FileNotFoundError / DataFilesNotFoundError
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return RefStatus(ref, path, False, error=(
+            f"{where} at {path} has no usable config '{config}' ({msg}). The directory must be a snapshot of the "
+            f"dataset repository (README.md with its `configs:` section and the parquet files). {_download_hint(ref, path)}"))
+    missing = [s for s in ref.splits if not files.get(s)]
+    if missing:
+        found = ", ".join(sorted(s for s, fs in files.items() if fs)) or "none"
+        return RefStatus(ref, path, False, error=(
+            f"{where} at {path}, config '{config}': missing split(s) {', '.join(missing)} (no data files; splits "
+            f"with files: {found}). {_download_hint(ref, path)}"))
+    rows: dict[str, int] = {}
+    import pyarrow.parquet as pq
+
+    for split in ref.splits:
+        paths = files[split]
+        try:
+            schema = pq.read_schema(paths[0])
+            rows[split] = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+        except Exception as exc:
+            return RefStatus(ref, path, False, rows, error=(
+                f"{where}: {paths[0]} (config '{config}', split '{split}') is not a readable parquet file ({exc}). "
+                f"{_download_hint(ref, path)}"))
+        need = [c for c in (*ref.columns, *ref.image_columns) if c not in schema.names]
+        if need:
+            return RefStatus(ref, path, False, rows, error=(
+                f"{where}: config '{config}', split '{split}' lacks column(s) {', '.join(repr(c) for c in need)} "
+                f"in {paths[0]} (has: {', '.join(schema.names)}). The adapter task reads them; "
+                f"{_download_hint(ref, path)}"))
+        if rows[split] == 0:
+            return RefStatus(ref, path, False, rows, error=f"{where}: config '{config}', split '{split}' is empty ({paths[0]}).")
+    return RefStatus(ref, path, True, rows)
+
+
+def check_benchmark(benchmark: Benchmark, root: "str | os.PathLike | None" = None) -> list[RefStatus]:
+    return [check_ref(benchmark, ref, root) for ref in benchmark.data]
+
+
+def require_local(hub_id: str, config: Optional[str], split: Optional[str], task: Optional[str] = None,
+                  root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """The checked local directory for a hub dataset, or None when no local root is configured.
+
+    Raises :class:`DataError` when the copy is missing or malformed. The benchmark (for the message
+    and the required columns) is found from the adapter ``task`` name or the hub id / config.
+    """
+    path = local_dir(hub_id, root)
+    if path is None:
+        return None
+    bench = benchmark_for_task(task) if task else None
+    candidates = [bench] if bench else list(BENCHMARKS.values())
+    ref = None
+    for b in candidates:
+        for r in b.data:
+            if r.hub_id == hub_id and r.config == config:
+                bench, ref = b, r
+                break
+        if ref is not None:
+            break
+    if ref is None:  # not one of ours: check presence of the split only
+        ref = DataRef(hub_id, config, (split,) if split else (), (), image_columns=())
+        bench = bench or Benchmark(key=task or hub_id, title="", run=(), result="", metric="", scale=1.0, data=(ref,), builtin="")
+    elif split and split not in ref.splits:
+        ref = DataRef(ref.hub_id, ref.config, (split,), ref.columns, ref.image_columns)
+    status = check_ref(bench, ref, root)
+    if not status.ok:
+        raise DataError(status.error)
+    return path
+
+
+def load_split(hub_id: str, config: Optional[str], split: str, task: Optional[str] = None, **kwargs: Any):
+    """``datasets.load_dataset(hub_id, config, split=split)``, from the checked local copy if configured."""
+    import datasets
+
+    path = require_local(hub_id, config, split, task)
+    if path is None:
+        kwargs.setdefault("token", True)
+        return datasets.load_dataset(hub_id, config, split=split, **kwargs)
+    kwargs.pop("token", None)
+    cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
+    if cache and "cache_dir" not in kwargs:
+        kwargs["cache_dir"] = cache
+    return datasets.load_dataset(str(path), config, split=split, **kwargs)

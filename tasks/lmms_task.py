@@ -1,0 +1,33 @@
+"""The lmms-eval task class of the adapter tasks: lmms-eval's ``ConfigurableTask`` + offline data.
+
+Adapter YAMLs name it with ``class: !function pmod_bench.tasks.lmms_task.PMoDTask``. It changes
+one thing: where the dataset comes from. With ``PMOD_BENCH_DATA`` set, the hub dataset ``ORG/NAME``
+is read from ``$PMOD_BENCH_DATA/ORG/NAME`` after :mod:`pmod_bench.tasks.data` checked it (a missing
+or malformed copy raises :class:`~pmod_bench.tasks.data.DataError` naming benchmark, path and the
+missing split / column); without it, lmms-eval's own hub loading runs unchanged.
+"""
+
+from __future__ import annotations
+
+from lmms_eval.api.task import ConfigurableTask
+
+from .data import require_local
+
+
+class PMoDTask(ConfigurableTask):
+    """``ConfigurableTask`` whose dataset may come from a local snapshot (``PMOD_BENCH_DATA``)."""
+
+    def __init__(self, data_dir=None, cache_dir=None, download_mode=None, config=None, model_name=None) -> None:
+        # lmms-eval hands python-class tasks their YAML config including the `class` key itself
+        config = {k: v for k, v in (config or {}).items() if k != "class"}
+        super().__init__(data_dir, cache_dir, download_mode, config=config, model_name=model_name)
+
+    def download(self, dataset_kwargs=None) -> None:
+        split = self.config.test_split or self.config.validation_split
+        path = require_local(self.DATASET_PATH, self.DATASET_NAME, split, task=self.config.task)
+        if path is None:
+            return super().download(dataset_kwargs)
+        kwargs = dict(dataset_kwargs or {})
+        kwargs.pop("token", None)  # a local directory needs no hub token
+        self.DATASET_PATH = str(path)
+        return super().download(kwargs)

@@ -1,0 +1,450 @@
+"""``pmod_llava``: the lmms-eval model for p-MoD and vanilla HF LLaVA / LLaVA-NeXT checkpoints.
+
+A thin class: loading is :func:`pmod_bench.model.loading.load_model`, the forward pass is the HF
+model's own ``generate`` / ``forward``; lmms-eval supplies requests, batching helpers
+(``lmms_eval.utils.Collator``) and the process layout (``accelerate launch``). Nothing of lmms-eval
+is copied.
+
+``python -m lmms_eval --model pmod_llava --model_args pretrained=DIR[,key=value...]``; model_args:
+
+==========================  =====================================================================
+``pretrained``              checkpoint directory, hub id, or preset name (``tiny`` for tests)
+``pmod``                    turn a vanilla checkpoint into p-MoD: ``default`` or a PMoDConfig JSON
+                            file (routers untrained: for smoke tests and exploration only)
+``shift`` / ``schedule``    run a p-MoD model at another delta / schedule (``set_pmod_ratios``)
+``ratios``                  explicit per-layer retention, ``[1,1,0.85,...]`` or ``1;1;0.85;...``
+``allow_untrained_routers`` let the overrides route layers that have no trained router
+``dtype``                   ``auto`` (float16 on GPU as the paper, float32 on CPU), ``bfloat16``, ...
+``device``                  ``cuda:0``, ``cpu``; default: this process's GPU, else CPU
+``attn_implementation``     ``sdpa`` (default), ``eager``, ``flash_attention_2``
+``batch_size``              requests per forward pass (left padding; answers equal batch size 1)
+``chat_template``           ``vicuna_v1`` (default: the paper's conv template), ``processor`` (the
+                            checkpoint's own), a ``.jinja`` file or a template string
+``response_cache``          directory for per-request persistence (resume; see ``tasks/cache.py``)
+``max_new_tokens``          default when a task sets none (LLaVA's: 1024)
+==========================  =====================================================================
+
+Prompts: ``USER: <image>\\n{task prompt} ASSISTANT:`` after the Vicuna-v1 system prompt, one
+``<image>`` per visual unless the task prompt places them itself, as lmms-eval's ``llava`` model
+with ``conv_template=vicuna_v1`` builds them. Generation honours ``until`` (stop strings, then the
+text is cut at the first one), ``max_new_tokens``, ``temperature`` / ``do_sample`` / ``top_p`` /
+``num_beams``; ``image_aspect_ratio`` (an option of the original LLaVA code) is ignored: the
+checkpoint's processor decides the image preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.utils import Collator
+from tqdm import tqdm
+
+from .cache import ResponseCache, request_key
+
+#: generation kwargs understood here; others are ignored with one warning
+_GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava model, when a task sets none
+
+
+def parse_ratios(value: Any) -> Optional[list[float]]:
+    """``[1,1,0.5]`` / ``1;1;0.5`` / ``1 1 0.5`` / a list -> list of floats (None stays None)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    text = str(value).strip().strip("[]")
+    for sep in (";", ":", " ", ","):
+        text = text.replace(sep, ",")
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"ratios must be numbers like [1,1,0.5] or 1;1;0.5, got {value!r}") from None
+
+
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use auto, {', '.join(sorted(set(_DTYPES)))}")
+    return _DTYPES[key]
+
+
+def _load_model(source: str, pmod: Any, dtype: torch.dtype, device: torch.device, attn: str):
+    from pmod_bench.model.loading import load_model
+
+    return load_model(source, pmod=pmod, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def _pmod_arg(pmod: Any):
+    """model_args ``pmod`` -> PMoDConfig / dict / None."""
+    if pmod in (None, "", "none", "None", False):
+        return None
+    from pmod_bench import PMoDConfig
+
+    if pmod in ("default", True):
+        return PMoDConfig()
+    if isinstance(pmod, (dict, PMoDConfig)):
+        return PMoDConfig.from_dict(pmod) if isinstance(pmod, dict) else pmod
+    path = Path(str(pmod)).expanduser()
+    if path.is_file():
+        return PMoDConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return PMoDConfig.from_dict(json.loads(str(pmod)))
+    except ValueError:
+        raise ValueError(f"pmod must be 'default', a PMoDConfig JSON file or a JSON object, got {pmod!r}") from None
+
+
+class PMoDLlava(lmms):
+    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) checkpoints; see the module docstring."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: Any = "tiny",
+        pmod: Any = None,
+        shift: Optional[float] = None,
+        schedule: Optional[str] = None,
+        ratios: Any = None,
+        allow_untrained_routers: bool = False,
+        dtype: Any = "auto",
+        device: Optional[str] = None,
+        attn_implementation: str = "sdpa",
+        batch_size: Any = 1,
+        max_batch_size: Any = None,  # passed by lmms-eval's evaluator; unused
+        chat_template: str = "vicuna_v1",
+        response_cache: Optional[str] = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        model: Any = None,
+        processor: Any = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(
+                f"pmod_llava: unknown model_args {', '.join(sorted(unknown))}. Known: pretrained, pmod, shift, schedule, "
+                "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
+                "response_cache, max_new_tokens."
+            )
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"pmod_llava: batch_size must be a positive integer, got {batch_size!r}") from None
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"pmod_llava: batch_size must be >= 1, got {batch_size}")
+        self.max_new_tokens = int(max_new_tokens)
+
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        if accelerator.num_processes > 1:
+            self._device = accelerator.device
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        else:
+            self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._dtype = resolve_dtype(dtype, self._device)
+
+        self.pretrained = pretrained if isinstance(pretrained, str) else type(model).__name__
+        if os.path.isdir(self.pretrained):  # one identity whatever the working directory
+            self.pretrained = os.path.abspath(self.pretrained)
+        if model is None:
+            model, processor = _load_model(str(pretrained), _pmod_arg(pmod), self._dtype, self._device, attn_implementation)
+        else:
+            model = model.to(device=self._device)
+        if processor is None:
+            raise ValueError("pmod_llava: the checkpoint has no processor (tokenizer + image processor)")
+        self._model = model.eval()
+        self._dtype = self._model.dtype
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation appends after the last real token
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        changes: dict[str, Any] = {}
+        if shift is not None:
+            changes["shift"] = float(shift)
+        if schedule is not None:
+            changes["schedule"] = str(schedule)
+        parsed = parse_ratios(ratios)
+        if parsed is not None:
+            changes["ratios"] = parsed
+        if changes:
+            if not hasattr(self._model, "set_pmod_ratios"):
+                raise ValueError("pmod_llava: shift / schedule / ratios need a p-MoD model; this checkpoint is vanilla "
+                                 "(pass pmod=default to convert it, with untrained routers)")
+            self._model.set_pmod_ratios(allow_untrained_routers=bool(allow_untrained_routers), **changes)
+
+        self.chat_template_name = str(chat_template)
+        self._template = self._resolve_template(self.chat_template_name)
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        ratios_now = self._model.layer_ratios() if hasattr(self._model, "layer_ratios") else None
+        self.identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
+                         "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self._template)[:16]}
+        self.cache = ResponseCache(response_cache, rank=self._rank) if response_cache else None
+        self._warned: set[str] = set()
+        self.model_calls = 0  # forward batches run (tests, benchmarks)
+
+    # ------------------------------------------------------------------------------ properties
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "PMoDLlava":
+        """As lmms-eval's, but ``--model_args batch_size=8`` wins over the CLI's ``--batch_size``
+        (lmms-eval would pass both and fail with a duplicate keyword)."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
+    @classmethod
+    def from_loaded(cls, model, processor, name: str = "model", **kwargs: Any) -> "PMoDLlava":
+        """Wrap an already loaded model + processor (programmatic use, tests, benchmarks)."""
+        return cls(pretrained=name, model=model, processor=processor, **kwargs)
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def _resolve_template(self, name: str) -> Optional[str]:
+        if name == "vicuna_v1":
+            from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
+
+            return VICUNA_V1_TEMPLATE
+        if name == "processor":
+            if getattr(self.processor, "chat_template", None) is None:
+                raise ValueError("pmod_llava: chat_template=processor, but the checkpoint's processor has no chat template")
+            return None
+        if "{%" in name or "{{" in name:
+            return name
+        path = Path(name).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        raise ValueError(f"pmod_llava: chat_template must be vicuna_v1, processor, a .jinja file or a template; got {name!r}")
+
+    # --------------------------------------------------------------------------------- prompts
+    def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
+        """The full prompt text (``<image>`` unexpanded) for one request."""
+        if num_images and self.image_token not in context:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
+        else:
+            content = [{"type": "text", "text": context}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], chat_template=self._template,
+                                                    add_generation_prompt=True, tokenize=False)
+        if continuation is not None:
+            prompt += continuation if continuation[:1].isspace() else " " + continuation
+        return prompt
+
+    def _encode(self, prompts: Sequence[str], images: Sequence[list]):
+        flat = [im for ims in images for im in ims]
+        inputs = self.processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return inputs
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        if visuals is None:
+            return []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        out = []
+        for v in visuals:
+            if isinstance(v, (list, tuple)):
+                out.extend(v)
+            elif v is not None:
+                out.append(v)
+        for v in out:
+            if not hasattr(v, "convert"):
+                raise TypeError(f"pmod_llava handles images only; task {task} gave a {type(v).__name__} (video/audio)")
+        return out
+
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, stacklevel=3)
+
+    # ------------------------------------------------------------------------------ generation
+    def _generation_config(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen = dict(gen_kwargs or {})
+        unknown = sorted(set(gen) - _GEN_KEYS)
+        if unknown:
+            self._warn_once(f"pmod_llava ignores generation kwargs {unknown}")
+        until = gen.get("until") or []
+        if isinstance(until, str):
+            until = [until]
+        if not isinstance(until, (list, tuple)):
+            raise TypeError(f"gen_kwargs['until'] must be a string or a list of strings, got {type(until).__name__}")
+        until = [u for u in until if u]
+        temperature = float(gen.get("temperature") or 0.0)
+        do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
+        cfg: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
+                               "do_sample": do_sample, "num_beams": int(gen.get("num_beams") or 1)}
+        if do_sample:
+            cfg["temperature"] = temperature
+            if gen.get("top_p") not in (None, 0, 0.0):
+                cfg["top_p"] = float(gen["top_p"])
+        return cfg, list(until)
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
+        """Generate for one batch of prompts (left-padded); texts cut at the first ``until`` string."""
+        cfg, until = self._generation_config(gen_kwargs)
+        inputs = self._encode(prompts, images)
+        tok = self.tokenizer
+        extra = {"stop_strings": until, "tokenizer": tok} if until else {}
+        out = self._model.generate(**inputs, **cfg, **extra, pad_token_id=tok.pad_token_id, use_cache=True)
+        self.model_calls += 1
+        texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        cut = []
+        for text in texts:
+            for stop in until:
+                text = text.split(stop, 1)[0]
+            cut.append(text)
+        return cut
+
+    def _run(self, requests: list[Instance], kind: str, key_parts, sort_key, group_key, compute) -> list:
+        """Shared loop: cache look-up, length-sorted batches (Collator), per-batch persistence."""
+        results: list[Any] = [None] * len(requests)
+        todo = []
+        for i, req in enumerate(requests):
+            args = req.args
+            key = request_key(self.identity, kind, *key_parts(args))
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None:
+                results[i] = tuple(hit) if kind == "loglikelihood" else hit
+            else:
+                todo.append((i, key, args))
+        if not todo:
+            return results
+        batches = Collator(todo, sort_fn=lambda t: sort_key(t[2]), group_fn=lambda t: group_key(t[2]), grouping=True)
+        bar = tqdm(total=len(todo), disable=(self.rank != 0), desc=f"pmod_llava {kind}", unit="sample", leave=False)
+        for chunk in batches.get_batched(n=self.batch_size):
+            outputs = compute([c[2] for c in chunk])
+            for (i, key, args), value in zip(chunk, outputs):
+                results[i] = value
+                if self.cache is not None:
+                    task, doc_id = args[-2], args[-3]
+                    self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
+            if self.cache is not None:
+                self.cache.flush()
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def _ntokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Batched greedy / sampled generation; same answers at any batch size (left padding)."""
+
+        def compute(batch):
+            prompts, images = [], []
+            for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+                images.append(visuals)
+                prompts.append(self.build_prompt(context, len(visuals)))
+            return self._generate_batch(prompts, images, batch[0][1])
+
+        return self._run(
+            requests, "generate_until",
+            key_parts=lambda a: (a[4], a[5], a[3], a[0], a[1]),  # task, split, doc_id, context, gen_kwargs
+            sort_key=lambda a: (-self._ntokens(a[0]), a[0]),
+            group_key=lambda a: a[1],
+            compute=compute,
+        )
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation tokens | prompt), whether greedy decoding yields them) per request.
+
+        The continuation follows ``ASSISTANT:`` (a space is inserted unless it starts with whitespace);
+        its tokens are those of the full prompt beyond the prompt without it (as lm-eval counts them).
+        lmms-eval 0.7.3's evaluator mangles these tuples (see LMMS_EVAL_NOTES.md); call directly.
+        """
+
+        def continuation_of(args) -> str:
+            _, target, _, doc_id, task, split = args
+            return target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+
+        @torch.inference_mode()
+        def compute(batch):
+            prompts, images, n_cont = [], [], []
+            for args in batch:
+                context, _, doc_to_visual, doc_id, task, split = args
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+                ctx = self.build_prompt(context, len(visuals))
+                full = self.build_prompt(context, len(visuals), continuation=continuation_of(args))
+                n_cont.append(max(self._ntokens(full) - self._ntokens(ctx), 1))
+                prompts.append(full)
+                images.append(visuals)
+            inputs = self._encode(prompts, images)
+            logits = self._model(**inputs).logits.float()  # (B, N, V); left padding: sequences end at N
+            self.model_calls += 1
+            ids = inputs["input_ids"]
+            N = ids.shape[1]
+            out = []
+            for b, n in enumerate(n_cont):
+                target = ids[b, N - n:]                      # (n,)
+                logp = torch.log_softmax(logits[b, N - n - 1:N - 1], dim=-1)  # positions predicting the targets
+                ll = logp.gather(-1, target[:, None]).sum().item()
+                greedy = bool((logp.argmax(-1) == target).all())
+                out.append((float(ll), greedy))
+            return out
+
+        return self._run(
+            requests, "loglikelihood",
+            key_parts=lambda a: (a[4], a[5], a[3], a[0], continuation_of(a)),
+            sort_key=lambda a: (-self._ntokens(a[0]), a[0]),
+            group_key=lambda a: {},
+            compute=compute,
+        )
+
+    def clean(self) -> None:
+        """lmms-eval calls this after each evaluation; its default deletes the model. Keep it (the
+        runner evaluates benchmark after benchmark with one model) and free cached GPU memory only."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("pmod_llava does not implement multi-round generation (no paper benchmark uses it)")
+
+    def describe(self) -> dict:
+        """Model facts for run.json."""
+        cfg = getattr(self._model, "config", None)
+        pmod = getattr(cfg, "pmod", None)
+        return {**self.identity, "pmod": pmod, "device": str(self._device), "batch_size": self.batch_size,
+                "world_size": self.world_size, "num_params": sum(p.numel() for p in self._model.parameters())}

@@ -1,0 +1,217 @@
+"""End to end on CPU: the real `pmod-bench train` CLI on the tiny preset and a generated dataset.
+
+One uninterrupted run (20 steps) is the reference for: the loss going down, the checkpoint loading with
+``AutoModelForImageTextToText.from_pretrained`` and generating, frozen modules staying put, a run
+stopped at step 10 and resumed (identical losses), and two processes through ``accelerate launch``
+(gloo) at the same global batch (losses within 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A vanilla tiny LLaVA-NeXT checkpoint, a generated dataset (with bad records) and a recipe using both."""
+    from pmod_bench.model.presets import build_preset
+
+    from pmod_bench.train.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("train_e2e")
+    torch.manual_seed(0)
+    model, processor = build_preset("tiny", pmod=None)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    # 10 good + 2 bad image records, 4 text-only: every global batch of 4 is full (even 1- vs 2-process split)
+    make_demo_dataset(root / "data", n_image=10, n_text=4, bad={"missing": 1, "corrupt": 1, "malformed": 1})
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"# pmod-bench train --config {recipe}\n"
+        "include: demo-tiny.yaml\n"
+        f"model: {{source: {root / 'base'}}}\n"
+        f"data: {{json: {root / 'data' / 'data.json'}, image_folder: {root / 'data'}}}\n"
+        f"train: {{max_steps: {STEPS}, save_steps: 10, progress_bar: false}}\n"
+    )
+    return root, recipe
+
+
+def _cli(*args) -> int:
+    from pmod_bench.cli import main
+
+    return main(["train", *map(str, args)])
+
+
+def _log(run: Path) -> list:
+    return [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def run_a(ws):
+    root, recipe = ws
+    out = root / "A"
+    torch.set_num_threads(1)
+    assert _cli("--config", recipe, "-o", out) == 0
+    return out
+
+
+def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ws, run_a):
+    root, _ = ws
+    rows = _log(run_a)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in rows]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    print(f"loss: first 4 steps {first:.3f}, last 4 steps {last:.3f}")
+    assert last < 0.8 * first
+    for key in ("step", "epoch", "loss", "lr", "tokens_per_s", "samples_per_s", "gpu_hours", "world_size"):
+        assert key in rows[0]
+    assert all(b["gpu_hours"] >= a["gpu_hours"] for a, b in zip(rows, rows[1:])) and rows[-1]["tokens_per_s"] > 0
+    run = json.loads((run_a / "run.json").read_text())
+    assert run["kind"] == "train" and run["schema_version"] == 1 and run["command"].startswith("pmod-bench train --config")
+    summary = json.loads((run_a / "train_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS and summary["stage"] == "sft"
+    assert summary["final_loss"] == losses[-1] and summary["gpu_hours"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["bad_samples"] == 3  # 1 malformed (dropped at load) + missing + corrupt image (skipped)
+    bad = [json.loads(l)["id"] for l in (run_a / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted(bad) == ["corrupt-0", "malformed-0", "missing-0"]
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import pmod_bench  # noqa: F401  (registers the p-MoD classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(run_a)
+    processor = AutoProcessor.from_pretrained(run_a)
+    assert type(model).__name__ == "PMoDLlavaNextForConditionalGeneration"
+    assert model.config.pmod["overflow_guard"] is False  # the training guard is not left on for inference
+    base = AutoModelForImageTextToText.from_pretrained(root / "base")
+    trained, before = model.state_dict(), base.state_dict()
+    vision = [k for k in before if k.startswith("model.vision_tower.")]
+    assert vision and all(torch.equal(trained[k], before[k]) for k in vision)  # frozen
+    assert not torch.equal(trained["model.multi_modal_projector.linear_1.weight"], before["model.multi_modal_projector.linear_1.weight"])
+    assert not torch.equal(trained["model.language_model.layers.0.mlp.up_proj.weight"], before["model.language_model.layers.0.mlp.up_proj.weight"])
+    # routers learned, except the last layer's: its vision-token outputs reach no labelled position, so the
+    # language-model loss gives it no gradient at all (it keeps its zero init; selection there is by position)
+    last = len(model.model.language_model.layers) - 1
+    assert all(torch.count_nonzero(l.router.weight) > 0 for i, l in model.pmod_layers.items() if i != last)
+    assert torch.count_nonzero(model.pmod_layers[last].router.weight) == 0
+
+    from PIL import Image
+
+    img = Image.open(root / "data" / "images" / "0000.png").convert("RGB")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the color of the object?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=img, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_resume_continues_exactly(ws, run_a):
+    root, recipe = ws
+    out = root / "B"
+    assert _cli("--config", recipe, "-o", out, "train.stop_at_step=10") == 0
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["status"] == "stopped" and s["steps"] == 10 and (out / "checkpoint-10").is_dir()
+    assert not (out / "config.json").exists()  # no final model for a stopped run
+    assert _cli("--config", recipe, "-o", out) == 0  # train.resume=auto picks checkpoint-10
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["status"] == "completed" and s["resumed_from"].endswith("checkpoint-10")
+    a, b = _log(run_a), _log(out)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+    print("resume: max |loss difference| after step 10 =", max(diffs[10:]))
+    assert max(diffs) <= 1e-6 * max(r["loss"] for r in a)
+    assert [x["lr"] for x in a] == [y["lr"] for y in b]
+    assert b[-1]["gpu_hours"] > b[9]["gpu_hours"]  # accumulated over both sessions
+    assert _cli("--config", recipe, "-o", out, "train.resume=null") == 2  # refuses to overwrite checkpoints
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(ws, run_a):
+    """accelerate launch, 2 CPU processes (gloo), 2 samples each = the 1-process run's global batch of 4."""
+    root, recipe = ws
+    out = root / "C"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "pmod_bench.cli", "train", "--config", str(recipe), "-o", str(out),
+           "train.per_device_batch_size=2", "train.stop_at_step=4", "train.device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, c = _log(run_a), _log(out)
+    assert [r["step"] for r in c] == [1, 2, 3, 4] and all(r["world_size"] == 2 for r in c)
+    assert [r["samples"] for r in c] == [r["samples"] for r in a[:4]]  # same global batches
+    rel = [abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, c)]
+    print("1 vs 2 processes: losses", [round(r["loss"], 5) for r in a[:4]], [round(r["loss"], 5) for r in c],
+          "max rel diff", max(rel))
+    assert max(rel) < 1e-3
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["world_size"] == 2 and s["gradient_accumulation_steps"] == 1 and s["status"] == "stopped"
+
+
+def test_pt_stage_trains_only_the_connector(ws):
+    root, recipe = ws
+    out = root / "PT"
+    assert _cli("--config", recipe, "-o", out, "stage=pt", "pmod=null", "data.template=plain", "train.max_steps=3",
+                "train.lr=1.0e-3") == 0
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    base = AutoModelForImageTextToText.from_pretrained(root / "base")
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"  # PT: the vanilla model
+    after, before = model.state_dict(), base.state_dict()
+    changed = {k.split(".")[1] if k.startswith("model.") else k.split(".")[0]
+               for k in before if not torch.equal(after[k], before[k])}
+    assert changed == {"multi_modal_projector", "image_newline"}
+    with safe_open(str(out / "connector.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.multi_modal_projector.linear_2.weight"),
+                           after["model.multi_modal_projector.linear_2.weight"])
+    assert json.loads((out / "train_summary.json").read_text())["trainable"] == ["connector"]
+
+
+def test_overflow_guard_stops_training_and_records_it(ws, tmp_path):
+    """weight_norm none + a router gone to infinity: PMoDOverflowError names the layer; the summary says OVERFLOW."""
+    from pmod_bench.model.layer import PMoDOverflowError
+    from pmod_bench.model.presets import build_preset
+
+    from pmod_bench.train.config import load_recipe
+    from pmod_bench.train.trainer import train
+
+    root, recipe = ws
+    cfg = load_recipe(recipe, ["pmod.weight_norm=none", f"output_dir={tmp_path / 'ovf'}", "train.max_steps=2"])
+    model, processor = build_preset("tiny", pmod=cfg.resolved_pmod(8))
+    layer = next(iter(model.pmod_layers.values()))
+    with torch.no_grad():
+        layer.router.bias.fill_(float("inf"))
+    with pytest.raises(PMoDOverflowError, match=rf"step \d+: OVERFLOW: .* p-MoD layer {layer.layer_idx} \(router logits"):
+        train(cfg, model=model, processor=processor)
+    s = json.loads((tmp_path / "ovf" / "train_summary.json").read_text())
+    assert s["status"] == "overflow" and f"layer {layer.layer_idx}" in s["error"]
