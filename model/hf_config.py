@@ -16,6 +16,11 @@ from .config import PMoDConfig
 class _PMoDConfigMixin:
     """Adds the validated ``pmod`` dict (a serialised :class:`PMoDConfig`) to an HF config."""
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)  # the HF LLaVA config's own
+        self._validate_pmod()
+        _register_models()
+
     def _validate_pmod(self) -> None:
         self.pmod = PMoDConfig.from_dict(self.pmod).to_dict()
         n = self.text_config.num_hidden_layers
@@ -47,11 +52,6 @@ class PMoDLlavaConfig(_PMoDConfigMixin, LlavaConfig):
     pmod: dict | None = None
     pmod_router_layers: list[int] | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._validate_pmod()
-        _register_models()
-
 
 @strict
 class PMoDLlavaNextConfig(_PMoDConfigMixin, LlavaNextConfig):
@@ -60,11 +60,6 @@ class PMoDLlavaNextConfig(_PMoDConfigMixin, LlavaNextConfig):
     model_type = "pmod_llava_next"
     pmod: dict | None = None
     pmod_router_layers: list[int] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._validate_pmod()
-        _register_models()
 
 
 def _register_models() -> None:

@@ -13,7 +13,6 @@ import warnings
 from typing import Any, Iterator, Optional, Union
 
 import torch
-import functools
 import inspect
 
 from torch import nn
@@ -156,7 +155,8 @@ class PMoDModelMixin:
 
     # --------------------------------------------------------------------------- accounting
     def kv_cache_entries(self, cache) -> list[int]:
-        """Stored KV entries per layer (summed over the batch, padding slots excluded)."""
+        """Stored KV entries per layer, summed over the batch. A p-MoD layer's batch-alignment slots are
+        excluded; ordinary layers hold every position of the input, left padding included, as in HF."""
         out = []
         for layer in cache.layers:
             keys = getattr(layer, "keys", None)

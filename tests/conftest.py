@@ -53,3 +53,33 @@ def make_inputs(processor, sizes=((64, 48),), questions=None):
         prompts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
         images.append(demo_image(w, h, seed=(7 * w + h) % 13))  # same image for the same size
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: extra threads only contend."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def benchmark_data_env(tmp_path_factory, benchmarks=None):
+    """Generator for module fixtures: benchmark fixtures (hub schema) under PMOD_BENCH_DATA, an isolated
+    datasets cache, one torch thread; undone afterwards."""
+    import torch
+
+    from pmod_bench.tasks.fixtures import generate
+
+    root = tmp_path_factory.mktemp("data")
+    generate(root, benchmarks) if benchmarks is not None else generate(root)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PMOD_BENCH_DATA", str(root))
+    mp.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield root
+    torch.set_num_threads(before)
+    mp.undo()

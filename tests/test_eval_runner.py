@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lmms_eval")
 
-from pmod_bench.tasks.fixtures import generate  # noqa: E402
+from conftest import benchmark_data_env  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, RunDirMismatch, run_eval  # noqa: E402
 
 SUITE = "POPE,MME,RWQA"  # 6 + 6 + 3 samples
@@ -26,16 +25,7 @@ GEN = "max_new_tokens=3"
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(root, ["POPE", "MME", "RWQA"])
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PMOD_BENCH_DATA", str(root))
-    mp.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield root
-    torch.set_num_threads(before)
-    mp.undo()
+    yield from benchmark_data_env(tmp_path_factory, ["POPE", "MME", "RWQA"])
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,8 @@ def test_kv_lengths_equal_tokens_processed(tiny_vanilla, tiny_processor):
             assert rec[i]["selected"].sum(dim=1).tolist() == k
         else:
             assert layer.keys.shape[-2] == n
-    assert sum(model.kv_cache_entries(cache)) < sum(tiny_vanilla(**inputs, use_cache=True).past_key_values.layers[0].keys.shape[0] * n for _ in [0]) * len(cache.layers)
+    vanilla_entries = 2 * n * len(cache.layers)  # batch of 2, every layer caches every position
+    assert sum(model.kv_cache_entries(cache)) < vanilla_entries
 
 
 def test_batched_equals_one_by_one(tiny_vanilla, tiny_processor):
@@ -242,22 +243,18 @@ def test_batched_equals_one_by_one(tiny_vanilla, tiny_processor):
     batch = make_inputs(tiny_processor, sizes=sizes)
     with torch.no_grad():
         together = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
-        last = model(**batch).logits[:, -1]
     for i, size in enumerate(sizes):
         single = make_inputs(tiny_processor, sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
         with torch.no_grad():
             alone = model.generate(**single, max_new_tokens=5, do_sample=False)[:, single["input_ids"].shape[1]:]
-            alone_logits = model(**single).logits[:, -1]
         assert together[i].tolist() == alone[0].tolist()
-        # plain forward without position_ids shifts left-padded rows; compare the generate path instead
-    # generate-path logits of the first step equal the single-sample ones
+    # first-step logits of the batch equal the single-sample ones
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
         for i, size in enumerate(sizes):
             single = make_inputs(tiny_processor, sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
             one = model.generate(**single, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
             assert (out.logits[0][i] - one.logits[0][0]).abs().max() < 1e-4
-    assert last.shape[0] == 3
 
 
 def test_sampling_generate(tiny_vanilla, tiny_processor):
@@ -396,7 +393,7 @@ def test_llava15_and_other_llm_families(tiny_processor):
     """LLaVA-1.5 shape, and Mistral / Qwen2 language models behind LLaVA-NeXT."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from pmod_bench.model.presets import build_preset, preset_config, preset_processor
+    from pmod_bench.model.presets import build_preset, preset_config
 
     model15, proc15 = build_preset("tiny-llava", pmod=PMoDConfig(shift=0.3))
     random_routers(model15)

@@ -14,29 +14,19 @@ import json
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("lmms_eval")
 
 from pmod_bench.tasks import TASKS_DIR  # noqa: E402
 from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, resolve_suite  # noqa: E402
-from pmod_bench.tasks.fixtures import generate  # noqa: E402
+from conftest import benchmark_data_env  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, run_eval  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def data_env(tmp_path_factory):
     """Fixtures of all benchmarks + an isolated datasets cache, as environment for the module."""
-    root = tmp_path_factory.mktemp("data")
-    generate(root)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PMOD_BENCH_DATA", str(root))
-    mp.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield root
-    torch.set_num_threads(before)
-    mp.undo()
+    yield from benchmark_data_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

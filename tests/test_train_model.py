@@ -22,11 +22,8 @@ from pmod_bench.train.config import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 def _inputs(processor):
