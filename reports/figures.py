@@ -178,18 +178,27 @@ def _draw_series(ax, pts: Sequence[TradeoffPoint], attr: str, color: str, marker
     return h
 
 
+def _scores_far_apart(data: TradeoffData, gap: float = 5.0) -> bool:
+    """Would one shared score axis squash both series (e.g. an untrained model scoring near 0)?"""
+    paper = [p.score for p in data.paper if p.score is not None]
+    repro = [p.score for p in data.reproduced if p.score is not None]
+    if not paper or not repro:
+        return False
+    return min(repro) > max(paper) + gap or max(repro) < min(paper) - gap
+
+
 def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
     """Three panels: TFLOPs, KV cache and latency (% of baseline) against the average score.
 
-    When the reproduced score is the paper's measure (AVG over Table 7's six benchmarks) both series
-    share the panels; otherwise the reproduced series gets its own row (same x axes), since the two
-    scores are different quantities.
+    When the reproduced score is the paper's measure (AVG over Table 7's six benchmarks) and lies in
+    its range, both series share the panels; otherwise the reproduced series gets its own row (same x
+    axes): the two scores are different quantities, or one axis would squash both.
     """
     panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache (% of baseline)"),
               ("latency_pct", "Latency (% of baseline)")]
     paper_label = "paper (Table 7, LLaVA-NeXT-7B)"
     repro_label = f"reproduced ({data.reproduced_model})"
-    two_rows = bool(data.reproduced) and not data.same_measure
+    two_rows = bool(data.reproduced) and (not data.same_measure or _scores_far_apart(data))
     with _rc():
         fig = _figure(7.0, 4.3 if two_rows else 2.45)
         grid = fig.subplots(2 if two_rows else 1, 3, sharex="col", sharey="row", squeeze=False)
@@ -207,7 +216,8 @@ def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
             grid[-1][col].set_xlabel(xlabel)
         grid[0][0].set_ylabel("Average score\n(paper AVG, Table 7)" if two_rows else "Average score (AVG, Table 7)")
         if two_rows:
-            grid[1][0].set_ylabel("Reproduced score\n(mean of " + ", ".join(data.reproduced_benchmarks) + ")")
+            benches = ", ".join(data.reproduced_benchmarks) if not data.same_measure else "Table 7's six"
+            grid[1][0].set_ylabel(f"Reproduced score\n(mean of {benches})")
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles),
                    bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()

@@ -56,6 +56,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs"))
     p.add_argument("--data", default=None, metavar="DIR", help="local data root (sets PMOD_BENCH_DATA for this run)")
     p.add_argument("--label", default=None, help="free text stored in run.json")
+    p.add_argument("--introspect", nargs="?", const="demo", default=None, metavar="IMAGE",
+                   help="also record which vision tokens each p-MoD layer keeps for IMAGE (default: a generated "
+                        "image): introspection.json, drawn by `pmod-bench report` as Fig. 5 / 6")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs; 1 is fastest on a shared machine)")
     p.add_argument("--list", action="store_true", help="list suites and benchmarks, then exit")
     p.add_argument("--tasks-dir", action="store_true", help="print the adapter tasks' lmms-eval --include_path, then exit")
@@ -115,7 +118,7 @@ def _eval(args) -> int:
             pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
             allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
             attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
-            label=args.label, command=" ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]]),
+            label=args.label, introspect=args.introspect, command=" ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]]),
         )
         outcome = run_eval(cfg)
     except (ValueError, RunDirMismatch) as exc:  # bad settings / a run dir of another evaluation

@@ -73,6 +73,9 @@ class EvalConfig:
     """lmms-eval generation overrides for every task (``max_new_tokens=8``); part of the identity."""
     label: Optional[str] = None
     command: Optional[str] = None
+    introspect: Optional[str] = None
+    """Also record which vision tokens each p-MoD layer keeps for one image (an image path, or ``demo``):
+    ``introspection.json`` for the report's Fig. 5 / 6."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -356,11 +359,30 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
             log(f"[{k}/{len(pending)}] {bench.key} = {row['value']:.2f} {row['unit']} (n={row['n']}) in {elapsed:.1f} s")
             _summary(run_dir, cfg, run_meta, benches, outcome)
 
+    if cfg.introspect and rank == 0:
+        _introspect(run_dir, cfg, lm, log)
     if lm is not None and getattr(lm, "world_size", 1) > 1 and hasattr(lm, "accelerator"):
         lm.accelerator.wait_for_everyone()  # rank 0 has written every finished benchmark
     outcome.rows = _summary(run_dir, cfg, run_meta, benches, outcome) if rank == 0 else finished_rows(run_dir)
     outcome.pending = [b.key for b in benches if not _bench_file(run_dir, b.key).is_file()]
     return outcome
+
+
+def _introspect(run_dir: Path, cfg: EvalConfig, lm: Any, log: Callable[[str], None]) -> None:
+    from pmod_bench.model.introspect import RECORD_FILE, load_image, write_introspection
+
+    if (run_dir / RECORD_FILE).is_file():
+        return
+    if lm is None:  # every benchmark finished in an earlier invocation
+        from .plugin import PMoDLlava
+
+        lm = PMoDLlava(**cfg.model_args())
+    model = getattr(lm, "_model", None)
+    if not hasattr(model, "record_routing"):
+        log(f"introspection skipped: {cfg.model} is not a p-MoD model")
+        return
+    path = write_introspection(run_dir, model, lm.processor, load_image(cfg.introspect))
+    log(f"token selection of each p-MoD layer: {path}")
 
 
 def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outcome: EvalOutcome) -> list[dict]:

@@ -20,7 +20,7 @@ def test_profile_eval_report_end_to_end(tmp_path):
     evals = {"baseline": tmp_path / "eval-base", "p-MoD-0.5": tmp_path / "eval-pmod"}
     for variant, model in (("baseline", "tiny:vanilla"), ("p-MoD-0.5", "tiny")):
         rc = main(["eval", "--model", model, "--suite", "ablation", "--output", str(evals[variant]), "--limit", "2",
-                   "--batch-size", "4", "--data", str(data), "--gen-kwargs", "max_new_tokens=4"])
+                   "--batch-size", "4", "--data", str(data), "--gen-kwargs", "max_new_tokens=4", "--introspect"])
         assert rc == 0
     assert main(["report", str(prof), *map(str, evals.values()), "--output", str(out)]) == 0
 
@@ -31,7 +31,12 @@ def test_profile_eval_report_end_to_end(tmp_path):
             assert (out / "tables" / f"table{n}.{ext}").is_file()
         assert f"table{n}.md" in index
     pngs = sorted((out / "figures").glob("*.png"))
-    assert {p.stem for p in pngs} >= {"tradeoff", "fig4_retention_schedules"}
+    stems = {p.stem for p in pngs}
+    assert stems >= {"tradeoff", "fig4_retention_schedules"}
+    assert any(s.startswith("fig5_token_selection") for s in stems) and any(s.startswith("fig6_selection_map") for s in stems)
+    assert not (evals["baseline"] / "introspection.json").exists()  # the vanilla model has no routing
+    intro = json.loads((evals["p-MoD-0.5"] / "introspection.json").read_text())
+    assert intro["grid"] == [4, 4] and set(intro["layers"]) == {"2", "3", "4", "5", "6", "7"}
     for png in pngs:
         with Image.open(png) as im:
             im.verify()

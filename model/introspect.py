@@ -1,0 +1,91 @@
+"""Which vision tokens each p-MoD layer processed, for one image: the data of the paper's Fig. 5 / 6.
+
+The output is ``introspection.json`` of docs/RUN_DIRS.md (read by ``pmod-bench report``):
+vision-token indices ``0..V-1`` in the order the model holds them. For LLaVA-NeXT the first
+``(S/p)^2`` tokens are the base view (the whole image resized to one tile) and ``grid`` maps them onto
+the image row-major; the high-resolution tokens after them are shown in the layer x token map only.
+For LLaVA-1.5 the grid covers the image as the processor presents it (centre crop or pad to square).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_QUESTION = "Describe the image in detail."
+IMAGE_FILE = "introspection_input.png"
+RECORD_FILE = "introspection.json"
+
+
+def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) -> dict[str, Any]:
+    """Run one forward on ``image`` + ``question`` and return the introspection record (no image path)."""
+    import torch
+
+    if not hasattr(model, "record_routing"):
+        raise TypeError(f"{type(model).__name__} is not a p-MoD model: it has no routing to record")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image.convert("RGB"), text=prompt, return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad(), model.record_routing() as rec:
+        model(**inputs)
+    target = (inputs["input_ids"][0] == model.config.image_token_id).cpu()
+    layers = {}
+    for idx, r in sorted(rec.items()):
+        selected = r["selected"][0][target]  # (V,) in vision-token order
+        layers[str(idx)] = selected.nonzero().squeeze(-1).tolist()
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    num_vision = int(target.sum())
+    return {
+        "grid": [side, side] if num_vision >= side * side else None,
+        "num_layers": model.config.text_config.num_hidden_layers,
+        "vision_tokens": num_vision,
+        "layers": layers,
+        "ratios": model.layer_ratios(),
+        "question": question,
+        "image_size": list(image.size),
+    }
+
+
+def write_introspection(run_dir, model, processor, image, question: str = DEFAULT_QUESTION) -> Path:
+    """Write ``introspection.json`` + the input image into ``run_dir`` (each file atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = routing_record(model, processor, image, question)
+    record["image"] = IMAGE_FILE
+    _atomic(run_dir / IMAGE_FILE, lambda f: image.convert("RGB").save(f, format="PNG"))
+    _atomic(run_dir / RECORD_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return run_dir / RECORD_FILE
+
+
+def load_image(spec: Optional[str]):
+    """A PIL image from a path, or the built-in generated test image for ``None`` / ``"demo"``."""
+    if spec in (None, "", "demo"):
+        from .presets import demo_image
+
+        return demo_image(672, 672)
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"introspection image '{spec}' does not exist; pass an image file or 'demo'")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"introspection image '{spec}' is not a readable image ({exc}); pass a PNG/JPEG file") from None
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
