@@ -9,11 +9,11 @@ For LLaVA-1.5 the grid covers the image as the processor presents it (centre cro
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any, Optional
+
+from pmod_bench.atomic import atomic_write_bytes, atomic_write_json
 
 DEFAULT_QUESTION = "Describe the image in detail."
 IMAGE_FILE = "introspection_input.png"
@@ -57,8 +57,10 @@ def write_introspection(run_dir, model, processor, image, question: str = DEFAUL
     run_dir.mkdir(parents=True, exist_ok=True)
     record = routing_record(model, processor, image, question)
     record["image"] = IMAGE_FILE
-    _atomic(run_dir / IMAGE_FILE, lambda f: image.convert("RGB").save(f, format="PNG"))
-    _atomic(run_dir / RECORD_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    png = io.BytesIO()
+    image.convert("RGB").save(png, format="PNG")
+    atomic_write_bytes(run_dir / IMAGE_FILE, png.getvalue())
+    atomic_write_json(run_dir / RECORD_FILE, record, indent=1)
     return run_dir / RECORD_FILE
 
 
@@ -79,13 +81,3 @@ def load_image(spec: Optional[str]):
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"introspection image '{spec}' is not a readable image ({exc}); pass a PNG/JPEG file") from None
 
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

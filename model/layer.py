@@ -160,6 +160,21 @@ def pmod_cache_layer(cache: Cache, layer_idx: int) -> PMoDCacheLayer:
     return fresh
 
 
+def kv_cache_entries(cache: Cache) -> list[int]:
+    """Stored KV entries per layer of an HF dynamic cache, summed over the batch. A p-MoD layer's
+    batch-alignment slots are excluded; ordinary layers hold every position of the input, left
+    padding included, as in HF."""
+    out = []
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.numel() == 0:
+            out.append(0)
+            continue
+        valid = getattr(layer, "valid", None)
+        out.append(int(valid.sum()) if valid is not None else keys.shape[0] * keys.shape[-2])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- masks
 def build_attention_mask(
     implementation: str,
@@ -399,19 +414,3 @@ def wrap_decoder_layer(layer: nn.Module, layer_idx: int, ratio: float, pmod: PMo
     new.router.to(device=ref.device, dtype=ref.dtype)
     return new
 
-
-def unwrap_decoder_layer(layer: nn.Module) -> nn.Module:
-    """The ordinary HF layer behind a p-MoD layer (router dropped), sharing its submodules."""
-    if not isinstance(layer, PMoDLayerMixin):
-        return layer
-    base = type(layer).__mro__[2]
-    plain = base.__new__(base)
-    nn.Module.__init__(plain)
-    for name, child in layer.named_children():
-        if name != "router":
-            plain.add_module(name, child)
-    for key, value in vars(layer).items():
-        if not key.startswith("_") and key not in plain.__dict__ and key not in ("layer_idx", "ratio", "pmod"):
-            plain.__dict__[key] = value
-    plain.train(layer.training)
-    return plain

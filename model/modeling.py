@@ -21,7 +21,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextForCondi
 
 from .config import PMoDConfig
 from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
-from .layer import PMoDInputs, PMoDLayerMixin, PMoDRouter, wrap_decoder_layer
+from .layer import PMoDInputs, PMoDLayerMixin, PMoDRouter, kv_cache_entries, wrap_decoder_layer
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -155,17 +155,8 @@ class PMoDModelMixin:
 
     # --------------------------------------------------------------------------- accounting
     def kv_cache_entries(self, cache) -> list[int]:
-        """Stored KV entries per layer, summed over the batch. A p-MoD layer's batch-alignment slots are
-        excluded; ordinary layers hold every position of the input, left padding included, as in HF."""
-        out = []
-        for layer in cache.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is None or keys.numel() == 0:
-                out.append(0)
-                continue
-            valid = getattr(layer, "valid", None)
-            out.append(int(valid.sum()) if valid is not None else keys.shape[0] * keys.shape[-2])
-        return out
+        """Stored KV entries per layer (see :func:`pmod_bench.model.layer.kv_cache_entries`)."""
+        return kv_cache_entries(cache)
 
 
 def _signature_of(parent):

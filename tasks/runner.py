@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pmod_bench.atomic import atomic_write_text
+
 from .benchmarks import SUITES, Benchmark, resolve_suite
 
 SCHEMA_VERSION = 1
@@ -108,17 +110,6 @@ class EvalOutcome:
 
 
 # ------------------------------------------------------------------------------------- file helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and ``os.replace`` (readers never see a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _json_default(o: Any) -> Any:
     try:
         import numpy as np

@@ -194,7 +194,7 @@ def test_kv_measured_equals_analytic(tiny):
         for samples in ([Sample(TINY_SIZE, 16)], [Sample(TINY_SIZE, 16), Sample((96, 32), 12)]):
             batch = synthetic_batch(tiny, samples)
             cache = prefill_cache(model, batch)
-            got = measure_kv(model, cache, batch["attention_mask"])
+            got = measure_kv(cache, batch["attention_mask"])
             want = kv_cache_batch(tiny, v, [(sample_layout(tiny, s)[0], s.text_tokens) for s in samples])
             assert got.real == want.real and got.slots == want.slots and got.model_count == want.model_count, v.name
             per_entry = 2 * tiny.text.kv_heads * tiny.text.head_dim * 4  # float32 model

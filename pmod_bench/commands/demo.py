@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from pmod_bench.model.layer import kv_cache_entries
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import build_preset, demo_image, random_routers
 
@@ -61,10 +62,8 @@ def run(args: argparse.Namespace) -> int:
         base_out = vanilla(**inputs, use_cache=True)
         with model.record_routing() as record:
             out = model(**inputs, use_cache=True)
-    base_kv = vanilla.kv_cache_entries(base_out.past_key_values) if hasattr(vanilla, "kv_cache_entries") else [
-        layer.keys.shape[0] * layer.keys.shape[-2] for layer in base_out.past_key_values.layers
-    ]
-    kv = model.kv_cache_entries(out.past_key_values)
+    base_kv = kv_cache_entries(base_out.past_key_values)
+    kv = kv_cache_entries(out.past_key_values)
     ratios = model.layer_ratios()
 
     print(f"{args.preset}: {len(ratios)} layers; input {n_total} tokens ({n_vision} vision, {n_total - n_vision} text); "

@@ -97,7 +97,7 @@ class BatchKV:
     slots: tuple[int, ...]
     """allocated slots (padding included)"""
     model_count: tuple[int, ...] = ()
-    """what ``model.kv_cache_entries(cache)`` reports (ordinary layers: slots; p-MoD layers: real)"""
+    """what ``pmod_bench.model.layer.kv_cache_entries(cache)`` reports (ordinary layers: slots; p-MoD layers: real)"""
     bytes_allocated: Optional[int] = None
 
 
@@ -124,14 +124,14 @@ def kv_cache_batch(arch: Arch, variant: Variant, samples: Sequence[tuple[int, in
     return BatchKV(real=tuple(real), slots=tuple(slots), model_count=tuple(model_count))
 
 
-def measure_kv(model, cache, attention_mask=None) -> BatchKV:
+def measure_kv(cache, attention_mask=None) -> BatchKV:
     """Per-layer KV entries of a real cache after prefill.
 
     slots: the K tensor's (batch x length); real: ``PMoDCacheLayer.valid`` where the layer keeps a
     validity mask, else all slots of a p-MoD layer, and for an ordinary layer the slots minus the
     batch's padding (known from ``attention_mask``). bytes: the K and V tensors' actual storage.
     """
-    from pmod_bench.model.layer import PMoDCacheLayer
+    from pmod_bench.model.layer import PMoDCacheLayer, kv_cache_entries
 
     pad = 0
     if attention_mask is not None:
@@ -150,7 +150,7 @@ def measure_kv(model, cache, attention_mask=None) -> BatchKV:
             real.append(int(layer.valid.sum()) if layer.valid is not None else n)
         else:
             real.append(n - pad)
-    count = tuple(model.kv_cache_entries(cache)) if hasattr(model, "kv_cache_entries") else tuple(slots)
+    count = tuple(kv_cache_entries(cache))
     return BatchKV(real=tuple(real), slots=tuple(slots), model_count=count, bytes_allocated=nbytes)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
+
+from pmod_bench.atomic import atomic_write_text as atomic_write  # re-exported in __all__
 
 from .paper import paper_value
 
@@ -179,22 +179,6 @@ def profile_document(rows: Iterable[Any], **extra: Any) -> dict[str, Any]:
     from .core import CONVENTIONS
 
     return {"rows": _rows(rows), "conventions": CONVENTIONS, **extra}
-
-
-def atomic_write(path: "str | Path", text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_json(path: "str | Path", rows: Iterable[Any], **extra: Any) -> None:

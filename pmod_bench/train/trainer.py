@@ -33,6 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from pmod_bench.atomic import atomic_write_json
 from pmod_bench.model.layer import PMoDOverflowError
 from pmod_bench.train.build import apply_trainable, build_model, num_llm_layers
 from pmod_bench.train.config import ConfigError, TrainConfig
@@ -51,9 +52,7 @@ SCHEMA_VERSION = 1
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def _now() -> str:
