@@ -84,8 +84,17 @@ class PMoDConfig:
                 raise ValueError(f"explicit ratios must each be in (0, 1] (1.0 = ordinary layer); bad entries {bad}")
             self.ratios = ratios
         scale, bias = NORM_DEFAULTS[self.weight_norm]
+        for name in ("norm_scale", "norm_bias"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         self.norm_scale = float(scale if self.norm_scale is None else self.norm_scale)
         self.norm_bias = float(bias if self.norm_bias is None else self.norm_bias)
+        if self.norm_scale <= 0:
+            raise ValueError(
+                f"norm_scale must be positive, got {self.norm_scale}: w = scale * act(r) + bias ranks tokens by w, so a "
+                f"negative scale inverts the ranking and zero removes it. TanhNorm's alpha is {NORM_DEFAULTS['tanh'][0]}."
+            )
 
     # ------------------------------------------------------------------ derived
     def layer_ratios(self, num_layers: int) -> list[float]:
@@ -126,7 +135,18 @@ class PMoDConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> "PMoDConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Defaults stay derived: changing ``weight_norm`` without giving ``norm_scale`` / ``norm_bias``
+        gives the new normalisation its own defaults (NORM_DEFAULTS) where the old values were the old
+        normalisation's defaults; values that were set explicitly are kept.
+        """
+        new_norm = changes.get("weight_norm", self.weight_norm)
+        if new_norm != self.weight_norm and self.weight_norm in NORM_DEFAULTS:
+            old_defaults = NORM_DEFAULTS[self.weight_norm]
+            for i, name in enumerate(("norm_scale", "norm_bias")):
+                if name not in changes and getattr(self, name) == old_defaults[i]:
+                    changes[name] = None
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -19,7 +19,6 @@ class _PMoDConfigMixin:
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)  # the HF LLaVA config's own
         self._validate_pmod()
-        _register_models()
 
     def _validate_pmod(self) -> None:
         self.pmod = PMoDConfig.from_dict(self.pmod).to_dict()
@@ -61,10 +60,3 @@ class PMoDLlavaNextConfig(_PMoDConfigMixin, LlavaNextConfig):
     pmod: dict | None = None
     pmod_router_layers: list[int] | None = None
 
-
-def _register_models() -> None:
-    # A p-MoD config exists, so its model class is about to be looked up: make sure the Auto
-    # classes know it (no-op after the first call).
-    from pmod_bench import _autoregister
-
-    _autoregister.register_all()

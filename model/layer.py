@@ -14,23 +14,34 @@ that layer's own ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`
         │             out_P = h + w*u (selected vision) | h + u (text)
         └─scatter──> out (B, N, d); skipped vision tokens: w*x (STRing) or x (vanilla MoD)
 
-Skipped tokens take no part in attention (as queries, keys or values) nor in the MLP: they are not
-in the gathered tensor at all.  The layer's KV cache stores only ``P`` (see :class:`PMoDCacheLayer`).
+Skipped tokens take no part in attention (as queries, keys or values) nor in the MLP.  In a batch
+whose samples process different numbers of tokens the gathered rows are left-padded; a padding slot
+holds some unprocessed position, is masked out of every other query's keys, and its output is
+discarded.  The layer's KV cache stores only ``P`` (see :class:`~pmod_bench.model.cache.PMoDCache`).
+
+What a layer reads comes from the forward's :class:`~pmod_bench.model.plan.RoutingPlan` (vision
+mask, per-layer shapes, the cache), never from HF's keyword-argument names; it touches HF only
+through its four submodules and the cache's ``update`` (see :mod:`pmod_bench.model.compat`).
+Ranking is deterministic: ties in the router weights (zero routers; bf16 TanhNorm saturation) are
+broken by position, the earlier token first, so the kept set does not depend on batch
+composition, padding or device.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .compat import check_attention, contract_error
 from .config import PMoDConfig
+from .plan import RoutingPlan, num_selected
 
 REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+#: HF keyword arguments a p-MoD layer must not forward to the attention module (it passes its own)
+_NOT_FORWARDED = frozenset({"cache", "past_key_values", "use_cache", "position_ids", "cache_position", "attention_mask", "position_embeddings"})
 
 
 class PMoDRouter(nn.Linear):
@@ -48,131 +59,6 @@ class PMoDRouter(nn.Linear):
                 nn.init.zeros_(self.bias)
         else:
             super().reset_parameters()
-
-
-class PMoDOverflowError(FloatingPointError):
-    """A NaN or Inf appeared in a p-MoD layer (the paper's OVERFLOW rows)."""
-
-
-@dataclass
-class PMoDInputs:
-    """Routing inputs of one forward pass, handed to every layer through the HF ``**kwargs`` path."""
-
-    target_mask: Optional[torch.Tensor]
-    """(B, N) bool: positions holding an image feature (vision tokens incl. LLaVA-NeXT newlines)."""
-    token_mask: Optional[torch.Tensor]
-    """(B, N) bool: non-padding positions of the current input (None = all)."""
-    record: Optional[dict] = None
-    """Introspection sink: layer index -> {"selected": (B, N) bool, "target": (B, N) bool}."""
-
-
-def num_selected(num_targets: torch.Tensor, ratio: float) -> torch.Tensor:
-    """k_b = trunc(V_b * rho), computed in float32 exactly as the reference implementation does."""
-    return torch.trunc(num_targets.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)).long()
-
-
-# --------------------------------------------------------------------------------------------- cache
-class PMoDCacheLayer(DynamicLayer):
-    """KV cache of one p-MoD layer: keys/values of the processed tokens only.
-
-    Its length differs from layer to layer.  ``get_seq_length()`` reports how many tokens of the full
-    sequence went through the layer (what HF uses for position ids and the model-level mask), while
-    :attr:`stored_tokens` is how many key/value entries are actually held.  Samples of a batch keep
-    different numbers of tokens, so rows are left-padded; ``valid`` (B, S) marks the real entries.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.valid: Optional[torch.Tensor] = None  # None = every stored entry is real
-        self.seen_tokens = 0
-
-    # bookkeeping ---------------------------------------------------------------------------
-    @property
-    def stored_tokens(self) -> int:
-        return 0 if not self.is_initialized or self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def record_step(self, valid: Optional[torch.Tensor], new_entries: int, new_tokens: int, batch: int, device) -> None:
-        """Note ``new_entries`` stored slots (validity ``valid``) for ``new_tokens`` sequence tokens."""
-        past = self.stored_tokens
-        if valid is not None or self.valid is not None:
-            old = self.valid if self.valid is not None else torch.ones(batch, past, dtype=torch.bool, device=device)
-            new = valid if valid is not None else torch.ones(batch, new_entries, dtype=torch.bool, device=device)
-            self.valid = torch.cat([old, new], dim=1)
-        self.seen_tokens += new_tokens
-
-    # batch manipulation used by generate(): keep `valid` aligned with keys/values ------------
-    def reset(self) -> None:
-        super().reset()
-        self.valid = None
-        self.seen_tokens = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.valid is not None:
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.valid is not None:
-            self.valid = self.valid[indices]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        # Only decoded (always processed) tokens are ever cropped, so slots == tokens here.
-        super().crop(tokens_to_remove)
-        n = abs(tokens_to_remove)
-        if n and self.valid is not None:
-            self.valid = self.valid[:, :-n]
-        self.seen_tokens = max(self.seen_tokens - n, 0)
-
-
-def pmod_cache_layer(cache: Cache, layer_idx: int) -> PMoDCacheLayer:
-    """The :class:`PMoDCacheLayer` of ``layer_idx`` in an HF dynamic cache (converting an empty one)."""
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(
-            f"p-MoD layers keep variable-length per-layer KV caches and need a DynamicCache, got {type(cache).__name__}. "
-            "Use the default cache (generate(..., cache_implementation=None) or 'dynamic')."
-        )
-    layers = cache.layers
-    while len(layers) <= layer_idx:
-        layers.append(DynamicLayer())
-    current = layers[layer_idx]
-    if isinstance(current, PMoDCacheLayer):
-        return current
-    if getattr(current, "is_sliding", False):
-        raise NotImplementedError(
-            f"layer {layer_idx} uses sliding-window attention; p-MoD layers need full attention "
-            "(set text_config.sliding_window=None / use_sliding_window=False)."
-        )
-    if current.get_seq_length() > 0:
-        raise ValueError(
-            f"the KV cache of layer {layer_idx} was filled by a model in which that layer is not a p-MoD layer; "
-            "start generation with a fresh cache after changing the p-MoD ratios."
-        )
-    layers[layer_idx] = fresh = PMoDCacheLayer()
-    return fresh
-
-
-def kv_cache_entries(cache: Cache) -> list[int]:
-    """Stored KV entries per layer of an HF dynamic cache, summed over the batch. A p-MoD layer's
-    batch-alignment slots are excluded; ordinary layers hold every position of the input, left
-    padding included, as in HF."""
-    out = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is None or keys.numel() == 0:
-            out.append(0)
-            continue
-        valid = getattr(layer, "valid", None)
-        out.append(int(valid.sum()) if valid is not None else keys.shape[0] * keys.shape[-2])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -257,110 +143,96 @@ class PMoDLayerMixin:
             act = logits
         return act * scale + bias
 
-    def _guard(self, name: str, t: torch.Tensor) -> None:
-        if not torch.isfinite(t).all():
-            kind = "NaN" if torch.isnan(t).any() else "Inf"
-            raise PMoDOverflowError(
-                f"OVERFLOW: {kind} in p-MoD layer {self.layer_idx} ({name}, shape {tuple(t.shape)}, ratio {self.ratio:.3f}, "
-                f"weight_norm {self.pmod.weight_norm} scale {self.pmod.norm_scale}). Lower the learning rate, use "
-                "TanhNorm with a small alpha (0.2), or bf16 instead of fp16."
-            )
+    def _flag(self, plan: RoutingPlan, name: str, t: torch.Tensor) -> None:
+        plan.flag(self.layer_idx, name, t, self.ratio, f"weight_norm {self.pmod.weight_norm} scale {self.pmod.norm_scale}")
 
-    def forward(  # noqa: C901  (one linear data flow, commented step by step)
+    def forward(  # one linear data flow, commented step by step
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
-        use_cache: Optional[bool] = False,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        pmod_inputs: Optional[PMoDInputs] = None,
+        *args: Any,
+        pmod_plan: Optional[RoutingPlan] = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        plan = pmod_plan
+        if plan is None:
+            raise contract_error(
+                f"p-MoD layer {self.layer_idx} ran without its routing plan: the model's keyword arguments no longer "
+                "reach the decoder layers, or the layer was called outside a p-MoD model's forward"
+            )
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None:
+            raise contract_error(f"p-MoD layer {self.layer_idx} received no position_embeddings (RoPE cos, sin)")
         x = hidden_states  # (B, N, d)
         B, N, d = x.shape
-        guard = self.pmod.overflow_guard
-        target = pmod_inputs.target_mask if pmod_inputs is not None else None  # (B, N) bool
-        tokens = pmod_inputs.token_mask if pmod_inputs is not None else None  # (B, N) bool
-        if target is not None and not target.any():
-            target = None
+        lp = plan.layer(self.layer_idx, self.ratio)  # static shapes, host integers
+        target = plan.target  # (B, N) bool or None (no vision tokens in this input)
 
-        # 1-3. route: choose the top-k_b vision tokens of each sample ----------------------------
+        # 1-3. route: rank each sample's vision tokens by w, keep the first k_b ----------------------
         selected = w = None
         if target is not None:
             logits = self.router(x).squeeze(-1)  # (B, N)
-            if guard:
-                self._guard("router logits", logits)
+            self._flag(plan, "router logits", logits)
             w = self._weights(logits, target)  # (B, N)
-            k = num_selected(target.sum(dim=1), self.ratio)  # (B,)
-            k_max = int(k.max())
-            # rank by the normalised weight in the model's dtype, as the reference does (same order as
-            # the logits, and the same ties where tanh saturates in bf16)
+            # rank by the normalised weight in the model's dtype, as the reference; a stable sort breaks
+            # ties by position (earlier first), so the kept set does not depend on the batch
             scores = w.detach().float().masked_fill(~target, float("-inf"))
-            top = scores.topk(k_max, dim=1).indices  # (B, k_max)
-            keep = torch.arange(k_max, device=x.device)[None, :] < k[:, None]  # (B, k_max)
-            selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter(1, top, keep)
-            nontarget = ~target if tokens is None else (~target & tokens)
-            processed = selected | nontarget  # (B, N)
-            if pmod_inputs.record is not None:
-                pmod_inputs.record[self.layer_idx] = {"selected": selected.detach().cpu(), "target": target.cpu()}
+            ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : lp.k_max]  # (B, k_max)
+            k = num_selected(plan.num_targets, self.ratio)  # (B,) on the device, no transfer
+            keep = torch.arange(lp.k_max, device=x.device)[None, :] < k[:, None]  # (B, k_max)
+            selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter(1, ranked, keep)
+            processed = selected | plan.nontarget  # (B, N)
+            if plan.record is not None:
+                plan.record[self.layer_idx] = {"selected": selected.detach().cpu(), "target": target.cpu()}
         else:
-            processed = tokens
+            processed = plan.tokens  # None = every position
 
-        # 4a. gather the processed set P (order and positions kept) ------------------------------
-        cos, sin = position_embeddings
-        if processed is None or bool(processed.all()):
-            order = valid = None
-            xp, pos_p = x, position_ids
+        # 4a. gather the processed set P (order and positions kept) --------------------------------
+        cos, sin = position_embeddings  # (1 or B, N, hd)
+        order = valid = None
+        if lp.full:
+            xp = x
         else:
-            counts = processed.sum(dim=1)  # (B,)
-            P = int(counts.max())
-            # stable sort puts unprocessed positions first, processed ones last in original order:
-            # the last P columns are each row's processed positions, left-padded with unused ones
+            P = lp.processed
+            # a stable sort puts unprocessed positions first and processed ones last in original order:
+            # the last P columns are each row's processed positions, left-padded with unprocessed ones
             order = torch.argsort(processed.to(torch.int8), dim=1, stable=True)[:, N - P :]  # (B, P)
-            valid = processed.gather(1, order)  # (B, P) False = padding slot
-            if bool(valid.all()):
-                valid = None
+            if lp.padded:
+                valid = processed.gather(1, order)  # (B, P); False = padding slot
             xp = x.gather(1, order[..., None].expand(B, P, d))  # (B, P, d)
-            hd = cos.shape[-1]
-            idx = order[..., None].expand(B, P, hd)
-            cos = cos.expand(B, -1, -1).gather(1, idx)  # (B, P, hd)
+            idx = order[..., None].expand(B, P, cos.shape[-1])
+            cos = cos.expand(B, -1, -1).gather(1, idx)  # (B, P, hd): RoPE at the original positions
             sin = sin.expand(B, -1, -1).gather(1, idx)
-            pos_p = position_ids.expand(B, -1).gather(1, order) if position_ids is not None and position_ids.dim() == 2 else None
 
-        # 4b. attention mask over [this layer's cache | P] ----------------------------------------
+        # 4b. attention mask over [this layer's cache | P] ------------------------------------------
         q_len = xp.shape[1]
         past_len, past_valid = 0, None
-        cache_layer = None
-        if past_key_values is not None and use_cache is not False:
-            cache_layer = pmod_cache_layer(past_key_values, self.layer_idx)
+        if plan.cache is not None:
+            cache_layer = plan.cache.pmod_layer(self.layer_idx)
             past_len, past_valid = cache_layer.stored_tokens, cache_layer.valid
             cache_layer.record_step(valid, q_len, N, B, x.device)
-        else:
-            past_key_values = None
         mask = build_attention_mask(
             self.self_attn.config._attn_implementation or "sdpa", valid, past_valid, past_len, q_len, B, x.dtype, x.device
         )
 
-        # 4c. the wrapped layer's own modules, on P only ----------------------------------------
+        # 4c. the wrapped layer's own modules, on P only ------------------------------------------
+        # No position_ids: RoPE comes in (cos, sin), and gathered ids would look like packed sequences
+        # to flash-attention's varlen heuristic.
+        extra = {k: v for k, v in kwargs.items() if k not in _NOT_FORWARDED and v is not plan.cache}
         residual = xp
         h = self.input_layernorm(xp)
         h, _ = self.self_attn(
             hidden_states=h,
             attention_mask=mask,
-            position_ids=pos_p,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
             position_embeddings=(cos, sin),
-            **kwargs,
+            **{self._pmod_cache_arg: plan.cache},
+            **extra,
         )
         h = residual + h  # (B, P, d)
         u = self.mlp(self.post_attention_layernorm(h))  # (B, P, d)
-        if guard:
-            self._guard("attention output", h)
-            self._guard("mlp output", u)
+        self._flag(plan, "attention output", h)
+        self._flag(plan, "mlp output", u)
 
-        # 4d-5. weight and scatter back -----------------------------------------------------------
+        # 4d-5. weight and scatter back -------------------------------------------------------------
         if selected is None:  # no vision tokens in this input (text-only prompt or a decode step)
             out_p = h + u
             base = x
@@ -376,8 +248,7 @@ class PMoDLayerMixin:
             if valid is not None:  # padding slots write back the value the position already has
                 out_p = torch.where(valid[..., None], out_p, base.gather(1, idx))
             out = base.scatter(1, idx, out_p)  # (B, N, d)
-        if guard:
-            self._guard("layer output", out)
+        self._flag(plan, "layer output", out)
         return out
 
 
@@ -410,6 +281,7 @@ def wrap_decoder_layer(layer: nn.Module, layer_idx: int, ratio: float, pmod: PMo
             new.__dict__[key] = value
     new.train(layer.training)
     ref = next(layer.parameters())
+    new._pmod_cache_arg = check_attention(layer.self_attn)  # 'cache' or 'past_key_values'; fails loudly
     new._init_pmod(layer_idx, ratio, pmod, hidden_size)
     new.router.to(device=ref.device, dtype=ref.dtype)
     return new

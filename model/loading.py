@@ -172,6 +172,8 @@ def _load_processor(directory: Path):
         return None
     from transformers import AutoProcessor
 
+    from . import modeling  # noqa: F401  (registers the p-MoD processors)
+
     try:
         return AutoProcessor.from_pretrained(str(directory))
     except Exception as exc:  # a checkpoint saved without a complete processor
@@ -258,7 +260,7 @@ def load_model(
 
     from transformers import AutoModelForImageTextToText
 
-    import pmod_bench  # noqa: F401  (registers the p-MoD classes with the Auto classes)
+    from . import modeling  # noqa: F401  (importing it registers the p-MoD classes with the Auto classes)
 
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:

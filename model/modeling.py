@@ -9,19 +9,21 @@ After ``import pmod_bench`` they are registered with ``AutoConfig`` / ``AutoMode
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from typing import Any, Iterator, Optional, Union
 
 import torch
-import inspect
-
 from torch import nn
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration
 
+from .cache import PMoDCache, kv_cache_entries
+from .compat import cache_argument
 from .config import PMoDConfig
 from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
-from .layer import PMoDInputs, PMoDLayerMixin, PMoDRouter, kv_cache_entries, wrap_decoder_layer
+from .layer import PMoDLayerMixin, PMoDRouter, wrap_decoder_layer
+from .plan import RoutingPlan
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -69,6 +71,11 @@ class PMoDModelMixin:
     def layer_ratios(self) -> list[float]:
         """Retention ratio of every decoder layer as the model runs now (1.0 = every token processed)."""
         return [getattr(l, "ratio", 1.0) for l in self.model.language_model.layers]
+
+    @property
+    def _pmod_guard(self) -> bool:
+        """The overflow guard's one switch: ``config.pmod["overflow_guard"]``."""
+        return bool((self.config.pmod or {}).get("overflow_guard", False))
 
     @contextlib.contextmanager
     def record_routing(self) -> Iterator[dict]:
@@ -120,38 +127,70 @@ class PMoDModelMixin:
         return ratios
 
     # -------------------------------------------------------------------------------- forward
-    def _routing_inputs(self, input_ids, attention_mask, inputs_embeds, vision_token_mask) -> PMoDInputs:
+    #: the parent forward's cache argument ('cache' from transformers 5.24, 'past_key_values' before)
+    _pmod_cache_arg: str
+
+    def _vision_mask(self, input_ids, inputs_embeds, vision_token_mask) -> Optional[torch.Tensor]:
         ref = input_ids if input_ids is not None else inputs_embeds
-        n = ref.shape[1]
-        target = None
         if vision_token_mask is not None and vision_token_mask.shape[:2] == ref.shape[:2]:
-            target = vision_token_mask.bool()
-        elif input_ids is not None:
-            target = input_ids == self.config.image_token_id
-        elif self.training or n > 1:
+            return vision_token_mask.bool()
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        if self.training or ref.shape[1] > 1:
             warnings.warn(
                 "p-MoD forward with inputs_embeds and no vision_token_mask: no vision tokens are known, so every "
                 "token is processed. Pass input_ids or vision_token_mask=(B, N) bool.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        tokens = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            tokens = attention_mask[:, -n:].bool()
-            if bool(tokens.all()):
-                tokens = None
-        if target is not None and not bool(target.any()):
-            target = None
-        return PMoDInputs(target_mask=target, token_mask=tokens, record=self._pmod_record)
+        return None
 
     def _pmod_forward(self, parent_forward, args: tuple, kwargs: dict):
+        """Build the routing plan and the p-MoD cache, then run HF's own forward with both.
+
+        The cache arrives under whichever name the caller used (``cache`` or ``past_key_values``) and
+        goes on under the parent's name. ``None`` or generate()'s empty default cache becomes a
+        :class:`PMoDCache`, which the output carries back to generate(). Training uses no cache.
+        """
         if args:  # positional arguments in the parent's order
             names = [n for n in inspect.signature(parent_forward).parameters if n != "self"]
             kwargs.update(zip(names, args))
         vision_token_mask = kwargs.pop("vision_token_mask", None)
-        kwargs["pmod_inputs"] = self._routing_inputs(
-            kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), vision_token_mask
+        given = [kwargs.pop(name) for name in ("cache", "past_key_values") if name in kwargs]
+        cache = next((c for c in given if c is not None), None)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", None)
+            if use_cache is None:
+                use_cache = getattr(self.config.text_config, "use_cache", True)
+        if self.training and torch.is_grad_enabled():
+            use_cache, cache = False, None
+            kwargs["use_cache"] = False
+        if use_cache:
+            cache = PMoDCache.take_over(cache, self.config.text_config, self.config.pmod_router_layers)
+        elif cache is not None:
+            raise ValueError("a cache was passed with use_cache=False; pass use_cache=True or no cache.")
+        input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        plan = RoutingPlan.build(
+            self._vision_mask(input_ids, inputs_embeds, vision_token_mask),
+            kwargs.get("attention_mask"),
+            seq_len=ref.shape[1],
+            batch=ref.shape[0],
+            device=ref.device,
+            cache=cache,
+            guard=self._pmod_guard,
+            record=self._pmod_record,
         )
-        return parent_forward(**kwargs)
+        kwargs[self._pmod_cache_arg] = cache
+        kwargs["pmod_plan"] = plan
+        out = parent_forward(**kwargs)
+        plan.check_overflow()  # one host check for the whole forward (overflow guard on only)
+        missing = sorted(set(self.pmod_layers) - plan.visited)
+        if missing:
+            from .compat import contract_error
+
+            raise contract_error(f"p-MoD layers {missing} did not receive the routing plan")
+        return out
 
     # --------------------------------------------------------------------------- accounting
     def kv_cache_entries(self, cache) -> list[int]:
@@ -187,6 +226,8 @@ class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGener
         super().__init__(config)
         self._install_pmod_layers()
 
+    _pmod_cache_arg = cache_argument(LlavaForConditionalGeneration.forward, "LlavaForConditionalGeneration.forward")
+
     @_signature_of(LlavaForConditionalGeneration.forward)
     def forward(self, *args, **kwargs):
         return self._pmod_forward(super().forward, args, kwargs)
@@ -200,6 +241,8 @@ class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditio
     def __init__(self, config: PMoDLlavaNextConfig):
         super().__init__(config)
         self._install_pmod_layers()
+
+    _pmod_cache_arg = cache_argument(LlavaNextForConditionalGeneration.forward, "LlavaNextForConditionalGeneration.forward")
 
     @_signature_of(LlavaNextForConditionalGeneration.forward)
     def forward(self, *args, **kwargs):
@@ -280,8 +323,12 @@ def to_pmod(model: nn.Module, pmod: Union[PMoDConfig, dict, None] = None, **chan
 
 
 def register_auto_classes() -> None:
-    """Register the p-MoD models and processors with transformers' Auto classes (idempotent)."""
+    """Register the p-MoD configs, models and processors with transformers' Auto classes (idempotent).
+
+    Called when this module is imported (see :func:`pmod_bench.register`); public ``Auto*.register``
+    API only."""
     from transformers import (
+        AutoConfig,
         AutoImageProcessor,
         AutoModelForImageTextToText,
         AutoProcessor,
@@ -296,9 +343,14 @@ def register_auto_classes() -> None:
     for model_type, base in ((PMoDLlavaConfig.model_type, "llava"), (PMoDLlavaNextConfig.model_type, "llava_next")):
         if get_checkpoint_conversion_mapping(model_type) is None and get_checkpoint_conversion_mapping(base) is not None:
             register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping(base))
+    AutoConfig.register(PMoDLlavaConfig.model_type, PMoDLlavaConfig, exist_ok=True)
+    AutoConfig.register(PMoDLlavaNextConfig.model_type, PMoDLlavaNextConfig, exist_ok=True)
     AutoModelForImageTextToText.register(PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(PMoDLlavaConfig, LlavaProcessor, exist_ok=True)
     AutoProcessor.register(PMoDLlavaNextConfig, LlavaNextProcessor, exist_ok=True)
     AutoImageProcessor.register(PMoDLlavaConfig, slow_image_processor_class=CLIPImageProcessor, exist_ok=True)
     AutoImageProcessor.register(PMoDLlavaNextConfig, slow_image_processor_class=LlavaNextImageProcessor, exist_ok=True)
+
+
+register_auto_classes()

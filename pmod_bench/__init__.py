@@ -1,15 +1,24 @@
 """pmod-bench: train, evaluate, measure and report p-MoD multimodal LLMs.
 
-``import pmod_bench`` is light (no torch, transformers or lmms-eval import). The model classes load
-on first use; the p-MoD configs and models are registered with transformers' Auto classes as soon as
-transformers loads them, so after ``import pmod_bench``::
+``import pmod_bench`` is light (no torch, transformers or lmms-eval import); the model classes load
+on first use.
 
+Registration with transformers' Auto classes (``AutoConfig``, ``AutoModelForImageTextToText``,
+``AutoProcessor``) follows one rule: **it happens when the p-MoD model module is imported**
+(``pmod_bench.model.modeling``), which every entry point of the toolkit does (``load_model``,
+``to_pmod``, ``build_preset``, the CLI, the lmms-eval plugin) and which :func:`register` does
+explicitly.  ``import pmod_bench`` does it too when transformers is already imported (it costs
+nothing extra then).  So, in your own script::
+
+    import pmod_bench
+    pmod_bench.register()              # or: import transformers first, then pmod_bench
     model = AutoModelForImageTextToText.from_pretrained(p_mod_checkpoint_dir)
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from pmod_bench.model.config import PMoDConfig
@@ -23,13 +32,18 @@ _LAZY = {
     "PMoDLlavaNextConfig": "pmod_bench.model.hf_config",
     "PMoDLlavaForConditionalGeneration": "pmod_bench.model.modeling",
     "PMoDLlavaNextForConditionalGeneration": "pmod_bench.model.modeling",
-    "PMoDOverflowError": "pmod_bench.model.layer",
+    "PMoDOverflowError": "pmod_bench.model.plan",
     "build_preset": "pmod_bench.model.presets",
     "preset_config": "pmod_bench.model.presets",
     "load_model": "pmod_bench.model.loading",
 }
 
-__all__ = ["PMoDConfig", "prd_ratios", "mean_retention", "__version__", *_LAZY]
+__all__ = ["PMoDConfig", "prd_ratios", "mean_retention", "register", "__version__", *_LAZY]
+
+
+def register() -> None:
+    """Register the p-MoD configs, models and processors with transformers' Auto classes (idempotent)."""
+    importlib.import_module("pmod_bench.model.modeling")  # registers at import
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +57,5 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-from pmod_bench import _autoregister  # noqa: E402
-
-_autoregister.install()
+if "transformers" in sys.modules:  # already paid for: register now (see the module docstring)
+    register()

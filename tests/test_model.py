@@ -13,7 +13,9 @@ import torch
 
 from conftest import make_inputs
 from pmod_bench import PMoDConfig, prd_ratios
-from pmod_bench.model.layer import PMoDCacheLayer, PMoDLayerMixin, PMoDOverflowError
+from pmod_bench.model.cache import PMoDCacheLayer, output_cache
+from pmod_bench.model.layer import PMoDLayerMixin
+from pmod_bench.model.plan import PMoDOverflowError
 from pmod_bench.model.modeling import to_pmod
 from pmod_bench.model.presets import random_routers
 
@@ -215,7 +217,7 @@ def test_kv_lengths_equal_tokens_processed(tiny_vanilla, tiny_processor):
     random_routers(model)
     with torch.no_grad(), model.record_routing() as rec:
         out = model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     pad = inputs["attention_mask"].bool()
     target = inputs["input_ids"] == model.config.image_token_id
     n = inputs["input_ids"].shape[1]
@@ -426,22 +428,32 @@ def test_import_is_light():
 
 
 @pytest.mark.parametrize(
-    "imports",
+    "imports, registered",
     [
-        "import transformers\nfrom transformers import AutoConfig, AutoModelForImageTextToText\nimport pmod_bench",
-        "import pmod_bench\nfrom transformers import LlavaConfig",  # a circular import in flight at registration
-        "import pmod_bench\nfrom transformers import AutoConfig",
-        "from transformers import LlavaNextConfig\nimport pmod_bench",
-        "import pmod_bench\nimport transformers.models.llava.modeling_llava",
+        ("import transformers\nfrom transformers import AutoConfig, AutoModelForImageTextToText\nimport pmod_bench", True),
+        ("from transformers import LlavaNextConfig\nimport pmod_bench", True),
+        ("import pmod_bench\npmod_bench.register()", True),
+        ("import pmod_bench\nimport pmod_bench.model.modeling", True),
+        ("import pmod_bench\nfrom pmod_bench import to_pmod", True),
+        ("import pmod_bench\nfrom transformers import AutoConfig", False),  # the documented exception
     ],
 )
-def test_registration_in_any_import_order(imports):
+def test_registration_rule(imports, registered):
+    """The rule of pmod_bench/__init__.py: registered once the model module is imported (any entry
+    point, or pmod_bench.register()), or at `import pmod_bench` when transformers is already imported."""
     code = imports + (
         "\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
-        "assert 'pmod_llava_next' in CONFIG_MAPPING and 'pmod_llava' in CONFIG_MAPPING\n"
+        "import sys; sys.exit(0 if ('pmod_llava_next' in CONFIG_MAPPING and 'pmod_llava' in CONFIG_MAPPING) else 3)\n"
     )
     out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == (0 if registered else 3), out.stderr
+    assert "meta_path" not in open(pmod_bench_init()).read() and "_initializing" not in open(pmod_bench_init()).read()
+
+
+def pmod_bench_init() -> str:
+    import pmod_bench
+
+    return pmod_bench.__file__
 
 
 def test_demo_cli_prints_per_layer_table():

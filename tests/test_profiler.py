@@ -90,7 +90,7 @@ def test_bad_image_sizes():
 
 # ---------------------------------------------------------------------------------------- variants
 def test_num_selected_matches_the_model():
-    from pmod_bench.model.layer import num_selected as model_num_selected
+    from pmod_bench.model.plan import num_selected as model_num_selected
 
     for V in [1, 7, 70, 576, 1000, 2340, 2928, 4096]:
         for r in [0.15, 0.2, 0.3, 0.35, 0.45, 0.5375, 0.7, 0.8443, 0.1 + V % 7 / 10]:

@@ -196,7 +196,7 @@ def test_pt_stage_trains_only_the_connector(ws):
 
 def test_overflow_guard_stops_training_and_records_it(ws, tmp_path):
     """weight_norm none + a router gone to infinity: PMoDOverflowError names the layer; the summary says OVERFLOW."""
-    from pmod_bench.model.layer import PMoDOverflowError
+    from pmod_bench.model.plan import PMoDOverflowError
     from pmod_bench.model.presets import build_preset
 
     from pmod_bench.train.config import load_recipe

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pmod_bench.model.layer import kv_cache_entries
+    from pmod_bench.model.cache import kv_cache_entries, output_cache
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import build_preset, demo_image, random_routers
 
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         base_out = vanilla(**inputs, use_cache=True)
         with model.record_routing() as record:
             out = model(**inputs, use_cache=True)
-    base_kv = kv_cache_entries(base_out.past_key_values)
-    kv = kv_cache_entries(out.past_key_values)
+    base_kv = kv_cache_entries(output_cache(base_out))
+    kv = kv_cache_entries(output_cache(out))
     ratios = model.layer_ratios()
 
     print(f"{args.preset}: {len(ratios)} layers; input {n_total} tokens ({n_vision} vision, {n_total - n_vision} text); "

@@ -140,6 +140,8 @@ def _layer_decode_meta(lm, l: int, past: int, B: int) -> int:
     import torch
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    from pmod_bench.model.compat import cache_kwargs
+
     key = (id(lm), "decode", past, B)
     if key not in _LAYER_CACHE:
         layer = lm.layers[l]
@@ -156,7 +158,7 @@ def _layer_decode_meta(lm, l: int, past: int, B: int) -> int:
         cos_sin = lm.rotary_emb(x, torch.full((B, 1), past, device="meta"))
         with flop_counter() as fc:
             h = x + layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=None,
-                                    position_embeddings=cos_sin, past_key_values=cache)[0]
+                                    position_embeddings=cos_sin, **cache_kwargs(layer.self_attn, cache))[0]
             layer.mlp(layer.post_attention_layernorm(h))
         _LAYER_CACHE[key] = (fc.get_total_flops(), lm)
     return _LAYER_CACHE[key][0]
@@ -227,6 +229,9 @@ def count_flops_model(model, batch: dict[str, Any], logits_tokens: Optional[int]
 
     ``logits_tokens``: positions whose logits are computed (``logits_to_keep``); None = all.
     """
+    from pmod_bench.model.cache import output_cache
+    from pmod_bench.model.compat import cache_kwargs
+
     import torch
 
     B = batch["input_ids"].shape[0]
@@ -246,7 +251,7 @@ def count_flops_model(model, batch: dict[str, Any], logits_tokens: Optional[int]
             nxt = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
             with flop_counter() as fc:
-                model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, output_cache(out)), use_cache=True, logits_to_keep=1)
             step = fc.get_total_flops() // B
     return MeasuredFlops(enc // B, proj // B, llm // B, head // B, step, tool="FlopCounterMode(model)")
 

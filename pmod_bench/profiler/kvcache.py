@@ -131,7 +131,7 @@ def measure_kv(cache, attention_mask=None) -> BatchKV:
     validity mask, else all slots of a p-MoD layer, and for an ordinary layer the slots minus the
     batch's padding (known from ``attention_mask``). bytes: the K and V tensors' actual storage.
     """
-    from pmod_bench.model.layer import PMoDCacheLayer, kv_cache_entries
+    from pmod_bench.model.cache import PMoDCacheLayer, kv_cache_entries, output_cache
 
     pad = 0
     if attention_mask is not None:
@@ -156,11 +156,13 @@ def measure_kv(cache, attention_mask=None) -> BatchKV:
 
 def prefill_cache(model, batch: dict[str, Any]):
     """Run the prefill with a cache and return it (the model's own DynamicCache)."""
+    from pmod_bench.model.cache import output_cache
+
     import torch
 
     with torch.no_grad():
         out = model(**batch, use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    return output_cache(out)
 
 
 __all__ = ["KVCache", "BatchKV", "kv_cache", "kv_cache_batch", "measure_kv", "prefill_cache", "bytes_per_entry", "dtype_bytes"]

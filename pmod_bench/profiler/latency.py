@@ -80,6 +80,9 @@ class _Timer:
 
 def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], after_prefill=None):
     """One prefill + ``steps`` decode steps; returns (prefill ms, [decode ms])."""
+    from pmod_bench.model.cache import output_cache
+    from pmod_bench.model.compat import cache_kwargs
+
     import torch
 
     t0 = timer.start() if timer else None
@@ -88,16 +91,16 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
     prefill_ms = timer.stop(t0) if timer else 0.0
     if after_prefill is not None:
         after_prefill()
-    cache, mask = out.past_key_values, batch["attention_mask"]
+    cache, mask = output_cache(out), batch["attention_mask"]
     decode_ms = []
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         t0 = timer.start() if timer else None
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         if timer:
             decode_ms.append(timer.stop(t0))
-        cache = out.past_key_values
+        cache = output_cache(out)
     return prefill_ms, decode_ms
 
 

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
         return 0
 
-    from pmod_bench.model.layer import PMoDOverflowError
+    from pmod_bench.model.plan import PMoDOverflowError
     from pmod_bench.train.data import BadSampleError
     from pmod_bench.train.trainer import train
 

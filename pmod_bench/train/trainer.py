@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from pmod_bench.atomic import atomic_write_json
-from pmod_bench.model.layer import PMoDOverflowError
+from pmod_bench.model.plan import PMoDOverflowError
 from pmod_bench.train.build import apply_trainable, build_model, num_llm_layers
 from pmod_bench.train.config import ConfigError, TrainConfig
 from pmod_bench.train.data import (

@@ -1,0 +1,244 @@
+"""The p-MoD core's contract with transformers (issue: transformers 5.24 renamed the layers' cache
+argument and p-MoD silently cached the wrong tokens): the routing plan and the project's own cache,
+decode logits equal across batching and to full recompute, one host sync per forward, ties broken by
+position, loud failures where HF changes, config defaults that stay derived."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import make_inputs
+from pmod_bench import PMoDConfig
+from pmod_bench.model.cache import PMoDCache, PMoDCacheLayer, output_cache
+from pmod_bench.model.compat import HFContractError, cache_argument, check_attention, supported_range
+from pmod_bench.model.modeling import to_pmod
+from pmod_bench.model.plan import PMoDOverflowError, RoutingPlan
+from pmod_bench.model.presets import random_routers
+
+QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
+SIZES = [(64, 48), (40, 90), (96, 96)]
+
+
+def _single(processor, i):
+    return make_inputs(processor, sizes=[SIZES[i]], questions=[QUESTIONS[i]])
+
+
+def _generate(model, inputs, steps=5):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def _recompute(model, inputs, sequences):
+    n = inputs["input_ids"].shape[1]
+    attn = torch.cat([inputs["attention_mask"], torch.ones(sequences.shape[0], sequences.shape[1] - n, dtype=torch.long)], dim=1)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**dict(inputs, input_ids=sequences, attention_mask=attn, position_ids=position_ids), use_cache=False).logits
+
+
+# ------------------------------------------------------------------------------ decode logits
+@pytest.mark.parametrize("shift", [0.5, 0.3])  # 0.3 routes layer 0 (HF's seq-length layer)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_logits_batched_single_and_recompute(tiny_vanilla, tiny_processor, one_thread, shift, attn):
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=shift))
+    random_routers(model, seed=5)
+    assert (0 in model.pmod_layers) == (shift == 0.3)
+    model.set_attn_implementation(attn)
+    try:
+        batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+        n = batch["input_ids"].shape[1]
+        together = _generate(model, batch)
+        assert isinstance(output_cache(together), PMoDCache)  # generate() carried the project's cache
+        full = _recompute(model, batch, together.sequences)
+        for t, step in enumerate(together.logits):  # every decode step, every sample: cached == recompute
+            assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, f"step {t}"
+        for i in range(len(SIZES)):
+            single = _single(tiny_processor, i)
+            alone = _generate(model, single)
+            assert together.sequences[i, n:].tolist() == alone.sequences[0, single["input_ids"].shape[1]:].tolist()
+            for t, (a, b) in enumerate(zip(together.logits, alone.logits)):  # logits, beyond the first step
+                assert (a[i] - b[0]).abs().max() < 1e-4, f"sample {i} step {t}"
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_cache_passed_under_either_name(tiny_vanilla, tiny_processor, one_thread):
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+    random_routers(model, seed=1)
+    inputs = _single(tiny_processor, 0)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache = output_cache(out)
+        assert isinstance(cache, PMoDCache) and all(isinstance(cache.layers[i], PMoDCacheLayer) for i in model.pmod_layers)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        results = []
+        for name in ("cache", "past_key_values"):
+            c = PMoDCache.take_over(None, model.config.text_config, model.config.pmod_router_layers)
+            model(**inputs, **{name: c}, use_cache=True)
+            results.append(model(input_ids=nxt, attention_mask=mask, **{name: c}, use_cache=True).logits)
+        assert torch.equal(results[0], results[1])
+        # a filled cache of another kind is refused, with the fix
+        from transformers.cache_utils import DynamicCache
+
+        foreign = DynamicCache()
+        foreign.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+        with pytest.raises(ValueError, match="PMoDCache"):
+            model(input_ids=nxt, attention_mask=mask, cache=foreign, use_cache=True)
+
+
+# ------------------------------------------------------------------------------- host syncs
+class _CountSyncs(TorchDispatchMode):
+    SYNC = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.active = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and str(func) in self.SYNC:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_one_host_sync_per_forward(tiny_vanilla, tiny_processor, one_thread, monkeypatch, guard):
+    """The routed layers make no host sync at all; the plan makes its one transfer (``tolist``, which
+    dispatches no scalar op, so it is counted separately); the overflow guard adds one check."""
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3, overflow_guard=guard))
+    random_routers(model, seed=3)
+    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)  # padded batch, different images
+    builds = []
+    original = RoutingPlan.build.__func__
+    monkeypatch.setattr(RoutingPlan, "build", classmethod(lambda cls, *a, **k: builds.append(1) or original(cls, *a, **k)))
+    mode = _CountSyncs()
+    hooks = []
+    for layer in model.pmod_layers.values():  # count inside the routed layers only
+        hooks.append(layer.register_forward_pre_hook(lambda m, a: setattr(mode, "active", True)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(mode, "active", False)))
+    checks = []
+    check = RoutingPlan.check_overflow
+    monkeypatch.setattr(RoutingPlan, "check_overflow", lambda self: checks.append(len(self._flags)) or check(self))
+    try:
+        with torch.no_grad(), mode:
+            model(**batch, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(model.pmod_layers) >= 5
+    assert mode.count == 0, f"{mode.count} host syncs inside {len(model.pmod_layers)} routed layers"
+    assert builds == [1]
+    assert checks == [4 * len(model.pmod_layers) if guard else 0]
+
+
+def test_overflow_guard_one_check_names_layer(tiny_vanilla, tiny_processor, one_thread):
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5, weight_norm="none", overflow_guard=True))
+    first = min(model.pmod_layers)
+    with torch.no_grad():
+        model.pmod_layers[first].router.weight.fill_(float("inf"))
+    with pytest.raises(PMoDOverflowError, match=rf"layer {first} \(router logits"):
+        with torch.no_grad():
+            model(**_single(tiny_processor, 0))
+
+
+# ------------------------------------------------------------------------------ determinism
+def test_ties_break_by_position_alone_and_in_padded_batch(tiny_vanilla, tiny_processor, one_thread):
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))  # zero routers: every weight ties at 1
+    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+    with torch.no_grad(), model.record_routing() as rec_batch:
+        model(**batch)
+    target = batch["input_ids"] == model.config.image_token_id
+    for i in range(len(SIZES)):
+        single = _single(tiny_processor, i)
+        with torch.no_grad(), model.record_routing() as rec_one:
+            model(**single)
+        for layer, r in rec_one.items():
+            sel_one = r["selected"][0][r["target"][0]]  # selection over this sample's vision tokens, in order
+            sel_batch = rec_batch[layer]["selected"][i][target[i]]
+            assert torch.equal(sel_one, sel_batch), (i, layer)
+            k = int(sel_one.sum())
+            assert sel_one[:k].all() and not sel_one[k:].any()  # ties: the earlier tokens are kept
+    together = _generate(model, batch, steps=4).sequences[:, batch["input_ids"].shape[1]:]
+    for i in range(len(SIZES)):
+        single = _single(tiny_processor, i)
+        alone = _generate(model, single, steps=4).sequences[:, single["input_ids"].shape[1]:]
+        assert together[i].tolist() == alone[0].tolist()
+        assert tiny_processor.decode(together[i]) == tiny_processor.decode(alone[0])
+
+
+# ------------------------------------------------------------------------------ HF contract
+def test_contract_checks_fail_loudly_with_the_supported_range(tiny_vanilla, tiny_processor):
+    spec = supported_range("transformers")
+    assert spec.startswith("transformers>=") and "<" in spec  # read from the installed metadata
+
+    class NoCacheAttention(torch.nn.Module):
+        config = type("C", (), {"_attn_implementation": "sdpa"})()
+
+        def forward(self, hidden_states, position_embeddings, attention_mask, layer_past=None):
+            return hidden_states, None
+
+    with pytest.raises(HFContractError, match=r"pip install 'transformers>=") as err:
+        check_attention(NoCacheAttention())
+    assert "cache" in str(err.value)
+    attn = tiny_vanilla.model.language_model.layers[0].self_attn
+    assert check_attention(attn) in ("cache", "past_key_values")
+    assert cache_argument(type(tiny_vanilla).forward, "forward") == check_attention(attn)
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    layer = model.pmod_layers[max(model.pmod_layers)]
+    with pytest.raises(HFContractError, match="routing plan"):
+        layer(torch.zeros(1, 3, model.config.text_config.hidden_size))
+
+
+def test_layer_forward_reads_no_hf_cache_keyword():
+    """The wrapped layer takes the cache from the plan only; the names HF uses are not parameters."""
+    from pmod_bench.model.layer import PMoDLayerMixin
+
+    params = inspect.signature(PMoDLayerMixin.forward).parameters
+    assert not {"cache", "past_key_values", "use_cache", "position_ids"} & set(params)
+
+
+# ------------------------------------------------------------------------------ config
+def test_config_defaults_stay_derived(tiny_vanilla):
+    soft = PMoDConfig().replace(weight_norm="softmax")
+    assert (soft.norm_scale, soft.norm_bias) == (1.0, 1.0)
+    back = soft.replace(weight_norm="tanh")
+    assert (back.norm_scale, back.norm_bias) == (0.2, 1.0)
+    explicit = PMoDConfig(norm_scale=1.0).replace(weight_norm="softmax", norm_scale=0.5)
+    assert explicit.norm_scale == 0.5
+    kept = PMoDConfig(weight_norm="tanh", norm_scale=1.0).replace(weight_norm="sigmoid")
+    assert kept.norm_scale == 1.0  # explicitly chosen values are kept
+    for bad in (-0.2, 0.0):
+        with pytest.raises(ValueError, match="norm_scale must be positive"):
+            PMoDConfig(norm_scale=bad)
+    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    model.set_pmod_ratios(weight_norm="softmax")
+    layer = next(iter(model.pmod_layers.values()))
+    assert (layer.pmod.norm_scale, layer.pmod.norm_bias) == (1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ flash-attention
+@pytest.mark.gpu
+def test_flash_attention_equals_sdpa_prefill_and_decode(tiny_processor):
+    pytest.importorskip("flash_attn")
+    from pmod_bench.model.presets import build_preset
+
+    outs = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        vanilla, _ = build_preset("tiny", pmod=None, dtype=torch.bfloat16, attn_implementation=attn)
+        model = to_pmod(vanilla.cuda(), PMoDConfig(shift=0.3))
+        random_routers(model, seed=4)
+        for i in (0, None):  # batch 1 (the packed-sequence trap) and a padded batch
+            inputs = _single(tiny_processor, 0) if i == 0 else make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+            inputs = {k: v.cuda() for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+            outs[(attn, i)] = _generate(model, inputs, steps=6)
+    for i in (0, None):
+        a, b = outs[("sdpa", i)], outs[("flash_attention_2", i)]
+        assert a.sequences.tolist() == b.sequences.tolist()
+        for x, y in zip(a.logits, b.logits):
+            assert (x.float() - y.float()).abs().max() < 5e-2
