@@ -25,6 +25,7 @@ def build_model(hidden: int, layers: int, heads: int, intermediate: int):
     from transformers import AutoModelForImageTextToText
 
     from pmod_bench import PMoDConfig
+    from pmod_bench.model import modeling  # noqa: F401  (registers the p-MoD classes with the Auto classes)
     from pmod_bench.model.presets import preset_config, preset_processor, random_routers
 
     cfg = preset_config("tiny", PMoDConfig())

@@ -665,7 +665,7 @@ def convert_checkpoint(
     # 3. the HF model: names must match one to one --------------------------------------------------
     from transformers import AutoModelForImageTextToText
 
-    import pmod_bench  # noqa: F401  (Auto-class registration)
+    from . import modeling  # noqa: F401  (importing it registers the Auto classes)
 
     target_dtype = _parse_dtype(dtype) if dtype not in (None, "auto") else None
     lm_dtype = mapped.state_dict["model.language_model.embed_tokens.weight"].dtype \

@@ -8,7 +8,7 @@ EPILOG = """examples:
   pmod-bench convert /ckpt/p-MoD-LLaVA-NeXT-7B /models/pmod-llava-next-7b
   pmod-bench convert MCG-NJU/p-MoD-LLaVA-v1.5-7B /models/pmod-llava-1.5-7b --cache-dir /data/hf-hub
   pmod-bench convert /ckpt/llava-v1.5-7b /models/llava-1.5-7b --vision-tower /ckpt/clip-vit-large-patch14-336
-then: AutoModelForImageTextToText.from_pretrained(DST) after `import pmod_bench`, or load_model(DST).
+then: AutoModelForImageTextToText.from_pretrained(DST) after `pmod_bench.register()`, or load_model(DST).
 """
 
 

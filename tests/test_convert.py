@@ -289,7 +289,9 @@ def _inputs(processor, size_wh, question="What is shown in the image?"):
 def _converted_logits(dst, inputs):
     from transformers import AutoModelForImageTextToText
 
-    import pmod_bench  # noqa: F401
+    import pmod_bench
+
+    pmod_bench.register()
 
     model = AutoModelForImageTextToText.from_pretrained(str(dst)).eval()
     with torch.no_grad():

@@ -284,7 +284,9 @@ def test_static_cache_is_refused_with_a_clear_error(tiny_vanilla, tiny_processor
 
 # --------------------------------------------------------------------------- save / load
 def test_save_load_roundtrip(tmp_path, tiny_vanilla, tiny_processor):
-    import pmod_bench  # noqa: F401  (registers the Auto classes)
+    import pmod_bench
+
+    pmod_bench.register()
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.4, weight_norm="tanh"))

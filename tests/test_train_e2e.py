@@ -94,7 +94,9 @@ def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ws, run_a):
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import pmod_bench  # noqa: F401  (registers the p-MoD classes)
+    import pmod_bench
+
+    pmod_bench.register()
 
     model = AutoModelForImageTextToText.from_pretrained(run_a)
     processor = AutoProcessor.from_pretrained(run_a)

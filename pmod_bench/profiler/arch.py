@@ -191,19 +191,10 @@ def _unknown(source: str) -> ArchError:
 
 
 def ensure_registered() -> None:
-    """Make sure AutoConfig knows the p-MoD model types (idempotent).
+    """Make sure the Auto classes know the p-MoD model types (idempotent; see ``pmod_bench.register``)."""
+    import pmod_bench
 
-    ``import pmod_bench`` registers them when transformers' auto package loads; importing a LLaVA
-    config module before that package has finished loading makes that registration fail (it warns
-    once and does not retry), so register again here through the public ``AutoConfig.register``.
-    """
-    import pmod_bench  # noqa: F401
-    from transformers import AutoConfig  # load the auto package completely first
-
-    from pmod_bench.model.hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
-
-    for cls in (PMoDLlavaConfig, PMoDLlavaNextConfig):
-        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+    pmod_bench.register()
 
 
 @functools.lru_cache(maxsize=32)

@@ -64,7 +64,9 @@ def num_llm_layers(cfg: TrainConfig) -> int:
             return int(n)
     from transformers import AutoConfig
 
-    import pmod_bench  # noqa: F401  (registers the p-MoD config classes)
+    import pmod_bench
+
+    pmod_bench.register()  # the p-MoD classes for the Auto classes
 
     try:
         c = AutoConfig.from_pretrained(src)
@@ -99,7 +101,9 @@ def load_source(source: str, pmod: PMoDConfig | None, dtype: torch.dtype, attn: 
             raise ConfigError(f"model.source={source!r}: {exc}") from None
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    import pmod_bench  # noqa: F401
+    import pmod_bench
+
+    pmod_bench.register()
     from pmod_bench.model.modeling import pmod_config_from
 
     config = AutoConfig.from_pretrained(source)
