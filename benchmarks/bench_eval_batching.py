@@ -9,7 +9,10 @@ with ``lmms_eval.utils.Collator``, prompt building, processor, left-padded ``gen
 stop-string cut), on POPE-style requests built from fixture images of varying size (anyres tile
 counts differ, so batches are padded as in a real run). Every batch size must give the same
 answers as batch size 1 (checked). Printed: samples/s per batch size and the ratio to batch size 1
-(target >= 2x at batch size 8). One warm-up batch is run first; the p-MoD routers are randomised.
+(target >= 2x at batch size 8). One warm-up batch is run first. Two models are measured: p-MoD with
+zero routers (as at insertion: every router weight ties, so selection rests on the tie-break by
+position) and with randomised routers (as after training); both must answer identically at every
+batch size.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import time
 
 
-def build_model(hidden: int, layers: int, heads: int, intermediate: int):
+def build_model(hidden: int, layers: int, heads: int, intermediate: int, routers: str = "random"):
     """The tiny preset (CLIP 32 px tiles, anyres, Vicuna template) with a resized language model."""
     from transformers import AutoModelForImageTextToText
 
@@ -44,7 +47,8 @@ def build_model(hidden: int, layers: int, heads: int, intermediate: int):
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg).eval()
-    random_routers(model)
+    if routers == "random":  # as after training; "zero": as at insertion (every weight ties at 1)
+        random_routers(model)
     return model, preset_processor("tiny")
 
 
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--intermediate", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
+    ap.add_argument("--routers", default="zero,random", help="router initialisations to measure (zero, random)")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args(argv)
 
@@ -80,34 +85,39 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from pmod_bench.tasks.plugin import PMoDLlava
 
-    model, processor = build_model(args.hidden, args.layers, args.heads, args.intermediate)
     docs, reqs = requests(args.requests)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rows, answers = [], {}
-    for bs in sizes:
-        lm = PMoDLlava.from_loaded(model, processor, name="bench", batch_size=bs, device=args.device)
-        lm.task_dict = docs
-        lm.generate_until(reqs[:bs])  # warm-up
-        start = time.perf_counter()
-        answers[bs] = lm.generate_until(reqs)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        rows.append({"batch_size": bs, "requests": len(reqs), "seconds": seconds, "samples_per_s": len(reqs) / seconds})
-    base = rows[0]["samples_per_s"]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"pmod_llava generate_until, {len(reqs)} requests, LM hidden {args.hidden} x {args.layers} layers "
-          f"({n_params / 1e6:.2f} M params), {args.device}, {args.threads} thread(s)")
-    print(f"{'batch':>5} {'seconds':>8} {'samples/s':>10} {'vs bs ' + str(sizes[0]):>9}")
-    for r in rows:
-        r["ratio"] = r["samples_per_s"] / base
-        print(f"{r['batch_size']:>5} {r['seconds']:>8.2f} {r['samples_per_s']:>10.2f} {r['ratio']:>8.2f}x")
-    same = all(answers[b] == answers[sizes[0]] for b in sizes)
-    print(f"answers identical across batch sizes: {same}")
+    report, all_same = {}, True
+    for routers in args.routers.split(","):
+        model, processor = build_model(args.hidden, args.layers, args.heads, args.intermediate, routers)
+        rows, answers = [], {}
+        for bs in sizes:
+            lm = PMoDLlava.from_loaded(model, processor, name="bench", batch_size=bs, device=args.device)
+            lm.task_dict = docs
+            lm.generate_until(reqs[:bs])  # warm-up
+            start = time.perf_counter()
+            answers[bs] = lm.generate_until(reqs)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append({"batch_size": bs, "requests": len(reqs), "seconds": seconds, "samples_per_s": len(reqs) / seconds})
+        base = rows[0]["samples_per_s"]
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"pmod_llava generate_until, {routers} routers, {len(reqs)} requests, LM hidden {args.hidden} x {args.layers} "
+              f"layers ({n_params / 1e6:.2f} M params), {args.device}, {args.threads} thread(s)")
+        print(f"{'batch':>5} {'seconds':>8} {'samples/s':>10} {'vs bs ' + str(sizes[0]):>9}")
+        for r in rows:
+            r["ratio"] = r["samples_per_s"] / base
+            print(f"{r['batch_size']:>5} {r['seconds']:>8.2f} {r['samples_per_s']:>10.2f} {r['ratio']:>8.2f}x")
+        same = all(answers[b] == answers[sizes[0]] for b in sizes)
+        differing = sum(a != b for b in sizes for a, b in zip(answers[b], answers[sizes[0]]))
+        print(f"answers identical across batch sizes: {same} ({differing} of {len(reqs) * len(sizes)} differ)\n")
+        report[routers] = {"rows": rows, "same_answers": same, "params": n_params}
+        all_same &= same
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "same_answers": same, "params": n_params, "args": vars(args)}, fh, indent=2)
-    return 0 if same else 1
+            json.dump({"models": report, "args": vars(args)}, fh, indent=2)
+    return 0 if all_same else 1
 
 
 if __name__ == "__main__":

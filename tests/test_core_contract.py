@@ -242,3 +242,33 @@ def test_flash_attention_equals_sdpa_prefill_and_decode(tiny_processor):
         assert a.sequences.tolist() == b.sequences.tolist()
         for x, y in zip(a.logits, b.logits):
             assert (x.float() - y.float()).abs().max() < 5e-2
+
+
+# ------------------------------------------------------------------------------ evaluation
+@pytest.mark.parametrize("routers", ["zero", "random"])
+def test_eval_answers_identical_at_batch_1_and_8(tiny_processor, one_thread, routers):
+    """lmms-eval's request path of the plugin (length sort, padding, generate, stop strings): the same
+    answers at batch size 1 and 8, for the zero-router tiny model (all router weights tie) and a
+    randomised one. Transformers 5.24 broke exactly this (63 of 210 answers differed)."""
+    from lmms_eval.api.instance import Instance
+
+    from pmod_bench.model.presets import build_preset
+    from pmod_bench.tasks.fixtures import image
+    from pmod_bench.tasks.plugin import PMoDLlava
+
+    model, _ = build_preset("tiny", pmod=PMoDConfig(shift=0.3))
+    if routers == "random":
+        random_routers(model, seed=7)
+    objects = ["disc", "box", "dog", "car", "person", "chair", "cup", "tree"]
+    docs = [{"q": f"Is there a {objects[i % 8]} in the image?" + " Look carefully." * (i % 3),
+             "img": image(i, 40 + 8 * (i % 6), 32 + 8 * (i % 4))} for i in range(16)]
+    gen = {"max_new_tokens": 6, "until": ["\n\n"], "temperature": 0, "do_sample": False}
+    reqs = [Instance(request_type="generate_until", arguments=(d["q"], dict(gen), lambda d: [d["img"]], i, "t", "test"),
+                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    answers = {}
+    for bs in (1, 8):
+        lm = PMoDLlava.from_loaded(model, tiny_processor, name="tiny", batch_size=bs, device="cpu")
+        lm.task_dict = {"t": {"test": docs}}
+        answers[bs] = lm.generate_until(reqs)
+    assert len(answers[1]) == len(docs)
+    assert answers[1] == answers[8], sum(a != b for a, b in zip(answers[1], answers[8]))
