@@ -28,6 +28,9 @@ class PMoDCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.valid: Optional[torch.Tensor] = None
         self.seen_tokens = 0
+        #: (B,) long: RoPE positions of later tokens = position id - shift (an in-LLM method that
+        #: renumbers positions after dropping tokens, as PyramidDrop / SparseVLM); None = original positions
+        self.position_shift: Optional[torch.Tensor] = None
 
     @property
     def stored_tokens(self) -> int:
@@ -52,21 +55,28 @@ class PMoDCacheLayer(DynamicLayer):
         super().reset()
         self.valid = None
         self.seen_tokens = 0
+        self.position_shift = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift.index_select(0, beam_idx.to(self.position_shift.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.valid is not None:
             self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.valid is not None:
             self.valid = self.valid[indices]
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift[indices]
 
     def crop(self, tokens_to_remove: int) -> None:
         # Only decoded (always processed) tokens are ever cropped, so slots == tokens here.

@@ -12,7 +12,10 @@ cached the wrong tokens):
    that way; a routed layer that runs without it raises :class:`HFContractError`);
 3. the decoder layers receive RoPE's ``position_embeddings`` (cos, sin) as a keyword argument;
 4. the attention module calls ``cache.update(keys, values, layer_idx, cache_kwargs)`` and reads its
-   kernel from ``self.config._attn_implementation``.
+   kernel from ``self.config._attn_implementation``;
+5. for the in-LLM comparison methods (FastV, PyramidDrop, SparseVLM, iLLaVA), which rank tokens by
+   attention rows recomputed from a layer's own ``q_proj`` / ``k_proj`` outputs: those modules,
+   ``head_dim``, ``scaling`` and the modeling file's ``apply_rotary_pos_emb`` (:func:`check_attention_rows`).
 
 Everything else a p-MoD layer does goes through the wrapped layer's own four submodules.
 """
@@ -86,6 +89,39 @@ def check_attention(attn) -> str:
     if not hasattr(getattr(attn, "config", None), "_attn_implementation"):
         raise contract_error(f"{type(attn).__name__} has no config._attn_implementation")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_of(cls: type) -> Callable:
+    import sys
+
+    module = sys.modules.get(cls.__module__)
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise contract_error(f"{cls.__module__} has no apply_rotary_pos_emb (the RoPE the attention rows of FastV / PyramidDrop "
+                             "/ SparseVLM / iLLaVA are recomputed with)")
+    params = list(inspect.signature(fn).parameters)[:4]
+    if params != ["q", "k", "cos", "sin"]:
+        raise contract_error(f"{cls.__module__}.apply_rotary_pos_emb takes {params}, expected (q, k, cos, sin, ...)")
+    return fn
+
+
+def check_attention_rows(attn) -> Callable:
+    """5. What recomputing an attention row from a layer's own projections relies on (the in-LLM
+    comparison methods): ``q_proj`` / ``k_proj`` modules whose outputs are the pre-RoPE queries/keys
+    (no q/k norms), ``head_dim``, ``scaling``, and the modeling file's ``apply_rotary_pos_emb(q, k, cos, sin)``.
+    Returns that RoPE function."""
+    name = type(attn).__name__
+    missing = [a for a in ("q_proj", "k_proj", "head_dim", "scaling") if getattr(attn, a, None) is None]
+    if missing:
+        raise contract_error(f"{name} has no {missing}; the attention rows of the in-LLM methods are recomputed from them")
+    normed = [a for a in ("q_norm", "k_norm") if getattr(attn, a, None) is not None]
+    if normed:
+        raise contract_error(f"{name} normalises queries/keys ({normed}) between projection and RoPE; the in-LLM methods "
+                             "support Llama/Vicuna, Mistral and Qwen2 attention")
+    if getattr(attn, "sliding_window", None):
+        raise contract_error(f"{name} uses sliding-window attention; the in-LLM methods need full attention")
+    return _rope_of(type(attn))
 
 
 def cache_kwargs(module, cache) -> dict:

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from pmod_bench.atomic import apply_default_modes
+
 from .config import PMoDConfig
 
 CONVERTER_VERSION = 1
@@ -197,11 +199,19 @@ def read_state_dict(files: list[Path], progress: bool = True) -> dict:
 
     sd: dict = {}
     bar = tqdm(files, desc="Reading shards", unit="shard", disable=not progress or len(files) < 2)
+    from safetensors import SafetensorError
+
     for f in bar:
-        if f.suffix == ".safetensors":
-            part = load_file(str(f))
-        else:
-            part = torch.load(str(f), map_location="cpu", weights_only=True)
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(str(f), map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:  # a download cut short
+            raise ConversionError(
+                f"{f} is truncated or corrupt ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); re-download "
+                "or re-copy the checkpoint (`hf download ORG/NAME --local-dir DIR`)."
+            ) from None
         dup = set(sd) & set(part)
         if dup:
             raise ConversionError(f"tensor(s) {sorted(dup)[:5]} appear in more than one shard of {f.parent}.")
@@ -743,6 +753,7 @@ def convert_checkpoint(
             "original_config": cfg,
         }
         (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2, default=str))
+        apply_default_modes(tmp)  # safetensors writes model.safetensors 0600; the rest of DST is umask-based
         _publish(tmp, dst, overwrite)
     finally:
         if tmp.exists():

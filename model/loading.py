@@ -104,9 +104,9 @@ def resolve_hub_id(repo_id: str, cache_dir=None, revision: Optional[str] = None)
     raise ModelSourceError(
         f"'{repo_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
         f"({why}), nor found in the HF cache '{where}'. The hub may be unreachable from "
-        f"this machine: download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`), copy it here "
+        f"this machine: download it elsewhere (`hf download {repo_id} --local-dir DIR`), copy it here "
         f"and pass the local path, or place a hub-layout snapshot under {where}/models--{repo_id.replace('/', '--')}/"
-        "snapshots/<rev>/ (with refs/main naming <rev>), or pass cache_dir=/--cache-dir."
+        "snapshots/<rev>/ (with refs/main naming <rev>), or point HF_HUB_CACHE at the cache that holds it."
     )
 
 
@@ -210,6 +210,8 @@ def load_model(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     vanilla: bool = False,
     revision: Optional[str] = None,
+    method: Any = None,
+    method_args: Optional[dict] = None,
 ):
     """Load ``(model, processor)`` from a preset name, a local checkpoint directory or a hub id.
 
@@ -225,7 +227,18 @@ def load_model(
     * ``device``: where to put the model (``cuda``, ``cpu``, ...); default: where it loads (CPU).
     * ``cache_dir``: cache root for conversions (``<cache_dir>/converted/<hash>``) and the HF hub cache
       for hub ids; default ``$PMOD_BENCH_CACHE`` (``~/.cache/pmod_bench``) and ``HF_HUB_CACHE``.
+    * ``method`` / ``method_args``: a comparison method (``pmod_bench.methods``): a spec
+      (``"visionzip"``, ``"fastervlm:keep=0.25"``), a dict or a config; ``method_args`` override its
+      options (``method="fastervlm", method_args={"tokens": 144}``). Applied with ``apply_method``.
     """
+    if method is not None or method_args:
+        model, processor = load_model(source, pmod=pmod, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                      cache_dir=cache_dir, vanilla=vanilla, revision=revision)
+        from pmod_bench.methods import MethodError, apply_method
+
+        if method is None:
+            raise MethodError(f"method_args {sorted(method_args)} given without a method; pass method='NAME'.")
+        return apply_method(model, method, **(method_args or {})), processor
     from .presets import PRESETS
 
     torch_dtype = _parse_dtype(dtype)
@@ -265,12 +278,18 @@ def load_model(
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    from safetensors import SafetensorError
+
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(str(directory), output_loading_info=True, **kwargs)
+    except SafetensorError as exc:  # truncated / corrupt weight file: not an Exception subclass we list below
+        raise ModelSourceError(damaged_weights_message(directory, exc)) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if "safetensors" in str(exc).lower() or "deserializ" in str(exc).lower():
+            raise ModelSourceError(damaged_weights_message(directory, exc)) from exc
         raise ModelSourceError(
-            f"could not load the model in {directory}: {type(exc).__name__}: {exc}. If it is in the original LLaVA "
-            "layout, convert it with `pmod-bench convert SRC DST` (the error then names the missing keys)."
+            f"could not load the model in {directory}: {type(exc).__name__}: {' '.join(str(exc).split())}. If it is in "
+            "the original LLaVA layout, convert it with `pmod-bench convert SRC DST` (the error then names the missing keys)."
         ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # from_pretrained would silently random-initialise them
@@ -286,6 +305,14 @@ def load_model(
     model = _apply_pmod(model, None if vanilla else pmod, layout, vanilla)
     processor = _load_processor(directory)
     return _finish(model, device), processor
+
+
+def damaged_weights_message(directory: Union[str, os.PathLike], exc: BaseException) -> str:
+    """One line for a weight file that does not read (a download or copy cut short)."""
+    files = sorted(p.name for p in Path(directory).glob("*.safetensors")) or ["the weight files"]
+    return (f"the weights in {directory} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''}) are truncated or "
+            f"corrupt ({type(exc).__name__}: {' '.join(str(exc).split())}). Re-download or re-copy the checkpoint "
+            "(`hf download ORG/NAME --local-dir DIR`), or re-save it with save_pretrained.")
 
 
 def _finish(model, device):

@@ -27,7 +27,96 @@ from .plan import RoutingPlan
 
 
 # ------------------------------------------------------------------------------------------- models
-class PMoDModelMixin:
+class RoutedForwardMixin:
+    """What every model whose decoder layers read a :class:`RoutingPlan` shares: the vision mask, the
+    plan (one per forward) and the project's cache. The p-MoD models use it, and so does a vanilla
+    model run with an in-LLM comparison method (:mod:`pmod_bench.methods`), whose wrapped layers are
+    the same :class:`PMoDLayerMixin` layers without a router."""
+
+    _pmod_guard = False
+    _pmod_record: Optional[dict] = None
+
+    def routed_layer_indices(self) -> list[int]:
+        """Indices of the decoder layers that read the routing plan (p-MoD layers, method layers)."""
+        return [i for i, l in enumerate(self.model.language_model.layers) if isinstance(l, PMoDLayerMixin)]
+
+    def _cache_layers(self) -> set[int]:
+        """Layers whose KV cache keeps only the tokens they process (a :class:`PMoDCacheLayer`)."""
+        return set(self.routed_layer_indices())
+
+    # -------------------------------------------------------------------------------- forward
+    #: the parent forward's cache argument ('cache' from transformers 5.24, 'past_key_values' before)
+    _pmod_cache_arg: str
+
+    def _vision_mask(self, input_ids, inputs_embeds, vision_token_mask) -> Optional[torch.Tensor]:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if vision_token_mask is not None and vision_token_mask.shape[:2] == ref.shape[:2]:
+            return vision_token_mask.bool()
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        if self.training or ref.shape[1] > 1:
+            warnings.warn(
+                "p-MoD forward with inputs_embeds and no vision_token_mask: no vision tokens are known, so every "
+                "token is processed. Pass input_ids or vision_token_mask=(B, N) bool.",
+                stacklevel=4,
+            )
+        return None
+
+    def _pmod_forward(self, parent_forward, args: tuple, kwargs: dict):
+        """Build the routing plan and the p-MoD cache, then run HF's own forward with both.
+
+        The cache arrives under whichever name the caller used (``cache`` or ``past_key_values``) and
+        goes on under the parent's name. ``None`` or generate()'s empty default cache becomes a
+        :class:`PMoDCache`, which the output carries back to generate(). Training uses no cache.
+        """
+        if args:  # positional arguments in the parent's order
+            names = [n for n in inspect.signature(parent_forward).parameters if n != "self"]
+            kwargs.update(zip(names, args))
+        vision_token_mask = kwargs.pop("vision_token_mask", None)
+        given = [kwargs.pop(name) for name in ("cache", "past_key_values") if name in kwargs]
+        cache = next((c for c in given if c is not None), None)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", None)
+            if use_cache is None:
+                use_cache = getattr(self.config.text_config, "use_cache", True)
+        if self.training and torch.is_grad_enabled():
+            use_cache, cache = False, None
+            kwargs["use_cache"] = False
+        if use_cache:
+            cache = PMoDCache.take_over(cache, self.config.text_config, self._cache_layers())
+        elif cache is not None:
+            raise ValueError("a cache was passed with use_cache=False; pass use_cache=True or no cache.")
+        input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        plan = RoutingPlan.build(
+            self._vision_mask(input_ids, inputs_embeds, vision_token_mask),
+            kwargs.get("attention_mask"),
+            seq_len=ref.shape[1],
+            batch=ref.shape[0],
+            device=ref.device,
+            cache=cache,
+            guard=self._pmod_guard,
+            record=self._pmod_record,
+        )
+        llm_method = getattr(self, "llm_method", None)
+        if llm_method is not None:  # an in-LLM comparison method (pmod_bench.methods): its state of this forward
+            plan.rotary = self.model.language_model.rotary_emb
+            if plan.target is not None:
+                plan.method = llm_method.start(self, plan, kwargs)
+        kwargs[self._pmod_cache_arg] = cache
+        kwargs["pmod_plan"] = plan
+        out = parent_forward(**kwargs)
+        plan.check_overflow()  # one host check for the whole forward (overflow guard on only)
+        missing = sorted(set(self.routed_layer_indices()) - plan.visited)
+        if missing:
+            from .compat import contract_error
+
+            raise contract_error(f"routed layers {missing} did not receive the routing plan")
+        return out
+
+
+class PMoDModelMixin(RoutedForwardMixin):
     """Routing behaviour shared by the p-MoD LLaVA and LLaVA-NeXT models."""
 
     config: Union[PMoDLlavaConfig, PMoDLlavaNextConfig]
@@ -65,8 +154,13 @@ class PMoDModelMixin:
     # ---------------------------------------------------------------------------- inspection
     @property
     def pmod_layers(self) -> dict[int, nn.Module]:
-        """The p-MoD (routed) decoder layers by index."""
-        return {i: l for i, l in enumerate(self.model.language_model.layers) if isinstance(l, PMoDLayerMixin)}
+        """The p-MoD (routed) decoder layers by index (layers wrapped for a comparison method only, without
+        a router, are not p-MoD layers)."""
+        return {i: l for i, l in enumerate(self.model.language_model.layers)
+                if isinstance(l, PMoDLayerMixin) and getattr(l, "router", None) is not None}
+
+    def _cache_layers(self) -> set[int]:
+        return set(self.config.pmod_router_layers) | set(super()._cache_layers())
 
     def layer_ratios(self) -> list[float]:
         """Retention ratio of every decoder layer as the model runs now (1.0 = every token processed)."""
@@ -125,72 +219,6 @@ class PMoDModelMixin:
         self.config.pmod = new.to_dict()
         self.config.pmod_router_layers = sorted(routers)  # router layers at ratio 1.0 stay routed on reload
         return ratios
-
-    # -------------------------------------------------------------------------------- forward
-    #: the parent forward's cache argument ('cache' from transformers 5.24, 'past_key_values' before)
-    _pmod_cache_arg: str
-
-    def _vision_mask(self, input_ids, inputs_embeds, vision_token_mask) -> Optional[torch.Tensor]:
-        ref = input_ids if input_ids is not None else inputs_embeds
-        if vision_token_mask is not None and vision_token_mask.shape[:2] == ref.shape[:2]:
-            return vision_token_mask.bool()
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        if self.training or ref.shape[1] > 1:
-            warnings.warn(
-                "p-MoD forward with inputs_embeds and no vision_token_mask: no vision tokens are known, so every "
-                "token is processed. Pass input_ids or vision_token_mask=(B, N) bool.",
-                stacklevel=4,
-            )
-        return None
-
-    def _pmod_forward(self, parent_forward, args: tuple, kwargs: dict):
-        """Build the routing plan and the p-MoD cache, then run HF's own forward with both.
-
-        The cache arrives under whichever name the caller used (``cache`` or ``past_key_values``) and
-        goes on under the parent's name. ``None`` or generate()'s empty default cache becomes a
-        :class:`PMoDCache`, which the output carries back to generate(). Training uses no cache.
-        """
-        if args:  # positional arguments in the parent's order
-            names = [n for n in inspect.signature(parent_forward).parameters if n != "self"]
-            kwargs.update(zip(names, args))
-        vision_token_mask = kwargs.pop("vision_token_mask", None)
-        given = [kwargs.pop(name) for name in ("cache", "past_key_values") if name in kwargs]
-        cache = next((c for c in given if c is not None), None)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.config, "use_cache", None)
-            if use_cache is None:
-                use_cache = getattr(self.config.text_config, "use_cache", True)
-        if self.training and torch.is_grad_enabled():
-            use_cache, cache = False, None
-            kwargs["use_cache"] = False
-        if use_cache:
-            cache = PMoDCache.take_over(cache, self.config.text_config, self.config.pmod_router_layers)
-        elif cache is not None:
-            raise ValueError("a cache was passed with use_cache=False; pass use_cache=True or no cache.")
-        input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        plan = RoutingPlan.build(
-            self._vision_mask(input_ids, inputs_embeds, vision_token_mask),
-            kwargs.get("attention_mask"),
-            seq_len=ref.shape[1],
-            batch=ref.shape[0],
-            device=ref.device,
-            cache=cache,
-            guard=self._pmod_guard,
-            record=self._pmod_record,
-        )
-        kwargs[self._pmod_cache_arg] = cache
-        kwargs["pmod_plan"] = plan
-        out = parent_forward(**kwargs)
-        plan.check_overflow()  # one host check for the whole forward (overflow guard on only)
-        missing = sorted(set(self.pmod_layers) - plan.visited)
-        if missing:
-            from .compat import contract_error
-
-            raise contract_error(f"p-MoD layers {missing} did not receive the routing plan")
-        return out
 
     # --------------------------------------------------------------------------- accounting
     def kv_cache_entries(self, cache) -> list[int]:

@@ -39,6 +39,61 @@ def num_selected_host(num_targets: int, ratio: float) -> int:
     return int(np.trunc(np.float32(num_targets) * np.float32(ratio)))
 
 
+@dataclass(frozen=True)
+class LayerTokens:
+    """The vision tokens present at one decoder layer (what the layer routes / processes).
+
+    Without an in-LLM method every layer sees the plan's own vision tokens; a :class:`TokenMethod`
+    (FastV, PyramidDrop, ...) removes some for the layers after its decision. Removed tokens are gone
+    for those layers: they are neither processed (queries, keys, values, MLP) nor cached there, and
+    their hidden state passes through unchanged (their logits are meaningless, as the official code,
+    which cuts them out of the sequence, has none).
+    """
+
+    target: Optional[torch.Tensor]
+    """(B, N) bool: the vision tokens present (None: none in this input)."""
+    num_targets: Optional[torch.Tensor]
+    """(B,) long on the device: how many per sample (= V)."""
+    V: tuple[int, ...]
+    """The same counts on the host (host arithmetic on the plan's V_b, never a transfer)."""
+    shift: Optional[torch.Tensor] = None
+    """(B, N) long: RoPE position = position id - shift (methods that renumber positions after dropping,
+    as PyramidDrop's and SparseVLM's official code); None = original positions."""
+    final_shift: Optional[torch.Tensor] = None
+    """(B,) long: the shift of tokens that come after this input (decode steps); the layer stores it
+    in its cache layer, so later forwards rotate their keys/queries at the same renumbered positions."""
+
+
+class TokenMethod:
+    """Per-forward state of a method that acts inside the LLM, carried by the plan (``plan.method``).
+
+    A wrapped layer calls, in order: :meth:`before_layer` (may decide from the layer's own
+    projections and return a rewritten ``x``), :meth:`tokens` (the vision tokens this layer sees),
+    :meth:`queries` (whose attention rows it must report), then after its own computation
+    :meth:`after_layer` with those rows (may decide for the later layers and rewrite the output).
+    Every shape must follow from host arithmetic on the plan's ``V_b``: no host sync.
+    """
+
+    #: layers that must be wrapped (read the plan); the others run HF's own forward untouched
+    layers: tuple[int, ...] = ()
+
+    def before_layer(self, layer, plan: "RoutingPlan", x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return x
+
+    def tokens(self, plan: "RoutingPlan", layer_idx: int) -> Optional[LayerTokens]:
+        """None: the plan's own vision tokens."""
+        return None
+
+    def queries(self, plan: "RoutingPlan", layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(positions (B, R) long, weights (B, R) float)``: the layer reports
+        ``score[b, n] = sum_r weights[b, r] * mean_heads softmax(q_r k^T)[n]`` over the keys of this
+        input; None = no attention wanted."""
+        return None
+
+    def after_layer(self, layer, plan: "RoutingPlan", out: torch.Tensor, scores: Optional[torch.Tensor]) -> torch.Tensor:
+        return out
+
+
 class PMoDOverflowError(FloatingPointError):
     """A NaN or Inf appeared in a p-MoD layer (the paper's OVERFLOW rows)."""
 
@@ -78,6 +133,10 @@ class RoutingPlan:
     guard: bool = False
     record: Optional[dict] = None
     """Introspection sink: layer index -> {"selected": (B, N) bool, "target": (B, N) bool}."""
+    method: Optional[TokenMethod] = None
+    """The in-LLM method's state of this forward (None: none applied)."""
+    rotary: Optional[object] = None
+    """The LLM's rotary embedding ``(x, position_ids) -> (cos, sin)``, for renumbered positions."""
     _layers: dict = field(default_factory=dict, repr=False)
     _flags: list = field(default_factory=list, repr=False)
     visited: set = field(default_factory=set, repr=False)
@@ -111,16 +170,22 @@ class RoutingPlan:
                    V=V, T=T, R=R, seq_len=seq_len, cache=cache, guard=guard, record=record)
 
     # ------------------------------------------------------------------------------------
+    def layer_tokens(self, layer_idx: int) -> LayerTokens:
+        """The vision tokens present at layer ``layer_idx``: the method's choice, else the plan's own."""
+        own = self.method.tokens(self, layer_idx) if self.method is not None and self.target is not None else None
+        return own if own is not None else LayerTokens(self.target, self.num_targets, self.V)
+
     def layer(self, layer_idx: int, ratio: float) -> LayerPlan:
         """The static shapes of routed layer ``layer_idx`` at retention ``ratio`` (host arithmetic)."""
-        key = (layer_idx, ratio)
+        toks = self.layer_tokens(layer_idx)
+        key = (layer_idx, ratio, toks.V)
         plan = self._layers.get(key)
         if plan is None:
             N = self.seq_len
-            if self.target is None:  # no vision tokens: every real token is processed
+            if toks.target is None:  # no vision tokens: every real token is processed
                 k_max, counts = 0, self.R
             else:
-                ks = [num_selected_host(v, ratio) for v in self.V]
+                ks = [num_selected_host(v, ratio) for v in toks.V]
                 k_max, counts = max(ks), [k + t for k, t in zip(ks, self.T)]
             P = max(counts)
             full = all(c == N for c in counts)

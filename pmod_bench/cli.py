@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "pmod_bench.train.cli",
     "pmod_bench.reports.cli",
     "pmod_bench.model.convert_cli",
+    "pmod_bench.commands.reproduce",
 )
 
 

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], metavar="RUN_DIR=LABEL",
                    help="say which paper row a run reproduces (repeatable); overrides run.json's label")
     p.add_argument("--default-model", default=DEFAULT_MODEL, choices=PAPER_MODELS,
-                   help="paper model for runs of other models, e.g. the tiny test model (default: %(default)s)")
+                   help="match runs of other models (the tiny test model, a random-weight preset, an unrecognised "
+                        "checkpoint) as this paper model; default: they get their own 'measured' lines")
     p.add_argument("--no-figures", action="store_true", help="tables and index only (no matplotlib needed)")
     p.set_defaults(func=run, handler=run)
     return p
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     except (RunDirError, LabelError, ReportError) as e:
         print(f"pmod-bench report: error: {e}", file=sys.stderr)
         return 2
+    for w in result.warnings:
+        print(f"pmod-bench report: warning: {w}", file=sys.stderr)
     n_fig = sum(len(v) for v in result.figures.values())
     print(f"wrote {len(result.tables)} tables and {n_fig} figure files to {result.output} (see {result.output / 'index.md'})")
     return 0

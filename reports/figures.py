@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from .matching import ExplorationPoint, Reproduction
-from .paper import BENCHMARKS, as_number, paper_average, paper_table
+from .paper import BENCHMARKS, PAPER_MODELS, as_number, paper_average, paper_table
 
 DPI = 200
 FORMATS = ("png", "pdf")
@@ -153,6 +153,12 @@ def tradeoff_data(rep: Optional[Reproduction] = None) -> TradeoffData:
             data.notes.append(f"{k}: profiled but not evaluated on {', '.join(benches) or 'any shared benchmark'}; not drawn.")
             continue
         lat = eff.get("latency_ratio")
+        if lat is not None and eff.get("latency_unreliable"):
+            lo, hi = eff.get("latency_ratio_min"), eff.get("latency_ratio_max")
+            rng = f" (ratio anywhere in {100 * lo:.0f}-{100 * hi:.0f}%)" if lo is not None and hi is not None else ""
+            data.notes.append(f"{k}: latency not drawn, its timing spread is too large to give a ratio{rng}; "
+                              "re-profile on an idle machine or with more --repeats.")
+            lat = None
         data.reproduced.append(TradeoffPoint(
             _point_name(k.partition("/")[2]), 100 * eff["tflops_ratio"], 100 * eff["kv_cache_ratio"],
             None if lat is None else 100 * lat, score, key=k,
@@ -197,7 +203,8 @@ def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
     panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache (% of baseline)"),
               ("latency_pct", "Latency (% of baseline)")]
     paper_label = "paper (Table 7, LLaVA-NeXT-7B)"
-    repro_label = f"reproduced ({data.reproduced_model})"
+    model = data.reproduced_model
+    repro_label = f"reproduced ({model})" if model in PAPER_MODELS else f"measured: {model} (not a paper model)"
     two_rows = bool(data.reproduced) and (not data.same_measure or _scores_far_apart(data))
     with _rc():
         fig = _figure(7.0, 4.3 if two_rows else 2.45)
@@ -217,7 +224,8 @@ def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
         grid[0][0].set_ylabel("Average score\n(paper AVG, Table 7)" if two_rows else "Average score (AVG, Table 7)")
         if two_rows:
             benches = ", ".join(data.reproduced_benchmarks) if not data.same_measure else "Table 7's six"
-            grid[1][0].set_ylabel(f"Reproduced score\n(mean of {benches})")
+            what = "Reproduced" if model in PAPER_MODELS else f"{model}"
+            grid[1][0].set_ylabel(f"{what} score\n(mean of {benches})")
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles),
                    bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
@@ -344,9 +352,11 @@ def plot_token_selection(
     """The paper's Fig. 5: the tokens a layer keeps, over the input image (skipped tokens shaded).
 
     Vision token ``i < rows * cols`` covers grid cell ``(i // cols, i % cols)``; tokens beyond the grid
-    (e.g. LLaVA-NeXT's newline or base-image tokens) are not drawn.
+    (LLaVA-NeXT's high-resolution tiles and row newlines) are not drawn, and the panels say so: their
+    counts are of the base tile's ``rows * cols`` tokens only. A colour key explains the shading.
     """
     import numpy as np
+    from matplotlib.patches import Patch
     from PIL import Image
 
     rows, cols = intro["grid"]
@@ -355,9 +365,11 @@ def plot_token_selection(
         img = np.asarray(im.convert("RGB"))
     h, w = img.shape[:2]
     n = len(chosen)
+    grid_tokens = rows * cols
+    beyond = int(intro["vision_tokens"]) - grid_tokens
     panel = min(1.75, 7.0 / max(n, 1))
     with _rc():
-        fig = _figure(panel * n, panel * h / w + 0.35)
+        fig = _figure(max(panel * n, 3.2), panel * h / w + 0.75)
         axes = fig.subplots(1, n, squeeze=False)[0]
         for ax, layer in zip(axes, chosen):
             keep = np.zeros(rows * cols, dtype=bool)
@@ -369,13 +381,21 @@ def plot_token_selection(
             overlay[..., 3] = np.where(keep.reshape(rows, cols), 0.0, 0.68)
             ax.imshow(img, extent=(0, w, h, 0))
             ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
-            ax.set_title(f"layer {layer}: {len(sel)}/{rows * cols} kept", fontsize=7)
+            what = "base-tile tokens" if beyond > 0 else "tokens"
+            ax.set_title(f"layer {layer}: {len(sel)}/{grid_tokens} {what} kept", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
             for s in ax.spines.values():
                 s.set_visible(True)
                 s.set_linewidth(0.4)
+        key = [Patch(facecolor="white", edgecolor="#888888", linewidth=0.4),
+               Patch(facecolor=(0.08, 0.08, 0.08, 0.68), edgecolor="#888888", linewidth=0.4)]
+        names = [f"kept (processed by the layer)", "skipped (shaded)"]
+        fig.legend(key, names, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0), frameon=False)
+        if beyond > 0:
+            fig.text(0.5, 0.0, f"Base tile only: the whole image at one tile ({rows}x{cols} tokens); the other {beyond:,} "
+                     "vision tokens (high-resolution tiles, row newlines) are in Fig. 6.", ha="center", va="top", fontsize=6)
         fig.tight_layout(w_pad=0.4)
         return _save(fig, stem)
 
@@ -397,8 +417,27 @@ def selection_matrix(intro: Mapping[str, Any]):
     return m
 
 
+def token_segments(intro: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """Named token ranges ``(name, start, end)`` of the vision tokens (for Fig. 6's tile boundaries)."""
+    V = int(intro["vision_tokens"])
+    seg = intro.get("segments")
+    if isinstance(seg, list) and all(isinstance(x, (list, tuple)) and len(x) == 3 for x in seg):
+        return [(str(n), int(a), int(b)) for n, a, b in seg]
+    grid = intro.get("grid")
+    if grid and grid[0] * grid[1] < V:
+        g = grid[0] * grid[1]
+        return [("base tile", 0, g), ("high-resolution tiles (+ row newlines)", g, V)]
+    return []
+
+
 def plot_selection_map(intro: Mapping[str, Any], stem: Path) -> list[Path]:
-    """The paper's Fig. 6: selection decisions as a layer x vision-token map."""
+    """The paper's Fig. 6: selection decisions as a layer x vision-token map, tile boundaries marked.
+
+    With a ``grid`` (rows, cols) holding fewer tokens than ``vision_tokens`` (LLaVA-NeXT), the first
+    ``rows * cols`` tokens are the base tile and the rest the high-resolution tiles (with one newline
+    token per feature row): a line separates them and each part is named above the map. An optional
+    ``segments`` list (``[[name, start, end], ...]``, end exclusive) marks any other token ranges.
+    """
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -415,8 +454,13 @@ def plot_selection_map(intro: Mapping[str, Any], stem: Path) -> list[Path]:
         ax.set_xlabel("Vision-token index")
         ax.set_ylabel("Layer")
         ax.grid(False)
+        for name, start, end in token_segments(intro):
+            if start > 0:
+                ax.axvline(start - 0.5, color="#c0392b", lw=0.9)
+            ax.text((start + end - 1) / 2, -0.5, name, ha="center", va="bottom", fontsize=6.5, color="#c0392b",
+                    transform=ax.transData, clip_on=False)
         fig.legend([Patch(facecolor=colors[i], edgecolor="#888888", linewidth=0.4) for i in present],
-                   [names[i] for i in present], loc="lower center", ncol=len(present), bbox_to_anchor=(0.5, 1.0),
+                   [names[i] for i in present], loc="lower center", ncol=len(present), bbox_to_anchor=(0.5, 1.04),
                    frameon=False)
         fig.tight_layout()
         return _save(fig, stem)
@@ -425,5 +469,5 @@ def plot_selection_map(intro: Mapping[str, Any], stem: Path) -> list[Path]:
 __all__ = [
     "TradeoffPoint", "TradeoffData", "tradeoff_data", "plot_tradeoff", "retention_schedules_data",
     "plot_retention_schedules", "exploration_data", "plot_exploration", "plot_token_selection",
-    "selection_matrix", "plot_selection_map", "pick_layers", "DPI",
+    "selection_matrix", "plot_selection_map", "token_segments", "pick_layers", "DPI",
 ]

@@ -10,6 +10,13 @@ same configuration appears in several tables (p-MoD-0.5 on LLaVA-NeXT-7B fills r
    ``summary.json`` ``pmod`` (PMoDConfig fields) / the profile row's ``method``, ``variant``,
    ``schedule`` and ``shift``.
 
+A run is matched to a paper row only when its architecture is that row's: a recognised name
+(``llava-hf/llava-v1.6-vicuna-7b-hf``), or an eval run's ``model_info`` (class + parameter count)
+for a local checkpoint path. Anything else (the ``tiny`` test model, an eval of a random-weight
+preset: ``model_info.random_weights``) keeps its own name and gets its own ``measured`` lines; ``--default-model`` matches such
+runs as a paper model on request. Incomplete eval runs and labels naming no paper row are warned
+about (:attr:`Reproduction.warnings`); an explicit ``--label`` naming no paper row is an error.
+
 A LABEL is ``MODEL/VARIANT``, ``VARIANT``, ``MODEL`` or ``fig3:GROUP:RETENTION`` (an exploration run
 of the paper's Fig. 3, GROUP one of shallow, middle, deep, base). See :func:`parse_label`.
 """
@@ -22,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .paper import BENCHMARKS, PAPER_MODELS, paper_variants
+from .paper import BENCHMARKS, PAPER_MODELS, paper_keys, paper_variants
 from .runs import Run
 
-DEFAULT_MODEL = "llava-next-7b"
+#: no default: runs of other models are not matched to a paper model unless --default-model says so
+DEFAULT_MODEL = None
+
 SCHEDULES = ("cosine", "linear", "constant", "interleaved", "stepped")
 EXPLORATION_GROUPS = ("shallow", "middle", "deep", "base")
 
@@ -260,6 +269,8 @@ class Reproduction:
     introspections: list[Run] = field(default_factory=list)
     unmatched: list[tuple[Run, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """what a reader must not miss: incomplete eval runs, labels naming no paper row (index.md, stderr)"""
     values: dict[str, dict[str, tuple[float, str]]] = field(default_factory=dict)
     efficiency: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
 
@@ -301,6 +312,25 @@ def _profile_values(row: Mapping[str, Any]) -> dict[str, float]:
     return vals
 
 
+def _own_model(name: Optional[str]) -> str:
+    """The display name of a model that is not the paper's: a path's or hub id's last part."""
+    text = str(name or "unknown").rstrip("/").removesuffix(":vanilla")  # the preset suffix: the variant says it
+    return Path(text).name or text
+
+
+def model_from_info(info: Any) -> tuple[Optional[str], str]:
+    """The paper model an eval run's ``model_info`` (class, num_params) describes, or None."""
+    if not isinstance(info, Mapping):
+        return None, ""
+    cls, n = str(info.get("class") or ""), info.get("num_params")
+    if not cls or not isinstance(n, (int, float)):
+        return None, ""
+    family = "llava-next" if "Next" in cls else "llava-v1.5" if "Llava" in cls else None
+    size = "7b" if 6.5e9 <= n <= 7.6e9 else "13b" if 12.5e9 <= n <= 13.8e9 else None
+    model = f"{family}-{size}" if family and size else None
+    return (model, f"model_info: {cls}, {n / 1e9:.2f}B parameters") if model in PAPER_MODELS else (None, "")
+
+
 def _label_keys(run: Run, labels: Mapping[str, str]) -> list[str]:
     """The --label keys that name this run: its path (as given or resolved) or its base name."""
     here = run.path.resolve()
@@ -317,33 +347,72 @@ def _label_for(run: Run, labels: Mapping[str, str]) -> tuple[Optional[Label], st
     return None, ""
 
 
+def _eval_health(run: Run) -> Optional[str]:
+    """A warning for an eval run that did not finish its suite (or None)."""
+    if run.data.get("complete") is not False and run.rows:
+        return None
+    failures = run.data.get("failures") or {}
+    failed = "; ".join(f"{k}: {str(v)[:120]}" for k, v in failures.items()) if isinstance(failures, Mapping) else ""
+    suite = run.data.get("suite")
+    what = f"suite {suite!r} " if suite else ""
+    return (f"{run.path}: incomplete eval run ({what}complete: false, {len(run.rows)} finished benchmark(s)"
+            + (f"; failed: {failed}" if failed else "") + ")")
+
+
 def match_runs(
     runs: Iterable[Run],
     labels: Optional[Mapping[str, str]] = None,
-    default_model: str = DEFAULT_MODEL,
+    default_model: Optional[str] = DEFAULT_MODEL,
 ) -> Reproduction:
     """Match runs to paper configurations (see the module docstring for the rules).
 
     ``labels`` maps a run directory (as given, resolved, or its base name) to a label. Runs whose
-    model is not a paper model (``tiny``, a local path) are matched as ``default_model``. Where two
-    runs give the same value, the later one wins (profile runs are applied first, then eval, then
-    train, so a measured training run's GPU hours replace a profile estimate); every replacement is
-    noted.
+    model is not a paper model (``tiny``, an eval of a random-weight preset, an unrecognised local
+    checkpoint) keep their own model name, so they never fill a paper row, unless ``default_model``
+    names the paper model to match them as. Where two runs give the same value, the later one wins
+    (profile runs are applied first, then eval, then train, so a measured training run's GPU hours
+    replace a profile estimate); every replacement is noted.
     """
-    if default_model not in PAPER_MODELS:
+    if default_model is not None and default_model not in PAPER_MODELS:
         raise LabelError(f"--default-model {default_model!r} is not a paper model; use one of {', '.join(PAPER_MODELS)}.")
     labels = dict(labels or {})
     rep = Reproduction()
     runs = list(runs)
     used_labels: set[str] = set()
 
-    def model_of(label: Optional[Label], name: Optional[str], what: str) -> tuple[str, str]:
+    def model_of(label: Optional[Label], name: Optional[str], what: str, run: Run) -> tuple[str, str]:
         if label and label.model:
             return label.model, ""
+        info = (run.data.get("model_info") or run.meta.get("model_info")) if run.kind == "eval" else None
+        if isinstance(info, Mapping) and info.get("random_weights"):  # pmod-bench eval --model <preset>
+            own = _own_model(name)
+            own = own if canonical_model(own) is None else f"{own} (random weights)"
+            if default_model:
+                return default_model, f"{what} {name!r} is a random-weight preset: matched as {default_model} (--default-model)"
+            return own, f"{what} {name!r} is a random-weight preset, not the paper's model: own rows as {own!r}"
         m = canonical_model(name)
         if m:
             return m, ""
-        return default_model, f"{what} {name!r} is not a paper model: matched as {default_model} (--default-model)"
+        if run.kind == "eval":
+            m, why = model_from_info(info)
+            if m:
+                return m, f"{what} {name!r}: {why} -> {m}"
+        if default_model:
+            return default_model, f"{what} {name!r} is not a paper model: matched as {default_model} (--default-model)"
+        own = _own_model(name)
+        return own, f"{what} {name!r} is not a paper model: own rows as {own!r}"
+
+    def check_key(model: str, variant: str, label: Optional[Label], label_how: str, where: str) -> None:
+        """A label that names a paper model + variant must name a row the paper has."""
+        key = f"{model}/{variant}"
+        if not label or model not in PAPER_MODELS or key in paper_keys():
+            return
+        near = sorted(k for k in paper_keys() if k.startswith(model + "/"))
+        msg = (f"{where}: {label_how} names {key}, which no paper table reports. Rows of {model}: "
+               f"{', '.join(k.partition('/')[2] for k in near)}.")
+        if label_how.startswith("--label") and (label.variant or label.model):
+            raise LabelError(msg + " Fix the label (or drop it to match the run automatically).")
+        rep.warnings.append(msg)
 
     order = {"profile": 0, "eval": 1, "train": 2}
     for run in sorted(runs, key=lambda r: order[r.kind]):
@@ -355,6 +424,12 @@ def match_runs(
             rep.notes.append(f"{run.path}: run.json label {run.label!r} is free text, not a label; matched automatically.")
 
         if run.kind == "eval":
+            health = _eval_health(run)
+            if health:
+                rep.warnings.append(health + ("; its missing benchmarks show as dashes." if run.rows else "."))
+            if not run.rows:
+                rep.unmatched.append((run, "no finished benchmark (see the warning)"))
+                continue
             values = {}
             for row in run.rows:
                 bench = row["benchmark"]
@@ -367,15 +442,17 @@ def match_runs(
             if label and label.group:
                 rep.exploration.append(ExplorationPoint(run, label.group, float(label.retention), values))
                 continue
-            model, note = model_of(label, run.data["model"], "model")
+            model, note = model_of(label, run.data["model"], "model", run)
             if label and label.variant:
                 variant, how = label.variant, label_how
             else:
                 variant, how = variant_from_pmod(run.data["pmod"])
                 if label_how:
                     how = f"{label_how}; {how}"
+            check_key(model, variant, label, label_how, str(run.path))
             if note:
                 rep.notes.append(f"{run.path}: {note}.")
+                how = f"{how}; {note}"
             rep.entries.append(Entry(run, model, variant, values, how, str(run.path)))
 
         elif run.kind == "profile":
@@ -390,8 +467,12 @@ def match_runs(
                     )
                 label = Label(label.text, model=label.model)
             chosen: dict[str, tuple[int, Mapping[str, Any], str]] = {}
+
+            def rank(r: Mapping[str, Any]) -> tuple[bool, bool]:
+                return bool(r.get("paper_scenario")), r["batch_size"] == 1
+
             for i, row in enumerate(rows):
-                model, note = model_of(label, row["arch"], "arch")
+                model, note = model_of(label, row["arch"], "arch", run)
                 if label and label.variant:
                     variant, how = label.variant, label_how
                 else:
@@ -400,26 +481,34 @@ def match_runs(
                     how = f"{how}; {note}"
                 key = f"{model}/{variant}"
                 prev = chosen.get(key)
-                # one scenario per configuration: batch size 1 first, else the first row
-                if prev is None or (prev[1]["batch_size"] != 1 and row["batch_size"] == 1):
+                # one scenario per configuration: the paper's scenario and batch size 1 first, else the first row
+                if prev is None or rank(row) > rank(prev[1]):
                     chosen[key] = (i, row, how)
             for key, (i, row, how) in chosen.items():
-                model, _, variant = key.partition("/")
+                model, _, variant = key.rpartition("/")
+                if label and label.variant:
+                    check_key(model, variant, label, label_how, str(run.path))
                 extra = {m: row[m] for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio")}
+                for m in ("latency_unreliable", "latency_ratio_min", "latency_ratio_max"):
+                    extra[m] = row.get(m)
                 extra["ratios"] = list(row["ratios"])
                 rep.entries.append(Entry(run, model, variant, _profile_values(row), how, f"{run.path} row {i}", extra))
             skipped = len(rows) - len(chosen)
             if skipped:
                 rep.notes.append(
                     f"{run.path}: {skipped} profile row(s) repeat a configuration in another scenario; "
-                    f"the batch-size-1 (else first) row of each is used."
+                    f"the paper-scenario (672x672, 58 text tokens) batch-size-1 row of each is used, else the first."
                 )
 
         else:  # train
             if not (label and label.variant):
                 rep.unmatched.append((run, "train runs are matched only by a label MODEL/VARIANT"))
                 continue
+            if label.model is None and default_model is None:
+                rep.unmatched.append((run, "train runs need a label MODEL/VARIANT (or --default-model) to name the model"))
+                continue
             model = label.model or default_model
+            check_key(model, label.variant, label, label_how, str(run.path))
             rep.entries.append(Entry(run, model, label.variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
                                      label_how, str(run.path)))
 
@@ -441,4 +530,5 @@ def match_runs(
 __all__ = [
     "DEFAULT_MODEL", "Label", "LabelError", "LABEL_FORMS", "Entry", "ExplorationPoint", "Reproduction",
     "canonical_model", "canonical_variant", "parse_label", "variant_from_pmod", "variant_from_profile_row", "match_runs",
+    "model_from_info",
 ]

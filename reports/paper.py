@@ -1,9 +1,9 @@
 """The paper's Tables 1-12 as data (``paper_tables.json``) and the paper's averaging convention.
 
-The numbers are those printed in the p-MoD paper (ICCV 2025); the column headers that the paper's text
-conversion lost are restored from ``TABLES.md`` and every column says where its header came from
-(``header_source``: ``paper`` kept in the text, ``restored``, ``inferred`` by matching values across
-tables, or ``unknown``). Percentages are stored as numbers (``53.7%`` -> ``53.7``), MME as the raw
+The numbers are those printed in the p-MoD paper (:data:`PAPER_TITLE`, ICCV 2025); every column
+records where its header came from (``header_source``: ``paper``, ``restored``, ``inferred`` by
+matching values across tables, or ``unknown``; data provenance only, never shown in a report, which
+cites the paper and the table number). Percentages are stored as numbers (``53.7%`` -> ``53.7``), MME as the raw
 perception score (0-2000), non-numeric marks (``OVERFLOW``, ``> 60%``, ``-``) as strings and empty
 cells as ``null``.
 
@@ -30,6 +30,9 @@ BENCHMARKS = (
 AVERAGE_DIVISOR = {"MME": 20.0}
 #: the three paper models a run can be matched to
 PAPER_MODELS = ("llava-v1.5-7b", "llava-next-7b", "llava-next-13b")
+#: the paper every table comes from (cited in reports)
+PAPER_TITLE = "p-MoD: Building Mixture-of-Depths MLLMs via Progressive Ratio Decay"
+PAPER_CITATION = f"{PAPER_TITLE} (Zhang et al., ICCV 2025)"
 #: |recomputed - printed| allowed when checking a printed AVG (values are printed to 1 decimal)
 AVG_TOLERANCE = 0.05
 
@@ -91,10 +94,8 @@ class PaperTable:
 
     @property
     def source_text(self) -> str:
-        lines = self.source.get("lines")
-        where = f"lines {lines[0]}-{lines[1]}" if lines else ""
-        headers = self.source.get("headers", "TABLES.md")
-        return f"{self.source.get('file', 'paper')} {where}; headers restored in {headers}"
+        """The citation of this table: the paper's title and the table number."""
+        return f"{PAPER_CITATION}, Table {self.number}"
 
 
 def as_number(value: Value) -> Optional[float]:
@@ -177,6 +178,12 @@ def paper_table(table: Union[int, str]) -> PaperTable:
     raise KeyError(f"unknown paper table {table!r}; known: {known}")
 
 
+@functools.lru_cache(maxsize=1)
+def paper_keys() -> frozenset:
+    """Every ``MODEL/VARIANT`` some paper row reports."""
+    return frozenset(r.key for t in load_paper_tables() for r in t.rows if r.key)
+
+
 def paper_variants() -> tuple[str, ...]:
     """Every ``variant`` a paper row reports (baseline, p-MoD-0.5, FastV, ...), in first-seen order."""
     seen: dict[str, None] = {}
@@ -188,6 +195,6 @@ def paper_variants() -> tuple[str, ...]:
 
 
 __all__ = [
-    "BENCHMARKS", "AVERAGE_DIVISOR", "PAPER_MODELS", "AVG_TOLERANCE", "PaperColumn", "PaperRow", "PaperTable",
+    "BENCHMARKS", "AVERAGE_DIVISOR", "PAPER_MODELS", "PAPER_TITLE", "PAPER_CITATION", "paper_keys", "AVG_TOLERANCE", "PaperColumn", "PaperRow", "PaperTable",
     "as_number", "paper_average", "load_paper_tables", "paper_table", "paper_metadata", "paper_variants",
 ]

@@ -1,7 +1,10 @@
 """Build each report table once, as lines of typed values; :mod:`.render` formats them.
 
 Per paper row the table holds a ``paper`` line (the paper's values) and, when some run reproduced
-that row, a ``reproduced`` line and a ``diff`` line (reproduced - paper). Nothing is invented: a value
+that row, a ``reproduced`` line and a ``diff`` line (reproduced - paper). A run of a configuration no
+paper row reports (a model that is not the paper's, e.g. the tiny test model) gets its own
+``measured`` line, labelled with its model and variant, after the paper's rows of a table that has
+its variant: it is never folded into a paper row. Nothing is invented: a value
 no run measured stays ``None`` (rendered as a dash) and a reproduced AVG is computed only when every
 benchmark cell of the row is present (MME entering as score / 20, the paper's convention).
 """
@@ -12,20 +15,18 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from .matching import Reproduction
-from .paper import PaperColumn, PaperTable, Value, as_number, load_paper_tables, paper_average
+from .paper import PaperColumn, PaperTable, Value, as_number, load_paper_tables, paper_average, paper_keys
 
 #: a value that does not apply (descriptive text columns on a reproduced line): rendered empty
 NOT_APPLICABLE = ""
 
-LINE_KINDS = ("paper", "reproduced", "diff")
-HEADER_MARK = {"inferred": "†"}
-HEADER_LEGEND = {"inferred": "† column header inferred by matching the same model's values across tables (TABLES.md)."}
+LINE_KINDS = ("paper", "reproduced", "diff", "measured")
 
 
 @dataclass(frozen=True)
 class Line:
     label: str  # the row label on its first line, "" on the reproduced / diff lines
-    kind: str  # paper | reproduced | diff
+    kind: str  # paper | reproduced | diff | measured (a run with no paper row)
     values: tuple[Value, ...]  # one per value column; None = missing
     key: Optional[str] = None  # MODEL/VARIANT of the paper row
     group: int = 0  # index of the paper row the line belongs to
@@ -45,8 +46,8 @@ class ReportTable:
     notes: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()  # the runs (or profile rows) whose values the table shows
 
-    def header(self, col: PaperColumn, marks: bool = True) -> str:
-        return col.header + (HEADER_MARK.get(col.header_source, "") if marks else "")
+    def header(self, col: PaperColumn) -> str:
+        return col.header
 
 
 def _reproduced_values(table: PaperTable, key: str, rep: Reproduction) -> tuple[Value, ...]:
@@ -111,10 +112,23 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
             lines.append(Line("", "diff", _diff(paper_vals, repro), row.key, gi))
             used.append(f"{row.label or row.key} ({row.key}): {', '.join(measured[row.key])}")
             sources.extend(s for s in measured[row.key] if s not in sources)
+    # runs of configurations no paper row reports, whose variant this table has: their own lines
+    extra: list[str] = []
+    if rep is not None:
+        variants = {r.variant for r in table.rows if r.variant}
+        for key in rep.keys:
+            if key in paper_keys() or key.rpartition("/")[2] not in variants:
+                continue
+            srcs = _measured_sources(table, key, rep)
+            if not srcs:
+                continue
+            model, _, variant = key.rpartition("/")
+            lines.append(Line(f"{model} · {variant}", "measured", _reproduced_values(table, key, rep), key, len(table.rows) + len(extra)))
+            extra.append(f"{model} · {variant}: {', '.join(srcs)}")
+            sources.extend(s for s in srcs if s not in sources)
+    matched_paper = compare
+    compare = compare or bool(extra)
     notes: list[str] = []
-    for source in sorted({c.header_source for c in cols}):
-        if source in HEADER_LEGEND:
-            notes.append(HEADER_LEGEND[source])
     notes.extend(table.notes)
     for row in table.rows:
         if row.note:
@@ -127,13 +141,17 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
         )
     notes.append(f"Source: {table.source_text}.")
     if rep is not None:
-        if compare:
+        if matched_paper:
             notes.append("diff = reproduced - paper; a dash marks a value no run measured.")
             notes.extend(f"Reproduced {u}." for u in used)
             if any(not measured.get(r.key) for r in table.rows if r.key):
                 notes.append("Rows without a reproduced line were not matched by any run.")
         elif any(r.key for r in table.rows):
             notes.append("No run matched a row of this table.")
+        if extra:
+            notes.append("measured = a run of a model that is not the paper's (or of a configuration the paper does not "
+                         "report): its own values, with no paper counterpart and no diff.")
+            notes.extend(f"Measured {u}." for u in extra)
     return ReportTable(
         id=table.id, number=table.number, title=table.title, label_header=table.label_column.header,
         columns=cols, lines=tuple(lines), compare=compare, notes=tuple(notes), sources=tuple(sources),

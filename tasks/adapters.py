@@ -7,6 +7,10 @@ Everything else in the adapter YAMLs is lmms-eval 0.7.3's own functions
   fetches it from the hub, this one goes through :func:`pmod_bench.tasks.data.load_split`
   (local snapshot under ``PMOD_BENCH_DATA``, else the hub) and decodes only the images it needs.
 * ``seed_image_docs``: SEED-Bench image questions only (the paper's "SEED-Bench (image)").
+* ``mme_docs``: MME's question pairs reordered round-robin over the categories, perception first, so
+  that ``--limit N`` (the first N documents) samples every category it can instead of the real
+  split's first rows (40 cognition rows, ``code_reasoning``): any limit yields a perception score.
+  The score of the full split is unchanged (it is a sum over categories of per-pair terms).
 * ``mmbench_process_results`` / ``mmmu_process_results``: lmms-eval's, plus an ``unparsed`` 0/1
   per sample: the answer matched no parsing rule (MMBench then counts it wrong, MMMU draws a random
   option). The runner reports the count.
@@ -39,6 +43,33 @@ def gqa_process_docs(dataset):
 def seed_image_docs(dataset):
     """Keep SEED-Bench's image questions (``data_type == "image"``)."""
     return dataset.filter(lambda t: t == "image", input_columns="data_type")
+
+
+#: MME's categories in lmms-eval's order (``lmms_eval.tasks.mme.utils.eval_type_dict``): perception, then cognition
+def _mme_category_order() -> list[str]:
+    from lmms_eval.tasks.mme.utils import eval_type_dict
+
+    return [*eval_type_dict["Perception"], *eval_type_dict["Cognition"]]
+
+
+def mme_docs(dataset):
+    """Question pairs (rows sharing ``question_id``, kept together) dealt round-robin over the categories.
+
+    Round r holds the r-th pair of every category, categories in lmms-eval's order (perception
+    first). Unknown categories follow, in first-seen order.
+    """
+    order = _mme_category_order()
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for i, (cat, qid) in enumerate(zip(dataset["category"], dataset["question_id"])):
+        pairs.setdefault(cat, {}).setdefault(qid, []).append(i)
+    cats = [c for c in order if c in pairs] + [c for c in pairs if c not in order]
+    queues = [list(pairs[c].values()) for c in cats]
+    indices: list[int] = []
+    for r in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if r < len(q):
+                indices.extend(q[r])
+    return dataset.select(indices)
 
 
 def _is_missing(x: Any) -> bool:

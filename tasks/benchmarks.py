@@ -165,7 +165,8 @@ _add(Benchmark(
     key="MME", title="MME perception score (0-2000)", run=("pmod_mme",), result="pmod_mme",
     metric="mme_perception_score,none", scale=1.0, unit="score", builtin="mme", limit_multiple=2,
     data=(DataRef(f"{ENC}/MME", None, ("test",), ("question_id", "question", "answer", "category")),),
-    note="Averages use score / 20.",
+    note="Averages use score / 20. --limit N takes N/2 question pairs dealt round-robin over the categories, "
+         "perception first (adapter mme_docs): the real split starts with 40 cognition rows.",
 ))
 _add(Benchmark(
     key="MMB", title="MMBench en dev (CircularEval accuracy, offline answer matching)", run=("pmod_mmbench_en_dev",),
@@ -210,7 +211,54 @@ SUITES: dict[str, tuple[str, ...]] = {
 }
 SUITES["all"] = SUITES["paper15"] + SUITES["grounding"]
 
-_BY_TASK = {t: b for b in BENCHMARKS.values() for t in (*b.run, *b.components)}
+# ------------------------------------------------------------------------------------ the toy world
+# Generated benchmarks (pmod_bench.toy, tasks/lmms_tasks/toy/): the analogs of POPE, VQA (attribute and
+# counting), MMBench/SQA, TextVQA and RefCOCO on scenes of coloured shapes; kept apart from the paper's
+# BENCHMARKS (the `all` suite and paper tables never include them), selected with `--suite toy`.
+TOY_HUB = "pmod-bench/toy-world"
+TOY_BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def _add_toy(b: Benchmark) -> None:
+    TOY_BENCHMARKS[b.key] = b
+
+
+_add_toy(Benchmark(
+    key="Toy-Exist", title="Toy existence (POPE-like F1, mean of random / popular / adversarial)", run=("pmod_toy_exist",),
+    result="pmod_toy_exist", metric="pope_f1_score,none", scale=100.0, builtin="pope_full (functions)",
+    components=("pmod_toy_exist_adversarial", "pmod_toy_exist_popular", "pmod_toy_exist_random"),
+    data=(DataRef(TOY_HUB, "exist", ("random", "popular", "adversarial"), ("question_id", "question", "answer")),),
+))
+_add_toy(Benchmark(
+    key="Toy-Attr", title="Toy attribute (colour / shape, exact match)", run=("pmod_toy_attribute",),
+    result="pmod_toy_attribute", metric="exact_match,none", scale=100.0, builtin="-",
+    data=(DataRef(TOY_HUB, "attribute", ("test",), ("question_id", "question", "answer")),),
+))
+_add_toy(Benchmark(
+    key="Toy-Count", title="Toy counting (exact match)", run=("pmod_toy_count",), result="pmod_toy_count",
+    metric="exact_match,none", scale=100.0, builtin="-",
+    data=(DataRef(TOY_HUB, "count", ("test",), ("question_id", "question", "answer")),),
+))
+_add_toy(Benchmark(
+    key="Toy-MC", title="Toy multiple choice (4 options, letter accuracy)", run=("pmod_toy_mc",), result="pmod_toy_mc",
+    metric="accuracy,none", scale=100.0, builtin="-", unparsed_metric="unparsed,none",
+    data=(DataRef(TOY_HUB, "mc", ("test",), ("question_id", "question", "options", "answer")),),
+))
+_add_toy(Benchmark(
+    key="Toy-Text", title="Toy text reading (rendered digit, exact match)", run=("pmod_toy_text",), result="pmod_toy_text",
+    metric="exact_match,none", scale=100.0, builtin="-",
+    data=(DataRef(TOY_HUB, "text", ("test",), ("question_id", "question", "answer")),),
+))
+_add_toy(Benchmark(
+    key="Toy-Ground", title="Toy grounding (RefCOCO-like Acc@0.5)", run=("pmod_toy_ground",), result="pmod_toy_ground",
+    metric="refcoco_ACC@0.5,none", scale=100.0, builtin="refcoco_bbox_rec_val (functions)",
+    data=(DataRef(TOY_HUB, "ground", ("test",), ("question_id", "answer", "bbox")),),
+))
+SUITES["toy"] = tuple(TOY_BENCHMARKS)
+#: every benchmark a suite can name: the paper's and the toy world's
+KNOWN_BENCHMARKS: dict[str, Benchmark] = {**BENCHMARKS, **TOY_BENCHMARKS}
+
+_BY_TASK = {t: b for b in KNOWN_BENCHMARKS.values() for t in (*b.run, *b.components)}
 
 
 def benchmark_for_task(task: str) -> Optional[Benchmark]:
@@ -227,17 +275,17 @@ def resolve_suite(spec: str) -> list[Benchmark]:
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         if part in SUITES:
             names.extend(SUITES[part])
-        elif part in BENCHMARKS:
+        elif part in KNOWN_BENCHMARKS:
             names.append(part)
         elif part in _BY_TASK:
             names.append(_BY_TASK[part].key)
         else:
-            lower = {k.lower(): k for k in (*SUITES, *BENCHMARKS)}
+            lower = {k.lower(): k for k in (*SUITES, *KNOWN_BENCHMARKS)}
             if part.lower() in lower:
                 key = lower[part.lower()]
                 names.extend(SUITES.get(key, (key,)))
                 continue
-            close = difflib.get_close_matches(part, [*SUITES, *BENCHMARKS, *_BY_TASK], n=1)
+            close = difflib.get_close_matches(part, [*SUITES, *KNOWN_BENCHMARKS, *_BY_TASK], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(
                 f"unknown suite or benchmark '{part}'.{hint} Suites: {', '.join(SUITES)}; "
@@ -247,7 +295,7 @@ def resolve_suite(spec: str) -> list[Benchmark]:
         raise ValueError(f"empty suite '{spec}'. Suites: {', '.join(SUITES)}; benchmarks: {', '.join(BENCHMARKS)}.")
     seen: dict[str, Benchmark] = {}
     for n in names:
-        seen.setdefault(n, BENCHMARKS[n])
+        seen.setdefault(n, KNOWN_BENCHMARKS[n])
     return list(seen.values())
 
 
@@ -258,7 +306,7 @@ def describe() -> str:
         lines.append(f"  {name:<10} {', '.join(keys)}")
     lines.append("")
     lines.append("Benchmarks (paper column: adapter task -> metric):")
-    for b in BENCHMARKS.values():
+    for b in KNOWN_BENCHMARKS.values():
         lines.append(f"  {b.key:<9} {b.title}")
         lines.append(f"  {'':<9}   tasks {', '.join(b.run)} -> {b.metric} x{b.scale:g}; data "
                      + "; ".join(f"{d.hub_id}[{d.config or 'default'}]:{'/'.join(d.splits)}" for d in b.data))

@@ -6,7 +6,7 @@ and datasets load inside the handlers.
     pmod-bench eval --model DIR --suite table1 --output runs/next7b [--limit N] [--batch-size B] [--shift 0.3]
     pmod-bench eval --list                 # suites, benchmarks, tasks and metrics
     pmod-bench eval --tasks-dir            # the --include_path for `python -m lmms_eval`
-    pmod-bench data check [SUITE] [--root DIR]
+    pmod-bench data check [SUITE] [--root DIR] [--decode]
     pmod-bench data fixtures DIR [--suite SUITE]
 """
 
@@ -48,18 +48,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--schedule", default=None, help="run a p-MoD model with this schedule (cosine, linear, constant, ...)")
     p.add_argument("--ratios", default=None, help="explicit per-layer retention ratios, e.g. '1,1,0.85,...'")
     p.add_argument("--pmod", default=None, help=doc.get("pmod"))
+    p.add_argument("--method", default=None, metavar="SPEC", help=doc.get("method"))
     p.add_argument("--allow-untrained-routers", action="store_true", help="let --shift/--schedule/--ratios route layers without a trained router")
     p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: this process's GPU, else CPU)")
     p.add_argument("--attn", dest="attn_implementation", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
     p.add_argument("--chat-template", default="vicuna_v1", help="vicuna_v1 (the paper's), processor (the checkpoint's own), or a .jinja file")
-    p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs"))
+    p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs") + " Keys: max_new_tokens, temperature, "
+                   "top_p, num_beams, do_sample, until.")
+    p.add_argument("--stop-at-until", action="store_true", help=doc.get("stop_at_until"))
     p.add_argument("--data", default=None, metavar="DIR", help="local data root (sets PMOD_BENCH_DATA for this run)")
     p.add_argument("--label", default=None, help="free text stored in run.json")
     p.add_argument("--introspect", nargs="?", const="demo", default=None, metavar="IMAGE",
                    help="also record which vision tokens each p-MoD layer keeps for IMAGE (default: a generated "
                         "image): introspection.json, drawn by `pmod-bench report` as Fig. 5 / 6")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs; 1 is fastest on a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (CPU runs; 1 is fastest on a shared machine)")
     p.add_argument("--list", action="store_true", help="list suites and benchmarks, then exit")
     p.add_argument("--tasks-dir", action="store_true", help="print the adapter tasks' lmms-eval --include_path, then exit")
     p.set_defaults(func=_eval)
@@ -71,6 +74,8 @@ def add_parser(subparsers) -> None:
     c = dsub.add_parser("check", help="report, per benchmark, whether its local data is present and valid")
     c.add_argument("suite", nargs="?", default="all", help="suite or benchmarks (default: all)")
     c.add_argument("--root", default=None, help="data root (default: $PMOD_BENCH_DATA)")
+    c.add_argument("--decode", action="store_true",
+                   help="also open every image of every row (slow on full datasets) and name each row that does not decode")
     c.set_defaults(func=_data_check)
     f = dsub.add_parser("fixtures", help="write tiny fixture datasets (hub schema, snapshot layout) under DIR")
     f.add_argument("dir", help="output root; use it as PMOD_BENCH_DATA")
@@ -104,27 +109,44 @@ def _eval(args) -> int:
     if missing:
         raise _user_error(f"missing {', '.join(missing)}; e.g. pmod-bench eval --model DIR --suite table1 --output runs/x "
                           "(see --list for suites)")
+    if args.threads is not None and args.threads < 1:
+        raise _user_error(f"--threads must be >= 1, got {args.threads} (1 is fastest on a shared machine)")
+    if args.data and not os.path.isdir(args.data):
+        raise _user_error(f"--data {args.data}: no such directory; pass the data root that holds ORG/NAME snapshots")
+    from .runner import EvalConfig, RunDirMismatch, check_launch, format_rows, run_eval
+
+    command = " ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]])
+    try:
+        check_launch()
+        cfg = EvalConfig(
+            model=args.model, suite=args.suite, output=args.output, limit=args.limit, batch_size=args.batch_size,
+            pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
+            allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
+            attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
+            stop_at_until=args.stop_at_until, label=args.label, introspect=args.introspect, command=command,
+            method=args.method,
+        )
+    except ValueError as exc:  # bad settings: nothing written
+        raise _user_error(str(exc)) from None
     if args.data:
         os.environ["PMOD_BENCH_DATA"] = str(args.data)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .runner import EvalConfig, RunDirMismatch, format_rows, run_eval
-
     try:
-        cfg = EvalConfig(
-            model=args.model, suite=args.suite, output=args.output, limit=args.limit, batch_size=args.batch_size,
-            pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
-            allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
-            attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
-            label=args.label, introspect=args.introspect, command=" ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]]),
-        )
         outcome = run_eval(cfg)
-    except (ValueError, RunDirMismatch) as exc:  # bad settings / a run dir of another evaluation
-        raise _user_error(str(exc)) from None
+    except (ValueError, RunDirMismatch) as exc:  # a bad model / a run dir of another evaluation: nothing written
+        raise _user_error(" ".join(str(exc).split())) from None
+    except KeyboardInterrupt:
+        print(f"\npmod-bench eval: interrupted. Finished benchmarks and every answered batch are saved in "
+              f"{args.output}; resume with:\n  {command}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun, rank 0 reports
         return 1 if outcome.failures else 0
+    if outcome.resumed_answers:
+        print(f"pmod-bench eval: resumed {args.output}: {outcome.resumed_answers} answer(s) from the saved responses, "
+              f"{outcome.computed_answers} computed", file=sys.stderr)
     if outcome.rows:
         print(format_rows(outcome.rows))
     if outcome.failures:
@@ -143,7 +165,7 @@ def _eval(args) -> int:
 
 def _data_check(args) -> int:
     from .benchmarks import resolve_suite
-    from .data import ENV_VAR, check_benchmark, data_root
+    from .data import ENV_VAR, check_benchmark, data_root, decode_check
 
     root = data_root(args.root)
     if root is None:
@@ -166,7 +188,13 @@ def _data_check(args) -> int:
             if not st.ok:
                 bad += 1
                 print(f"{'':<10} -> {st.error}")
-    print(f"{bad} problem(s)" if bad else "all present and valid")
+            elif args.decode:
+                problems = decode_check(b, st)
+                bad += len(problems)
+                for msg in problems:
+                    print(f"{'':<10} -> {msg}")
+    print(f"{bad} problem(s)" if bad else "all present and valid" + (", every image decodes" if args.decode else
+                                                                   " (images not opened; --decode opens them)"))
     return 1 if bad else 0
 
 

@@ -1,12 +1,13 @@
 """Offline benchmark data: ``PMOD_BENCH_DATA=/root`` reads hub dataset ``ORG/NAME`` from ``/root/ORG/NAME/``.
 
 The local copy is laid out exactly as a snapshot download of the dataset repository
-(``huggingface-cli download ORG/NAME --repo-type dataset --local-dir /root/ORG/NAME``): the README's
+(``hf download ORG/NAME --repo-type dataset --local-dir /root/ORG/NAME``): the README's
 ``configs:`` section and the parquet files under the same paths. ``datasets`` resolves configs and
 splits from it exactly as it does on the hub, so the adapter tasks see the same splits and columns.
 
 Checks are cheap (config/split resolution by ``datasets.load_dataset_builder``, columns from the
-parquet schema, row counts from parquet metadata): nothing is decoded or copied. Every problem is a
+parquet schema, row counts from parquet metadata): nothing is decoded or copied, except by
+:func:`decode_check` (``pmod-bench data check --decode``), which opens every image. Every problem is a
 :class:`DataError` naming the benchmark, the expected path and the missing config, split or column.
 Heavy imports (datasets, pyarrow) happen inside the functions.
 """
@@ -40,7 +41,7 @@ def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[
 
 
 def _download_hint(ref: DataRef, path: Path) -> str:
-    return (f"Put a snapshot of the hub dataset there (`huggingface-cli download {ref.hub_id} --repo-type dataset "
+    return (f"Put a snapshot of the hub dataset there (`hf download {ref.hub_id} --repo-type dataset "
             f"--local-dir {path}`), or unset {ENV_VAR} to read from the hub.")
 
 
@@ -153,6 +154,78 @@ def check_ref(benchmark: Benchmark, ref: DataRef, root: "str | os.PathLike | Non
         if rows[split] == 0:
             return RefStatus(ref, path, False, rows, error=f"{where}: config '{config}', split '{split}' is empty ({paths[0]}).")
     return RefStatus(ref, path, True, rows)
+
+
+def _decode_value(value: Any) -> None:
+    """Decode one HF ``Image`` cell as stored in parquet ({"bytes": ..., "path": ...}); raises on damage."""
+    import io
+
+    from PIL import Image
+
+    if value is None:
+        return
+    if isinstance(value, list):
+        for v in value:
+            _decode_value(v)
+        return
+    data = value.get("bytes") if isinstance(value, dict) else None
+    if data is None:
+        path = value.get("path") if isinstance(value, dict) else None
+        if not path:
+            return
+        with Image.open(path) as im:
+            im.load()
+        return
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+
+
+def decode_check(benchmark: Benchmark, status: RefStatus, max_report: int = 5) -> list[str]:
+    """Open every image of a checked (ok) local copy; one message per row that does not decode.
+
+    Rows are numbered within the split as ``datasets`` loads it (parquet files in order). At most
+    ``max_report`` rows are named per split, then a count. A truncated image counts as damaged even
+    where lmms-eval would load it partially.
+    """
+    ref, path = status.ref, status.path
+    if not status.ok or path is None or not ref.image_columns:
+        return []
+    from PIL import ImageFile
+
+    # strict: a cut-off image is damage (lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES at import, which would
+    # silently decode it as partly grey); the documented PIL switch is restored afterwards
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return _decode_check(benchmark, ref, path, max_report)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def _decode_check(benchmark: Benchmark, ref: DataRef, path: Path, max_report: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    files = split_files(path, ref.config)
+    out: list[str] = []
+    for split in ref.splits:
+        bad: list[str] = []
+        row = 0
+        for f in files.get(split, []):
+            pf = pq.ParquetFile(f)
+            cols = [c for c in ref.image_columns if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(columns=cols, batch_size=64):
+                table = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    for col in cols:
+                        try:
+                            _decode_value(table[col][i])
+                        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+                            bad.append(f"row {row + i} (column '{col}', {Path(f).name}): {type(exc).__name__}: {exc}")
+                row += batch.num_rows
+        if bad:
+            shown = "; ".join(bad[:max_report]) + (f"; and {len(bad) - max_report} more" if len(bad) > max_report else "")
+            out.append(f"{benchmark.key}: {ref.hub_id} [{ref.config or 'default'}] split '{split}': {len(bad)} image(s) do "
+                       f"not decode: {shown}. {_download_hint(ref, path)}")
+    return out
 
 
 def check_benchmark(benchmark: Benchmark, root: "str | os.PathLike | None" = None) -> list[RefStatus]:

@@ -192,15 +192,18 @@ def _rwqa() -> Tables:
 
 
 def _mme() -> Tables:
+    """Rows in the real split's order: it starts with cognition (``code_reasoning``, 40 rows on the hub),
+    perception categories follow; each image has a Yes and a No question (one ``question_id``)."""
     f = _F(question_id=_v(), image=_img(), question=_v(), answer=_v(), category=_v())
     rows = []
-    for i, (cat, q) in enumerate((("existence", "Is there a red disc in this image?"), ("count", "Are there two shapes in this image?"),
-                                  ("code_reasoning", "Does this code print 3?"))):
+    items = (("code_reasoning", "Does this code print 3?"), ("code_reasoning", "Does this code print 7?"),
+             ("existence", "Is there a red disc in this image?"), ("count", "Are there two shapes in this image?"))
+    for i, (cat, q) in enumerate(items):
         qid = f"{cat}/{i:04d}.png"
         img = image(130 + i)
         rows.append(dict(question_id=qid, image=img, question=q + " Please answer yes or no.", answer="Yes", category=cat))
-        rows.append(dict(question_id=qid, image=img, question=q.replace("red", "green").replace("two", "five").replace("3", "4")
-                         + " Please answer yes or no.", answer="No", category=cat))
+        rows.append(dict(question_id=qid, image=img, question=q.replace("red", "green").replace("two", "five")
+                         .replace("3", "4").replace("7", "8") + " Please answer yes or no.", answer="No", category=cat))
     return {("lmms-lab-encoder/MME", None): {"test": (f, rows)}}
 
 

@@ -22,14 +22,24 @@ is copied.
                             checkpoint's own), a ``.jinja`` file or a template string
 ``response_cache``          directory for per-request persistence (resume; see ``tasks/cache.py``)
 ``max_new_tokens``          default when a task sets none (LLaVA's: 1024)
+``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
 ==========================  =====================================================================
 
-Prompts: ``USER: <image>\\n{task prompt} ASSISTANT:`` after the Vicuna-v1 system prompt, one
-``<image>`` per visual unless the task prompt places them itself, as lmms-eval's ``llava`` model
-with ``conv_template=vicuna_v1`` builds them. Generation honours ``until`` (stop strings, then the
-text is cut at the first one), ``max_new_tokens``, ``temperature`` / ``do_sample`` / ``top_p`` /
-``num_beams``; ``image_aspect_ratio`` (an option of the original LLaVA code) is ignored: the
-checkpoint's processor decides the image preprocessing.
+Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; read off lmms-eval
+0.7.3's ``lmms_eval/models/simple/llava.py``), the default here:
+
+* Prompts: ``USER: <image>\\n{task prompt} ASSISTANT:`` after the Vicuna-v1 system prompt. With
+  several visuals the image tokens are joined by spaces, ``<image> <image>\\n{prompt}``, exactly as
+  ``llava`` writes them; none are added when the task prompt already holds ``<image>``. (With
+  ``chat_template=processor`` or a custom template the template decides.)
+* ``until`` is **ignored**: ``llava`` pops it from the generation kwargs and never cuts (its cut is
+  commented out), so a chatty ``"Yes\\n\\nThe image ..."`` reaches the task's own answer parsing as
+  is. ``stop_at_until=true`` (``pmod-bench eval --stop-at-until``) stops generation at the first
+  ``until`` string and cuts the text there instead (lmms-eval's generic convention); it is part of
+  the run identity and of the response-cache key.
+* ``max_new_tokens`` (default 1024), ``temperature`` (0 = greedy), ``top_p``, ``num_beams``;
+  ``image_aspect_ratio`` (an option of the original LLaVA code) is ignored: the checkpoint's
+  processor decides the image preprocessing.
 """
 
 from __future__ import annotations
@@ -47,27 +57,13 @@ from lmms_eval.utils import Collator
 from tqdm import tqdm
 
 from .cache import ResponseCache, request_key
+from .runner import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
 
 #: generation kwargs understood here; others are ignored with one warning
 _GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava model, when a task sets none
-
-
-def parse_ratios(value: Any) -> Optional[list[float]]:
-    """``[1,1,0.5]`` / ``1;1;0.5`` / ``1 1 0.5`` / a list -> list of floats (None stays None)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    text = str(value).strip().strip("[]")
-    for sep in (";", ":", " ", ","):
-        text = text.replace(sep, ",")
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"ratios must be numbers like [1,1,0.5] or 1;1;0.5, got {value!r}") from None
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -77,7 +73,7 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     key = str(dtype).replace("torch.", "").lower()
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use auto, {', '.join(sorted(set(_DTYPES)))}")
+        raise ValueError(f"unknown dtype '{dtype}'; use auto, bfloat16, float16 or float32")
     return _DTYPES[key]
 
 
@@ -103,7 +99,24 @@ def _pmod_arg(pmod: Any):
     try:
         return PMoDConfig.from_dict(json.loads(str(pmod)))
     except ValueError:
-        raise ValueError(f"pmod must be 'default', a PMoDConfig JSON file or a JSON object, got {pmod!r}") from None
+        raise ValueError(f"--pmod (model_args pmod) must be 'default', a PMoDConfig JSON file or a JSON object, "
+                         f"got {pmod!r}") from None
+
+
+def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
+    """A DataError naming benchmark, task, split, row and the fix for an image that does not decode."""
+    from .benchmarks import benchmark_for_task
+    from .data import DataError, ENV_VAR
+
+    bench = benchmark_for_task(task)
+    name = bench.key if bench else task
+    root = os.environ.get(ENV_VAR)
+    where = f"The local copy under {root}" if root else "The cached hub copy"
+    return DataError(
+        f"{name} ({task}, split '{split}', row {doc_id}): the image does not decode ({type(exc).__name__}: {exc}). "
+        f"{where} is damaged: list every bad row with `pmod-bench data check {name} --decode`, then re-download the "
+        "dataset snapshot (`hf download ORG/NAME --repo-type dataset --local-dir DIR`)."
+    )
 
 
 class PMoDLlava(lmms):
@@ -127,6 +140,8 @@ class PMoDLlava(lmms):
         chat_template: str = "vicuna_v1",
         response_cache: Optional[str] = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        stop_at_until: Any = False,
+        method: Any = None,
         model: Any = None,
         processor: Any = None,
         **unknown: Any,
@@ -136,7 +151,7 @@ class PMoDLlava(lmms):
             raise ValueError(
                 f"pmod_llava: unknown model_args {', '.join(sorted(unknown))}. Known: pretrained, pmod, shift, schedule, "
                 "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
-                "response_cache, max_new_tokens."
+                "response_cache, max_new_tokens, stop_at_until, method."
             )
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -145,6 +160,9 @@ class PMoDLlava(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"pmod_llava: batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
+        self.stop_at_until = stop_at_until if isinstance(stop_at_until, bool) else \
+            str(stop_at_until).strip().lower() in ("1", "true", "yes", "on")
+        check_launch()
 
         from accelerate import Accelerator
 
@@ -184,9 +202,16 @@ class PMoDLlava(lmms):
             changes["ratios"] = parsed
         if changes:
             if not hasattr(self._model, "set_pmod_ratios"):
-                raise ValueError("pmod_llava: shift / schedule / ratios need a p-MoD model; this checkpoint is vanilla "
-                                 "(pass pmod=default to convert it, with untrained routers)")
+                raise ValueError("--shift / --schedule / --ratios need a p-MoD model; this checkpoint is vanilla (add "
+                                 "--pmod default to convert it, with untrained routers; model_args: pmod=default)")
             self._model.set_pmod_ratios(allow_untrained_routers=bool(allow_untrained_routers), **changes)
+
+        self.method = None  # a comparison method (pmod_bench.methods spec, e.g. method=visionzip:dominant=54,contextual=10)
+        if method not in (None, "", "none", "None"):
+            from pmod_bench.methods import apply_method
+
+            self._model = apply_method(self._model, method)
+            self.method = self._model.method_config.to_dict()
 
         self.chat_template_name = str(chat_template)
         self._template = self._resolve_template(self.chat_template_name)
@@ -194,9 +219,14 @@ class PMoDLlava(lmms):
         ratios_now = self._model.layer_ratios() if hasattr(self._model, "layer_ratios") else None
         self.identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
                          "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self._template)[:16]}
+        if self.stop_at_until:  # answers differ: keep them apart in the response cache
+            self.identity["stop_at_until"] = True
+        if self.method is not None:
+            self.identity["method"] = self.method
         self.cache = ResponseCache(response_cache, rank=self._rank) if response_cache else None
         self._warned: set[str] = set()
         self.model_calls = 0  # forward batches run (tests, benchmarks)
+        self.computed = 0  # requests answered by the model (not from the response cache)
 
     # ------------------------------------------------------------------------------ properties
     @classmethod
@@ -252,9 +282,16 @@ class PMoDLlava(lmms):
 
     # --------------------------------------------------------------------------------- prompts
     def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
-        """The full prompt text (``<image>`` unexpanded) for one request."""
+        """The full prompt text (``<image>`` unexpanded) for one request.
+
+        vicuna_v1: ``" ".join(["<image>"] * n) + "\\n" + context`` as lmms-eval's ``llava`` model (its
+        ``generate_until``); another template gets one image item per visual and places them itself.
+        """
         if num_images and self.image_token not in context:
-            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
+            if self.chat_template_name == "vicuna_v1":
+                content = [{"type": "text", "text": " ".join([self.image_token] * num_images) + "\n" + context}]
+            else:
+                content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
         else:
             content = [{"type": "text", "text": context}]
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], chat_template=self._template,
@@ -274,7 +311,14 @@ class PMoDLlava(lmms):
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
             return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        try:
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+                for im in v if isinstance(v, (list, tuple)) else [v]:
+                    if hasattr(im, "load"):
+                        im.load()  # decode now: a damaged image fails here, with its row named
+        except (OSError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files, broken chunks
+            raise _image_error(task, split, doc_id, exc) from None
         if visuals is None:
             return []
         if not isinstance(visuals, (list, tuple)):
@@ -306,7 +350,7 @@ class PMoDLlava(lmms):
             until = [until]
         if not isinstance(until, (list, tuple)):
             raise TypeError(f"gen_kwargs['until'] must be a string or a list of strings, got {type(until).__name__}")
-        until = [u for u in until if u]
+        until = [u for u in until if u] if self.stop_at_until else []  # llava ignores until (module docstring)
         temperature = float(gen.get("temperature") or 0.0)
         do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
         cfg: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
@@ -359,6 +403,7 @@ class PMoDLlava(lmms):
                     self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
             if self.cache is not None:
                 self.cache.flush()
+            self.computed += len(chunk)
             bar.update(len(chunk))
         bar.close()
         return results
@@ -413,10 +458,11 @@ class PMoDLlava(lmms):
             self.model_calls += 1
             ids = inputs["input_ids"]
             N = ids.shape[1]
+            M = logits.shape[1]  # = N, or fewer with a method that shortens the image: the prompt still ends at M
             out = []
             for b, n in enumerate(n_cont):
                 target = ids[b, N - n:]                      # (n,)
-                logp = torch.log_softmax(logits[b, N - n - 1:N - 1], dim=-1)  # positions predicting the targets
+                logp = torch.log_softmax(logits[b, M - n - 1:M - 1], dim=-1)  # positions predicting the targets
                 ll = logp.gather(-1, target[:, None]).sum().item()
                 greedy = bool((logp.argmax(-1) == target).all())
                 out.append((float(ll), greedy))
@@ -446,5 +492,10 @@ class PMoDLlava(lmms):
         """Model facts for run.json."""
         cfg = getattr(self._model, "config", None)
         pmod = getattr(cfg, "pmod", None)
-        return {**self.identity, "pmod": pmod, "device": str(self._device), "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_params": sum(p.numel() for p in self._model.parameters())}
+        from pmod_bench.model.presets import PRESETS
+
+        name = str(self.pretrained).removesuffix(":vanilla")
+        random_weights = name in PRESETS and not os.path.isdir(str(self.pretrained))  # a preset: seed-0 random weights
+        return {**self.identity, "pmod": pmod, "method": self.method, "device": str(self._device), "batch_size": self.batch_size,
+                "world_size": self.world_size, "num_params": sum(p.numel() for p in self._model.parameters()),
+                "random_weights": random_weights}

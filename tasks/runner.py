@@ -23,6 +23,7 @@ generation overrides); batch size, device and suites may change between invocati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -39,6 +40,7 @@ from typing import Any, Callable, Optional
 from pmod_bench.atomic import atomic_write_text
 
 from .benchmarks import SUITES, Benchmark, resolve_suite
+from .data import DataError
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("benchmark", "task", "metric", "value", "n", "unit", "n_unparsed", "limit", "components", "title")
@@ -48,9 +50,100 @@ class RunDirMismatch(ValueError):
     """RUN_DIR holds another evaluation; the message says what differs."""
 
 
+#: dtype names ``--dtype`` accepts (the plugin maps them to torch dtypes)
+DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float")
+#: ``--gen-kwargs`` keys and how each value must read (the plugin's generation settings)
+GEN_KWARGS = {"max_new_tokens": "a positive integer", "temperature": "a number >= 0", "top_p": "a number in (0, 1]",
+              "num_beams": "a positive integer", "do_sample": "true or false", "until": "a stop string"}
+
+
+def parse_ratios(value: Any) -> Optional[list[float]]:
+    """``[1,1,0.5]`` / ``1;1;0.5`` / ``1 1 0.5`` / a list -> list of floats (None stays None)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    text = str(value).strip().strip("[]")
+    for sep in (";", ":", " ", ","):
+        text = text.replace(sep, ",")
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or not all(0.0 < r <= 1.0 for r in out):
+        raise ValueError(f"--ratios {value!r}: expected one retention ratio in (0, 1] per layer, e.g. 1,1,0.85,0.5")
+    return out
+
+
+def parse_gen_kwargs(text: Optional[str]) -> dict:
+    """``max_new_tokens=8,temperature=0`` -> typed dict; a bad item raises ValueError naming ``--gen-kwargs``."""
+    if text is None or not str(text).strip():
+        return {}
+    out: dict[str, Any] = {}
+    example = "e.g. --gen-kwargs max_new_tokens=8,temperature=0"
+    for item in [i.strip() for i in str(text).split(",") if i.strip()]:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise ValueError(f"--gen-kwargs {text!r}: '{item}' is not KEY=VALUE; {example} (keys: {', '.join(GEN_KWARGS)})")
+        if key not in GEN_KWARGS:
+            raise ValueError(f"--gen-kwargs: unknown key '{key}'; known: {', '.join(GEN_KWARGS)} ({example})")
+        try:
+            if key in ("max_new_tokens", "num_beams"):
+                value: Any = int(raw)
+                ok = value >= 1
+            elif key == "temperature":
+                value = float(raw)
+                ok = math.isfinite(value) and value >= 0
+            elif key == "top_p":
+                value = float(raw)
+                ok = 0 < value <= 1
+            elif key == "do_sample":
+                value = {"true": True, "false": False, "1": True, "0": False}[raw.lower()]
+                ok = True
+            else:
+                value, ok = raw, bool(raw)
+        except (ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise ValueError(f"--gen-kwargs: {key}={raw!r} must be {GEN_KWARGS[key]} ({example})")
+        out[key] = value
+    return out
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+CPU_LAUNCH_RECIPE = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m pmod_bench.cli eval ..."
+
+
+def check_launch(env: Optional[dict] = None, cuda_available: Optional[bool] = None) -> None:
+    """Refuse a process layout that would run silently wrong (one process, or a crash in lmms-eval).
+
+    * ``accelerate launch --num_processes N`` on a machine without GPUs starts **one** process
+      (accelerate's simple launcher; it sets MASTER_ADDR but no WORLD_SIZE).
+    * Several processes without CUDA need ``ACCELERATE_USE_CPU=1`` (else accelerate picks a GPU
+      backend and lmms-eval dies with "'int' object is not iterable").
+    """
+    env = os.environ if env is None else env
+    world = int(str(env.get("WORLD_SIZE") or "1").strip() or 1)
+    if world <= 1 and "ACCELERATE_MIXED_PRECISION" in env and env.get("MASTER_ADDR") and "RANK" not in env:
+        raise ValueError("`accelerate launch --num_processes N` started a single process: without --multi_gpu it runs "
+                         f"one process on a machine without GPUs. On CPUs run: {CPU_LAUNCH_RECIPE}")
+    if world > 1:
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available and not _truthy(env.get("ACCELERATE_USE_CPU")):
+            raise ValueError(f"{world} processes (WORLD_SIZE={world}) on a machine without CUDA need ACCELERATE_USE_CPU=1; "
+                             f"run: {CPU_LAUNCH_RECIPE}")
+
+
 @dataclass
 class EvalConfig:
-    """One ``pmod-bench eval`` invocation."""
+    """One ``pmod-bench eval`` invocation. Every field is checked here, before anything is written."""
 
     model: str
     """Checkpoint directory, hub id or preset name (``tiny``)."""
@@ -59,7 +152,8 @@ class EvalConfig:
     output: str
     """The run directory."""
     limit: Optional[int] = None
-    """Evaluate only the first N samples of each benchmark task (smoke runs; MME rounds up to pairs)."""
+    """Evaluate only the first N samples of each benchmark task (smoke runs; MME takes N/2 question pairs spread
+    over its categories, perception first, so any limit gives a perception score)."""
     batch_size: int = 1
     pmod: Optional[str] = None
     """Convert a vanilla checkpoint to p-MoD (``default`` or a PMoDConfig JSON; routers untrained)."""
@@ -73,22 +167,66 @@ class EvalConfig:
     chat_template: str = "vicuna_v1"
     gen_kwargs: Optional[str] = None
     """lmms-eval generation overrides for every task (``max_new_tokens=8``); part of the identity."""
+    stop_at_until: bool = False
+    """Cut answers at the tasks' ``until`` stop strings. Off by default, as lmms-eval's ``llava`` model (the
+    paper's runs) generates to EOS / max_new_tokens and ignores ``until``; part of the identity."""
     label: Optional[str] = None
     command: Optional[str] = None
     introspect: Optional[str] = None
     """Also record which vision tokens each p-MoD layer keeps for one image (an image path, or ``demo``):
     ``introspection.json`` for the report's Fig. 5 / 6."""
+    method: Optional[str] = None
+    """A comparison method (``pmod_bench.methods`` spec, e.g. ``visionzip:dominant=54,contextual=10``); every row
+    carries its config as a dict; part of the identity."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
+            raise ValueError(f"--limit must be a positive integer, got {self.limit!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         resolve_suite(self.suite)  # raises with the known names
+        if str(self.dtype).replace("torch.", "").lower() not in DTYPE_NAMES:
+            raise ValueError(f"--dtype {self.dtype!r} is unknown; use auto, bfloat16, float16 or float32")
+        if self.shift is not None and not (isinstance(self.shift, (int, float)) and 0.0 < float(self.shift) <= 1.5):
+            raise ValueError(f"--shift must be a shift factor delta in (0, 1.5] (the paper's: 0.3, 0.4, 0.5), got {self.shift!r}")
+        parse_ratios(self.ratios)
+        parse_gen_kwargs(self.gen_kwargs)
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"--attn {self.attn_implementation!r} is unknown; use sdpa, eager or flash_attention_2")
+        template = str(self.chat_template)
+        if template not in ("vicuna_v1", "processor") and "{%" not in template and "{{" not in template \
+                and not Path(template).expanduser().is_file():
+            raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor "
+                             "(the checkpoint's own) or a .jinja file")
+        if self.device:
+            import torch
+
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"--device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu "
+                                 "(or leave --device out: the GPU if there is one, else the CPU)")
+        if self.introspect not in (None, "", "demo"):
+            self.introspect_image()
+        if self.method:
+            from pmod_bench.methods import parse_method_spec
+
+            self.method = parse_method_spec(self.method).spec()  # validated, canonical (defaults left out)
+
+    def introspect_image(self):
+        """The ``--introspect`` image (PIL), decoded now: a missing or corrupt file fails before the evaluation."""
+        from pmod_bench.model.introspect import load_image
+
+        try:
+            return load_image(self.introspect)
+        except ValueError as exc:
+            raise ValueError(f"--introspect: {exc}") from None
 
     #: fields that define what a run directory holds (the rest may change on resume)
     IDENTITY = ("model", "pmod", "shift", "schedule", "ratios", "allow_untrained_routers", "dtype",
-                "attn_implementation", "chat_template", "limit", "gen_kwargs")
+                "attn_implementation", "chat_template", "limit", "gen_kwargs", "stop_at_until", "method")
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in self.IDENTITY}
@@ -97,7 +235,7 @@ class EvalConfig:
         return dict(pretrained=self.model, pmod=self.pmod, shift=self.shift, schedule=self.schedule, ratios=self.ratios,
                     allow_untrained_routers=self.allow_untrained_routers, dtype=self.dtype, device=self.device,
                     attn_implementation=self.attn_implementation, batch_size=self.batch_size,
-                    chat_template=self.chat_template)
+                    chat_template=self.chat_template, stop_at_until=self.stop_at_until, method=self.method)
 
 
 @dataclass
@@ -107,6 +245,9 @@ class EvalOutcome:
     skipped: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+    resumed_answers: int = 0
+    """answers taken from the saved responses of an earlier invocation (``responses/``)"""
+    computed_answers: int = 0
 
 
 # ------------------------------------------------------------------------------------- file helpers
@@ -176,7 +317,7 @@ def _bench_file(run_dir: Path, key: str) -> Path:
 def finished_rows(run_dir: Path) -> list[dict]:
     """Rows of every finished benchmark in ``run_dir``, in the paper's order (Table 11's columns, then grounding)."""
     rows = []
-    for key in SUITES["all"]:
+    for key in (*SUITES["all"], *SUITES.get("toy", ())):  # the toy world's benchmarks after the paper's
         f = _bench_file(run_dir, key)
         if f.is_file():
             rows.append(json.loads(f.read_text(encoding="utf-8"))["row"])
@@ -261,12 +402,33 @@ def _check_run_dir(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
     return meta
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+def load_lm(cfg: EvalConfig) -> Any:
+    """The ``pmod_llava`` model of ``cfg`` (no response cache yet); a bad model source or option raises
+    ValueError with one line naming the fix (truncated weights, unknown dtype, vanilla + --shift, ...)."""
+    from .plugin import PMoDLlava
+
+    try:
+        return PMoDLlava(**cfg.model_args())
+    except ValueError as exc:
+        raise ValueError(_one_line(exc)) from None
+    except (OSError, RuntimeError) as exc:  # files / devices below us (programming errors keep their traceback)
+        raise ValueError(f"--model {cfg.model}: cannot load it ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
 def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None]] = None) -> EvalOutcome:
     """Evaluate ``cfg.suite`` into ``cfg.output`` (resuming what a previous invocation left).
 
     ``lm``: an already constructed lmms-eval model (tests, benchmarks); default: ``pmod_llava`` built
-    from ``cfg``. Failures of single benchmarks are collected in the outcome (and errors/<KEY>.txt);
-    the caller decides the exit code.
+    from ``cfg``. Everything that can be checked is checked before the first file is written (the
+    run directory's identity, the model, the introspection image): a rejected command leaves no
+    ``run.json`` behind. Failures of single benchmarks are collected in the outcome (and
+    errors/<KEY>.txt); the caller decides the exit code. lmms-eval's own stdout prints go to stderr,
+    so stdout carries only the caller's result table.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(cfg.output)
@@ -277,6 +439,16 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     outcome = EvalOutcome(rows=[], skipped=[b.key for b in benches if b not in pending])
 
     from pmod_bench import __version__
+    from pmod_bench.model.introspect import RECORD_FILE
+
+    intro_image = cfg.introspect_image() if cfg.introspect and not (run_dir / RECORD_FILE).is_file() else None
+    t_import = time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        if (pending or intro_image is not None) and lm is None:
+            lm = load_lm(cfg)
+    if intro_image is not None and not hasattr(getattr(lm, "_model", None), "record_routing"):
+        log(f"introspection skipped: {cfg.model} is not a p-MoD model (no routing to record; --pmod default converts it)")
+        intro_image = None
 
     requested = list(dict.fromkeys([*(meta or {}).get("eval", {}).get("benchmarks", []), *[b.key for b in benches]]))
     run_meta = {
@@ -289,28 +461,25 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
         "model_info": (meta or {}).get("model_info"),
     }
     if rank == 0:
+        if lm is not None and hasattr(lm, "describe"):
+            run_meta["model_info"] = lm.describe()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "run.json", run_meta)
     if outcome.skipped:
         log(f"resuming {run_dir}: {', '.join(outcome.skipped)} already finished")
 
     if pending:
-        t_import = time.time()
-        from lmms_eval import evaluator
-
-        tm = task_manager()
-        if lm is None:
-            from .plugin import PMoDLlava
-
-            lm = PMoDLlava(**cfg.model_args(), response_cache=str(run_dir / "responses"))
-        elif getattr(lm, "cache", None) is None and hasattr(lm, "cache"):
+        if hasattr(lm, "cache") and lm.cache is None:
             from .cache import ResponseCache
 
             lm.cache = ResponseCache(run_dir / "responses", rank=getattr(lm, "rank", 0))
-        log(f"lmms-eval and model ready in {time.time() - t_import:.1f} s")
-        if rank == 0 and hasattr(lm, "describe"):
-            run_meta["model_info"] = lm.describe()
-            atomic_write_json(run_dir / "run.json", run_meta)
+        with contextlib.redirect_stdout(sys.stderr):
+            from lmms_eval import evaluator
+
+            tm = task_manager()
+        saved = len(lm.cache) if getattr(lm, "cache", None) is not None else 0
+        log(f"lmms-eval and model ready in {time.time() - t_import:.1f} s"
+            + (f"; {saved} saved response(s) in {run_dir / 'responses'} will be reused" if saved else ""))
         # what lmms-eval's evaluator and tasks read from CLI args (documents reach process_results without media)
         cli_args = argparse.Namespace(output_path=str(run_dir / "lmms_eval"), verbosity="WARNING", process_with_media=False)
         for k, bench in enumerate(pending, 1):
@@ -318,21 +487,34 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
             log(f"[{k}/{len(pending)}] {bench.key}: {bench.title} ({', '.join(bench.run)}"
                 + (f", limit {limit}" if limit else "") + ")")
             t0 = time.time()
+            hits0 = getattr(getattr(lm, "cache", None), "hits", 0)
+            computed0 = getattr(lm, "computed", 0)
             err_file = run_dir / "errors" / f"{_slug(bench.key)}.txt"
             try:
-                results = evaluator.simple_evaluate(
-                    model=lm, tasks=list(bench.run), limit=limit, task_manager=tm, log_samples=True,
-                    gen_kwargs=cfg.gen_kwargs, cli_args=cli_args, process_docs_parallel=1, verbosity="WARNING",
-                    batch_size=cfg.batch_size, datetime_str=_now(),
-                )
+                with contextlib.redirect_stdout(sys.stderr):
+                    results = evaluator.simple_evaluate(
+                        model=lm, tasks=list(bench.run), limit=limit, task_manager=tm, log_samples=True,
+                        gen_kwargs=cfg.gen_kwargs, cli_args=cli_args, process_docs_parallel=1, verbosity="WARNING",
+                        batch_size=cfg.batch_size, datetime_str=_now(),
+                    )
+                resumed = getattr(getattr(lm, "cache", None), "hits", 0) - hits0
+                computed = getattr(lm, "computed", 0) - computed0
+                outcome.resumed_answers += resumed
+                outcome.computed_answers += computed
+                if resumed:
+                    log(f"[{k}/{len(pending)}] {bench.key}: {resumed} answer(s) from the saved responses, {computed} computed")
                 if rank != 0:
                     continue
                 if not results:
                     raise RuntimeError("lmms-eval returned no results")
                 row = summarize(bench, results, limit)
+                if cfg.method:
+                    from pmod_bench.methods import method_dict
+
+                    row["method"] = method_dict(cfg.method)  # the method's config as a dict, not a name to parse again
             except Exception as exc:  # one benchmark failing must not lose the others
-                msg = f"{type(exc).__name__}: {exc}"
-                outcome.failures[bench.key] = msg.splitlines()[0][:500]
+                msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
+                outcome.failures[bench.key] = msg[:600]
                 if rank == 0:
                     atomic_write_text(err_file, traceback.format_exc())
                 log(f"[{k}/{len(pending)}] {bench.key} FAILED: {outcome.failures[bench.key]}")
@@ -340,7 +522,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
             _write_lmms_outputs(run_dir, bench, results)
             elapsed = time.time() - t0
             atomic_write_json(_bench_file(run_dir, bench.key), {
-                "row": row, "finished": _now(), "elapsed_s": elapsed,
+                "row": row, "finished": _now(), "elapsed_s": elapsed, "resumed_answers": resumed,
                 "results": {t: results["results"].get(t) for t in (*bench.run, *bench.components)},
                 "n_samples": {t: results.get("n-samples", {}).get(t) for t in bench.tasks},
             })
@@ -350,8 +532,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
             log(f"[{k}/{len(pending)}] {bench.key} = {row['value']:.2f} {row['unit']} (n={row['n']}) in {elapsed:.1f} s")
             _summary(run_dir, cfg, run_meta, benches, outcome)
 
-    if cfg.introspect and rank == 0:
-        _introspect(run_dir, cfg, lm, log)
+    if intro_image is not None and rank == 0:
+        _introspect(run_dir, lm, intro_image, log)
     if lm is not None and getattr(lm, "world_size", 1) > 1 and hasattr(lm, "accelerator"):
         lm.accelerator.wait_for_everyone()  # rank 0 has written every finished benchmark
     outcome.rows = _summary(run_dir, cfg, run_meta, benches, outcome) if rank == 0 else finished_rows(run_dir)
@@ -359,20 +541,10 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     return outcome
 
 
-def _introspect(run_dir: Path, cfg: EvalConfig, lm: Any, log: Callable[[str], None]) -> None:
-    from pmod_bench.model.introspect import RECORD_FILE, load_image, write_introspection
+def _introspect(run_dir: Path, lm: Any, image: Any, log: Callable[[str], None]) -> None:
+    from pmod_bench.model.introspect import write_introspection
 
-    if (run_dir / RECORD_FILE).is_file():
-        return
-    if lm is None:  # every benchmark finished in an earlier invocation
-        from .plugin import PMoDLlava
-
-        lm = PMoDLlava(**cfg.model_args())
-    model = getattr(lm, "_model", None)
-    if not hasattr(model, "record_routing"):
-        log(f"introspection skipped: {cfg.model} is not a p-MoD model")
-        return
-    path = write_introspection(run_dir, model, lm.processor, load_image(cfg.introspect))
+    path = write_introspection(run_dir, lm._model, lm.processor, image)
     log(f"token selection of each p-MoD layer: {path}")
 
 
@@ -385,5 +557,6 @@ def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outc
     return write_summary(run_dir, cfg.model, pmod, extra)
 
 
-__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "run_eval", "summarize", "finished_rows", "write_summary",
+__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "run_eval", "load_lm", "check_launch", "parse_gen_kwargs",
+           "parse_ratios", "summarize", "finished_rows", "write_summary",
            "format_rows", "task_manager", "atomic_write_json", "atomic_write_text"]

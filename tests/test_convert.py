@@ -549,3 +549,25 @@ def test_reference_ratios_for_other_depths_are_explicit():
     assert pmod_config_from_original(lin, 32)[0].layer_ratios(32) == reference_layer_ratios(lin, 32)
     with pytest.raises(ConversionError, match="vision_all"):
         pmod_config_from_original(dict(cfg, mod_target_token_type="all"), 32)
+
+
+def test_truncated_shard_is_one_line_and_files_get_umask_modes(next_pmod, tmp_path, capsys):
+    """A shard cut short (an interrupted download): exit 2, one line naming the file and the fix, no DST;
+    a finished conversion's files (model.safetensors included) get the usual 0666 & ~umask mode."""
+    from pmod_bench.atomic import new_file_mode
+    from pmod_bench.cli import main
+
+    src, _, _, dst = next_pmod
+    for f in dst.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == new_file_mode(), f"{f.name}: {oct(f.stat().st_mode & 0o777)}"
+    bad = tmp_path / "cut"
+    shutil.copytree(src, bad)
+    shard = sorted(bad.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+    out = tmp_path / "out"
+    assert main(["convert", str(bad), str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]  # (tqdm lines aside)
+    assert len(err) == 1 and err[0].startswith("pmod-bench convert: error:") and "Traceback" not in err[0], err
+    assert shard.name in err[0] and "is truncated or corrupt" in err[0] and "hf download" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))

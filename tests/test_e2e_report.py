@@ -42,17 +42,19 @@ def test_profile_eval_report_end_to_end(tmp_path):
             im.verify()
         assert png.with_suffix(".pdf").is_file()
 
-    # Table 7 holds the reproduced values of these runs beside the paper's
+    # Table 7: the tiny runs are not the paper's model, so they get their own "measured" lines (never a paper row's)
     rows = json.loads((prof / "profile.json").read_text())["rows"]
     by_variant = {r["variant"]: r for r in rows}
     with open(out / "tables" / "table7.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    repro = {r["key"]: r for r in table if r["line"] == "reproduced"}
-    assert set(repro) >= {"llava-next-7b/baseline", "llava-next-7b/p-MoD-0.5"}, table
-    pmod_row = repro["llava-next-7b/p-MoD-0.5"]
+    assert not [r for r in table if r["line"] in ("reproduced", "diff")], table
+    measured = {r["key"]: r for r in table if r["line"] == "measured"}
+    assert set(measured) >= {"tiny/baseline", "tiny/p-MoD-0.5"}, table
+    pmod_row = measured["tiny/p-MoD-0.5"]
+    assert pmod_row["Model"] == "tiny · p-MoD-0.5"
     assert float(pmod_row["TFLOPs"]) == pytest.approx(by_variant["p-MoD-0.5"]["prefill_tflops_paper"], rel=1e-2, abs=5e-3)
     assert float(pmod_row["KV cache"]) == pytest.approx(100 * by_variant["p-MoD-0.5"]["kv_cache_ratio"], abs=0.051)
-    assert any(r["line"] != "paper" and r["key"] == "llava-next-7b/p-MoD-0.5" and r["line"] != "reproduced" for r in table)  # the difference line
     summary = json.loads((evals["p-MoD-0.5"] / "summary.json").read_text())["rows"]
     doc = next(r for r in summary if r["benchmark"] == "Doc")
     assert float(pmod_row["Doc"]) == pytest.approx(doc["value"], abs=0.051)
+    assert "not a paper model" in index and "llava-next-7b (--default-model)" not in index

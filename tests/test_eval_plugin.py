@@ -75,13 +75,17 @@ def test_batched_generation_equals_batch_size_one(tiny, docs):
     assert all(isinstance(x, str) for x in a)
 
 
-def test_until_cuts_and_max_new_tokens(tiny, docs, monkeypatch):
-    lm = make_lm(tiny, docs, batch_size=3)
+def test_until_ignored_like_llava_unless_asked_and_max_new_tokens(tiny, docs, monkeypatch):
+    """lmms-eval's `llava` model (the paper's runs) ignores `until`; stop_at_until=True cuts there."""
+    lm = make_lm(tiny, docs, batch_size=3, stop_at_until=True)
     free = lm.generate_until(gen_requests(docs, {"max_new_tokens": 8, "until": []}))
     i, text = next((i, t) for i, t in enumerate(free) if len(t.strip()) >= 3)
     stop = text.strip()[1:3]  # a string the model does produce
     cut = lm.generate_until(gen_requests(docs, {"max_new_tokens": 8, "until": [stop]}))
     assert stop not in cut[i] and text.startswith(cut[i])
+    default = make_lm(tiny, docs, batch_size=3)  # the paper's setup: the answer is not cut
+    assert default.generate_until(gen_requests(docs, {"max_new_tokens": 8, "until": [stop]})) == free
+    assert default.identity != lm.identity  # the two modes never share cached responses
     new_tokens = []
     generate = tiny[0].generate
 
@@ -102,6 +106,8 @@ def test_prompt_is_vicuna_v1_with_image_token(tiny, docs):
     assert prompt.endswith(" USER: <image>\nWhat is it? ASSISTANT:")
     assert lm.build_prompt("<image> inline", 1).count("<image>") == 1  # the task placed it
     assert "<image>" not in lm.build_prompt("text only", 0)
+    # several images: joined by spaces, as lmms-eval's llava model writes them (" ".join(tokens) + "\n")
+    assert lm.build_prompt("Compare them.", 2).endswith(" USER: <image> <image>\nCompare them. ASSISTANT:")
 
 
 def test_loglikelihood_matches_manual_computation(tiny, docs):

@@ -19,7 +19,7 @@ pytest.importorskip("lmms_eval")
 from conftest import benchmark_data_env  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, RunDirMismatch, run_eval  # noqa: E402
 
-SUITE = "POPE,MME,RWQA"  # 6 + 6 + 3 samples
+SUITE = "POPE,MME,RWQA"  # 6 + 8 + 3 samples
 GEN = "max_new_tokens=3"
 
 
@@ -77,14 +77,14 @@ def test_resume_after_kill_recomputes_nothing_and_matches_uninterrupted_run(data
     cfg2 = EvalConfig(model="tiny", suite=SUITE, output=str(run), batch_size=4, gen_kwargs=GEN)
     out = run_eval(cfg2, lm=lm2, log=lambda m: None)
     assert out.skipped == ["POPE"] and out.ran == ["MME", "RWQA"] and not out.failures
-    assert lm2.cache.hits == 2  # the 2 MME answers persisted before the kill
-    assert lm2.model_calls == 1 + 1  # the other 4 MME requests (one batch) + 3 RWQA (one batch)
+    assert lm2.cache.hits == 2 and out.resumed_answers == 2  # the 2 MME answers persisted before the kill
+    assert lm2.model_calls == 2 + 1 and out.computed_answers == 6 + 3  # the other 6 MME requests + 3 RWQA
 
     ref = tmp_path / "ref"
     ref_out = run_eval(EvalConfig(model="tiny", suite=SUITE, output=str(ref), batch_size=1, gen_kwargs=GEN),
                        lm=make_lm(tiny, 1), log=lambda m: None)
     assert out.rows == ref_out.rows
-    assert responses(run) == responses(ref) and len(responses(ref)) == 15
+    assert responses(run) == responses(ref) and len(responses(ref)) == 17
 
     # a third invocation computes nothing
     lm3 = make_lm(tiny, 4, kill_after=0)
@@ -174,7 +174,7 @@ def test_two_processes_split_the_requests(data_root, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {p.name: len(p.read_text().splitlines()) for p in (run / "responses").glob("*.jsonl")}
-    assert lines == {"responses.rank0.jsonl": 3, "responses.rank1.jsonl": 3}  # 6 requests, split evenly
+    assert lines == {"responses.rank0.jsonl": 4, "responses.rank1.jsonl": 4}  # 8 requests, split evenly
     (row,) = json.loads((run / "summary.json").read_text())["rows"]
-    assert row["benchmark"] == "MME" and row["n"] == 6
+    assert row["benchmark"] == "MME" and row["n"] == 8
     assert json.loads((run / "run.json").read_text())["model_info"]["world_size"] == 2

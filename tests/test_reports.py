@@ -36,7 +36,8 @@ from pmod_bench.reports import (
     render_markdown,
 )
 from pmod_bench.reports.matching import Reproduction, variant_from_pmod
-from pmod_bench.reports.paper import AVG_TOLERANCE, PAPER_MODELS, PaperColumn, PaperRow, PaperTable, as_number
+from pmod_bench.reports.paper import (AVG_TOLERANCE, PAPER_CITATION, PAPER_MODELS, PaperColumn, PaperRow, PaperTable,
+                                     as_number)
 
 GOLDEN = Path(__file__).parent / "golden" / "reports"
 BENCH6 = ["Doc", "Chart", "Text", "GQA", "SEED", "MMB"]
@@ -162,7 +163,7 @@ def test_paper_tables_complete_and_consistent():
     for t in tables:
         assert t.columns[0].kind == "label"
         assert {c.header_source for c in t.columns} <= {"paper", "restored", "inferred", "unknown"}
-        assert t.source["lines"][0] < t.source["lines"][1]
+        assert t.source_text == f"{PAPER_CITATION}, Table {t.number}"  # the paper, not files the repo lacks
         keys = [r.key for r in t.rows if r.key]
         assert len(keys) == len(set(keys)), f"{t.id}: two rows report the same configuration"
         for r in t.rows:
@@ -267,12 +268,55 @@ def test_match_runs(runs):
         match_runs(loaded, labels={"runs/nowhere": "p-MoD-0.5"})
 
 
-def test_unknown_model_uses_default_model(tmp_path):
+def test_unknown_model_gets_its_own_rows(tmp_path):
+    """A tiny / random-weight run never fills a paper row unless --default-model asks for it."""
     run = load_run(make_eval_run(tmp_path / "tiny-eval", "tiny", _pmod(0.5), {"Doc": 1.0}))
     rep = match_runs([run])
-    assert rep.get("llava-next-7b/p-MoD-0.5", "Doc") == 1.0
+    assert rep.get("tiny/p-MoD-0.5", "Doc") == 1.0 and rep.get("llava-next-7b/p-MoD-0.5", "Doc") is None
     assert any("not a paper model" in n for n in rep.notes)
     assert match_runs([run], default_model="llava-v1.5-7b").get("llava-v1.5-7b/p-MoD-0.5", "Doc") == 1.0
+    # an eval of the random-weight llava-next-7b preset (model_info.random_weights) is not the paper's model
+    preset = make_eval_run(tmp_path / "preset-eval", "llava-next-7b", _pmod(0.5), {"Doc": 2.0})
+    doc = json.loads((preset / "summary.json").read_text())
+    doc["model_info"] = {"class": "PMoDLlavaNextForConditionalGeneration", "num_params": 7_063_000_000, "random_weights": True}
+    _write_json(preset / "summary.json", doc)
+    rep = match_runs([load_run(preset)])
+    assert rep.keys == ["llava-next-7b (random weights)/p-MoD-0.5"]
+    # a local checkpoint path of the real architecture is recognised from model_info
+    local = make_eval_run(tmp_path / "local-eval", "/ckpt/my-run-3", _pmod(0.5), {"Doc": 3.0})
+    doc = json.loads((local / "summary.json").read_text())
+    doc["model_info"] = {"class": "PMoDLlavaNextForConditionalGeneration", "num_params": 7_063_000_000}
+    _write_json(local / "summary.json", doc)
+    assert match_runs([load_run(local)]).get("llava-next-7b/p-MoD-0.5", "Doc") == 3.0
+    # the tiny run's own line, labelled with what it is, next to (not inside) the paper's rows
+    t7 = build_table(paper_table(7), match_runs([run]))
+    measured = [ln for ln in t7.lines if ln.kind == "measured"]
+    assert [ln.label for ln in measured] == ["tiny · p-MoD-0.5"]
+    assert not [ln for ln in t7.lines if ln.kind in ("reproduced", "diff")]
+
+
+def test_incomplete_eval_runs_are_warned_about(tmp_path):
+    failed = make_eval_run(tmp_path / "failed", "MCG-NJU/p-MoD-LLaVA-NeXT-7B", _pmod(0.5), {})
+    doc = json.loads((failed / "summary.json").read_text())
+    doc.update(complete=False, suite="table1", failures={"Doc": "DataError: local copy not found"})
+    _write_json(failed / "summary.json", doc)
+    rep = match_runs([load_run(failed)])
+    assert not rep.entries and rep.unmatched and rep.warnings
+    assert "incomplete eval run" in rep.warnings[0] and "Doc: DataError" in rep.warnings[0]
+    res = build_report([failed], tmp_path / "r", figures=False)
+    index = (tmp_path / "r" / "index.md").read_text()
+    assert "## Warnings" in index and "incomplete eval run" in index and res.warnings
+
+
+def test_label_naming_no_paper_row_exits_2(runs, tmp_path):
+    out = tmp_path / "r"
+    rc, log = _cli(["report", str(runs["base"]), "--label", f"{runs['base']}=llava-next-13b/p-MoD-0.3",
+                    "--output", str(out), "--no-figures"])
+    assert rc == 2, log
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert lines[-1].startswith("pmod-bench report: error:") and "llava-next-13b/p-MoD-0.3" in lines[-1]
+    assert "which no paper table reports" in lines[-1] and "baseline" in lines[-1]
+    assert not out.exists()
 
 
 def test_train_run_gives_measured_gpu_hours(runs, tmp_path):
@@ -312,7 +356,7 @@ def _small_table():
                  model="llava-next-7b", variant="p-MoD-tanh-1"),
     )
     table = PaperTable("table99", 99, "A small fixed table (δ = 0.5)", cols, rows,
-                       {"file": "p-MoD-paper.txt", "lines": [1, 5], "headers": "TABLES.md"},
+                       {"paper": "p-MoD"},
                        notes=("A note with 50% and under_score.",), avg_over=("Doc", "MME"))
     rep = Reproduction()
     rep.values["llava-next-7b/baseline"] = {"Doc": (70.44, "runs/a"), "MME": (1500.0, "runs/a"),
@@ -519,3 +563,100 @@ def test_bad_arguments(runs, tmp_path):
 
     assert main([str(runs["base"]), "--label", "no-equals-sign", "--output", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- LaTeX, citations, figures
+def _compile_tex(tex_files: list[Path], workdir: Path) -> None:
+    """pdflatex every table file in a minimal document (booktabs + graphicx, utf8)."""
+    for tex in tex_files:
+        doc = workdir / f"doc_{tex.stem}.tex"
+        doc.write_text("\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n\\usepackage[T1]{fontenc}\n"
+                       "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n"
+                       f"\\input{{{tex.resolve()}}}\n\\end{{document}}\n")
+        p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=workdir,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{tex.name} does not compile:\n{p.stdout[-2000:]}"
+
+
+@pytest.mark.skipif(__import__("shutil").which("pdflatex") is None,
+                    reason="no LaTeX engine (apt-get install texlive-latex-base texlive-latex-recommended)")
+def test_every_generated_tex_compiles(runs, tmp_path):
+    out = tmp_path / "report"
+    argv = [str(p) for p in runs.values()] + ["--label", f"{runs['vanilla']}=vanilla-MoD"]
+    build_report(argv[:-2], out, labels={str(runs["vanilla"]): "vanilla-MoD"}, figures=False)
+    build_report([], tmp_path / "paper", paper=True, figures=False)
+    table, rep = _small_table()
+    small = tmp_path / "small.tex"
+    small.write_text(render_latex(build_table(table, rep)))
+    files = sorted((out / "tables").glob("*.tex")) + sorted((tmp_path / "paper" / "tables").glob("*.tex")) + [small]
+    assert len(files) == 25
+    _compile_tex(files, tmp_path)
+
+
+def test_reports_cite_the_paper_not_missing_files(runs, tmp_path):
+    out = tmp_path / "report"
+    build_report([runs["base"], runs["profile"]], out, figures=False)
+    build_report([], tmp_path / "paper", paper=True, figures=False)
+    for f in [*out.rglob("*.*"), *(tmp_path / "paper").rglob("*.*")]:
+        text = f.read_text(encoding="utf-8")
+        for bad in ("TABLES.md", "p-MoD-paper.txt", "dagger", "†", "inferred"):
+            assert bad not in text, f"{f.name} mentions {bad!r}"
+    t7 = (out / "tables" / "table7.md").read_text()
+    assert "prefill_tflops_paper (the paper's counting convention" in t7
+    assert "Table 7" in t7 and "Progressive Ratio Decay" in t7
+    tex = (out / "tables" / "table1.tex").read_text()
+    assert "100.0\\%" in tex and not re.search(r"[^.\d]100\\%", tex)  # one precision per column
+
+
+def test_profile_rows_prefer_the_paper_scenario(tmp_path):
+    d = make_profile_run(tmp_path / "prof")
+    doc = json.loads((d / "profile.json").read_text())
+    off = {**doc["rows"][3], "image_size": [640, 480], "prefill_tflops_paper": 15.0, "paper_scenario": False}
+    doc["rows"] = [off] + [{**r, "paper_scenario": True} for r in doc["rows"]]
+    _write_json(d / "profile.json", doc)
+    rep = match_runs([load_run(d)])
+    assert rep.get("llava-next-7b/p-MoD-0.5", "prefill_tflops") == 22.0  # the 672x672 row, not the 640x480 one
+
+
+def test_tradeoff_skips_unreliable_latency(runs, tmp_path):
+    from pmod_bench.reports.figures import tradeoff_data
+
+    d = make_profile_run(tmp_path / "prof")
+    doc = json.loads((d / "profile.json").read_text())
+    for r in doc["rows"]:
+        r.update(arch="tiny", latency_unreliable=r["variant"] == "p-MoD-0.5", latency_ratio_min=0.2, latency_ratio_max=3.0)
+    _write_json(d / "profile.json", doc)
+    ev = make_eval_run(tmp_path / "ev", "tiny", _pmod(0.5), dict(PAPER7))
+    ev0 = make_eval_run(tmp_path / "ev0", "tiny", None, dict(PAPER7))
+    data = tradeoff_data(match_runs([load_run(d), load_run(ev), load_run(ev0)]))
+    assert data.reproduced_model == "tiny"
+    by = {p.key: p for p in data.reproduced}
+    assert by["tiny/p-MoD-0.5"].latency_pct is None and by["tiny/baseline"].latency_pct is not None
+    assert any("latency not drawn" in n and "20-300%" in n for n in data.notes)
+
+
+def test_fig5_and_fig6_say_what_they_show(tmp_path, monkeypatch):
+    from pmod_bench.reports import figures as F
+
+    d = tmp_path / "intro"
+    d.mkdir()
+    add_introspection(d)
+    intro = json.loads((d / "introspection.json").read_text())
+    assert F.token_segments(intro) == [("base tile", 0, 48), ("high-resolution tiles (+ row newlines)", 48, 51)]
+    texts: list[str] = []
+    from matplotlib.figure import Figure
+
+    real_save = F._save
+
+    def capture(fig: Figure, stem: Path):
+        texts.extend(t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text")) if t.get_text())
+        return real_save(fig, stem)
+
+    monkeypatch.setattr(F, "_save", capture)
+    F.plot_token_selection(intro, d / "input.png", tmp_path / "fig5")
+    assert any("base-tile tokens kept" in t for t in texts)
+    assert "kept (processed by the layer)" in texts and "skipped (shaded)" in texts  # the colour key
+    assert any(t.startswith("Base tile only") for t in texts)
+    texts.clear()
+    F.plot_selection_map(intro, tmp_path / "fig6")
+    assert "base tile" in texts and "high-resolution tiles (+ row newlines)" in texts

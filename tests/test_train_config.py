@@ -192,3 +192,56 @@ def test_cli_lists_prints_and_rejects(capsys):
     assert main(["train", "--config", "no-such-recipe"]) == 2
     assert "--list-recipes" in capsys.readouterr().err
     assert main(["train"]) == 2
+
+
+def test_one_switch_for_the_overflow_guard(capsys):
+    """train.overflow_guard is the only key: --print-config shows no pmod.overflow_guard, a recipe or override
+    that sets pmod.overflow_guard is refused, and the printed config loads back to the same settings."""
+    import yaml
+
+    from pmod_bench.cli import main
+
+    cfg = load_recipe("pmod-llava-next-7b-sft")
+    assert cfg.train.overflow_guard is True and "overflow_guard" not in cfg.to_dict()["pmod"]
+    assert cfg.resolved_pmod(32).overflow_guard is True  # what training runs with
+    assert load_recipe("pmod-llava-next-7b-sft", ["train.overflow_guard=false"]).resolved_pmod(32).overflow_guard is False
+    assert main(["train", "--config", "pmod-llava-next-7b-sft", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "overflow_guard" not in printed["pmod"] and printed["train"]["overflow_guard"] is True
+    assert config_from_dict(printed).to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="pmod.overflow_guard is not a training key.*train.overflow_guard=true"):
+        load_recipe("pmod-llava-next-7b-sft", ["pmod.overflow_guard=true"])
+    assert main(["train", "--config", "pmod-llava-next-7b-sft", "pmod.overflow_guard=false", "--print-config"]) == 2
+    assert "train.overflow_guard" in capsys.readouterr().err
+
+
+def test_label_follows_pmod_overrides():
+    from pmod_bench.train.config import variant_label
+
+    assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.4"]).label == "llava-next-7b/p-MoD-0.4"
+    assert load_recipe("pmod-llava-next-7b-sft", ["pmod=null"]).label == "llava-next-7b/baseline"
+    assert load_recipe("llava-1.5-7b-sft", ["pmod={shift: 0.3}"]).label == "llava-v1.5-7b/p-MoD-0.3"
+    # no paper row: the differing settings are spelled out (the report then treats the label as free text)
+    odd = load_recipe("pmod-llava-next-7b-sft", ["pmod.string=false"]).label
+    assert odd == "llava-next-7b/p-MoD-0.5[string=False]"
+    assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.4", "label=mine"]).label == "mine"
+    assert load_recipe("pmod-llava-next-7b-sft", ["train.lr=1e-5"]).label == "llava-next-7b/p-MoD-0.5"
+    assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.5"]).label == "llava-next-7b/p-MoD-0.5"  # unchanged
+    assert variant_label(PMoDConfig(schedule="linear", shift=0.4)) == "p-MoD-linear-0.4"
+    matching = pytest.importorskip("pmod_bench.reports.matching")
+    assert matching.parse_label("llava-next-7b/p-MoD-0.4").variant == "p-MoD-0.4"
+
+
+def test_batch_split_errors_name_a_value_that_works():
+    from pmod_bench.train.config import valid_per_device_batch
+    from pmod_bench.train.trainer import check_batch
+
+    demo = load_recipe("demo-tiny")  # global 4, per device 4
+    assert check_batch(demo, 1) == 1
+    with pytest.raises(ConfigError, match=r"= 4 x 2; pass train.per_device_batch_size=2 \(gradient accumulation"):
+        check_batch(demo, 2)
+    with pytest.raises(ConfigError, match="cannot be split over 3 processes"):
+        check_batch(demo, 3)
+    sft = load_recipe("pmod-llava-next-7b-sft")  # 128 = 8 per device x 8 GPUs x 2
+    assert check_batch(sft, 8) == 2 and valid_per_device_batch(128, 6, 8) is None
+    assert valid_per_device_batch(128, 16, 16) == 8 and valid_per_device_batch(4, 2, 4) == 2

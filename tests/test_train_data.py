@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pmod_bench.train.data import (
     IGNORE_INDEX,
@@ -109,10 +110,32 @@ def test_bad_samples_skip_and_fail(processor, demo):
     ds = LlavaConversationDataset(records, processor, image_folder=str(root), image_aspect_ratio="native")
     assert [m["id"] for m in ds.malformed] == ["malformed-0"] and len(ds) == len(records) - 1
     ids = [r.id for r in ds.records]
-    s = ds[ids.index("missing-0")]  # replaced by the next usable record, reported with the sample
+    # replaced by the good record of the same modality nearest in length (corrupt-0, as long, is bad too)
+    s = ds[ids.index("missing-0")]
     assert [b["id"] for b in s["bad_samples"]] == ["missing-0", "corrupt-0"]
     assert s["bad_samples"][0]["reason"] == "image file not found" and s["bad_samples"][0]["path"].endswith("missing-0.png")
     assert "cannot be decoded" in s["bad_samples"][1]["reason"]
+    assert "pixel_values" in s  # an image record: the batch stays single-modality
+    lengths = ds.modality_lengths
+    same = [i for i, r in enumerate(ds.records) if lengths[i] == lengths[ids.index("missing-0")] and r.images
+            and not r.id.startswith(("missing", "corrupt"))]
+    assert any(ds.build(ds.records[i])["input_ids"].tolist() == s["input_ids"].tolist()
+               and torch.equal(ds.build(ds.records[i])["pixel_values"], s["pixel_values"]) for i in same)
+    # a record found bad is not read again (later epochs): repairing the file does not change the answer
+    from PIL import Image
+
+    corrupt = root / "images" / "corrupt-0.png"
+    data = corrupt.read_bytes()
+    try:
+        Image.new("RGB", (32, 32)).save(corrupt)
+        again = ds[ids.index("corrupt-0")]
+        assert [b["id"] for b in again["bad_samples"]] == ["corrupt-0"] and "cannot be decoded" in again["bad_samples"][0]["reason"]
+        fresh = LlavaConversationDataset(records, processor, image_folder=str(root), image_aspect_ratio="native")
+        fresh.mark_bad([{"index": ds.records[ids.index("corrupt-0")].index, "id": "corrupt-0", "path": None,
+                         "reason": "found bad by another process"}])  # what the trainer shares between processes
+        assert fresh[ids.index("corrupt-0")]["bad_samples"][0]["reason"] == "found bad by another process"
+    finally:
+        corrupt.write_bytes(data)
     with pytest.raises(BadSampleError, match=r"record \d+ \(id 'malformed-0'\).*from='robot'"):
         LlavaConversationDataset(records, processor, image_folder=str(root), on_bad_sample="fail")
     good = [r for r in records if r.get("id") != "malformed-0"]
@@ -158,21 +181,118 @@ def test_truncation_policy(processor, demo):
     assert cut["labels"].tolist() == full["labels"][: n - 1].tolist()
 
 
-def test_sampler_groups_by_modality_and_global_batch():
-    lengths = [10 + i for i in range(12)] + [-(5 + i) for i in range(8)]  # 12 image, 8 text-only records
-    s = ModalityLengthGroupedSampler(lengths, group_size=4, seed=0)
-    order = list(s)
-    assert sorted(order) == list(range(20))
-    groups = [order[i : i + 4] for i in range(0, 20, 4)]
-    for g in groups:  # every global batch has one modality, longest first
-        assert len({lengths[i] > 0 for i in g}) == 1
-        assert [abs(lengths[i]) for i in g] == sorted((abs(lengths[i]) for i in g), reverse=True)
-    assert list(ModalityLengthGroupedSampler(lengths, 4, seed=0)) == order  # deterministic (resume)
+# ---- a reference of LLaVA's sampler (haotian-liu/LLaVA, llava/train/llava_trainer.py), written as LLaVA has it;
+# the only change: the random draws take a generator (LLaVA's inner calls use the global torch RNG)
+def _ref_split_to_even_chunks(indices, lengths, num_chunks):
+    if len(indices) % num_chunks != 0:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    num_indices_per_chunk = len(indices) // num_chunks
+    chunks = [[] for _ in range(num_chunks)]
+    chunks_lengths = [0 for _ in range(num_chunks)]
+    for index in indices:
+        shortest_chunk = chunks_lengths.index(min(chunks_lengths))
+        chunks[shortest_chunk].append(index)
+        chunks_lengths[shortest_chunk] += lengths[index]
+        if len(chunks[shortest_chunk]) == num_indices_per_chunk:
+            chunks_lengths[shortest_chunk] = float("inf")
+    return chunks
+
+
+def _ref_get_length_grouped_indices(lengths, batch_size, world_size, generator=None, merge=True):
+    import torch
+
+    indices = torch.randperm(len(lengths), generator=generator)
+    megabatch_size = world_size * batch_size
+    megabatches = [indices[i : i + megabatch_size].tolist() for i in range(0, len(lengths), megabatch_size)]
+    megabatches = [sorted(megabatch, key=lambda i: lengths[i], reverse=True) for megabatch in megabatches]
+    megabatches = [_ref_split_to_even_chunks(megabatch, lengths, world_size) for megabatch in megabatches]
+    return [i for megabatch in megabatches for batch in megabatch for i in batch]
+
+
+def _ref_get_modality_length_grouped_indices(lengths, batch_size, world_size, generator=None):
+    import torch
+
+    assert all(l != 0 for l in lengths), "Should not have zero length."
+    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
+        return _ref_get_length_grouped_indices(lengths, batch_size, world_size, generator=generator)
+    mm_indices, mm_lengths = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])
+    lang_indices, lang_lengths = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])
+    mm_shuffle = [mm_indices[i] for i in _ref_get_length_grouped_indices(mm_lengths, batch_size, world_size, generator=generator)]
+    lang_shuffle = [lang_indices[i] for i in _ref_get_length_grouped_indices(lang_lengths, batch_size, world_size, generator=generator)]
+    megabatch_size = world_size * batch_size
+    mm_megabatches = [mm_shuffle[i : i + megabatch_size] for i in range(0, len(mm_shuffle), megabatch_size)]
+    lang_megabatches = [lang_shuffle[i : i + megabatch_size] for i in range(0, len(lang_shuffle), megabatch_size)]
+    last_mm = mm_megabatches[-1]
+    last_lang = lang_megabatches[-1]
+    additional_batch = last_mm + last_lang
+    megabatches = mm_megabatches[:-1] + lang_megabatches[:-1]
+    megabatch_indices = torch.randperm(len(megabatches), generator=generator)
+    megabatches = [megabatches[i] for i in megabatch_indices]
+    if len(additional_batch) > 0:
+        megabatches.append(sorted(additional_batch))
+    return [i for megabatch in megabatches for i in megabatch]
+
+
+def _random_case(rng):
+    n_mm, n_lang = rng.choice([0, rng.randint(1, 60)]), rng.choice([0, rng.randint(1, 40)])
+    n_mm = n_mm or (0 if n_lang else 5)
+    lengths = [rng.randint(1, 300) for _ in range(n_mm)] + [-rng.randint(1, 300) for _ in range(n_lang)]
+    rng.shuffle(lengths)
+    return lengths, rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 8])
+
+
+def test_sampler_equals_llavas_reference():
+    """300 random cases (single- and mixed-modality, several per-device batches and processes x accumulation)."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    for case in range(300):
+        lengths, b, w = _random_case(rng)
+        s = ModalityLengthGroupedSampler(lengths, b, w, seed=case)
+        s.set_epoch(2)
+        ref = _ref_get_modality_length_grouped_indices(lengths, b, w, generator=torch.Generator().manual_seed(case + 2))
+        assert list(s) == ref, (case, lengths, b, w)
+
+
+def test_sampler_global_batches_hold_one_modality():
+    """Single-modality data: every global batch is full except the last (the defect: a shuffled partial group
+    made later batches straddle groups). Mixed data: only the tail after the last full batches mixes."""
+    import random
+
+    rng = random.Random(1)
+    for case in range(300):
+        lengths, b, w = _random_case(rng)
+        order = list(ModalityLengthGroupedSampler(lengths, b, w, seed=case))
+        assert sorted(order) == list(range(len(lengths)))
+        mb = b * w
+        n_mm, n_lang = sum(l > 0 for l in lengths), sum(l < 0 for l in lengths)
+        if not n_mm or not n_lang:  # the LLaVA megabatches in order: the partial one is the last
+            boundaries = list(range(0, len(lengths), mb))
+            groups = [order[k : k + mb] for k in boundaries]
+            assert all(len(g) == mb for g in groups[:-1])
+            continue
+        full = (n_mm - 1) // mb + (n_lang - 1) // mb  # full megabatches of either modality, shuffled
+        for k in range(full):
+            g = order[k * mb : (k + 1) * mb]
+            assert len({lengths[i] > 0 for i in g}) == 1, (case, k)
+
+
+def test_sampler_splits_each_global_batch_into_even_micro_batches():
+    """Rank 0 no longer gets the longest micro-batch: split_to_even_chunks balances the total length."""
+    lengths = [1000, 900, 800, 700, 20, 10, 5, 1]  # one global batch of 8 = 4 micro-batches of 2
+    order = list(ModalityLengthGroupedSampler(lengths, 2, 4, seed=0))
+    micro = [order[k : k + 2] for k in range(0, 8, 2)]
+    totals = [sum(lengths[i] for i in m) for m in micro]
+    assert sorted(map(sorted, micro)) == sorted([[0, 7], [1, 6], [2, 5], [3, 4]])  # longest with shortest
+    assert max(totals) - min(totals) < 300 and micro[0] != [0, 1]
+    s = ModalityLengthGroupedSampler(lengths, 2, 4, seed=0)
+    assert list(s) == order  # a function of (seed, epoch): a resumed run sees the same batches
     s.set_epoch(1)
-    assert list(s) != order
-    # leftovers of both modalities form one last mixed group
-    odd = list(ModalityLengthGroupedSampler(lengths[:10] + lengths[12:17], 4, seed=0))
-    assert sorted(odd) == list(range(15))
+    assert sorted(s) == list(range(8))
+    with pytest.raises(ValueError, match="non-zero"):
+        list(ModalityLengthGroupedSampler([3, 0, -2], 1, 1))
 
 
 def test_read_records_jsonl_and_errors(tmp_path):
@@ -186,8 +306,21 @@ def test_read_records_jsonl_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_records([str(tmp_path / "missing.json")])
     (tmp_path / "obj.json").write_text("{}")
-    with pytest.raises(ConfigError, match="JSON list"):
+    with pytest.raises(ConfigError, match="JSON list.*wrap the records"):
         read_records([str(tmp_path / "obj.json")])
+    # empty, truncated, and empty-list files: one line naming the file and the fix (no JSONDecodeError)
+    (tmp_path / "empty.json").write_text("  \n")
+    with pytest.raises(ConfigError, match="'.*empty.json' is empty"):
+        read_records([str(tmp_path / "empty.json")])
+    (tmp_path / "cut.json").write_text('[{"id": 1, "conversations": [{"from": "human", "val')
+    with pytest.raises(ConfigError, match=r"'.*cut.json' is not valid JSON \(.* at line 1, column \d+; a truncated copy\?\)"):
+        read_records([str(tmp_path / "cut.json")])
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(ConfigError, match="'.*none.json' holds no records"):
+        read_records([str(tmp_path / "none.json")])
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_records([str(tmp_path / "blank.jsonl")])
 
 
 def test_llava15_pad_to_square_single_tile(demo):

@@ -42,6 +42,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, tiny, tiny-llava), local HF dir / config.json, "
                    "or hub id (default: llava-next-7b)")
     w.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable; see below)")
+    w.add_argument("--method", action="append", default=[], metavar="SPEC",
+                   help="a comparison method (repeatable): visionzip, fastervlm:keep=0.25, prumerge, prumerge_plus, "
+                   "downsample, random, or fastv:k=2,keep=0.5 (analytic); see pmod_bench.methods")
+    w.add_argument("--match", metavar="VARIANT", help="solve each --method's token budget to this variant's prefill FLOPs "
+                   "(e.g. p-MoD-0.5) on the same arch and image size, within 1%%")
+    w.add_argument("--match-tflops", type=float, metavar="X", help="solve each --method to X prefill TFLOPs (--match-convention)")
+    w.add_argument("--match-kv", type=float, metavar="Y", help="solve each --method to a vision KV-cache ratio Y (e.g. 0.537)")
+    w.add_argument("--match-convention", choices=("headline", "paper"), default="headline",
+                   help="FLOPs convention of --match / --match-tflops: headline (prefill_tflops) or paper (prefill_tflops_paper)")
+    w.add_argument("--match-tolerance", type=float, default=0.01, metavar="R", help="relative tolerance of --match* (default 0.01)")
     w.add_argument("--shift", nargs="+", type=float, metavar="DELTA", help="p-MoD shift factors δ (sweep)")
     w.add_argument("--schedule", nargs="+", metavar="NAME", help="p-MoD schedules: cosine (PRD), linear, constant, interleaved, stepped")
     w.add_argument("--ratios", action="append", default=[], metavar="R,R,...",
@@ -87,7 +97,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> str:
     parts = ["pmod-bench", "profile"]
     flags = [
-        ("arch", "--arch"), ("variant", "--variant"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
+        ("arch", "--arch"), ("variant", "--variant"), ("method", "--method"), ("match", "--match"),
+        ("match_tflops", "--match-tflops"), ("match_kv", "--match-kv"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
         ("image_size", "--image-size"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
         ("train_samples", "--train-samples"), ("train_text_tokens", "--train-text-tokens"), ("mfu", "--mfu"),
         ("overhead_s", "--overhead-s"), ("train_run", "--train-run"), ("json", "--json"), ("output", "--output"), ("label", "--label"),
@@ -96,7 +107,7 @@ def _command(args: argparse.Namespace) -> str:
         value = getattr(args, dest, None)
         if value in (None, [], ""):
             continue
-        if dest in ("variant", "ratios"):
+        if dest in ("variant", "ratios", "method"):
             for v in value:
                 parts += [flag, str(v)]
         elif isinstance(value, list):
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def _variants(args: argparse.Namespace) -> Optional[list[Any]]:
     from .variants import Baseline, PMoD, make_pmod_config, parse_ratios, parse_variant
 
-    explicit = bool(args.variant or args.shift or args.schedule or args.ratios)
+    explicit = bool(args.variant or args.shift or args.schedule or args.ratios or getattr(args, "method", None))
     if not explicit:
         if args.no_baseline:
             from .variants import PAPER_SHIFTS
@@ -145,6 +156,16 @@ def _variants(args: argparse.Namespace) -> Optional[list[Any]]:
                 out.append(PMoD(make_pmod_config(shift=shift, schedule=schedule)))
     for r in args.ratios:
         out.append(PMoD(make_pmod_config(ratios=parse_ratios(r))))
+    match = _match(args)
+    for spec in getattr(args, "method", []):
+        v = parse_variant(spec)
+        if match and hasattr(v, "bind"):
+            v.match = match
+        elif match:
+            from .errors import ProfileError
+
+            raise ProfileError(f"--match solves a registry method's token budget; '{spec}' has none (use its own options).")
+        out.append(v)
     for spec in args.variant:
         v = spec if spec.strip().lower() == "config" else parse_variant(spec)
         if isinstance(v, Baseline) and not args.no_baseline:
@@ -155,6 +176,20 @@ def _variants(args: argparse.Namespace) -> Optional[list[Any]]:
 
         raise ProfileError("nothing to profile: --no-baseline and no variant; add --shift, --ratios or --variant.")
     return out
+
+
+def _match(args: argparse.Namespace) -> Optional[dict]:
+    """--match / --match-tflops / --match-kv -> keyword arguments of pmod_bench.methods.solve (None: no target)."""
+    targets = {"match": getattr(args, "match", None), "tflops": getattr(args, "match_tflops", None),
+               "kv": getattr(args, "match_kv", None)}
+    given = {k: v for k, v in targets.items() if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        from .errors import ProfileError
+
+        raise ProfileError("give one of --match, --match-tflops, --match-kv.")
+    return {**given, "convention": args.match_convention, "tolerance": args.match_tolerance}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -225,12 +260,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 class _progress_bar:
-    """tqdm on stderr (silent when stderr is not a terminal); called by profile() before each step."""
+    """tqdm on stderr; called by profile() before each row and each timed run. Where stderr is not a
+    terminal (logs, CI) the timing steps are printed as plain lines instead (``plain``)."""
 
-    def __init__(self, name: str, total: int):
+    def __init__(self, name: str, total: int, plain: bool = True):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=name, unit="row", leave=False, file=sys.stderr, disable=None)
+        self.plain = plain and self.bar.disable
         self.started = False
 
     def __call__(self, message: str, new_row: bool) -> None:
@@ -238,6 +275,8 @@ class _progress_bar:
             if self.started:
                 self.bar.update(1)
             self.started = True
+        if self.plain and not new_row:
+            print(message, file=sys.stderr, flush=True)
         self.bar.set_description_str(message[:70])
 
     def close(self) -> None:

@@ -108,6 +108,10 @@ class ProfileRow:
     lm_head_positions: str = "last"
     """positions whose logits prefill_tflops includes: last (generation) or all (a plain forward)"""
     tiles: int = 1
+    tile_size: int = 0
+    """side in pixels of the square the vision encoder sees (each tile; LLaVA-1.5 resizes every image to it)"""
+    paper_scenario: bool = False
+    """the scenario of the paper's efficiency numbers (672x672 image, 58 text tokens): paper values compare"""
     llm_params: int = 0
     prefill_tflops_measured: Optional[float] = None
     """FlopCounterMode on the meta device, same convention as prefill_tflops"""
@@ -118,6 +122,18 @@ class ProfileRow:
     prefill_latency_ms_p90: Optional[float] = None
     decode_latency_ms_p10: Optional[float] = None
     decode_latency_ms_p90: Optional[float] = None
+    prefill_latency_ms_min: Optional[float] = None
+    prefill_latency_ms_max: Optional[float] = None
+    decode_latency_ms_min: Optional[float] = None
+    decode_latency_ms_max: Optional[float] = None
+    latency_spread: Optional[float] = None
+    """(max - min) / median of the prefill repeats; above 0.25 the latency is flagged unreliable"""
+    latency_ratio_min: Optional[float] = None
+    """latency_ratio's range over the repeats: this row's min / the baseline's max ..."""
+    latency_ratio_max: Optional[float] = None
+    """... to this row's max / the baseline's min"""
+    latency_unreliable: Optional[bool] = None
+    """True when this row's or the baseline's spread exceeds 0.25: the latency ratio is not a measurement to trust"""
     latency_repeats: Optional[int] = None
     latency_dtype: Optional[str] = None
     latency_note: Optional[str] = None
@@ -145,6 +161,16 @@ class ProfileRow:
     """the recipe's data at the run's measured throughput"""
     train_tflops_per_s_per_gpu: Optional[float] = None
     train_mfu_measured: Optional[float] = None
+    train_run_match: Optional[bool] = None
+    """--train-run: the run trained this row's architecture and variant (else no measured numbers)"""
+    train_run_note: Optional[str] = None
+    method_config: Optional[dict] = None
+    """comparison methods: the method's config as a dict (``MethodConfig.to_dict``)"""
+    method_extra_tflops: Optional[float] = None
+    """the method's own matrix products (similarities, merges), included in vision_tflops"""
+    method_match: Optional[dict] = None
+    """what --match solved: target, achieved, relative error, solved hyperparameters"""
+    method_note: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,7 +195,9 @@ CONVENTIONS = {
     "weights + routers + lm_head on all positions, no attention products, no vision tower",
     "kv_cache_ratio": "sum over layers of kept vision tokens / (layers x vision tokens), vs the baseline (paper convention)",
     "kv_cache_ratio_all_tokens": "all cached entries / the baseline's",
-    "latency": "median; prefill = time to first token (vision + LLM); decode per token; batch of batch_size",
+    "latency": "median (min/max alongside) of repeats interleaved across variants; prefill = time to first token "
+    "(vision + LLM); decode per token; batch of batch_size; latency_unreliable when a spread (max - min) / median "
+    "exceeds 0.25 (CPU timings depend on machine load)",
     "train": "forward + backward model FLOPs per sample (backward 2x for trained, 1x for pass-through frozen, 0 for the "
     "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x mfu) + overhead) / 3600, recipe constants",
 }
@@ -288,6 +316,8 @@ def profile(
     rows: list[ProfileRow] = []
     models: dict[str, Any] = {}
     base_model = None
+    from .paper import is_paper_scenario
+
     for sc in scs:
         layout = vision_layout(a, sc.image_size)
         V, T, B = layout.vision_tokens, sc.text_tokens, sc.batch_size
@@ -302,10 +332,12 @@ def profile(
             t_layout = vision_layout(a, rec.image_size) if rec.image_size else layout
             tV, tT = t_layout.vision_tokens, rec.text_tokens
             t_vis = vision_flops(a, t_layout)
-        batch = None
         scenario_rows: list[ProfileRow] = []
         for v in vs:
             note(f"{a.name} · {v.name} · {sc.image_size[0]}x{sc.image_size[1]} · batch {B}", True)
+            if hasattr(v, "bind"):  # a comparison method (pmod_bench.methods): solved / counted for this arch and image
+                v = v.bind(a, sc.image_size, T, logits_tokens)
+            vis = v.vision_side(a, layout) if hasattr(v, "vision_side") else vision_flops(a, layout)
             kept = v.kept_vision_tokens(L, V)
             routers = v.router_layers(L)
             pf = llm_prefill_flops(text, T, V, kept, routers, logits_tokens)
@@ -329,10 +361,15 @@ def profile(
                 decode_tflops_total=dec.total("full") * max(sc.gen_tokens - 1, 0) / 1e12,
                 mean_retention=sum(ratios) / len(ratios), kept_vision_tokens=list(kept),
                 kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(max(sc.gen_tokens - 1, 0)),
-                kv_dtype=dtype_name, lm_head_positions=sc.logits, tiles=layout.tiles, llm_params=a.llm_params, latency_note=latency_note,
+                kv_dtype=dtype_name, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=a.vision.image_size,
+                paper_scenario=is_paper_scenario(sc.image_size, T), llm_params=a.llm_params, latency_note=latency_note,
             )
+            if hasattr(v, "row_extras"):
+                for key, value in v.row_extras().items():
+                    setattr(row, key, value)
+                row.flops_check_tool = "methods: FlopCounterMode on the real tiny model (tests/test_methods_flops.py)"
             # FLOPs cross-check: FlopCounterMode on the meta device
-            if verify:
+            if verify and not hasattr(v, "row_extras"):  # data-dependent selections cannot run on meta tensors
                 from .counters import count_flops_meta
 
                 m = count_flops_meta(a, v, sc.image_size, T, batch_size=B, logits_tokens=logits_tokens, decode=False)
@@ -369,47 +406,60 @@ def profile(
                 row.train_recipe, row.train_samples = rec.name, rec.samples
                 row.train_tokens_per_sample, row.train_hardware = tV + tT, rec.hardware
                 if run is not None:
-                    meas = measured_train_cost(run, rec, tV + tT, tf.total, rec.hw)
+                    meas = measured_train_cost(run, rec, tV + tT, tf.total, rec.hw, arch=a, ratios=row.ratios)
                     for key, value in meas.items():
                         if not hasattr(row, key):
                             raise AttributeError(f"ProfileRow has no field {key}")
                         setattr(row, key, value)
-            # latency
-            if timed and v.runnable:
-                import torch
+            # latency: measured below, interleaved across the variants of this scenario
+            if timed and not v.runnable:
+                row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
+            scenario_rows.append(row)
+        to_time = [(v, r) for v, r in zip(vs, scenario_rows) if timed and v.runnable]
+        if to_time:
+            import torch
 
-                from .latency import time_generation
-                from .models import Sample, random_model, synthetic_batch
+            from .latency import UNRELIABLE_SPREAD, time_interleaved
+            from .models import Sample, random_model, synthetic_batch
 
-                lat_dtype = dtype_name if dev.startswith("cuda") else "float32"
-                note(f"{a.name} · {v.name}: timing on {dev_name} ({lat_dtype})", False)
-                if batch is None:
-                    batch = synthetic_batch(a, [Sample(sc.image_size, T)] * B, device=dev, dtype=getattr(torch, lat_dtype))
+            lat_dtype = dtype_name if dev.startswith("cuda") else "float32"
+            batch = synthetic_batch(a, [Sample(sc.image_size, T)] * B, device=dev, dtype=getattr(torch, lat_dtype))
+            for v, _ in to_time:
                 if v.name not in models:
+                    note(f"{a.name} · {v.name}: building the model on {dev_name}", False)
                     model, base_model = random_model(a, v, device=dev, dtype=getattr(torch, lat_dtype), base=base_model)
                     models[v.name] = model
-                tm = time_generation(models[v.name], batch, sc.gen_tokens, warmup=warmup, repeats=repeats, device=dev)
+            timings = time_interleaved(
+                {v.name: models[v.name] for v, _ in to_time}, batch, sc.gen_tokens, warmup=warmup, repeats=repeats,
+                device=dev, progress=lambda msg: note(f"{a.name} · {sc.image_size[0]}x{sc.image_size[1]} · {msg}", False),
+            )
+            for v, row in to_time:
+                tm = timings[v.name]
                 row.prefill_latency_ms = tm.prefill.median
                 row.prefill_latency_ms_p10, row.prefill_latency_ms_p90 = tm.prefill.p10, tm.prefill.p90
+                row.prefill_latency_ms_min, row.prefill_latency_ms_max = tm.prefill.min, tm.prefill.max
+                row.latency_spread = tm.prefill.spread
                 row.latency_repeats = tm.prefill.n
                 if tm.decode is not None:
                     row.decode_latency_ms_per_token = tm.decode.median
                     row.decode_latency_ms_p10, row.decode_latency_ms_p90 = tm.decode.p10, tm.decode.p90
+                    row.decode_latency_ms_min, row.decode_latency_ms_max = tm.decode.min, tm.decode.max
                 row.peak_memory_bytes, row.peak_memory_prefill_bytes = tm.peak_memory_bytes, tm.peak_memory_prefill_bytes
                 row.telemetry = tm.telemetry
                 row.device = tm.device
                 row.latency_dtype = lat_dtype
                 row.latency_note = None
+                row.latency_unreliable = row.latency_spread > UNRELIABLE_SPREAD
                 row.achieved_tflops_per_s = B * row.ttft_tflops / (tm.prefill.median / 1e3)
                 if hw is not None and dev.startswith("cuda"):
                     row.mfu = row.achieved_tflops_per_s / hw.bf16_tflops
-            elif timed:
-                row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
-            scenario_rows.append(row)
         base_row = next((r for r in scenario_rows if r.method == "baseline" and r.prefill_latency_ms), None)
         for r in scenario_rows:
             if base_row is not None and r.prefill_latency_ms:
                 r.latency_ratio = r.prefill_latency_ms / base_row.prefill_latency_ms
+                r.latency_ratio_min = r.prefill_latency_ms_min / base_row.prefill_latency_ms_max
+                r.latency_ratio_max = r.prefill_latency_ms_max / base_row.prefill_latency_ms_min
+                r.latency_unreliable = bool(r.latency_unreliable or base_row.latency_unreliable)
         rows.extend(scenario_rows)
     return rows
 

@@ -5,8 +5,13 @@ prefill (vision tower + projector + LLM over the prompt, logits of the last posi
 user waits for before the first token) and then ``gen_tokens - 1`` decode steps one by one (each
 feeds the previous greedy token, with the cache). On CUDA every phase is timed with CUDA events
 between ``torch.cuda.synchronize()`` calls; on CPU with ``time.perf_counter``. Reported: median,
-10th/90th percentiles, min and the number of samples. Peak memory (CUDA) is reset before the
-prefill and read after it and after the decode.
+10th/90th percentiles, min, max, the spread (max - min) / median and the number of samples. Peak
+memory (CUDA) is reset before the prefill and read after it and after the decode.
+
+Several variants are timed **interleaved** (:func:`time_interleaved`): repeat 1 of every variant,
+then repeat 2 of every variant, ...; a change of machine load (other processes on a shared CPU can
+change CPU latency a hundredfold) then hits every variant alike instead of one, and the spread shows
+it. A ratio whose rows have a spread above :data:`UNRELIABLE_SPREAD` is flagged as unreliable.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
+
+#: (max - min) / median of the timed repeats above which a latency (and any ratio built from it) is unreliable
+UNRELIABLE_SPREAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,12 @@ class Stats:
     p90: float
     min: float
     n: int
+    max: float = 0.0
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0 for perfectly repeatable times."""
+        return (self.max - self.min) / self.median if self.median > 0 else 0.0
 
     @classmethod
     def of(cls, xs: list[float]) -> Optional["Stats"]:
@@ -41,7 +55,7 @@ class Stats:
             hi = min(lo + 1, len(s) - 1)
             return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
-        return cls(statistics.median(s), q(0.1), q(0.9), s[0], len(s))
+        return cls(statistics.median(s), q(0.1), q(0.9), s[0], len(s), s[-1])
 
 
 @dataclass(frozen=True)
@@ -106,30 +120,49 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
 
 def time_generation(model, batch: dict[str, Any], gen_tokens: int = 16, warmup: int = 2, repeats: int = 5, device: str = "cpu") -> Timing:
     """Time prefill and decode of ``model`` on ``batch`` (see the module docstring)."""
+    return time_interleaved({"model": model}, batch, gen_tokens, warmup, repeats, device)["model"]
+
+
+def time_interleaved(models: Mapping[str, Any], batch: dict[str, Any], gen_tokens: int = 16, warmup: int = 2,
+                     repeats: int = 5, device: str = "cpu",
+                     progress: Optional[Callable[[str], None]] = None) -> dict[str, Timing]:
+    """Time every model of ``models`` on ``batch``, repeats interleaved across the models (module docstring).
+
+    ``progress(message)`` is called before each warm-up and each timed run.
+    """
     import torch
 
     steps = max(int(gen_tokens) - 1, 0)
     timer = _Timer(device)
     cuda = timer.cuda
+    note = progress or (lambda msg: None)
+    names = list(models)
+    n_rep = max(int(repeats), 1)
+    prefill: dict[str, list[float]] = {k: [] for k in names}
+    decode: dict[str, list[float]] = {k: [] for k in names}
+    peaks: dict[str, dict[str, Optional[int]]] = {k: {"prefill": None, "all": None} for k in names}
+
+    def read_peak(name: str, key: str) -> None:
+        if cuda:
+            peaks[name][key] = max(peaks[name][key] or 0, int(torch.cuda.max_memory_allocated(device)))
+
     with torch.inference_mode():
-        for _ in range(max(int(warmup), 0)):
-            _run(model, batch, steps, None)
-        prefill, decode = [], []
-        peaks = {"prefill": None, "all": None}
-
-        def read_peak(key: str) -> None:
-            if cuda:
-                peaks[key] = max(peaks[key] or 0, int(torch.cuda.max_memory_allocated(device)))
-
-        for _ in range(max(int(repeats), 1)):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            p, d = _run(model, batch, steps, timer, after_prefill=lambda: read_peak("prefill"))
-            read_peak("all")
-            prefill.append(p)
-            decode.extend(d)
-        peak_prefill, peak = peaks["prefill"], peaks["all"]
-    return Timing(Stats.of(prefill), Stats.of(decode), peak_prefill, peak, device_name(device), telemetry(device))
+        for name in names:
+            for w in range(max(int(warmup), 0)):
+                note(f"warm-up {w + 1}/{warmup} · {name}")
+                _run(models[name], batch, steps, None)
+        for r in range(n_rep):
+            for name in names:
+                note(f"timing {r + 1}/{n_rep} · {name}")
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                p, d = _run(models[name], batch, steps, timer, after_prefill=lambda name=name: read_peak(name, "prefill"))
+                read_peak(name, "all")
+                prefill[name].append(p)
+                decode[name].extend(d)
+    dev_name, tele = device_name(device), telemetry(device)
+    return {k: Timing(Stats.of(prefill[k]), Stats.of(decode[k]), peaks[k]["prefill"], peaks[k]["all"], dev_name, tele)
+            for k in names}
 
 
 def device_name(device: str) -> str:
@@ -188,4 +221,4 @@ def telemetry(device: str) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Stats", "Timing", "time_generation", "telemetry", "device_name"]
+__all__ = ["Stats", "Timing", "time_generation", "time_interleaved", "telemetry", "device_name", "UNRELIABLE_SPREAD"]

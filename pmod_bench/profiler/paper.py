@@ -26,8 +26,13 @@ PAPER_EFFICIENCY: dict[str, dict[str, dict[str, float]]] = {
 PAPER_SCENARIO = {"image_size": (672, 672), "text_tokens": 58}
 
 
+def is_paper_scenario(image_size, text_tokens: int) -> bool:
+    """Whether (image size, text tokens) is the scenario of the paper's efficiency numbers (672x672, 58)."""
+    return tuple(int(x) for x in image_size) == PAPER_SCENARIO["image_size"] and int(text_tokens) == PAPER_SCENARIO["text_tokens"]
+
+
 def paper_value(arch: str, variant: str, metric: str) -> Optional[float]:
     return PAPER_EFFICIENCY.get(arch, {}).get(variant, {}).get(metric)
 
 
-__all__ = ["PAPER_EFFICIENCY", "PAPER_SCENARIO", "paper_value"]
+__all__ = ["PAPER_EFFICIENCY", "PAPER_SCENARIO", "paper_value", "is_paper_scenario"]

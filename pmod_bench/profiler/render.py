@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from pmod_bench.atomic import atomic_write_text as atomic_write  # re-exported in __all__
 
-from .paper import paper_value
+from .paper import PAPER_EFFICIENCY, is_paper_scenario, paper_value
 
 SCHEMA_VERSION = 1
 
@@ -64,13 +64,16 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
     lines: list[str] = []
     for (arch, size, T, G, B), rs in blocks.items():
         r0 = rs[0]
-        tiles = r0.get("tiles", 1)
         unit, scale = _unit(max(r["prefill_tflops"] for r in rs))
         lines.append(
-            f"{arch} · {size[0]}x{size[1]} image -> {r0['vision_tokens']:,} vision tokens ({tiles} tile{'s' if tiles > 1 else ''}) "
+            f"{arch} · {_image_phrase(r0)} -> {r0['vision_tokens']:,} vision tokens "
             f"+ {T} text tokens, {G} generated · batch {B} · vision tower + projector {r0['vision_tflops'] * scale:.2f} {unit}/sample"
         )
-        has_paper = paper and any(paper_value(arch, r["variant"], "tflops") is not None for r in rs)
+        # the paper's numbers describe one scenario (672x672, 58 text tokens; latency at batch 1): nowhere else
+        in_scenario = r0.get("paper_scenario", is_paper_scenario(size, T))
+        has_paper = paper and in_scenario and any(paper_value(arch, r["variant"], "tflops") is not None for r in rs)
+        paper_latency = has_paper and B == 1
+        timed = [r for r in rs if r["prefill_latency_ms"] is not None]
         has_floor = any(r.get("prefill_floor_ms") is not None for r in rs)
         head = ["Variant", unit, "(causal)", "(paper conv.)"]
         right = [False, True, True, True]
@@ -82,9 +85,14 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
         if has_paper:
             head.append("paper")
             right.append(True)
-        head += ["TTFT ms", "decode ms/tok"]
-        right += [True, True]
-        if has_paper:
+        head += ["TTFT ms"]
+        right += [True]
+        if timed:
+            head += ["(min-max)"]
+            right += [True]
+        head += ["decode ms/tok"]
+        right += [True]
+        if paper_latency:
             head.append("paper ms")
             right.append(True)
         if has_floor:
@@ -105,8 +113,13 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
             cells += [_pct(r["tflops_ratio"]), _pct(r["kv_cache_ratio"])]
             if has_paper:
                 cells.append(_pct(pv("kv_cache_ratio")))
-            cells += [_fmt(r["prefill_latency_ms"], ".1f"), _fmt(r["decode_latency_ms_per_token"], ".2f")]
-            if has_paper:
+            flag = " !" if r.get("latency_unreliable") else ""
+            cells += [_fmt(r["prefill_latency_ms"], ".1f") + flag]
+            if timed:
+                lo, hi = r.get("prefill_latency_ms_min"), r.get("prefill_latency_ms_max")
+                cells.append("–" if lo is None or hi is None else f"{lo:.1f}-{hi:.1f}")
+            cells += [_fmt(r["decode_latency_ms_per_token"], ".2f")]
+            if paper_latency:
                 cells.append(_fmt(pv("latency_ms"), ".1f"))
             if has_floor:
                 cells.append(_fmt(r.get("prefill_floor_ms"), ".1f"))
@@ -115,12 +128,24 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
                 cells.append(_fmt(pv("gpu_hours"), ".0f"))
             table.append(cells)
         lines += _align(table, right)
-        lines += _notes(rs, has_paper)
+        lines += _notes(rs, has_paper, paper and not in_scenario and arch in PAPER_EFFICIENCY)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _notes(rs: list[dict], has_paper: bool) -> list[str]:
+def _image_phrase(r: dict) -> str:
+    """What the model does with the image: LLaVA-1.5 resizes it to one tile, LLaVA-NeXT tiles it (anyres)."""
+    w, h = r["image_size"]
+    tiles, side = r.get("tiles", 1), r.get("tile_size") or 0
+    if tiles <= 1:
+        if side and (w, h) != (side, side):
+            return f"{w}x{h} image resized to {side}x{side} (1 tile)"
+        return f"{w}x{h} image (1 tile)"
+    tile = f" of {side}x{side}" if side else ""
+    return f"{w}x{h} image -> {tiles - 1} high-resolution tile(s){tile} + the base image resized to one tile"
+
+
+def _notes(rs: list[dict], has_paper: bool, off_scenario: bool = False) -> list[str]:
     r0 = rs[0]
     logits = "last position" if r0.get("lm_head_positions", "last") == "last" else "all positions"
     notes = [
@@ -137,9 +162,17 @@ def _notes(rs: list[dict], has_paper: bool) -> list[str]:
     if lat:
         r = lat[0]
         notes.append(
-            f"Latency: median of {r.get('latency_repeats')} runs on {r['device']} ({r.get('latency_dtype')}, random weights); "
-            "TTFT = vision + LLM prefill; decode = per token with the cache."
+            f"Latency: median (min-max) of {r.get('latency_repeats')} runs per variant, interleaved across variants, on "
+            f"{r['device']} ({r.get('latency_dtype')}, random weights); TTFT = vision + LLM prefill; decode = per token "
+            "with the cache."
         )
+        if r["device"] == "cpu":
+            notes.append("CPU latency depends on what else the machine runs (it can vary a hundredfold between a loaded "
+                         "and an idle machine): compare only rows of one run, and mind the spread.")
+        flagged = [x["variant"] for x in lat if x.get("latency_unreliable")]
+        if flagged:
+            notes.append(f"! unreliable: spread (max - min) / median above 25% for {', '.join(flagged)} or its baseline; "
+                         "its latency ratio is not a measurement (re-run on an idle machine or with more --repeats).")
     else:
         reason = next((r.get("latency_note") for r in rs if r.get("latency_note")), "not measured")
         notes.append(f"Latency: {reason}.")
@@ -153,8 +186,17 @@ def _notes(rs: list[dict], has_paper: bool) -> list[str]:
             f"tokens on {r0.get('train_hardware')}), {r0['train_tflops_per_sample']:.1f} train TFLOPs/sample for the first row; "
             "throughput constants calibrated on the paper's baseline and p-MoD-0.5 GPU hours."
         )
+    if any(r.get("train_run") for r in rs):  # --train-run: which rows its measured throughput describes
+        used = [r["variant"] for r in rs if r.get("train_run_match")]
+        why = next((r.get("train_run_note") for r in rs if r.get("train_run_match") is False), None)
+        measured = ", ".join(f"{r['variant']} {r['train_gpu_hours_measured']:.0f} GPU h"
+                             for r in rs if r.get("train_run_match") and r.get("train_gpu_hours_measured") is not None)
+        notes.append(f"train run: measured throughput used for {', '.join(used)}" + (f" ({measured})" if measured else "")
+                     + (f"; other rows: {why}" if why else "") + "." if used else f"train run: {why}.")
     if has_paper:
-        notes.append("paper: p-MoD paper Table 7 (LLaVA-NeXT-7B; latency on one RTX A6000) / Table 1 (LLaVA-1.5-7B).")
+        notes.append("paper: p-MoD paper Table 7 (LLaVA-NeXT-7B; latency on one RTX A6000, batch 1) / Table 1 (LLaVA-1.5-7B).")
+    elif off_scenario:
+        notes.append("paper: no paper column; the paper's numbers are for a 672x672 image with 58 text tokens only.")
     return ["  " + n for n in notes]
 
 

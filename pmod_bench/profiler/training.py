@@ -125,6 +125,8 @@ class TrainRun:
     gpu_hours: Optional[float]
     world_size: int
     steps: Optional[int]
+    model_info: Optional[dict] = None
+    """train_summary.json ``model_info``: family, text / vision dims, layer_ratios, device (None: an older run)"""
 
 
 def read_train_run(run_dir: "str | Path") -> TrainRun:
@@ -156,18 +158,64 @@ def read_train_run(run_dir: "str | Path") -> TrainRun:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
     steps = summary.get("steps")
+    info = summary.get("model_info") if isinstance(summary.get("model_info"), dict) else None
     return TrainRun(str(path), str(summary.get("recipe", "?")), str(summary.get("stage", "?")), num("tokens_per_s"),
-                    num("gpu_hours"), world, int(steps) if isinstance(steps, int) else None)
+                    num("gpu_hours"), world, int(steps) if isinstance(steps, int) else None, info)
+
+
+#: TextDims / VisionDims fields a train run must share with the profiled architecture (vocab may differ:
+#: LLaVA pads the embeddings to a multiple of 64 when it adds <image>)
+_TEXT_KEYS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim")
+_VISION_KEYS = ("layers", "hidden", "intermediate", "heads", "image_size", "patch_size")
+
+
+def train_run_mismatch(run: TrainRun, arch: Any, ratios: Optional[list] = None) -> Optional[str]:
+    """Why the run's measured throughput does not describe this profiled row, or None when it does.
+
+    Same architecture = same family (llava / llava_next) and the same LLM and vision-tower shapes; same
+    variant = the same per-layer retention (the baseline: all 1.0). A run without ``model_info`` (older
+    runs) cannot be matched.
+    """
+    info = run.model_info
+    if not info:
+        return "the run's train_summary.json has no model_info (re-run it with this version) to match it to an architecture"
+    diffs = []
+    if info.get("family") != getattr(arch, "family", None):
+        diffs.append(f"family {info.get('family')} vs {arch.family}")
+    for part, keys, dims in (("text", _TEXT_KEYS, arch.text), ("vision", _VISION_KEYS, arch.vision)):
+        got = info.get(part) or {}
+        diffs += [f"{part}.{k} {got.get(k)} vs {getattr(dims, k)}" for k in keys if got.get(k) != getattr(dims, k)]
+    if diffs:
+        t = info.get("text") or {}
+        return (f"the run trained another architecture ({t.get('layers')} layers, hidden {t.get('hidden')}; "
+                f"{', '.join(diffs[:3])}) than {arch.name}")
+    run_ratios = info.get("layer_ratios")
+    if ratios is not None and run_ratios is not None and (
+            len(run_ratios) != len(ratios) or any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(run_ratios, ratios))):
+        return "the run trained another variant (per-layer retention differs from this row's)"
+    return None
+
 
 
 def measured_train_cost(run: TrainRun, recipe: TrainRecipe, tokens_per_sample: int, train_flops_per_sample: float,
-                        hardware: Optional[Hardware] = None) -> dict[str, Any]:
+                        hardware: Optional[Hardware] = None, arch: Any = None,
+                        ratios: Optional[list] = None) -> dict[str, Any]:
     """GPU hours the measured throughput implies for the recipe's data, and the achieved MFU.
 
     ``tokens_per_s`` of train_summary.json is read as the throughput of the whole run (all
-    processes); GPU hours = recipe tokens / tokens_per_s x world_size / 3600.
+    processes); GPU hours = recipe tokens / tokens_per_s x world_size / 3600. Only for a run of the
+    profiled architecture and variant (``arch``, ``ratios``; :func:`train_run_mismatch`): otherwise the
+    row says why (``train_run_match`` false, ``train_run_note``) and gets no measured numbers.
     """
     out: dict[str, Any] = {"train_run": run.path, "train_gpu_hours_run": run.gpu_hours, "train_world_size": run.world_size}
+    if arch is not None:
+        why = train_run_mismatch(run, arch, ratios)
+        out["train_run_match"] = why is None
+        device = (run.model_info or {}).get("device")
+        out["train_run_note"] = (f"measured: {run.path} ({device or 'unknown device'} x {run.world_size})" if why is None
+                                 else f"{run.path} not used: {why}")
+        if why is not None:
+            return out
     if not run.tokens_per_s:
         return out
     samples_per_s = run.tokens_per_s / tokens_per_sample
@@ -180,4 +228,5 @@ def measured_train_cost(run: TrainRun, recipe: TrainRecipe, tokens_per_sample: i
     return out
 
 
-__all__ = ["TrainRecipe", "RECIPES", "get_recipe", "default_recipe", "TrainRun", "read_train_run", "measured_train_cost"]
+__all__ = ["TrainRecipe", "RECIPES", "get_recipe", "default_recipe", "TrainRun", "read_train_run", "measured_train_cost",
+           "train_run_mismatch"]

@@ -276,6 +276,8 @@ class FastV(Variant):
         return f"FastV-K{self.k}-keep{self.keep:g}"
 
     def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        if self.k >= num_layers:
+            raise VariantError(f"FastV k (the pruning layer) must be in [0, {num_layers - 1}] for an LLM of {num_layers} layers, got {self.k}.")
         kept = math.floor(vision_tokens * self.keep)
         return [vision_tokens if l < self.k else kept for l in range(num_layers)]
 
@@ -323,7 +325,12 @@ def parse_variant(spec: str) -> Variant:
     if method == "ratios":
         return PMoD(make_pmod_config(ratios=parse_ratios(rest)))
     cls = {norm(k): c for k, c in VARIANT_METHODS.items()}.get(method)
-    if cls is None:
+    if cls is None:  # a comparison method of the registry (pmod_bench.methods): its spec, validated there
+        from pmod_bench.methods.variant import method_variant
+
+        mv = method_variant(text)
+        if mv is not None:
+            return mv
         import difflib
 
         known = sorted(VARIANT_METHODS)

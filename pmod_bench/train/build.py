@@ -6,13 +6,21 @@ Module groups (what ``train.trainable`` names), by parameter name (HF LLaVA layo
     connector  model.multi_modal_projector.*, model.image_newline   mlp2x_gelu (+ LLaVA-NeXT's row separator)
     llm        model.language_model.* (not routers), lm_head.*
     routers    model.language_model.layers.N.router.*         p-MoD routers
+
+Under DeepSpeed ZeRO-3 (:func:`build_partitioned`) the model is built once, unpartitioned, by the
+main process (compose: the LLM and the vision tower assigned into a meta-device skeleton, which
+transformers' ZeRO-3 init cannot handle), saved to ``OUTPUT_DIR/init_model``, and loaded by every
+process with ``from_pretrained``, which partitions it at load (``deepspeed.zero.Init``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +30,10 @@ from pmod_bench.model.config import PMoDConfig
 from pmod_bench.train.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
+
+#: the starting model of a ZeRO-3 run, under the run directory
+INIT_DIR = "init_model"
+_INIT_FINGERPRINT = "pmod_init.json"
 
 GROUP_PREFIXES = (
     ("vision", ("model.vision_tower.",)),
@@ -272,6 +284,9 @@ def load_projector(model: nn.Module, path: str) -> None:
 
 def build_model(cfg: TrainConfig, pmod: PMoDConfig | None = None, dtype: torch.dtype | None = None):
     """(model, processor) for a run; ``pmod`` is the run's resolved p-MoD config (or None: baseline)."""
+    from pmod_bench import register
+
+    register()  # p-MoD classes known to transformers' Auto classes (idempotent)
     dtype = dtype or resolve_dtype(cfg)
     if cfg.model.composed:
         return compose(cfg, pmod, dtype)
@@ -281,7 +296,103 @@ def build_model(cfg: TrainConfig, pmod: PMoDConfig | None = None, dtype: torch.d
     return model, processor
 
 
+def _init_fingerprint(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype) -> dict:
+    return {"model": dataclasses.asdict(cfg.model), "pmod": None if pmod is None else pmod.to_dict(),
+            "seed": cfg.train.seed, "dtype": str(dtype)}
+
+
+def _deepspeed_comm(world_size: int) -> None:
+    """deepspeed.comm on the process group accelerate opened (on CPU accelerate opens a plain gloo group and
+    leaves deepspeed.comm alone; ``zero.Init`` would then see one process and reject the batch sizes)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if world_size > 1 and not deepspeed.comm.is_initialized():
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ZeRO-3 with several processes, but no torch.distributed process group is open")
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if world_size > 1 and deepspeed.comm.get_world_size() != world_size:
+        raise RuntimeError(f"deepspeed.comm sees {deepspeed.comm.get_world_size()} processes, the run has {world_size}")
+
+
+def build_partitioned(cfg: TrainConfig, pmod: PMoDConfig | None, init_dir: Path, args):
+    """(model, processor) for a DeepSpeed ZeRO-3 run: every parameter partitioned over the processes.
+
+    The main process builds the model with :func:`build_model` with ZeRO-3 switched off (a plain CPU
+    model: composing, p-MoD conversion and a PT connector all work as without DeepSpeed) and saves it to
+    ``init_dir`` (reused when the settings are the same, e.g. on resume); the other processes wait. Then
+    every process loads it with ``from_pretrained`` under transformers' ZeRO-3 integration, which
+    partitions each tensor as it is loaded. Checked: nothing missing or unexpected, every parameter a
+    DeepSpeed ZeRO parameter. Needs ``init_dir`` on a file system all processes share (as checkpoints do).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    from pmod_bench import register
+    from pmod_bench.atomic import atomic_write_json
+
+    register()  # the Auto classes must know the p-MoD model types to load init_dir (idempotent)
+
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is None or not is_deepspeed_zero3_enabled():
+        raise RuntimeError("build_partitioned needs the TrainingArguments of a ZeRO-3 run (train.deepspeed=zero3), created first")
+    dtype = resolve_dtype(cfg)
+    init_dir = Path(init_dir)
+    fingerprint = _init_fingerprint(cfg, pmod, dtype)
+
+    def ready() -> bool:
+        try:
+            return json.loads((init_dir / _INIT_FINGERPRINT).read_text()) == fingerprint
+        except (OSError, ValueError):
+            return False
+
+    with args.main_process_first(local=False, desc="building the starting model (ZeRO-3)"):
+        if args.process_index == 0 and not ready():
+            unset_hf_deepspeed_config()  # transformers' ZeRO-3 init off: build one ordinary model
+            try:
+                if is_deepspeed_zero3_enabled():
+                    raise RuntimeError("could not switch transformers' ZeRO-3 integration off to build the model")
+                model, processor = build_model(cfg, pmod, dtype)
+                tmp = init_dir.with_name(init_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(str(tmp))
+                processor.save_pretrained(str(tmp))
+                atomic_write_json(tmp / _INIT_FINGERPRINT, fingerprint)
+                del model
+                shutil.rmtree(init_dir, ignore_errors=True)
+                os.replace(tmp, init_dir)
+            finally:
+                set_hf_deepspeed_config(ds_config)
+            if not is_deepspeed_zero3_enabled():
+                raise RuntimeError("transformers' ZeRO-3 integration did not come back on after building the model")
+    if not ready():
+        raise RuntimeError(f"{init_dir} was not written by the main process (see its error above)")
+    _deepspeed_comm(args.world_size)
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        str(init_dir), dtype=dtype, attn_implementation=cfg.model.attn_implementation, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise RuntimeError(f"ZeRO-3: loading the starting model from {init_dir} did not map every tensor: {bad}")
+    plain = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if plain:
+        raise RuntimeError(f"ZeRO-3: from_pretrained left parameters unpartitioned ({plain[:3]}); transformers' "
+                           "DeepSpeed integration changed: please report this")
+    if pmod is not None and getattr(model.config, "pmod", None) is None:
+        raise RuntimeError(f"ZeRO-3: {init_dir} loaded as a vanilla model, but the run has p-MoD settings")
+    processor = AutoProcessor.from_pretrained(str(init_dir))
+    return model, processor
+
+
 # ----------------------------------------------------------------------------------------- freezing
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 holds only a partition of it (``ds_numel``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def param_group(name: str) -> str:
     """The module group of a parameter name (vision, connector, llm, routers, or other)."""
     if ".router." in name:
@@ -299,7 +410,7 @@ def apply_trainable(model: nn.Module, groups: list) -> dict:
         g = param_group(name)
         p.requires_grad_(g in groups)
         s = summary.setdefault(g, {"params": 0, "trainable": g in groups})
-        s["params"] += p.numel()
+        s["params"] += numel(p)
     unknown = [g for g in groups if g not in summary]
     if "other" in summary:
         others = [n for n, _ in model.named_parameters() if param_group(n) == "other"][:5]
@@ -312,12 +423,15 @@ def apply_trainable(model: nn.Module, groups: list) -> dict:
 
 
 __all__ = [
+    "INIT_DIR",
     "apply_trainable",
     "build_model",
+    "build_partitioned",
     "compose",
     "load_projector",
     "load_source",
     "num_llm_layers",
+    "numel",
     "param_group",
     "resolve_dtype",
 ]

@@ -63,9 +63,17 @@ def _list_recipes() -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """Close the process group accelerate opened (gloo aborts at exit when one is left open)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     from pmod_bench.cli import UserError
-    from pmod_bench.train.config import ConfigError, describe_keys, load_recipe
+    from pmod_bench.train.config import ConfigError, describe_keys, load_recipe, valid_per_device_batch
 
     if args.list_recipes:
         return _list_recipes()
@@ -91,9 +99,18 @@ def run(args: argparse.Namespace) -> int:
             first = load_recipe(recipe, overrides)
             data_dir = Path(first.output_dir) / "demo_data"
             data_json = data_dir / "data.json"
-            if not data_json.exists():
+            if not data_json.exists():  # every process may write it: same content, atomic files
                 make_demo_dataset(data_dir)
             overrides = [f"data.json={data_json}", f"data.image_folder={data_dir}", *overrides]
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            given = any(o.split("=", 1)[0].strip() == "train.per_device_batch_size" for o in args.overrides)
+            if world > 1 and not given:  # the demo's global batch split over the processes
+                b = valid_per_device_batch(first.train.global_batch_size, world, first.train.per_device_batch_size)
+                if b is not None and b != first.train.per_device_batch_size:
+                    overrides.append(f"train.per_device_batch_size={b}")
+                    if int(os.environ.get("RANK", "0") or 0) == 0:
+                        print(f"pmod-bench train --demo: {world} processes, train.per_device_batch_size={b} "
+                              f"(global batch {first.train.global_batch_size})", file=sys.stderr)
         cfg = load_recipe(recipe, overrides)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
@@ -109,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(cfg, command=command)
+        _close_process_group()
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     except BadSampleError as exc:
@@ -117,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pmod-bench train: OVERFLOW at {exc}\n  (recorded in {cfg.output_dir}/train_summary.json)", file=sys.stderr)
         return 3
     if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0
+    if summary.get("unchanged"):
+        print(f"{summary.get('status')}: {summary['note']} -> {summary.get('output_dir', cfg.output_dir)}")
         return 0
     loss = summary["final_loss"]
     print(

@@ -62,6 +62,14 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}.")
 
 
+def valid_per_device_batch(global_batch: int, processes: int, at_most: int) -> int | None:
+    """The largest per-device batch <= ``at_most`` that splits ``global_batch`` over ``processes``, or None."""
+    if global_batch % processes:
+        return None
+    per_process = global_batch // processes
+    return max(b for b in range(1, min(at_most, per_process) + 1) if per_process % b == 0)
+
+
 # ------------------------------------------------------------------------------------------ sections
 @dataclass
 class ModelConfig:
@@ -191,7 +199,7 @@ class OptimConfig:
     stop_at_step: int | None = None
     """Checkpoint and stop after this optimizer step, with the schedule of the full run (for time-limited jobs; resume continues exactly)."""
     overflow_guard: bool = True
-    """Turn on PMoDConfig.overflow_guard: a NaN/Inf in a p-MoD layer stops training with PMoDOverflowError naming the layer (the paper's OVERFLOW rows); train_summary.json records it."""
+    """The one overflow-guard switch of a run (there is no pmod.overflow_guard key): on, a NaN/Inf in a p-MoD layer stops training with PMoDOverflowError naming the layer (the paper's OVERFLOW rows) and train_summary.json records it; the saved model has the guard off (inference)."""
     ddp_find_unused_parameters: bool | None = None
     """DDP's unused-parameter search; null = on for p-MoD models (a batch without images leaves the routers unused), off otherwise."""
     report_to: list = field(default_factory=list)
@@ -265,7 +273,7 @@ class TrainConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     """The training loop (see train.*)."""
     pmod: PMoDConfig | None = None
-    """p-MoD settings (PMoDConfig fields: schedule, shift, weight_norm, string, ...); null = the vanilla LLaVA baseline."""
+    """p-MoD settings (PMoDConfig fields: schedule, shift, weight_norm, string, ...; the overflow guard is train.overflow_guard); null = the vanilla LLaVA baseline."""
     match_mean_retention: float | str | None = None
     """Replace pmod.shift by the shift at which pmod.schedule has this mean retention over the LLM's layers (schedules.match_shift); 'prd' = that of the default PRD (cosine, delta 0.5): the paper's Table 4 comparison at equal compute."""
     recipe: str | None = None
@@ -319,9 +327,28 @@ class TrainConfig:
         return pmod
 
     def to_dict(self) -> dict:
+        """The configuration as recipe keys (``--print-config``; loads back with config_from_dict)."""
         d = dataclasses.asdict(self)
-        d["pmod"] = None if self.pmod is None else self.pmod.to_dict()
+        if self.pmod is not None:  # the guard is train.overflow_guard: one key for one setting
+            d["pmod"] = {k: v for k, v in self.pmod.to_dict().items() if k != "overflow_guard"}
+        else:
+            d["pmod"] = None
         return d
+
+
+def variant_label(pmod: PMoDConfig | None) -> str:
+    """The VARIANT of a ``MODEL/VARIANT`` run label for these settings (docs/RUN_DIRS.md's naming).
+
+    baseline; ``p-MoD-<shift>`` for the paper's p-MoD (cosine PRD in [0.15, 0.85], TanhNorm 0.2, STRing);
+    otherwise PMoDConfig.name with the settings that differ from that default in brackets (no paper row).
+    """
+    if pmod is None:
+        return "baseline"
+    default = PMoDConfig()
+    skip = {"schedule", "shift", "overflow_guard", "ratios"}
+    diffs = [f"{f.name}={getattr(pmod, f.name)}" for f in dataclasses.fields(PMoDConfig)
+             if f.name not in skip and getattr(pmod, f.name) != getattr(default, f.name)]
+    return pmod.name + (f"[{','.join(diffs)}]" if diffs else "")
 
 
 def _pmod_from_dict(d: dict) -> PMoDConfig:
@@ -404,6 +431,9 @@ def config_from_dict(d: dict, recipe: str | None = None) -> TrainConfig:
     kwargs["data"] = _build_section(DataConfig, d.get("data"), "data")
     kwargs["train"] = _build_section(OptimConfig, d.get("train"), "train")
     pm = d.get("pmod")
+    if isinstance(pm, dict) and "overflow_guard" in pm:
+        raise ConfigError("pmod.overflow_guard is not a training key: the guard is train.overflow_guard (one switch; "
+                          "on by default, off in the saved model). Use train.overflow_guard=true|false.")
     kwargs["pmod"] = None if pm is None else _build_section(PMoDConfig, pm, "pmod")
     if recipe is not None:
         kwargs["recipe"] = recipe
@@ -524,9 +554,24 @@ def _fix_yaml_floats(d: Any) -> Any:
 def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> TrainConfig:
     """Load a recipe (shipped name or path), apply ``key=value`` overrides, validate."""
     path = resolve_recipe(name_or_path)
-    d = apply_overrides(_fix_yaml_floats(read_recipe_dict(path)), overrides)
+    overrides = list(overrides or ())
+    base = _fix_yaml_floats(read_recipe_dict(path))
+    d = apply_overrides(base, overrides)
     name = path.stem if path.parent.resolve().is_relative_to(RECIPE_DIR) else str(path)
-    return config_from_dict(d, recipe=name)
+    cfg = config_from_dict(d, recipe=name)
+    # a MODEL/VARIANT label follows p-MoD overrides (pmod.shift=0.4 on a p-MoD-0.5 recipe is p-MoD-0.4)
+    top = {parse_override(o)[0][0] for o in overrides}
+    if "label" not in top and top & {"pmod", "match_mean_retention"} and cfg.label and "/" in cfg.label:
+        before = config_from_dict(base, recipe=name)
+        if (before.pmod, before.match_mean_retention) != (cfg.pmod, cfg.match_mean_retention):
+            label = f"{cfg.label.split('/', 1)[0]}/{variant_label(cfg.pmod)}"
+            if label != cfg.label:
+                import logging
+
+                logging.getLogger(__name__).warning("label %r -> %r (p-MoD overrides; pass label=... to name the run)",
+                                                    cfg.label, label)
+                cfg.label = label
+    return cfg
 
 
 def recipe_command(path: str | os.PathLike) -> str | None:
@@ -559,4 +604,6 @@ __all__ = [
     "read_recipe_dict",
     "recipe_command",
     "resolve_recipe",
+    "valid_per_device_batch",
+    "variant_label",
 ]

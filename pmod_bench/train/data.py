@@ -12,8 +12,11 @@ Data flow of one sample (lazy: nothing is read before ``__getitem__``)::
 
 A record that cannot be used (missing or corrupt image, malformed conversation, image tokens beyond
 ``max_length``, nothing to learn) is a *bad sample*: with ``on_bad_sample: fail`` it raises
-:class:`BadSampleError` naming the record's index, id and image path; with ``skip`` the next record is
-used in its place and the bad one is reported with the batch (the trainer counts and logs it).
+:class:`BadSampleError` naming the record's index, id and image path; with ``skip`` a good record of
+the same modality and the nearest length is used in its place (the batch stays single-modality, as
+the sampler made it) and the bad one is reported with the batch (the trainer counts and logs it). A
+record found bad is remembered (``known_bad``; the trainer shares what every process found through
+:meth:`LlavaConversationDataset.mark_bad`), so its image is not read again in later epochs.
 """
 
 from __future__ import annotations
@@ -50,28 +53,44 @@ class _Bad(Exception):
 
 # ------------------------------------------------------------------------------------------ records
 def read_records(paths: Sequence[str], max_samples: int | None = None) -> list:
-    """All records of the JSON (list) / JSONL files, in order."""
+    """All records of the JSON (list) / JSONL files, in order.
+
+    A file that is missing, empty, not JSON (e.g. truncated), not a list, or holds no record raises
+    ConfigError naming the file and the fix; a bad *line* of a .jsonl file becomes a malformed record
+    (skipped and counted like any other bad record).
+    """
+    from pmod_bench.train.config import ConfigError
+
     out: list = []
     for p in paths:
         if not os.path.isfile(p):
-            from pmod_bench.train.config import ConfigError
-
             raise ConfigError(f"data.json file '{p}' does not exist; pass data.json=PATH (LLaVA conversation JSON).")
         with open(p, encoding="utf-8") as fh:
-            if p.endswith(".jsonl"):
-                for line_no, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            out.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            out.append({"__malformed__": f"{p}:{line_no}: not JSON ({exc.msg})"})
-            else:
-                data = json.load(fh)
-                if not isinstance(data, list):
-                    from pmod_bench.train.config import ConfigError
-
-                    raise ConfigError(f"{p}: expected a JSON list of records (LLaVA format), got {type(data).__name__}.")
-                out.extend(data)
+            text = fh.read()
+        if not text.strip():
+            raise ConfigError(f"data.json file '{p}' is empty; pass a JSON list of LLaVA records (or .jsonl, one per line).")
+        n_before = len(out)
+        if p.endswith(".jsonl"):
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        out.append({"__malformed__": f"{p}:{line_no}: not JSON ({exc.msg})"})
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"data.json file '{p}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}; "
+                    "a truncated copy?); pass a JSON list of LLaVA records, or a .jsonl file with one record per line."
+                ) from None
+            if not isinstance(data, list):
+                raise ConfigError(f"data.json file '{p}': expected a JSON list of records (LLaVA format), got a JSON "
+                                  f"{type(data).__name__}; wrap the records in [...].")
+            out.extend(data)
+        if len(out) == n_before:
+            raise ConfigError(f"data.json file '{p}' holds no records; pass a file with LLaVA conversation records.")
         if max_samples is not None and len(out) >= max_samples:
             return out[:max_samples]
     return out
@@ -251,40 +270,79 @@ class LlavaConversationDataset(Dataset):
                     raise BadSampleError(_describe(entry) + " (data.on_bad_sample=skip would skip and count it)") from None
                 self.malformed.append(entry)
         if not self.records:
-            raise BadSampleError("no usable record in the data: every record is malformed (see the reasons with data.on_bad_sample=fail)")
+            raise BadSampleError(
+                f"no usable record in the data: all {len(self.malformed)} records are malformed "
+                f"(first: {_describe(self.malformed[0]) if self.malformed else 'none'}); fix data.json"
+            )
         if image_folder is None and any(r.images for r in self.records):
             from pmod_bench.train.config import ConfigError
 
             raise ConfigError("the data has image records but data.image_folder is not set; pass data.image_folder=DIR.")
+        self.known_bad: dict = {}  # dataset position -> bad-sample entry (found bad: never read again)
+        self._position = {r.index: i for i, r in enumerate(self.records)}  # raw record index -> dataset position
+        # substitutes: per modality, the positions ordered by length; a bad record's substitute is the good
+        # one nearest to it in its modality's order (same modality, nearest length)
+        lengths = self.modality_lengths
+        self._order: dict = {}
+        for modality in (True, False):
+            self._order[modality] = sorted((i for i, l in enumerate(lengths) if (l > 0) == modality),
+                                           key=lambda i: (abs(lengths[i]), i))
+        self._rank = {i: k for order in self._order.values() for k, i in enumerate(order)}
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def modality_lengths(self) -> list:
-        """Word count per record, negative for text-only records (LLaVA's convention)."""
-        return [r.words if r.images else -r.words for r in self.records]
+        """Word count per record, negative for text-only records (LLaVA's convention; at least 1 word, as LLaVA asserts)."""
+        return [max(r.words, 1) if r.images else -max(r.words, 1) for r in self.records]
+
+    def mark_bad(self, entries: list) -> None:
+        """Remember records found bad (by any process): they are substituted without being read again."""
+        for e in entries:
+            pos = self._position.get(e["index"])
+            if pos is not None:
+                self.known_bad.setdefault(pos, e)
+
+    def _candidates(self, i: int) -> Iterator[int]:
+        """Record ``i``, then its substitutes: same modality, alternately the next longer and the next shorter
+        in the modality's length order (nearest length first)."""
+        order = self._order[bool(self.records[i].images)]
+        k = self._rank[i]
+        yield i
+        for t in range(1, len(order)):
+            if k + t < len(order):
+                yield order[k + t]
+            if k - t >= 0:
+                yield order[k - t]
 
     # ------------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> dict:
-        bad = []
-        for attempt in range(self.max_consecutive_bad + 1):
-            j = (i + attempt) % len(self.records)
-            rec = self.records[j]
-            try:
-                sample = self.build(rec)
-            except _Bad as exc:
-                entry = {"index": rec.index, "id": rec.id, "path": exc.path, "reason": exc.reason}
-                if self.on_bad_sample == "fail":
-                    raise BadSampleError(_describe(entry) + " (data.on_bad_sample=skip would skip and count it)") from None
-                bad.append(entry)
-                continue
-            sample["bad_samples"] = bad
-            return sample
-        raise BadSampleError(
-            f"{len(bad)} bad samples in a row from record {self.records[i].index} (last: {_describe(bad[-1])}); "
-            "check data.image_folder and data.json"
-        )
+        bad: list = []
+        for j in self._candidates(i):
+            if len(bad) > self.max_consecutive_bad:
+                break
+            entry = self.known_bad.get(j)
+            if entry is None:
+                rec = self.records[j]
+                try:
+                    sample = self.build(rec)
+                except _Bad as exc:
+                    entry = {"index": rec.index, "id": rec.id, "path": exc.path, "reason": exc.reason}
+                    if self.on_bad_sample == "fail":
+                        raise BadSampleError(_describe(entry) + " (data.on_bad_sample=skip would skip and count it)") from None
+                    self.known_bad[j] = entry
+                else:
+                    sample["bad_samples"] = bad
+                    return sample
+            bad.append(entry)
+        modality = "image" if self.records[i].images else "text-only"
+        if len(bad) > self.max_consecutive_bad:
+            raise BadSampleError(
+                f"{len(bad)} bad samples in a row from record {self.records[i].index} (last: {_describe(bad[-1])}); "
+                "check data.image_folder and data.json (data.max_consecutive_bad sets the limit)"
+            )
+        raise BadSampleError(f"every {modality} record is bad (last: {_describe(bad[-1])}); check data.image_folder and data.json")
 
     def _text_and_spans(self, rec: Record) -> tuple:
         has_image = bool(rec.images)
@@ -401,19 +459,88 @@ class DataCollator:
 
 
 # ------------------------------------------------------------------------------------------ sampler
-class ModalityLengthGroupedSampler(Sampler):
-    """LLaVA's modality-grouped length sampler, by global batch.
+# LLaVA's sampler (haotian-liu/LLaVA, llava/train/llava_trainer.py: split_to_even_chunks,
+# get_length_grouped_indices, get_modality_length_grouped_indices), written from its behaviour. One
+# difference: every random draw comes from one seeded generator (seed + epoch), so the order is a
+# function of (seed, epoch) and a resumed run sees the same batches; LLaVA draws from the global RNG.
+#
+#   lengths (+ image, - text-only) ──split by modality──> mm, lang
+#     each: randperm -> megabatches of B x W (one global batch) -> sorted longest first
+#           -> split_to_even_chunks(W): W micro-batches of B with even total length
+#   full megabatches of both modalities, shuffled; the two last (partial) ones joined at the end
+#   sorted by index  (single-modality data: the megabatches in their drawn order, partial one last)
+#
+# B = per-device batch, W = processes x gradient accumulation. accelerate then hands micro-batch c of a
+# global batch to process c % processes at accumulation step c // processes.
 
-    The records are split by modality (image vs text-only), shuffled, cut into groups of one global
-    batch (``per_device x processes x accumulation``), each group sorted by length (longest first),
-    and the full groups are shuffled together; the two leftover partial groups form a last mixed
-    group. A global batch therefore holds the same samples however it is split over processes and
-    accumulation steps, and (except the last) only one modality.
+
+def split_to_even_chunks(indices: list, lengths: Sequence[int], num_chunks: int) -> list:
+    """Split one megabatch into ``num_chunks`` micro-batches of equal size and roughly equal total length.
+
+    Greedy, as LLaVA's: each index (longest first) goes to the chunk with the smallest total so far;
+    a full chunk takes no more. A megabatch that does not divide evenly is dealt out round-robin.
+    """
+    if len(indices) % num_chunks != 0:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    per_chunk = len(indices) // num_chunks
+    chunks: list = [[] for _ in range(num_chunks)]
+    totals: list = [0.0] * num_chunks
+    for index in indices:
+        shortest = totals.index(min(totals))
+        chunks[shortest].append(index)
+        totals[shortest] += lengths[index]
+        if len(chunks[shortest]) == per_chunk:
+            totals[shortest] = float("inf")
+    return chunks
+
+
+def length_grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator) -> list:
+    """LLaVA's ``get_length_grouped_indices``: random megabatches of ``batch_size x world_size``, each sorted
+    by length (longest first) and split into ``world_size`` even chunks. The partial megabatch stays last."""
+    indices = torch.randperm(len(lengths), generator=generator)
+    mb = world_size * batch_size
+    megabatches = [indices[i : i + mb].tolist() for i in range(0, len(lengths), mb)]
+    megabatches = [sorted(m, key=lambda i: lengths[i], reverse=True) for m in megabatches]
+    return [i for m in megabatches for chunk in split_to_even_chunks(m, lengths, world_size) for i in chunk]
+
+
+def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int,
+                                    generator: torch.Generator) -> list:
+    """LLaVA's ``get_modality_length_grouped_indices``: every global batch (but the last one or two) holds
+    one modality. Single-modality data goes through :func:`length_grouped_indices` with the signed lengths
+    (as LLaVA: text-only data is then grouped by negative length)."""
+    if any(l == 0 for l in lengths):
+        raise ValueError("modality lengths must be non-zero (positive: has an image, negative: text-only)")
+    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
+        return length_grouped_indices(lengths, batch_size, world_size, generator)
+    mm_indices, mm_lengths = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])
+    lang_indices, lang_lengths = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])
+    mm_shuffle = [mm_indices[i] for i in length_grouped_indices(mm_lengths, batch_size, world_size, generator)]
+    lang_shuffle = [lang_indices[i] for i in length_grouped_indices(lang_lengths, batch_size, world_size, generator)]
+    mb = world_size * batch_size
+    mm_megabatches = [mm_shuffle[i : i + mb] for i in range(0, len(mm_shuffle), mb)]
+    lang_megabatches = [lang_shuffle[i : i + mb] for i in range(0, len(lang_shuffle), mb)]
+    additional = mm_megabatches[-1] + lang_megabatches[-1]
+    megabatches = mm_megabatches[:-1] + lang_megabatches[:-1]
+    order = torch.randperm(len(megabatches), generator=generator)
+    megabatches = [megabatches[i] for i in order]
+    if additional:
+        megabatches.append(sorted(additional))
+    return [i for m in megabatches for i in m]
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """LLaVA's ``LengthGroupedSampler(group_by_modality=True)`` (see the comment above), seeded per epoch.
+
+    ``batch_size`` is the per-device batch, ``world_size`` the number of micro-batches in one global
+    batch (processes x gradient accumulation), as LLaVA's trainer passes them.
     """
 
-    def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int, seed: int = 0) -> None:
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
         self.lengths = list(lengths)
-        self.group_size = int(group_size)
+        self.batch_size, self.world_size = int(batch_size), int(world_size)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -423,29 +550,33 @@ class ModalityLengthGroupedSampler(Sampler):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _groups(self, idx: list, g: torch.Generator) -> list:
-        perm = [idx[k] for k in torch.randperm(len(idx), generator=g).tolist()]
-        groups = [perm[k : k + self.group_size] for k in range(0, len(perm), self.group_size)]
-        return [sorted(grp, key=lambda i: -abs(self.lengths[i])) for grp in groups]
-
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        mm = [i for i, l in enumerate(self.lengths) if l > 0]
-        lang = [i for i, l in enumerate(self.lengths) if l <= 0]
-        if not mm or not lang:
-            groups = self._groups(mm or lang, g)
-            order = torch.randperm(len(groups), generator=g).tolist()
-            return iter([i for k in order for i in groups[k]])
-        mm_groups, lang_groups = self._groups(mm, g), self._groups(lang, g)
-        tail = []
-        for groups in (mm_groups, lang_groups):
-            if len(groups[-1]) < self.group_size:
-                tail.extend(groups.pop())
-        full = mm_groups + lang_groups
-        order = torch.randperm(len(full), generator=g).tolist()
-        out = [i for k in order for i in full[k]]
-        out.extend(sorted(tail, key=lambda i: -abs(self.lengths[i])))
-        return iter(out)
+        return iter(modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, g))
+
+
+def append_sample(batch: dict, sample: dict, pad_token_id: int) -> dict:
+    """``batch`` (collated) with one more row, ``sample``, right-padded like the rest (DataCollator's layout)."""
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    n = max(ids.shape[1], sample["input_ids"].numel())
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[-1]), value=v)  # noqa: E731
+    k = sample["input_ids"].numel()
+    row_ids = pad(sample["input_ids"][None], pad_token_id)
+    row_labels = pad(sample["labels"][None], IGNORE_INDEX)
+    row_mask = pad(torch.ones(1, k, dtype=mask.dtype), 0)
+    out = {**batch, "input_ids": torch.cat([pad(ids, pad_token_id), row_ids]),
+           "labels": torch.cat([pad(labels, IGNORE_INDEX), row_labels]),
+           "attention_mask": torch.cat([pad(mask, 0), row_mask])}
+    if "pixel_values" in sample:
+        pix = [p for p in (batch.get("pixel_values"), sample["pixel_values"]) if p is not None]
+        if pix[0].dim() == 5 and len(pix) == 2:
+            P = max(p.shape[1] for p in pix)
+            pix = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, P - p.shape[1])) for p in pix]
+        out["pixel_values"] = torch.cat(pix, dim=0)
+        sizes = [t for t in (batch.get("image_sizes"), sample.get("image_sizes")) if t is not None]
+        if sizes:
+            out["image_sizes"] = torch.cat(sizes, dim=0)
+    return out
 
 
 def count_tokens(batch: dict) -> int:
@@ -455,6 +586,7 @@ def count_tokens(batch: dict) -> int:
 
 __all__ = [
     "IGNORE_INDEX",
+    "append_sample",
     "BadSampleError",
     "DataCollator",
     "LlavaConversationDataset",
@@ -462,9 +594,12 @@ __all__ = [
     "Record",
     "count_tokens",
     "expand_to_square",
+    "length_grouped_indices",
+    "modality_length_grouped_indices",
     "normalize_record",
     "read_records",
     "render_chat",
     "render_plain",
     "render_vicuna_v1",
+    "split_to_even_chunks",
 ]

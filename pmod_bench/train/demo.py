@@ -2,14 +2,19 @@
 
 ``make_demo_dataset(DIR)`` writes ``DIR/data.json`` and ``DIR/images/*.png``: image records whose
 answer is the colour of the drawn shape (learnable by the tiny preset in a few dozen steps), a few
-text-only records (LLaVA's mix has them) and a two-turn conversation.
+text-only records (LLaVA's mix has them) and a two-turn conversation. The content is a function of
+the arguments and every file is written atomically, so several processes may write the same dataset
+at once (``accelerate launch ... train --demo``): a reader sees either no file or a whole one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+
+from pmod_bench.atomic import atomic_write_bytes, atomic_write_text
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
 SIZES = [(64, 48), (48, 64), (64, 64), (96, 32)]  # landscape, portrait, square, wide: several anyres grids
@@ -44,7 +49,9 @@ def make_demo_dataset(
     for i in range(n_image):
         colour = names[(i + seed) % len(names)]
         rel = f"images/{i:04d}.png"
-        _image(COLOURS[colour], SIZES[i % len(SIZES)], i + seed).save(root / rel)
+        buf = io.BytesIO()
+        _image(COLOURS[colour], SIZES[i % len(SIZES)], i + seed).save(buf, format="PNG")
+        atomic_write_bytes(root / rel, buf.getvalue())
         conv = [{"from": "human", "value": "<image>\nWhat is the color of the object?"},
                 {"from": "gpt", "value": colour}]
         if i % 5 == 4:  # a two-turn conversation
@@ -62,13 +69,13 @@ def make_demo_dataset(
             {"from": "human", "value": "<image>\nWhat is the color of the object?"}, {"from": "gpt", "value": "red"}]})
     for i in range(bad.get("corrupt", 0)):
         rel = f"images/corrupt-{i}.png"
-        (root / rel).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+        atomic_write_bytes(root / rel, b"\x89PNG\r\n\x1a\n this is not an image")
         records.append({"id": f"corrupt-{i}", "image": rel, "conversations": [
             {"from": "human", "value": "<image>\nWhat is the color of the object?"}, {"from": "gpt", "value": "red"}]})
     for i in range(bad.get("malformed", 0)):
         records.append({"id": f"malformed-{i}", "conversations": [{"from": "robot", "value": "hello"}]})
     path = root / "data.json"
-    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    atomic_write_text(path, json.dumps(records, indent=1))
     return path
 
 

@@ -3,16 +3,22 @@
 ``train(cfg)`` runs one stage of the paper's recipe and writes the run directory (docs/RUN_DIRS.md)::
 
     OUTPUT_DIR/
-      run.json               kind "train", command, label
+      run.json               kind "train", command, label (a run directory of another kind is refused)
       train_config.json      the validated configuration, p-MoD shift resolved for the LLM's depth
       train_log.jsonl        one row per logged optimizer step (loss, lr, tokens/s, accumulated GPU-hours)
-      train_summary.json     recipe, stage, steps, final_loss, gpu_hours, tokens_per_s, status, ...
-      bad_samples.jsonl      skipped records (on_bad_sample: skip), one per line with the reason
+      train_summary.json     how the run ended (completed | stopped | overflow | failed), steps, loss, cost, ...
+      bad_samples.jsonl      every bad record once (all processes, all sessions), with the reason
       checkpoint-N/          resumable checkpoints (HF Trainer + pmod_train_state.json)
+      init_model/            ZeRO-3 only: the starting model, built once by the main process (removed at the end)
       config.json, model.safetensors, processor files    the final model (from_pretrained loads it)
       connector.safetensors  (PT) the trained connector, for model.projector of an SFT run
 
-Everything specific to this project is in the subclass's overrides: the modality-grouped sampler,
+Running the same command again is idempotent: a completed run reports that it is finished and changes
+nothing, a run stopped at ``train.stop_at_step`` stays stopped, and anything else resumes from the newest
+*complete* checkpoint (a ``checkpoint-N`` without a readable ``trainer_state.json``, what a kill during
+a save leaves, is set aside as ``incomplete-checkpoint-N``).
+
+Everything specific to this project is in the subclass's overrides: LLaVA's modality-grouped sampler,
 token/sample accounting and the JSONL log, bad-sample bookkeeping, ``use_cache=False`` in training
 forwards; the loop, gradient accumulation, mixed precision, gradient checkpointing, DDP/DeepSpeed,
 checkpointing and resume are HF Trainer's own.
@@ -25,18 +31,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from pmod_bench.atomic import atomic_write_json
+from pmod_bench.atomic import atomic_write_json, atomic_write_text
 from pmod_bench.model.plan import PMoDOverflowError
-from pmod_bench.train.build import apply_trainable, build_model, num_llm_layers
-from pmod_bench.train.config import ConfigError, TrainConfig
+from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
+from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
 from pmod_bench.train.data import (
     DataCollator,
     LlavaConversationDataset,
@@ -48,7 +54,12 @@ from pmod_bench.train.data import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "pmod_train_state.json"
+SUMMARY_FILE = "train_summary.json"
 SCHEMA_VERSION = 1
+#: configuration keys that may differ between invocations of one run (everything else must match)
+VOLATILE_KEYS = ("output_dir", "label", "recipe", "train.resume", "train.stop_at_step", "train.progress_bar",
+                 "train.report_to", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.device",
+                 "data.num_workers", "data.max_consecutive_bad")
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -59,33 +70,56 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _step_of(checkpoint: str) -> int:
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _step_of(checkpoint: str | Path) -> int:
     m = re.search(r"checkpoint-(\d+)$", str(checkpoint).rstrip("/"))
     return int(m.group(1)) if m else 0
 
 
+def _public_pmod(d: dict | None) -> dict | None:
+    """A p-MoD dict without ``overflow_guard`` (set by train.overflow_guard during training, off in saved models)."""
+    return None if d is None else {k: v for k, v in d.items() if k != "overflow_guard"}
+
+
 # -------------------------------------------------------------------------------------- run state
 class RunState:
-    """Accounting of one run across processes; the main process writes the files."""
+    """Accounting of one run across processes and sessions; the main process writes the files.
 
-    def __init__(self, cfg: TrainConfig, out: Path, world_size: int, rank: int, is_main: bool, resumed: dict) -> None:
+    Counters (tokens, samples, bad-sample skips) and the bad records found are kept per process and
+    combined at :meth:`sync`, a collective that every process reaches at the same points (each log,
+    each checkpoint, the end of training).
+    """
+
+    def __init__(self, cfg: TrainConfig, out: Path, world_size: int, rank: int, is_main: bool, resumed: dict,
+                 logged_bad: dict) -> None:
         self.cfg, self.out = cfg, out
         self.world_size, self.rank, self.is_main = world_size, rank, is_main
         self.gpu_hours0 = float(resumed.get("gpu_hours", 0.0))
         self.tokens_total = int(resumed.get("tokens", 0))
         self.samples_total = int(resumed.get("samples", 0))
-        self.tokens = self.samples = 0  # this process, since the last log
+        self.skips_total = int(resumed.get("bad_sample_skips", 0))
+        self.tokens = self.samples = self.skips = 0  # this process, since the last sync
+        self.pending_bad: list = []  # bad entries found by this process since the last sync
+        self.logged_bad: dict = dict(logged_bad)  # raw record index -> entry, as in bad_samples.jsonl
         self.session_tokens = 0  # all processes, this session
         self.t_start: float | None = None
         self.t_last: float | None = None
+        self.tokens_last = self.samples_last = 0  # totals at the last log row
         self.last_row: dict | None = None
-        self.bad_local = 0  # skips on this process
-        self.bad_records: set = set()  # distinct bad record indices seen by this process
-        name = "bad_samples.jsonl" if rank == 0 else f"bad_samples.rank{rank}.jsonl"
-        self.bad_path = out / name
+        self.trainer: PMoDTrainer | None = None
+        self.dataset: LlavaConversationDataset | None = None
+        self.bad_path = out / "bad_samples.jsonl"
 
     def start(self) -> None:
         self.t_start = self.t_last = time.time()
+        self.tokens_last, self.samples_last = self.tokens_total, self.samples_total
 
     def gpu_hours(self) -> float:
         """Accumulated device-hours: wall-clock since training started x processes, plus earlier sessions."""
@@ -93,28 +127,50 @@ class RunState:
         return self.gpu_hours0 + elapsed * self.world_size / 3600.0
 
     def record_bad(self, entries: list) -> None:
-        self.bad_local += len(entries)
-        new = []  # each record is logged once
+        """Bad records a batch of this process skipped (one entry per skip)."""
+        self.skips += len(entries)
+        self.pending_bad.extend(entries)
+
+    def log_bad(self, entries: list) -> None:
+        """Add entries to bad_samples.jsonl (main process), each record once over the whole run."""
+        new = []
         for e in entries:
-            if e["index"] not in self.bad_records:
-                self.bad_records.add(e["index"])
+            if e["index"] not in self.logged_bad:
+                self.logged_bad[e["index"]] = e
                 new.append(e)
+        if self.dataset is not None:
+            self.dataset.mark_bad(entries)
+        if not new or not self.is_main:
+            return
         with open(self.bad_path, "a", encoding="utf-8") as fh:
-            for e in new:
-                fh.write(json.dumps(e) + "\n")
+            fh.writelines(json.dumps(e) + "\n" for e in new)
         for e in new:
             where = f" ({e['path']})" if e.get("path") else ""
-            log.warning("skipped bad sample: record %s id %r%s: %s", e["index"], e.get("id"), where, e["reason"])
+            log.warning("bad sample: record %s id %r%s: %s", e["index"], e.get("id"), where, e["reason"])
+
+    def sync(self) -> None:
+        """Combine the processes' counters and bad records (collective when there are several processes)."""
+        trainer = self.trainer
+        counts = [self.tokens, self.samples, self.skips]
+        entries = self.pending_bad
+        if self.world_size > 1 and trainer is not None:
+            from accelerate.utils import gather_object
+
+            t = torch.tensor(counts, dtype=torch.float64, device=trainer.args.device)
+            counts = [int(v) for v in trainer.accelerator.reduce(t, reduction="sum").tolist()]
+            entries = gather_object(list(entries))
+        self.tokens = self.samples = self.skips = 0
+        self.pending_bad = []
+        self.tokens_total += counts[0]
+        self.samples_total += counts[1]
+        self.session_tokens += counts[0]
+        self.skips_total += counts[2]
+        self.log_bad(entries)
 
     def on_log(self, trainer: PMoDTrainer, logs: dict) -> None:
-        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=trainer.args.device)
-        if self.world_size > 1:
-            counts = trainer.accelerator.reduce(counts, reduction="sum")
-        tokens, samples = (int(v) for v in counts.tolist())
-        self.tokens = self.samples = 0
-        self.tokens_total += tokens
-        self.samples_total += samples
-        self.session_tokens += tokens
+        self.sync()
+        tokens, samples = self.tokens_total - self.tokens_last, self.samples_total - self.samples_last
+        self.tokens_last, self.samples_last = self.tokens_total, self.samples_total
         now = time.time()
         dt = max(now - (self.t_last or now), 1e-9)
         self.t_last = now
@@ -130,14 +186,20 @@ class RunState:
             "world_size": self.world_size,
             "tokens": self.tokens_total,
             "samples": self.samples_total,
+            "bad_sample_skips": self.skips_total,
         }
         self.last_row = row
         if self.is_main:
             with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def state(self) -> dict:
-        return {"gpu_hours": self.gpu_hours(), "tokens": self.tokens_total, "samples": self.samples_total}
+    def state(self, step: int) -> dict:
+        return {"step": step, "gpu_hours": self.gpu_hours(), "tokens": self.tokens_total, "samples": self.samples_total,
+                "bad_sample_skips": self.skips_total}
+
+
+class _TrainingDone(Exception):
+    """Raised at train begin when the resumed checkpoint already is at the last step (no step is left)."""
 
 
 class RunCallback(TrainerCallback):
@@ -148,6 +210,9 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.run.start()
+        if state.global_step >= state.max_steps > 0:
+            # resumed at the end (a kill during the final save): HF Trainer would run one more step
+            raise _TrainingDone(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stop_at_step is not None and state.global_step >= self.stop_at_step:
@@ -157,10 +222,11 @@ class RunCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        self.run.sync()  # every process saves: counters and bad records up to this step go into the checkpoint
         if self.run.is_main:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                _atomic_json(ckpt / STATE_FILE, {"step": state.global_step, **self.run.state()})
+                _atomic_json(ckpt / STATE_FILE, self.run.state(state.global_step))
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -170,14 +236,17 @@ class PMoDTrainer(Trainer):
     def __init__(self, *args: Any, run: RunState, modality_lengths: list | None = None, **kwargs: Any) -> None:
         self.run = run
         self.modality_lengths = modality_lengths
+        self._filler: dict | None = None  # ZeRO-3: the label-free image row of _same_modules_on_every_process
         super().__init__(*args, **kwargs)
+        run.trainer = self
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
             return super()._get_train_sampler(train_dataset)
         a = self.args
-        group = a.per_device_train_batch_size * max(a.world_size, 1) * a.gradient_accumulation_steps
-        return ModalityLengthGroupedSampler(self.modality_lengths, group, seed=a.seed)
+        # LLaVA: LengthGroupedSampler(per-device batch, world_size = processes x accumulation)
+        return ModalityLengthGroupedSampler(self.modality_lengths, a.per_device_train_batch_size,
+                                            max(a.world_size, 1) * a.gradient_accumulation_steps, seed=a.seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         bad = inputs.pop("bad_samples", None)
@@ -185,7 +254,50 @@ class PMoDTrainer(Trainer):
             self.run.record_bad(bad)
         self.run.tokens += count_tokens(inputs)
         self.run.samples += int(inputs["input_ids"].shape[0])
+        if self._zero3_several:
+            inputs = self._same_modules_on_every_process(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    @property
+    def _zero3_several(self) -> bool:
+        ds = getattr(self.args, "hf_deepspeed_config", None)
+        return ds is not None and ds.is_zero3() and self.args.world_size > 1
+
+    def _same_modules_on_every_process(self, inputs: dict) -> dict:
+        """ZeRO-3 gathers each module's parameters with a collective when the module runs, so all processes
+        must run the same modules in each micro-step. A micro-batch without images skips the vision tower,
+        the connector and the p-MoD routers; if another process's micro-batch has images (LLaVA's mixed last
+        global batch), this one gets one extra row: an image sample with every label -100, which changes
+        neither the loss nor any gradient (no labelled token), only which modules run. Data flow::
+
+            has_image (this process) --all_reduce max--> any_image;  any_image and not has_image: + 1 row
+        """
+        import torch.distributed as dist
+
+        has = torch.tensor([float("pixel_values" in inputs)], device=self.args.device)
+        anyone = has.clone()
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+        if anyone.item() == 0 or has.item() == 1:
+            return inputs
+        from pmod_bench.train.data import IGNORE_INDEX, append_sample
+
+        if self._filler is None:
+            ds = self.train_dataset
+            for i in ds._order[True]:  # the shortest image record that builds
+                if i in ds.known_bad:
+                    continue
+                try:
+                    sample = ds.build(ds.records[i])
+                except Exception:  # noqa: BLE001 - a bad record is no filler; try the next
+                    continue
+                sample["labels"] = torch.full_like(sample["labels"], IGNORE_INDEX)
+                self._filler = sample
+                break
+            else:
+                raise RuntimeError("ZeRO-3: a text-only micro-batch beside an image one, and no usable image record")
+        pad = self.data_collator.pad_token_id
+        out = append_sample({k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}, self._filler, pad)
+        return {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in out.items()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume the weights through ``from_pretrained``, which maps the saved (original-format) keys back.
@@ -232,22 +344,189 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def resolve_resume(cfg: TrainConfig, out: Path) -> str | None:
-    """The checkpoint to resume from (``train.resume``), or None."""
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def check_batch(cfg: TrainConfig, world: int) -> int:
+    """Gradient accumulation steps for ``world`` processes; ConfigError naming a value that works."""
+    t = cfg.train
+    per_step = t.per_device_batch_size * world
+    if t.global_batch_size % per_step == 0:
+        return t.global_batch_size // per_step
+    b = valid_per_device_batch(t.global_batch_size, world, t.per_device_batch_size)
+    fix = (f"pass train.per_device_batch_size={b} (gradient accumulation makes up the rest)" if b is not None else
+           f"{t.global_batch_size} samples cannot be split over {world} processes: change train.global_batch_size or "
+           "the number of processes")
+    raise ConfigError(
+        f"train.global_batch_size={t.global_batch_size} is not a multiple of train.per_device_batch_size x processes "
+        f"= {t.per_device_batch_size} x {world}; {fix}."
+    )
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse a run directory of another kind (eval, profile): train would overwrite its run.json."""
+    meta_path = out / "run.json"
+    if not meta_path.exists():
+        return
+    meta = _read_json(meta_path)
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind != "train":
+        what = f"a '{kind}' run" if kind else "a run.json that is not a train run's"
+        raise ConfigError(f"output_dir {out} holds {what}; pass a new output_dir (-o DIR) for the train run.")
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """A checkpoint HF Trainer finished writing: its trainer_state.json (written after the weights, optimizer,
+    scheduler and RNG states) exists and parses."""
+    state = _read_json(Path(path) / "trainer_state.json")
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
+
+
+def _checkpoints(out: Path) -> list:
+    """checkpoint-N directories, newest first."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def resolve_resume(cfg: TrainConfig, out: Path, set_aside: bool = False) -> str | None:
+    """The checkpoint to resume from (``train.resume``), or None.
+
+    ``auto``: the newest *complete* checkpoint; newer incomplete ones (a kill during the save) are named in
+    a warning and, with ``set_aside`` (the main process), renamed ``incomplete-checkpoint-N``.
+    """
     r = cfg.train.resume
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    ckpts = _checkpoints(out)
     if r is None:
-        if last is not None:
+        if ckpts:
             raise ConfigError(
-                f"output_dir {out} holds checkpoints ({Path(last).name}); pass train.resume=auto to continue that run, "
+                f"output_dir {out} holds checkpoints ({ckpts[0].name}); pass train.resume=auto to continue that run, "
                 "or choose a new output_dir."
             )
         return None
-    if r == "auto":
-        return last
-    if not (Path(r) / "trainer_state.json").is_file():
-        raise ConfigError(f"train.resume={r!r} is not a checkpoint directory (no trainer_state.json); use auto or checkpoint-N.")
-    return str(r)
+    if r != "auto":
+        if not checkpoint_complete(Path(r)):
+            raise ConfigError(f"train.resume={r!r} is not a complete checkpoint directory (no readable trainer_state.json); "
+                              "use train.resume=auto or another checkpoint-N.")
+        return str(r)
+    complete = next((c for c in ckpts if checkpoint_complete(c)), None)
+    for c in ckpts:
+        if c == complete:
+            break
+        fallback = f"resuming from {complete.name}" if complete is not None else "no complete checkpoint: starting anew"
+        log.warning("%s is incomplete (no readable trainer_state.json: its save was interrupted); %s", c, fallback)
+        if set_aside:
+            target = c.with_name("incomplete-" + c.name)
+            if target.exists():
+                target = c.with_name(f"incomplete-{c.name}-{int(time.time())}")
+            c.rename(target)
+    return None if complete is None else str(complete)
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out: dict = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def config_changes(out: Path, cfg: TrainConfig) -> list:
+    """``key: old -> new`` for settings that differ from the run's train_config.json (volatile keys excepted)."""
+    stored = _read_json(out / "train_config.json")
+    if not isinstance(stored, dict):
+        return []
+    stored = {**stored, "pmod": stored.get("pmod_recipe", stored.get("pmod"))}
+    stored.pop("pmod_recipe", None)
+    old, new = _flat(stored), _flat(cfg.to_dict())
+    volatile = lambda k: any(k == v or k.startswith(v + ".") for v in VOLATILE_KEYS)  # noqa: E731
+    keys = sorted(k for k in set(old) | set(new) if not volatile(k) and old.get(k) != new.get(k))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+def finished(cfg: TrainConfig, out: Path, checkpoint: str | None) -> dict | None:
+    """The summary of a run that has nothing left to do (completed, or at train.stop_at_step), else None."""
+    summary = _read_json(out / SUMMARY_FILE)
+    summary = summary if isinstance(summary, dict) else {}
+    if summary.get("status") == "completed" and (out / "config.json").is_file():
+        changes = config_changes(out, cfg)
+        if changes:
+            raise ConfigError(f"output_dir {out} holds a completed run with other settings ({'; '.join(changes[:4])}); "
+                              "choose a new output_dir to train again.")
+        return {**summary, "unchanged": True,
+                "note": f"the run is complete ({summary.get('steps')}/{summary.get('max_steps')} steps); nothing to do"}
+    stop = cfg.train.stop_at_step
+    if checkpoint is not None and stop is not None and _step_of(checkpoint) >= stop:
+        step = _step_of(checkpoint)
+        if summary.get("status") != "stopped" or summary.get("steps") != step:
+            summary = {"status": "stopped", "steps": step, "output_dir": str(out)}
+        return {**summary, "unchanged": True,
+                "note": f"{Path(checkpoint).name} is at train.stop_at_step={stop}; nothing to do (run without "
+                        "train.stop_at_step, or with a later one, to continue)"}
+    return None
+
+
+def _resumed_state(checkpoint: str | None, out: Path) -> dict:
+    """Accounting at the checkpoint: its pmod_train_state.json, else the log row of its step."""
+    if not checkpoint:
+        return {}
+    state = _read_json(Path(checkpoint) / STATE_FILE)
+    if isinstance(state, dict):
+        return state
+    step = _step_of(checkpoint)
+    for row in _log_rows(out / "train_log.jsonl"):
+        if row.get("step") == step:
+            log.warning("%s has no %s (saved before this version, or killed right after its save); accounting "
+                        "taken from train_log.jsonl step %d", checkpoint, STATE_FILE, step)
+            return row
+    log.warning("%s has no %s and the log has no row of step %d: GPU hours and counters restart at 0",
+                checkpoint, STATE_FILE, step)
+    return {}
+
+
+def _log_rows(path: Path) -> list:
+    """Readable rows of a JSONL file (a torn last line, from a kill mid-append, is dropped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _claim(out: Path, cfg: TrainConfig, command: str | None, checkpoint: str | None) -> dict:
+    """Main process, before the model is built: run.json, the log and bad-sample list cut back to the
+    checkpoint (everything, for a fresh start). Returns the bad records already listed {index: entry}."""
+    from pmod_bench import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    old = _read_json(out / "run.json") if checkpoint else None
+    meta = {"kind": "train", "schema_version": SCHEMA_VERSION,
+            "created": old.get("created", _now()) if isinstance(old, dict) else _now(),
+            "pmod_bench_version": __version__, "command": command or "pmod_bench.train.train(...)",
+            "label": cfg.label, "recipe": cfg.recipe}
+    if isinstance(old, dict):
+        meta["updated"] = _now()
+    _atomic_json(out / "run.json", meta)
+    keep = _step_of(checkpoint) if checkpoint else 0
+    rows = [r for r in _log_rows(out / "train_log.jsonl") if 0 < r.get("step", 0) <= keep]
+    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for p in out.glob("bad_samples.rank*.jsonl"):  # written by earlier versions
+        p.unlink()
+    bad = {}
+    if checkpoint:
+        for e in _log_rows(out / "bad_samples.jsonl"):
+            bad.setdefault(e.get("index"), e)
+    atomic_write_text(out / "bad_samples.jsonl", "".join(json.dumps(e) + "\n" for e in bad.values()))
+    return bad
 
 
 def training_arguments(cfg: TrainConfig, grad_accum: int, report_to: list | None = None, find_unused: bool = False) -> TrainingArguments:
@@ -298,13 +577,25 @@ def training_arguments(cfg: TrainConfig, grad_accum: int, report_to: list | None
     )
 
 
-def write_run_json(out: Path, cfg: TrainConfig, command: str | None) -> None:
-    from pmod_bench import __version__
 
-    _atomic_json(out / "run.json", {
-        "kind": "train", "schema_version": SCHEMA_VERSION, "created": _now(), "pmod_bench_version": __version__,
-        "command": command or "pmod_bench.train.train(...)", "label": cfg.label, "recipe": cfg.recipe,
-    })
+def model_info(model, device: str) -> dict:
+    """What the profiler needs to tell whether this run's throughput belongs to a profiled row (plain data)."""
+    c = model.config
+    tc, vc = c.text_config, c.vision_config
+    heads = tc.num_attention_heads
+    ratios = model.layer_ratios() if hasattr(model, "layer_ratios") else [1.0] * tc.num_hidden_layers
+    return {
+        "class": type(model).__name__,
+        "family": "llava_next" if getattr(c, "image_grid_pinpoints", None) is not None else "llava",
+        "text": {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
+                 "heads": heads, "kv_heads": getattr(tc, "num_key_value_heads", None) or heads,
+                 "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads, "vocab": tc.vocab_size},
+        "vision": {"layers": vc.num_hidden_layers, "hidden": vc.hidden_size, "intermediate": vc.intermediate_size,
+                   "heads": vc.num_attention_heads, "image_size": vc.image_size, "patch_size": vc.patch_size},
+        "layer_ratios": [float(r) for r in ratios],
+        "num_params": sum(numel(p) for p in model.parameters()),
+        "device": device,
+    }
 
 
 def train(cfg: TrainConfig, model=None, processor=None, command: str | None = None) -> dict:
@@ -312,153 +603,152 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
 
     ``model``/``processor`` may be given (e.g. a model built in Python); otherwise they are built from
     ``cfg.model`` (with ``cfg.pmod`` resolved for the LLM's depth). Launch with ``accelerate launch``
-    (or torchrun / deepspeed) for several processes; each process calls this function.
+    (or torchrun / deepspeed) for several processes; each process calls this function. A run with nothing
+    left to do returns its summary with ``"unchanged": True`` and a ``note``, and writes nothing.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(cfg.output_dir)
     world = _world_size()
     t = cfg.train
-    per_step = t.per_device_batch_size * world
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size x processes "
-            f"= {t.per_device_batch_size} x {world}; change train.per_device_batch_size or the number of processes."
-        )
-    grad_accum = t.global_batch_size // per_step
-    checkpoint = resolve_resume(cfg, out)
+    check_run_dir(out)
+    grad_accum = check_batch(cfg, world)
+    checkpoint = resolve_resume(cfg, out, set_aside=_rank() == 0)
+    done = finished(cfg, out, checkpoint)
+    if done is not None:
+        log.warning("%s: %s", out, done["note"])
+        return done
 
     # the data first: cheap, and its errors should come before a 7B model is loaded
     records = read_records(cfg.data.json, cfg.data.max_samples)
     has_text_only = any(isinstance(r, dict) and not r.get("image") for r in records)
     args = training_arguments(cfg, grad_accum, find_unused=bool(cfg.pmod is not None or has_text_only))
     is_main = args.process_index == 0
-    torch.manual_seed(t.seed)
+    resumed_state = _resumed_state(checkpoint, out)
+    logged_bad = _claim(out, cfg, command, checkpoint) if is_main else {}
+    if world > 1:  # every process starts from the main process's list of bad records
+        from accelerate.utils import broadcast_object_list
 
-    if model is None:
-        pmod = cfg.resolved_pmod(num_llm_layers(cfg)) if cfg.pmod is not None else None
-        model, processor = build_model(cfg, pmod)
-    elif cfg.pmod is not None and getattr(model.config, "pmod", None) is None:
-        raise ConfigError("the recipe sets pmod but the given model is a vanilla LLaVA; convert it with to_pmod first.")
-    pmod_dict = getattr(model.config, "pmod", None)
-    if cfg.stage == "pt" and pmod_dict is not None and "routers" not in cfg.trainable:
-        log.warning("PT with p-MoD layers: routers stay frozen at their initial (zero) weights, so selection is by position; "
-                    "the paper's PT trains the connector of the vanilla model (pmod=null).")
-    groups = apply_trainable(model, cfg.trainable)
-
-    dataset = LlavaConversationDataset(
-        records, processor, image_folder=cfg.data.image_folder, template=cfg.data.template,
-        max_length=cfg.data.max_length, image_aspect_ratio=cfg.data.image_aspect_ratio,
-        on_bad_sample=cfg.data.on_bad_sample, max_consecutive_bad=cfg.data.max_consecutive_bad,
-    )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    resumed_state: dict = {}
-    if checkpoint and (Path(checkpoint) / STATE_FILE).is_file():
-        resumed_state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
-    run = RunState(cfg, out, world, args.process_index, is_main, resumed_state)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_json(out, cfg, command)
-        resolved = cfg.to_dict()
-        resolved["pmod"] = pmod_dict
-        _atomic_json(out / "train_config.json", resolved)
-        _truncate_log(out / "train_log.jsonl", _step_of(checkpoint) if checkpoint else 0)
-        for p in out.glob("bad_samples*.jsonl"):
-            if not checkpoint:
-                p.unlink()
-        if dataset.malformed:
-            with open(out / "bad_samples.jsonl", "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(e) + "\n" for e in dataset.malformed)
-            log.warning("%d malformed records dropped (listed in %s)", len(dataset.malformed), out / "bad_samples.jsonl")
-
-    trainer = PMoDTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=DataCollator(pad_id), processing_class=processor,
-        callbacks=[RunCallback(run, t.stop_at_step)], run=run,
-        modality_lengths=dataset.modality_lengths if cfg.data.group_by_modality_length else None,
-    )
-    base = {
+        logged_bad = broadcast_object_list([logged_bad], from_process=0)[0]
+    run = RunState(cfg, out, world, args.process_index, is_main, resumed_state, logged_bad)
+    if is_main and checkpoint:  # the final loss of a run resumed at its last step
+        rows = _log_rows(out / "train_log.jsonl")
+        run.last_row = rows[-1] if rows else None
+    base: dict = {
         "recipe": cfg.recipe or "python", "stage": cfg.stage, "output_dir": str(out), "label": cfg.label,
         "world_size": world, "global_batch_size": t.global_batch_size, "gradient_accumulation_steps": grad_accum,
-        "pmod": pmod_dict, "trainable": cfg.trainable,
-        "params": {g: v["params"] for g, v in groups.items()},
-        "trainable_params": sum(v["params"] for v in groups.values() if v["trainable"]),
-        "resumed_from": checkpoint,
+        "pmod": None, "trainable": cfg.trainable, "resumed_from": checkpoint,
     }
-    status, error = "completed", None
+    trainer = None
+    dataset = None
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    except PMoDOverflowError as exc:
-        status, error = "overflow", f"step {trainer.state.global_step + 1}: {exc}"
+        torch.manual_seed(t.seed)
+        if model is None:
+            pmod = cfg.resolved_pmod(num_llm_layers(cfg)) if cfg.pmod is not None else None
+            if getattr(args, "hf_deepspeed_config", None) is not None and args.hf_deepspeed_config.is_zero3():
+                model, processor = build_partitioned(cfg, pmod, out / INIT_DIR, args)
+            else:
+                model, processor = build_model(cfg, pmod)
+        elif cfg.pmod is not None and getattr(model.config, "pmod", None) is None:
+            raise ConfigError("the recipe sets pmod but the given model is a vanilla LLaVA; convert it with to_pmod first.")
+        pmod_dict = _public_pmod(getattr(model.config, "pmod", None))
+        base["pmod"] = pmod_dict
+        if cfg.stage == "pt" and pmod_dict is not None and "routers" not in cfg.trainable:
+            log.warning("PT with p-MoD layers: routers stay frozen at their initial (zero) weights, so selection is by "
+                        "position; the paper's PT trains the connector of the vanilla model (pmod=null).")
+        groups = apply_trainable(model, cfg.trainable)
+        base["params"] = {g: v["params"] for g, v in groups.items()}
+        base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
+        device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
+        base["model_info"] = model_info(model, device)
         if is_main:
-            _atomic_json(out / "train_summary.json", _summary(base, trainer, run, status, error, len(dataset.malformed)))
+            resolved = cfg.to_dict()
+            resolved["pmod_recipe"] = resolved["pmod"]
+            resolved["pmod"] = pmod_dict
+            _atomic_json(out / "train_config.json", resolved)
+
+        dataset = LlavaConversationDataset(
+            records, processor, image_folder=cfg.data.image_folder, template=cfg.data.template,
+            max_length=cfg.data.max_length, image_aspect_ratio=cfg.data.image_aspect_ratio,
+            on_bad_sample=cfg.data.on_bad_sample, max_consecutive_bad=cfg.data.max_consecutive_bad,
+        )
+        run.dataset = dataset
+        dataset.mark_bad(list(logged_bad.values()))  # found in earlier sessions: not read again
+        run.log_bad(dataset.malformed)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trainer = PMoDTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=DataCollator(pad_id), processing_class=processor,
+            callbacks=[RunCallback(run, t.stop_at_step)], run=run,
+            modality_lengths=dataset.modality_lengths if cfg.data.group_by_modality_length else None,
+        )
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except _TrainingDone:
+            log.warning("%s is at the last step (%d): no step left; saving the final model", checkpoint, trainer.state.global_step)
+        run.sync()
+    except PMoDOverflowError as exc:
+        step = (trainer.state.global_step if trainer is not None else _step_of(checkpoint or "")) + 1
+        error = f"step {step}: {exc}"
+        if is_main:
+            _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "overflow", error, checkpoint))
         raise PMoDOverflowError(error) from exc
+    except BaseException as exc:  # every ending is recorded: the error and the last finished step
+        if is_main:
+            error = f"{type(exc).__name__}: {exc}".strip()
+            _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "failed", error, checkpoint))
+        raise
 
     steps = trainer.state.global_step
+    status = "completed"
     if t.stop_at_step is not None and steps >= t.stop_at_step and steps < trainer.state.max_steps:
         status = "stopped"
-    bad_skips, bad_records = run.bad_local, set(run.bad_records)
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        bad_skips = int(trainer.accelerator.reduce(torch.tensor(bad_skips, device=args.device), reduction="sum"))
-        bad_records = set(gather_object(sorted(bad_records)))
     if status == "completed":
-        _finalize_model(model, cfg)
+        _finalize_model(model)
         trainer.save_model(str(out))
         if is_main and cfg.stage == "pt":
             _save_connector(out)
-    summary = _summary(base, trainer, run, status, error, len(dataset.malformed), len(bad_records), bad_skips)
+        if is_main and (out / INIT_DIR).is_dir():
+            shutil.rmtree(out / INIT_DIR)  # the starting model (ZeRO-3) is not needed once the final one is saved
+    summary = _summary(base, trainer, run, status, None, checkpoint)
     if is_main:
-        _atomic_json(out / "train_summary.json", summary)
+        _atomic_json(out / SUMMARY_FILE, summary)
         if summary["bad_samples"]:
-            log.warning("%d bad records: %d malformed (dropped at load), %d unreadable (skipped %d times); see %s",
-                        summary["bad_samples"], len(dataset.malformed), len(bad_records), bad_skips,
-                        out / "bad_samples.jsonl")
+            log.warning("%d bad records (%d malformed, dropped at load), %d skips; see %s", summary["bad_samples"],
+                        len(dataset.malformed), summary["bad_sample_skips"], out / "bad_samples.jsonl")
+    if world > 1:
+        trainer.accelerator.wait_for_everyone()  # no process leaves while another still writes the run directory
     return summary
 
 
-def _summary(base: dict, trainer: Trainer, run: RunState, status: str, error: str | None, malformed: int,
-             bad_loaded: int | None = None, bad_skips: int | None = None) -> dict:
+def _summary(base: dict, trainer: Trainer | None, run: RunState, status: str, error: str | None,
+             checkpoint: str | None) -> dict:
     wall = 0.0 if run.t_start is None else time.time() - run.t_start
     last = run.last_row or {}
+    steps = trainer.state.global_step if trainer is not None and trainer.state is not None else _step_of(checkpoint or "")
+    max_steps = trainer.state.max_steps if trainer is not None and getattr(trainer.state, "max_steps", 0) else None
     return {
         **base,
         "status": status,
         "error": error,
-        "steps": trainer.state.global_step,
-        "max_steps": trainer.state.max_steps,
+        "steps": steps,
+        "max_steps": max_steps if max_steps else run.cfg.train.max_steps,
         "final_loss": last.get("loss"),
         "gpu_hours": run.gpu_hours(),
         "tokens_per_s": run.session_tokens / wall if wall > 0 else None,
         "tokens": run.tokens_total,
         "samples": run.samples_total,
         "wall_s": wall,
-        "bad_samples": malformed + (bad_loaded if bad_loaded is not None else len(run.bad_records)),
-        "bad_sample_skips": bad_skips if bad_skips is not None else run.bad_local,
+        "bad_samples": len(run.logged_bad),
+        "bad_sample_skips": run.skips_total,
         "finished": _now(),
     }
 
 
-def _truncate_log(path: Path, keep_upto: int) -> None:
-    """Keep the log rows up to the resumed step (a fresh run starts an empty log)."""
-    if not path.exists():
-        return
-    rows = []
-    if keep_upto > 0:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("step", 0) <= keep_upto:
-                    rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-
-
-def _finalize_model(model, cfg: TrainConfig) -> None:
-    """Config of the saved model: the p-MoD overflow guard back to the recipe's value, caching on for inference."""
+def _finalize_model(model) -> None:
+    """Config of the saved model: the p-MoD overflow guard off (a training switch, train.overflow_guard)."""
     pm = getattr(model.config, "pmod", None)
-    if pm is not None and cfg.pmod is not None:
-        model.config.pmod = {**pm, "overflow_guard": bool(cfg.pmod.overflow_guard)}
+    if pm is not None:
+        model.config.pmod = {**pm, "overflow_guard": False}
 
 
 def _save_connector(out: Path) -> None:
@@ -482,4 +772,6 @@ def _save_connector(out: Path) -> None:
         log.warning("no connector tensors found in %s; connector.safetensors not written", out)
 
 
-__all__ = ["STATE_FILE", "PMoDTrainer", "RunCallback", "RunState", "resolve_resume", "train", "training_arguments"]
+
+__all__ = ["STATE_FILE", "SUMMARY_FILE", "PMoDTrainer", "RunCallback", "RunState", "check_batch", "check_run_dir",
+           "checkpoint_complete", "finished", "resolve_resume", "train", "training_arguments", "valid_per_device_batch"]

@@ -1,0 +1,221 @@
+"""Analytic FLOPs and KV cache of a method, and the equal-compute solver (``--match``).
+
+Conventions are the profiler's (:mod:`pmod_bench.profiler.flops`): 2 FLOPs per multiply-add,
+matrix products only, attention counted full. For one sample (one image of ``tiles`` tiles and
+``text_tokens`` prompt tokens) a vision-side method changes:
+
+* the vision tower: ``tower_tiles`` tiles of ``tower_tokens`` tokens each (patch conv on
+  ``tower_tokens - 1`` patches; per layer ``2·n·(4·D² + 2·D·M) + 4·n²·D``), as in ``vision_flops``;
+* the projector: ``2·projector_tokens·(D_in·d + d·d)`` (FasterVLM projects every patch, the others
+  only what they keep);
+* the method's own products (``VisionAccount.extra_flops``: VisionZip's similarities and merge,
+  PruMerge's [CLS] row, similarities and weighted sums);
+* the LLM: every layer processes ``text_tokens + llm_tokens`` tokens (``llm_prefill_flops`` with
+  ``kept = [llm_tokens] * L``), and caches as many entries.
+
+The solver (:func:`solve`) evaluates every budget setting a method offers
+(:meth:`MethodConfig.candidates`) and keeps the one whose metric is closest to the target:
+``prefill`` = the LLM prefill FLOPs (the profiler's headline ``prefill_tflops``, or the paper's
+convention with ``convention="paper"``), ``ttft`` = vision side + LLM prefill, ``kv`` = the
+vision-token KV-cache ratio vs the baseline (the paper's KV column). Targets: a p-MoD variant
+(``p-MoD-0.5``: its value on the same architecture and image size), absolute TFLOPs, or a KV ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, parse_method_spec
+
+#: the solver's default relative tolerance
+MATCH_TOLERANCE = 0.01
+METRICS = ("prefill", "ttft", "kv")
+
+
+@dataclass(frozen=True)
+class MethodFlops:
+    """Analytic FLOPs of one sample under a method (2 per multiply-add)."""
+
+    vision_encoder: int
+    projector: int
+    method_extra: int
+    llm_prefill: int
+    """LLM prefill, the profiler's headline (attention full, lm_head on ``logits_tokens`` positions)"""
+    llm_prefill_paper: int
+    """the paper's convention (decoder weights + lm_head on all positions, no attention products)"""
+    llm_vision_tokens: int
+    baseline_vision_tokens: int
+    exact: bool = True
+    note: str = ""
+    layer_vision_tokens: tuple = ()
+    """In-LLM methods: vision tokens each LLM layer processes and caches (empty: ``llm_vision_tokens`` at every layer)."""
+
+    @property
+    def vision(self) -> int:
+        return self.vision_encoder + self.projector + self.method_extra
+
+    @property
+    def ttft(self) -> int:
+        return self.vision + self.llm_prefill
+
+    @property
+    def kv_ratio(self) -> float:
+        if self.layer_vision_tokens:
+            return sum(self.layer_vision_tokens) / (len(self.layer_vision_tokens) * self.baseline_vision_tokens)
+        return self.llm_vision_tokens / self.baseline_vision_tokens
+
+
+def _image_hw(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The profiler's (width, height) -> the processor's (height, width)."""
+    return int(image_size[1]), int(image_size[0])
+
+
+def method_account(cfg: MethodConfig, arch, image_size: tuple[int, int]) -> tuple[ModelGeometry, VisionAccount, int]:
+    """(geometry, the method's account of one image, the baseline's vision tokens) on ``arch`` at (width, height)."""
+    from pmod_bench.profiler.arch import vision_layout
+
+    geometry = ModelGeometry.from_config(arch.config)
+    cfg.check_model(geometry)
+    layout = vision_layout(arch, image_size)
+    acc = cfg.account(geometry, layout.tiles, _image_hw(image_size), arch.config)
+    return geometry, acc, layout.vision_tokens
+
+
+def tower_flops(arch, tokens: int, tiles: int) -> int:
+    """CLIP tower over ``tiles`` tiles of ``tokens`` tokens (patches + [CLS]): patch conv + every layer."""
+    v = arch.vision
+    conv = 2 * v.channels * v.patch_size ** 2 * v.hidden * (tokens - 1)
+    per_layer = 2 * tokens * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate) + 4 * tokens * tokens * v.hidden
+    return tiles * (conv + v.layers * per_layer)
+
+
+def method_flops(cfg: MethodConfig, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> MethodFlops:
+    """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (module docstring)."""
+    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
+
+    if cfg.stage == "llm":  # in-LLM methods: per-layer token counts + their own products (methods/llm.py)
+        from .llm import llm_method_flops
+
+        return llm_method_flops(cfg, arch, image_size, text_tokens, logits_tokens)
+
+    _, acc, base_v = method_account(cfg, arch, image_size)
+    t = arch.text
+    V = acc.llm_tokens
+    kept = [V] * t.layers
+    llm = llm_prefill_flops(t, text_tokens, V, kept, (), logits_tokens).total("full")
+    paper = paper_prefill_flops(t, text_tokens, V, kept)
+    projector = 2 * acc.projector_tokens * (arch.projector_in * arch.projector_hidden + arch.projector_hidden ** 2)
+    return MethodFlops(vision_encoder=tower_flops(arch, acc.tower_tokens, acc.tower_tiles), projector=projector,
+                       method_extra=acc.extra_flops, llm_prefill=llm, llm_prefill_paper=paper, llm_vision_tokens=V,
+                       baseline_vision_tokens=base_v, exact=acc.exact, note=acc.note)
+
+
+# ------------------------------------------------------------------------------------------ solver
+@dataclass
+class MatchResult:
+    """What ``--match`` solved: the config, its metric, the target, and the other candidates' spread."""
+
+    config: MethodConfig
+    metric: str
+    target: float
+    achieved: float
+    rel_err: float
+    target_label: str
+    convention: str = "headline"
+    solved: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.config.to_dict(), "metric": self.metric, "target": self.target, "achieved": self.achieved,
+                "rel_err": self.rel_err, "target_label": self.target_label, "convention": self.convention,
+                "solved": dict(self.solved)}
+
+
+def _value(f: MethodFlops, metric: str, convention: str) -> float:
+    if metric == "kv":
+        return f.kv_ratio
+    llm = f.llm_prefill_paper if convention == "paper" else f.llm_prefill
+    return float(llm + (f.vision if metric == "ttft" else 0))
+
+
+def target_value(target: str, arch, image_size: tuple[int, int], text_tokens: int, metric: str, convention: str,
+                 logits_tokens: int = 1) -> float:
+    """The metric of a profiler variant (``p-MoD-0.5``, ``baseline``, ``ratios:...``) on the same arch and image."""
+    from pmod_bench.profiler.arch import vision_layout
+    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
+    from pmod_bench.profiler.variants import parse_variant
+
+    v = parse_variant(target)
+    layout = vision_layout(arch, image_size)
+    V, L = layout.vision_tokens, arch.text.layers
+    kept, routers = v.kept_vision_tokens(L, V), v.router_layers(L)
+    if metric == "kv":
+        return sum(kept) / (L * V)
+    if convention == "paper":
+        llm = paper_prefill_flops(arch.text, text_tokens, V, kept, routers)
+    else:
+        llm = llm_prefill_flops(arch.text, text_tokens, V, kept, routers, logits_tokens).total("full")
+    return float(llm + (vision_flops(arch, layout).total if metric == "ttft" else 0))
+
+
+def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, int] = (672, 672), *,
+          match: Optional[str] = None, tflops: Optional[float] = None, kv: Optional[float] = None,
+          text_tokens: int = 58, metric: str = "prefill", convention: str = "headline", logits_tokens: int = 1,
+          tolerance: float = MATCH_TOLERANCE) -> MatchResult:
+    """Solve ``method``'s token budget to a target (exactly one of ``match`` / ``tflops`` / ``kv``) within ``tolerance``.
+
+    ``match="p-MoD-0.5"``: the p-MoD variant's metric (``prefill`` FLOPs by default, or ``kv``); ``tflops=21.94``:
+    absolute TFLOPs of the ``metric`` (``prefill`` or ``ttft``) in ``convention`` (``headline`` or ``paper``);
+    ``kv=0.537``: the vision KV-cache ratio. Raises :class:`MethodError` if no setting is within ``tolerance``
+    (the message gives the two nearest achievable values).
+    """
+    from pmod_bench.profiler.arch import load_arch
+
+    arch = load_arch(arch) if isinstance(arch, str) else arch
+    cfg = parse_method_spec(method)
+    given = [x is not None for x in (match, tflops, kv)]
+    if sum(given) != 1:
+        raise MethodError("give exactly one target: --match VARIANT (e.g. p-MoD-0.5), --match-tflops X or --match-kv Y.")
+    if convention not in ("headline", "paper"):
+        raise MethodError(f"convention must be headline or paper, got {convention!r}.")
+    if kv is not None:
+        metric = "kv"
+        if not 0.0 < kv <= 1.0:
+            raise MethodError(f"--match-kv must be in (0, 1] (a ratio to the baseline's KV cache, e.g. 0.537), got {kv}.")
+        target, label = float(kv), f"kv={kv:g}"
+    elif tflops is not None:
+        if metric == "kv":
+            raise MethodError("--match-tflops sets a FLOPs target; use metric prefill or ttft.")
+        if not tflops > 0:
+            raise MethodError(f"--match-tflops must be > 0, got {tflops}.")
+        target, label = float(tflops) * 1e12, f"{tflops:g} TFLOPs"
+    else:
+        if metric not in METRICS:
+            raise MethodError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
+        target = target_value(match, arch, image_size, text_tokens, metric, convention, logits_tokens)
+        label = str(match)
+    geometry = ModelGeometry.from_config(arch.config)
+    cfg.check_model(geometry)
+    best: Optional[tuple[float, MethodConfig, float]] = None
+    values = []
+    for cand in cfg.candidates(geometry):
+        val = _value(method_flops(cand, arch, image_size, text_tokens, logits_tokens), metric, convention)
+        values.append(val)
+        err = abs(val - target) / target
+        if best is None or err < best[0]:
+            best = (err, cand, val)
+    assert best is not None
+    err, chosen, val = best
+    if err > tolerance:
+        lo = max((v for v in values if v <= target), default=None)
+        hi = min((v for v in values if v >= target), default=None)
+        fmt = (lambda x: f"{x:.4g}") if metric == "kv" else (lambda x: f"{x / 1e12:.4g} TFLOPs")
+        near = ", ".join(fmt(x) for x in (lo, hi) if x is not None)
+        raise MethodError(f"{cfg.name} cannot match {label} ({fmt(target)}) within {tolerance:.0%} on {arch.name} at "
+                          f"{image_size[0]}x{image_size[1]}: its nearest settings give {near}. Pass a larger tolerance "
+                          "(--match-tolerance) or another target.")
+    return MatchResult(chosen, metric, target, val, err, label, convention, chosen.budget())
+
+
+__all__ = ["MethodFlops", "MatchResult", "method_account", "method_flops", "tower_flops", "solve", "target_value",
+           "MATCH_TOLERANCE", "METRICS"]

@@ -1,0 +1,379 @@
+"""The method registry: typed, validated configs of the comparison methods, and their one spec syntax.
+
+A comparison method is a dataclass subclass of :class:`MethodConfig`, registered by name::
+
+    @register_method("fastervlm")
+    @dataclass
+    class FasterVLMConfig(MethodConfig):
+        stage: ClassVar[str] = "vision"
+        keep: float = param(0.25, low=0.0, high=1.0, low_open=True)
+        \"\"\"Fraction of each tile's patch tokens kept.\"\"\"
+
+Fields declared with :func:`param` carry their valid range; ``__post_init__`` checks types and ranges
+and says, in one line, what range is valid. Field docstrings (the string under a field) are read
+from the source (:func:`field_docs`) and shown in the errors that list a method's keys.
+
+One text form everywhere (CLI, lmms-eval model args, profiler): ``NAME`` or ``NAME:key=value,...``
+(:func:`parse_method_spec`), e.g. ``visionzip:dominant=54,contextual=10``. A config turns into a plain
+dict (``to_dict``: ``{"method": NAME, **fields}``) and back (``from_dict``); result rows carry that dict.
+
+``stage`` says where a method acts: ``"vision"`` = on the vision features, before the LLM (the LLM
+then runs on a shorter sequence); ``"llm"`` = inside the LLM's layers (FastV, PyramidDrop, ...).
+Model-dependent limits (a token count above the tile's patches, a layer beyond the LLM depth) are
+checked by :meth:`MethodConfig.check_model` against a :class:`ModelGeometry`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
+
+#: registered name -> MethodConfig subclass
+METHODS: dict[str, type["MethodConfig"]] = {}
+
+STAGES = ("vision", "llm")
+
+
+class MethodError(ValueError):
+    """A method spec or config that cannot be used; the message names the fix."""
+
+
+# ------------------------------------------------------------------------------------- fields
+def param(default: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+          low_open: bool = False, high_open: bool = False, choices: Optional[tuple] = None) -> Any:
+    """A dataclass field with a valid range ``[low, high]`` (``low_open``/``high_open``: exclusive end)."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of the fields of a dataclass: the string literal right under each annotated field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _range_text(meta: dict) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if meta.get("choices"):
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    left = "(" if meta.get("low_open") else "["
+    right = ")" if meta.get("high_open") else "]"
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"in {left}{lo}, {hi}{right}"
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the non-None type of an annotation, whether None is allowed)."""
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _convert(text: str, tp: Any, what: str) -> Any:
+    """A CLI string -> a value of the field's type (None/none for an Optional field)."""
+    base, optional = _base_type(tp)
+    s = text.strip()
+    if optional and s.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            low = s.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            f = float(s)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if base is float:
+            return float(s)
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[base]
+        raise MethodError(f"{what} must be {kind}, got '{text}'.") from None
+    return s
+
+
+# ------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a method's limits depend on: the vision tile and the LLM depth of one architecture."""
+
+    patches_per_side: int
+    """Patch grid of one tile (CLIP ViT-L/14-336: 24)."""
+    vision_layers: int
+    """Encoder layers of the vision tower (24)."""
+    feature_layer: int
+    """Index into the vision tower's hidden states that LLaVA reads (-2 = the penultimate layer's output)."""
+    text_layers: int
+    """Decoder layers of the LLM (Vicuna-7B: 32)."""
+    anyres: bool
+    """LLaVA-NeXT (anyres tiles + image_newline) rather than LLaVA-1.5 (one tile)."""
+    drop_cls: bool = True
+    """vision_feature_select_strategy 'default' (the CLS feature is not given to the LLM)."""
+
+    @property
+    def patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @property
+    def feature_index(self) -> int:
+        """Non-negative index of the selected hidden state (0 = embeddings, L = last layer's output)."""
+        return self.feature_layer % (self.vision_layers + 1)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelGeometry":
+        """From an HF ``LlavaConfig`` / ``LlavaNextConfig`` (or their p-MoD subclasses)."""
+        v, t = config.vision_config, config.text_config
+        layer = config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            raise MethodError(f"vision_feature_layer {list(layer)} concatenates several layers; the comparison methods "
+                              "follow the official code, which reads one layer (-2). Use a model that reads one layer.")
+        return cls(patches_per_side=v.image_size // v.patch_size, vision_layers=v.num_hidden_layers, feature_layer=int(layer),
+                   text_layers=t.num_hidden_layers, anyres=hasattr(config, "image_grid_pinpoints"),
+                   drop_cls=getattr(config, "vision_feature_select_strategy", "default") == "default")
+
+
+@dataclass(frozen=True)
+class VisionAccount:
+    """The vision side of one image under a method, for the analytic FLOPs (2 per multiply-add, matmuls only)."""
+
+    llm_tokens: int
+    """Vision tokens the LLM receives for this image."""
+    tower_tokens: int
+    """Tokens per tile inside the vision tower (patches + [CLS]; fewer for the downsampling baseline)."""
+    tower_tiles: int
+    """Tiles the tower runs on."""
+    projector_tokens: int
+    """Tokens the projector runs on (all tiles)."""
+    extra_flops: int = 0
+    """The method's own matrix products (similarities, merges, [CLS]-row attention), all tiles."""
+    exact: bool = True
+    """False where the count depends on the image (PruMerge's adaptive ratio): then an estimate."""
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------- configs
+@dataclass
+class MethodConfig:
+    """Base class of a comparison method's config (subclass + :func:`register_method`)."""
+
+    name: ClassVar[str] = "?"
+    stage: ClassVar[str] = "vision"
+    """``vision``: acts on the vision features before the LLM; ``llm``: inside the LLM's layers."""
+    official: ClassVar[str] = ""
+    """The official repository and commit the implementation follows."""
+    needs_attentions: ClassVar[bool] = False
+    """Needs the vision tower's attention maps (HF ``output_attentions``; eager attention in the tower)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            base, optional = _base_type(hints[f.name])
+            what = f"{self.name}: {f.name}"
+            if value is None:
+                if not optional:
+                    raise MethodError(f"{what} must be given (got None).")
+                continue
+            if base is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
+                object.__setattr__(self, f.name, value)
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if base in (int, float) and (isinstance(value, bool) or not isinstance(value, base)):
+                raise MethodError(f"{what} must be {'an integer' if base is int else 'a number'}, got {value!r}.")
+            if base is bool and not isinstance(value, bool):
+                raise MethodError(f"{what} must be true or false, got {value!r}.")
+            if base is float and not math.isfinite(value):
+                raise MethodError(f"{what} must be finite, got {value!r}.")
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise MethodError(f"{what} must be {_range_text(meta)}, got {value!r}.")
+            low, high = meta.get("low"), meta.get("high")
+            bad_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+            bad_high = high is not None and (value >= high if meta.get("high_open") else value > high)
+            if bad_low or bad_high:
+                raise MethodError(f"{what} must be {_range_text(meta)}, got {value!r}.")
+        self.validate()
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks across fields (ranges of single fields are declared with :func:`param`)."""
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Raise :class:`MethodError` if this config cannot run on that architecture."""
+
+    def candidates(self, geometry: ModelGeometry) -> list["MethodConfig"]:
+        """Every setting of this method's budget (its other options unchanged), for the equal-compute solver."""
+        raise MethodError(f"{self.name} has no token budget to solve for.")
+
+    def budget(self) -> dict[str, Any]:
+        """The hyperparameters the solver varies, as solved (recorded in the run)."""
+        return {}
+
+    def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> "VisionAccount":
+        """What the method computes for one image of ``tiles`` tiles (analytic FLOPs; see accounting.py)."""
+        raise MethodError(f"{self.name} has no analytic accounting.")
+
+    def compress(self, model: Any, geometry: ModelGeometry, tiles: list, sizes: list) -> list:
+        """Vision-side methods: the images' tiles -> one CompressedImage per image (see vision.py)."""
+        raise NotImplementedError(f"{self.name} does not act on the vision features")
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"method": NAME, **fields}``: plain JSON values, read back by :meth:`from_dict`."""
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        """A config from :meth:`to_dict`'s output (on the base class: the class named by ``method``)."""
+        d = dict(data)
+        name = d.pop("method", None)
+        klass = cls
+        if cls is MethodConfig or (name is not None and name != cls.name):
+            if name is None:
+                raise MethodError(f"a method dict needs a 'method' key naming the method; known: {', '.join(sorted(METHODS))}.")
+            klass = get_method(name)
+        known = {f.name for f in dataclasses.fields(klass)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MethodError(_unknown_keys_message(klass, unknown))
+        return klass(**d)
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        return dataclasses.replace(self, **changes)
+
+    def spec(self) -> str:
+        """The spec text of this config (non-default fields only): ``visionzip:dominant=54,contextual=10``."""
+        default = type(self)()
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if getattr(self, f.name) != getattr(default, f.name)]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    @classmethod
+    def describe_keys(cls) -> str:
+        docs = field_docs(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            rng = _range_text(f.metadata) if f.metadata else ""
+            out.append(f"{f.name} (default {f.default!r}{', ' + rng if rng else ''}): {docs.get(f.name, '').rstrip('.')}".rstrip(": "))
+        return "; ".join(out) or "no options"
+
+
+def _unknown_keys_message(klass: type[MethodConfig], unknown: list[str]) -> str:
+    known = [f.name for f in dataclasses.fields(klass)]
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"{klass.name}: unknown option {', '.join(hints)}. Options: {klass.describe_keys()}."
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`MethodConfig` subclass under ``name`` (lowercase)."""
+
+    def deco(cls: type[MethodConfig]) -> type[MethodConfig]:
+        if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
+            raise TypeError(f"@register_method('{name}') needs a MethodConfig subclass, got {cls!r}")
+        if cls.stage not in STAGES:
+            raise TypeError(f"{cls.__name__}.stage must be one of {STAGES}, got {cls.stage!r}")
+        key = _norm(name)
+        if key in METHODS and METHODS[key] is not cls:
+            raise TypeError(f"method '{name}' is registered twice ({METHODS[key].__name__}, {cls.__name__})")
+        cls.name = name
+        METHODS[key] = cls
+        return cls
+
+    return deco
+
+
+def _norm(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def get_method(name: str) -> type[MethodConfig]:
+    """The registered config class of ``name`` (case-insensitive; ``-`` = ``_``); the error suggests a name."""
+    key = _norm(name)
+    if key in METHODS:
+        return METHODS[key]
+    squash = {k.replace("_", ""): k for k in METHODS}
+    if key.replace("_", "") in squash:
+        return METHODS[squash[key.replace("_", "")]]
+    close = difflib.get_close_matches(key, list(METHODS), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise MethodError(f"unknown method '{name}'.{hint} Known methods: {', '.join(sorted(METHODS))}.")
+
+
+def parse_method_spec(spec: Union[str, dict, MethodConfig], **overrides: Any) -> MethodConfig:
+    """``NAME`` / ``NAME:key=value,key=value`` (or a dict / config) -> a validated config.
+
+    ``overrides`` (typed values, e.g. from ``method_args``) win over the spec's options.
+    """
+    if isinstance(spec, MethodConfig):
+        return spec.replace(**overrides) if overrides else spec
+    if isinstance(spec, dict):
+        return MethodConfig.from_dict({**spec, **overrides})
+    text = str(spec).strip()
+    if not text:
+        raise MethodError(f"empty method spec; give NAME or NAME:key=value,... with NAME in {', '.join(sorted(METHODS))}.")
+    name, _, rest = text.partition(":")
+    klass = get_method(name)
+    hints = get_type_hints(klass)
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    values: dict[str, Any] = {}
+    for item in (p.strip() for p in rest.split(",")) if rest.strip() else ():
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if not eq or not key:
+            raise MethodError(f"bad option '{item}' in '{spec}': expected key=value, e.g. {klass.name}:{next(iter(fields), 'key')}=...")
+        if key not in fields:
+            raise MethodError(_unknown_keys_message(klass, [key]))
+        if key in values:
+            raise MethodError(f"option '{key}' is given twice in '{spec}'.")
+        values[key] = _convert(value, hints[key], f"{klass.name}: {key}")
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise MethodError(_unknown_keys_message(klass, unknown))
+    values.update(overrides)
+    return klass(**values)
+
+
+def method_dict(method: Union[None, str, dict, MethodConfig]) -> Optional[dict[str, Any]]:
+    """The dict a result row carries for ``method`` (None for no method)."""
+    if method is None:
+        return None
+    return parse_method_spec(method).to_dict()
+
+
+__all__ = [
+    "METHODS", "STAGES", "MethodError", "MethodConfig", "VisionAccount", "ModelGeometry", "param", "field_docs", "register_method",
+    "get_method", "parse_method_spec", "method_dict",
+]

@@ -1,0 +1,99 @@
+"""A comparison method as a profiler variant: ``pmod-bench profile --method visionzip --match p-MoD-0.5``.
+
+:class:`MethodVariant` adapts a vision-side :class:`MethodConfig` to the profiler's ``Variant``
+contract. The vision tokens the LLM sees depend on the architecture and the image (tiles, anyres
+layout), so the profiler binds the variant to each (architecture, image size) first
+(:meth:`MethodVariant.bind`); with a ``match`` target the binding also runs the equal-compute solver
+and records what it solved. The vision side (tower, projector, the method's own products) comes
+from :func:`pmod_bench.methods.accounting.method_flops`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pmod_bench.profiler.variants import Variant, VariantError
+
+from . import get_method, parse_method_spec
+from .base import MethodConfig, MethodError
+
+
+class MethodVariant(Variant):
+    """Profiler variant of a vision-side method (optionally solved to a target at bind time)."""
+
+    def __init__(self, config: MethodConfig, match: Optional[dict[str, Any]] = None, *, _bound: Optional[tuple] = None):
+        self.config = config
+        self.match = dict(match) if match else None
+        self.method = config.name
+        self._bound = _bound  # (vision tokens of the LLM, MethodFlops, MatchResult or None)
+
+    # ------------------------------------------------------------------------------- binding
+    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> "MethodVariant":
+        """This variant on ``arch`` at (width, height): solved (if ``match``), its token count and FLOPs fixed."""
+        from .accounting import method_flops, solve
+
+        try:
+            result = None
+            cfg = self.config
+            if self.match:
+                result = solve(cfg, arch, image_size, text_tokens=text_tokens, logits_tokens=logits_tokens, **self.match)
+                cfg = result.config
+            flops = method_flops(cfg, arch, image_size, text_tokens, logits_tokens)
+        except MethodError as exc:
+            raise VariantError(str(exc)) from None
+        return MethodVariant(cfg, self.match, _bound=(flops.llm_vision_tokens, flops, result))
+
+    def _need(self) -> tuple:
+        if self._bound is None:
+            raise VariantError(f"{self.name}: the vision tokens of a method depend on the architecture and the image; "
+                               "bind(arch, image_size, text_tokens) it first (the profiler does).")
+        return self._bound
+
+    # -------------------------------------------------------------------------- the contract
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.config.spec()
+
+    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
+        if self._bound is None:  # validation before binding (resolve_variants): nothing to check by layer count
+            return [vision_tokens] * num_layers
+        return [self._bound[0]] * num_layers
+
+    def layer_ratios(self, num_layers: int) -> list[float]:
+        if self._bound is None:
+            return [1.0] * num_layers
+        f = self._bound[1]
+        return [f.llm_vision_tokens / f.baseline_vision_tokens] * num_layers
+
+    def vision_side(self, arch, layout):
+        """The vision FLOPs of one sample: encoder = tower + the method's own products, projector."""
+        from pmod_bench.profiler.flops import VisionFlops
+
+        f = self._need()[1]
+        return VisionFlops(encoder=f.vision_encoder + f.method_extra, projector=f.projector)
+
+    def row_extras(self) -> dict[str, Any]:
+        """Keys a profile row adds for a method: its config as a dict, its extra work, what was solved."""
+        _, f, result = self._need()
+        return {"method_config": self.config.to_dict(), "method_extra_tflops": f.method_extra / 1e12,
+                "method_match": result.to_dict() if result is not None else None,
+                "method_note": f.note or None}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "method_config": self.config.to_dict()}
+
+
+def method_variant(spec: str, match: Optional[dict[str, Any]] = None) -> Optional[MethodVariant]:
+    """A :class:`MethodVariant` if ``spec`` names a registered method (else None); errors as VariantError."""
+    name = str(spec).partition(":")[0]
+    try:
+        get_method(name)
+    except MethodError:
+        return None
+    try:
+        return MethodVariant(parse_method_spec(spec), match)
+    except MethodError as exc:
+        raise VariantError(str(exc)) from None
+
+
+__all__ = ["MethodVariant", "method_variant"]

@@ -1,0 +1,164 @@
+"""VisionZip (Yang et al., CVPR 2025): dominant tokens by [CLS] attention + merged contextual tokens.
+
+Follows dvlab-research/VisionZip at commit 3151f6df4fca36a4cd1c985e5956e725b1f9ad02
+(``visionzip/clip_encoder.py``, ``visionzip/utils.py``, ``visionzip/llava_arch.py``), per tile:
+
+1. ``a = attentions[h-1][:, :, 0, 1:].sum(heads)``: the [CLS] row of the attention of the layer that
+   produced LLaVA's feature ``h`` (``-2``), summed over heads (not averaged; the ranking is the same);
+2. dominant: the [CLS] token itself plus the top ``dominant - 1`` patches by ``a``, in token order
+   ([CLS] first): the official ``dominant`` argument counts the [CLS] token;
+3. contextual: the remaining tokens' keys of that same layer, averaged over heads (the official
+   ``metric``), L2-normalised; every ``step = max(1, R // contextual)``-th remaining token (in
+   order) is a target, the others are assigned to their most similar target (argmax of the cosine);
+   a target becomes ``target + mean(assigned)`` (not the mean including the target: official);
+4. the tile's ``dominant + contextual`` hidden states go through the projector.
+
+LLaVA-NeXT anyres (official ``restore_image_features_sorted`` + ``prepare_inputs_labels_for_multimodal``):
+the base tile gives its ``dominant + contextual`` tokens in the order above; the other tiles give
+their dominant patch tokens at their places in the stitched tile grid, read row by row over the
+whole grid, then the [CLS] token of each tile, then the contextual tokens of each tile. There is no
+unpadding and no ``image_newline`` (the official code computes the newline but does not insert it).
+
+Deviations: the official code hard-codes 576 patches / 24 per side (generalised to the tile's
+grid); ``contextual = 0`` is allowed (no contextual tokens; the official code divides by zero);
+the equal-compute solver varies the tokens per tile, split between dominant and contextual
+tokens in the README's 54 : 10 proportion. Keys are read with a forward hook on that layer's ``k_proj``
+(the official code monkey-patches ``CLIPAttention.forward`` to return them).
+
+Defaults: ``dominant=191, contextual=30`` (``visionzip(model, dominant=191, contextual=30)``, the
+function's defaults; the README's example uses 54 / 10, i.e. 64 tokens per tile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, param, register_method
+from .vision import CompressedImage, grid_shape, project, run_tower, stitch
+
+#: README proportion of dominant to all kept tokens (54 of 64, 108 of 128, 162 of 192)
+DOMINANT_SHARE = 54 / 64
+
+
+@register_method("visionzip")
+@dataclass
+class VisionZipConfig(MethodConfig):
+    """VisionZip: per tile, ``dominant`` tokens by [CLS] attention ([CLS] included) + ``contextual`` merged tokens."""
+
+    official: ClassVar[str] = "dvlab-research/VisionZip@3151f6df4fca36a4cd1c985e5956e725b1f9ad02"
+    needs_attentions: ClassVar[bool] = True
+
+    dominant: int = param(191, low=1)
+    """Dominant tokens per tile, the [CLS] token included (the official `dominant` argument)."""
+    contextual: int = param(30, low=0)
+    """Contextual tokens per tile: merges of the remaining tokens by key similarity."""
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        n = geometry.patches + 1
+        if self.dominant + self.contextual > n:
+            raise MethodError(f"visionzip: dominant + contextual must be in [1, {n}] (the {geometry.patches} patches + [CLS] "
+                              f"of a tile), got {self.dominant} + {self.contextual}.")
+        if geometry.feature_index == 0:
+            raise MethodError("visionzip needs vision_feature_layer to be a layer output (LLaVA: -2), not the embeddings.")
+
+    def candidates(self, geometry: ModelGeometry) -> list["VisionZipConfig"]:
+        return [self.replace(**split_tokens(n)) for n in range(1, geometry.patches + 2)]
+
+    def budget(self) -> dict[str, Any]:
+        return {"dominant": self.dominant, "contextual": self.contextual}
+
+    def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
+        n, c = geometry.patches + 1, self.contextual
+        R = n - self.dominant
+        hd = config.vision_config.hidden_size // config.vision_config.num_attention_heads
+        D = config.vision_config.hidden_size
+        # per tile: cosine similarities (R-c) x c over head_dim keys, merge bmm c x (R-c) x D
+        extra = 2 * (R - c) * c * hd + 2 * c * (R - c) * D if c else 0
+        k = self.dominant + c
+        return VisionAccount(llm_tokens=tiles * k, tower_tokens=n, tower_tiles=tiles, projector_tokens=tiles * k,
+                             extra_flops=tiles * extra)
+
+    # ---------------------------------------------------------------------------- algorithm
+    def compress(self, model, geometry: ModelGeometry, tiles: list[torch.Tensor], sizes: list[Any]) -> list[CompressedImage]:
+        self.check_model(geometry)
+        h = geometry.feature_index
+        pixels = torch.cat(tiles, 0)
+        out = run_tower(model, geometry, pixels, attentions=True, capture={"k": ("k_proj", h - 1)})
+        hidden, attn = out.hidden, out.attention                   # (T, 1+P, D), (T, H, 1+P, 1+P)
+        T, n, D = hidden.shape
+        heads = attn.shape[1]
+        metric = out.captured["k"].view(T, n, heads, -1).mean(2)   # (T, 1+P, D/H): keys averaged over heads
+        tokens, kept = visionzip_tiles(hidden, attn, metric, self.dominant, self.contextual)
+        feats = project(model, tokens)                             # (T, dominant + contextual, d)
+        images, start = [], 0
+        for t_img, size in zip(tiles, sizes):
+            t = t_img.shape[0]
+            f, sel = feats[start:start + t], kept[start:start + t]
+            start += t
+            if t == 1 or not geometry.anyres:
+                images.append(CompressedImage(f.reshape(-1, f.shape[-1]), [s - 1 for s in sel]))
+                continue
+            images.append(CompressedImage(_anyres_layout(model, geometry, f, sel, size, self.dominant),
+                                          [s[1:] - 1 for s in sel]))
+        return images
+
+
+def split_tokens(total: int) -> dict[str, int]:
+    """Tokens per tile -> dominant / contextual counts in the README's 54 : 10 proportion (64 -> 54 + 10)."""
+    dominant = max(1, int(round(total * DOMINANT_SHARE)))
+    return {"dominant": dominant, "contextual": total - dominant}
+
+
+def visionzip_tiles(hidden: torch.Tensor, attn: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int):
+    """The per-tile algorithm (module docstring, steps 1-3) over T tiles at once.
+
+    hidden (T, n, D), attn (T, H, n, n), metric (T, n, c) -> tokens (T, dominant + contextual, D) and,
+    per tile, the kept token indices 0..n-1 ([CLS] = 0, then the dominant patches in token order).
+    """
+    T, n, D = hidden.shape
+    cls_att = attn[:, :, 0, 1:].sum(1)                                       # (T, P)
+    top = cls_att.topk(dominant - 1, dim=1).indices + 1                      # (T, dominant-1), token indices
+    keep_idx = torch.cat([torch.zeros(T, 1, dtype=top.dtype, device=top.device), top], 1).sort(1).values
+    rest = torch.ones(T, n, dtype=torch.bool, device=hidden.device)
+    rest.scatter_(1, keep_idx, False)                                        # True = not dominant
+    dom = hidden.gather(1, keep_idx[..., None].expand(-1, -1, D))            # (T, dominant, D), token order
+    if contextual == 0:
+        return dom, list(keep_idx)
+    R = n - dominant
+    rest_idx = rest.nonzero()[:, 1].view(T, R)                               # (T, R) remaining, in order
+    h_rest = hidden.gather(1, rest_idx[..., None].expand(-1, -1, D))         # (T, R, D)
+    m_rest = metric.gather(1, rest_idx[..., None].expand(-1, -1, metric.shape[-1]))
+    m_rest = m_rest / m_rest.norm(dim=-1, keepdim=True)
+    step = max(1, R // contextual)
+    targets = torch.arange(0, R, step, device=hidden.device)[:contextual]   # (c,)
+    if targets.numel() < contextual:
+        raise MethodError(f"visionzip: {R} remaining tokens cannot give {contextual} contextual tokens; lower contextual.")
+    is_target = torch.zeros(R, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    sim = torch.bmm(m_rest[:, ~is_target], m_rest[:, targets].transpose(1, 2))   # (T, R-c, c) cosine
+    assign = torch.zeros_like(sim, dtype=hidden.dtype).scatter_(2, sim.argmax(2, keepdim=True), 1.0)
+    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)                        # (T, c, 1)
+    merged = torch.bmm(assign.transpose(1, 2), h_rest[:, ~is_target]) / counts   # (T, c, D)
+    ctx = h_rest[:, targets] + merged
+    return torch.cat([dom, ctx], 1), list(keep_idx)
+
+
+def _anyres_layout(model, geometry: ModelGeometry, feats: torch.Tensor, kept: list[torch.Tensor], size: Any,
+                   dominant: int) -> torch.Tensor:
+    """Official LLaVA-NeXT order: base tile's tokens | grid dominants (stitched raster) | tiles' [CLS] | tiles' contextual."""
+    g, d = geometry.patches_per_side, feats.shape[-1]
+    base, grid = feats[0], feats[1:]                                          # (k, d), (t-1, k, d)
+    rows, cols = grid_shape(model.config, size)
+    t = grid.shape[0]
+    placed = torch.zeros(t, g * g, d, dtype=feats.dtype, device=feats.device)
+    mask = torch.zeros(t, g * g, dtype=torch.bool, device=feats.device)
+    for i in range(t):
+        patch_idx = kept[i + 1][1:] - 1                                        # sorted patch indices (no [CLS])
+        placed[i, patch_idx] = grid[i, 1:dominant]
+        mask[i, patch_idx] = True
+    placed = stitch(placed.view(t, g, g, d), rows, cols).reshape(-1, d)
+    mask = stitch(mask.view(t, g, g), rows, cols).reshape(-1)
+    return torch.cat([base, placed[mask], grid[:, 0], grid[:, dominant:].reshape(-1, d)], 0)

@@ -1,0 +1,470 @@
+"""``pmod-bench reproduce --toy``: the paper's pipeline on the toy world, end to end, resumable.
+
+Steps (each skipped when its output is complete, so a killed run continues where it stopped)::
+
+    OUTPUT/
+      data/bench/pmod-bench/toy-world/   the benchmark, hub layout (lmms-eval reads it via PMOD_BENCH_DATA)
+      data/train/                         PT captions + SFT conversations (LLaVA JSON) + images
+      prep/lm, prep/vision                the toy language model (+ tokenizer) and CLIP tower
+      models/pt, models/<model>/          `pmod-bench train` run directories (PT, then one SFT per model)
+      eval/<model>/                       `pmod-bench eval --suite toy` run directories (+ introspection.json)
+      profile/                            profile run directory (FLOPs, KV cache, CPU latency per model)
+      routing.json                        the kept-token statistic of every p-MoD model
+      methods/                            comparison methods of pmod_bench.methods at equal FLOPs (when installed)
+      report/                             the toy analogs of Tables 1/3/4/6/7, trade-off curves, Fig. 5/6
+      reproduce.json                      what ran, timings, and where each checkpoint came from
+
+Checkpoints are reused from, in order: OUTPUT/models (a resumed run), the checkpoint cache
+(``$PMOD_BENCH_CACHE/toy-checkpoints/<key>``, filled by every full run; the key hashes recipes,
+sizes and seeds), then the ones shipped in the package (``pmod_bench/toy/checkpoints``, --quick's
+models). ``--retrain`` ignores the cache and the shipped ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from pmod_bench.atomic import atomic_write_json
+
+from .models import MODELS, PT, QUICK, ToyModel
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED = PACKAGE_DIR / "checkpoints"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one reproduction (the full run or --quick)."""
+
+    models: tuple
+    bench_n: int = 60
+    """documents per benchmark split"""
+    train_images: int = 1800
+    turns: int = 6
+    pt_images: int = 1200
+    lm_steps: int = 150
+    vision_steps: int = 600
+    eval_limit: Optional[int] = None
+    routing_images: int = 30
+    seed: int = 0
+
+    def key(self) -> str:
+        """Cache key of the checkpoints: every input that changes the trained weights."""
+        from .data import DATA_VERSION
+
+        h = hashlib.sha256()
+        h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns,
+                             "pt_images": self.pt_images, "lm_steps": self.lm_steps, "vision_steps": self.vision_steps,
+                             "seed": self.seed}, sort_keys=True).encode())
+        for p in sorted((PACKAGE_DIR / "recipes").glob("*.yaml")):
+            h.update(p.name.encode() + p.read_bytes())
+        for name in ("world.py", "questions.py", "prepare.py", "data.py"):
+            h.update((PACKAGE_DIR / name).read_bytes())
+        return h.hexdigest()[:16]
+
+
+FULL = Plan(models=tuple(MODELS))
+QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=24, routing_images=12)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("PMOD_BENCH_CACHE", "").strip() or os.path.join(os.path.expanduser("~"), ".cache", "pmod_bench")
+    return Path(base) / "toy-checkpoints"
+
+
+def _complete(run_dir: Path) -> bool:
+    try:
+        s = json.loads((run_dir / "train_summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return s.get("status") == "completed" and (run_dir / "config.json").is_file()
+
+
+class Progress:
+    """One line per step on stderr, with the elapsed time; a bar for the model loops."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.t0 = time.time()
+        self.bar = tqdm(total=total, desc="reproduce --toy", unit="step", disable=quiet, file=sys.stderr,
+                        bar_format="{desc}: {n}/{total} steps |{bar:20}| {elapsed} {postfix}")
+
+    def log(self, msg: str) -> None:
+        self.bar.write(f"[{time.time() - self.t0:6.1f} s] {msg}", file=sys.stderr)
+
+    def step(self, what: str) -> None:
+        self.bar.set_postfix_str(what)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Reproduction:
+    out: Path
+    plan: Plan
+    retrain: bool = False
+    progress: Optional[Progress] = None
+    timings: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------ paths
+    @property
+    def bench_root(self) -> Path:
+        return self.out / "data" / "bench"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out / "data" / "train"
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def eval_dir(self, name: str) -> Path:
+        return self.out / "eval" / name
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            self.progress.log(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _timed(self, name: str, fn: Callable[[], None]) -> None:
+        t = time.time()
+        fn()
+        self.timings[name] = round(time.time() - t, 2) + self.timings.get(name, 0.0)
+        self._save_state()
+        if self.progress:
+            self.progress.step(name)
+
+    # ------------------------------------------------------------------------------------- steps
+    def data(self) -> None:
+        from .data import benchmark_ok, write_benchmark, write_training
+
+        if not benchmark_ok(self.bench_root, self.plan.bench_n):
+            self.log(f"writing the toy benchmark ({self.plan.bench_n} documents per split) to {self.bench_root}")
+            write_benchmark(self.bench_root, n=self.plan.bench_n)
+        marker = self.train_dir / "toy_train.json"
+        want = {"images": self.plan.train_images, "turns": self.plan.turns, "seed": self.plan.seed}
+        if self.needs_training() and not (marker.is_file() and json.loads(marker.read_text()) == want):
+            self.log(f"writing {self.plan.train_images} training scenes ({self.plan.turns} questions each) to {self.train_dir}")
+            write_training(self.train_dir, n_images=self.plan.train_images, turns=self.plan.turns)
+            atomic_write_json(marker, want)
+
+    def needs_training(self) -> bool:
+        return any(self._reuse(m) is None for m in self.plan.models)
+
+    def _reuse(self, name: str) -> Optional[Path]:
+        """A finished checkpoint for ``name`` outside OUTPUT/models (cache, then shipped), or None."""
+        if _complete(self.model_dir(name)):
+            return self.model_dir(name)
+        if self.retrain:
+            return None
+        cached = _cache_dir() / self.plan.key() / name
+        if _complete(cached):
+            return cached
+        shipped = SHIPPED / name
+        if (shipped / "config.json").is_file() and (shipped / "train_summary.json").is_file():
+            return shipped
+        return None
+
+    def prepare(self) -> None:
+        from .prepare import build_language_model, build_tokenizer, build_vision_tower
+
+        lm, vision = self.out / "prep" / "lm", self.out / "prep" / "vision"
+        if not (vision / "toy_pretrain.json").is_file():
+            self.log("pretraining the toy CLIP vision tower (patch labels of toy scenes)")
+            info = build_vision_tower(vision, seed=self.plan.seed, steps=self.plan.vision_steps, log=self.log)
+            self.log(f"vision tower: patch accuracy {info['patch_accuracy']}")
+        if not (lm / "toy_pretrain.json").is_file():
+            self.log("building the toy tokenizer and pretraining the toy language model on toy text")
+            info = build_language_model(lm, build_tokenizer(self.plan.seed), seed=self.plan.seed, steps=self.plan.lm_steps,
+                                        log=self.log)
+            self.log(f"language model: final loss {info['final_loss']:.3f}")
+
+    def _train(self, model: ToyModel, extra: list) -> None:
+        import torch
+
+        from pmod_bench.cli import main as cli_main
+
+        torch.set_num_threads(1)
+        out = self.model_dir(model.name)
+        prep = self.out / "prep"
+        data_json = self.train_dir / ("pt.json" if model is PT else "sft.json")
+        args = ["train", "--config", str(model.recipe_path), f"model.llm={prep / 'lm'}", f"model.vision_tower={prep / 'vision'}",
+                f"data.json={data_json}", f"data.image_folder={self.train_dir}", f"output_dir={out}", *extra]
+        if model is not PT:
+            args.append(f"model.projector={self.model_dir('pt')}")
+        self.log(f"training {model.name}: pmod-bench {' '.join(args[:3])} ...")
+        rc = cli_main(args)
+        if rc != 0 or not _complete(out):
+            raise RuntimeError(f"training {model.name} failed (exit code {rc}); see {out}")
+        s = json.loads((out / "train_summary.json").read_text())
+        self.log(f"{model.name}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['wall_s']:.0f} s")
+
+    def train(self) -> None:
+        todo = [m for m in self.plan.models if self._reuse(m) is None]
+        for name in self.plan.models:
+            src = self._reuse(name)
+            if src is not None and src != self.model_dir(name):
+                self.sources[name] = str(src)
+                self.log(f"{name}: reusing the checkpoint in {src}")
+        if not todo:
+            return
+        self.prepare()
+        if not _complete(self.model_dir("pt")):
+            self._train(PT, [f"data.max_samples={self.plan.pt_images}"])
+        for name in todo:
+            self._timed(f"train {name}", lambda n=name: self._train(MODELS[n], []))
+            self.sources[name] = "trained"
+            self._store_in_cache(name)
+
+    def _store_in_cache(self, name: str) -> None:
+        dst = _cache_dir() / self.plan.key() / name
+        if _complete(dst):
+            return
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        src = self.model_dir(name)
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+
+    def checkpoint(self, name: str) -> Path:
+        src = self._reuse(name)
+        if src is None:
+            raise RuntimeError(f"no checkpoint for {name}")
+        return src
+
+    def evaluate(self) -> None:
+        from pmod_bench.tasks.runner import EvalConfig, run_eval
+
+        os.environ["PMOD_BENCH_DATA"] = str(self.bench_root)  # the tasks read this run's benchmark copy
+        for name in self.plan.models:
+            run_dir = self.eval_dir(name)
+            if (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("complete"):
+                continue
+
+            def go(name=name, run_dir=run_dir):
+                cfg = EvalConfig(model=str(self.checkpoint(name)), suite="toy", output=str(run_dir), batch_size=1,
+                                 limit=self.plan.eval_limit, label=f"toy/{name}",
+                                 command=f"pmod-bench eval --model {self.checkpoint(name)} --suite toy --output {run_dir}"
+                                 + (f" --limit {self.plan.eval_limit}" if self.plan.eval_limit else ""))
+                self.log(f"evaluating {name} on the toy suite through lmms-eval")
+                outcome = run_eval(cfg, log=lambda m: None)
+                if outcome.failures:
+                    raise RuntimeError(f"evaluating {name}: {outcome.failures}")
+                self.log(f"{name}: " + ", ".join(f"{r['benchmark']} {r['value']:.1f}" for r in outcome.rows))
+
+            self._timed(f"eval {name}", go)
+
+    # --------------------------------------------------------------------------------- profile
+    def profile(self) -> None:
+        from pmod_bench.profiler import Scenario, profile, write_run_dir
+
+        out = self.out / "profile"
+        if (out / "profile.json").is_file():
+            return
+        scenario = Scenario((64, 64), text_tokens=self.text_tokens(), gen_tokens=2)
+
+        def go():
+            rows = []
+            for name in self.plan.models:
+                variants = ["baseline"] if name == "baseline" else ["config"]
+                got = profile(str(self.checkpoint(name)), variants, [scenario], latency=True, device="cpu", dtype="float32",
+                              recipe=None, verify=True, warmup=2, repeats=7)
+                for r in got:
+                    r.variant = name
+                rows += got
+            tmp = out.with_name("profile.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_run_dir(str(tmp), rows, "pmod-bench reproduce --toy (profile step)", label="toy")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+
+        self.log("profiling every model (analytic FLOPs checked with FlopCounterMode, KV cache, CPU latency)")
+        self._timed("profile", go)
+
+    def text_tokens(self) -> int:
+        """Prompt tokens of a toy existence question (system prompt + question), the profile scenario's text."""
+        from transformers import AutoTokenizer
+
+        from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
+
+        from .questions import SHORT
+
+        tok = AutoTokenizer.from_pretrained(str(self.checkpoint("baseline")))
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle in the image?" + SHORT}]}]
+        text = tok.apply_chat_template(msgs, chat_template=VICUNA_V1_TEMPLATE, add_generation_prompt=True, tokenize=False)
+        return len(tok(text)["input_ids"]) - 1  # without the <image> placeholder
+
+    # --------------------------------------------------------------------------------- routing
+    def routing(self) -> None:
+        path = self.out / "routing.json"
+        if path.is_file():
+            return
+
+        def go():
+            import torch
+
+            from pmod_bench import load_model
+            from pmod_bench.model.introspect import write_introspection
+
+            from .data import scene_from_json
+            from .questions import SHORT
+            from .routing import kept_token_statistic
+            from .world import render
+
+            torch.set_num_threads(1)
+            scenes = self._eval_scenes(self.plan.routing_images)
+            question = "Is there a red circle in the image?" + SHORT
+            result = {}
+            for name in self.plan.models:
+                if name == "baseline":
+                    continue
+                model, processor = load_model(str(self.checkpoint(name)))
+                model.eval()
+                result[name] = kept_token_statistic(model, processor, scenes, question)
+                # Fig. 5/6 data: one toy image, the routers' choices per layer
+                write_introspection(self.eval_dir(name), model, processor, render(scenes[0]), question)
+                r = result[name]
+                self.log(f"{name}: kept tokens on shapes {100 * r['kept_on_shapes']:.1f}% vs {100 * r['tokens_on_shapes']:.1f}% "
+                         f"of all tokens (shapes cover {100 * r['shape_area']:.1f}% of the image)")
+            atomic_write_json(path, result, indent=1)
+
+        self.log("measuring where the trained routers keep tokens")
+        self._timed("routing", go)
+
+    def _eval_scenes(self, n: int) -> list:
+        import datasets
+
+        from .data import HUB_ID, scene_from_json
+
+        repo = self.bench_root / HUB_ID
+        ds = datasets.load_dataset("parquet", data_files=str(repo / "scenes" / "test-*.parquet"), split="train")
+        picked = [scene_from_json(r["scene"]) for r in ds if r["question_id"].startswith("exist-random")]
+        seen, out = set(), []
+        for sc in picked:  # one per image (each scene holds two questions)
+            key = json.dumps([sc.size, sc.background, [s.box for s in sc.shapes]])
+            if key not in seen:
+                seen.add(key)
+                out.append(sc)
+        return out[:n]
+
+    # --------------------------------------------------------------------------------- methods
+    def methods(self) -> None:
+        """The comparison methods registered in ``pmod_bench.methods`` (when that package exists), applied to the
+        baseline checkpoint with their token budget solved to p-MoD-0.5's prefill FLOPs, evaluated like the models."""
+        import importlib.util
+
+        path = self.out / "methods" / "methods.json"
+        if path.is_file():
+            return
+        if importlib.util.find_spec("pmod_bench.methods") is None:
+            atomic_write_json(path, {"available": False, "note": "pmod_bench.methods is not installed: no comparison methods"})
+            return
+        import pmod_bench.methods as mod
+
+        try:
+            names = sorted(mod.available_methods())
+        except Exception as exc:  # the registry failed to load: recorded in the report, the reproduction goes on
+            atomic_write_json(path, {"available": False, "note": f"pmod_bench.methods failed to load its methods: "
+                                                                 f"{type(exc).__name__}: {exc}"})
+            self.log(f"comparison methods skipped: pmod_bench.methods failed to load ({type(exc).__name__}: {exc})")
+            return
+        if not hasattr(mod, "solve"):
+            atomic_write_json(path, {"available": False, "note": "pmod_bench.methods has no available_methods / solve"})
+            return
+        from pmod_bench import load_model
+        from pmod_bench.tasks.plugin import PMoDLlava
+        from pmod_bench.tasks.runner import EvalConfig, run_eval
+
+        os.environ["PMOD_BENCH_DATA"] = str(self.bench_root)
+        base = str(self.checkpoint("baseline"))
+        done: dict = {}
+        for name in names:
+            run_dir = self.out / "methods" / name
+            try:
+                match = mod.solve(name, base, (64, 64), match="p-MoD-0.5", text_tokens=self.text_tokens())
+                model, processor = load_model(base, method=match.config)
+                spec = match.config.spec() if hasattr(match.config, "spec") else name
+                lm = PMoDLlava.from_loaded(model, processor, name=f"{base}+{spec}", batch_size=1)
+                self.log(f"evaluating comparison method {spec} (prefill FLOPs matched to p-MoD-0.5, rel. err. {match.rel_err:.3f})")
+                outcome = run_eval(EvalConfig(model=f"{base}+{spec}", suite="toy", output=str(run_dir), limit=self.plan.eval_limit,
+                                              label=f"toy/{name}"), lm=lm, log=lambda m: None)
+                done[name] = {"spec": spec, "match": match.to_dict(), "run_dir": str(run_dir),
+                              "scores": {r["benchmark"]: r["value"] for r in outcome.rows}, "failures": outcome.failures}
+            except Exception as exc:  # one method failing must not lose the report; recorded, not hidden
+                done[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+                self.log(f"comparison method {name}: {done[name]['error']}")
+        atomic_write_json(path, {"available": True, "methods": done}, indent=1)
+
+    # ---------------------------------------------------------------------------------- report
+    def report(self) -> None:
+        from .report import write_report
+
+        self._timed("report", lambda: write_report(self.out, self.plan))
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        import torch
+
+        torch.set_num_threads(1)  # deterministic training, and a fair share of a small CPU
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        state_path = self.out / "reproduce.json"
+        previous = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if previous and previous.get("plan") != self.plan_dict():
+            raise ValueError(f"{self.out} holds a reproduction with other settings ({'--quick' if previous['plan']['eval_limit'] else 'full'}); "
+                             "resume it with the same flags or pass a new --output")
+        self.timings = dict(previous.get("timings", {}))
+        self.sources = dict(previous.get("sources", {}))
+        self._timed("data", self.data)
+        self.train()
+        self.evaluate()
+        self.profile()
+        self.routing()
+        self._timed("methods", self.methods)
+        self.report()
+        self._save_state(wall_s_this_invocation=round(time.time() - t0, 1), complete=True)
+        return json.loads(state_path.read_text())
+
+    def _save_state(self, **extra) -> None:
+        """reproduce.json after every step: a killed run keeps its timings and checkpoint sources."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "reproduce.json", {"plan": self.plan_dict(), "sources": self.sources,
+                                                        "timings": self.timings, "checkpoint_key": self.plan.key(), **extra},
+                          indent=1)
+
+    def plan_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self.plan)
+        d["models"] = list(d["models"])
+        return d
+
+
+def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False, quiet: bool = False) -> dict:
+    plan = QUICK_PLAN if quick else FULL
+    steps = 1 + len(plan.models) * 2 + 4  # data, train + eval per model, profile, routing, methods, report
+    prog = Progress(steps, quiet=quiet)
+    try:
+        return Reproduction(Path(out), plan, retrain=retrain, progress=prog).run()
+    finally:
+        prog.close()
+
+
+__all__ = ["FULL", "Plan", "QUICK_PLAN", "Reproduction", "reproduce"]

@@ -1,0 +1,69 @@
+"""Regenerate the checkpoints shipped in ``pmod_bench/toy/checkpoints`` (what ``reproduce --toy --quick`` uses).
+
+    python -m pmod_bench.toy.ship [--work DIR]
+
+Trains the --quick models (baseline, p-MoD-0.5, p-MoD-0.3) from nothing exactly as ``reproduce --toy``
+does (same data, seeds and recipes, one CPU thread), then stores each final model with its weights in
+float16 safetensors (about 0.85 MB a model) plus its config, processor and train summary. Training is
+deterministic on one thread, so the files come out bit for bit the same on the same software stack
+(torch, transformers, Pillow versions); ``checkpoints/MANIFEST.json`` records their SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .models import QUICK
+from .pipeline import FULL, SHIPPED, Reproduction
+
+KEEP = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "processor_config.json", "preprocessor_config.json", "special_tokens_map.json", "train_summary.json")
+
+
+def to_float16(src: Path, dst: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in sorted(tensors.items())}, str(dst),
+              metadata={"format": "pt"})
+
+
+def ship(work: Path) -> dict:
+    rep = Reproduction(work, FULL, retrain=True)
+    rep.plan = type(FULL)(**{**rep.plan_dict(), "models": QUICK})
+    rep.data()
+    rep.train()
+    manifest = {}
+    for name in QUICK:
+        src, dst = rep.model_dir(name), SHIPPED / name
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in KEEP:
+            if (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
+        to_float16(src / "model.safetensors", tmp / "model.safetensors")
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        manifest[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(dst.iterdir())}
+    (SHIPPED / "MANIFEST.json").write_text(json.dumps({"checkpoint_key": rep.plan.key(), "files": manifest}, indent=1) + "\n")
+    return manifest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", help="working directory (default: a temporary one)")
+    args = ap.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="toy-ship-"))
+    manifest = ship(work)
+    print(json.dumps(manifest, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The toy world: generator determinism and schema, scorers, the token -> region map, and the whole
+pipeline end to end (`pmod-bench reproduce --toy --quick`) asserting real numbers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+
+def test_scenes_and_questions_are_deterministic():
+    from pmod_bench.toy.data import benchmark_docs
+    from pmod_bench.toy.world import render, sample_scene
+
+    a, b = sample_scene(random.Random(3)), sample_scene(random.Random(3))
+    assert a == b and render(a).tobytes() == render(b).tobytes()
+    d1, d2 = benchmark_docs(n=6), benchmark_docs(n=6)
+    assert set(d1) == {("exist", "random"), ("exist", "popular"), ("exist", "adversarial"), ("attribute", "test"),
+                       ("count", "test"), ("mc", "test"), ("text", "test"), ("ground", "test")}
+    for key in d1:
+        assert len(d1[key]) == 6
+        for x, y in zip(d1[key], d2[key]):
+            assert {k: v for k, v in x.items() if k not in ("image", "_scene")} == \
+                   {k: v for k, v in y.items() if k not in ("image", "_scene")}
+            assert x["image"].tobytes() == y["image"].tobytes()
+    exist = d1[("exist", "adversarial")]
+    assert [d["answer"] for d in exist].count("yes") == 3  # balanced like POPE
+    for d in exist:  # adversarial negatives share the colour or shape of an object in the image
+        if d["answer"] == "no":
+            obj = d["question"].split("Is there a ")[1].split(" in the")[0]
+            assert obj not in d["_scene"].objects()
+            assert any(obj.split()[0] == o.split()[0] or obj.split()[1] == o.split()[1] for o in d["_scene"].objects())
+
+
+def test_benchmark_hub_layout_loads_with_datasets(tmp_path):
+    import datasets
+
+    from pmod_bench.toy.data import HUB_ID, benchmark_ok, write_benchmark
+
+    repo = write_benchmark(tmp_path, n=4)
+    assert benchmark_ok(tmp_path, 4) and repo == tmp_path / HUB_ID
+    assert "config_name: exist" in (repo / "README.md").read_text()
+    ds = datasets.load_dataset(str(repo), "exist", cache_dir=str(tmp_path / "c"))
+    assert set(ds) == {"random", "popular", "adversarial"} and ds["random"][0]["image"].size[0] in (48, 64, 80, 96)
+    ground = datasets.load_dataset(str(repo), "ground", split="test", cache_dir=str(tmp_path / "c"))
+    assert len(ground[0]["bbox"]) == 4 and ground[0]["answer"][0].startswith("the ")
+
+
+def test_suite_and_scorers():
+    from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, resolve_suite
+    from pmod_bench.tasks.toy_utils import parse_letter, toy_exact_process_results, toy_mc_process_results
+
+    assert [b.key for b in resolve_suite("toy")] == list(SUITES["toy"])
+    assert not set(SUITES["toy"]) & set(BENCHMARKS) and not set(SUITES["toy"]) & set(SUITES["all"])
+    opts = ["circle", "square", "triangle", "diamond"]
+    assert parse_letter("B", opts) == "B" and parse_letter("(C) triangle", opts) == "C"
+    assert parse_letter("the square", opts) == "B" and parse_letter("no idea", opts) is None
+    assert toy_mc_process_results({"options": opts, "answer": "D"}, [" D"]) == {"accuracy": 1.0, "unparsed": 0.0}
+    assert toy_exact_process_results({"answer": "red"}, [" Red."])["exact_match"] == 1.0
+
+
+def test_token_regions_match_the_models_vision_tokens():
+    import torch
+
+    from pmod_bench import load_model
+    from pmod_bench.toy.routing import token_regions
+    from pmod_bench.toy.world import SIZES, Scene, render
+
+    import pmod_bench
+
+    pmod_bench.register()
+    model, processor = load_model("tiny")
+    for size in SIZES:
+        image = render(Scene(size, (220, 220, 220)))
+        inputs = processor(images=image, text="<image>\nhi", return_tensors="pt")
+        n = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+        regions = token_regions(model, processor, size)
+        assert len(regions) == n, size
+        boxes = [r for r in regions[16:] if r is not None]
+        assert max(r[2] for r in boxes) == pytest.approx(size[0]) and max(r[3] for r in boxes) == pytest.approx(size[1])
+        assert torch.is_tensor(inputs["pixel_values"])
+
+
+@pytest.mark.slow
+def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
+    """The toolkit's own end-to-end test: train/reuse -> lmms-eval -> profile -> routers -> report."""
+    from pmod_bench.cli import main
+    from pmod_bench.toy.pipeline import SHIPPED
+    from pmod_bench.toy.report import average
+
+    if not (SHIPPED / "MANIFEST.json").is_file():
+        pytest.skip("no shipped toy checkpoints (python -m pmod_bench.toy.ship writes them); --quick would train for ~30 min")
+    monkeypatch.setenv("PMOD_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "toy"
+    assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
+    data = json.loads((out / "report" / "data.json").read_text())
+    scores = data["scores"]
+    assert set(scores) == {"baseline", "p-MoD-0.5", "p-MoD-0.3"}
+    base, pmod05, pmod03 = (average(scores[m]) for m in ("baseline", "p-MoD-0.5", "p-MoD-0.3"))
+    # chance: Exist ~67 (always "yes"), Attr ~20-25, Count ~20, MC 25, Text 10, Ground ~0 -> average ~25
+    assert base > 40, scores["baseline"]
+    assert scores["baseline"]["Toy-Exist"] > 75
+    assert abs(pmod05 - base) < 15 and pmod03 < base + 10
+    prof = data["profile"]
+    assert 0.4 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.75 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
+    t1 = (out / "report" / "table1.md").read_text()
+    assert "–" not in t1.split("\n", 4)[-1]  # every cell of Table 1 filled from runs
+    for f in ("tradeoff.png", "tradeoff.pdf", "routing.png", "fig5_p-MoD-0_5.png", "fig6_p-MoD-0_5.png", "index.md"):
+        assert (out / "report" / f).stat().st_size > 0, f
+    r = data["routing"]["p-MoD-0.5"]
+    assert r["kept_on_shapes"] > r["tokens_on_shapes"]  # the trained routers prefer the shapes
+    # resume: a second invocation recomputes nothing and gives the same report
+    assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
+    assert json.loads((out / "report" / "data.json").read_text())["scores"] == scores
