@@ -96,9 +96,9 @@ def _eval(args) -> int:
     import sys
 
     if args.tasks_dir:
-        from . import TASKS_DIR
+        from . import tasks_dir
 
-        print(TASKS_DIR)
+        print(tasks_dir())
         return 0
     if args.list:
         from .benchmarks import describe

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -351,10 +352,10 @@ _TASK_MANAGERS: dict[str, Any] = {}
 
 def task_manager():
     """One lmms-eval ``TaskManager`` per process over the adapter tasks only (indexing the ~2,000
-    built-in YAMLs is skipped: the adapters reuse the built-ins' functions, not their files)."""
-    from . import TASKS_DIR
+    built-in YAMLs is skipped: an adapter ``include:``s its built-in's file by path, not by name)."""
+    from . import tasks_dir
 
-    key = str(TASKS_DIR)
+    key = str(tasks_dir())
     if key not in _TASK_MANAGERS:
         from lmms_eval.tasks import TaskManager
 
@@ -394,7 +395,9 @@ def _check_run_dir(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
     if meta.get("kind") != "eval":
         raise RunDirMismatch(f"{run_dir} holds a '{meta.get('kind')}' run, not an eval run; pass a new --output directory")
     old = meta.get("eval", {}).get("identity", {})
-    diff = {k: (old.get(k), v) for k, v in cfg.identity().items() if old.get(k) != v}
+    # a key the run directory predates (added to IDENTITY later) counts as that setting's default
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
+    diff = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.identity().items() if old.get(k, defaults.get(k)) != v}
     if diff:
         what = "; ".join(f"{k}: {a!r} in the run dir vs {b!r} now" for k, (a, b) in diff.items())
         raise RunDirMismatch(f"{run_dir} holds an evaluation with other settings ({what}). Resume with the same "

@@ -148,10 +148,10 @@ def test_plugin_through_python_m_lmms_eval(data_root, tmp_path):
     """`python -m lmms_eval --model pmod_llava` in a fresh process (entry point, include_path, CLI)."""
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PMOD_BENCH_DATA=str(data_root))
-    from pmod_bench.tasks import TASKS_DIR
+    from pmod_bench.tasks import tasks_dir
 
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "pmod_llava", "--model_args", "pretrained=tiny",
-           "--batch_size", "2", "--tasks", "pmod_realworldqa", "--include_path", str(TASKS_DIR), "--limit", "2", "--gen_kwargs", "max_new_tokens=2",
+           "--batch_size", "2", "--tasks", "pmod_realworldqa", "--include_path", str(tasks_dir()), "--limit", "2", "--gen_kwargs", "max_new_tokens=2",
            "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     results = list(out.glob("*/*_results.json"))

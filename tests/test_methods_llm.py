@@ -362,5 +362,9 @@ def test_equal_compute_solver_matches_pmod_05():
     f = method_flops(parse_method_spec("fastv:k=2,keep=0.5"), arch, (672, 672), 58)
     V = f.baseline_vision_tokens
     assert f.layer_vision_tokens == tuple([V, V] + [round(V * 0.5)] * 30)
-    assert f.method_extra == 2 * (58 + V) * 4096  # the last token's row at layer 1 (q_dim 4096)
+    assert f.llm_extra == 2 * (58 + V) * 4096  # the last token's row at layer 1 (q_dim 4096), inside llm_prefill
+    plain = method_flops(parse_method_spec("fastv:k=2,keep=0.5"), arch, (672, 672), 58).llm_prefill - f.llm_extra
+    from pmod_bench.profiler.flops import llm_prefill_flops
+
+    assert plain == llm_prefill_flops(arch.text, 58, V, list(f.layer_vision_tokens), (), 1).total("full")
     assert abs(f.kv_ratio - (2 * V + 30 * round(V * 0.5)) / (32 * V)) < 1e-12

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from pmod_bench.tasks import TASKS_DIR  # noqa: E402
+from pmod_bench.tasks import TASKS_DIR, tasks_dir  # noqa: E402
 from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, resolve_suite  # noqa: E402
 from conftest import benchmark_data_env  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, run_eval  # noqa: E402
@@ -109,7 +109,7 @@ def test_every_adapter_yaml_loads_and_suites_are_known():
     from pmod_bench.tasks.benchmarks import benchmark_for_task
     from pmod_bench.tasks.lmms_task import PMoDTask
 
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    tm = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
     yamls = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
     assert sorted(tm.all_tasks) == yamls
     for name in tm.all_subtasks:

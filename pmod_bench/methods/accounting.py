@@ -50,6 +50,9 @@ class MethodFlops:
     note: str = ""
     layer_vision_tokens: tuple = ()
     """In-LLM methods: vision tokens each LLM layer processes and caches (empty: ``llm_vision_tokens`` at every layer)."""
+    llm_extra: int = 0
+    """In-LLM methods: their own products inside the LLM (attention rows, extra projections, clustering),
+    already included in ``llm_prefill`` / ``llm_prefill_paper``."""
 
     @property
     def vision(self) -> int:

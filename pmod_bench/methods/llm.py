@@ -235,10 +235,10 @@ def llm_method_flops(cfg: LLMMethodConfig, arch, image_size: tuple[int, int], te
     llm = llm_prefill_flops(t, text_tokens, V, kept, (), logits_tokens).total("full")
     paper = paper_prefill_flops(t, text_tokens, V, kept)
     vis = vision_flops(arch, layout)
-    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector, method_extra=extra, llm_prefill=llm + extra,
+    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector, method_extra=0, llm_prefill=llm + extra,
                        llm_prefill_paper=paper + extra, llm_vision_tokens=min(kept), baseline_vision_tokens=V,
-                       layer_vision_tokens=tuple(kept), note="in-LLM method: its attention rows etc. are in method_extra "
-                       "and in llm_prefill")
+                       layer_vision_tokens=tuple(kept), llm_extra=extra,
+                       note=f"in-LLM method: its own products ({extra / 1e12:.4f} TFLOPs) are counted in llm_prefill")
 
 
 def row_flops(text, queries: int, keys: int) -> int:

@@ -219,23 +219,29 @@ def build_vision_tower(out: str | Path, seed: int = 0, steps: int = 400, batch: 
 
 
 # ------------------------------------------------------------------------------ language model
-def _lm_texts(rng: random.Random, n: int) -> list:
-    """Text-only pretraining data: captions and the questions with plausible answers (no image, so the
-    answers teach the format and vocabulary, not the facts)."""
+def _lm_texts(rng: random.Random, n: int, turns: int = 4) -> list:
+    """Text-only pretraining data in the SFT format, with the scene's *caption where the image goes*::
+
+        SYSTEM USER: The picture shows a red circle at the top left, ...\n<question> ASSISTANT: <answer></s>USER: ...
+
+    Every answer follows from the caption in context, so the toy LM learns to look up colours, shapes, counts
+    and digits in its context instead of a context-free answer prior (which SFT would then have to unlearn);
+    PT then only has to teach the connector to write the image into those slots."""
     from pmod_bench.train.data import VICUNA_SYSTEM
 
-    from .questions import MAKERS, exist_question, popularity, prompt_and_answer, scene_for
+    from .questions import conversation, popularity, scene_for
 
     out = []
     kinds = ("exist", "attribute", "count", "mc", "text", "ground")
     for i in range(n):
         sc = scene_for(kinds[i % len(kinds)], rng)
-        kind = kinds[rng.randrange(len(kinds))]
-        q = exist_question(sc, rng, rng.choice(("yes", "no")), "random", popularity([sc])) if kind == "exist" else MAKERS[kind](sc, rng)
-        text = describe(sc)
-        if q is not None:
-            prompt, answer = prompt_and_answer(kind, q)
-            text = f"{VICUNA_SYSTEM} USER: {prompt} ASSISTANT: {answer}</s> {text}"
+        conv = conversation(sc, rng, turns, popularity([sc]))
+        text = VICUNA_SYSTEM + " "
+        for t in conv:
+            if t["from"] == "human":
+                text += "USER: " + t["value"].replace("<image>", describe(sc)) + " "
+            else:
+                text += "ASSISTANT: " + t["value"] + "</s>"
         out.append(text)
     return out
 

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         description=(
             "Runs one stage of the paper's two-stage recipe (Table 12) on HF Trainer / accelerate; DeepSpeed ZeRO-2/3 "
             "with train.deepspeed=zero2|zero3. Several processes: `accelerate launch [--num_processes N | --config_file F] "
-            "-m pmod_bench.cli train --config ...`. Writes a run directory (run.json, train_log.jsonl, "
+            "-m pmod_bench.cli train --config ...` (on a machine without GPUs add --multi_gpu: accelerate then starts N CPU "
+            "processes on gloo). Re-running a command is idempotent (a finished run changes nothing; anything else "
+            "resumes from the newest complete checkpoint). Writes a run directory (run.json, train_log.jsonl, "
             "train_summary.json, checkpoints, the final model loadable with from_pretrained)."
         ),
         epilog=(

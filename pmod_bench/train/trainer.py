@@ -707,6 +707,12 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
         trainer.save_model(str(out))
         if is_main and cfg.stage == "pt":
             _save_connector(out)
+        if is_main:  # safetensors writes 0600; the model is published like its config.json
+            from pmod_bench.atomic import apply_default_modes
+
+            for name in os.listdir(out):
+                if name.endswith(".safetensors"):
+                    apply_default_modes(out / name)
         if is_main and (out / INIT_DIR).is_dir():
             shutil.rmtree(out / INIT_DIR)  # the starting model (ZeRO-3) is not needed once the final one is saved
     summary = _summary(base, trainer, run, status, None, checkpoint)
