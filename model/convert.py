@@ -59,15 +59,13 @@ from typing import Any, Optional, Union
 from pmod_bench.atomic import apply_default_modes
 
 from .config import PMoDConfig
+from .processors import IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, llava_processor
 
 CONVERTER_VERSION = 1
 #: written last into every converted directory: provenance, and "this conversion is complete"
 CONVERTED_MARKER = "pmod_bench_conversion.json"
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "PmodLlavaLlamaForCausalLM")
-IMAGE_TOKEN = "<image>"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
 #: vision towers whose architecture is known without their config (used when SRC holds the tower's
@@ -318,9 +316,9 @@ def resolve_vision_tower(name: str, saved: dict, override: Optional[str] = None,
     if where and Path(where).expanduser().is_dir():
         local = Path(where).expanduser()
     elif where:
-        from .loading import ModelSourceError, _looks_like_hub_id, resolve_hub_id
+        from .sources import ModelSourceError, looks_like_hub_id, resolve_hub_id
 
-        if _looks_like_hub_id(where):
+        if looks_like_hub_id(where):
             try:
                 local = resolve_hub_id(where, cache_dir=cache_dir)
             except ModelSourceError as exc:
@@ -469,17 +467,11 @@ class ConversionPlan:
 
 
 def _image_processor(kind: str, cfg: dict, vt: VisionTower):
-    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor
-
     s = vt.image_size
-    common = dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_mean=vt.image_mean,
-                  image_std=vt.image_std, resample=3, do_convert_rgb=True)
-    if kind.endswith("next"):
-        return LlavaNextImageProcessor(image_grid_pinpoints=_hf_pinpoints(cfg, s), do_pad=True, **common)
-    if cfg.get("image_aspect_ratio", "square") == "pad":
-        # expand to a square filled with the mean colour, then CLIP resize + centre crop (LLaVA-1.5)
-        return LlavaImageProcessor(do_pad=True, **common)
-    return CLIPImageProcessor(**common)
+    pinpoints = _hf_pinpoints(cfg, s) if kind.endswith("next") else None
+    # image_aspect_ratio "pad": expand to a square filled with the mean colour first (LLaVA-1.5)
+    return clip_image_processor(s, pinpoints=pinpoints, pad=cfg.get("image_aspect_ratio", "square") == "pad",
+                                mean=vt.image_mean, std=vt.image_std)
 
 
 def _hf_pinpoints(cfg: dict, tile: int) -> list[list[int]]:
@@ -632,7 +624,8 @@ def convert_checkpoint(
     """
     import torch
 
-    from .loading import _parse_dtype, read_config_json, resolve_source_dir
+    from .dtypes import torch_dtype
+    from .sources import read_config_json, resolve_source_dir
     from .presets import VICUNA_V1_TEMPLATE
 
     src_dir = resolve_source_dir(str(src), cache_dir=cache_dir)
@@ -677,7 +670,7 @@ def convert_checkpoint(
 
     from . import modeling  # noqa: F401  (importing it registers the Auto classes)
 
-    target_dtype = _parse_dtype(dtype) if dtype not in (None, "auto") else None
+    target_dtype = torch_dtype(dtype) if dtype not in (None, "auto") else None
     lm_dtype = mapped.state_dict["model.language_model.embed_tokens.weight"].dtype \
         if "model.language_model.embed_tokens.weight" in mapped.state_dict else torch.float32
     target_dtype = target_dtype or lm_dtype
@@ -713,16 +706,13 @@ def convert_checkpoint(
     plan.hf_config.dtype = target_dtype
 
     # 4. write: temp dir + rename -----------------------------------------------------------------
-    from transformers import GenerationConfig, LlavaNextProcessor, LlavaProcessor
+    from transformers import GenerationConfig
 
-    image_processor = _image_processor(plan.kind, cfg, vt)
-    proc_cls = LlavaNextProcessor if plan.kind.endswith("next") else LlavaProcessor
     template = chat_template or VICUNA_V1_TEMPLATE
     tok.chat_template = template
-    processor = proc_cls(
-        image_processor=image_processor, tokenizer=tok, patch_size=vt.config.patch_size,
-        vision_feature_select_strategy=plan.hf_config.vision_feature_select_strategy, chat_template=template,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    processor = llava_processor(
+        _image_processor(plan.kind, cfg, vt), tok, patch_size=vt.config.patch_size, chat_template=template,
+        vision_feature_select_strategy=plan.hf_config.vision_feature_select_strategy,
     )
     gen = GenerationConfig.from_pretrained(str(src_dir)) if (src_dir / "generation_config.json").is_file() else GenerationConfig()
     gen.pad_token_id = tok.pad_token_id

@@ -1,6 +1,7 @@
 """Which vision tokens each p-MoD layer processed, for one image: the data of the paper's Fig. 5 / 6.
 
-The output is ``introspection.json`` of docs/RUN_DIRS.md (read by ``pmod-bench report``):
+:func:`routing_record` is the record of ``introspection.json`` (docs/RUN_DIRS.md, read by ``pmod-bench
+report``; written into a run directory by :mod:`pmod_bench.tasks.introspection`):
 vision-token indices ``0..V-1`` in the order the model holds them. For LLaVA-NeXT the first
 ``(S/p)^2`` tokens are the base view (the whole image resized to one tile) and ``grid`` maps them onto
 the image row-major; the high-resolution tokens after them are shown in the layer x token map only.
@@ -9,15 +10,9 @@ For LLaVA-1.5 the grid covers the image as the processor presents it (centre cro
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Any, Optional
-
-from pmod_bench.atomic import atomic_write_bytes, atomic_write_json
+from typing import Any
 
 DEFAULT_QUESTION = "Describe the image in detail."
-IMAGE_FILE = "introspection_input.png"
-RECORD_FILE = "introspection.json"
 
 
 def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) -> dict[str, Any]:
@@ -51,33 +46,15 @@ def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) ->
     }
 
 
-def write_introspection(run_dir, model, processor, image, question: str = DEFAULT_QUESTION) -> Path:
-    """Write ``introspection.json`` + the input image into ``run_dir`` (each file atomically)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = routing_record(model, processor, image, question)
-    record["image"] = IMAGE_FILE
-    png = io.BytesIO()
-    image.convert("RGB").save(png, format="PNG")
-    atomic_write_bytes(run_dir / IMAGE_FILE, png.getvalue())
-    atomic_write_json(run_dir / RECORD_FILE, record, indent=1)
-    return run_dir / RECORD_FILE
+def __getattr__(name: str):
+    # TEMPORARY: pmod_bench/toy/pipeline.py still imports write_introspection from here. The run-directory
+    # writer lives in pmod_bench.tasks.introspection (the model library knows no run directories); remove
+    # this once that import is updated.
+    if name == "write_introspection":
+        from pmod_bench.tasks.introspection import write_introspection
+
+        return write_introspection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_image(spec: Optional[str]):
-    """A PIL image from a path, or the built-in generated test image for ``None`` / ``"demo"``."""
-    if spec in (None, "", "demo"):
-        from .presets import demo_image
-
-        return demo_image(672, 672)
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"introspection image '{spec}' does not exist; pass an image file or 'demo'")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"introspection image '{spec}' is not a readable image ({exc}); pass a PNG/JPEG file") from None
-
+__all__ = ["DEFAULT_QUESTION", "routing_record"]

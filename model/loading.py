@@ -19,45 +19,27 @@ which hub ids are looked up (as ``cache_dir`` of ``from_pretrained``; default ``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import PMoDConfig
+from .dtypes import torch_dtype as parse_dtype
+from .sources import (  # noqa: F401  (re-exported: part of this module's API)
+    ModelSourceError,
+    default_cache_root,
+    read_config_json,
+    resolve_hub_id,
+    resolve_source_dir,
+)
 
 PMOD_MODEL_TYPES = ("pmod_llava", "pmod_llava_next")
 VANILLA_MODEL_TYPES = ("llava", "llava_next")
 VANILLA_SUFFIX = ":vanilla"
 
 
-class ModelSourceError(ValueError):
-    """A model source that cannot be resolved or loaded; the message names the fix."""
-
-
 # ------------------------------------------------------------------------------------- helpers
-def default_cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Root of pmod-bench's own cache: ``cache_dir``, else $PMOD_BENCH_CACHE, else ~/.cache/pmod_bench."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("PMOD_BENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pmod_bench"
-
-
-def read_config_json(directory: Union[str, os.PathLike]) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ModelSourceError(
-            f"'{directory}' has no config.json, so it is no model checkpoint. Expected an HF checkpoint "
-            "(config.json + *.safetensors) or the original LLaVA layout (config.json with mm_vision_tower + weights)."
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint.") from exc
-
-
 def checkpoint_layout(directory: Union[str, os.PathLike]) -> str:
     """``"pmod"`` (HF p-MoD), ``"vanilla"`` (HF LLaVA / LLaVA-NeXT) or ``"original"`` (LLaVA repo layout)."""
     cfg = read_config_json(directory)
@@ -75,54 +57,6 @@ def checkpoint_layout(directory: Union[str, os.PathLike]) -> str:
         f"{', '.join(PMOD_MODEL_TYPES + VANILLA_MODEL_TYPES)} (HF layout), or the original LLaVA / p-MoD layout "
         "(model_type llava_llama / pmod_llava_llama with mm_vision_tower, mm_projector_type)."
     )
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
-
-
-def resolve_hub_id(repo_id: str, cache_dir=None, revision: Optional[str] = None) -> Path:
-    """Local snapshot directory of a hub repo: downloaded, or taken from the HF cache when offline.
-
-    The HF cache layout is ``<cache>/models--ORG--NAME/snapshots/<commit>/...`` with ``refs/<revision>``
-    naming the commit; a snapshot laid out that way by hand (or copied from another machine) works.
-    """
-    from huggingface_hub import snapshot_download
-
-    hub_cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
-    errors = []
-    for local_only in (False, True):
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache, local_files_only=local_only))
-        except Exception as exc:  # offline mode, no network, missing repo, gated repo, ...
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    from huggingface_hub import constants
-
-    where = hub_cache or constants.HF_HUB_CACHE
-    why = errors[0] if len(errors[0]) <= 240 else errors[0][:240] + "..."
-    raise ModelSourceError(
-        f"'{repo_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
-        f"({why}), nor found in the HF cache '{where}'. The hub may be unreachable from "
-        f"this machine: download it elsewhere (`hf download {repo_id} --local-dir DIR`), copy it here "
-        f"and pass the local path, or place a hub-layout snapshot under {where}/models--{repo_id.replace('/', '--')}/"
-        "snapshots/<rev>/ (with refs/main naming <rev>), or point HF_HUB_CACHE at the cache that holds it."
-    )
-
-
-def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = None, presets_hint: bool = False) -> Path:
-    """A local directory for ``source`` (a path, or a hub id resolved to its snapshot)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelSourceError(f"'{source}' is a file; pass the checkpoint directory that contains config.json.")
-    if not _looks_like_hub_id(source):
-        from .presets import PRESETS
-
-        preset = f"a preset ({', '.join(PRESETS)}; add ':vanilla' for no p-MoD), " if presets_hint else ""
-        raise ModelSourceError(f"'{source}' is neither {preset}an existing directory, nor a hub id ORG/NAME. Check the path.")
-    return resolve_hub_id(source, cache_dir=cache_dir, revision=revision)
 
 
 def converted_cache_dir(src: Path, cache_dir=None) -> Path:
@@ -148,21 +82,6 @@ def ensure_converted(src: Path, cache_dir=None, **convert_kwargs: Any) -> Path:
         return dst
     convert_checkpoint(src, dst, **convert_kwargs)
     return dst
-
-
-def _parse_dtype(dtype):
-    if dtype is None or dtype == "auto":
-        return dtype
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    name = names.get(str(dtype).lower(), str(dtype).lower().replace("torch.", ""))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ModelSourceError(f"unknown dtype '{dtype}'; use float32, bfloat16, float16 or auto.")
-    return value
 
 
 def _load_processor(directory: Path):
@@ -241,7 +160,10 @@ def load_model(
         return apply_method(model, method, **(method_args or {})), processor
     from .presets import PRESETS
 
-    torch_dtype = _parse_dtype(dtype)
+    try:
+        torch_dtype = parse_dtype(dtype)
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from None
     name = source[: -len(VANILLA_SUFFIX)] if source.endswith(VANILLA_SUFFIX) else source
     if name in PRESETS and not Path(source).expanduser().is_dir():
         vanilla = vanilla or source.endswith(VANILLA_SUFFIX)
@@ -285,7 +207,8 @@ def load_model(
     except SafetensorError as exc:  # truncated / corrupt weight file: not an Exception subclass we list below
         raise ModelSourceError(damaged_weights_message(directory, exc)) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        if "safetensors" in str(exc).lower() or "deserializ" in str(exc).lower():
+        has_weights = any(Path(directory).glob("*.safetensors")) or any(Path(directory).glob("*.bin"))
+        if has_weights and ("safetensors" in str(exc).lower() or "deserializ" in str(exc).lower()):
             raise ModelSourceError(damaged_weights_message(directory, exc)) from exc
         raise ModelSourceError(
             f"could not load the model in {directory}: {type(exc).__name__}: {' '.join(str(exc).split())}. If it is in "

@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+from .processors import IMAGE_TOKEN  # noqa: F401  (re-exported: the presets' prompts use it)
+
 PRESETS = ("tiny", "tiny-llava", "llava-1.5-7b", "llava-next-7b", "llava-next-13b")
 
 #: LLaVA-NeXT grid pinpoints in units of the base tile: (1,2),(2,1),(2,2),(1,3),(3,1)  (METHOD.md)
 GRID_UNITS = [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]
-
-IMAGE_TOKEN = "<image>"
 
 #: Vicuna v1 conversation template (LLaVA-1.5 / LLaVA-NeXT-Vicuna), as a chat template.
 VICUNA_V1_TEMPLATE = (
@@ -145,22 +145,13 @@ def preset_config(name: str, pmod: Any = None, attn_implementation: Optional[str
 
 def preset_processor(name: str = "tiny"):
     """Processor (tokenizer + image processor) of a tiny preset, built locally."""
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+    from .processors import clip_image_processor, llava_processor
 
     if not name.startswith("tiny"):
         raise ValueError(f"preset '{name}' has no local tokenizer; load its processor from a checkpoint")
-    tok = tiny_tokenizer()
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    if name == "tiny":
-        ip = LlavaNextImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-            image_grid_pinpoints=[[h * 32, w * 32] for h, w in GRID_UNITS], image_mean=mean, image_std=std,
-        )
-        return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                                  chat_template=VICUNA_V1_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean, image_std=std)
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          chat_template=VICUNA_V1_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    pinpoints = [[h * 32, w * 32] for h, w in GRID_UNITS] if name == "tiny" else None
+    return llava_processor(clip_image_processor(32, pinpoints=pinpoints), tiny_tokenizer(), patch_size=8,
+                           chat_template=VICUNA_V1_TEMPLATE)
 
 
 def build_preset(name: str = "tiny", pmod: Any = "default", seed: int = 0, dtype=None, attn_implementation: str = "sdpa"):

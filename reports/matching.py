@@ -182,10 +182,6 @@ def parse_label_strict(text: str, where: str) -> Label:
     return label
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def variant_from_pmod(pmod: Optional[Mapping[str, Any]]) -> tuple[str, str]:
     """The variant an eval run's ``pmod`` (PMoDConfig fields) describes, and why."""
     if pmod is None:

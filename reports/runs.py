@@ -201,4 +201,25 @@ def load_runs(run_dirs: Sequence["str | Path"], progress: bool = False) -> list[
     return [load_run(d) for d in it]
 
 
-__all__ = ["Run", "RunDirError", "load_run", "load_runs", "read_json", "SCHEMA_VERSION", "KINDS", "INTROSPECTION_FILE"]
+TRAIN_LOG = "train_log.jsonl"
+
+
+def last_train_log_record(run_dir: "str | Path") -> Optional[Mapping[str, Any]]:
+    """The last complete JSON object of a train run's ``train_log.jsonl`` (None: no log, or no readable line;
+    a torn last line, as a killed writer leaves it, is skipped)."""
+    log = Path(run_dir) / TRAIN_LOG
+    if not log.is_file():
+        return None
+    for line in reversed(log.read_text(encoding="utf-8", errors="replace").splitlines()):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                return rec
+    return None
+
+
+__all__ = ["Run", "RunDirError", "load_run", "load_runs", "last_train_log_record", "read_json", "SCHEMA_VERSION", "KINDS",
+           "INTROSPECTION_FILE", "TRAIN_LOG"]

@@ -41,7 +41,7 @@ def tasks_dir() -> Path:
     adapters name their functions by absolute import (``!function pmod_bench.tasks...`` /
     ``lmms_eval.tasks...``).
     """
-    from pmod_bench.model.loading import default_cache_root
+    from pmod_bench.model.sources import default_cache_root
 
     root = str(lmms_eval_tasks_root())
     sources = sorted(p for p in TASKS_DIR.rglob("*.yaml") if "__pycache__" not in p.parts)

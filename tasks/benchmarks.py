@@ -5,11 +5,12 @@ fixture generator and the reports meet here.
 
 Conventions (what a table cell means; see docs/RUN_DIRS.md and the README's evaluation section):
 
-* Every benchmark is run by an *adapter task* (``pmod_*``, YAML in ``tasks/lmms_tasks/``) that reuses
-  the installed lmms-eval task's functions (``!function lmms_eval.tasks.X.utils.fn``) and pins the
-  prompts and generation settings that ``--model llava`` (the paper's ``conv_template=vicuna_v1``
-  runs, ``scripts/lmms-eval/eval.sh`` of the official repository) gets in lmms-eval 0.7.3, so the
-  prompt does not depend on the ``--model`` name.
+* Every benchmark is run by an *adapter task* (``pmod_*``, YAML in ``tasks/lmms_tasks/``) that
+  ``include:``s the installed lmms-eval task and changes only the keys it pins (its name, its task
+  class, its metric or generation settings where the paper's differ). Its prompts are those ``--model
+  llava`` (the paper's ``conv_template=vicuna_v1`` runs, ``scripts/lmms-eval/eval.sh`` of the official
+  repository) gets in lmms-eval 0.7.3, whatever the ``--model`` name; ``tests/test_tasks_builtins.py``
+  fails when an lmms-eval release changes what an adapter inherits.
 * ``value`` is in the paper's units: percent (0-100) for accuracies / ANLS / F1, the raw MME
   perception score (0-2000; tables average it as score / 20).
 * POPE: F1 (x100) averaged over the three splits adversarial / popular / random (the paper ran

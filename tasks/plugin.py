@@ -61,20 +61,16 @@ from .runner import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-e
 
 #: generation kwargs understood here; others are ignored with one warning
 _GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava model, when a task sets none
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """``auto`` / None: float16 on GPU (as the paper), float32 on CPU; else :func:`pmod_bench.model.dtypes.torch_dtype`."""
+    from pmod_bench.model.dtypes import torch_dtype
+
     if dtype in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use auto, bfloat16, float16 or float32")
-    return _DTYPES[key]
+    return torch_dtype(dtype)
 
 
 def _load_model(source: str, pmod: Any, dtype: torch.dtype, device: torch.device, attn: str):
@@ -435,7 +431,8 @@ class PMoDLlava(lmms):
 
         The continuation follows ``ASSISTANT:`` (a space is inserted unless it starts with whitespace);
         its tokens are those of the full prompt beyond the prompt without it (as lm-eval counts them).
-        lmms-eval 0.7.3's evaluator mangles these tuples (see LMMS_EVAL_NOTES.md); call directly.
+        lmms-eval 0.7.3's evaluator turns these tuples into strings (``unwrap_generation_output`` in
+        ``lmms_eval/evaluator.py``), so its loglikelihood tasks are broken there; call this directly.
         """
 
         def continuation_of(args) -> str:

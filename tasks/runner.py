@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pmod_bench.atomic import atomic_write_text
+from pmod_bench.atomic import atomic_write_json as _write_json, atomic_write_text
+from pmod_bench.model.dtypes import CHOICES as DTYPE_CHOICES, is_dtype_name
 
 from .benchmarks import SUITES, Benchmark, resolve_suite
 from .data import DataError
@@ -51,8 +52,6 @@ class RunDirMismatch(ValueError):
     """RUN_DIR holds another evaluation; the message says what differs."""
 
 
-#: dtype names ``--dtype`` accepts (the plugin maps them to torch dtypes)
-DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float")
 #: ``--gen-kwargs`` keys and how each value must read (the plugin's generation settings)
 GEN_KWARGS = {"max_new_tokens": "a positive integer", "temperature": "a number >= 0", "top_p": "a number in (0, 1]",
               "num_beams": "a positive integer", "do_sample": "true or false", "until": "a stop string"}
@@ -186,8 +185,8 @@ class EvalConfig:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         resolve_suite(self.suite)  # raises with the known names
-        if str(self.dtype).replace("torch.", "").lower() not in DTYPE_NAMES:
-            raise ValueError(f"--dtype {self.dtype!r} is unknown; use auto, bfloat16, float16 or float32")
+        if not is_dtype_name(self.dtype):
+            raise ValueError(f"--dtype {self.dtype!r} is unknown; use {DTYPE_CHOICES}")
         if self.shift is not None and not (isinstance(self.shift, (int, float)) and 0.0 < float(self.shift) <= 1.5):
             raise ValueError(f"--shift must be a shift factor delta in (0, 1.5] (the paper's: 0.3, 0.4, 0.5), got {self.shift!r}")
         parse_ratios(self.ratios)
@@ -218,7 +217,7 @@ class EvalConfig:
 
     def introspect_image(self):
         """The ``--introspect`` image (PIL), decoded now: a missing or corrupt file fails before the evaluation."""
-        from pmod_bench.model.introspect import load_image
+        from .introspection import load_image
 
         try:
             return load_image(self.introspect)
@@ -278,8 +277,14 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def _strict(obj: Any) -> Any:
+    """Plain JSON data (numpy / torch scalars, paths converted; non-finite floats -> null)."""
+    return _clean(json.loads(json.dumps(obj, default=_json_default)))
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(json.loads(json.dumps(obj, default=_json_default))), indent=2) + "\n")
+    """:func:`pmod_bench.atomic.atomic_write_json` of strict JSON (:func:`_strict`)."""
+    _write_json(path, _strict(obj))
 
 
 def _slug(key: str) -> str:
@@ -370,7 +375,7 @@ def _write_lmms_outputs(run_dir: Path, bench: Benchmark, results: dict) -> None:
     body = {k: v for k, v in results.items() if k != "samples"}
     atomic_write_json(out / "results.json", body)
     for task, rows in samples.items():
-        text = "".join(json.dumps(_clean(json.loads(json.dumps(s, default=_json_default))), ensure_ascii=False) + "\n"
+        text = "".join(json.dumps(_strict(s), ensure_ascii=False) + "\n"
                        for s in rows)
         atomic_write_text(out / f"samples_{task}.jsonl", text)
 
@@ -442,7 +447,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     outcome = EvalOutcome(rows=[], skipped=[b.key for b in benches if b not in pending])
 
     from pmod_bench import __version__
-    from pmod_bench.model.introspect import RECORD_FILE
+    from .introspection import RECORD_FILE
 
     intro_image = cfg.introspect_image() if cfg.introspect and not (run_dir / RECORD_FILE).is_file() else None
     t_import = time.time()
@@ -545,7 +550,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
 
 
 def _introspect(run_dir: Path, lm: Any, image: Any, log: Callable[[str], None]) -> None:
-    from pmod_bench.model.introspect import write_introspection
+    from .introspection import write_introspection
 
     path = write_introspection(run_dir, lm._model, lm.processor, image)
     log(f"token selection of each p-MoD layer: {path}")

@@ -35,9 +35,11 @@ def _tiny(pmod=False):
 # ------------------------------------------------------------------------------------- registry
 def test_registry_names_stages_and_roundtrip():
     methods = available_methods()
-    assert {"visionzip", "fastervlm", "prumerge", "prumerge_plus", "downsample", "random"} <= set(methods)
+    vision = {"visionzip", "fastervlm", "prumerge", "prumerge_plus", "downsample", "random"}
+    llm = {"fastv", "pyramiddrop", "sparsevlm", "random_llm"}
+    assert vision | llm <= set(methods)
     for name, cls in methods.items():
-        assert cls.stage == "vision" and cls.name == name
+        assert cls.stage == ("llm" if name in llm else "vision") and cls.name == name
         cfg = cls()
         d = cfg.to_dict()
         assert d["method"] == name and MethodConfig.from_dict(d) == cfg and cls.from_dict(d) == cfg

@@ -82,6 +82,32 @@ def test_token_regions_match_the_models_vision_tokens():
         assert torch.is_tensor(inputs["pixel_values"])
 
 
+def test_every_toy_recipe_loads_and_chains_the_stages():
+    from pmod_bench.toy.models import MODELS, PT, SFT
+    from pmod_bench.train.config import load_recipe, recipe_command
+
+    for m in (PT, SFT, *MODELS.values()):
+        src = ["model.source=/x/models/sft"] if m.derived else ["model.llm=/x/lm", "model.vision_tower=/x/vision"]
+        cfg = load_recipe(m.recipe_path, src + ["data.json=/x/d.json"])
+        assert cfg.stage == ("pt" if m is PT else "sft") and recipe_command(m.recipe_path).startswith("pmod-bench train")
+        assert (cfg.pmod is None) == (m.name in ("pt", "sft", "baseline")), m.name
+        if m.derived:  # every model continues the shared SFT with the same data, steps and learning rate
+            assert cfg.train.lr == load_recipe(MODELS["baseline"].recipe_path, src).train.lr
+
+
+def test_training_conversations_ask_distinct_questions():
+    from pmod_bench.toy.questions import SHORT, conversation, popularity
+    from pmod_bench.toy.world import sample_scene
+
+    rng = random.Random(5)
+    for _ in range(20):
+        sc = sample_scene(rng)
+        conv = conversation(sc, rng, 10, popularity([sc]))
+        asked = [t["value"] for t in conv[::2]]
+        assert asked[0].startswith("<image>\n") and len(set(asked)) == len(asked)
+        assert not any(q.endswith(SHORT) for q in asked[1:])  # the instruction once per conversation
+
+
 @pytest.mark.slow
 def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     """The toolkit's own end-to-end test: train/reuse -> lmms-eval -> profile -> routers -> report."""

@@ -21,27 +21,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    from pmod_bench.cli import UserError
-
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"bad image size '{text}': use WIDTHxHEIGHT, e.g. 640x480") from None
-    if w < 1 or h < 1 or w > 8192 or h > 8192:
-        raise UserError(f"bad image size '{text}': width and height must be between 1 and 8192 pixels")
-    return w, h
-
-
 def run(args: argparse.Namespace) -> int:
     from pmod_bench.cli import UserError
     from pmod_bench.model.config import PMoDConfig
+    from pmod_bench.profiler.arch import parse_image_size
 
     try:
         pmod = PMoDConfig(schedule=args.schedule, shift=args.shift)
-    except ValueError as exc:
+        w, h = parse_image_size(args.image_size)
+    except ValueError as exc:  # ArchError is a ValueError
         raise UserError(str(exc)) from None
-    w, h = parse_size(args.image_size)
 
     import torch
 

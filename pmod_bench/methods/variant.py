@@ -57,6 +57,9 @@ class MethodVariant(Variant):
     def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
         if self._bound is None:  # validation before binding (resolve_variants): nothing to check by layer count
             return [vision_tokens] * num_layers
+        flops = self._bound[1]
+        if flops.layer_vision_tokens:  # in-LLM methods: each layer keeps its own count
+            return list(flops.layer_vision_tokens)
         return [self._bound[0]] * num_layers
 
     def layer_ratios(self, num_layers: int) -> list[float]:

@@ -218,8 +218,9 @@ def load_arch(source: str) -> Arch:
         except (ValueError, KeyError, OSError) as exc:
             raise ArchError(f"{directory}/config.json could not be read as an HF config: {exc}") from None
         return arch_from_config(source, cfg)
-    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and all(source.split("/"))
-    if not looks_like_hub_id:
+    from pmod_bench.model.sources import looks_like_hub_id
+
+    if not looks_like_hub_id(source):
         raise _unknown(source)
     from transformers import AutoConfig
 
@@ -316,8 +317,13 @@ class VisionLayout:
     """feature map (rows, cols) after unpad_image, before the newline column."""
 
 
+#: the largest image width / height any command accepts (px): 48x the 672 px LLaVA-NeXT tile
+MAX_IMAGE_SIDE = 32768
+
+
 def parse_image_size(text: str) -> tuple[int, int]:
-    """'672x672' -> (672, 672): WIDTHxHEIGHT in pixels; errors name the fix."""
+    """'672x672' -> (672, 672): WIDTHxHEIGHT in pixels, each in 1..MAX_IMAGE_SIDE; the one parser of
+    ``--image-size`` (profile, demo); errors (:class:`ArchError`) name the fix."""
     raw = str(text).strip().lower().replace("×", "x")
     parts = raw.split("x")
     try:
@@ -332,8 +338,8 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 def check_image_size(size: tuple[int, int]) -> None:
     w, h = size
-    if not (isinstance(w, int) and isinstance(h, int)) or w < 1 or h < 1 or w > 32768 or h > 32768:
-        raise ArchError(f"bad image size {w}x{h}: width and height must be whole pixels in 1..32768, e.g. 672x672.")
+    if not (isinstance(w, int) and isinstance(h, int)) or not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
+        raise ArchError(f"bad image size {w}x{h}: width and height must be whole pixels in 1..{MAX_IMAGE_SIDE}, e.g. 672x672.")
 
 
 def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
@@ -372,5 +378,5 @@ def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
 
 __all__ = [
     "Arch", "ArchError", "TextDims", "VisionDims", "VisionLayout", "load_arch", "arch_from_config",
-    "vision_layout", "parse_image_size", "check_image_size",
+    "vision_layout", "parse_image_size", "check_image_size", "MAX_IMAGE_SIDE",
 ]

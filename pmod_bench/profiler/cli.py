@@ -7,6 +7,8 @@ import shlex
 import sys
 from typing import Any, Optional
 
+from pmod_bench.model.dtypes import DTYPE_ALIASES, dtype_name
+
 EPILOG = """\
 examples:
   pmod-bench profile                                   # LLaVA-NeXT-7B: baseline, p-MoD-0.3/0.4/0.5 beside Table 7
@@ -24,7 +26,6 @@ ratios:1*8,0.5*24 (one ratio per LLM layer, VALUE*COUNT repeats) | fastv:k=2,kee
 config's own p-MoD settings). Conventions: docs in pmod_bench/profiler/flops.py; row keys: docs/RUN_DIRS.md.
 """
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="time prefill and decode (default: on a GPU, or for small archs on CPU)")
     lat.add_argument("--no-latency", dest="latency", action="store_const", const="off", help="do not time anything")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    m.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="KV-cache bytes, weights and GPU timing dtype (default: bf16)")
+    m.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_ALIASES), help="KV-cache bytes, weights and GPU timing dtype (default: bf16)")
     m.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default: %(default)s)")
     m.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs (default: %(default)s)")
     m.add_argument("--hardware", default=None, metavar="NAME",
@@ -236,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         bar = _progress_bar(arch.name, len(scenarios) * len(variants or [0, 0, 0, 0]))
         try:
             rows += profile(
-                arch, variants, scenarios, latency=args.latency, device=device, dtype=DTYPES[args.dtype], hardware=args.hardware,
+                arch, variants, scenarios, latency=args.latency, device=device, dtype=dtype_name(args.dtype), hardware=args.hardware,
                 recipe=recipe, train_run=args.train_run, verify=not args.no_verify, warmup=args.warmup, repeats=args.repeats,
                 progress=bar,
             )

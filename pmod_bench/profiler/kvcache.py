@@ -19,21 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from pmod_bench.model.dtypes import itemsize
+
 from .arch import Arch, TextDims
 from .errors import ProfileError
 from .variants import Variant
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2, "float8": 1, "fp8": 1}
-
-
 def dtype_bytes(dtype: Any) -> int:
-    """Bytes per element of a dtype name ('bfloat16', 'fp16', ...) or torch dtype."""
-    if hasattr(dtype, "itemsize"):
-        return int(dtype.itemsize)
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in DTYPE_BYTES:
-        raise ProfileError(f"unknown dtype '{dtype}'; use one of {', '.join(sorted(DTYPE_BYTES))}.")
-    return DTYPE_BYTES[key]
+    """Bytes per element of a dtype name ('bfloat16', 'fp16', 'fp8', ...) or torch dtype (:func:`pmod_bench.model.dtypes.itemsize`)."""
+    try:
+        return itemsize(dtype)
+    except ValueError as exc:
+        raise ProfileError(f"{exc.args[0].rstrip('.')} (or float8 for KV-cache bytes).") from None
 
 
 def bytes_per_entry(text: TextDims, dtype: Any = "bfloat16") -> int:

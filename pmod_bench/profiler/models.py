@@ -118,8 +118,4 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
     return {k: t.to(device) for k, t in batch.items()}
 
 
-def vision_token_mask(arch: Arch, input_ids) -> Any:
-    return input_ids == arch.image_token_id
-
-
-__all__ = ["meta_model", "random_model", "Sample", "sample_layout", "synthetic_batch", "vision_token_mask"]
+__all__ = ["meta_model", "random_model", "Sample", "sample_layout", "synthetic_batch"]

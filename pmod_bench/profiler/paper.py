@@ -1,26 +1,39 @@
 """The paper's efficiency numbers, printed beside the profiler's (p-MoD paper, Tables 1 and 7).
 
 TFLOPs are the paper's inference TFLOPs; KV cache is relative to the baseline; latency in ms on one
-RTX A6000; GPU hours of training on 8 x RTX A6000 (vision encoder frozen for every model).
+RTX A6000; GPU hours of training on 8 x RTX A6000 (vision encoder frozen for every model). The values
+are read from the paper's tables as data (``pmod_bench/reports/paper_tables.json``, their one home).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-#: arch -> variant -> metric -> value
-PAPER_EFFICIENCY: dict[str, dict[str, dict[str, float]]] = {
-    "llava-next-7b": {  # Table 7 (efficiency columns) and Tables 1 / 5
-        "baseline": {"tflops": 39.46, "kv_cache_ratio": 1.0, "latency_ms": 519.1, "gpu_hours": 560},
-        "p-MoD-0.3": {"tflops": 17.78, "kv_cache_ratio": 0.423, "latency_ms": 326.7, "gpu_hours": 403},
-        "p-MoD-0.4": {"tflops": 19.56, "kv_cache_ratio": 0.475, "latency_ms": 347.1, "gpu_hours": 415},
-        "p-MoD-0.5": {"tflops": 21.94, "kv_cache_ratio": 0.537, "latency_ms": 368.0, "gpu_hours": 435},
-    },
-    "llava-1.5-7b": {  # Table 1
-        "baseline": {"tflops": 8.38, "kv_cache_ratio": 1.0},
-        "p-MoD-0.5": {"tflops": 4.92, "kv_cache_ratio": 0.537},
-    },
-}
+#: profiler architecture -> (paper table, that table's model name) of its efficiency numbers
+_SOURCES = {"llava-next-7b": (7, "llava-next-7b"), "llava-1.5-7b": (1, "llava-v1.5-7b")}
+#: table column -> metric (KV cache: percent in the tables, a ratio here)
+_COLUMNS = {"TFLOPs": "tflops", "KV cache": "kv_cache_ratio", "Latency (ms)": "latency_ms", "Training GPU hours": "gpu_hours"}
+
+
+def _efficiency() -> dict[str, dict[str, dict[str, float]]]:
+    from pmod_bench.reports.paper import paper_table
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for arch, (number, model) in _SOURCES.items():
+        for row in paper_table(number).rows:
+            if row.model != model:
+                continue
+            values = {}
+            for column, metric in _COLUMNS.items():
+                v = row.cells.get(column)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    values[metric] = round(v / 100, 6) if metric == "kv_cache_ratio" else v
+            out.setdefault(arch, {})[row.variant] = values
+    return out
+
+
+#: arch -> variant -> metric -> value (llava-next-7b: Table 7's efficiency columns; llava-1.5-7b: Table 1)
+PAPER_EFFICIENCY: dict[str, dict[str, dict[str, float]]] = _efficiency()
 
 #: the scenario the paper's numbers correspond to (see docs in flops.paper_prefill_flops)
 PAPER_SCENARIO = {"image_size": (672, 672), "text_tokens": 58}

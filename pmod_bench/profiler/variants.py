@@ -8,14 +8,10 @@ and values of exactly the tokens it processed. Variants with a real implementati
 package (baseline, p-MoD) also say how to build the model (:meth:`Variant.pmod_config`), so their
 FLOPs, KV cache and latency can be measured on a real forward pass.
 
-A comparison method plugs in by subclassing and registering::
-
-    @register_variant("fastv")
-    @dataclass(frozen=True)
-    class FastV(Variant):
-        ...
-
-and is then reachable from the CLI as ``--variant fastv:k=2,keep=0.5``.
+The comparison methods (FastV, PyramidDrop, VisionZip, ...) are the registry's
+(:mod:`pmod_bench.methods`): ``--variant fastv:k=2,keep=0.5`` or ``--method fastv`` reach them
+through :func:`pmod_bench.methods.variant.method_variant`, validated there. Another accounting-only
+variant plugs in by subclassing :class:`Variant` and ``@register_variant("name")``.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ from .errors import ProfileError
 
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -49,17 +44,11 @@ def register_variant(method: str):
     return deco
 
 
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 def num_selected(vision_tokens: int, ratio: float) -> int:
-    """k = trunc(V * rho) in float32 arithmetic, exactly as the model (``model.layer.num_selected``).
+    """k = trunc(V * rho) in float32 arithmetic, exactly as the model: :func:`pmod_bench.model.plan.num_selected_host`."""
+    from pmod_bench.model.plan import num_selected_host  # imports torch (model/plan.py), so on first use only
 
-    The product of two float32 values is exact in float64, so rounding it once to float32 gives the
-    IEEE float32 product that torch computes.
-    """
-    return math.trunc(_f32(_f32(float(vision_tokens)) * _f32(float(ratio))))
+    return num_selected_host(vision_tokens, ratio)
 
 
 class Variant:
@@ -252,48 +241,6 @@ def make_pmod_config(**kwargs: Any) -> PMoDConfig:
         raise VariantError(msg) from None
 
 
-@register_variant("fastv")
-@dataclass(frozen=True)
-class FastV(Variant):
-    """FastV-style pruning (Chen et al., ECCV 2024): layers >= k keep floor(V * keep) vision tokens.
-
-    Accounting only (no model in this package): the attention-score ranking at layer k-1 is not
-    counted (it reuses that layer's attention; with flash attention it needs one extra QK^T row
-    block per text token, negligible).
-    """
-
-    k: int = 2
-    keep: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 0:
-            raise VariantError(f"FastV k (the pruning layer) must be an integer >= 0, got {self.k!r}.")
-        if not 0.0 <= self.keep <= 1.0:
-            raise VariantError(f"FastV keep (fraction of vision tokens kept) must be in [0, 1], got {self.keep!r}.")
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"FastV-K{self.k}-keep{self.keep:g}"
-
-    def kept_vision_tokens(self, num_layers: int, vision_tokens: int) -> list[int]:
-        if self.k >= num_layers:
-            raise VariantError(f"FastV k (the pruning layer) must be in [0, {num_layers - 1}] for an LLM of {num_layers} layers, got {self.k}.")
-        kept = math.floor(vision_tokens * self.keep)
-        return [vision_tokens if l < self.k else kept for l in range(num_layers)]
-
-    def layer_ratios(self, num_layers: int) -> list[float]:
-        return [1.0 if l < self.k else self.keep for l in range(num_layers)]
-
-    @classmethod
-    def from_options(cls, options: dict[str, str]) -> "FastV":
-        opts = dict(options)
-        k = int(_number(opts.pop("k", "2"), "k"))
-        keep = _number(opts.pop("keep", opts.pop("r", "0.5")), "keep")
-        if opts:
-            raise VariantError(f"unknown FastV option(s) {sorted(opts)}; known: k (layer), keep (fraction kept).")
-        return cls(k=k, keep=keep)
-
-
 # ------------------------------------------------------------------------------------------ parsing
 _PMOD_NAME = re.compile(r"p-?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)", re.IGNORECASE)
 
@@ -309,8 +256,8 @@ def parse_variant(spec: str) -> Variant:
     """A variant from text.
 
     ``baseline``; ``p-MoD-0.4`` / ``p-MoD-linear-0.4`` (PMoDConfig names); ``pmod:shift=0.4,schedule=linear``;
-    ``ratios:1*8,0.5*24`` (explicit per-layer ratios); ``fastv:k=2,keep=0.5``; any registered
-    ``METHOD:KEY=VALUE,...``.
+    ``ratios:1*8,0.5*24`` (explicit per-layer ratios); any comparison method of the registry
+    (``fastv:k=2,keep=0.5``, ``visionzip``, ...).
     """
     text = str(spec).strip()
     m = _PMOD_NAME.fullmatch(text)
@@ -350,6 +297,6 @@ def parse_variant(spec: str) -> Variant:
 
 
 __all__ = [
-    "Variant", "Baseline", "PMoD", "FastV", "VariantError", "VARIANT_METHODS", "register_variant",
+    "Variant", "Baseline", "PMoD", "VariantError", "VARIANT_METHODS", "register_variant",
     "parse_variant", "parse_ratios", "default_variants", "make_pmod_config", "num_selected", "PAPER_SHIFTS",
 ]

@@ -172,7 +172,10 @@ def benchmark_ok(root: str | os.PathLike, n: int | None = None, seed: int = EVAL
 
 
 def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3, seed: int = TRAIN_SEED) -> dict:
-    """PT captions and SFT conversations over ``n_images`` training scenes; returns {"pt": path, "sft": path, "images": dir}."""
+    """PT captions and SFT conversations over ``n_images`` training scenes; returns {"pt", "sft", "sft_pmod", "images"}.
+
+    ``sft_pmod.json`` holds fresh conversations (other questions) about the same scenes: the data of the
+    p-MoD continuation stage that derives the p-MoD models from the SFT baseline (``pmod_bench.toy.models``)."""
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +183,8 @@ def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3,
     kinds = ("exist", "attribute", "count", "mc", "text", "ground")
     scenes = [scene_for(kinds[i % len(kinds)], rng) for i in range(n_images)]
     pop = popularity(scenes)
-    pt, sft = [], []
+    pt, sft, sft_pmod = [], [], []
+    rng2 = random.Random(_seed(seed, "pmod"))
     for i, sc in enumerate(scenes):
         rel = f"images/{i:05d}.png"
         path = out / rel
@@ -189,10 +193,11 @@ def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3,
         pt.append({"id": f"pt-{i}", "image": rel, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": describe(sc)}]})
         sft.append({"id": f"sft-{i}", "image": rel, "conversations": conversation(sc, rng, turns, pop)})
-    paths = {"pt": out / "pt.json", "sft": out / "sft.json", "images": out}
-    for name in ("pt", "sft"):
+        sft_pmod.append({"id": f"sft-pmod-{i}", "image": rel, "conversations": conversation(sc, rng2, turns, pop)})
+    paths = {"pt": out / "pt.json", "sft": out / "sft.json", "sft_pmod": out / "sft_pmod.json", "images": out}
+    for name, records in (("pt", pt), ("sft", sft), ("sft_pmod", sft_pmod)):
         tmp = paths[name].with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(pt if name == "pt" else sft), encoding="utf-8")
+        tmp.write_text(json.dumps(records), encoding="utf-8")
         os.replace(tmp, paths[name])
     return paths
 

@@ -1,8 +1,18 @@
 """The toy world's models: one trained checkpoint per row of the paper's Tables 1, 3, 4 and 7.
 
-Each model is one SFT recipe in ``pmod_bench/toy/recipes`` (all on top of the shared PT connector of
-``toy-pt``). A configuration that fills several rows is trained once: Table 3's "+ PRD" and Table 4's
-"cosine" rows are p-MoD-0.5; Table 4's "constant" row is Table 3's "+ STRing" (same components).
+Each model is one recipe in ``pmod_bench/toy/recipes``, run in three stages::
+
+    toy-pt         PT: the connector on captions (LLM and tower frozen)              shared
+    toy-sft        SFT from the PT connector: connector + LLM                         shared
+    toy-baseline   SFT continuation on fresh questions (sft_pmod.json), no p-MoD     one per model
+    toy-pmod-*     the same continuation with p-MoD layers inserted (zero routers: at step 0 they
+    toy-t3-*/t4-*  compute exactly what the SFT model computes, TanhNorm's design); routers train too
+
+The paper trains each p-MoD model's SFT from the PT connector. Sharing the first SFT stage keeps the
+costly part (learning to read the image at all, ~200 steps for this LLM) to one run on a CPU, and
+every model then gets the same continuation (data, steps, learning rate), so differences between
+them come from their routing alone. A configuration that fills several rows is trained once: Table
+3's "+ PRD" and Table 4's "cosine" rows are p-MoD-0.5; Table 4's "constant" row is Table 3's "+ STRing".
 """
 
 from __future__ import annotations
@@ -22,11 +32,17 @@ class ToyModel:
     title: str
 
     @property
+    def derived(self) -> bool:
+        """Every model continues the shared SFT stage (``model.source=models/sft``); only PT and SFT are composed."""
+        return self.name not in ("pt", "sft")
+
+    @property
     def recipe_path(self) -> Path:
         return RECIPES / f"{self.recipe}.yaml"
 
 
 PT = ToyModel("pt", "toy-pt", "PT connector")
+SFT = ToyModel("sft", "toy-sft", "shared SFT (what every model continues)")
 MODELS: dict[str, ToyModel] = {m.name: m for m in (
     ToyModel("baseline", "toy-baseline", "toy LLaVA-NeXT (baseline)"),
     ToyModel("p-MoD-0.5", "toy-pmod-0.5", "p-MoD-0.5 (PRD cosine, TanhNorm, STRing)"),
@@ -53,4 +69,4 @@ TABLE_ROWS = {
                ("p-MoD-0.5", "p-MoD-0.5")],
 }
 
-__all__ = ["MODELS", "PT", "QUICK", "RECIPES", "TABLE_ROWS", "ToyModel"]
+__all__ = ["MODELS", "PT", "SFT", "QUICK", "RECIPES", "TABLE_ROWS", "ToyModel"]

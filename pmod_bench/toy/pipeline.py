@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 from pmod_bench.atomic import atomic_write_json
 
-from .models import MODELS, PT, QUICK, ToyModel
+from .models import MODELS, PT, QUICK, SFT, ToyModel
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED = PACKAGE_DIR / "checkpoints"
@@ -47,11 +47,15 @@ class Plan:
     models: tuple
     bench_n: int = 60
     """documents per benchmark split"""
-    train_images: int = 1800
-    turns: int = 6
-    pt_images: int = 1200
+    train_images: int = 3000
+    """SFT scenes (the baseline's SFT sees each once)"""
+    turns: int = 10
+    """questions per SFT conversation (one image, many short answers: the image's tokens are paid once)"""
+    pt_images: int = 1280
+    pmod_samples: int = 960
+    """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
     lm_steps: int = 150
-    vision_steps: int = 600
+    vision_steps: int = 400
     eval_limit: Optional[int] = None
     routing_images: int = 30
     seed: int = 0
@@ -62,8 +66,8 @@ class Plan:
 
         h = hashlib.sha256()
         h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns,
-                             "pt_images": self.pt_images, "lm_steps": self.lm_steps, "vision_steps": self.vision_steps,
-                             "seed": self.seed}, sort_keys=True).encode())
+                             "pt_images": self.pt_images, "pmod_samples": self.pmod_samples, "lm_steps": self.lm_steps,
+                             "vision_steps": self.vision_steps, "seed": self.seed}, sort_keys=True).encode())
         for p in sorted((PACKAGE_DIR / "recipes").glob("*.yaml")):
             h.update(p.name.encode() + p.read_bytes())
         for name in ("world.py", "questions.py", "prepare.py", "data.py"):
@@ -72,7 +76,7 @@ class Plan:
 
 
 FULL = Plan(models=tuple(MODELS))
-QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=24, routing_images=12)
+QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=12, routing_images=8)
 
 
 def _cache_dir() -> Path:
@@ -200,11 +204,16 @@ class Reproduction:
         torch.set_num_threads(1)
         out = self.model_dir(model.name)
         prep = self.out / "prep"
-        data_json = self.train_dir / ("pt.json" if model is PT else "sft.json")
-        args = ["train", "--config", str(model.recipe_path), f"model.llm={prep / 'lm'}", f"model.vision_tower={prep / 'vision'}",
-                f"data.json={data_json}", f"data.image_folder={self.train_dir}", f"output_dir={out}", *extra]
-        if model is not PT:
-            args.append(f"model.projector={self.model_dir('pt')}")
+        if model.derived:  # a continuation of the shared SFT (with p-MoD layers for the p-MoD models)
+            args = ["train", "--config", str(model.recipe_path), f"model.source={self.model_dir('sft')}",
+                    f"data.json={self.train_dir / 'sft_pmod.json'}", f"data.max_samples={self.plan.pmod_samples}"]
+        else:
+            data_json = self.train_dir / ("pt.json" if model is PT else "sft.json")
+            args = ["train", "--config", str(model.recipe_path), f"model.llm={prep / 'lm'}",
+                    f"model.vision_tower={prep / 'vision'}", f"data.json={data_json}"]
+            if model is not PT:
+                args.append(f"model.projector={self.model_dir('pt')}")
+        args += [f"data.image_folder={self.train_dir}", f"output_dir={out}", *extra]
         self.log(f"training {model.name}: pmod-bench {' '.join(args[:3])} ...")
         rc = cli_main(args)
         if rc != 0 or not _complete(out):
@@ -221,9 +230,11 @@ class Reproduction:
                 self.log(f"{name}: reusing the checkpoint in {src}")
         if not todo:
             return
-        self.prepare()
-        if not _complete(self.model_dir("pt")):
-            self._train(PT, [f"data.max_samples={self.plan.pt_images}"])
+        if not _complete(self.model_dir("sft")):  # the shared stages: prepared LM + tower, PT, SFT
+            self.prepare()
+            if not _complete(self.model_dir("pt")):
+                self._timed("train pt", lambda: self._train(PT, [f"data.max_samples={self.plan.pt_images}"]))
+            self._timed("train sft", lambda: self._train(SFT, []))
         for name in todo:
             self._timed(f"train {name}", lambda n=name: self._train(MODELS[n], []))
             self.sources[name] = "trained"

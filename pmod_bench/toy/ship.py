@@ -3,7 +3,8 @@
     python -m pmod_bench.toy.ship [--work DIR]
 
 Trains the --quick models (baseline, p-MoD-0.5, p-MoD-0.3) from nothing exactly as ``reproduce --toy``
-does (same data, seeds and recipes, one CPU thread), then stores each final model with its weights in
+does (same data, seeds and recipes, one CPU thread: prepared LM and tower, PT, the shared SFT, then one
+continuation per model), then stores each final model with its weights in
 float16 safetensors (about 0.85 MB a model) plus its config, processor and train summary. Training is
 deterministic on one thread, so the files come out bit for bit the same on the same software stack
 (torch, transformers, Pillow versions); ``checkpoints/MANIFEST.json`` records their SHA-256.
@@ -33,14 +34,15 @@ def to_float16(src: Path, dst: Path) -> None:
               metadata={"format": "pt"})
 
 
-def ship(work: Path) -> dict:
+def ship(work: Path, dest: Path = SHIPPED) -> dict:
     rep = Reproduction(work, FULL, retrain=True)
     rep.plan = type(FULL)(**{**rep.plan_dict(), "models": QUICK})
     rep.data()
     rep.train()
     manifest = {}
+    dest.mkdir(parents=True, exist_ok=True)
     for name in QUICK:
-        src, dst = rep.model_dir(name), SHIPPED / name
+        src, dst = rep.model_dir(name), dest / name
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -51,16 +53,18 @@ def ship(work: Path) -> dict:
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
         manifest[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(dst.iterdir())}
-    (SHIPPED / "MANIFEST.json").write_text(json.dumps({"checkpoint_key": rep.plan.key(), "files": manifest}, indent=1) + "\n")
+    (dest / "MANIFEST.json").write_text(json.dumps({"checkpoint_key": rep.plan.key(), "files": manifest}, indent=1) + "\n")
     return manifest
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", help="working directory (default: a temporary one)")
+    ap.add_argument("--dest", default=str(SHIPPED), help="where to write the checkpoints (default: the package's; "
+                    "another folder to check that a second run reproduces them bit for bit)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="toy-ship-"))
-    manifest = ship(work)
+    manifest = ship(work, Path(args.dest))
     print(json.dumps(manifest, indent=1))
     return 0
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pmod_bench.cli import UserError
     from pmod_bench.model.convert import ConversionError, conversion_info, convert_checkpoint
-    from pmod_bench.model.loading import ModelSourceError
+    from pmod_bench.model.sources import ModelSourceError
 
     try:
         dst = convert_checkpoint(
