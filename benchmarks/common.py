@@ -25,6 +25,8 @@ def add_model_args(ap: argparse.ArgumentParser, hidden=512, intermediate=1376, h
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--attn", default="sdpa", help="attention kernel: sdpa, eager, flash_attention_2")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). On a loaded machine use 1: small ops on 2 threads wait on each other")
 
 
 def build_pair(args) -> tuple[Any, Any]:
@@ -36,6 +38,8 @@ def build_pair(args) -> tuple[Any, Any]:
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import preset_config, random_routers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = preset_config("tiny")
     text = cfg.text_config.to_dict()

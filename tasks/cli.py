@@ -49,6 +49,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ratios", default=None, help="explicit per-layer retention ratios, e.g. '1,1,0.85,...'")
     p.add_argument("--pmod", default=None, help=doc.get("pmod"))
     p.add_argument("--method", default=None, metavar="SPEC", help=doc.get("method"))
+    p.add_argument("--match", default=None, metavar="VARIANT", help=doc.get("match"))
+    p.add_argument("--match-tflops", type=float, default=None, metavar="X", help=doc.get("match_tflops"))
+    p.add_argument("--match-kv", type=float, default=None, metavar="Y", help=doc.get("match_kv"))
+    p.add_argument("--match-image-size", default=None, metavar="WxH", help=doc.get("match_image_size"))
+    p.add_argument("--match-convention", choices=("headline", "paper"), default="headline", help=doc.get("match_convention"))
+    p.add_argument("--match-tolerance", type=float, default=0.01, metavar="R", help=doc.get("match_tolerance"))
     p.add_argument("--allow-untrained-routers", action="store_true", help="let --shift/--schedule/--ratios route layers without a trained router")
     p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: this process's GPU, else CPU)")
@@ -124,7 +130,9 @@ def _eval(args) -> int:
             allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
             attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
             stop_at_until=args.stop_at_until, label=args.label, introspect=args.introspect, command=command,
-            method=args.method,
+            method=args.method, match=args.match, match_tflops=args.match_tflops, match_kv=args.match_kv,
+            match_image_size=args.match_image_size, match_convention=args.match_convention,
+            match_tolerance=args.match_tolerance,
         )
     except ValueError as exc:  # bad settings: nothing written
         raise _user_error(str(exc)) from None

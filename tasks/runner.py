@@ -141,6 +141,41 @@ def check_launch(env: Optional[dict] = None, cuda_available: Optional[bool] = No
                              f"run: {CPU_LAUNCH_RECIPE}")
 
 
+#: text tokens of the scenario ``--match`` solves at (the paper's default scenario, as the profiler's)
+MATCH_TEXT_TOKENS = 58
+
+
+def match_arch(model: str):
+    """The profiler's :class:`~pmod_bench.profiler.arch.Arch` of an eval ``--model`` (preset, HF directory, hub id,
+    or an original-layout checkpoint already converted into the cache), for ``--match``; ValueError names the fix."""
+    from pmod_bench.profiler.arch import ArchError, load_arch
+
+    name = str(model).removesuffix(":vanilla")
+    try:
+        return load_arch(name)
+    except ArchError as exc:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            try:
+                from pmod_bench.model.loading import checkpoint_layout, converted_cache_dir
+
+                if checkpoint_layout(path) == "original":
+                    conv = converted_cache_dir(path)
+                    if (conv / "config.json").is_file():
+                        return load_arch(str(conv))
+            except (ArchError, OSError, ValueError):
+                pass
+        raise ValueError(f"--match needs the architecture of --model {model}: {' '.join(str(exc).split())} (an original-"
+                         "layout checkpoint: convert it first with `pmod-bench convert`, or pass --method with an "
+                         "explicit budget instead of --match)") from None
+
+
+def default_match_image_size(arch) -> tuple[int, int]:
+    """The paper's image size for ``--match``: 2x2 tiles for LLaVA-NeXT (672x672), one tile for LLaVA-1.5 (336x336)."""
+    tile = int(arch.vision.image_size)
+    return (2 * tile, 2 * tile) if arch.anyres else (tile, tile)
+
+
 @dataclass
 class EvalConfig:
     """One ``pmod-bench eval`` invocation. Every field is checked here, before anything is written."""
@@ -178,6 +213,23 @@ class EvalConfig:
     method: Optional[str] = None
     """A comparison method (``pmod_bench.methods`` spec, e.g. ``visionzip:dominant=54,contextual=10``); every row
     carries its config as a dict; part of the identity."""
+    match: Optional[str] = None
+    """Solve --method's token budget to this profiler variant's prefill FLOPs (``p-MoD-0.5``) on the evaluated
+    model's architecture before evaluating (equal compute, as the paper's Table 5)."""
+    match_tflops: Optional[float] = None
+    """Solve --method's token budget to X prefill TFLOPs (--match-convention) instead."""
+    match_kv: Optional[float] = None
+    """Solve --method's token budget to a vision KV-cache ratio Y (e.g. 0.537) instead."""
+    match_image_size: Optional[str] = None
+    """Image size WIDTHxHEIGHT the budget is solved at (default: the paper's, 672x672 for LLaVA-NeXT and 336x336 for
+    LLaVA-1.5, i.e. 2x2 / 1x1 vision tiles), with 58 text tokens."""
+    match_convention: str = "headline"
+    """FLOPs convention of --match / --match-tflops: headline (prefill_tflops) or paper (prefill_tflops_paper)."""
+    match_tolerance: float = 0.01
+    """Relative tolerance of --match* (default 0.01)."""
+    method_match: Optional[dict] = field(default=None, init=False)
+    """What --match* solved (set in __post_init__): target, achieved, rel_err, the solved hyperparameters, the
+    architecture, image size and text tokens; recorded in run.json and in every summary row."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -214,6 +266,35 @@ class EvalConfig:
             from pmod_bench.methods import parse_method_spec
 
             self.method = parse_method_spec(self.method).spec()  # validated, canonical (defaults left out)
+        if any(x is not None for x in (self.match, self.match_tflops, self.match_kv)) or self.match_image_size:
+            self.method_match = self._solve_match()
+            self.method = self.method_match["method_spec"]
+
+    def _solve_match(self) -> dict:
+        """--match / --match-tflops / --match-kv: the method's budget solved on the model's architecture (ValueError names the fix)."""
+        targets = {"--match": self.match, "--match-tflops": self.match_tflops, "--match-kv": self.match_kv}
+        given = [k for k, v in targets.items() if v is not None]
+        if not self.method:
+            raise ValueError(f"{', '.join(given) or '--match-image-size'} solves a comparison method's token budget; add "
+                             "--method NAME, e.g. --method fastv --match p-MoD-0.5")
+        if len(given) != 1:
+            raise ValueError("give exactly one of --match VARIANT (e.g. p-MoD-0.5), --match-tflops X, --match-kv Y"
+                             + (f" (got {', '.join(given)})" if given else " with --match-image-size"))
+        if self.match_convention not in ("headline", "paper"):
+            raise ValueError(f"--match-convention must be headline or paper, got {self.match_convention!r}")
+        if not (isinstance(self.match_tolerance, (int, float)) and 0.0 < float(self.match_tolerance) < 1.0):
+            raise ValueError(f"--match-tolerance must be a relative tolerance in (0, 1), e.g. 0.01, got {self.match_tolerance!r}")
+        from pmod_bench.methods import solve
+        from pmod_bench.profiler.arch import parse_image_size
+
+        arch = match_arch(self.model)
+        size = parse_image_size(self.match_image_size) if self.match_image_size else default_match_image_size(arch)
+        res = solve(self.method, arch, size, match=self.match, tflops=self.match_tflops, kv=self.match_kv,
+                    text_tokens=MATCH_TEXT_TOKENS, convention=self.match_convention, tolerance=float(self.match_tolerance))
+        out = res.to_dict()
+        out.update(arch=arch.name, image_size=[int(size[0]), int(size[1])], text_tokens=MATCH_TEXT_TOKENS,
+                   method_spec=res.config.spec())
+        return out
 
     def introspect_image(self):
         """The ``--introspect`` image (PIL), decoded now: a missing or corrupt file fails before the evaluation."""
@@ -468,6 +549,13 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
                  "data_root": os.environ.get("PMOD_BENCH_DATA") or None},
         "model_info": (meta or {}).get("model_info"),
     }
+    if cfg.method_match is not None:  # the budget --match* solved, before anything was loaded or written
+        run_meta["eval"]["method_match"] = dict(cfg.method_match)
+        mm = cfg.method_match
+        log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / (1 if mm['metric'] == 'kv' else 1e12):.4g} vs "
+            f"{mm['target_label']} {mm['target'] / (1 if mm['metric'] == 'kv' else 1e12):.4g}"
+            f"{'' if mm['metric'] == 'kv' else ' TFLOPs'}, rel_err {mm['rel_err']:.2%}) on {mm['arch']} at "
+            f"{mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
     if rank == 0:
         if lm is not None and hasattr(lm, "describe"):
             run_meta["model_info"] = lm.describe()
@@ -520,6 +608,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
                     from pmod_bench.methods import method_dict
 
                     row["method"] = method_dict(cfg.method)  # the method's config as a dict, not a name to parse again
+                    if cfg.method_match is not None:  # --match*: what was solved (target, achieved, rel_err, ...)
+                        row["method_match"] = dict(cfg.method_match)
             except Exception as exc:  # one benchmark failing must not lose the others
                 msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
                 outcome.failures[bench.key] = msg[:600]
@@ -562,6 +652,12 @@ def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outc
     done = {b.key for b in benches if _bench_file(run_dir, b.key).is_file()}
     extra = {"suite": cfg.suite, "limit": cfg.limit, "complete": done == {b.key for b in benches},
              "failures": dict(outcome.failures), "model_info": info}
+    if cfg.method:
+        from pmod_bench.methods import method_dict
+
+        extra["method"] = method_dict(cfg.method)
+        if cfg.method_match is not None:
+            extra["method_match"] = dict(cfg.method_match)
     return write_summary(run_dir, cfg.model, pmod, extra)
 
 

@@ -83,3 +83,28 @@ def benchmark_data_env(tmp_path_factory, benchmarks=None):
     yield root
     torch.set_num_threads(before)
     mp.undo()
+
+
+def train_workspace(tmp_path_factory, name: str, train_keys: str):
+    """(root, recipe): a vanilla tiny checkpoint, demo data with bad records (1 missing, 1 corrupt image,
+    1 malformed; 10 good image + 4 text-only records) and a recipe using both with ``train: {train_keys}``."""
+    import torch
+
+    from pmod_bench.model.presets import build_preset
+    from pmod_bench.train.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    model, processor = build_preset("tiny", pmod=None)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    make_demo_dataset(root / "data", n_image=10, n_text=4, bad={"missing": 1, "corrupt": 1, "malformed": 1})
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"# pmod-bench train --config {recipe}\n"
+        "include: demo-tiny.yaml\n"
+        f"model: {{source: {root / 'base'}}}\n"
+        f"data: {{json: {root / 'data' / 'data.json'}, image_folder: {root / 'data'}}}\n"
+        f"train: {{{train_keys}}}\n"
+    )
+    return root, recipe

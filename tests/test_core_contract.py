@@ -5,6 +5,7 @@ position, loud failures where HF changes, config defaults that stay derived."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -106,6 +107,22 @@ class _CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def syncs_inside(layers):
+    """Count host syncs made while any of ``layers`` runs (forward hooks switch the counter)."""
+    mode = _CountSyncs()
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.register_forward_pre_hook(lambda m, a: setattr(mode, "active", True)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(mode, "active", False)))
+    try:
+        with mode:
+            yield mode
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("guard", [False, True])
 def test_one_host_sync_per_forward(tiny_vanilla, tiny_processor, one_thread, monkeypatch, guard):
     """The routed layers make no host sync at all; the plan makes its one transfer (``tolist``, which
@@ -116,20 +133,11 @@ def test_one_host_sync_per_forward(tiny_vanilla, tiny_processor, one_thread, mon
     builds = []
     original = RoutingPlan.build.__func__
     monkeypatch.setattr(RoutingPlan, "build", classmethod(lambda cls, *a, **k: builds.append(1) or original(cls, *a, **k)))
-    mode = _CountSyncs()
-    hooks = []
-    for layer in model.pmod_layers.values():  # count inside the routed layers only
-        hooks.append(layer.register_forward_pre_hook(lambda m, a: setattr(mode, "active", True)))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(mode, "active", False)))
     checks = []
     check = RoutingPlan.check_overflow
     monkeypatch.setattr(RoutingPlan, "check_overflow", lambda self: checks.append(len(self._flags)) or check(self))
-    try:
-        with torch.no_grad(), mode:
-            model(**batch, use_cache=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), syncs_inside(model.pmod_layers.values()) as mode:  # inside the routed layers only
+        model(**batch, use_cache=True)
     assert len(model.pmod_layers) >= 5
     assert mode.count == 0, f"{mode.count} host syncs inside {len(model.pmod_layers)} routed layers"
     assert builds == [1]

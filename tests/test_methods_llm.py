@@ -302,7 +302,7 @@ def test_batched_equals_single_and_cache_holds_kept_only(models, tiny_processor,
 
 
 def test_on_pmod_model_and_no_host_sync(tiny_vanilla, tiny_processor, one_thread):
-    from test_core_contract import _CountSyncs
+    from test_core_contract import syncs_inside
 
     from pmod_bench import PMoDConfig
     from pmod_bench.model.modeling import to_pmod
@@ -314,18 +314,8 @@ def test_on_pmod_model_and_no_host_sync(tiny_vanilla, tiny_processor, one_thread
     apply_method(model, "fastv:k=2,keep=0.5")
     assert set(model.pmod_layers) == routed  # method-only layers are not p-MoD layers
     batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
-    mode = _CountSyncs()
-    hooks = []
-    for i in range(1, len(model.model.language_model.layers)):
-        layer = model.model.language_model.layers[i]
-        hooks.append(layer.register_forward_pre_hook(lambda m, a: setattr(mode, "active", True)))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(mode, "active", False)))
-    try:
-        with torch.no_grad(), mode:
-            model(**batch, use_cache=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), syncs_inside(model.model.language_model.layers[1:]) as mode:
+        model(**batch, use_cache=True)
     assert mode.count == 0
     out = _generate(model, make_inputs(tiny_processor, sizes=[SIZES[0]], questions=[QUESTIONS[0]]), steps=2)
     assert out.sequences.shape[1] > 0

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_workspace
+
 pytestmark = pytest.mark.slow
 
 STEPS = 20
@@ -31,26 +33,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A vanilla tiny LLaVA-NeXT checkpoint, a generated dataset (with bad records) and a recipe using both."""
-    from pmod_bench.model.presets import build_preset
-
-    from pmod_bench.train.demo import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("train_e2e")
-    torch.manual_seed(0)
-    model, processor = build_preset("tiny", pmod=None)
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    # 10 good + 2 bad image records, 4 text-only: every global batch of 4 is full (even 1- vs 2-process split)
-    make_demo_dataset(root / "data", n_image=10, n_text=4, bad={"missing": 1, "corrupt": 1, "malformed": 1})
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"# pmod-bench train --config {recipe}\n"
-        "include: demo-tiny.yaml\n"
-        f"model: {{source: {root / 'base'}}}\n"
-        f"data: {{json: {root / 'data' / 'data.json'}, image_folder: {root / 'data'}}}\n"
-        f"train: {{max_steps: {STEPS}, save_steps: 10, progress_bar: false}}\n"
-    )
-    return root, recipe
+    return train_workspace(tmp_path_factory, "train_e2e", f"max_steps: {STEPS}, save_steps: 10, progress_bar: false")
 
 
 def _cli(*args) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_workspace
+
 from pmod_bench.train.config import ConfigError, load_recipe
 
 STEPS = 6
@@ -28,24 +30,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A vanilla tiny checkpoint, data with bad records (1 missing, 1 corrupt image, 1 malformed), a recipe."""
-    from pmod_bench.model.presets import build_preset
-    from pmod_bench.train.demo import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("train_runs")
-    torch.manual_seed(0)
-    model, processor = build_preset("tiny", pmod=None)
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    make_demo_dataset(root / "data", n_image=10, n_text=4, bad={"missing": 1, "corrupt": 1, "malformed": 1})
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"# pmod-bench train --config {recipe}\n"
-        "include: demo-tiny.yaml\n"
-        f"model: {{source: {root / 'base'}}}\n"
-        f"data: {{json: {root / 'data' / 'data.json'}, image_folder: {root / 'data'}}}\n"
-        f"train: {{max_steps: {STEPS}, save_steps: 2, save_total_limit: null, progress_bar: false}}\n"
-    )
-    return root, recipe
+    return train_workspace(tmp_path_factory, "train_runs", f"max_steps: {STEPS}, save_steps: 2, save_total_limit: null, progress_bar: false")
 
 
 def _train(recipe, out, *overrides):

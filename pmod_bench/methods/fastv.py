@@ -36,24 +36,20 @@ Where this deviates, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from .base import MethodError, ModelGeometry, param, register_method
-from .llm import RATIO_GRID, DropState, LLMMethodConfig, keep_top, last_token_query, row_flops
-
-
-def kept_count(V: int, keep: float) -> int:
-    """round(V * keep), as the official ``round(image_token_length * (1 - fastv_r))``."""
-    return int(round(V * keep))
+from .base import param, register_method
+from .llm import DropState, LLMMethodConfig, PruneFromLayerK, keep_top, kept_count, last_token_query, row_flops
 
 
 @register_method("fastv")
 @dataclass
-class FastVConfig(LLMMethodConfig):
+class FastVConfig(PruneFromLayerK, LLMMethodConfig):
     """FastV: at LLM layer ``k`` keep the ``keep`` fraction of vision tokens the last token attends to most in layer k-1."""
 
     official: ClassVar[str] = "pkunlp-icler/FastV@d1659729b5bf1be225e99ee15783deeea80f63b1"
 
+    min_k: ClassVar[int] = 1
     k: int = param(2, low=1)
     """The layer from which vision tokens are pruned (official fastv_k; ranked by layer k-1's attention)."""
     keep: float = param(0.5, low=0.0, high=1.0)
@@ -62,20 +58,6 @@ class FastVConfig(LLMMethodConfig):
     def first_layer(self) -> int:
         return self.k - 1
 
-    def check_model(self, geometry: ModelGeometry) -> None:
-        if self.k >= geometry.text_layers:
-            raise MethodError(f"fastv: k must be in [1, {geometry.text_layers - 1}] for an LLM of {geometry.text_layers} "
-                              f"layers, got {self.k}.")
-
-    def candidates(self, geometry: ModelGeometry) -> list["FastVConfig"]:
-        return [self.replace(keep=r) for r in RATIO_GRID]
-
-    def budget(self) -> dict[str, Any]:
-        return {"k": self.k, "keep": self.keep}
-
-    def layer_vision_tokens(self, num_layers: int, V: int) -> list[int]:
-        n = kept_count(V, self.keep)
-        return [V if l < self.k else n for l in range(num_layers)]
 
     def extra_flops(self, text, text_tokens: int, V: int) -> int:
         return row_flops(text, 1, text_tokens + V)  # the last token's row at layer k-1 (q, k are the layer's own)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from pmod_bench.model.plan import TokenMethod
 
@@ -88,6 +88,33 @@ class LLMMethodConfig(MethodConfig):
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         raise MethodError(f"{self.name} acts inside the LLM; its FLOPs come from llm_method_flops.")
+
+
+class PruneFromLayerK:
+    """Shared by the methods that drop vision tokens once, before layer ``k``, keeping ``keep`` of them
+    (FastV, in-LLM random pruning): a ``k`` field, a ``keep`` field and ``min_k``."""
+
+    min_k: ClassVar[int] = 0
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        if self.k >= geometry.text_layers:
+            raise MethodError(f"{self.name}: k must be in [{self.min_k}, {geometry.text_layers - 1}] for an LLM of "
+                              f"{geometry.text_layers} layers, got {self.k}.")
+
+    def candidates(self, geometry: ModelGeometry) -> list:
+        return [self.replace(keep=r) for r in RATIO_GRID]
+
+    def budget(self) -> dict[str, Any]:
+        return {"k": self.k, "keep": self.keep}
+
+    def layer_vision_tokens(self, num_layers: int, V: int) -> list[int]:
+        n = kept_count(V, self.keep)
+        return [V if l < self.k else n for l in range(num_layers)]
+
+
+def kept_count(V: int, keep: float) -> int:
+    """round(V * keep), as FastV's official ``round(image_token_length * (1 - fastv_r))``."""
+    return int(round(V * keep))
 
 
 # ------------------------------------------------------------------------------ model integration

@@ -14,18 +14,16 @@ content: batched equals per-sample, and every run is reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .base import MethodError, ModelGeometry, param, register_method
-from .fastv import kept_count
-from .llm import RATIO_GRID, DropState, LLMMethodConfig
+from .base import param, register_method
+from .llm import DropState, LLMMethodConfig, PruneFromLayerK, kept_count
 
 
 @register_method("random_llm")
 @dataclass
-class RandomLLMConfig(LLMMethodConfig):
+class RandomLLMConfig(PruneFromLayerK, LLMMethodConfig):
     """In-LLM random pruning: from layer ``k`` on keep a random ``keep`` fraction of the vision tokens."""
 
     k: int = param(2, low=0)
@@ -38,20 +36,6 @@ class RandomLLMConfig(LLMMethodConfig):
     def first_layer(self) -> int:
         return self.k
 
-    def check_model(self, geometry: ModelGeometry) -> None:
-        if self.k >= geometry.text_layers:
-            raise MethodError(f"random_llm: k must be in [0, {geometry.text_layers - 1}] for an LLM of {geometry.text_layers} "
-                              f"layers, got {self.k}.")
-
-    def candidates(self, geometry: ModelGeometry) -> list["RandomLLMConfig"]:
-        return [self.replace(keep=r) for r in RATIO_GRID]
-
-    def budget(self) -> dict[str, Any]:
-        return {"k": self.k, "keep": self.keep}
-
-    def layer_vision_tokens(self, num_layers: int, V: int) -> list[int]:
-        n = kept_count(V, self.keep)
-        return [V if l < self.k else n for l in range(num_layers)]
 
     def subset(self, V: int, n: int) -> torch.Tensor:
         """(V,) bool over a sample's vision tokens in order: the ``n`` kept."""

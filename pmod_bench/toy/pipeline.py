@@ -6,7 +6,8 @@ Steps (each skipped when its output is complete, so a killed run continues where
       data/bench/pmod-bench/toy-world/   the benchmark, hub layout (lmms-eval reads it via PMOD_BENCH_DATA)
       data/train/                         PT captions + SFT conversations (LLaVA JSON) + images
       prep/lm, prep/vision                the toy language model (+ tokenizer) and CLIP tower
-      models/pt, models/<model>/          `pmod-bench train` run directories (PT, then one SFT per model)
+      models/pt, models/sft               `pmod-bench train` run directories of the shared stages (PT, SFT)
+      models/<model>/                     one SFT continuation per model (baseline, p-MoD-*, ablations)
       eval/<model>/                       `pmod-bench eval --suite toy` run directories (+ introspection.json)
       profile/                            profile run directory (FLOPs, KV cache, CPU latency per model)
       routing.json                        the kept-token statistic of every p-MoD model

@@ -184,7 +184,7 @@ def conversation(scene: Scene, rng: random.Random, turns: int, pop: list) -> lis
         if q is None:
             continue
         text, answer = prompt_and_answer(kind, q)
-        if any(text in t["value"] for t in conv[::2]):  # a repeated question would be answered by copying
+        if any(text.removesuffix(SHORT) in t["value"] for t in conv[::2]):  # a repeat would be answered by copying
             continue
         if conv and text.endswith(SHORT):  # the instruction once per conversation (LLaVA's data does the same):
             text = text[: -len(SHORT)]      # 11 of a turn's ~26 tokens; evaluation asks single first turns
