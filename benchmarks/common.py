@@ -75,7 +75,7 @@ def llava_inputs(args, batch: int = 1, seed: int = 0):
 
 def analytic(model, args, causal: bool) -> float:
     """Prefill FLOPs of ``model`` (vanilla or p-MoD) on the benchmark's shapes, logits on the last token."""
-    from pmod_bench.model.plan import num_selected_host
+    from pmod_bench.model.schedules import num_selected_host
     from pmod_bench.profiler.arch import arch_from_config
     from pmod_bench.profiler.flops import llm_prefill_flops
 

@@ -46,15 +46,4 @@ def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) ->
     }
 
 
-def __getattr__(name: str):
-    # TEMPORARY: pmod_bench/toy/pipeline.py still imports write_introspection from here. The run-directory
-    # writer lives in pmod_bench.tasks.introspection (the model library knows no run directories); remove
-    # this once that import is updated.
-    if name == "write_introspection":
-        from pmod_bench.tasks.introspection import write_introspection
-
-        return write_introspection
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["DEFAULT_QUESTION", "routing_record"]

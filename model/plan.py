@@ -25,18 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
+
+from .schedules import num_selected_host
 
 
 def num_selected(num_targets: torch.Tensor, ratio: float) -> torch.Tensor:
     """k_b = trunc(V_b * rho) on the device, in float32 exactly as the reference implementation."""
     return torch.trunc(num_targets.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)).long()
-
-
-def num_selected_host(num_targets: int, ratio: float) -> int:
-    """The same k = trunc(V * rho) in float32, on the host (IEEE single precision: identical)."""
-    return int(np.trunc(np.float32(num_targets) * np.float32(ratio)))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ same mean retention (:func:`match_shift`):
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 SCHEDULES = ("cosine", "linear", "constant", "interleaved", "stepped")
@@ -122,3 +123,17 @@ def match_shift(
         if hi - lo < tol:
             break
     return round((lo + hi) / 2, 6)
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def num_selected_host(num_targets: int, ratio: float) -> int:
+    """k = trunc(V * rho) in float32 arithmetic, exactly as the model computes it on the device
+    (:func:`pmod_bench.model.plan.num_selected`) and as the reference implementation does.
+
+    The product of two float32 values is exact in float64, so rounding it once to float32 gives the
+    IEEE float32 product that torch computes. Pure Python: the analytic profiler needs no torch.
+    """
+    return math.trunc(_f32(_f32(float(num_targets)) * _f32(float(ratio))))

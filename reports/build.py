@@ -99,6 +99,17 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
     items.append(_Item("Efficiency-performance trade-off across shift factors δ (Table 7)",
                        [str(p.relative_to(stage)) for p in paths], inputs, str(paths[0].relative_to(stage))))
 
+    if rep is not None and rep.method_points:
+        mdata = F.methods_tradeoff_data(rep)
+        notes.extend(f"Methods trade-off figure: {n}" for n in mdata.notes)
+        if mdata.drawable:
+            paths = F.plot_methods_tradeoff(mdata, fig_dir / "tradeoff_methods")
+            items.append(_Item(f"Accuracy vs prefill TFLOPs: comparison methods across budgets beside p-MoD's shift factors "
+                               f"({mdata.model})", [str(p.relative_to(stage)) for p in paths],
+                               f"eval runs of each method (score = mean of {', '.join(mdata.benchmarks)}) with the profile "
+                               f"rows of the same method config (efficiency % of the baseline): " + ", ".join(mdata.sources),
+                               str(paths[0].relative_to(stage))))
+
     try:
         schedules = F.retention_schedules_data(32)
     except ImportError as e:

@@ -232,6 +232,115 @@ def plot_tradeoff(data: TradeoffData, stem: Path) -> list[Path]:
         return _save(fig, stem)
 
 
+# ------------------------------------------------------------- methods: accuracy vs TFLOPs per budget
+@dataclass
+class MethodsTradeoffData:
+    """Accuracy against prefill compute: one curve per comparison method (its budgets) and p-MoD's shifts."""
+
+    model: Optional[str] = None
+    benchmarks: tuple[str, ...] = ()
+    pmod: list[TradeoffPoint] = field(default_factory=list)
+    curves: dict[str, list[TradeoffPoint]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drawable(self) -> bool:
+        return bool(self.curves)
+
+
+def methods_tradeoff_data(rep: Optional[Reproduction]) -> MethodsTradeoffData:
+    """Points of the methods trade-off: every eval run of a comparison method with a profile row of the same
+    config (``tflops_ratio``, ``kv_cache_ratio``), grouped by method, and the model's p-MoD-δ / baseline points.
+
+    The score is the mean (MME as score/20) of the benchmarks that every drawn point has.
+    """
+    from .matching import budget_text
+
+    data = MethodsTradeoffData()
+    if rep is None or not rep.method_points:
+        data.notes.append("no eval run of a comparison method (pmod-bench eval --method NAME).")
+        return data
+    counts: dict[str, int] = {}
+    for mp in rep.method_points:
+        if mp.efficiency is not None:
+            counts[mp.model] = counts.get(mp.model, 0) + 1
+    if not counts:
+        specs = sorted({f"{mp.name}:{budget_text(mp.method)}".rstrip(":") for mp in rep.method_points})
+        data.notes.append("no comparison-method eval run has a profile row of the same config: profile them "
+                          f"(pmod-bench profile --method {' --method '.join(specs)}).")
+        return data
+    model = "llava-next-7b" if "llava-next-7b" in counts else max(counts, key=lambda m: counts[m])
+    pts = [mp for mp in rep.method_points if mp.model == model]
+    for mp in pts:
+        if mp.efficiency is None:
+            data.notes.append(f"{mp.source} ({mp.name}:{budget_text(mp.method)}): no profile row of this config; not drawn "
+                              f"(pmod-bench profile --method {mp.name}:{budget_text(mp.method)}).".replace(":)", ")"))
+    pts = [mp for mp in pts if mp.efficiency is not None]
+    pmod_keys = [k for k in rep.efficiency if k.partition("/")[0] == model and _is_shift_variant(k.partition("/")[2])
+                 and any(m in BENCHMARKS for m in rep.values.get(k, {}))]
+    common: Optional[set] = None
+    for vals in [mp.values for mp in pts] + [{m: v for m, (v, _) in rep.values[k].items()} for k in pmod_keys]:
+        have = {b for b in vals if b in BENCHMARKS}
+        common = have if common is None else common & have
+    if not common and pmod_keys:  # p-MoD shares no benchmark with the methods: draw the methods alone
+        data.notes.append(f"the p-MoD runs of {model} share no benchmark with the method runs; p-MoD not drawn.")
+        pmod_keys, common = [], None
+        for mp in pts:
+            have = {b for b in mp.values if b in BENCHMARKS}
+            common = have if common is None else common & have
+    benches = [b for b in BENCHMARKS if b in (common or set())]
+    if not benches:
+        data.notes.append(f"the comparison-method runs of {model} share no benchmark: not drawn.")
+        return data
+    for mp in sorted(pts, key=lambda m: m.efficiency["tflops_ratio"]):
+        score = paper_average({b: mp.values.get(b) for b in benches}, benches)
+        eff = mp.efficiency
+        data.curves.setdefault(mp.name, []).append(TradeoffPoint(
+            budget_text(mp.method) or "defaults", 100 * eff["tflops_ratio"], 100 * eff["kv_cache_ratio"], None, score,
+            key=f"{mp.model}/{mp.variant}"))
+        data.sources.extend(s for s in (mp.source, mp.profile_source) if s and s not in data.sources)
+    for k in pmod_keys:
+        eff = rep.efficiency[k]
+        score = paper_average({b: rep.get(k, b) for b in benches}, benches)
+        data.pmod.append(TradeoffPoint(_point_name(k.partition("/")[2]), 100 * eff["tflops_ratio"],
+                                       100 * eff["kv_cache_ratio"], None, score, key=k))
+        data.sources.extend(s for s in rep.sources(k) if s not in data.sources)
+    data.model, data.benchmarks = model, tuple(benches)
+    return data
+
+
+def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
+    """Two panels, prefill TFLOPs and KV cache (% of the baseline) against the mean score: one curve per method."""
+    from matplotlib import colormaps
+
+    panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache, vision tokens (% of baseline)")]
+    markers = "sD^v<>pPXh*"
+    colors = colormaps["tab10"]
+    with _rc():
+        fig = _figure(7.0, 3.0)
+        axes = fig.subplots(1, 2, sharey=True)
+        handles: dict[str, Any] = {}
+        for ax, (attr, xlabel) in zip(axes, panels):
+            if data.pmod:
+                h = _draw_series(ax, data.pmod, attr, PAPER_COLOR, "o", "-", "p-MoD (shift factors δ) / baseline", below=False)
+                if h is not None:
+                    handles["p-MoD (shift factors δ) / baseline"] = h
+            for i, (name, pts) in enumerate(sorted(data.curves.items())):
+                color = colors(1 + i % 9)
+                h = _draw_series(ax, pts, attr, color, markers[i % len(markers)], "--", f"{name} (budgets)", below=True)
+                if h is not None:
+                    handles[f"{name} (budgets)"] = h
+            ax.margins(x=0.2, y=0.2)
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel(f"Mean score (%)\nover {', '.join(data.benchmarks)}" + (" (MME/20)" if "MME" in data.benchmarks else ""))
+        fig.suptitle(f"Accuracy vs compute: token-reduction methods across budgets beside p-MoD ({data.model})", y=1.0)
+        fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(4, len(handles)),
+                   bbox_to_anchor=(0.5, 0.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, stem)
+
+
 # --------------------------------------------------------------------------- Fig. 4: schedules
 def retention_schedules_data(num_layers: int = 32, target_shift: float = 0.5) -> dict[str, list[float]]:
     """Per-layer retention of Table 4's schedules, each at PRD's mean retention (about 54% for δ=0.5).
@@ -467,7 +576,8 @@ def plot_selection_map(intro: Mapping[str, Any], stem: Path) -> list[Path]:
 
 
 __all__ = [
-    "TradeoffPoint", "TradeoffData", "tradeoff_data", "plot_tradeoff", "retention_schedules_data",
+    "TradeoffPoint", "TradeoffData", "tradeoff_data", "plot_tradeoff", "MethodsTradeoffData", "methods_tradeoff_data",
+    "plot_methods_tradeoff", "retention_schedules_data",
     "plot_retention_schedules", "exploration_data", "plot_exploration", "plot_token_selection",
     "selection_matrix", "plot_selection_map", "token_segments", "pick_layers", "DPI",
 ]

@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional
 
 from .paper import BENCHMARKS, PAPER_MODELS, paper_keys, paper_variants
 from .runs import Run
@@ -47,6 +47,19 @@ _NORM_VARIANTS = {
     "softmax": "p-MoD-softmax", "shiftedsoftmax": "p-MoD-shifted-softmax", "normnone": "p-MoD-norm-none",
     "nonorm": "p-MoD-norm-none", "none": "p-MoD-norm-none", "tanh1": "p-MoD-tanh-1", "tanhnorm1": "p-MoD-tanh-1",
 }
+
+
+#: registry method name (``pmod_bench.methods``; a run's ``method`` dict, key ``method``) -> the paper's row variant.
+#: Methods not listed (downsample, random, random_llm, prumerge_plus) have no paper row: their runs get
+#: ``measured`` lines in the comparison tables and curves in the methods trade-off figure.
+PAPER_METHOD_VARIANTS = {
+    "fastv": "FastV", "pyramiddrop": "PyramidDrop", "sparsevlm": "SparseVLM", "visionzip": "VisionZip",
+    "fastervlm": "FasterVLM", "prumerge": "LLaVA-PruMerge", "illava": "iLLaVA",
+}
+#: paper rows that need their own training (not a training-free method of the registry): paper values only
+TRAINED_ONLY_VARIANTS = ("MQT", "LLaVolta", "gamma-MoD")
+#: the p-MoD variant the comparison tables compare at (equal compute, Table 5: ~22 TFLOPs)
+EQUAL_COMPUTE_TARGET = "p-MoD-0.5"
 
 
 class LabelError(ValueError):
@@ -211,8 +224,59 @@ def variant_from_pmod(pmod: Optional[Mapping[str, Any]]) -> tuple[str, str]:
     return f"p-MoD-{sched}-{_fmt_shift(shift)}-{norm}", "no paper row has this p-MoD configuration"
 
 
+def method_of(obj: Any) -> Optional[dict]:
+    """A comparison method's config dict (``{"method": NAME, ...}``) or None: data, never a name to parse."""
+    return dict(obj) if isinstance(obj, Mapping) and isinstance(obj.get("method"), str) else None
+
+
+def run_method(run: Run) -> Optional[dict]:
+    """The method config dict of an eval run: its rows' ``method``, else summary.json's, else model_info's."""
+    for row in run.rows:
+        m = method_of(row.get("method"))
+        if m:
+            return m
+    info = run.data.get("model_info") or run.meta.get("model_info") or {}
+    return method_of(run.data.get("method")) or (method_of(info.get("method")) if isinstance(info, Mapping) else None)
+
+
+def run_method_match(run: Run) -> Optional[dict]:
+    """What ``--match`` solved for an eval run (rows' ``method_match``, else summary.json / run.json), or None."""
+    for row in run.rows:
+        if isinstance(row.get("method_match"), Mapping):
+            return dict(row["method_match"])
+    got = run.data.get("method_match") or (run.meta.get("eval") or {}).get("method_match")
+    return dict(got) if isinstance(got, Mapping) else None
+
+
+def method_key(method: Mapping[str, Any]) -> str:
+    """A canonical text of a method config dict, to compare configs (eval run vs profile row)."""
+    import json
+
+    return json.dumps(dict(method), sort_keys=True)
+
+
+def budget_text(method: Mapping[str, Any]) -> str:
+    """``keep=0.518`` / ``dominant=272,contextual=50``: the config's options (the name left out)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in method.items()
+                    if k != "method" and v is not None)
+
+
+def variant_from_method(method: Mapping[str, Any], pmod: Optional[Mapping[str, Any]] = None) -> tuple[str, str]:
+    """The variant a comparison method's config dict describes (``fastv`` -> ``FastV``), and why."""
+    name = str(method["method"])
+    if pmod is not None:
+        base, _ = variant_from_pmod(pmod)
+        return f"{base}+{name}", f"method {name} on a p-MoD model: no paper row"
+    if name in PAPER_METHOD_VARIANTS:
+        return PAPER_METHOD_VARIANTS[name], f"method {name} ({budget_text(method) or 'defaults'})"
+    return name, f"method {name} ({budget_text(method) or 'defaults'}): no paper row"
+
+
 def variant_from_profile_row(row: Mapping[str, Any]) -> tuple[str, str]:
     """The variant a profile row describes, and why."""
+    method = method_of(row.get("method_config"))
+    if method:
+        return variant_from_method(method)
     by_name = canonical_variant(row["variant"])
     if by_name:
         return by_name, f"profile variant '{row['variant']}'"
@@ -256,6 +320,25 @@ class ExplorationPoint:
     values: Mapping[str, float]
 
 
+@dataclass(frozen=True)
+class MethodPoint:
+    """One eval run of a comparison method at one budget, with the profile row of the same config (if any)."""
+
+    model: str
+    variant: str
+    method: Mapping[str, Any]
+    values: Mapping[str, float]
+    source: str
+    match: Optional[Mapping[str, Any]] = None
+    efficiency: Optional[Mapping[str, Any]] = None
+    """the profile row's ``tflops_ratio``, ``kv_cache_ratio``, ``prefill_tflops`` (paper convention when given)"""
+    profile_source: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return str(self.method["method"])
+
+
 @dataclass
 class Reproduction:
     """Everything the runs reproduce, keyed for the tables and figures."""
@@ -269,6 +352,10 @@ class Reproduction:
     """what a reader must not miss: incomplete eval runs, labels naming no paper row (index.md, stderr)"""
     values: dict[str, dict[str, tuple[float, str]]] = field(default_factory=dict)
     efficiency: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+    method_points: list[MethodPoint] = field(default_factory=list)
+    """every eval run of a comparison method (all budgets), for the methods trade-off figure"""
+    method_variants: set[str] = field(default_factory=set)
+    """variants that come from comparison-method runs (paper rows or not)"""
 
     def get(self, key: Optional[str], metric: Optional[str]) -> Optional[float]:
         if key is None or metric is None:
@@ -410,6 +497,7 @@ def match_runs(
             raise LabelError(msg + " Fix the label (or drop it to match the run automatically).")
         rep.warnings.append(msg)
 
+    method_profiles: dict[tuple[str, str], tuple[Mapping[str, Any], str]] = {}
     order = {"profile": 0, "eval": 1, "train": 2}
     for run in sorted(runs, key=lambda r: order[r.kind]):
         label, label_how = _label_for(run, labels)
@@ -439,8 +527,13 @@ def match_runs(
                 rep.exploration.append(ExplorationPoint(run, label.group, float(label.retention), values))
                 continue
             model, note = model_of(label, run.data["model"], "model", run)
+            method = run_method(run)
             if label and label.variant:
                 variant, how = label.variant, label_how
+            elif method:  # a comparison method: its config dict (rows' "method") names the row
+                variant, how = variant_from_method(method, run.data["pmod"])
+                if label_how:
+                    how = f"{label_how}; {how}"
             else:
                 variant, how = variant_from_pmod(run.data["pmod"])
                 if label_how:
@@ -449,7 +542,8 @@ def match_runs(
             if note:
                 rep.notes.append(f"{run.path}: {note}.")
                 how = f"{how}; {note}"
-            rep.entries.append(Entry(run, model, variant, values, how, str(run.path)))
+            extra = {"method": method, "method_match": run_method_match(run)} if method else {}
+            rep.entries.append(Entry(run, model, variant, values, how, str(run.path), extra))
 
         elif run.kind == "profile":
             if label and label.group:
@@ -473,6 +567,12 @@ def match_runs(
                     variant, how = label.variant, label_how
                 else:
                     variant, how = variant_from_profile_row(row)
+                cfg = method_of(row.get("method_config"))
+                if cfg:  # every budget of a method: an eval run of the same config finds its efficiency here
+                    slot = (model, method_key(cfg))
+                    prev_m = method_profiles.get(slot)
+                    if prev_m is None or rank(row) > rank(prev_m[0]):
+                        method_profiles[slot] = (row, f"{run.path} row {i}")
                 if note:
                     how = f"{how}; {note}"
                 key = f"{model}/{variant}"
@@ -512,19 +612,66 @@ def match_runs(
         if k not in used_labels:
             raise LabelError(f"--label {k}={labels[k]}: {k!r} is not one of the run directories given.")
 
+    _method_entries(rep, method_profiles)
     for e in rep.entries:
+        if e.extra.get("off_budget"):
+            continue
         slot = rep.values.setdefault(e.key, {})
         for metric, v in e.values.items():
             if metric in slot and slot[metric][1] != e.source:
                 rep.notes.append(f"{e.key} {metric}: {e.source} replaces {slot[metric][1]}.")
             slot[metric] = (v, e.source)
-        if e.extra:
+        if "tflops_ratio" in e.extra:  # a profile row (eval entries carry their method, not efficiency)
             rep.efficiency[e.key] = dict(e.extra)
     return rep
+
+
+def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[Mapping[str, Any], str]]) -> None:
+    """Comparison-method eval runs: one per table row, every one a point of the methods trade-off figure.
+
+    Several eval runs of one method on one model (budgets): the table row takes the one solved to
+    :data:`EQUAL_COMPUTE_TARGET` (``--match p-MoD-0.5``), else the last given; the others are flagged
+    ``off_budget`` (figure only). A profile row with the same config dict gives the row's efficiency columns.
+    """
+    by_key: dict[str, list[int]] = {}
+    for i, e in enumerate(rep.entries):
+        if e.run.kind == "eval" and e.extra.get("method"):
+            by_key.setdefault(e.key, []).append(i)
+            rep.method_variants.add(e.variant)
+    for key, idx in by_key.items():
+        at_target = [i for i in idx if (rep.entries[i].extra.get("method_match") or {}).get("target_label") == EQUAL_COMPUTE_TARGET]
+        chosen = (at_target or idx)[-1]
+        for i in idx:
+            e = rep.entries[i]
+            prof = profiles.get((e.model, method_key(e.extra["method"])))
+            eff = None
+            if prof is not None:
+                row = prof[0]
+                eff = {"tflops_ratio": row["tflops_ratio"], "kv_cache_ratio": row["kv_cache_ratio"],
+                       "prefill_tflops": _profile_values(row)["prefill_tflops"], "latency_ratio": row.get("latency_ratio"),
+                       "latency_unreliable": row.get("latency_unreliable")}
+            rep.method_points.append(MethodPoint(e.model, e.variant, dict(e.extra["method"]), dict(e.values), e.source,
+                                                 e.extra.get("method_match"), eff, prof[1] if prof else None))
+            if i != chosen:
+                rep.entries[i] = Entry(e.run, e.model, e.variant, e.values, e.how, e.source, {**e.extra, "off_budget": True})
+                continue
+            if prof is not None:  # the efficiency of exactly this config (not another budget's profile row)
+                row, src = prof
+                rep.entries.append(Entry(e.run, e.model, e.variant, _profile_values(row), f"profile row of {budget_text(e.extra['method'])}",
+                                         src, {m: row.get(m) for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio",
+                                                                        "latency_unreliable", "latency_ratio_min",
+                                                                        "latency_ratio_max")} | {"ratios": list(row["ratios"])}))
+        if len(idx) > 1:
+            e = rep.entries[chosen]
+            rep.notes.append(f"{key}: {len(idx)} eval runs of {e.extra['method']['method']} at different budgets; the table "
+                             f"shows {e.source} ({budget_text(e.extra['method'])}"
+                             + (f", solved to {EQUAL_COMPUTE_TARGET}" if chosen in at_target else "")
+                             + "), the methods trade-off figure all of them.")
 
 
 __all__ = [
     "DEFAULT_MODEL", "Label", "LabelError", "LABEL_FORMS", "Entry", "ExplorationPoint", "Reproduction",
     "canonical_model", "canonical_variant", "parse_label", "variant_from_pmod", "variant_from_profile_row", "match_runs",
-    "model_from_info",
+    "model_from_info", "MethodPoint", "PAPER_METHOD_VARIANTS", "TRAINED_ONLY_VARIANTS", "EQUAL_COMPUTE_TARGET", "method_of",
+    "run_method", "run_method_match", "method_key", "budget_text", "variant_from_method",
 ]

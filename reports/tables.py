@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from .matching import Reproduction
+from .matching import PAPER_METHOD_VARIANTS, TRAINED_ONLY_VARIANTS, Reproduction
 from .paper import PaperColumn, PaperTable, Value, as_number, load_paper_tables, paper_average, paper_keys
 
 #: a value that does not apply (descriptive text columns on a reproduced line): rendered empty
@@ -116,8 +116,12 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
     extra: list[str] = []
     if rep is not None:
         variants = {r.variant for r in table.rows if r.variant}
+        # a comparison table also shows runs of the registry's methods that the paper does not report
+        # (downsample, random, random_llm, prumerge_plus), on the paper's model or another one
+        method_table = bool(variants & set(PAPER_METHOD_VARIANTS.values()))
         for key in rep.keys:
-            if key in paper_keys() or key.rpartition("/")[2] not in variants:
+            variant = key.rpartition("/")[2]
+            if key in paper_keys() or not (variant in variants or (method_table and variant in rep.method_variants)):
                 continue
             srcs = _measured_sources(table, key, rep)
             if not srcs:
@@ -133,6 +137,24 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
     for row in table.rows:
         if row.note:
             notes.append(f"{row.label}: {row.note}")
+    trained = [r.label.lstrip("+ ").strip() for r in table.rows if r.variant in TRAINED_ONLY_VARIANTS]
+    if trained:
+        many = len(trained) > 1
+        notes.append(f"{', '.join(trained)}: paper values only. {'These methods need their' if many else 'It needs its'} own "
+                     "training (a model trained with the method), which this toolkit does not run: "
+                     f"{'they are' if many else 'it is'} never reproduced.")
+    registry = [r.label.lstrip("+ ").strip() for r in table.rows if r.variant in PAPER_METHOD_VARIANTS.values()]
+    if registry:
+        notes.append(f"{', '.join(registry)}: training-free, reproduced from eval runs of the method "
+                     "(pmod-bench eval --method NAME --match p-MoD-0.5: its budget solved to p-MoD-0.5's prefill FLOPs), "
+                     "matched on the run's method config"
+                     + ("; TFLOPs / KV cache from a profile row of the same config." if any(c.kind == "efficiency" for c in cols)
+                        else "."))
+    other = [r.label.lstrip("+ ").strip() for r in table.rows
+             if r.variant and r.variant not in TRAINED_ONLY_VARIANTS and r.variant not in PAPER_METHOD_VARIANTS.values()
+             and r.variant != "baseline" and not r.variant.startswith("p-MoD") and "MoD" not in r.variant]
+    if other:
+        notes.append(f"{', '.join(other)}: not implemented in this toolkit (paper values only).")
     if table.avg_over:
         notes.append(
             f"AVG: mean of {', '.join(table.avg_over)}"

@@ -54,6 +54,9 @@ def tasks_dir() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    from pmod_bench.atomic import umask
+
+    os.chmod(tmp, 0o777 & ~umask())  # the usual mode of a new directory, not mkdtemp's 0700
     for rel, text in texts.items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text(text.replace(LMMS_EVAL_TASKS, root), encoding="utf-8")

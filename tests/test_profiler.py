@@ -274,10 +274,9 @@ def test_recipe_calibration_and_train_run(tmp_path):
                                                         "final_loss": 1.0, "gpu_hours": 0.5, "tokens_per_s": 20000.0}))
     (run / "train_log.jsonl").write_text(json.dumps({"step": 10, "world_size": 8}) + "\n")
     rows = profile("llava-next-7b", ["baseline"], verify=False, latency=False, train_run=str(run))
-    r = rows[0]
-    assert r.train_tokens_per_s_measured == 20000.0
-    assert r.train_gpu_hours_measured == pytest.approx(779_000 * r.train_tokens_per_sample / 20000 * 8 / 3600)
-    assert 0 < r.train_mfu_measured < 1
+    r = rows[0]  # a run without model_info cannot be matched to the 7B row: nothing measured is attached
+    assert r.train_tokens_per_s_measured is None and r.train_run_match is False and r.train_run_note
+    # (a matching run's measured throughput: tests/test_train_profile.py)
 
 
 # ------------------------------------------------------------------------------------ archs from dirs

@@ -9,7 +9,8 @@
 
 Registered (``stage`` = where the method acts): ``visionzip``, ``fastervlm``, ``prumerge``,
 ``prumerge_plus``, ``downsample``, ``random`` (``vision``: before the LLM); ``fastv``, ``pyramiddrop``,
-``sparsevlm``, ``random_llm`` (``llm``: inside the LLM's layers, see :mod:`.llm`). A new method is one
+``sparsevlm``, ``random_llm`` (``llm``: inside the LLM's layers, see :mod:`.llm`); ``illava`` (both: merges in
+the vision tower, then in the LLM's layers; registered as ``llm``). A new method is one
 module with a ``MethodConfig`` subclass under ``@register_method("name")``, imported below.
 """
 
@@ -23,7 +24,7 @@ from .base import (METHODS, STAGES, MethodConfig, MethodError, ModelGeometry, Vi
 
 # the method modules register themselves; they import torch, so they load on first use of the registry
 _MODULES = ("visionzip", "fastervlm", "prumerge", "downsample", "random_prune", "fastv", "pyramiddrop", "random_llm",
-            "sparsevlm")
+            "sparsevlm", "illava")
 _loaded = False
 
 

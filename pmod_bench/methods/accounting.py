@@ -97,6 +97,9 @@ def method_flops(cfg: MethodConfig, arch, image_size: tuple[int, int], text_toke
     """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (module docstring)."""
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
 
+    own = getattr(cfg, "method_flops", None)
+    if callable(own):  # a method with its own accounting (iLLaVA: tokens change inside the tower and inside the LLM)
+        return own(arch, image_size, text_tokens, logits_tokens)
     if cfg.stage == "llm":  # in-LLM methods: per-layer token counts + their own products (methods/llm.py)
         from .llm import llm_method_flops
 

@@ -138,9 +138,14 @@ class MethodModelMixin:
     def _is_pmod(self) -> bool:
         return hasattr(self, "pmod_layers")
 
+    def _reads_plan(self) -> bool:
+        """The parent's forward builds a routing plan (p-MoD, or an in-LLM method's routed class): it takes vision_token_mask."""
+        return self._is_pmod() or getattr(self, "llm_method", None) is not None
+
     def _has_images(self, input_ids, pixel_values) -> bool:
-        if self.method_config.stage != "vision":  # in-LLM methods: the LLM gets every image feature (methods/llm.py)
-            return False
+        cfg = self.method_config
+        if cfg.stage != "vision" and not getattr(cfg, "compresses_vision", False):
+            return False  # in-LLM methods: the LLM gets every image feature (methods/llm.py); iLLaVA acts on both sides
         return (pixel_values is not None and input_ids is not None and pixel_values.numel() > 0
                 and bool((input_ids == self.config.image_token_id).any()))
 
@@ -164,7 +169,7 @@ class MethodModelMixin:
             kwargs["position_ids"] = mi.position_ids
         if kwargs.get("labels") is not None:
             kwargs["labels"] = mi.labels
-        if self._is_pmod():
+        if self._reads_plan():
             kwargs["vision_token_mask"] = mi.vision_token_mask
         return parent(**kwargs)
 
@@ -190,7 +195,7 @@ class MethodModelMixin:
             raise MethodError("pass generate()'s options by keyword (generation_config=..., ...) when a method is applied.")
         kwargs.pop("pixel_values")
         mi = self.method_inputs(input_ids, pixel_values, kwargs.pop("image_sizes", None), kwargs.pop("attention_mask", None))
-        if self._is_pmod():
+        if self._reads_plan():
             kwargs["vision_token_mask"] = mi.vision_token_mask
         out = super().generate(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask, **kwargs)
         # with inputs_embeds only, HF returns just the new tokens: put the prompt in front (the usual layout)

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from .errors import ProfileError
 from .hardware import Hardware, get_hardware
+from .paper import PAPER_EFFICIENCY
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ RECIPES: dict[str, TrainRecipe] = {
         TrainRecipe(
             "llava-next-sft", "sft", 779_000, 400, train_llm=True, mfu=_NEXT_SFT_MFU, overhead_s_per_sample=_NEXT_SFT_OVERHEAD_S,
             image_size=(672, 672),
-            paper_gpu_hours={"baseline": 560, "p-MoD-0.3": 403, "p-MoD-0.4": 415, "p-MoD-0.5": 435},
+            paper_gpu_hours={v: m["gpu_hours"] for v, m in PAPER_EFFICIENCY["llava-next-7b"].items()},
             source="paper Table 12 (779K SFT samples, connector + LLM + routers trained, vision encoder frozen) and Table 7 "
             "(8x RTX A6000; throughput constants calibrated on its baseline and p-MoD-0.5 rows)",
         ),
@@ -143,15 +144,13 @@ def read_train_run(run_dir: "str | Path") -> TrainRun:
         raise ProfileError(f"{path}: malformed JSON ({exc}); re-create the train run.") from None
     if meta.get("kind") != "train":
         raise ProfileError(f"{path}: run.json kind is {meta.get('kind')!r}, not 'train'; pass a train run directory.")
-    world = 1
-    log = path / "train_log.jsonl"
-    if log.is_file():
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-        if lines:
-            try:
-                world = int(json.loads(lines[-1]).get("world_size") or 1)
-            except (json.JSONDecodeError, TypeError, ValueError):
-                world = 1
+    from pmod_bench.reports.runs import last_train_log_record
+
+    last = last_train_log_record(path) or {}
+    try:
+        world = int(last.get("world_size") or 1)
+    except (TypeError, ValueError):
+        world = 1
 
     def num(key: str) -> Optional[float]:
         v = summary.get(key)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from pmod_bench.model.config import PMoDConfig
+from pmod_bench.model.schedules import num_selected_host as num_selected  # k = trunc(V * rho), float32
 
 #: method name -> Variant subclass (see :func:`register_variant`)
 VARIANT_METHODS: dict[str, type["Variant"]] = {}
@@ -42,13 +43,6 @@ def register_variant(method: str):
         return cls
 
     return deco
-
-
-def num_selected(vision_tokens: int, ratio: float) -> int:
-    """k = trunc(V * rho) in float32 arithmetic, exactly as the model: :func:`pmod_bench.model.plan.num_selected_host`."""
-    from pmod_bench.model.plan import num_selected_host  # imports torch (model/plan.py), so on first use only
-
-    return num_selected_host(vision_tokens, ratio)
 
 
 class Variant:

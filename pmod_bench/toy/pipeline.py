@@ -48,7 +48,7 @@ class Plan:
     models: tuple
     bench_n: int = 60
     """documents per benchmark split"""
-    train_images: int = 3000
+    train_images: int = 3600
     """SFT scenes (the baseline's SFT sees each once)"""
     turns: int = 10
     """questions per SFT conversation (one image, many short answers: the image's tokens are paid once)"""
@@ -333,7 +333,7 @@ class Reproduction:
             import torch
 
             from pmod_bench import load_model
-            from pmod_bench.model.introspect import write_introspection
+            from pmod_bench.tasks.introspection import write_introspection
 
             from .data import scene_from_json
             from .questions import SHORT

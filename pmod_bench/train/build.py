@@ -57,7 +57,9 @@ def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
         if cfg.train.deepspeed and cfg.train.precision == "fp16":
             return torch.float16
         return torch.float32
-    return getattr(torch, name)
+    from pmod_bench.model.dtypes import torch_dtype
+
+    return torch_dtype(name)
 
 
 def num_llm_layers(cfg: TrainConfig) -> int:
@@ -146,13 +148,11 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
         CLIPVisionModel,
         LlavaConfig,
         LlavaNextConfig,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        LlavaProcessor,
     )
 
     from pmod_bench.model.modeling import to_pmod
-    from pmod_bench.model.presets import IMAGE_TOKEN, VICUNA_V1_TEMPLATE
+    from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
+    from pmod_bench.model.processors import IMAGE_TOKEN, clip_image_processor, llava_processor
 
     m = cfg.model
     attn = m.attn_implementation
@@ -168,8 +168,8 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
     try:
         clip_ip = CLIPImageProcessor.from_pretrained(m.vision_tower)
         mean, std = clip_ip.image_mean, clip_ip.image_std
-    except OSError:
-        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    except OSError:  # a tower saved without its preprocessor: OpenAI CLIP's normalisation
+        mean, std = None, None
     S = vis_cfg.image_size
     text_cfg = AutoConfig.from_pretrained(m.llm)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -182,17 +182,11 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
     if m.arch == "llava_next":
         pinpoints = [[r * S, c * S] for r, c in m.grid_pinpoints]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-        ip = LlavaNextImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
-                                     image_grid_pinpoints=pinpoints, image_mean=mean, image_std=std)
-        processor = LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vis_cfg.patch_size,
-                                       vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                                       image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        ip = clip_image_processor(S, pinpoints=pinpoints, mean=mean, std=std)
     else:
         config = LlavaConfig(**common, image_seq_length=(S // vis_cfg.patch_size) ** 2)
-        ip = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S}, image_mean=mean, image_std=std)
-        processor = LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vis_cfg.patch_size,
-                                   vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        ip = clip_image_processor(S, mean=mean, std=std)
+    processor = llava_processor(ip, tokenizer, patch_size=vis_cfg.patch_size, chat_template=tokenizer.chat_template)
     config._attn_implementation = attn
     config.text_config._attn_implementation = attn
     # skeleton on the meta device; the LLM and the vision tower are assigned, the connector materialised
