@@ -14,19 +14,10 @@ from __future__ import annotations
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """{field: docstring} of a dataclass (the string literal after each field), for --help."""
-    import ast
-    import inspect
-    import textwrap
+    """{field: docstring} of a dataclass, for --help (reST ``literals`` shown plain)."""
+    from pmod_bench.fielddocs import field_docs
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.replace("``", "").split())
-    return docs
+    return {k: v.replace("``", "") for k, v in field_docs(cls).items()}
 
 
 def add_parser(subparsers) -> None:

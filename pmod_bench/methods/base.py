@@ -25,15 +25,13 @@ checked by :meth:`MethodConfig.check_model` against a :class:`ModelGeometry`.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
 import math
-import textwrap
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
+
+from pmod_bench.fielddocs import field_docs
 
 #: registered name -> MethodConfig subclass
 METHODS: dict[str, type["MethodConfig"]] = {}
@@ -51,25 +49,6 @@ def param(default: Any, *, low: Optional[float] = None, high: Optional[float] = 
     """A dataclass field with a valid range ``[low, high]`` (``low_open``/``high_open``: exclusive end)."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
     return dataclasses.field(default=default, metadata=meta)
-
-
-@functools.lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings of the fields of a dataclass: the string literal right under each annotated field."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass) or klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def _range_text(meta: dict) -> str:

@@ -11,20 +11,17 @@ same dotted keys (``train.lr=1e-3``, ``pmod.shift=0.3``, ``pmod=null``)::
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
 import math
 import os
 import re
-import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pmod_bench.fielddocs import field_docs
 from pmod_bench.model.config import PMoDConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -359,25 +356,6 @@ def _pmod_from_dict(d: dict) -> PMoDConfig:
 
 
 # ---------------------------------------------------------------------------------- field docs
-@functools.cache
-def field_docs(cls: type) -> dict:
-    """{field name: docstring} from the string literal under each field (litgpt-style)."""
-    docs: dict = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": OptimConfig, "pmod": PMoDConfig}
 
 
