@@ -21,10 +21,15 @@ PRESETS = ("tiny", "tiny-llava", "llava-1.5-7b", "llava-next-7b", "llava-next-13
 #: LLaVA-NeXT grid pinpoints in units of the base tile: (1,2),(2,1),(2,2),(1,3),(3,1)  (METHOD.md)
 GRID_UNITS = [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]
 
+#: Vicuna v1's system prompt (LLaVA's conv_vicuna_v1); the one home of the string, for the chat template
+#: below (evaluation) and ``pmod_bench.train.data.render_vicuna_v1`` (training).
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 #: Vicuna v1 conversation template (LLaVA-1.5 / LLaVA-NeXT-Vicuna), as a chat template.
 VICUNA_V1_TEMPLATE = (
-    "{% set system = 'A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human\\'s questions.' %}"
+    "{% set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}{% set system = message['content'] %}{% endif %}{% endfor %}"
     "{{ system }}"
     "{% for message in messages %}{% if message['role'] != 'system' %}"

@@ -336,3 +336,16 @@ def test_llava15_pad_to_square_single_tile(demo):
     assert {int((s["input_ids"] == ds.image_token_id).sum()) for s in samples} == {16}
     batch = DataCollator(proc.tokenizer.pad_token_id)(samples)
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and "image_sizes" not in batch
+
+
+def test_train_and_eval_prompts_are_identical(tiny_processor):
+    """The vicuna_v1 prompt a model is trained on (train.data.render_vicuna_v1) is, up to the answer, exactly
+    the prompt the lmms-eval plugin builds for the same question (tasks.plugin, the chat template)."""
+    from pmod_bench.tasks.plugin import PMoDLlava
+    from pmod_bench.train.data import IMAGE_PLACEHOLDER, render_vicuna_v1
+
+    lm = PMoDLlava.from_loaded(None, tiny_processor, name="tiny", batch_size=1, device="cpu")
+    for question, images in (("What colour is the circle?", 1), ("Is there a dog?\nAnswer yes or no.", 1), ("Say hi.", 0)):
+        human = (IMAGE_PLACEHOLDER + "\n" if images else "") + question
+        text, spans = render_vicuna_v1([("human", human), ("gpt", "Red.")], tiny_processor.image_token)
+        assert text[: spans[0][0]] == lm.build_prompt(question, images) + " "

@@ -33,11 +33,9 @@ from torch.utils.data import Dataset, Sampler
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"  # how LLaVA data marks the image in a human turn
 
-#: Vicuna v1 (LLaVA's conv_vicuna_v1): SYSTEM + " " + "USER: q ASSISTANT: a</s>USER: ..."
-VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+#: Vicuna v1 (LLaVA's conv_vicuna_v1): SYSTEM + " " + "USER: q ASSISTANT: a</s>USER: ..."; the system prompt
+#: is the evaluation chat template's (tests/test_train_data.py checks train and eval prompts agree)
+from pmod_bench.model.presets import VICUNA_SYSTEM  # noqa: E402
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
