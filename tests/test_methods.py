@@ -258,7 +258,7 @@ def test_profile_cli_method_match(tmp_path, capsys):
         assert 0.5 < r["tflops_ratio"] < 0.56 and len(set(r["kept_vision_tokens"])) == 1
     assert rows["visionzip"]["method_extra_tflops"] > 0
     assert main(["profile", "--arch", "llava-next-7b", "--variant", "fastv:k=99", "--no-latency", "-q"]) == 2
-    assert "FastV k (the pruning layer) must be in [0, 31]" in capsys.readouterr().err
+    assert "fastv: k must be in [1, 31] for an LLM of 32 layers, got 99." in capsys.readouterr().err
 
 
 def test_eval_config_method_is_validated_and_in_the_identity(tmp_path):

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_inputs
+from pmod_bench.model.cache import PMoDCacheLayer, output_cache
+from pmod_bench.model.presets import build_preset, preset_processor
+
 from pmod_bench.methods import MethodError, apply_method, parse_method_spec, solve
 from pmod_bench.methods import llm as llm_mod
 from pmod_bench.methods.accounting import method_flops
 from pmod_bench.methods.base import ModelGeometry
 from pmod_bench.methods.illava import llm_removed, merge_tile_tokens, merging_tower, valid_vit_r
-from pmod_bench.model.cache import PMoDCacheLayer, output_cache
-from pmod_bench.model.presets import build_preset, preset_processor
 
 SIZES = [(64, 48), (40, 90), (96, 96)]
 QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
@@ -313,9 +313,10 @@ def test_batched_equals_single_and_cache_holds_kept_only(pairs, preset, spec):
 
 
 def test_on_pmod_model(tiny_vanilla, tiny_processor):
-    from pmod_bench import PMoDConfig
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import random_routers
+
+    from pmod_bench import PMoDConfig
 
     model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
     random_routers(model, seed=2)
@@ -360,6 +361,7 @@ def test_solver_matches_pmod_05_within_1pct():
     arch = load_arch("llava-next-7b")
     res = solve("illava", arch, (672, 672), match="p-MoD-0.5")
     assert res.rel_err <= 0.01 and set(res.solved) == {"vit_layers", "vit_r", "llm_layers", "llm_keep"}
+    assert res.solved["vit_r"] == 44 and abs(res.solved["llm_keep"] - 0.7) <= 0.04  # the official LLM keep, nearly
     assert method_flops(res.config, arch, (672, 672), 58).llm_prefill == res.achieved
     kv = solve("illava", arch, (672, 672), kv=0.537)
     assert abs(kv.achieved - 0.537) / 0.537 <= 0.01

@@ -1,7 +1,10 @@
 """``pmod-bench reproduce --toy``: the whole paper pipeline on the toy world (data, train, eval, profile, report).
 
-    pmod-bench reproduce --toy --output runs/toy           # full: every model of Tables 1/3/4/7 (~30 min on 2 CPU cores)
+    pmod-bench reproduce --toy --output runs/toy           # full: every model of Tables 1/3/4/7 (trains; see README)
     pmod-bench reproduce --toy --output runs/toy-q --quick # baseline, p-MoD-0.5, p-MoD-0.3 from shipped checkpoints (CI)
+
+Training: prepared toy LM + CLIP tower, PT (connector), one shared SFT, then one SFT continuation per
+model (the baseline without, the p-MoD models with p-MoD layers); see pmod_bench.toy.models.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--toy", action="store_true", help="the toy world (the only reproduction that runs offline on a CPU)")
     p.add_argument("--output", "-o", required=True, help="output directory (resumable)")
     p.add_argument("--quick", action="store_true",
-                   help="baseline, p-MoD-0.5 and p-MoD-0.3 only, at most 24 documents per task (CI; a few minutes)")
+                   help="baseline, p-MoD-0.5 and p-MoD-0.3 only (the shipped checkpoints), at most 12 documents per task (CI; ~3 min)")
     p.add_argument("--retrain", action="store_true", help="train every model here, ignoring cached and shipped checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

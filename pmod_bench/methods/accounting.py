@@ -14,7 +14,9 @@ matrix products only, attention counted full. For one sample (one image of ``til
   ``kept = [llm_tokens] * L``), and caches as many entries.
 
 The solver (:func:`solve`) evaluates every budget setting a method offers
-(:meth:`MethodConfig.candidates`) and keeps the one whose metric is closest to the target:
+(:meth:`MethodConfig.candidates`) and keeps the one whose metric is closest to the target (a method whose
+budget has several axes may define ``prefer(candidate)``: then, of the settings within tolerance, the one it
+ranks first, e.g. iLLaVA's nearest its configured split between the vision and the LLM side):
 ``prefill`` = the LLM prefill FLOPs (the profiler's headline ``prefill_tflops``, or the paper's
 convention with ``convention="paper"``), ``ttft`` = vision side + LLM prefill, ``kv`` = the
 vision-token KV-cache ratio vs the baseline (the paper's KV column). Targets: a p-MoD variant
@@ -204,10 +206,12 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
     cfg.check_model(geometry)
     best: Optional[tuple[float, MethodConfig, float]] = None
     values = []
+    scored = []
     for cand in cfg.candidates(geometry):
         val = _value(method_flops(cand, arch, image_size, text_tokens, logits_tokens), metric, convention)
         values.append(val)
         err = abs(val - target) / target
+        scored.append((err, cand, val))
         if best is None or err < best[0]:
             best = (err, cand, val)
     assert best is not None
@@ -220,6 +224,9 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
         raise MethodError(f"{cfg.name} cannot match {label} ({fmt(target)}) within {tolerance:.0%} on {arch.name} at "
                           f"{image_size[0]}x{image_size[1]}: its nearest settings give {near}. Pass a larger tolerance "
                           "(--match-tolerance) or another target.")
+    prefer = getattr(cfg, "prefer", None)
+    if callable(prefer):  # a budget of several axes (iLLaVA): of the settings within tolerance, the method's preferred one
+        err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (prefer(s[1]), s[0]))
     return MatchResult(chosen, metric, target, val, err, label, convention, chosen.budget())
 
 

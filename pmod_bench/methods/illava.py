@@ -68,10 +68,16 @@ Analytic FLOPs (:meth:`IlLaVAConfig.method_flops`, the profiler's conventions): 
 per-layer token counts (attention on the tokens present, the MLP on what is left), the merges'
 weighted sums (``2·(r+1)·D`` per merge and tile, in ``method_extra``), the projector on ``P'`` tokens
 per tile, the LLM with the per-layer kept tokens, the last-token rows and the LLM merges in ``llm_extra``.
+
+Equal compute (``--match``): the candidates are every valid ``vit_r`` x ``llm_keep`` on a 1/50 grid; of
+the settings within tolerance the solver takes the one with ``llm_keep`` nearest the configured value,
+then ``vit_r`` nearest (:meth:`IlLaVAConfig.prefer`). At p-MoD-0.5 on LLaVA-NeXT-7B, 672x672:
+``vit_r=44`` (400 = 20² tokens per tile), ``llm_keep=0.72``; on LLaVA-1.5-7B: ``vit_r=44, llm_keep=0.7``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -83,15 +89,15 @@ from .base import MethodError, ModelGeometry, param, register_method
 from .llm import DropState, LLMMethodConfig, last_token_query, parse_layers, row_flops
 from .vision import CompressedImage, check_attention, encoder_layers, hf_image_tokens, pack_spatial_unpad, project, vision_modules
 
-#: the solver's grid of llm_keep (1/100 steps) for each valid vit_r
-KEEP_GRID = tuple(i / 100 for i in range(1, 101))
+#: the solver's grid of llm_keep (1/50 steps) for each valid vit_r
+KEEP_GRID = tuple(i / 50 for i in range(1, 51))
 
 
 def llm_removed(v: int, keep: float) -> int:
     """Vision tokens dropped at one LLM merge layer: round(v * (1 - keep)) (official), at most v - 1."""
     if v <= 0:
         return 0
-    return max(0, min(int(round(v * (1 - keep))), v - 1))
+    return max(0, min(round(v * (1 - keep)), v - 1))
 
 
 def valid_vit_r(geometry: ModelGeometry, merges: int) -> list[int]:
@@ -172,8 +178,20 @@ class IlLaVAConfig(LLMMethodConfig):
 
     # -- equal compute ---------------------------------------------------------------------------
     def candidates(self, geometry: ModelGeometry) -> list["IlLaVAConfig"]:
+        """Every valid vit_r x llm_keep on a 1/50 grid (the solver then takes the :meth:`prefer`-red one within tolerance)."""
         rs = valid_vit_r(geometry, len(parse_layers(self.vit_layers, "illava: vit_layers")))
-        return [self.replace(vit_r=r, llm_keep=k) for r in rs for k in KEEP_GRID]
+        out = []
+        for r in rs:
+            for k in KEEP_GRID:  # valid by construction: copies without re-running the field checks (14k configs)
+                cand = copy.copy(self)
+                cand.__dict__.update(vit_r=r, llm_keep=k)
+                out.append(cand)
+        return out
+
+    def prefer(self, cand: "IlLaVAConfig") -> tuple[float, int]:
+        """The solver's choice among settings within tolerance: llm_keep nearest this config's (the official 0.7
+        carries over to any architecture), then vit_r nearest this config's."""
+        return (round(abs(cand.llm_keep - self.llm_keep), 9), abs(cand.vit_r - self.vit_r))
 
     def budget(self) -> dict[str, Any]:
         return {"vit_layers": self.vit_layers, "vit_r": self.vit_r, "llm_layers": self.llm_layers, "llm_keep": self.llm_keep}
@@ -224,8 +242,9 @@ class IlLaVAConfig(LLMMethodConfig):
         n = geometry.patches + 1  # tokens per tile in the tower: patches + [CLS]
         tower = 2 * v.channels * v.patch_size ** 2 * D * geometry.patches  # patch conv
         merges = 0
+        vit = set(self.vit)
         for i in range(v.layers):
-            r = self.vit_r if i in self.vit else 0
+            r = self.vit_r if i in vit else 0
             tower += 2 * n * 4 * D * D + 4 * n * n * D + 2 * (n - r) * 2 * D * M  # q,k,v,o + attention on n; MLP on n - r
             if r:
                 merges += 2 * (r + 1) * D  # the weighted average: (1, r+1) @ (r+1, D)
@@ -331,9 +350,8 @@ def merging_tower(model, geometry: ModelGeometry, pixels: torch.Tensor, merge_la
     T, n, _ = h.shape
     pos = torch.arange(n, device=h.device).expand(T, n)
     want = geometry.feature_index
-    if want == 0:
-        return h, pos
-    for i, layer in enumerate(layers):
+    states = [(h, pos)]  # hidden_states[i] and the tokens' original indices
+    for i, layer in enumerate(layers):  # every layer, as HF's tower (the FLOPs compare with its full run)
         if i not in merge_layers:
             h = _layer_call(layer, h)
         else:
@@ -346,9 +364,8 @@ def merging_tower(model, geometry: ModelGeometry, pixels: torch.Tensor, merge_la
             h, idx = merge_tile_tokens(h, weights, r)                     # (T, n - r, D)
             pos = pos.gather(1, idx)
             h = h + layer.mlp(layer.layer_norm2(h))
-        if i + 1 == want:
-            return h, pos
-    return h, pos
+        states.append((h, pos))
+    return states[want]
 
 
 # ------------------------------------------------------------------------------------- the LLM side
@@ -365,7 +382,7 @@ class _IlLaVAState(DropState):
         if layer.layer_idx not in self.at:
             return out
         alive = self.current.target                                  # (B, N) vision tokens present
-        B, N, d = out.shape
+        B, N, _ = out.shape
         ranked = torch.sort(scores.float().masked_fill(~alive, float("-inf")), dim=1, descending=True, stable=True).indices
         out = out.clone()
         keep = torch.zeros(B, N, dtype=torch.bool, device=out.device)

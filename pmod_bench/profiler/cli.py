@@ -44,8 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "or hub id (default: llava-next-7b)")
     w.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable; see below)")
     w.add_argument("--method", action="append", default=[], metavar="SPEC",
-                   help="a comparison method (repeatable): visionzip, fastervlm:keep=0.25, prumerge, prumerge_plus, "
-                   "downsample, random, or fastv:k=2,keep=0.5 (analytic); see pmod_bench.methods")
+                   help="a comparison method (repeatable), NAME or NAME:key=value,...: fastv:k=2,keep=0.5, pyramiddrop, "
+                   "sparsevlm, illava, random_llm (inside the LLM); visionzip, fastervlm:keep=0.25, prumerge, prumerge_plus, "
+                   "downsample, random (before it); see pmod_bench.methods")
     w.add_argument("--match", metavar="VARIANT", help="solve each --method's token budget to this variant's prefill FLOPs "
                    "(e.g. p-MoD-0.5) on the same arch and image size, within 1%%")
     w.add_argument("--match-tflops", type=float, metavar="X", help="solve each --method to X prefill TFLOPs (--match-convention)")
