@@ -133,14 +133,27 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     scores = data["scores"]
     assert set(scores) == {"baseline", "p-MoD-0.5", "p-MoD-0.3"}
     base, pmod05, pmod03 = (average(scores[m]) for m in ("baseline", "p-MoD-0.5", "p-MoD-0.3"))
-    CALIBRATION
+    for m, v in scores.items():  # every benchmark scored from a run, as a percentage
+        assert set(v) == set(CHANCE) and all(0.0 <= x <= 100.0 for x in v.values()), (m, v)
+    # Measured on the shipped checkpoints (--quick, 12 documents a task): baseline Exist 54.2 Attr 41.7 Count 33.3
+    # MC 33.3 Text 8.3 Ground 0.0 (AVG 28.5); p-MoD-0.5 and p-MoD-0.3 50.0 50.0 33.3 33.3 8.3 0.0 (AVG 29.2).
+    # The targets (Exist >= 90, AVG >= 75) are NOT reached: only attribute questions are above chance.
+    assert scores["baseline"]["Toy-Attr"] > CHANCE["Toy-Attr"] + 10, scores["baseline"]
+    assert base > 20 and abs(pmod05 - base) <= 5 and abs(pmod03 - base) <= 8, (base, pmod05, pmod03)
     prof = data["profile"]
-    assert 0.4 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.75 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
+    # measured: 66.2% (p-MoD-0.5) and 56.2% (p-MoD-0.3) of the baseline's prefill FLOPs; KV cache 53.4% / 39.8%
+    assert 0.6 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.72 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
     t1 = (out / "report" / "table1.md").read_text()
     assert "–" not in t1.split("\n", 4)[-1]  # every cell of Table 1 filled from runs
     for f in ("tradeoff.png", "tradeoff.pdf", "routing.png", "fig5_p-MoD-0_5.png", "fig6_p-MoD-0_5.png", "index.md"):
         assert (out / "report" / f).stat().st_size > 0, f
-    ROUTING
+    r5, r3 = data["routing"]["p-MoD-0.5"], data["routing"]["p-MoD-0.3"]
+    for r in (r5, r3):
+        assert 0.0 < r["shape_area"] < r["tokens_on_shapes"] < 1.0 and 0.0 < r["kept_on_shapes"] < 1.0
+    # measured: p-MoD-0.3 keeps 35.4% shape tokens vs 29.5% at random (its layers 2-3: 94% / 81% of the shape
+    # tokens kept vs 40% / 29% of the background); p-MoD-0.5 pooled over its layers 28.1% vs 29.5% (no preference)
+    assert r3["kept_on_shapes"] > r3["tokens_on_shapes"] + 0.03
+    assert r3["keep_rate_shape_tokens"] > r3["keep_rate_background_tokens"]
     # resume: a second invocation recomputes nothing and gives the same report
     assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
     assert json.loads((out / "report" / "data.json").read_text())["scores"] == scores

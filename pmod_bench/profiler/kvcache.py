@@ -128,7 +128,7 @@ def measure_kv(cache, attention_mask=None) -> BatchKV:
     validity mask, else all slots of a p-MoD layer, and for an ordinary layer the slots minus the
     batch's padding (known from ``attention_mask``). bytes: the K and V tensors' actual storage.
     """
-    from pmod_bench.model.cache import kv_cache_entries, output_cache
+    from pmod_bench.model.cache import PMoDCacheLayer, kv_cache_entries
 
     pad = 0
     if attention_mask is not None:

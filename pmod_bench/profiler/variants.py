@@ -274,7 +274,9 @@ def parse_variant(spec: str) -> Variant:
             return mv
         import difflib
 
-        known = sorted(VARIANT_METHODS)
+        from pmod_bench.methods import available_methods
+
+        known = sorted({*VARIANT_METHODS, *available_methods()})
         close = difflib.get_close_matches(method, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise VariantError(

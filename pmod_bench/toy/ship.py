@@ -7,7 +7,10 @@ does (same data, seeds and recipes, one CPU thread: prepared LM and tower, PT, t
 continuation per model), then stores each final model with its weights in
 float16 safetensors (about 0.85 MB a model) plus its config, processor and train summary. Training is
 deterministic on one thread, so the files come out bit for bit the same on the same software stack
-(torch, transformers, Pillow versions); ``checkpoints/MANIFEST.json`` records their SHA-256.
+(torch, transformers, Pillow versions); ``checkpoints/MANIFEST.json`` records their SHA-256 (all but
+``train_summary.json``, the run's log with its wall times). Check a regeneration with
+``python -m pmod_bench.toy.ship --dest /tmp/again`` and ``cmp pmod_bench/toy/checkpoints/MANIFEST.json
+/tmp/again/MANIFEST.json``.
 """
 
 from __future__ import annotations
@@ -34,12 +37,33 @@ def to_float16(src: Path, dst: Path) -> None:
               metadata={"format": "pt"})
 
 
+#: files of a run's log rather than of the model (wall times, timestamps, paths): shipped, not hashed
+LOGS = ("train_summary.json",)
+
+
+def normalise_config(path: Path, work: Path) -> None:
+    """Replace the working directory in ``config.json`` (``_name_or_path`` of the composed LLM and tower) by
+    ``<work>``, so the file does not depend on where the checkpoints were trained."""
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace(str(work.resolve()), "<work>").replace(str(work), "<work>"), encoding="utf-8")
+
+
+def write_manifest(dest: Path, key: str) -> dict:
+    """``dest/MANIFEST.json``: SHA-256 of every shipped file but the run logs (those are listed)."""
+    files = {}
+    for d in sorted(p for p in dest.iterdir() if p.is_dir()):
+        files[d.name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())
+                         if f.name not in LOGS}
+    (dest / "MANIFEST.json").write_text(json.dumps({"checkpoint_key": key, "files": files, "logs": list(LOGS)}, indent=1)
+                                        + "\n")
+    return files
+
+
 def ship(work: Path, dest: Path = SHIPPED) -> dict:
     rep = Reproduction(work, FULL, retrain=True)
     rep.plan = type(FULL)(**{**rep.plan_dict(), "models": QUICK})
     rep.data()
     rep.train()
-    manifest = {}
     dest.mkdir(parents=True, exist_ok=True)
     for name in QUICK:
         src, dst = rep.model_dir(name), dest / name
@@ -50,11 +74,10 @@ def ship(work: Path, dest: Path = SHIPPED) -> dict:
             if (src / f).is_file():
                 shutil.copy2(src / f, tmp / f)
         to_float16(src / "model.safetensors", tmp / "model.safetensors")
+        normalise_config(tmp / "config.json", work)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
-        manifest[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(dst.iterdir())}
-    (dest / "MANIFEST.json").write_text(json.dumps({"checkpoint_key": rep.plan.key(), "files": manifest}, indent=1) + "\n")
-    return manifest
+    return write_manifest(dest, rep.plan.key())
 
 
 def main() -> int:
