@@ -8,6 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from pmod_bench.model.cache import output_cache
+from pmod_bench.model.compat import cache_kwargs
+
 from conftest import make_inputs
 from pmod_bench.methods import (MethodConfig, MethodError, ModelGeometry, apply_method, available_methods, get_method,
                                 method_dict, parse_method_spec)
@@ -151,10 +154,10 @@ def test_manual_decode_with_original_mask_is_refused(tiny_processor):
         out = model(**inputs, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         with pytest.raises(MethodError, match="method_inputs"):
-            model(input_ids=nxt, cache=out.cache,
+            model(input_ids=nxt, **cache_kwargs(model, output_cache(out)),
                   attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1))
         mi = model.method_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"])
-        step = model(input_ids=nxt, cache=out.cache, position_ids=mi.position_ids[:, -1:] + 1,
+        step = model(input_ids=nxt, **cache_kwargs(model, output_cache(out)), position_ids=mi.position_ids[:, -1:] + 1,
                      attention_mask=torch.cat([mi.attention_mask, torch.ones_like(nxt)], 1))
         ref = model(**dict(inputs, input_ids=torch.cat([inputs["input_ids"], nxt], 1),
                            attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)))
