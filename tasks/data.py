@@ -14,6 +14,8 @@ Heavy imports (datasets, pyarrow) happen inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,13 +192,19 @@ def decode_check(benchmark: Benchmark, status: RefStatus, max_report: int = 5) -
     ref, path = status.ref, status.path
     if not status.ok or path is None or not ref.image_columns:
         return []
+    with strict_image_decoding():
+        return _decode_check(benchmark, ref, path, max_report)
+
+
+@contextlib.contextmanager
+def strict_image_decoding():
+    """Within the block a cut-off image is an error, not a partly grey picture: lmms-eval sets PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` at import; the documented switch is restored afterwards."""
     from PIL import ImageFile
 
-    # strict: a cut-off image is damage (lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES at import, which would
-    # silently decode it as partly grey); the documented PIL switch is restored afterwards
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        return _decode_check(benchmark, ref, path, max_report)
+        yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 

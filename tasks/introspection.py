@@ -43,8 +43,10 @@ def load_image(spec: Optional[str]):
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"introspection image '{spec}' does not exist; pass an image file or 'demo'")
+    from .data import strict_image_decoding
+
     try:
-        with Image.open(path) as im:
+        with strict_image_decoding(), Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"introspection image '{spec}' is not a readable image ({exc}); pass a PNG/JPEG file") from None
