@@ -272,3 +272,16 @@ def test_eval_config_method_is_validated_and_in_the_identity(tmp_path):
     assert cfg.model_args()["method"] == cfg.method
     with pytest.raises(ValueError, match="did you mean 'keep'"):
         EvalConfig(model="tiny", suite="POPE", output=str(tmp_path / "run"), method="random:kep=0.5")
+
+
+def test_profile_meta_flop_check_covers_method_rows(tmp_path):
+    """FlopCounterMode on the meta device counts a method row's LLM at the method's kept lengths (7B, no
+    weights) and agrees with the analytic count; its own products are checked on the tiny models."""
+    out = tmp_path / "p.json"
+    rc = main(["profile", "--arch", "llava-next-7b", "--method", "fastv", "--method", "visionzip", "--match", "p-MoD-0.5",
+               "--no-latency", "--recipe", "none", "-q", "--json", str(out)])
+    assert rc in (0, None)
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("fastv", "visionzip"):
+        assert rows[name]["flops_check_rel_err"] is not None and rows[name]["flops_check_rel_err"] <= 0.01
+        assert "kept lengths" in rows[name]["flops_check_tool"]
