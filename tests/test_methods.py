@@ -277,6 +277,10 @@ def test_eval_config_method_is_validated_and_in_the_identity(tmp_path):
 def test_profile_meta_flop_check_covers_method_rows(tmp_path):
     """FlopCounterMode on the meta device counts a method row's LLM at the method's kept lengths (7B, no
     weights) and agrees with the analytic count; its own products are checked on the tiny models."""
+    import json
+
+    from pmod_bench.cli import main
+
     out = tmp_path / "p.json"
     rc = main(["profile", "--arch", "llava-next-7b", "--method", "fastv", "--method", "visionzip", "--match", "p-MoD-0.5",
                "--no-latency", "--recipe", "none", "-q", "--json", str(out)])
