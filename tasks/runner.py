@@ -468,6 +468,29 @@ def _limit_for(bench: Benchmark, limit: Optional[int]) -> Optional[int]:
     return int(math.ceil(limit / m) * m)
 
 
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Hold a Ctrl-C that arrives inside the block and raise it (KeyboardInterrupt) when the block ends.
+
+    Importing lmms-eval runs third-party ``try: import ... except: ...`` blocks that would swallow a
+    KeyboardInterrupt raised inside them, so the run would go on as if nothing happened.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
+
+
 def _check_run_dir(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
     meta_path = run_dir / "run.json"
     if not meta_path.exists():
@@ -569,7 +592,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
             from .cache import ResponseCache
 
             lm.cache = ResponseCache(run_dir / "responses", rank=getattr(lm, "rank", 0))
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _deferred_sigint():  # third-party imports swallow Ctrl-C
             from lmms_eval import evaluator
 
             tm = task_manager()
