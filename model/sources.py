@@ -21,7 +21,7 @@ def default_cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> P
     """Root of pmod-bench's own cache: ``cache_dir``, else $PMOD_BENCH_CACHE, else ~/.cache/pmod_bench."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get("PMOD_BENCH_CACHE")
+    env = os.environ.get("PMOD_BENCH_CACHE", "").strip()  # blank = unset
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pmod_bench"
 
 

@@ -220,8 +220,9 @@ __all__ = ["DATA_VERSION", "HUB_ID", "benchmark_docs", "benchmark_ok", "scene_fr
 def default_cache_root() -> Path:
     """Where the toy benchmark is generated when no copy is configured: ``$PMOD_BENCH_CACHE/toy-world-vN``
     (default ``~/.cache/pmod_bench``)."""
-    base = os.environ.get("PMOD_BENCH_CACHE", "").strip() or os.path.join(os.path.expanduser("~"), ".cache", "pmod_bench")
-    return Path(base) / f"toy-world-v{DATA_VERSION}"
+    from pmod_bench.model.sources import default_cache_root as cache_root
+
+    return cache_root() / f"toy-world-v{DATA_VERSION}"
 
 
 def ensure_benchmark(root: str | os.PathLike | None = None) -> Path:

@@ -81,8 +81,9 @@ QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=12, routing_images=8)
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("PMOD_BENCH_CACHE", "").strip() or os.path.join(os.path.expanduser("~"), ".cache", "pmod_bench")
-    return Path(base) / "toy-checkpoints"
+    from pmod_bench.model.sources import default_cache_root
+
+    return default_cache_root() / "toy-checkpoints"
 
 
 def _complete(run_dir: Path) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .questions import ALL_OBJECTS, LETTER, REFCOCO_PROMPT, SHORT, box_text, plural
-from .world import COLOURS, SHAPES, SIZES, Scene, describe, render, sample_scene
+from .world import COLOURS, SHAPES, SIZES, Scene, describe, draw_shape, render, sample_scene
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
               projection_dim=32)
@@ -106,19 +106,8 @@ def label_maps(scene: Scene):
     for which in ("colour", "shape"):
         m = Image.new("L", (w, h), 0)
         d = ImageDraw.Draw(m)
-        for s in scene.shapes:
-            x0, y0, x1, y1 = s.box
-            x1, y1 = x1 - 1, y1 - 1
-            v = colour_ids[s.colour] if which == "colour" else shape_ids[s.shape]
-            if s.shape == "circle":
-                d.ellipse([x0, y0, x1, y1], fill=v)
-            elif s.shape == "square":
-                d.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=v)
-            elif s.shape == "triangle":
-                d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=v)
-            else:
-                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-                d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=v)
+        for s in scene.shapes:  # the same pixels render() paints, with label ids for colours
+            draw_shape(d, s, colour_ids[s.colour] if which == "colour" else shape_ids[s.shape])
         maps.append(np.asarray(m, dtype=np.uint8).copy())
     digit = np.zeros((h, w), dtype=np.uint8)
     if scene.digit is not None:

@@ -115,6 +115,21 @@ def sample_scene(rng: random.Random, n_shapes: tuple[int, int] = (1, 4), digit: 
     return scene
 
 
+def draw_shape(d, s: "Shape", fill) -> None:
+    """Draw shape ``s`` inside its box with ``fill`` (an RGB colour, or a label id on a label map)."""
+    x0, y0, x1, y1 = s.box
+    x1, y1 = x1 - 1, y1 - 1
+    if s.shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=fill)
+    elif s.shape == "square":
+        d.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=fill)
+    elif s.shape == "triangle":
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # diamond
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+
+
 def render(scene: Scene):
     """The scene as a PIL RGB image (deterministic)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -122,18 +137,7 @@ def render(scene: Scene):
     img = Image.new("RGB", scene.size, scene.background)
     d = ImageDraw.Draw(img)
     for s in scene.shapes:
-        x0, y0, x1, y1 = s.box
-        x1, y1 = x1 - 1, y1 - 1
-        fill = COLOURS[s.colour]
-        if s.shape == "circle":
-            d.ellipse([x0, y0, x1, y1], fill=fill)
-        elif s.shape == "square":
-            d.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=fill)
-        elif s.shape == "triangle":
-            d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:  # diamond
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+        draw_shape(d, s, COLOURS[s.colour])
     if scene.digit is not None:
         x0, y0, x1, y1 = scene.digit_box
         font = ImageFont.load_default(size=22)
