@@ -3,6 +3,17 @@
 Every field is documented; the docstrings are what ``--help`` and the README show. The reference
 implementation's string mini-languages (``shiftedcos_decay_0.85_0.15``, ``tanh_0.2_1``) are accepted
 only by :meth:`PMoDConfig.from_reference` (the boundary where official checkpoints are read).
+
+Text forms of a config at the CLI boundary are read here and nowhere else (one parser each):
+
+* :func:`parse_pmod_spec` -- a variant spec: ``p-MoD-0.4``, ``p-MoD-linear-0.4``, ``p-MoD-0.5-max0.9-min0.1``
+  (:meth:`PMoDConfig.spec` writes these), ``pmod:shift=0.4,schedule=linear,weight_norm=none``,
+  ``ratios:1*8,0.5*24``;
+* :func:`parse_ratios` -- explicit per-layer ratios: ``1*8,0.5*24`` (VALUE*COUNT repeats), ``[1,1,0.5]``,
+  ``1;1;0.5``, ``1 1 0.5`` or a list;
+* :func:`parse_reference_decay` -- the reference's ``SCHEDULE_decay_MAX_MIN``.
+
+Everything past the boundary (run directories, reports) carries :meth:`PMoDConfig.to_dict`, never a name.
 """
 
 from __future__ import annotations
@@ -111,12 +122,43 @@ class PMoDConfig:
 
     @property
     def name(self) -> str:
-        """A short variant name: p-MoD-0.5, p-MoD-linear-0.4, p-MoD-explicit, ..."""
+        """A short display name of the schedule: p-MoD-0.5, p-MoD-linear-0.4, p-MoD-explicit (see also :meth:`spec`)."""
         if self.ratios is not None:
             return "p-MoD-explicit"
         if self.schedule == "cosine":
             return f"p-MoD-{self.shift:g}"
         return f"p-MoD-{self.schedule}-{self.shift:g}"
+
+    def acting_fields(self) -> dict[str, Any]:
+        """The fields that act on the model and differ from the defaults (those of this ``weight_norm`` for
+        ``norm_scale`` / ``norm_bias``): the schedule's fields only where they shape the ratios (none with
+        explicit ``ratios``; ``steps`` only for ``stepped``); ``overflow_guard`` is a debugging switch, left out."""
+        default, norm = PMoDConfig(), PMoDConfig(weight_norm=self.weight_norm)
+        default.norm_scale, default.norm_bias = norm.norm_scale, norm.norm_bias
+        shaping = {"ratios"} if self.ratios is not None else {"schedule", "shift", "max_ratio", "min_ratio"} | (
+            {"steps"} if self.schedule == "stepped" else set())
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if (f.name in shaping or f.name not in _SCHEDULE_FIELDS) and f.name != "overflow_guard"
+                and getattr(self, f.name) != getattr(default, f.name)}
+
+    def spec(self) -> str:
+        """The variant spec of this config, read back by :func:`parse_pmod_spec` (display names of the profiler).
+
+        ``p-MoD-0.5``, ``p-MoD-linear-0.4``, ``p-MoD-stepped-0.5-steps2``, ``p-MoD-0.5-max0.9-min0.1``,
+        ``ratios:1*8,0.5*24``; with a field beyond the schedule changed (weight normalisation, STRing,
+        router), ``pmod:KEY=VALUE,...`` of every changed field (:meth:`acting_fields`).
+
+        >>> PMoDConfig(shift=0.4, schedule="linear").spec(), PMoDConfig(weight_norm="none", string=False).spec()
+        ('p-MoD-linear-0.4', 'pmod:weight_norm=none,string=false')
+        """
+        changed = self.acting_fields()
+        if set(changed) - _SCHEDULE_FIELDS:
+            return "pmod:" + ",".join(f"{k}={_format_value(v)}" for k, v in changed.items())
+        if self.ratios is not None:
+            return "ratios:" + format_ratios(self.ratios)
+        extra = "".join(f"-{tag}{changed[key]:g}" for key, tag in (("max_ratio", "max"), ("min_ratio", "min"), ("steps", "steps"))
+                        if key in changed)
+        return self.name + extra
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +203,7 @@ class PMoDConfig:
         mod_target_layer_indices: Optional[list[int]] = None,
     ) -> "PMoDConfig":
         """Build from the reference implementation's config strings (official checkpoints)."""
-        m = re.fullmatch(r"(\w+?)_decay_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)", mod_target_layers or "")
+        decay = parse_reference_decay(mod_target_layers)
         norm = re.fullmatch(r"([a-z_]+?)_(-?\d+(?:\.\d+)?)_(-?\d+(?:\.\d+)?)", mod_weight_norm or "")
         if norm:
             act, scale, bias = norm.group(1), float(norm.group(2)), float(norm.group(3))
@@ -171,27 +213,196 @@ class PMoDConfig:
             raise ValueError(f"unsupported mod_weight_norm '{mod_weight_norm}'; expected ACT_SCALE_BIAS with ACT in {WEIGHT_NORMS}")
         common = dict(weight_norm=act, norm_scale=scale, norm_bias=bias, router_bias=bool(mod_bias_enabled),
                       router_zero_init=bool(mod_special_init))
-        if m:
-            return cls(schedule=m.group(1), shift=float(mod_router_factor), max_ratio=float(m.group(2)),
-                       min_ratio=float(m.group(3)), **common)
+        if decay:
+            schedule, max_ratio, min_ratio = decay
+            return cls(schedule=schedule, shift=float(mod_router_factor), max_ratio=max_ratio, min_ratio=min_ratio, **common)
         # fixed-ratio layouts: every listed layer routes at mod_router_factor
         if num_layers is None:
             raise ValueError(f"mod_target_layers '{mod_target_layers}' needs num_layers to resolve")
-        if mod_target_layers == "interleave":
-            idx = list(range(1, num_layers, 2))
-        elif mod_target_layers == "deep_all":
-            idx = list(range(2, num_layers - 1))
-        elif mod_target_layers == "deep_all_include_last":
-            idx = list(range(2, num_layers))
+        if mod_target_layers in REFERENCE_LAYOUTS:
+            idx = list(REFERENCE_LAYOUTS[mod_target_layers](num_layers))
         elif mod_target_layer_indices is not None:
             idx = list(mod_target_layer_indices)
         else:
             raise ValueError(
                 f"unsupported mod_target_layers '{mod_target_layers}'; expected SCHEDULE_decay_MAX_MIN "
-                "(e.g. shiftedcos_decay_0.85_0.15), interleave, deep_all or deep_all_include_last"
+                f"(e.g. shiftedcos_decay_0.85_0.15), {', '.join(REFERENCE_LAYOUTS)}"
             )
         ratios = [float(mod_router_factor) if i in idx else 1.0 for i in range(num_layers)]
         return cls(ratios=ratios, shift=min(max(float(mod_router_factor), 1e-3), 1.5), **common)
 
 
-__all__ = ["PMoDConfig", "WEIGHT_NORMS", "NORM_DEFAULTS", "SCHEDULES"]
+# ------------------------------------------------------------------------------------------ text forms
+#: the fields that shape the per-layer ratios (written in a spec's name part; the others need ``pmod:``)
+_SCHEDULE_FIELDS = {"schedule", "shift", "max_ratio", "min_ratio", "steps", "ratios"}
+
+#: the reference's fixed-ratio layouts of ``mod_target_layers``: layer indices routing at ``mod_router_factor``
+REFERENCE_LAYOUTS = {
+    "interleave": lambda num_layers: range(1, num_layers, 2),
+    "deep_all": lambda num_layers: range(2, num_layers - 1),
+    "deep_all_include_last": lambda num_layers: range(2, num_layers),
+}
+
+_NUMBER = r"\d+(?:\.\d+)?"
+_REFERENCE_DECAY = re.compile(rf"(\w+?)_decay_({_NUMBER})_({_NUMBER})")
+#: PMoDConfig.name plus the extras spec() writes: p-MoD[-SCHEDULE]-SHIFT[-maxX][-minY][-stepsN]
+_SPEC_NAME = re.compile(
+    rf"p[-_]?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)"
+    rf"(?:-max(?P<max_ratio>\d*\.?\d+))?(?:-min(?P<min_ratio>\d*\.?\d+))?(?:-steps(?P<steps>\d+))?",
+    re.IGNORECASE,
+)
+RATIOS_FORMS = "e.g. 1*8,0.5*24 (VALUE*COUNT repeats a value), [1,1,0.5] or 1;1;0.5"
+SPEC_FORMS = ("p-MoD-0.5, p-MoD-linear-0.4, p-MoD-0.5-max0.9-min0.1, pmod:shift=0.4,schedule=linear,weight_norm=none "
+              "or ratios:1*8,0.5*24")
+
+
+class SpecError(ValueError):
+    """A p-MoD text form that does not read; the message names the fix in one line."""
+
+
+def parse_ratios(value: Any, what: str = "ratios") -> list[float]:
+    """Explicit per-layer retention ratios from any of their text forms (or a list of numbers).
+
+    ``1*8,0.5*24`` (VALUE*COUNT repeats a value), ``[1,1,0.5]``, ``1;1;0.5``, ``1 1 0.5``: items are separated
+    by commas, semicolons or spaces, brackets are optional. Each ratio must be in (0, 1]; 1.0 marks an
+    ordinary layer. ``what`` names the option in the error (``--ratios``).
+
+    >>> parse_ratios("1*2,0.5") == parse_ratios("[1,1,0.5]") == parse_ratios("1;1;0.5") == [1.0, 1.0, 0.5]
+    True
+    """
+    fix = f"expected one retention ratio in (0, 1] per layer, {RATIOS_FORMS}"
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        text = str(value).strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        parts = [p for p in re.split(r"[,;\s]+", text) if p]
+    out: list[float] = []
+    for part in parts:
+        val, star, count = str(part).partition("*")
+        try:
+            ratio, n = float(val), (int(count) if star else 1)
+        except ValueError:
+            raise SpecError(f"{what} {value!r}: {fix}; '{part}' is not a number.") from None
+        if n < 1:
+            raise SpecError(f"{what} {value!r}: {fix}; the repeat count in '{part}' must be >= 1.")
+        if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
+            raise SpecError(f"{what} {value!r}: {fix}; {part} is outside (0, 1].")
+        out.extend([ratio] * n)
+    if not out:
+        raise SpecError(f"{what} {value!r}: {fix}; none given.")
+    return out
+
+
+def format_ratios(ratios: list[float], sep: str = ",") -> str:
+    """Compact and exact: runs of equal values as VALUE*COUNT (:func:`parse_ratios` reads it back)."""
+    out, i = [], 0
+    while i < len(ratios):
+        j = i
+        while j + 1 < len(ratios) and ratios[j + 1] == ratios[i]:
+            j += 1
+        out.append(f"{ratios[i]:g}" + (f"*{j - i + 1}" if j > i else ""))
+        i = j + 1
+    return sep.join(out)
+
+
+def parse_reference_decay(spec: Optional[str]) -> Optional[tuple[str, float, float]]:
+    """The reference's ``SCHEDULE_decay_MAX_MIN`` (``mod_target_layers``, e.g. ``shiftedcos_decay_0.85_0.15``) ->
+    (SCHEDULE as written, MAX, MIN); None for any other form (a fixed layout, :data:`REFERENCE_LAYOUTS`)."""
+    m = _REFERENCE_DECAY.fullmatch(str(spec or ""))
+    return (m.group(1), float(m.group(2)), float(m.group(3))) if m else None
+
+
+def split_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``HEAD:KEY=VALUE,...`` -> (HEAD, {key: value}) (keys lower case); the form every variant spec shares."""
+    head, _, rest = str(text).strip().partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            hint = " (inside pmod: separate ratios with ';', e.g. pmod:ratios=1*8;0.5*24)" if "ratios" in options else ""
+            raise SpecError(f"bad option '{item}' in '{text}': expected KEY=VALUE{hint}.")
+        options[key.strip().lower()] = value.strip()
+    return head.strip(), options
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return format_ratios(v, sep=";")
+    return str(v)
+
+
+def _read_value(key: str, text: str, default: Any) -> Any:
+    """One ``pmod:`` option's text as its field's type (the default's type; ``ratios`` is a list)."""
+    if key == "ratios":
+        return parse_ratios(text, what="pmod option ratios")
+    if isinstance(default, bool):
+        flag = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}.get(text.lower())
+        if flag is None:
+            raise SpecError(f"pmod option {key}={text!r}: must be true or false.")
+        return flag
+    if isinstance(default, (int, float)) or default is None:  # norm_scale / norm_bias default to None
+        try:
+            v = float(text)
+        except ValueError:
+            raise SpecError(f"pmod option {key}={text!r}: must be a number.") from None
+        if isinstance(default, int) and not isinstance(default, bool):
+            if v != int(v):
+                raise SpecError(f"pmod option {key}={text!r}: must be a whole number.")
+            return int(v)
+        return v
+    return text
+
+
+def pmod_config_from_options(options: dict[str, str]) -> "PMoDConfig":
+    """A PMoDConfig from ``pmod:`` options (text values, any field); errors are :class:`SpecError` naming the fix."""
+    fields = {f.name: f.default for f in dataclasses.fields(PMoDConfig)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise SpecError(f"unknown p-MoD option(s) {unknown}.{hint} Known: {', '.join(fields)}.")
+    kwargs = {k: _read_value(k, v, fields[k]) for k, v in options.items()}
+    try:
+        return PMoDConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(str(exc)) from None
+
+
+def parse_pmod_spec(text: str) -> Optional["PMoDConfig"]:
+    """The PMoDConfig a variant spec describes; None when ``text`` is not a p-MoD spec (``baseline``, a method).
+
+    Forms: ``p-MoD-0.4`` / ``p-MoD-linear-0.4`` / ``p-MoD-0.5-max0.9-min0.1`` / ``p-MoD-stepped-0.5-steps2``
+    (what :meth:`PMoDConfig.spec` writes), ``pmod`` (the defaults), ``pmod:KEY=VALUE,...`` (any field, e.g.
+    ``pmod:shift=0.4,schedule=linear,weight_norm=none,string=false``), ``ratios:1*8,0.5*24`` (see
+    :func:`parse_ratios`). A p-MoD spec that does not read raises :class:`SpecError` naming the fix.
+
+    >>> parse_pmod_spec("p-MoD-linear-0.4") == PMoDConfig(schedule="linear", shift=0.4)
+    True
+    >>> parse_pmod_spec("fastv:k=2") is None
+    True
+    """
+    raw = str(text).strip()
+    m = _SPEC_NAME.fullmatch(raw)
+    if m:
+        options = {k: v for k, v in m.groupdict().items() if v is not None}
+        return pmod_config_from_options(options)
+    head = raw.partition(":")[0].strip().lower().replace("-", "").replace("_", "")  # p-MoD = pmod = p_mod
+    if head == "ratios":
+        ratios = parse_ratios(raw.partition(":")[2], what="ratios")
+        return PMoDConfig(ratios=ratios)
+    if head != "pmod":
+        return None
+    return pmod_config_from_options(split_spec(raw)[1])
+
+
+__all__ = ["PMoDConfig", "WEIGHT_NORMS", "NORM_DEFAULTS", "SCHEDULES", "SpecError", "parse_pmod_spec", "parse_ratios",
+           "format_ratios", "parse_reference_decay", "pmod_config_from_options", "split_spec", "REFERENCE_LAYOUTS",
+           "SPEC_FORMS", "RATIOS_FORMS"]

@@ -58,7 +58,7 @@ from typing import Any, Optional, Union
 
 from pmod_bench.atomic import apply_default_modes
 
-from .config import PMoDConfig
+from .config import REFERENCE_LAYOUTS, PMoDConfig, parse_reference_decay
 from .processors import IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_processor, llava_processor
 
 CONVERTER_VERSION = 1
@@ -117,27 +117,22 @@ def reference_layer_ratios(cfg: dict, num_layers: int) -> list[float]:
     """Per-layer ratios exactly as the reference's ``build_mod_layers`` computes them (1.0 = no router)."""
     spec = cfg["mod_target_layers"]
     factor = float(cfg.get("mod_router_factor", 0.5))
-    m = re.match(r"(\w+)_decay_(\d+\.\d+)_(\d+\.\d+)", spec)
-    if m:
-        decay = REFERENCE_DECAYS.get(m.group(1))
+    parsed = parse_reference_decay(spec)
+    if parsed:
+        name, hi, lo = parsed
+        decay = REFERENCE_DECAYS.get(name)
         if decay is None:
             raise ConversionError(
-                f"mod_target_layers '{spec}': unknown decay '{m.group(1)}'. The reference defines "
+                f"mod_target_layers '{spec}': unknown decay '{name}'. The reference defines "
                 f"{', '.join(REFERENCE_DECAYS)}."
             )
-        lo, hi = float(m.group(3)), float(m.group(2))
         return [max(decay(factor, i), lo) if decay(factor, i) <= hi else 1.0 for i in range(num_layers)]
-    layouts = {
-        "deep_all": range(2, num_layers - 1),
-        "deep_all_include_last": range(2, num_layers),
-        "interleave": range(1, num_layers, 2),
-    }
-    if spec not in layouts:
+    if spec not in REFERENCE_LAYOUTS:
         raise ConversionError(
             f"unsupported mod_target_layers '{spec}'; the reference supports SCHEDULE_decay_MAX_MIN "
-            f"(SCHEDULE in {', '.join(REFERENCE_DECAYS)}), {', '.join(layouts)}."
+            f"(SCHEDULE in {', '.join(REFERENCE_DECAYS)}), {', '.join(REFERENCE_LAYOUTS)}."
         )
-    idx = set(layouts[spec])
+    idx = set(REFERENCE_LAYOUTS[spec](num_layers))
     return [factor if i in idx else 1.0 for i in range(num_layers)]
 
 

@@ -37,7 +37,7 @@ def canonical_schedule(name: str) -> str:
         import difflib
 
         close = difflib.get_close_matches(key, SCHEDULES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; did you mean '{close[0]}'?" if close else "."
         raise ValueError(f"unknown schedule '{name}'{hint} Allowed: {', '.join(SCHEDULES)} (or explicit per-layer ratios).")
     return key
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pmod_bench.atomic import atomic_write_json as _write_json, atomic_write_text
+from pmod_bench.model.config import parse_ratios as _parse_ratios
 from pmod_bench.model.dtypes import CHOICES as DTYPE_CHOICES, is_dtype_name
 
 from .benchmarks import SUITES, Benchmark, resolve_suite
@@ -58,21 +59,11 @@ GEN_KWARGS = {"max_new_tokens": "a positive integer", "temperature": "a number >
 
 
 def parse_ratios(value: Any) -> Optional[list[float]]:
-    """``[1,1,0.5]`` / ``1;1;0.5`` / ``1 1 0.5`` / a list -> list of floats (None stays None)."""
+    """``--ratios`` / model_args ``ratios``: :func:`pmod_bench.model.config.parse_ratios` (``[1,1,0.5]``, ``1;1;0.5``,
+    ``1*8,0.5*24``, a list, ...); None or "" = not given."""
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    text = str(value).strip().strip("[]")
-    for sep in (";", ":", " ", ","):
-        text = text.replace(sep, ",")
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        out = []
-    if not out or not all(0.0 < r <= 1.0 for r in out):
-        raise ValueError(f"--ratios {value!r}: expected one retention ratio in (0, 1] per layer, e.g. 1,1,0.85,0.5")
-    return out
+    return _parse_ratios(value, what="--ratios")
 
 
 def parse_gen_kwargs(text: Optional[str]) -> dict:
@@ -669,9 +660,15 @@ def _introspect(run_dir: Path, lm: Any, image: Any, log: Callable[[str], None]) 
     log(f"token selection of each p-MoD layer: {path}")
 
 
+def _model_pmod(run_meta: dict) -> Optional[dict]:
+    """The evaluated model's p-MoD config (``PMoDConfig.to_dict()``: the checkpoint's, after any override), or None."""
+    pmod = (run_meta.get("model_info") or {}).get("pmod")
+    return dict(pmod) if isinstance(pmod, dict) else None
+
+
 def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outcome: EvalOutcome) -> list[dict]:
     info = run_meta.get("model_info") or {}
-    pmod = info.get("pmod") if isinstance(info.get("pmod"), dict) else None
+    pmod = _model_pmod(run_meta)
     done = {b.key for b in benches if _bench_file(run_dir, b.key).is_file()}
     extra = {"suite": cfg.suite, "limit": cfg.limit, "complete": done == {b.key for b in benches},
              "failures": dict(outcome.failures), "model_info": info}

@@ -82,6 +82,102 @@ def test_config_roundtrip_and_reference_strings():
         PMoDConfig.from_dict({"shfit": 0.5})
 
 
+# ----------------------------------------------------------------- text forms (one parser each)
+def test_one_parser_reads_every_ratio_form():
+    from pmod_bench.model.config import format_ratios, parse_ratios
+
+    want = [1.0, 1.0, 0.5]
+    for form in ("1*2,0.5", "[1,1,0.5]", "1;1;0.5", "1 1 0.5", " [1, 1, 0.5] ", "1*2;0.5", [1, 1, 0.5], (1, "1", 0.5)):
+        assert parse_ratios(form) == want, form
+    ratios = [1.0] * 8 + [0.8, 0.7] + [0.15] * 22
+    assert format_ratios(ratios) == "1*8,0.8,0.7,0.15*22" and parse_ratios(format_ratios(ratios)) == ratios
+    assert parse_ratios(format_ratios(ratios, sep=";")) == ratios
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("1,abc", "'abc' is not a number"), ("1,1.2", "1.2 is outside (0, 1]"), ("0.5*0", "repeat count"),
+     ("", "none given"), ("[]", "none given"), ("1,nan", "outside (0, 1]"), ([1, 0], "outside (0, 1]")],
+)
+def test_bad_ratios_are_one_line_naming_the_fix(value, message):
+    from pmod_bench.model.config import SpecError, parse_ratios
+
+    with pytest.raises(SpecError) as err:
+        parse_ratios(value, what="--ratios")
+    text = str(err.value)
+    assert "\n" not in text and message in text
+    assert text.startswith(f"--ratios {value!r}: expected one retention ratio in (0, 1] per layer, e.g. 1*8,0.5*24")
+
+
+def test_one_parser_reads_every_variant_spec():
+    from pmod_bench.model.config import parse_pmod_spec
+
+    forms = {
+        "p-MoD-0.4": PMoDConfig(shift=0.4),
+        "p-mod-cosine-0.4": PMoDConfig(shift=0.4),
+        "p-MoD-linear-0.4": PMoDConfig(schedule="linear", shift=0.4),
+        "pmod-prd-0.3": PMoDConfig(shift=0.3),
+        "p-MoD-0.5-max0.9-min0.1": PMoDConfig(max_ratio=0.9, min_ratio=0.1),
+        "p-MoD-stepped-0.5-steps2": PMoDConfig(schedule="stepped", steps=2),
+        "pmod": PMoDConfig(),
+        "p-MoD": PMoDConfig(),
+        "pmod:shift=0.4,schedule=linear": PMoDConfig(schedule="linear", shift=0.4),
+        "p_mod:weight_norm=none,string=false": PMoDConfig(weight_norm="none", string=False),
+        "pmod:ratios=1*2;0.5,norm_scale=1": PMoDConfig(ratios=[1.0, 1.0, 0.5], norm_scale=1.0),
+        "ratios:1*8,0.5*24": PMoDConfig(ratios=[1.0] * 8 + [0.5] * 24),
+        "ratios:[1,1,0.5]": PMoDConfig(ratios=[1.0, 1.0, 0.5]),
+    }
+    for text, cfg in forms.items():
+        assert parse_pmod_spec(text) == cfg, text
+    for other in ("baseline", "fastv:k=2,keep=0.5", "visionzip", "p-MoD-linear"):
+        assert parse_pmod_spec(other) is None, other
+
+
+def test_spec_reads_back_to_the_same_config():
+    from pmod_bench.model.config import parse_pmod_spec
+
+    configs = [PMoDConfig(), PMoDConfig(shift=0.3), PMoDConfig(schedule="linear", shift=0.57),
+               PMoDConfig(schedule="stepped", steps=2), PMoDConfig(max_ratio=0.9, min_ratio=0.1),
+               PMoDConfig(ratios=[1.0] * 8 + [0.5] * 24), PMoDConfig(weight_norm="none", string=False),
+               PMoDConfig(schedule="constant", shift=0.54, weight_norm="shifted_softmax"),
+               PMoDConfig(ratios=[1.0, 0.5], string=False, router_bias=False), PMoDConfig(norm_scale=1.0)]
+    for cfg in configs:
+        assert parse_pmod_spec(cfg.spec()) == cfg, cfg.spec()
+    assert [c.spec() for c in configs[:7]] == [
+        "p-MoD-0.5", "p-MoD-0.3", "p-MoD-linear-0.57", "p-MoD-stepped-0.5-steps2", "p-MoD-0.5-max0.9-min0.1",
+        "ratios:1*8,0.5*24", "pmod:weight_norm=none,string=false"]
+    assert PMoDConfig(overflow_guard=True).spec() == "p-MoD-0.5"  # a debugging switch, not part of the variant
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("p-MoD-2.5", "shift (delta) must be in (0, 1.5]"), ("p-MoD-zigzag-0.4", "unknown schedule 'zigzag'"),
+     ("pmod:shfit=0.4", "Did you mean 'shift'?"), ("pmod:string=maybe", "must be true or false"),
+     ("pmod:steps=2.5", "whole number"), ("pmod:shift=abc", "must be a number"),
+     ("pmod:ratios=1,0.5", "separate ratios with ';'"), ("ratios:1,abc", "'abc' is not a number"),
+     ("ratios:", "none given")],
+)
+def test_bad_variant_specs_are_one_line_naming_the_fix(text, message):
+    from pmod_bench.model.config import SpecError, parse_pmod_spec
+
+    with pytest.raises(SpecError) as err:
+        parse_pmod_spec(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_parser_reads_the_reference_decay():
+    from pmod_bench.model.config import parse_reference_decay
+    from pmod_bench.model.convert import reference_layer_ratios
+
+    assert parse_reference_decay("shiftedcos_decay_0.85_0.15") == ("shiftedcos", 0.85, 0.15)
+    assert parse_reference_decay("shiftedlinear_decay_1_0.1") == ("shiftedlinear", 1.0, 0.1)
+    assert parse_reference_decay("deep_all") is None and parse_reference_decay(None) is None
+    for spec in ("shiftedcos_decay_0.85_0.15", "shiftedlinear_decay_0.85_0.15", "deep_all", "interleave"):
+        cfg = {"mod_target_layers": spec, "mod_router_factor": 0.5}
+        ref = PMoDConfig.from_reference(spec, 0.5, num_layers=32)
+        assert ref.layer_ratios(32) == pytest.approx(reference_layer_ratios(cfg, 32)), spec
+
+
 # ------------------------------------------------------------------------------ exactness
 def _vanilla_logits(model, inputs):
     with torch.no_grad():

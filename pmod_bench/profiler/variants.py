@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from .errors import ProfileError
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+from pmod_bench.model import config as _spec
 from pmod_bench.model.config import PMoDConfig
 from pmod_bench.model.schedules import num_selected_host as num_selected  # k = trunc(V * rho), float32
 
@@ -115,37 +114,9 @@ class Baseline(Variant):
         return cls()
 
 
-def _format_ratios(ratios: list[float]) -> str:
-    """Compact, exact: runs of equal values as VALUE*COUNT (parse_ratios reads it back)."""
-    out, i = [], 0
-    while i < len(ratios):
-        j = i
-        while j + 1 < len(ratios) and ratios[j + 1] == ratios[i]:
-            j += 1
-        n = j - i + 1
-        out.append(f"{ratios[i]:g}" + (f"*{n}" if n > 1 else ""))
-        i = j + 1
-    return ",".join(out)
-
-
-def parse_ratios(text: str) -> list[float]:
-    """'1*8,0.8,0.7,0.15*22' -> per-layer ratios; VALUE*COUNT repeats a value."""
-    out: list[float] = []
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        value, star, count = part.partition("*")
-        try:
-            r = float(value)
-            n = int(count) if star else 1
-        except ValueError:
-            raise VariantError(f"bad ratios '{text}': expected comma-separated numbers in (0, 1], VALUE*COUNT repeats (e.g. 1*8,0.5*24).") from None
-        if n < 1:
-            raise VariantError(f"bad ratios '{text}': a repeat count must be >= 1.")
-        out.extend([r] * n)
-    if not out:
-        raise VariantError("empty --ratios: give one retention ratio per LLM layer, e.g. 1*8,0.5*24.")
-    return out
+def parse_ratios(text: Any) -> list[float]:
+    """Explicit per-layer ratios (:func:`pmod_bench.model.config.parse_ratios`, every form) as a VariantError."""
+    return _as_variant_error(_spec.parse_ratios, text, "--ratios")
 
 
 @register_variant("pmod")
@@ -158,16 +129,7 @@ class PMoD(Variant):
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        if self.label:
-            return self.label
-        if self.config.ratios is not None:
-            return "ratios:" + _format_ratios(self.config.ratios)
-        c, d = self.config, PMoDConfig()
-        extra = "".join(
-            f"-{tag}{getattr(c, key):g}" for key, tag in (("max_ratio", "max"), ("min_ratio", "min"), ("steps", "steps"))
-            if getattr(c, key) != getattr(d, key) and (key != "steps" or c.schedule == "stepped")
-        )
-        return c.name + extra
+        return self.label or self.config.spec()
 
     def layer_ratios(self, num_layers: int) -> list[float]:
         try:
@@ -198,46 +160,27 @@ class PMoD(Variant):
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "PMoD":
-        opts = dict(options)
-        kwargs: dict[str, Any] = {}
-        if "ratios" in opts:
-            kwargs["ratios"] = parse_ratios(opts.pop("ratios"))
-        for key in ("shift", "max_ratio", "min_ratio"):
-            if key in opts:
-                kwargs[key] = _number(opts.pop(key), key)
-        if "steps" in opts:
-            kwargs["steps"] = int(_number(opts.pop("steps"), "steps"))
-        if "schedule" in opts:
-            kwargs["schedule"] = opts.pop("schedule")
-        if opts:
-            raise VariantError(f"unknown p-MoD option(s) {sorted(opts)}; known: shift, schedule, max_ratio, min_ratio, steps, ratios.")
-        return cls(make_pmod_config(**kwargs))
+        """``pmod:KEY=VALUE,...``: any PMoDConfig field (:func:`pmod_bench.model.config.pmod_config_from_options`)."""
+        return cls(_as_variant_error(_spec.pmod_config_from_options, options))
 
 
-def _number(text: str, what: str) -> float:
+def _as_variant_error(fn, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)`` with the model library's validation errors (they name the fix) as VariantError."""
     try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise VariantError(f"{what} must be a number, got '{text}'.") from None
-    if not math.isfinite(v):
-        raise VariantError(f"{what} must be finite, got '{text}'.")
-    return v
-
-
-def make_pmod_config(**kwargs: Any) -> PMoDConfig:
-    """PMoDConfig(**kwargs) with its validation errors turned into VariantError (they name the fix)."""
-    try:
-        return PMoDConfig(**kwargs)
+        return fn(*args, **kwargs)
     except (ValueError, TypeError) as exc:
         msg = str(exc)
-        if "shift" in msg:
+        if "shift" in msg and "(0, 1.5]" in msg:
             msg += " Pass δ with --shift, e.g. --shift 0.3 0.4 0.5."
         raise VariantError(msg) from None
 
 
-# ------------------------------------------------------------------------------------------ parsing
-_PMOD_NAME = re.compile(r"p-?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)", re.IGNORECASE)
+def make_pmod_config(**kwargs: Any) -> PMoDConfig:
+    """PMoDConfig(**kwargs) with its validation errors turned into VariantError (they name the fix)."""
+    return _as_variant_error(PMoDConfig, **kwargs)
 
+
+# ------------------------------------------------------------------------------------------ parsing
 #: the paper's Table 7 variants, the default of ``pmod-bench profile``
 PAPER_SHIFTS = (0.3, 0.4, 0.5)
 
@@ -249,23 +192,17 @@ def default_variants() -> list[Variant]:
 def parse_variant(spec: str) -> Variant:
     """A variant from text.
 
-    ``baseline``; ``p-MoD-0.4`` / ``p-MoD-linear-0.4`` (PMoDConfig names); ``pmod:shift=0.4,schedule=linear``;
-    ``ratios:1*8,0.5*24`` (explicit per-layer ratios); any comparison method of the registry
-    (``fastv:k=2,keep=0.5``, ``visionzip``, ...).
+    ``baseline``; a p-MoD spec (:func:`pmod_bench.model.config.parse_pmod_spec`: ``p-MoD-0.4``,
+    ``p-MoD-linear-0.4``, ``pmod:shift=0.4,schedule=linear``, ``ratios:1*8,0.5*24``); a registered variant
+    (``NAME:KEY=VALUE,...``); any comparison method of the registry (``fastv:k=2,keep=0.5``, ``visionzip``, ...).
     """
     text = str(spec).strip()
-    m = _PMOD_NAME.fullmatch(text)
-    if m:
-        kwargs: dict[str, Any] = {"shift": _number(m.group("shift"), "shift")}
-        if m.group("schedule"):
-            kwargs["schedule"] = m.group("schedule")
-        return PMoD(make_pmod_config(**kwargs))
-    method, _, rest = text.partition(":")
+    config = _as_variant_error(_spec.parse_pmod_spec, text)
+    if config is not None:
+        return PMoD(config)
+    head = text.partition(":")[0]
     norm = lambda name: name.strip().lower().replace("-", "").replace("_", "")  # noqa: E731  (p-MoD = pmod = p_mod)
-    method = norm(method)
-    if method == "ratios":
-        return PMoD(make_pmod_config(ratios=parse_ratios(rest)))
-    cls = {norm(k): c for k, c in VARIANT_METHODS.items()}.get(method)
+    cls = {norm(k): c for k, c in VARIANT_METHODS.items()}.get(norm(head))
     if cls is None:  # a comparison method of the registry (pmod_bench.methods): its spec, validated there
         from pmod_bench.methods.variant import method_variant
 
@@ -277,19 +214,13 @@ def parse_variant(spec: str) -> Variant:
         from pmod_bench.methods import available_methods
 
         known = sorted({*VARIANT_METHODS, *available_methods()})
-        close = difflib.get_close_matches(method, known, n=1)
+        close = difflib.get_close_matches(norm(head), known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise VariantError(
-            f"unknown variant '{spec}'.{hint} Use baseline, p-MoD-0.5, p-MoD-linear-0.4, pmod:shift=0.4,schedule=linear, "
-            f"ratios:1*8,0.5*24, or METHOD:KEY=VALUE with METHOD in {', '.join(known)}."
+            f"unknown variant '{spec}'.{hint} Use baseline, {_spec.SPEC_FORMS}, or METHOD:KEY=VALUE with METHOD in "
+            f"{', '.join(known)}."
         )
-    options: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))) if rest else ():
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise VariantError(f"bad variant option '{item}' in '{spec}': expected KEY=VALUE.")
-        options[key.strip().lower()] = value.strip()
-    return cls.from_options(options)
+    return cls.from_options(_as_variant_error(_spec.split_spec, text)[1])
 
 
 __all__ = [
