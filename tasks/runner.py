@@ -618,6 +618,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
                 if not results:
                     raise RuntimeError("lmms-eval returned no results")
                 row = summarize(bench, results, limit)
+                row["pmod"] = _model_pmod(run_meta)  # the evaluated model's PMoDConfig as data (None: vanilla)
                 if cfg.method:
                     from pmod_bench.methods import method_dict
 

@@ -116,8 +116,15 @@ def test_cli_eval_writes_a_report_readable_run_dir(data_root, tmp_path, capsys):
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "eval" and meta["schema_version"] == 1 and meta["label"] == "smoke"
     assert meta["command"].startswith("pmod-bench") and meta["model_info"]["layer_ratios"]
-    rows = {r["benchmark"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {r["benchmark"]: r for r in summary["rows"]}
     assert rows["MME"]["n"] == 4 and rows["MME"]["limit"] == 4  # limit rounded up to whole MME pairs
+    # the evaluated model's full PMoDConfig as data: run.json's model_info, summary.json and every row
+    from pmod_bench.model.config import PMoDConfig
+
+    pmod = summary["pmod"]
+    assert pmod == meta["model_info"]["pmod"] == PMoDConfig.from_dict(pmod).to_dict()
+    assert all(r["pmod"] == pmod for r in rows.values())
     assert rows["RWQA"]["n"] == 3
     assert (run / "summary.csv").read_text().splitlines()[0].startswith("benchmark,task,metric,value,n")
     from pmod_bench.reports.runs import load_run  # the report reader accepts the run directory

@@ -127,6 +127,32 @@ def test_variant_parsing_and_plugins():
     assert rows[1].prefill_latency_ms is None
 
 
+def test_rows_carry_the_model_config_as_data():
+    """Every row holds its model's PMoDConfig.to_dict() under ``pmod`` (None: the vanilla model); names are display."""
+    from pmod_bench.model.config import PMoDConfig
+
+    specs = ["baseline", "p-MoD-0.5", "pmod:weight_norm=none,string=false", "p-MoD-linear-0.4", "ratios:1*8,0.5*24",
+             "fastv:k=2,keep=0.5"]
+    rows = [r.to_dict() for r in profile("llava-next-7b", specs, verify=False, latency=False, recipe=None)]
+    base, pmod, vanilla_mod, linear, explicit, fastv = rows
+    assert base["pmod"] is None and fastv["pmod"] is None and fastv["method_config"] == {"method": "fastv", "k": 2, "keep": 0.5}
+    assert pmod["pmod"] == PMoDConfig().to_dict() and linear["pmod"] == PMoDConfig(schedule="linear", shift=0.4).to_dict()
+    assert explicit["pmod"] == PMoDConfig(ratios=[1.0] * 8 + [0.5] * 24).to_dict() and explicit["schedule"] == "explicit"
+    # vanilla MoD and p-MoD-0.5 do the same work; only the data (and the display name) tells them apart
+    assert vanilla_mod["pmod"] == PMoDConfig(weight_norm="none", string=False).to_dict() != pmod["pmod"]
+    assert vanilla_mod["variant"] == "pmod:weight_norm=none,string=false" and pmod["variant"] == "p-MoD-0.5"
+    assert (vanilla_mod["prefill_tflops"], vanilla_mod["shift"], vanilla_mod["schedule"]) == \
+        (pmod["prefill_tflops"], pmod["shift"], pmod["schedule"])
+    for r in rows:  # the display name reads back to the same configuration
+        if r["pmod"] is not None:
+            assert PMoDConfig.from_dict(r["pmod"]) == parse_variant(r["variant"]).pmod_config()
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(rows_to_csv(rows))))  # profile.csv: the config as a JSON string
+    assert table[0]["pmod"] == "" and json.loads(table[2]["pmod"]) == vanilla_mod["pmod"]
+
+
 # ------------------------------------------------------------------------------------- FLOPs: tiny
 @pytest.fixture(scope="module")
 def tiny():

@@ -164,6 +164,8 @@ class ProfileRow:
     train_run_match: Optional[bool] = None
     """--train-run: the run trained this row's architecture and variant (else no measured numbers)"""
     train_run_note: Optional[str] = None
+    pmod: Optional[dict] = None
+    """the p-MoD model's config as data (``PMoDConfig.to_dict``); None for the baseline and comparison methods"""
     method_config: Optional[dict] = None
     """comparison methods: the method's config as a dict (``MethodConfig.to_dict``)"""
     method_extra_tflops: Optional[float] = None
@@ -347,7 +349,7 @@ def profile(
             dec = llm_decode_mean(text, kv.entries, steps)
             ratios = v.layer_ratios(L)
             row = ProfileRow(
-                arch=a.name, variant=v.name, method=v.method, shift=v.shift, schedule=v.schedule, ratios=list(ratios),
+                arch=a.name, **v.describe(), ratios=list(ratios),  # variant, method, shift, schedule, pmod (data)
                 image_size=list(sc.image_size), batch_size=B, vision_tokens=V, text_tokens=T, gen_tokens=sc.gen_tokens,
                 prefill_tflops=pf.total("full") / 1e12, prefill_tflops_causal=pf.total("causal") / 1e12,
                 decode_tflops_per_token=dec.total("full") / 1e12, vision_tflops=vis.total / 1e12,

@@ -87,7 +87,11 @@ class Variant:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"variant": self.name, "method": self.method, "shift": self.shift, "schedule": self.schedule}
+        """The identity keys of this variant's profile rows: a display name, and the configuration as data
+        (``pmod``: the real model's ``PMoDConfig.to_dict()``, None for the baseline and accounting-only variants)."""
+        pmod = self.pmod_config() if self.runnable else None
+        return {"variant": self.name, "method": self.method, "shift": self.shift, "schedule": self.schedule,
+                "pmod": None if pmod is None else pmod.to_dict()}
 
 
 @register_variant("baseline")
