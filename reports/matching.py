@@ -7,8 +7,10 @@ same configuration appears in several tables (p-MoD-0.5 on LLaVA-NeXT-7B fills r
 1. an explicit label, ``--label RUN_DIR=LABEL`` on the command line, else
 2. the run's ``run.json`` ``label`` when it parses as a label (free text is ignored), else
 3. automatically: the model from ``summary.json`` ``model`` / profile ``arch`` and the variant from
-   ``summary.json`` ``pmod`` (PMoDConfig fields) / the profile row's ``method``, ``variant``,
-   ``schedule`` and ``shift``.
+   the configuration as data: ``summary.json`` / the profile row's ``pmod`` (``PMoDConfig.to_dict()``,
+   :func:`variant_from_pmod`) or a comparison method's config dict. Names are read only for profile rows
+   without ``pmod`` (written before rows carried it), by the model library's one parser
+   (:func:`pmod_bench.model.config.parse_pmod_spec`), and for labels (:func:`canonical_variant`).
 
 A run is matched to a paper row only when its architecture is that row's: a recognised name
 (``llava-hf/llava-v1.6-vicuna-7b-hf``), or an eval run's ``model_info`` (class + parameter count)
@@ -29,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from pmod_bench.model.config import NORM_DEFAULTS, PMoDConfig, SpecError, parse_pmod_spec
+from pmod_bench.model.schedules import canonical_schedule
+
 from .paper import BENCHMARKS, PAPER_MODELS, paper_keys, paper_variants
-from .runs import Run
+from .runs import Run, pmod_config
 
 #: no default: runs of other models are not matched to a paper model unless --default-model says so
 DEFAULT_MODEL = None
 
-SCHEDULES = ("cosine", "linear", "constant", "interleaved", "stepped")
 EXPLORATION_GROUPS = ("shallow", "middle", "deep", "base")
 
 _METHOD_ALIASES = {
@@ -101,7 +105,10 @@ def _fmt_shift(x: float) -> str:
 
 
 def canonical_variant(name: Optional[str]) -> Optional[str]:
-    """A variant name in the paper's spelling (``p-MoD-0.5``, ``FastV``, ...), or None if unknown.
+    """A label's variant in the paper's spelling (``p-MoD-0.5``, ``FastV``, ...), or None if it names none.
+
+    The paper's row names and their spellings are read here; a p-MoD spec (``p-mod-cosine-0.40``) is read by
+    the model library's parser and matched on its configuration, as a run's data would be.
 
     >>> [canonical_variant(v) for v in ("p-mod-cosine-0.40", "PRD", "fastv", "p-MoD-linear-0.57", "ratios:1,0.5")]
     ['p-MoD-0.4', 'p-MoD-0.5', 'FastV', 'p-MoD-linear', None]
@@ -116,24 +123,29 @@ def canonical_variant(name: Optional[str]) -> Optional[str]:
         return known[sq]
     if sq in ("baseline", "base", "vanilla", "dense"):
         return "baseline"
-    if sq in ("pmod", "prd", "cosine", "pmodcosine", "pmodprd"):
+    if sq in ("prd", "cosine", "pmodcosine", "pmodprd"):
         return "p-MoD-0.5"
     if sq in _METHOD_ALIASES:
         return _METHOD_ALIASES[sq]
-    m = re.fullmatch(r"p-?mod-(?:(cosine|prd)-)?(\d+(?:\.\d+)?)", s)
+    m = re.fullmatch(r"(?:p-?mod-)?([a-z]+)", s)  # Table 4's rows by schedule: p-MoD-linear, linear, interleave
     if m:
-        return f"p-MoD-{_fmt_shift(float(m.group(2)))}"
-    m = re.fullmatch(r"p-?mod-(linear|constant|interleaved|stepped)(?:-(\d+(?:\.\d+)?))?", s)
-    if m:
-        return f"p-MoD-{m.group(1)}"
-    if s in SCHEDULES[1:]:
-        return f"p-MoD-{s}"
+        try:
+            schedule = canonical_schedule(m.group(1))
+        except ValueError:
+            schedule = None
+        if schedule is not None:
+            return "p-MoD-0.5" if schedule == "cosine" else f"p-MoD-{schedule}"
     m = re.fullmatch(r"p-?mod-(.+)", s)
     if m and _squash(m.group(1)) in _NORM_VARIANTS:
         return _NORM_VARIANTS[_squash(m.group(1))]
     if sq in ("shiftedsoftmax", "tanh1", "tanhnorm1", "normnone", "nonorm"):
         return _NORM_VARIANTS[sq]
-    return None
+    try:
+        cfg = parse_pmod_spec(raw)
+    except SpecError:
+        return None
+    got = _paper_variant(cfg) if cfg is not None else None
+    return got[0] if got else None
 
 
 @dataclass(frozen=True)
@@ -195,33 +207,71 @@ def parse_label_strict(text: str, where: str) -> Label:
     return label
 
 
-def variant_from_pmod(pmod: Optional[Mapping[str, Any]]) -> tuple[str, str]:
-    """The variant an eval run's ``pmod`` (PMoDConfig fields) describes, and why."""
+#: the paper's p-MoD (cosine PRD in [0.15, 0.85], TanhNorm alpha 0.2, STRing): what each ablation row changes
+PAPER_PMOD = PMoDConfig()
+
+
+def _norm_is(cfg: PMoDConfig, weight_norm: str, scale: Optional[float] = None) -> bool:
+    """``cfg`` normalises router weights with ``weight_norm`` at ``scale`` (default: its own) and its default bias."""
+    d_scale, d_bias = NORM_DEFAULTS[weight_norm]
+    return (cfg.weight_norm == weight_norm and math.isclose(cfg.norm_scale, d_scale if scale is None else scale)
+            and math.isclose(cfg.norm_bias, d_bias))
+
+
+def _paper_variant(cfg: PMoDConfig) -> Optional[tuple[str, str]]:
+    """The paper row a p-MoD configuration reports (variant, why), or None; decided on its fields, never a name.
+
+    Router initialisation and bias, and the overflow guard, do not decide a row (training details of the same
+    model). Table 4's schedules (and Table 3's constant rows) are compared at PRD's mean retention, so their
+    shift and clamps are free; PRD rows need the paper's clamps [0.15, 0.85].
+    """
+    if cfg.ratios is not None:
+        return None
+    tanh02 = _norm_is(cfg, "tanh", PAPER_PMOD.norm_scale)
+    prd_clamps = math.isclose(cfg.max_ratio, PAPER_PMOD.max_ratio) and math.isclose(cfg.min_ratio, PAPER_PMOD.min_ratio)
+    shift = _fmt_shift(cfg.shift)
+    if not cfg.string:  # Table 3, rows 1-2: no STRing and no PRD, read as a constant ratio (the t3-* recipes)
+        if cfg.schedule == "constant" and _norm_is(cfg, "none"):
+            return "vanilla-MoD", "pmod: constant ratio, weight_norm none, STRing off (Table 3, vanilla MoD)"
+        if cfg.schedule == "constant" and tanh02:
+            return "MoD+TanhNorm", "pmod: constant ratio, TanhNorm 0.2, STRing off (Table 3, + TanhNorm)"
+        return None
+    if tanh02 and cfg.schedule == "cosine":
+        return (f"p-MoD-{shift}", f"pmod: cosine schedule (PRD), shift {shift}, TanhNorm 0.2, STRing") if prd_clamps else None
+    if tanh02 and (cfg.schedule != "stepped" or cfg.steps == PAPER_PMOD.steps):
+        why = f"pmod: {cfg.schedule} schedule (Table 4), TanhNorm 0.2, STRing"
+        if cfg.schedule == "constant":
+            why += "; Table 3's MoD+TanhNorm+STRing is the same configuration: label the run to fill that row"
+        return f"p-MoD-{cfg.schedule}", why
+    if cfg.schedule == "cosine" and prd_clamps and math.isclose(cfg.shift, PAPER_PMOD.shift):  # Table 6
+        table6 = {"p-MoD-tanh-1": ("tanh", 1.0), "p-MoD-softmax": ("softmax", None),
+                  "p-MoD-shifted-softmax": ("shifted_softmax", None), "p-MoD-norm-none": ("none", None)}
+        for variant, (norm, scale) in table6.items():
+            if _norm_is(cfg, norm, scale):
+                return variant, f"pmod: weight_norm {norm}, scale {cfg.norm_scale:g}, bias {cfg.norm_bias:g} (Table 6)"
+    return None
+
+
+def variant_from_pmod(pmod: "Mapping[str, Any] | PMoDConfig | None") -> tuple[str, str]:
+    """The report key (VARIANT) of a run's ``pmod`` (``PMoDConfig.to_dict()``), and why: matched on the data.
+
+    null -> ``baseline``; a configuration a paper row reports -> that row (:func:`_paper_variant`); any other
+    -> its spec (``PMoDConfig.spec()``: ``ratios:1*8,0.5*24``, ``pmod:weight_norm=none,string=false``), one key
+    per configuration, so different configurations never share a row.
+    """
     if pmod is None:
         return "baseline", "pmod is null (baseline)"
-    sched = str(pmod.get("schedule") or "cosine").lower()
-    sched = {"prd": "cosine", "shiftedcos": "cosine", "shiftedlinear": "linear", "interleave": "interleaved"}.get(sched, sched)
-    shift = pmod.get("shift", 0.5)
-    shift = 0.5 if shift is None else float(shift)
-    norm = str(pmod.get("weight_norm") or "tanh").lower()
-    scale = pmod.get("norm_scale")
-    string = pmod.get("string", True)
-    tanh02 = norm == "tanh" and (scale is None or math.isclose(float(scale), 0.2))
-    if pmod.get("ratios") is not None:
-        return "p-MoD-explicit", "explicit per-layer ratios; label the run to match a paper row"
-    if string is False:
-        return f"MoD-{sched}-{norm}-nostring", "STRing off; label it vanilla-MoD or MoD+TanhNorm to match Table 3"
-    if sched == "cosine" and tanh02:
-        return f"p-MoD-{_fmt_shift(shift)}", f"pmod: {sched} schedule, shift {_fmt_shift(shift)}, TanhNorm 0.2, STRing"
-    if tanh02 and sched in SCHEDULES:
-        return f"p-MoD-{sched}", f"pmod: {sched} schedule (Table 4), TanhNorm 0.2, STRing"
-    if sched == "cosine" and math.isclose(shift, 0.5):
-        if norm == "tanh" and scale is not None and math.isclose(float(scale), 1.0):
-            return "p-MoD-tanh-1", "pmod: TanhNorm alpha 1 (Table 6)"
-        named = {"softmax": "p-MoD-softmax", "shifted_softmax": "p-MoD-shifted-softmax", "none": "p-MoD-norm-none"}
-        if norm in named:
-            return named[norm], f"pmod: weight_norm {norm} (Table 6)"
-    return f"p-MoD-{sched}-{_fmt_shift(shift)}-{norm}", "no paper row has this p-MoD configuration"
+    cfg = pmod_config(pmod)
+    got = _paper_variant(cfg)
+    if got:
+        return got
+    if cfg.ratios is not None:
+        why = "explicit per-layer ratios"
+    elif not cfg.string:
+        why = "STRing off (Table 3's rows are constant-ratio)"
+    else:
+        why = "no paper row has this p-MoD configuration"
+    return cfg.spec(), f"pmod: {why}; label the run to name a paper row"
 
 
 def method_of(obj: Any) -> Optional[dict]:
@@ -273,24 +323,37 @@ def variant_from_method(method: Mapping[str, Any], pmod: Optional[Mapping[str, A
 
 
 def variant_from_profile_row(row: Mapping[str, Any]) -> tuple[str, str]:
-    """The variant a profile row describes, and why."""
+    """The variant a profile row describes, and why: from its ``method_config`` or ``pmod`` (data)."""
     method = method_of(row.get("method_config"))
     if method:
         return variant_from_method(method)
-    by_name = canonical_variant(row["variant"])
-    if by_name:
-        return by_name, f"profile variant '{row['variant']}'"
-    method = str(row["method"])
+    if "pmod" in row and (row["pmod"] is not None or row["method"] == "baseline"):
+        variant, how = variant_from_pmod(row["pmod"])
+        return variant, f"profile row {how}"
+    return _variant_by_name(row)
+
+
+def _variant_by_name(row: Mapping[str, Any]) -> tuple[str, str]:
+    """A profile row without configuration data (written before rows carried ``pmod``; an accounting-only
+    variant): the one place a row's name is read, by the model library's parser."""
+    name, method = str(row["variant"]), str(row["method"])
     if method == "baseline":
         return "baseline", "profile method 'baseline'"
     if method == "pmod":
-        sched, shift = (row.get("schedule") or "").lower(), row.get("shift")
+        try:
+            cfg = parse_pmod_spec(name)
+        except SpecError:
+            cfg = None
+        if cfg is not None:
+            variant, how = variant_from_pmod(cfg)
+            return variant, f"profile variant '{name}' (no pmod data: read by name) {how}"
+        sched, shift = str(row.get("schedule") or "").lower(), row.get("shift")  # a labelled variant
         if sched == "cosine" and shift is not None:
-            return f"p-MoD-{_fmt_shift(shift)}", f"profile schedule cosine, shift {_fmt_shift(shift)}"
-        if sched in SCHEDULES:
-            return f"p-MoD-{sched}", f"profile schedule {sched}"
-        return str(row["variant"]), f"profile variant '{row['variant']}' is not a paper variant"
-    return canonical_variant(method) or str(row["variant"]), f"profile method '{method}'"
+            return f"p-MoD-{_fmt_shift(shift)}", f"profile schedule cosine, shift {_fmt_shift(shift)} (no pmod data)"
+        if sched and sched not in ("cosine", "explicit"):
+            return f"p-MoD-{canonical_schedule(sched)}", f"profile schedule {sched} (no pmod data)"
+        return name, f"profile variant '{name}' is not a paper variant"
+    return canonical_variant(name) or canonical_variant(method) or name, f"profile method '{method}'"
 
 
 @dataclass(frozen=True)
@@ -672,6 +735,7 @@ def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[
 __all__ = [
     "DEFAULT_MODEL", "Label", "LabelError", "LABEL_FORMS", "Entry", "ExplorationPoint", "Reproduction",
     "canonical_model", "canonical_variant", "parse_label", "variant_from_pmod", "variant_from_profile_row", "match_runs",
+    "pmod_config", "PAPER_PMOD",
     "model_from_info", "MethodPoint", "PAPER_METHOD_VARIANTS", "TRAINED_ONLY_VARIANTS", "EQUAL_COMPUTE_TARGET", "method_of",
     "run_method", "run_method_match", "method_key", "budget_text", "variant_from_method",
 ]

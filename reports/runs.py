@@ -2,15 +2,19 @@
 
 Every problem raises :class:`RunDirError` whose message names the file and the fix; nothing is
 guessed. Keys a reader does not use are ignored, so writers may add keys without breaking reports.
+A ``pmod`` (the configuration as data: ``PMoDConfig.to_dict()`` or null) must validate as a PMoDConfig.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from pmod_bench.model.config import PMoDConfig
 
 SCHEMA_VERSION = 1
 KINDS = ("profile", "eval", "train")
@@ -103,6 +107,28 @@ def _check(obj: Mapping, keys: Mapping[str, str], where: str, path: Path) -> Non
             raise RunDirError(f"{path}: {where} '{key}' must be {desc}, got {obj[key]!r} (see {_DOC}).")
 
 
+def pmod_config(pmod: "Mapping[str, Any] | PMoDConfig") -> PMoDConfig:
+    """A run's ``pmod`` (``PMoDConfig.to_dict()``) as a validated PMoDConfig; keys this version does not know are
+    ignored (a newer writer's additions). ValueError for values that do not validate."""
+    if isinstance(pmod, PMoDConfig):
+        return pmod
+    known = {f.name for f in dataclasses.fields(PMoDConfig)}
+    return PMoDConfig.from_dict({k: v for k, v in pmod.items() if k in known})
+
+
+def _check_pmod(obj: Mapping, where: str, path: Path) -> None:
+    """``pmod``, where present, is null or a PMoDConfig's fields (keys this version does not know are ignored)."""
+    if obj.get("pmod") is None:
+        return
+    try:
+        if not isinstance(obj["pmod"], dict):
+            raise ValueError(f"must be an object or null, got {obj['pmod']!r}")
+        pmod_config(obj["pmod"])
+    except (TypeError, ValueError) as exc:
+        raise RunDirError(f"{path}: {where} 'pmod' is not a p-MoD config ({exc}); it must be PMoDConfig.to_dict() "
+                          f"or null (see {_DOC}).") from None
+
+
 def _check_introspection(doc: Any, path: Path, run_dir: Path) -> Mapping[str, Any]:
     if not isinstance(doc, dict):
         raise RunDirError(f"{path}: must be a JSON object (see {_DOC}, 'introspection.json').")
@@ -171,8 +197,10 @@ def load_run(run_dir: "str | Path") -> Run:
             if not isinstance(row, dict):
                 raise RunDirError(f"{data_path}: rows[{i}] must be an object.")
             _check(row, PROFILE_KEYS, f"rows[{i}]", data_path)
+            _check_pmod(row, f"rows[{i}]", data_path)
     elif kind == "eval":
         _check(data, {"model": "str", "pmod": "dict?", "rows": "list"}, "the summary", data_path)
+        _check_pmod(data, "the summary", data_path)
         for i, row in enumerate(data["rows"]):
             if not isinstance(row, dict):
                 raise RunDirError(f"{data_path}: rows[{i}] must be an object.")
@@ -221,5 +249,5 @@ def last_train_log_record(run_dir: "str | Path") -> Optional[Mapping[str, Any]]:
     return None
 
 
-__all__ = ["Run", "RunDirError", "load_run", "load_runs", "last_train_log_record", "read_json", "SCHEMA_VERSION", "KINDS",
+__all__ = ["Run", "RunDirError", "load_run", "pmod_config", "load_runs", "last_train_log_record", "read_json", "SCHEMA_VERSION", "KINDS",
            "INTROSPECTION_FILE", "TRAIN_LOG"]

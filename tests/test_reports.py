@@ -236,9 +236,20 @@ def test_variant_from_pmod_config():
     assert variant_from_pmod(_pmod(0.57, schedule="linear"))[0] == "p-MoD-linear"
     assert variant_from_pmod(_pmod(0.5, weight_norm="softmax", norm_scale=1.0))[0] == "p-MoD-softmax"
     assert variant_from_pmod(_pmod(0.5, norm_scale=1.0))[0] == "p-MoD-tanh-1"
-    assert variant_from_pmod(_pmod(0.5, weight_norm="shifted_softmax", norm_scale=0.4))[0] == "p-MoD-shifted-softmax"
+    assert variant_from_pmod(_pmod(0.5, weight_norm="shifted_softmax", norm_scale=0.4, norm_bias=0.8))[0] == "p-MoD-shifted-softmax"
     assert variant_from_pmod(_pmod(0.5, weight_norm="none", norm_scale=1.0))[0] == "p-MoD-norm-none"
-    assert variant_from_pmod(_pmod(0.5, ratios=[1.0, 0.5]))[0] == "p-MoD-explicit"
+    # Table 3 (no STRing, constant ratio as the t3-* recipes) and Table 4's constant row, from the data alone
+    assert variant_from_pmod(_pmod(0.54, schedule="constant", weight_norm="none", norm_scale=1.0, string=False))[0] == "vanilla-MoD"
+    assert variant_from_pmod(_pmod(0.54, schedule="constant", string=False))[0] == "MoD+TanhNorm"
+    assert variant_from_pmod(_pmod(0.54, schedule="constant"))[0] == "p-MoD-constant"
+    # a configuration no paper row reports keeps a key of its own, its spec: different configs never share a row
+    assert variant_from_pmod(_pmod(0.5, ratios=[1.0, 0.5]))[0] == "ratios:1,0.5"
+    assert variant_from_pmod(_pmod(0.5, ratios=[1.0, 0.25]))[0] == "ratios:1,0.25"
+    assert variant_from_pmod(_pmod(0.5, weight_norm="none", norm_scale=1.0, string=False))[0] == "pmod:weight_norm=none,string=false"
+    assert variant_from_pmod(_pmod(0.5, max_ratio=0.9))[0] == "p-MoD-0.5-max0.9"  # not PRD's clamps: not p-MoD-0.5
+    assert variant_from_pmod(_pmod(0.5, weight_norm="shifted_softmax", norm_scale=0.4))[0] != "p-MoD-shifted-softmax"
+    # training details of the same model do not decide the row; keys a newer writer adds are ignored
+    assert variant_from_pmod(_pmod(0.5, router_zero_init=False, overflow_guard=True, future_key=1))[0] == "p-MoD-0.5"
 
 
 def test_variant_from_real_pmod_config():
@@ -266,6 +277,53 @@ def test_match_runs(runs):
         match_runs(loaded, labels={str(runs["profile"]): "p-MoD-0.5"})
     with pytest.raises(LabelError, match="not one of the run directories"):
         match_runs(loaded, labels={"runs/nowhere": "p-MoD-0.5"})
+
+
+def _profile_run_of(run_dir: Path, rows: list) -> Path:
+    _run_json(run_dir, "profile")
+    _write_json(run_dir / "profile.json", {"rows": rows})
+    return run_dir
+
+
+def test_profile_rows_match_on_their_config_not_their_name(tmp_path):
+    """Vanilla MoD and p-MoD do the same work: two rows identical but for weight_norm / STRing (and with the same
+    display name) land in different report rows, because rows are matched on their ``pmod`` data."""
+    row = _profile_row("same-name", 0.54, 21.0, 0.54, 360.0, 420.0)
+    constant = _pmod(0.54, schedule="constant")
+    vanilla = _pmod(0.54, schedule="constant", weight_norm="none", norm_scale=1.0, string=False)
+    prd, prd_vanilla = _pmod(0.5), _pmod(0.5, weight_norm="none", norm_scale=1.0, string=False)
+    rows = [{**row, "pmod": constant}, {**row, "pmod": vanilla, "prefill_tflops": 21.5},
+            {**row, "pmod": prd, "prefill_tflops": 22.0}, {**row, "pmod": prd_vanilla, "prefill_tflops": 22.5},
+            {**_profile_row("baseline", None, 40.0, 1.0, 500.0, 550.0), "pmod": None}]
+    rep = match_runs([load_run(_profile_run_of(tmp_path / "prof", rows))])
+    assert rep.get("llava-next-7b/p-MoD-constant", "prefill_tflops") == 21.0  # Table 4, constant
+    assert rep.get("llava-next-7b/vanilla-MoD", "prefill_tflops") == 21.5  # Table 3, row 1
+    assert rep.get("llava-next-7b/p-MoD-0.5", "prefill_tflops") == 22.0
+    assert rep.get("llava-next-7b/pmod:weight_norm=none,string=false", "prefill_tflops") == 22.5  # no paper row
+    assert rep.get("llava-next-7b/baseline", "prefill_tflops") == 40.0
+    assert not any("repeat a configuration" in n for n in rep.notes)
+    # a row's pmod must be a p-MoD config: the reader names the row and the fix
+    bad = _profile_run_of(tmp_path / "bad", [{**row, "pmod": {"shift": 7}}])
+    with pytest.raises(RunDirError, match=r"rows\[0\] 'pmod' is not a p-MoD config .*shift.*PMoDConfig.to_dict\(\)"):
+        load_run(bad)
+
+
+def test_rows_without_pmod_data_are_read_by_name(runs, tmp_path):
+    """Rows written before rows carried ``pmod``: the name, read by the model's one parser, then matched as data."""
+    rows = [_profile_row("p-MoD-cosine-0.4", 0.4, 20.0, 0.48, 350.0, 410.0),
+            _profile_row("p-MoD-linear-0.57", 0.57, 21.0, 0.5, 355.0, 415.0),
+            {**_profile_row("ratios:1*8,0.5*24", 0.5, 23.0, 0.6, 380.0, 440.0), "schedule": "explicit", "shift": None},
+            {**_profile_row("my label", 0.3, 18.0, 0.43, 330.0, 400.0)}]  # a labelled variant: its schedule and shift
+    rep = match_runs([load_run(_profile_run_of(tmp_path / "legacy", rows))])
+    assert rep.get("llava-next-7b/p-MoD-0.4", "prefill_tflops") == 20.0
+    assert rep.get("llava-next-7b/p-MoD-linear", "prefill_tflops") == 21.0
+    assert rep.get("llava-next-7b/ratios:1*8,0.5*24", "prefill_tflops") == 23.0
+    assert rep.get("llava-next-7b/p-MoD-0.3", "prefill_tflops") == 18.0
+    # the same rows with their data match the same keys
+    data_rows = [{**r, "pmod": p} for r, p in zip(rows, (_pmod(0.4), _pmod(0.57, schedule="linear"),
+                                                         _pmod(0.5, ratios=[1.0] * 8 + [0.5] * 24), _pmod(0.3)))]
+    rep2 = match_runs([load_run(_profile_run_of(tmp_path / "data", data_rows))])
+    assert sorted(rep2.keys) == sorted(rep.keys)
 
 
 def test_unknown_model_gets_its_own_rows(tmp_path):
