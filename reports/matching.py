@@ -522,19 +522,62 @@ def match_runs(
     if default_model is not None and default_model not in PAPER_MODELS:
         raise LabelError(f"--default-model {default_model!r} is not a paper model; use one of {', '.join(PAPER_MODELS)}.")
     labels = dict(labels or {})
-    rep = Reproduction()
-    runs = list(runs)
+    matcher = _Matcher(Reproduction(), default_model)
     used_labels: set[str] = set()
+    order = {"profile": 0, "eval": 1, "train": 2}
+    for run in sorted(runs, key=lambda r: order[r.kind]):
+        label, label_how = _label_for(run, labels)
+        used_labels.update(_label_keys(run, labels))
+        matcher.add(run, label, label_how)
+    for k in labels:
+        if k not in used_labels:
+            raise LabelError(f"--label {k}={labels[k]}: {k!r} is not one of the run directories given.")
+    _method_entries(matcher.rep, matcher.method_profiles)
+    _fill_values(matcher.rep)
+    return matcher.rep
 
-    def model_of(label: Optional[Label], name: Optional[str], what: str, run: Run) -> tuple[str, str]:
+
+def _profile_rank(row: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Which of several profile rows of one configuration (scenarios) a table takes: the paper's scenario and
+    batch size 1 first."""
+    return bool(row.get("paper_scenario")), row["batch_size"] == 1
+
+
+def _profile_extra(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The efficiency a profile row gives the trade-off figures (ratios to the baseline, per-layer retention)."""
+    extra = {m: row.get(m) for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio", "latency_unreliable",
+                                     "latency_ratio_min", "latency_ratio_max")}
+    extra["ratios"] = list(row["ratios"])
+    return extra
+
+
+@dataclass
+class _Matcher:
+    """The entries of :func:`match_runs`, one run at a time (profile runs first, then eval, then train)."""
+
+    rep: Reproduction
+    default_model: Optional[str]
+    method_profiles: dict[tuple[str, str], tuple[Mapping[str, Any], str]] = field(default_factory=dict)
+    """(model, method config) -> the profile row of that config, for the comparison-method eval runs"""
+
+    def add(self, run: Run, label: Optional[Label], label_how: str) -> None:
+        if run.introspection is not None:
+            self.rep.introspections.append(run)
+        if run.label and label is None:
+            self.rep.notes.append(f"{run.path}: run.json label {run.label!r} is free text, not a label; matched automatically.")
+        {"eval": self.eval_run, "profile": self.profile_run, "train": self.train_run}[run.kind](run, label, label_how)
+
+    # ------------------------------------------------------------------------------ shared steps
+    def model_of(self, label: Optional[Label], name: Optional[str], what: str, run: Run) -> tuple[str, str]:
+        """The MODEL of a run (or profile row), and a note on how it was decided ("" when by name)."""
         if label and label.model:
             return label.model, ""
         info = (run.data.get("model_info") or run.meta.get("model_info")) if run.kind == "eval" else None
         if isinstance(info, Mapping) and info.get("random_weights"):  # pmod-bench eval --model <preset>
             own = _own_model(name)
             own = own if canonical_model(own) is None else f"{own} (random weights)"
-            if default_model:
-                return default_model, f"{what} {name!r} is a random-weight preset: matched as {default_model} (--default-model)"
+            if self.default_model:
+                return self.default_model, f"{what} {name!r} is a random-weight preset: matched as {self.default_model} (--default-model)"
             return own, f"{what} {name!r} is a random-weight preset, not the paper's model: own rows as {own!r}"
         m = canonical_model(name)
         if m:
@@ -543,12 +586,12 @@ def match_runs(
             m, why = model_from_info(info)
             if m:
                 return m, f"{what} {name!r}: {why} -> {m}"
-        if default_model:
-            return default_model, f"{what} {name!r} is not a paper model: matched as {default_model} (--default-model)"
+        if self.default_model:
+            return self.default_model, f"{what} {name!r} is not a paper model: matched as {self.default_model} (--default-model)"
         own = _own_model(name)
         return own, f"{what} {name!r} is not a paper model: own rows as {own!r}"
 
-    def check_key(model: str, variant: str, label: Optional[Label], label_how: str, where: str) -> None:
+    def check_key(self, model: str, variant: str, label: Optional[Label], label_how: str, where: str) -> None:
         """A label that names a paper model + variant must name a row the paper has."""
         key = f"{model}/{variant}"
         if not label or model not in PAPER_MODELS or key in paper_keys():
@@ -558,124 +601,115 @@ def match_runs(
                f"{', '.join(k.partition('/')[2] for k in near)}.")
         if label_how.startswith("--label") and (label.variant or label.model):
             raise LabelError(msg + " Fix the label (or drop it to match the run automatically).")
-        rep.warnings.append(msg)
+        self.rep.warnings.append(msg)
 
-    method_profiles: dict[tuple[str, str], tuple[Mapping[str, Any], str]] = {}
-    order = {"profile": 0, "eval": 1, "train": 2}
-    for run in sorted(runs, key=lambda r: order[r.kind]):
-        label, label_how = _label_for(run, labels)
-        used_labels.update(_label_keys(run, labels))
-        if run.introspection is not None:
-            rep.introspections.append(run)
-        if run.label and label is None:
-            rep.notes.append(f"{run.path}: run.json label {run.label!r} is free text, not a label; matched automatically.")
+    # ------------------------------------------------------------------------------------- eval
+    def eval_run(self, run: Run, label: Optional[Label], label_how: str) -> None:
+        health = _eval_health(run)
+        if health:
+            self.rep.warnings.append(health + ("; its missing benchmarks show as dashes." if run.rows else "."))
+        if not run.rows:
+            self.rep.unmatched.append((run, "no finished benchmark (see the warning)"))
+            return
+        values = self.eval_values(run)
+        if label and label.group:
+            self.rep.exploration.append(ExplorationPoint(run, label.group, float(label.retention), values))
+            return
+        model, note = self.model_of(label, run.data["model"], "model", run)
+        method = run_method(run)
+        if label and label.variant:
+            variant, how = label.variant, label_how
+        else:  # the configuration as data: a comparison method's config dict, else the model's pmod
+            variant, how = variant_from_method(method, run.data["pmod"]) if method else variant_from_pmod(run.data["pmod"])
+            if label_how:
+                how = f"{label_how}; {how}"
+        self.check_key(model, variant, label, label_how, str(run.path))
+        if note:
+            self.rep.notes.append(f"{run.path}: {note}.")
+            how = f"{how}; {note}"
+        extra = {"method": method, "method_match": run_method_match(run)} if method else {}
+        self.rep.entries.append(Entry(run, model, variant, values, how, str(run.path), extra))
 
-        if run.kind == "eval":
-            health = _eval_health(run)
-            if health:
-                rep.warnings.append(health + ("; its missing benchmarks show as dashes." if run.rows else "."))
-            if not run.rows:
-                rep.unmatched.append((run, "no finished benchmark (see the warning)"))
+    def eval_values(self, run: Run) -> dict[str, float]:
+        """The paper columns an eval run fills (benchmark -> value); other benchmarks and repeats are noted."""
+        values: dict[str, float] = {}
+        for row in run.rows:
+            bench = row["benchmark"]
+            if bench not in BENCHMARKS:
+                self.rep.notes.append(f"{run.path}: benchmark {bench!r} is not a paper column; shown in the inputs only.")
                 continue
-            values = {}
-            for row in run.rows:
-                bench = row["benchmark"]
-                if bench not in BENCHMARKS:
-                    rep.notes.append(f"{run.path}: benchmark {bench!r} is not a paper column; shown in the inputs only.")
-                    continue
-                if bench in values:
-                    rep.notes.append(f"{run.path}: benchmark {bench} appears twice; the later row ({row['task']}) is used.")
-                values[bench] = float(row["value"])
-            if label and label.group:
-                rep.exploration.append(ExplorationPoint(run, label.group, float(label.retention), values))
-                continue
-            model, note = model_of(label, run.data["model"], "model", run)
-            method = run_method(run)
+            if bench in values:
+                self.rep.notes.append(f"{run.path}: benchmark {bench} appears twice; the later row ({row['task']}) is used.")
+            values[bench] = float(row["value"])
+        return values
+
+    # ---------------------------------------------------------------------------------- profile
+    def profile_run(self, run: Run, label: Optional[Label], label_how: str) -> None:
+        if label and label.group:
+            raise LabelError(f"{run.path}: a fig3 label applies to eval runs, not to a profile run.")
+        rows = run.rows
+        if label and label.variant and len(rows) != 1:
+            if label_how.startswith("--label"):
+                raise LabelError(
+                    f"{run.path}: {label_how} names a variant, but this profile run holds {len(rows)} rows "
+                    f"(one per variant); label a profile run with a MODEL only (e.g. llava-next-7b)."
+                )
+            label = Label(label.text, model=label.model)
+        chosen = self.profile_configurations(run, rows, label, label_how)
+        for key, (i, row, how) in chosen.items():
+            model, _, variant = key.rpartition("/")
+            if label and label.variant:
+                self.check_key(model, variant, label, label_how, str(run.path))
+            self.rep.entries.append(Entry(run, model, variant, _profile_values(row), how, f"{run.path} row {i}",
+                                          _profile_extra(row)))
+        skipped = len(rows) - len(chosen)
+        if skipped:
+            self.rep.notes.append(
+                f"{run.path}: {skipped} profile row(s) repeat a configuration in another scenario; "
+                f"the paper-scenario (672x672, 58 text tokens) batch-size-1 row of each is used, else the first."
+            )
+
+    def profile_configurations(self, run: Run, rows: list, label: Optional[Label],
+                               label_how: str) -> dict[str, tuple[int, Mapping[str, Any], str]]:
+        """One row per configuration key (``MODEL/VARIANT`` -> (index, row, how)): the best-ranked scenario.
+        Every comparison-method row is also kept by its config, for the eval runs of that config."""
+        chosen: dict[str, tuple[int, Mapping[str, Any], str]] = {}
+        for i, row in enumerate(rows):
+            model, note = self.model_of(label, row["arch"], "arch", run)
             if label and label.variant:
                 variant, how = label.variant, label_how
-            elif method:  # a comparison method: its config dict (rows' "method") names the row
-                variant, how = variant_from_method(method, run.data["pmod"])
-                if label_how:
-                    how = f"{label_how}; {how}"
             else:
-                variant, how = variant_from_pmod(run.data["pmod"])
-                if label_how:
-                    how = f"{label_how}; {how}"
-            check_key(model, variant, label, label_how, str(run.path))
+                variant, how = variant_from_profile_row(row)
+            cfg = method_of(row.get("method_config"))
+            if cfg:  # every budget of a method: an eval run of the same config finds its efficiency here
+                slot = (model, method_key(cfg))
+                prev_m = self.method_profiles.get(slot)
+                if prev_m is None or _profile_rank(row) > _profile_rank(prev_m[0]):
+                    self.method_profiles[slot] = (row, f"{run.path} row {i}")
             if note:
-                rep.notes.append(f"{run.path}: {note}.")
                 how = f"{how}; {note}"
-            extra = {"method": method, "method_match": run_method_match(run)} if method else {}
-            rep.entries.append(Entry(run, model, variant, values, how, str(run.path), extra))
+            key = f"{model}/{variant}"
+            prev = chosen.get(key)
+            if prev is None or _profile_rank(row) > _profile_rank(prev[1]):
+                chosen[key] = (i, row, how)
+        return chosen
 
-        elif run.kind == "profile":
-            if label and label.group:
-                raise LabelError(f"{run.path}: a fig3 label applies to eval runs, not to a profile run.")
-            rows = run.rows
-            if label and label.variant and len(rows) != 1:
-                if label_how.startswith("--label"):
-                    raise LabelError(
-                        f"{run.path}: {label_how} names a variant, but this profile run holds {len(rows)} rows "
-                        f"(one per variant); label a profile run with a MODEL only (e.g. llava-next-7b)."
-                    )
-                label = Label(label.text, model=label.model)
-            chosen: dict[str, tuple[int, Mapping[str, Any], str]] = {}
+    # ------------------------------------------------------------------------------------ train
+    def train_run(self, run: Run, label: Optional[Label], label_how: str) -> None:
+        if not (label and label.variant):
+            self.rep.unmatched.append((run, "train runs are matched only by a label MODEL/VARIANT"))
+            return
+        if label.model is None and self.default_model is None:
+            self.rep.unmatched.append((run, "train runs need a label MODEL/VARIANT (or --default-model) to name the model"))
+            return
+        model = label.model or self.default_model
+        self.check_key(model, label.variant, label, label_how, str(run.path))
+        self.rep.entries.append(Entry(run, model, label.variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
+                                      label_how, str(run.path)))
 
-            def rank(r: Mapping[str, Any]) -> tuple[bool, bool]:
-                return bool(r.get("paper_scenario")), r["batch_size"] == 1
 
-            for i, row in enumerate(rows):
-                model, note = model_of(label, row["arch"], "arch", run)
-                if label and label.variant:
-                    variant, how = label.variant, label_how
-                else:
-                    variant, how = variant_from_profile_row(row)
-                cfg = method_of(row.get("method_config"))
-                if cfg:  # every budget of a method: an eval run of the same config finds its efficiency here
-                    slot = (model, method_key(cfg))
-                    prev_m = method_profiles.get(slot)
-                    if prev_m is None or rank(row) > rank(prev_m[0]):
-                        method_profiles[slot] = (row, f"{run.path} row {i}")
-                if note:
-                    how = f"{how}; {note}"
-                key = f"{model}/{variant}"
-                prev = chosen.get(key)
-                # one scenario per configuration: the paper's scenario and batch size 1 first, else the first row
-                if prev is None or rank(row) > rank(prev[1]):
-                    chosen[key] = (i, row, how)
-            for key, (i, row, how) in chosen.items():
-                model, _, variant = key.rpartition("/")
-                if label and label.variant:
-                    check_key(model, variant, label, label_how, str(run.path))
-                extra = {m: row[m] for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio")}
-                for m in ("latency_unreliable", "latency_ratio_min", "latency_ratio_max"):
-                    extra[m] = row.get(m)
-                extra["ratios"] = list(row["ratios"])
-                rep.entries.append(Entry(run, model, variant, _profile_values(row), how, f"{run.path} row {i}", extra))
-            skipped = len(rows) - len(chosen)
-            if skipped:
-                rep.notes.append(
-                    f"{run.path}: {skipped} profile row(s) repeat a configuration in another scenario; "
-                    f"the paper-scenario (672x672, 58 text tokens) batch-size-1 row of each is used, else the first."
-                )
-
-        else:  # train
-            if not (label and label.variant):
-                rep.unmatched.append((run, "train runs are matched only by a label MODEL/VARIANT"))
-                continue
-            if label.model is None and default_model is None:
-                rep.unmatched.append((run, "train runs need a label MODEL/VARIANT (or --default-model) to name the model"))
-                continue
-            model = label.model or default_model
-            check_key(model, label.variant, label, label_how, str(run.path))
-            rep.entries.append(Entry(run, model, label.variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
-                                     label_how, str(run.path)))
-
-    for k in labels:
-        if k not in used_labels:
-            raise LabelError(f"--label {k}={labels[k]}: {k!r} is not one of the run directories given.")
-
-    _method_entries(rep, method_profiles)
+def _fill_values(rep: Reproduction) -> None:
+    """The table values of every configuration key from its entries, later entries replacing earlier ones (noted)."""
     for e in rep.entries:
         if e.extra.get("off_budget"):
             continue
@@ -686,7 +720,6 @@ def match_runs(
             slot[metric] = (v, e.source)
         if "tflops_ratio" in e.extra:  # a profile row (eval entries carry their method, not efficiency)
             rep.efficiency[e.key] = dict(e.extra)
-    return rep
 
 
 def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[Mapping[str, Any], str]]) -> None:
@@ -720,10 +753,8 @@ def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[
                 continue
             if prof is not None:  # the efficiency of exactly this config (not another budget's profile row)
                 row, src = prof
-                rep.entries.append(Entry(e.run, e.model, e.variant, _profile_values(row), f"profile row of {budget_text(e.extra['method'])}",
-                                         src, {m: row.get(m) for m in ("tflops_ratio", "kv_cache_ratio", "latency_ratio",
-                                                                        "latency_unreliable", "latency_ratio_min",
-                                                                        "latency_ratio_max")} | {"ratios": list(row["ratios"])}))
+                rep.entries.append(Entry(e.run, e.model, e.variant, _profile_values(row),
+                                         f"profile row of {budget_text(e.extra['method'])}", src, _profile_extra(row)))
         if len(idx) > 1:
             e = rep.entries[chosen]
             rep.notes.append(f"{key}: {len(idx)} eval runs of {e.extra['method']['method']} at different budgets; the table "
