@@ -722,6 +722,17 @@ def _fill_values(rep: Reproduction) -> None:
             rep.efficiency[e.key] = dict(e.extra)
 
 
+def _solved_to(method_match: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The variant a ``--match`` target names (``target_label``: the profiler variant spec as given, ``p-MoD-0.5``,
+    ``pmod:shift=0.5``), read by the model's parser and matched as data; None for ``--match-tflops`` / ``--match-kv``."""
+    label = (method_match or {}).get("target_label")
+    try:
+        cfg = parse_pmod_spec(str(label)) if label else None
+    except SpecError:
+        return None
+    return variant_from_pmod(cfg)[0] if cfg is not None else None
+
+
 def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[Mapping[str, Any], str]]) -> None:
     """Comparison-method eval runs: one per table row, every one a point of the methods trade-off figure.
 
@@ -735,7 +746,7 @@ def _method_entries(rep: Reproduction, profiles: Mapping[tuple[str, str], tuple[
             by_key.setdefault(e.key, []).append(i)
             rep.method_variants.add(e.variant)
     for key, idx in by_key.items():
-        at_target = [i for i in idx if (rep.entries[i].extra.get("method_match") or {}).get("target_label") == EQUAL_COMPUTE_TARGET]
+        at_target = [i for i in idx if _solved_to(rep.entries[i].extra.get("method_match")) == EQUAL_COMPUTE_TARGET]
         chosen = (at_target or idx)[-1]
         for i in idx:
             e = rep.entries[i]

@@ -103,6 +103,14 @@ def test_method_runs_fill_their_rows_by_config(method_runs):
     assert any("paper values only" in n for n in build_table(paper_table(11)).notes)  # gamma-MoD, paper mode too
 
 
+def test_the_budget_solved_to_p_mod_05_is_read_as_data(method_runs, tmp_path):
+    """``--match`` in any spelling of p-MoD-0.5's configuration picks the table's run, wherever it comes."""
+    spelled = make_method_eval(tmp_path / "fastv", FASTV, {"Doc": 50.0}, "pmod:shift=0.5,schedule=cosine")
+    low = make_method_eval(tmp_path / "fastv_low", FASTV_LOW, {"Doc": 40.0}, "kv=0.33")
+    rep = match_runs([load_run(method_runs["profile"]), load_run(spelled), load_run(low)])
+    assert rep.get("llava-next-7b/FastV", "Doc") == pytest.approx(50.0)
+
+
 def test_methods_tradeoff_curves(method_runs):
     from pmod_bench.reports.figures import methods_tradeoff_data
 
