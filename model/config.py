@@ -133,13 +133,13 @@ class PMoDConfig:
         """The fields that act on the model and differ from the defaults (those of this ``weight_norm`` for
         ``norm_scale`` / ``norm_bias``): the schedule's fields only where they shape the ratios (none with
         explicit ``ratios``; ``steps`` only for ``stepped``); ``overflow_guard`` is a debugging switch, left out."""
-        default, norm = PMoDConfig(), PMoDConfig(weight_norm=self.weight_norm)
-        default.norm_scale, default.norm_bias = norm.norm_scale, norm.norm_bias
+        scale, bias = NORM_DEFAULTS[self.weight_norm]
+        default = {**PMoDConfig().to_dict(), "norm_scale": scale, "norm_bias": bias}
         shaping = {"ratios"} if self.ratios is not None else {"schedule", "shift", "max_ratio", "min_ratio"} | (
             {"steps"} if self.schedule == "stepped" else set())
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if (f.name in shaping or f.name not in _SCHEDULE_FIELDS) and f.name != "overflow_guard"
-                and getattr(self, f.name) != getattr(default, f.name)}
+                and getattr(self, f.name) != default[f.name]}
 
     def spec(self) -> str:
         """The variant spec of this config, read back by :func:`parse_pmod_spec` (display names of the profiler).
