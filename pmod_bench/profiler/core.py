@@ -153,6 +153,13 @@ class ProfileRow:
     train_samples: Optional[int] = None
     train_tokens_per_sample: Optional[int] = None
     train_hardware: Optional[str] = None
+    train_utilisation: Optional[float] = None
+    """the recipe's effective utilisation of the peak (GPU hours = samples x (FLOPs / (peak x it) + overhead));
+    not a measured MFU: see train_calibration"""
+    train_overhead_s_per_sample: Optional[float] = None
+    train_calibration: Optional[str] = None
+    """where train_utilisation and train_overhead_s_per_sample come from (the shipped recipes: fitted to the
+    paper's LLaVA-NeXT-7B SFT GPU hours)"""
     train_run: Optional[str] = None
     train_gpu_hours_run: Optional[float] = None
     """GPU hours the train run itself used (its train_summary.json)"""
@@ -200,7 +207,9 @@ CONVENTIONS = {
     "(vision + LLM); decode per token; batch of batch_size; latency_unreliable when a spread (max - min) / median "
     "exceeds 0.25 (CPU timings depend on machine load)",
     "train": "forward + backward model FLOPs per sample (backward 2x for trained, 1x for pass-through frozen, 0 for the "
-    "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x mfu) + overhead) / 3600, recipe constants",
+    "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x utilisation) + overhead) / 3600 with the recipe's "
+    "constants (train_utilisation, train_overhead_s_per_sample): an effective utilisation, not a measured MFU; the shipped "
+    "recipes' are fitted to the paper's LLaVA-NeXT-7B SFT GPU hours (train_calibration)",
 }
 
 
@@ -496,6 +505,8 @@ def _add_train_cost(row: ProfileRow, s: _Setup, counts: _ScenarioCounts, v: Vari
     row.train_gpu_hours = rec.gpu_hours(tf.total)
     row.train_recipe, row.train_samples = rec.name, rec.samples
     row.train_tokens_per_sample, row.train_hardware = tV + tT, rec.hardware
+    row.train_utilisation, row.train_overhead_s_per_sample = rec.utilisation, rec.overhead_s_per_sample
+    row.train_calibration = rec.calibration
     if s.train_run is not None:
         meas = measured_train_cost(s.train_run, rec, tV + tT, tf.total, rec.hw, arch=a, ratios=row.ratios)
         for key, value in meas.items():
