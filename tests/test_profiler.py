@@ -133,6 +133,7 @@ def tiny():
     return load_arch("tiny")
 
 
+@pytest.mark.slow
 def test_three_flop_counts_agree_on_tiny(tiny):
     """Analytic == FlopCounterMode(real forward, real routing) == fvcore x2 == FlopCounterMode(meta), within 1%."""
     samples = [Sample(TINY_SIZE, 16)] * 2  # batch of 2: counts are per sample

@@ -498,6 +498,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_report_paper_through_real_cli(tmp_path):
     pytest.importorskip("pmod_bench.cli", reason="pmod_bench/cli.py (the project's CLI) is not there yet")
     out = tmp_path / "paper"
@@ -594,6 +595,7 @@ def _compile_tex(tex_files: list[Path], workdir: Path) -> None:
         assert p.returncode == 0, f"{tex.name} does not compile:\n{p.stdout[-2000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("shutil").which("pdflatex") is None,
                     reason="no LaTeX engine (apt-get install texlive-latex-base texlive-latex-recommended)")
 def test_every_generated_tex_compiles(runs, tmp_path):
