@@ -166,18 +166,7 @@ def load_model(
         raise ModelSourceError(str(exc)) from None
     name = source[: -len(VANILLA_SUFFIX)] if source.endswith(VANILLA_SUFFIX) else source
     if name in PRESETS and not Path(source).expanduser().is_dir():
-        vanilla = vanilla or source.endswith(VANILLA_SUFFIX)
-        if vanilla and pmod is not None:
-            raise ModelSourceError(f"'{source}' asks for the vanilla model but a p-MoD config was given; pass only one.")
-        from .presets import build_preset, preset_processor
-
-        cfg = None if vanilla else PMoDConfig.from_dict(pmod)
-        model, processor = build_preset(
-            name, pmod=cfg, seed=0, dtype=torch_dtype if torch_dtype != "auto" else None,
-            attn_implementation=attn_implementation,
-        )
-        if processor is None and name.startswith("tiny"):
-            processor = preset_processor(name)
+        model, processor = _load_preset(source, name, pmod, torch_dtype, attn_implementation, vanilla)
         return _finish(model, device), processor
     if source.endswith(VANILLA_SUFFIX):
         raise ModelSourceError(f"the ':vanilla' suffix is for presets ({', '.join(PRESETS)}); for '{name}' use vanilla=True.")
@@ -192,7 +181,32 @@ def load_model(
             f"{directory} is a p-MoD checkpoint; vanilla=True needs a vanilla LLaVA checkpoint (or use "
             "pmod={'ratios': [1.0] * num_layers} to process every token with the trained weights)."
         )
+    model = _from_pretrained(directory, layout, torch_dtype, attn_implementation)
+    model.eval()
+    model = _apply_pmod(model, None if vanilla else pmod, layout, vanilla)
+    processor = _load_processor(directory)
+    return _finish(model, device), processor
 
+
+def _load_preset(source: str, name: str, pmod, torch_dtype, attn_implementation: str, vanilla: bool):
+    """(model, processor) of a preset: random weights, seed 0; p-MoD unless ``vanilla`` or ``source`` ends in ':vanilla'."""
+    from .presets import build_preset, preset_processor
+
+    vanilla = vanilla or source.endswith(VANILLA_SUFFIX)
+    if vanilla and pmod is not None:
+        raise ModelSourceError(f"'{source}' asks for the vanilla model but a p-MoD config was given; pass only one.")
+    cfg = None if vanilla else PMoDConfig.from_dict(pmod)
+    model, processor = build_preset(
+        name, pmod=cfg, seed=0, dtype=torch_dtype if torch_dtype != "auto" else None,
+        attn_implementation=attn_implementation,
+    )
+    if processor is None and name.startswith("tiny"):
+        processor = preset_processor(name)
+    return model, processor
+
+
+def _from_pretrained(directory: Path, layout: str, torch_dtype, attn_implementation: str):
+    """The HF-layout checkpoint in ``directory``, every tensor its config needs present (errors name the fix)."""
     from transformers import AutoModelForImageTextToText
 
     from . import modeling  # noqa: F401  (importing it registers the p-MoD classes with the Auto classes)
@@ -222,12 +236,9 @@ def load_model(
             "describes another architecture: re-download / re-save it (model.save_pretrained), or fix config.json."
         )
     unexpected = sorted(info.get("unexpected_keys") or [])
-    if unexpected:
-        warnings.warn(f"{directory}: {len(unexpected)} tensor(s) not used by the model, e.g. {unexpected[:5]}", stacklevel=2)
-    model.eval()
-    model = _apply_pmod(model, None if vanilla else pmod, layout, vanilla)
-    processor = _load_processor(directory)
-    return _finish(model, device), processor
+    if unexpected:  # stacklevel: the caller of load_model
+        warnings.warn(f"{directory}: {len(unexpected)} tensor(s) not used by the model, e.g. {unexpected[:5]}", stacklevel=3)
+    return model
 
 
 def damaged_weights_message(directory: Union[str, os.PathLike], exc: BaseException) -> str:

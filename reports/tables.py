@@ -49,6 +49,30 @@ class ReportTable:
     def header(self, col: PaperColumn) -> str:
         return col.header
 
+    def to_frame(self):
+        """The table as a pandas DataFrame, for analysis: :func:`.render.render_csv`'s columns (the label, ``key``,
+        ``line``, then one per value column, named by its header), one row per line, with the values as built
+        rather than formatted: numbers unrounded, and NaN in a numeric column where a value is missing or is a
+        text mark (the paper's '-', 'OVERFLOW'). The paper row's label is repeated on its reproduced and diff
+        lines. Needs pandas (imported here, not with the package)::
+
+            build_tables(match_runs(load_runs(["runs/profile", "runs/eval"])), [7])[0].to_frame()
+        """
+        import pandas as pd
+
+        first: dict[int, str] = {}
+        records = []
+        for line in self.lines:
+            first.setdefault(line.group, line.label)
+            label = line.label or first[line.group]
+            values = [v if v != NOT_APPLICABLE else None for v in line.values]
+            records.append([label, line.key, line.kind, *values])
+        frame = pd.DataFrame(records, columns=[self.label_header, "key", "line", *(self.header(c) for c in self.columns)])
+        for c in self.columns:
+            if c.kind not in ("label", "text"):
+                frame[self.header(c)] = pd.to_numeric(frame[self.header(c)], errors="coerce").astype(float)
+        return frame
+
 
 def _reproduced_values(table: PaperTable, key: str, rep: Reproduction) -> tuple[Value, ...]:
     cols = table.value_columns

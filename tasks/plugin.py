@@ -159,7 +159,27 @@ class PMoDLlava(lmms):
         self.stop_at_until = stop_at_until if isinstance(stop_at_until, bool) else \
             str(stop_at_until).strip().lower() in ("1", "true", "yes", "on")
         check_launch()
+        self._place(device, dtype)
+        self._attach(pretrained, model, processor, pmod, attn_implementation)
+        self._set_ratios(shift, schedule, ratios, allow_untrained_routers)
+        self.method = None  # a comparison method (pmod_bench.methods spec, e.g. method=visionzip:dominant=54,contextual=10)
+        if method not in (None, "", "none", "None"):
+            from pmod_bench.methods import apply_method
 
+            self._model = apply_method(self._model, method)
+            self.method = self._model.method_config.to_dict()
+
+        self.chat_template_name = str(chat_template)
+        self._template = self._resolve_template(self.chat_template_name)
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.identity = self._identity()
+        self.cache = ResponseCache(response_cache, rank=self._rank) if response_cache else None
+        self._warned: set[str] = set()
+        self.model_calls = 0  # forward batches run (tests, benchmarks)
+        self.computed = 0  # requests answered by the model (not from the response cache)
+
+    def _place(self, device: Optional[str], dtype: Any) -> None:
+        """Device and dtype: accelerate's process when launched on several, else ``device`` (default: cuda if any)."""
         from accelerate import Accelerator
 
         accelerator = Accelerator()
@@ -171,6 +191,8 @@ class PMoDLlava(lmms):
             self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._dtype = resolve_dtype(dtype, self._device)
 
+    def _attach(self, pretrained: Any, model: Any, processor: Any, pmod: Any, attn_implementation: str) -> None:
+        """The model (loaded from ``pretrained``, or the one given) in eval mode, and its processor; left padding."""
         self.pretrained = pretrained if isinstance(pretrained, str) else type(model).__name__
         if os.path.isdir(self.pretrained):  # one identity whatever the working directory
             self.pretrained = os.path.abspath(self.pretrained)
@@ -188,6 +210,8 @@ class PMoDLlava(lmms):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    def _set_ratios(self, shift: Optional[float], schedule: Optional[str], ratios: Any, allow_untrained_routers: bool) -> None:
+        """--shift / --schedule / --ratios: the p-MoD model's retention schedule overridden (set_pmod_ratios)."""
         changes: dict[str, Any] = {}
         if shift is not None:
             changes["shift"] = float(shift)
@@ -202,27 +226,16 @@ class PMoDLlava(lmms):
                                  "--pmod default to convert it, with untrained routers; model_args: pmod=default)")
             self._model.set_pmod_ratios(allow_untrained_routers=bool(allow_untrained_routers), **changes)
 
-        self.method = None  # a comparison method (pmod_bench.methods spec, e.g. method=visionzip:dominant=54,contextual=10)
-        if method not in (None, "", "none", "None"):
-            from pmod_bench.methods import apply_method
-
-            self._model = apply_method(self._model, method)
-            self.method = self._model.method_config.to_dict()
-
-        self.chat_template_name = str(chat_template)
-        self._template = self._resolve_template(self.chat_template_name)
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
+    def _identity(self) -> dict:
+        """What the answers depend on (the response cache's key and run.json's model identity)."""
         ratios_now = self._model.layer_ratios() if hasattr(self._model, "layer_ratios") else None
-        self.identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
-                         "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self._template)[:16]}
+        identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
+                    "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self._template)[:16]}
         if self.stop_at_until:  # answers differ: keep them apart in the response cache
-            self.identity["stop_at_until"] = True
+            identity["stop_at_until"] = True
         if self.method is not None:
-            self.identity["method"] = self.method
-        self.cache = ResponseCache(response_cache, rank=self._rank) if response_cache else None
-        self._warned: set[str] = set()
-        self.model_calls = 0  # forward batches run (tests, benchmarks)
-        self.computed = 0  # requests answered by the model (not from the response cache)
+            identity["method"] = self.method
+        return identity
 
     # ------------------------------------------------------------------------------ properties
     @classmethod

@@ -541,7 +541,6 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     pending = [b for b in benches if not _bench_file(run_dir, b.key).is_file()]
     outcome = EvalOutcome(rows=[], skipped=[b.key for b in benches if b not in pending])
 
-    from pmod_bench import __version__
     from .introspection import RECORD_FILE
 
     intro_image = cfg.introspect_image() if cfg.introspect and not (run_dir / RECORD_FILE).is_file() else None
@@ -553,18 +552,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
         log(f"introspection skipped: {cfg.model} is not a p-MoD model (no routing to record; --pmod default converts it)")
         intro_image = None
 
-    requested = list(dict.fromkeys([*(meta or {}).get("eval", {}).get("benchmarks", []), *[b.key for b in benches]]))
-    run_meta = {
-        "kind": "eval", "schema_version": SCHEMA_VERSION, "created": (meta or {}).get("created", _now()),
-        "updated": _now(), "pmod_bench_version": __version__,
-        "command": cfg.command or (meta or {}).get("command") or f"pmod_bench.tasks.runner.run_eval({cfg.suite!r})",
-        "label": cfg.label if cfg.label is not None else (meta or {}).get("label"),
-        "eval": {"identity": cfg.identity(), "benchmarks": requested, "batch_size": cfg.batch_size,
-                 "data_root": os.environ.get("PMOD_BENCH_DATA") or None},
-        "model_info": (meta or {}).get("model_info"),
-    }
+    run_meta = _run_meta(cfg, meta, benches)
     if cfg.method_match is not None:  # the budget --match* solved, before anything was loaded or written
-        run_meta["eval"]["method_match"] = dict(cfg.method_match)
         mm = cfg.method_match
         log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / (1 if mm['metric'] == 'kv' else 1e12):.4g} vs "
             f"{mm['target_label']} {mm['target'] / (1 if mm['metric'] == 'kv' else 1e12):.4g}"
@@ -593,57 +582,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
         # what lmms-eval's evaluator and tasks read from CLI args (documents reach process_results without media)
         cli_args = argparse.Namespace(output_path=str(run_dir / "lmms_eval"), verbosity="WARNING", process_with_media=False)
         for k, bench in enumerate(pending, 1):
-            limit = _limit_for(bench, cfg.limit)
-            log(f"[{k}/{len(pending)}] {bench.key}: {bench.title} ({', '.join(bench.run)}"
-                + (f", limit {limit}" if limit else "") + ")")
-            t0 = time.time()
-            hits0 = getattr(getattr(lm, "cache", None), "hits", 0)
-            computed0 = getattr(lm, "computed", 0)
-            err_file = run_dir / "errors" / f"{_slug(bench.key)}.txt"
-            try:
-                with contextlib.redirect_stdout(sys.stderr):
-                    results = evaluator.simple_evaluate(
-                        model=lm, tasks=list(bench.run), limit=limit, task_manager=tm, log_samples=True,
-                        gen_kwargs=cfg.gen_kwargs, cli_args=cli_args, process_docs_parallel=1, verbosity="WARNING",
-                        batch_size=cfg.batch_size, datetime_str=_now(),
-                    )
-                resumed = getattr(getattr(lm, "cache", None), "hits", 0) - hits0
-                computed = getattr(lm, "computed", 0) - computed0
-                outcome.resumed_answers += resumed
-                outcome.computed_answers += computed
-                if resumed:
-                    log(f"[{k}/{len(pending)}] {bench.key}: {resumed} answer(s) from the saved responses, {computed} computed")
-                if rank != 0:
-                    continue
-                if not results:
-                    raise RuntimeError("lmms-eval returned no results")
-                row = summarize(bench, results, limit)
-                row["pmod"] = _model_pmod(run_meta)  # the evaluated model's PMoDConfig as data (None: vanilla)
-                if cfg.method:
-                    from pmod_bench.methods import method_dict
-
-                    row["method"] = method_dict(cfg.method)  # the method's config as a dict, not a name to parse again
-                    if cfg.method_match is not None:  # --match*: what was solved (target, achieved, rel_err, ...)
-                        row["method_match"] = dict(cfg.method_match)
-            except Exception as exc:  # one benchmark failing must not lose the others
-                msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
-                outcome.failures[bench.key] = msg[:600]
-                if rank == 0:
-                    atomic_write_text(err_file, traceback.format_exc())
-                log(f"[{k}/{len(pending)}] {bench.key} FAILED: {outcome.failures[bench.key]}")
-                continue
-            _write_lmms_outputs(run_dir, bench, results)
-            elapsed = time.time() - t0
-            atomic_write_json(_bench_file(run_dir, bench.key), {
-                "row": row, "finished": _now(), "elapsed_s": elapsed, "resumed_answers": resumed,
-                "results": {t: results["results"].get(t) for t in (*bench.run, *bench.components)},
-                "n_samples": {t: results.get("n-samples", {}).get(t) for t in bench.tasks},
-            })
-            if err_file.exists():
-                err_file.unlink()
-            outcome.ran.append(bench.key)
-            log(f"[{k}/{len(pending)}] {bench.key} = {row['value']:.2f} {row['unit']} (n={row['n']}) in {elapsed:.1f} s")
-            _summary(run_dir, cfg, run_meta, benches, outcome)
+            _run_benchmark(cfg, run_dir, lm, bench, f"[{k}/{len(pending)}]", (evaluator, tm, cli_args),
+                           (run_meta, benches, outcome), rank, log)
 
     if intro_image is not None and rank == 0:
         _introspect(run_dir, lm, intro_image, log)
@@ -652,6 +592,84 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     outcome.rows = _summary(run_dir, cfg, run_meta, benches, outcome) if rank == 0 else finished_rows(run_dir)
     outcome.pending = [b.key for b in benches if not _bench_file(run_dir, b.key).is_file()]
     return outcome
+
+
+def _run_meta(cfg: EvalConfig, meta: Optional[dict], benches: list) -> dict:
+    """run.json of this invocation: what an earlier one recorded (created, command, label, benchmarks) kept."""
+    requested = list(dict.fromkeys([*(meta or {}).get("eval", {}).get("benchmarks", []), *[b.key for b in benches]]))
+    from pmod_bench import __version__
+
+    run_meta = {
+        "kind": "eval", "schema_version": SCHEMA_VERSION, "created": (meta or {}).get("created", _now()),
+        "updated": _now(), "pmod_bench_version": __version__,
+        "command": cfg.command or (meta or {}).get("command") or f"pmod_bench.tasks.runner.run_eval({cfg.suite!r})",
+        "label": cfg.label if cfg.label is not None else (meta or {}).get("label"),
+        "eval": {"identity": cfg.identity(), "benchmarks": requested, "batch_size": cfg.batch_size,
+                 "data_root": os.environ.get("PMOD_BENCH_DATA") or None},
+        "model_info": (meta or {}).get("model_info"),
+    }
+    if cfg.method_match is not None:
+        run_meta["eval"]["method_match"] = dict(cfg.method_match)
+    return run_meta
+
+
+def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, tag: str, harness: tuple, run: tuple,
+                   rank: int, log: Callable[[str], None]) -> None:
+    """One benchmark through lmms-eval (``harness``: its evaluator, task manager and CLI args). Rank 0 writes its
+    row file and the summary (``run``: run.json's dict, the suite's benchmarks, the outcome); a failure goes to the
+    outcome and errors/<KEY>.txt instead, and the other benchmarks go on."""
+    evaluator, tm, cli_args = harness
+    run_meta, benches, outcome = run
+    limit = _limit_for(bench, cfg.limit)
+    log(f"{tag} {bench.key}: {bench.title} ({', '.join(bench.run)}" + (f", limit {limit}" if limit else "") + ")")
+    t0 = time.time()
+    hits0 = getattr(getattr(lm, "cache", None), "hits", 0)
+    computed0 = getattr(lm, "computed", 0)
+    err_file = run_dir / "errors" / f"{_slug(bench.key)}.txt"
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            results = evaluator.simple_evaluate(
+                model=lm, tasks=list(bench.run), limit=limit, task_manager=tm, log_samples=True,
+                gen_kwargs=cfg.gen_kwargs, cli_args=cli_args, process_docs_parallel=1, verbosity="WARNING",
+                batch_size=cfg.batch_size, datetime_str=_now(),
+            )
+        resumed = getattr(getattr(lm, "cache", None), "hits", 0) - hits0
+        computed = getattr(lm, "computed", 0) - computed0
+        outcome.resumed_answers += resumed
+        outcome.computed_answers += computed
+        if resumed:
+            log(f"{tag} {bench.key}: {resumed} answer(s) from the saved responses, {computed} computed")
+        if rank != 0:
+            return
+        if not results:
+            raise RuntimeError("lmms-eval returned no results")
+        row = summarize(bench, results, limit)
+        row["pmod"] = _model_pmod(run_meta)  # the evaluated model's PMoDConfig as data (None: vanilla)
+        if cfg.method:
+            from pmod_bench.methods import method_dict
+
+            row["method"] = method_dict(cfg.method)  # the method's config as a dict, not a name to parse again
+            if cfg.method_match is not None:  # --match*: what was solved (target, achieved, rel_err, ...)
+                row["method_match"] = dict(cfg.method_match)
+    except Exception as exc:  # one benchmark failing must not lose the others
+        msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
+        outcome.failures[bench.key] = msg[:600]
+        if rank == 0:
+            atomic_write_text(err_file, traceback.format_exc())
+        log(f"{tag} {bench.key} FAILED: {outcome.failures[bench.key]}")
+        return
+    _write_lmms_outputs(run_dir, bench, results)
+    elapsed = time.time() - t0
+    atomic_write_json(_bench_file(run_dir, bench.key), {
+        "row": row, "finished": _now(), "elapsed_s": elapsed, "resumed_answers": resumed,
+        "results": {t: results["results"].get(t) for t in (*bench.run, *bench.components)},
+        "n_samples": {t: results.get("n-samples", {}).get(t) for t in bench.tasks},
+    })
+    if err_file.exists():
+        err_file.unlink()
+    outcome.ran.append(bench.key)
+    log(f"{tag} {bench.key} = {row['value']:.2f} {row['unit']} (n={row['n']}) in {elapsed:.1f} s")
+    _summary(run_dir, cfg, run_meta, benches, outcome)
 
 
 def _introspect(run_dir: Path, lm: Any, image: Any, log: Callable[[str], None]) -> None:

@@ -299,6 +299,7 @@ def _converted_logits(dst, inputs):
 
 
 # ------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow  # the fast loop's parity check against the original forward: test_llava15_baseline_matches_original_forward
 @pytest.mark.parametrize("size_wh", [(64, 48), (40, 90)])  # wide -> (2,1) grid, tall -> unpadded columns
 def test_pmod_next_matches_original_forward(next_pmod, clip_dir, size_wh):
     from transformers import AutoProcessor
@@ -440,6 +441,7 @@ class _maybe_warns:  # the sentencepiece fallback may or may not warn, depending
         return self._cm.__exit__(*exc)
 
 
+@pytest.mark.slow
 def test_load_model_converts_on_the_fly_and_reuses_cache(next_pmod, tmp_path, monkeypatch):
     from pmod_bench.model.loading import converted_cache_dir, load_model
 

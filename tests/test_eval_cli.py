@@ -181,6 +181,7 @@ def _eval(out: Path, *extra: str) -> list[str]:
     return ["eval", "--model", "tiny:vanilla", "--output", str(out), "--gen-kwargs", GEN, "--threads", "1", *extra]
 
 
+@pytest.mark.slow
 def test_mme_limit_samples_perception_first(data_root, tmp_path, capsys):
     """The fixture follows the real split (cognition rows first); --limit 2 still yields a perception score."""
     import pyarrow.parquet as pq
@@ -201,6 +202,7 @@ def test_mme_limit_samples_perception_first(data_root, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_corrected_command_runs_on_the_same_output(data_root, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_eval(run, "--suite", "RWQA", "--limit", "1", "--dtype", "float64")) == 2
@@ -221,6 +223,7 @@ def test_corrected_command_runs_on_the_same_output(data_root, tmp_path, capsys):
     assert "resumed " in err and "1 answer(s) from the saved responses, 0 computed" in err
 
 
+@pytest.mark.slow
 def test_damaged_image_mid_run_names_benchmark_row_and_fix(data_root, tmp_path):
     import shutil
 

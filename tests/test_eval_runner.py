@@ -62,6 +62,7 @@ def responses(run: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_resume_after_kill_recomputes_nothing_and_matches_uninterrupted_run(data_root, tiny, tmp_path):
     run = tmp_path / "run"
     cfg = EvalConfig(model="tiny", suite=SUITE, output=str(run), batch_size=2, gen_kwargs=GEN)
@@ -92,6 +93,7 @@ def test_resume_after_kill_recomputes_nothing_and_matches_uninterrupted_run(data
     assert again.ran == [] and again.rows == out.rows
 
 
+@pytest.mark.slow
 def test_run_dir_belongs_to_one_evaluation(data_root, tiny, tmp_path):
     run = tmp_path / "run"
     run_eval(EvalConfig(model="tiny", suite="RWQA", output=str(run), gen_kwargs=GEN), lm=make_lm(tiny, 4), log=lambda m: None)
@@ -104,6 +106,7 @@ def test_run_dir_belongs_to_one_evaluation(data_root, tiny, tmp_path):
         run_eval(EvalConfig(model="tiny", suite="RWQA", output=str(tmp_path / "other")), lm=make_lm(tiny, 4))
 
 
+@pytest.mark.slow
 def test_cli_eval_writes_a_report_readable_run_dir(data_root, tmp_path, capsys):
     from pmod_bench.cli import main
 

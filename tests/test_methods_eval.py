@@ -64,6 +64,7 @@ def test_bad_match_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ex
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_eval_match_records_the_solved_config(tmp_path, tmp_path_factory, capsys):
     pytest.importorskip("lmms_eval")
     from conftest import benchmark_data_env

@@ -525,6 +525,7 @@ def test_import_is_light():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # four fresh interpreters importing transformers
 @pytest.mark.parametrize(
     "imports, registered",
     [
@@ -552,6 +553,7 @@ def pmod_bench_init() -> str:
     return pmod_bench.__file__
 
 
+@pytest.mark.slow
 def test_demo_cli_prints_per_layer_table():
     out = subprocess.run([sys.executable, "-m", "pmod_bench.cli", "demo", "--max-new-tokens", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

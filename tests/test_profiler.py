@@ -159,6 +159,7 @@ def tiny():
     return load_arch("tiny")
 
 
+@pytest.mark.slow
 def test_three_flop_counts_agree_on_tiny(tiny):
     """Analytic == FlopCounterMode(real forward, real routing) == fvcore x2 == FlopCounterMode(meta), within 1%."""
     samples = [Sample(TINY_SIZE, 16)] * 2  # batch of 2: counts are per sample
@@ -303,6 +304,36 @@ def test_recipe_calibration_and_train_run(tmp_path):
     r = rows[0]  # a run without model_info cannot be matched to the 7B row: nothing measured is attached
     assert r.train_tokens_per_s_measured is None and r.train_run_match is False and r.train_run_note
     # (a matching run's measured throughput: tests/test_train_profile.py)
+
+
+def test_fitted_utilisation_recomputes_from_table_7():
+    """The llava-next-sft throughput constants are a fit to the paper's GPU hours, not a measured MFU: solve the
+    two rows of Table 7 (baseline, p-MoD-0.5) again, 3600 H / S = F / (P u) + o, and find the shipped constants."""
+    from pmod_bench.profiler import training
+    from pmod_bench.reports.paper import paper_table
+
+    rec = training.RECIPES["llava-next-sft"]
+    hours = {r.variant: r.cells["Training GPU hours"] for r in paper_table(7).rows if r.model == "llava-next-7b"}
+    flops = {r.variant: r.train_tflops_per_sample * 1e12
+             for r in profile("llava-next-7b", ["baseline", "p-MoD-0.5"], verify=False, latency=False)}
+    (f_b, f_p), (h_b, h_p) = (flops["baseline"], flops["p-MoD-0.5"]), (hours["baseline"], hours["p-MoD-0.5"])
+    peak, samples = get_hardware("A6000").bf16_tflops * 1e12, 779_000
+    assert (rec.hardware, rec.samples, rec.image_size, rec.text_tokens) == ("A6000", samples, (672, 672), 400)
+    u = (f_b - f_p) * samples / (peak * 3600 * (h_b - h_p))
+    o = 3600 * h_b / samples - f_b / (peak * u)
+    fit = f"re-fitted: utilisation {u:.4f}, overhead {o:.4f} s (see the training module's docstring)"
+    assert round(u, 4) == training._NEXT_SFT_FITTED_UTILISATION == rec.utilisation, fit
+    assert round(o, 4) == training._NEXT_SFT_FITTED_OVERHEAD_S == rec.overhead_s_per_sample, fit
+    assert all(r.utilisation == rec.utilisation and "fitted" in r.calibration for r in training.RECIPES.values())
+
+
+def test_recipe_constants_in_rows_say_where_they_come_from(capsys):
+    row = profile("llava-next-7b", ["baseline"], verify=False, latency=False)[0]
+    assert row.train_utilisation == 0.6974 and row.train_calibration.startswith("fitted to the paper's")
+    assert main(["profile", "--variant", "baseline", "--no-verify", "--mfu", "0.5"]) == 0  # --mfu: --utilisation's old name
+    note = next(line for line in capsys.readouterr().out.splitlines() if "GPU h est.:" in line)
+    assert "effective utilisation 0.5 of peak (not a measured MFU)" in note
+    assert "utilisation given; overhead_s_per_sample fitted to the paper's" in note
 
 
 # ------------------------------------------------------------------------------------ archs from dirs

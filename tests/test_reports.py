@@ -447,6 +447,22 @@ def test_compare_lines_never_invent():
     assert ("llava-next-7b/p-MoD-tanh-1", "reproduced") not in by  # no run: paper line only
 
 
+def test_table_to_frame_has_the_csv_columns_with_typed_values():
+    table, rep = _small_table()
+    t = build_table(table, rep)
+    df = t.to_frame()
+    csv_rows = list(csv.reader(io.StringIO(render_csv(t))))
+    assert list(df.columns) == csv_rows[0] and len(df) == len(csv_rows) - 1
+    assert list(df["line"]) == [row[2] for row in csv_rows[1:]] and list(df["key"]) == [row[1] for row in csv_rows[1:]]
+    assert set(df.loc[df["key"] == "llava-next-7b/baseline", "Model"]) == {"LLaVA_NeXT & co"}  # label on every line
+    base = df[(df["key"] == "llava-next-7b/baseline") & (df["line"] == "reproduced")].iloc[0]
+    assert base["Doc"] == 70.44 and base["AVG"] == pytest.approx((70.44 + 1500.0 / 20) / 2)  # unrounded
+    assert all(df[c].dtype == float for c in ("KV cache", "Doc", "MME", "AVG"))
+    tanh = df[df["key"] == "llava-next-7b/p-MoD-tanh-1"].iloc[0]
+    assert tanh["α"] == "1" and tanh[["KV cache", "Doc", "AVG"]].isna().all()  # None, 'OVERFLOW', '-': NaN
+    assert df.loc[df["line"] == "reproduced", "α"].isna().all()  # text columns do not apply to reproduced lines
+
+
 # ----------------------------------------------------------------------------- figures data
 def test_fig4_schedules_share_mean_retention():
     from pmod_bench.reports.figures import retention_schedules_data
@@ -540,6 +556,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_report_paper_through_real_cli(tmp_path):
     pytest.importorskip("pmod_bench.cli", reason="pmod_bench/cli.py (the project's CLI) is not there yet")
     out = tmp_path / "paper"
@@ -636,6 +653,7 @@ def _compile_tex(tex_files: list[Path], workdir: Path) -> None:
         assert p.returncode == 0, f"{tex.name} does not compile:\n{p.stdout[-2000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("shutil").which("pdflatex") is None,
                     reason="no LaTeX engine (apt-get install texlive-latex-base texlive-latex-recommended)")
 def test_every_generated_tex_compiles(runs, tmp_path):

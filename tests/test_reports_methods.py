@@ -124,6 +124,7 @@ def test_methods_tradeoff_curves(method_runs):
     assert data.curves["fastv"][1].score == pytest.approx((60 + 61 + 65 + 71) / 4 - 0.5)
 
 
+@pytest.mark.slow
 def test_report_writes_the_methods_figure(method_runs, tmp_path):
     res = build_report(list(method_runs.values()), tmp_path / "report")
     out = tmp_path / "report"

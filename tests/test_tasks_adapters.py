@@ -39,6 +39,7 @@ def tiny_lm():
     return PMoDLlava.from_loaded(model, processor, name="tiny", batch_size=8)
 
 
+@pytest.mark.slow
 def test_all_adapters_run_with_tiny_model(data_env, tiny_lm, tmp_path):
     cfg = EvalConfig(model="tiny", suite="all", output=str(tmp_path / "run"), batch_size=8, gen_kwargs="max_new_tokens=3")
     out = run_eval(cfg, lm=tiny_lm, log=lambda m: None)
@@ -77,6 +78,7 @@ def oracle_answer(task: str, doc: dict) -> str:
     return str(doc["answer"])
 
 
+@pytest.mark.slow
 def test_oracle_scores_full_marks_in_paper_units(data_env, tmp_path):
     from lmms_eval.api.model import lmms
 

@@ -61,6 +61,7 @@ def ref(ws):
     return out
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_falls_back_and_resumes_exactly(ws, ref, caplog):
     """checkpoint-4 without trainer_state.json (a kill during its save): resume=auto takes checkpoint-2, says
     so, sets the broken one aside; the losses, the bad-sample list and the skip counter equal the straight run's."""
@@ -86,6 +87,7 @@ def test_half_written_checkpoint_falls_back_and_resumes_exactly(ws, ref, caplog)
     assert not list(out.glob("bad_samples.rank*.jsonl"))
 
 
+@pytest.mark.slow
 def test_rerunning_a_command_changes_nothing(ws, ref, capsys):
     """A completed run reports it is finished; a repeated stop_at_step=N stays at N; nothing is rewritten."""
     from pmod_bench.cli import main
@@ -109,6 +111,7 @@ def test_rerunning_a_command_changes_nothing(ws, ref, capsys):
     assert _files(out) == before and not (out / "checkpoint-3").exists()
 
 
+@pytest.mark.slow
 def test_resumed_at_the_last_step_saves_the_final_model_without_another_step(ws, ref):
     """A kill during the final save: the rerun finds checkpoint-6 = max_steps and only saves (HF Trainer alone
     would train a 7th step)."""
@@ -142,6 +145,7 @@ def test_train_refuses_another_tools_run_directory(ws, capsys):
         assert (d / "run.json").read_text() == meta and sorted(p.name for p in d.iterdir()) == ["run.json"]
 
 
+@pytest.mark.slow
 def test_a_failure_is_recorded_with_the_error_and_the_last_step(ws):
     """on_bad_sample=fail: the run stops at the missing image; train_summary.json says failed, why, and where."""
     from pmod_bench.train.data import BadSampleError

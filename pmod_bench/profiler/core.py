@@ -16,7 +16,8 @@ from .errors import ProfileError
 from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, train_flops, vision_flops
 from .hardware import Hardware, detect_hardware, get_hardware
 from .kvcache import dtype_bytes, kv_cache
-from .training import TrainRecipe, default_recipe, get_recipe, measured_train_cost, read_train_run
+from .paper import is_paper_scenario
+from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
 
 #: LLMs above this many parameters are not timed on CPU unless asked (and then refused: too slow)
@@ -152,6 +153,13 @@ class ProfileRow:
     train_samples: Optional[int] = None
     train_tokens_per_sample: Optional[int] = None
     train_hardware: Optional[str] = None
+    train_utilisation: Optional[float] = None
+    """the recipe's effective utilisation of the peak (GPU hours = samples x (FLOPs / (peak x it) + overhead));
+    not a measured MFU: see train_calibration"""
+    train_overhead_s_per_sample: Optional[float] = None
+    train_calibration: Optional[str] = None
+    """where train_utilisation and train_overhead_s_per_sample come from (the shipped recipes: fitted to the
+    paper's LLaVA-NeXT-7B SFT GPU hours)"""
     train_run: Optional[str] = None
     train_gpu_hours_run: Optional[float] = None
     """GPU hours the train run itself used (its train_summary.json)"""
@@ -201,7 +209,9 @@ CONVENTIONS = {
     "(vision + LLM); decode per token; batch of batch_size; latency_unreliable when a spread (max - min) / median "
     "exceeds 0.25 (CPU timings depend on machine load)",
     "train": "forward + backward model FLOPs per sample (backward 2x for trained, 1x for pass-through frozen, 0 for the "
-    "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x mfu) + overhead) / 3600, recipe constants",
+    "frozen vision encoder); GPU hours = samples x (FLOPs / (peak x utilisation) + overhead) / 3600 with the recipe's "
+    "constants (train_utilisation, train_overhead_s_per_sample): an effective utilisation, not a measured MFU; the shipped "
+    "recipes' are fitted to the paper's LLaVA-NeXT-7B SFT GPU hours (train_calibration)",
 }
 
 
@@ -288,12 +298,9 @@ def profile(
     """
     a = arch if isinstance(arch, Arch) else load_arch(str(arch))
     vs = resolve_variants(a, variants)
-    scs = list(scenarios) if scenarios else [Scenario()]
     dev = device or _default_device()
-    kv_bytes_el = dtype_bytes(dtype)
-    dtype_name = str(dtype).replace("torch.", "")
-    hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
     timed, latency_note = _want_latency(latency, a, dev, vs)
+    hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
     if timed:
         from .latency import device_name
 
@@ -301,175 +308,267 @@ def profile(
         hw = hw or detect_hardware(dev_name)
     else:
         dev_name = "cuda" if dev.startswith("cuda") else "cpu"
-    rec: Optional[TrainRecipe]
-    if recipe == "auto":  # the paper's recipes are for 7B/13B-class models; small archs get none unless asked
-        rec = default_recipe(a.family) if a.llm_params >= CPU_LATENCY_MAX_PARAMS else None
-    elif isinstance(recipe, str):
-        rec = get_recipe(recipe)
-    else:
-        rec = recipe
-    run = read_train_run(train_run) if train_run else None
-    note = progress or (lambda msg, new_row: None)
-
-    L, text = a.text.layers, a.text
-    weight_bytes_llm = (a.llm_params - text.vocab * text.hidden) * kv_bytes_el  # embeddings are looked up, not read
-    weight_bytes_vision = (a.vision.params + a.projector_params) * kv_bytes_el
-
+    s = _Setup(
+        arch=a, device=dev, device_name=dev_name, dtype=str(dtype).replace("torch.", ""), element_bytes=dtype_bytes(dtype),
+        hw=hw, recipe=_resolve_recipe(recipe, a), train_run=read_train_run(train_run) if train_run else None,
+        timed=timed, latency_note=latency_note, verify=verify, warmup=warmup, repeats=repeats,
+        note=progress or (lambda msg, new_row: None),
+    )
     rows: list[ProfileRow] = []
-    models: dict[str, Any] = {}
-    base_model = None
-    from .paper import is_paper_scenario
-
-    for sc in scs:
-        layout = vision_layout(a, sc.image_size)
-        V, T, B = layout.vision_tokens, sc.text_tokens, sc.batch_size
-        N = V + T
-        logits_tokens = 1 if sc.logits == "last" else N
-        vis = vision_flops(a, layout)
-        base_kept = [V] * L
-        base_prefill = llm_prefill_flops(text, T, V, base_kept, (), logits_tokens).total("full")
-        base_paper = paper_prefill_flops(text, T, V, base_kept)
-        # training sample of the recipe
-        if rec is not None:
-            t_layout = vision_layout(a, rec.image_size) if rec.image_size else layout
-            tV, tT = t_layout.vision_tokens, rec.text_tokens
-            t_vis = vision_flops(a, t_layout)
-        scenario_rows: list[ProfileRow] = []
-        for v in vs:
-            note(f"{a.name} · {v.name} · {sc.image_size[0]}x{sc.image_size[1]} · batch {B}", True)
-            if hasattr(v, "bind"):  # a comparison method (pmod_bench.methods): solved / counted for this arch and image
-                v = v.bind(a, sc.image_size, T, logits_tokens)
-            vis = v.vision_side(a, layout) if hasattr(v, "vision_side") else vision_flops(a, layout)
-            kept = v.kept_vision_tokens(L, V)
-            routers = v.router_layers(L)
-            pf = llm_prefill_flops(text, T, V, kept, routers, logits_tokens)
-            paper = paper_prefill_flops(text, T, V, kept, routers)
-            kv = kv_cache(text, v, V, T, dtype_name)
-            steps = max(sc.gen_tokens - 1, 1)
-            dec = llm_decode_mean(text, kv.entries, steps)
-            ratios = v.layer_ratios(L)
-            row = ProfileRow(
-                arch=a.name, **v.describe(), ratios=list(ratios),  # variant, method, shift, schedule, pmod (data)
-                image_size=list(sc.image_size), batch_size=B, vision_tokens=V, text_tokens=T, gen_tokens=sc.gen_tokens,
-                prefill_tflops=pf.total("full") / 1e12, prefill_tflops_causal=pf.total("causal") / 1e12,
-                decode_tflops_per_token=dec.total("full") / 1e12, vision_tflops=vis.total / 1e12,
-                tflops_ratio=pf.total("full") / base_prefill,
-                kv_cache_bytes=kv.bytes, kv_cache_ratio=kv.vision_ratio, kv_cache_ratio_all_tokens=kv.all_tokens_ratio,
-                prefill_latency_ms=None, decode_latency_ms_per_token=None, latency_ratio=None, peak_memory_bytes=None,
-                device=dev_name, train_tflops_per_sample=0.0, train_gpu_hours=None,
-                prefill_tflops_paper=paper / 1e12, tflops_ratio_paper=paper / base_paper,
-                prefill_attention_tflops=pf.attention_full / 1e12, vision_encoder_tflops=vis.encoder / 1e12,
-                projector_tflops=vis.projector / 1e12, ttft_tflops=(vis.total + pf.total("full")) / 1e12,
-                decode_tflops_total=dec.total("full") * max(sc.gen_tokens - 1, 0) / 1e12,
-                mean_retention=sum(ratios) / len(ratios), kept_vision_tokens=list(kept),
-                kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(max(sc.gen_tokens - 1, 0)),
-                kv_dtype=dtype_name, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=a.vision.image_size,
-                paper_scenario=is_paper_scenario(sc.image_size, T), llm_params=a.llm_params, latency_note=latency_note,
-            )
-            if hasattr(v, "row_extras"):
-                for key, value in v.row_extras().items():
-                    setattr(row, key, value)
-            # FLOPs cross-check: FlopCounterMode on the meta device. A comparison method's selections are
-            # data-dependent and cannot run on meta tensors: its LLM layers are counted at the method's kept
-            # lengths; its own products and vision side are checked exactly on the real tiny models
-            # (tests/test_methods_flops.py, tests/test_methods_llm.py, tests/test_methods_illava.py).
-            if verify:
-                from .counters import count_flops_meta
-
-                method = hasattr(v, "row_extras")
-                m = count_flops_meta(a, v, sc.image_size, T, batch_size=B, logits_tokens=logits_tokens, decode=False)
-                row.prefill_tflops_measured = m.prefill_llm / 1e12
-                err = abs(m.prefill_llm - pf.total("full")) / pf.total("full")
-                if not method:
-                    row.vision_tflops_measured = m.vision / 1e12
-                    err = max(err, abs(m.vision - vis.total) / vis.total)
-                row.flops_check_rel_err = err
-                row.flops_check_tool = m.tool + (" (LLM at the method's kept lengths; the method's own products and "
-                                                 "vision side: FlopCounterMode on the real tiny models)" if method else "")
-                if err > FLOPS_CHECK_TOLERANCE:
-                    raise RuntimeError(
-                        f"{a.name} {v.name}: analytic and FlopCounterMode FLOPs differ by {100 * err:.2f}% "
-                        f"(analytic {pf.total('full')}, measured {m.prefill_llm}); please report this."
-                    )
-            # roofline floor (weights read once + KV written / read)
-            if hw is not None:
-                pre_flops = B * (vis.total + pf.total("causal"))
-                pre_bytes = weight_bytes_vision + weight_bytes_llm + B * kv.bytes
-                dec_flops = B * dec.total("full")
-                dec_bytes = weight_bytes_llm + B * (kv.bytes + kv.bytes_per_entry * L * (steps - 1) / 2)
-                row.hardware = hw.name
-                row.prefill_floor_ms = hw.roofline_ms(pre_flops, pre_bytes)
-                row.vision_floor_ms = hw.roofline_ms(B * vis.total, weight_bytes_vision)
-                row.decode_floor_ms_per_token = hw.roofline_ms(dec_flops, dec_bytes)
-                row.prefill_bound = hw.bound(pre_flops, pre_bytes)
-                row.decode_bound = hw.bound(dec_flops, dec_bytes)
-            # training cost
-            if rec is not None:
-                t_kept = v.kept_vision_tokens(L, tV)
-                t_llm = llm_prefill_flops(text, tT, tV, t_kept, routers, logits_tokens=tT + tV)
-                tf = train_flops(t_llm, t_vis, train_llm=rec.train_llm, train_projector=rec.train_projector,
-                                 train_vision=rec.train_vision)
-                row.train_tflops_per_sample = tf.total / 1e12
-                row.train_gpu_hours = rec.gpu_hours(tf.total)
-                row.train_recipe, row.train_samples = rec.name, rec.samples
-                row.train_tokens_per_sample, row.train_hardware = tV + tT, rec.hardware
-                if run is not None:
-                    meas = measured_train_cost(run, rec, tV + tT, tf.total, rec.hw, arch=a, ratios=row.ratios)
-                    for key, value in meas.items():
-                        if not hasattr(row, key):
-                            raise AttributeError(f"ProfileRow has no field {key}")
-                        setattr(row, key, value)
-            # latency: measured below, interleaved across the variants of this scenario
-            if timed and not v.runnable:
-                row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
-            scenario_rows.append(row)
-        to_time = [(v, r) for v, r in zip(vs, scenario_rows) if timed and v.runnable]
-        if to_time:
-            import torch
-
-            from .latency import UNRELIABLE_SPREAD, time_interleaved
-            from .models import Sample, random_model, synthetic_batch
-
-            lat_dtype = dtype_name if dev.startswith("cuda") else "float32"
-            batch = synthetic_batch(a, [Sample(sc.image_size, T)] * B, device=dev, dtype=getattr(torch, lat_dtype))
-            for v, _ in to_time:
-                if v.name not in models:
-                    note(f"{a.name} · {v.name}: building the model on {dev_name}", False)
-                    model, base_model = random_model(a, v, device=dev, dtype=getattr(torch, lat_dtype), base=base_model)
-                    models[v.name] = model
-            timings = time_interleaved(
-                {v.name: models[v.name] for v, _ in to_time}, batch, sc.gen_tokens, warmup=warmup, repeats=repeats,
-                device=dev, progress=lambda msg: note(f"{a.name} · {sc.image_size[0]}x{sc.image_size[1]} · {msg}", False),
-            )
-            for v, row in to_time:
-                tm = timings[v.name]
-                row.prefill_latency_ms = tm.prefill.median
-                row.prefill_latency_ms_p10, row.prefill_latency_ms_p90 = tm.prefill.p10, tm.prefill.p90
-                row.prefill_latency_ms_min, row.prefill_latency_ms_max = tm.prefill.min, tm.prefill.max
-                row.latency_spread = tm.prefill.spread
-                row.latency_repeats = tm.prefill.n
-                if tm.decode is not None:
-                    row.decode_latency_ms_per_token = tm.decode.median
-                    row.decode_latency_ms_p10, row.decode_latency_ms_p90 = tm.decode.p10, tm.decode.p90
-                    row.decode_latency_ms_min, row.decode_latency_ms_max = tm.decode.min, tm.decode.max
-                row.peak_memory_bytes, row.peak_memory_prefill_bytes = tm.peak_memory_bytes, tm.peak_memory_prefill_bytes
-                row.telemetry = tm.telemetry
-                row.device = tm.device
-                row.latency_dtype = lat_dtype
-                row.latency_note = None
-                row.latency_unreliable = row.latency_spread > UNRELIABLE_SPREAD
-                row.achieved_tflops_per_s = B * row.ttft_tflops / (tm.prefill.median / 1e3)
-                if hw is not None and dev.startswith("cuda"):
-                    row.mfu = row.achieved_tflops_per_s / hw.bf16_tflops
-        base_row = next((r for r in scenario_rows if r.method == "baseline" and r.prefill_latency_ms), None)
-        for r in scenario_rows:
-            if base_row is not None and r.prefill_latency_ms:
-                r.latency_ratio = r.prefill_latency_ms / base_row.prefill_latency_ms
-                r.latency_ratio_min = r.prefill_latency_ms_min / base_row.prefill_latency_ms_max
-                r.latency_ratio_max = r.prefill_latency_ms_max / base_row.prefill_latency_ms_min
-                r.latency_unreliable = bool(r.latency_unreliable or base_row.latency_unreliable)
-        rows.extend(scenario_rows)
+    for sc in list(scenarios) if scenarios else [Scenario()]:
+        rows.extend(_scenario_rows(s, sc, vs))
     return rows
+
+
+@dataclass
+class _Setup:
+    """What :func:`profile` resolves once for all rows of one architecture (and the models it timed)."""
+
+    arch: Arch
+    device: str
+    """torch device of the timings (cpu, cuda, cuda:1)"""
+    device_name: str
+    """the rows' ``device``: the GPU's name once timed there, else cpu / cuda"""
+    dtype: str
+    """KV-cache and weights dtype name (bfloat16, float32, ...)"""
+    element_bytes: int
+    hw: Optional[Hardware]
+    recipe: Optional[TrainRecipe]
+    train_run: Optional[TrainRun]
+    timed: bool
+    latency_note: Optional[str]
+    verify: bool
+    warmup: int
+    repeats: int
+    note: Callable[[str, bool], None]
+    models: dict[str, Any] = field(default_factory=dict)
+    """variant name -> the random-weight model timed for it (built once, reused by every scenario)"""
+    base_model: Any = None
+
+
+@dataclass(frozen=True)
+class _ScenarioCounts:
+    """One scenario's shapes and the counts every variant's row refers to."""
+
+    layout: Any  # arch.VisionLayout
+    logits_tokens: int
+    base_prefill: float
+    """the baseline's prefill FLOPs (full attention): tflops_ratio's denominator"""
+    base_paper: float
+    train_layout: Any = None
+    """the recipe's training sample (its image, or the scenario's): vision layout and FLOPs"""
+    train_vision: Any = None
+
+
+def _resolve_recipe(recipe: Union[str, TrainRecipe, None], a: Arch) -> Optional[TrainRecipe]:
+    if recipe == "auto":  # the paper's recipes are for 7B/13B-class models; small archs get none unless asked
+        return default_recipe(a.family) if a.llm_params >= CPU_LATENCY_MAX_PARAMS else None
+    if isinstance(recipe, str):
+        return get_recipe(recipe)
+    return recipe
+
+
+def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[ProfileRow]:
+    """Every variant's row of one scenario: counted, then timed (interleaved across the variants)."""
+    a = s.arch
+    layout = vision_layout(a, sc.image_size)
+    V, T = layout.vision_tokens, sc.text_tokens
+    logits_tokens = 1 if sc.logits == "last" else V + T
+    base_kept = [V] * a.text.layers
+    counts = _ScenarioCounts(
+        layout=layout, logits_tokens=logits_tokens,
+        base_prefill=llm_prefill_flops(a.text, T, V, base_kept, (), logits_tokens).total("full"),
+        base_paper=paper_prefill_flops(a.text, T, V, base_kept),
+    )
+    if s.recipe is not None:
+        t_layout = vision_layout(a, s.recipe.image_size) if s.recipe.image_size else layout
+        counts = dataclasses.replace(counts, train_layout=t_layout, train_vision=vision_flops(a, t_layout))
+    rows = []
+    for v in vs:
+        s.note(f"{a.name} · {v.name} · {sc.image_size[0]}x{sc.image_size[1]} · batch {sc.batch_size}", True)
+        rows.append(_variant_row(s, sc, counts, v))
+    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable]
+    if to_time:
+        _time_rows(s, sc, to_time)
+    _latency_ratios(rows)
+    return rows
+
+
+def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -> ProfileRow:
+    """One variant's row: the analytic counts, their FlopCounterMode check, roofline floor and training cost."""
+    a, layout = s.arch, counts.layout
+    L, V, T = a.text.layers, layout.vision_tokens, sc.text_tokens
+    if hasattr(v, "bind"):  # a comparison method (pmod_bench.methods): solved / counted for this arch and image
+        v = v.bind(a, sc.image_size, T, counts.logits_tokens)
+    vis = v.vision_side(a, layout) if hasattr(v, "vision_side") else vision_flops(a, layout)
+    kept = v.kept_vision_tokens(L, V)
+    routers = v.router_layers(L)
+    pf = llm_prefill_flops(a.text, T, V, kept, routers, counts.logits_tokens)
+    paper = paper_prefill_flops(a.text, T, V, kept, routers)
+    kv = kv_cache(a.text, v, V, T, s.dtype)
+    dec = llm_decode_mean(a.text, kv.entries, max(sc.gen_tokens - 1, 1))
+    row = _row(s, sc, counts, v, vis, kept, pf, paper, kv, dec)
+    if hasattr(v, "row_extras"):
+        for key, value in v.row_extras().items():
+            setattr(row, key, value)
+    if s.verify:
+        _check_flops(row, s, sc, counts, v, pf, vis)
+    if s.hw is not None:
+        _add_roofline(row, s, sc, vis, pf, kv, dec)
+    if s.recipe is not None:
+        _add_train_cost(row, s, counts, v, routers)
+    # latency: measured by _time_rows, interleaved across the variants of this scenario
+    if s.timed and not v.runnable:
+        row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
+    return row
+
+
+def _row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, vis, kept, pf, paper, kv, dec) -> ProfileRow:
+    """The analytic row (FLOPs, KV cache, the scenario); latency, floor and training cost are filled in later."""
+    a, layout, T = s.arch, counts.layout, sc.text_tokens
+    ratios = v.layer_ratios(a.text.layers)
+    fed = max(sc.gen_tokens - 1, 0)  # tokens fed back through decode steps
+    return ProfileRow(
+        arch=a.name, **v.describe(), ratios=list(ratios),  # variant, method, shift, schedule, pmod (data)
+        image_size=list(sc.image_size), batch_size=sc.batch_size, vision_tokens=layout.vision_tokens, text_tokens=T,
+        gen_tokens=sc.gen_tokens,
+        prefill_tflops=pf.total("full") / 1e12, prefill_tflops_causal=pf.total("causal") / 1e12,
+        decode_tflops_per_token=dec.total("full") / 1e12, vision_tflops=vis.total / 1e12,
+        tflops_ratio=pf.total("full") / counts.base_prefill,
+        kv_cache_bytes=kv.bytes, kv_cache_ratio=kv.vision_ratio, kv_cache_ratio_all_tokens=kv.all_tokens_ratio,
+        prefill_latency_ms=None, decode_latency_ms_per_token=None, latency_ratio=None, peak_memory_bytes=None,
+        device=s.device_name, train_tflops_per_sample=0.0, train_gpu_hours=None,
+        prefill_tflops_paper=paper / 1e12, tflops_ratio_paper=paper / counts.base_paper,
+        prefill_attention_tflops=pf.attention_full / 1e12, vision_encoder_tflops=vis.encoder / 1e12,
+        projector_tflops=vis.projector / 1e12, ttft_tflops=(vis.total + pf.total("full")) / 1e12,
+        decode_tflops_total=dec.total("full") * fed / 1e12,
+        mean_retention=sum(ratios) / len(ratios), kept_vision_tokens=list(kept),
+        kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(fed),
+        kv_dtype=s.dtype, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=a.vision.image_size,
+        paper_scenario=is_paper_scenario(sc.image_size, T), llm_params=a.llm_params, latency_note=s.latency_note,
+    )
+
+
+def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, pf, vis) -> None:
+    """FLOPs cross-check: FlopCounterMode on the meta device; raises when it disagrees by more than 1%.
+
+    A comparison method's selections are data-dependent and cannot run on meta tensors: its LLM layers
+    are counted at the method's kept lengths; its own products and vision side are checked exactly on
+    the real tiny models (tests/test_methods_flops.py, tests/test_methods_llm.py, tests/test_methods_illava.py).
+    """
+    from .counters import count_flops_meta
+
+    a = s.arch
+    method = hasattr(v, "row_extras")
+    m = count_flops_meta(a, v, sc.image_size, sc.text_tokens, batch_size=sc.batch_size,
+                         logits_tokens=counts.logits_tokens, decode=False)
+    row.prefill_tflops_measured = m.prefill_llm / 1e12
+    err = abs(m.prefill_llm - pf.total("full")) / pf.total("full")
+    if not method:
+        row.vision_tflops_measured = m.vision / 1e12
+        err = max(err, abs(m.vision - vis.total) / vis.total)
+    row.flops_check_rel_err = err
+    row.flops_check_tool = m.tool + (" (LLM at the method's kept lengths; the method's own products and "
+                                     "vision side: FlopCounterMode on the real tiny models)" if method else "")
+    if err > FLOPS_CHECK_TOLERANCE:
+        raise RuntimeError(
+            f"{a.name} {v.name}: analytic and FlopCounterMode FLOPs differ by {100 * err:.2f}% "
+            f"(analytic {pf.total('full')}, measured {m.prefill_llm}); please report this."
+        )
+
+
+def _add_roofline(row: ProfileRow, s: _Setup, sc: Scenario, vis, pf, kv, dec) -> None:
+    """Roofline floor on ``s.hw``: weights read once + KV written (prefill) / read (decode)."""
+    a, hw, B, L = s.arch, s.hw, sc.batch_size, s.arch.text.layers
+    steps = max(sc.gen_tokens - 1, 1)
+    weight_bytes_llm = (a.llm_params - a.text.vocab * a.text.hidden) * s.element_bytes  # embeddings are looked up, not read
+    weight_bytes_vision = (a.vision.params + a.projector_params) * s.element_bytes
+    pre_flops = B * (vis.total + pf.total("causal"))
+    pre_bytes = weight_bytes_vision + weight_bytes_llm + B * kv.bytes
+    dec_flops = B * dec.total("full")
+    dec_bytes = weight_bytes_llm + B * (kv.bytes + kv.bytes_per_entry * L * (steps - 1) / 2)
+    row.hardware = hw.name
+    row.prefill_floor_ms = hw.roofline_ms(pre_flops, pre_bytes)
+    row.vision_floor_ms = hw.roofline_ms(B * vis.total, weight_bytes_vision)
+    row.decode_floor_ms_per_token = hw.roofline_ms(dec_flops, dec_bytes)
+    row.prefill_bound = hw.bound(pre_flops, pre_bytes)
+    row.decode_bound = hw.bound(dec_flops, dec_bytes)
+
+
+def _add_train_cost(row: ProfileRow, s: _Setup, counts: _ScenarioCounts, v: Variant, routers) -> None:
+    """Training cost of the recipe's sample (+ the measured throughput of ``--train-run``)."""
+    a, rec, L = s.arch, s.recipe, s.arch.text.layers
+    tV, tT = counts.train_layout.vision_tokens, rec.text_tokens
+    t_kept = v.kept_vision_tokens(L, tV)
+    t_llm = llm_prefill_flops(a.text, tT, tV, t_kept, routers, logits_tokens=tT + tV)
+    tf = train_flops(t_llm, counts.train_vision, train_llm=rec.train_llm, train_projector=rec.train_projector,
+                     train_vision=rec.train_vision)
+    row.train_tflops_per_sample = tf.total / 1e12
+    row.train_gpu_hours = rec.gpu_hours(tf.total)
+    row.train_recipe, row.train_samples = rec.name, rec.samples
+    row.train_tokens_per_sample, row.train_hardware = tV + tT, rec.hardware
+    row.train_utilisation, row.train_overhead_s_per_sample = rec.utilisation, rec.overhead_s_per_sample
+    row.train_calibration = rec.calibration
+    if s.train_run is not None:
+        meas = measured_train_cost(s.train_run, rec, tV + tT, tf.total, rec.hw, arch=a, ratios=row.ratios)
+        for key, value in meas.items():
+            if not hasattr(row, key):
+                raise AttributeError(f"ProfileRow has no field {key}")
+            setattr(row, key, value)
+
+
+def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, ProfileRow]]) -> None:
+    """Time the runnable variants' random-weight models, repeats interleaved across them; fill their rows."""
+    import torch
+
+    from .latency import UNRELIABLE_SPREAD, time_interleaved
+    from .models import Sample, random_model, synthetic_batch
+
+    a, B = s.arch, sc.batch_size
+    lat_dtype = s.dtype if s.device.startswith("cuda") else "float32"
+    batch = synthetic_batch(a, [Sample(sc.image_size, sc.text_tokens)] * B, device=s.device, dtype=getattr(torch, lat_dtype))
+    for v, _ in to_time:
+        if v.name not in s.models:
+            s.note(f"{a.name} · {v.name}: building the model on {s.device_name}", False)
+            s.models[v.name], s.base_model = random_model(a, v, device=s.device, dtype=getattr(torch, lat_dtype),
+                                                          base=s.base_model)
+    timings = time_interleaved(
+        {v.name: s.models[v.name] for v, _ in to_time}, batch, sc.gen_tokens, warmup=s.warmup, repeats=s.repeats,
+        device=s.device, progress=lambda msg: s.note(f"{a.name} · {sc.image_size[0]}x{sc.image_size[1]} · {msg}", False),
+    )
+    for v, row in to_time:
+        tm = timings[v.name]
+        row.prefill_latency_ms = tm.prefill.median
+        row.prefill_latency_ms_p10, row.prefill_latency_ms_p90 = tm.prefill.p10, tm.prefill.p90
+        row.prefill_latency_ms_min, row.prefill_latency_ms_max = tm.prefill.min, tm.prefill.max
+        row.latency_spread = tm.prefill.spread
+        row.latency_repeats = tm.prefill.n
+        if tm.decode is not None:
+            row.decode_latency_ms_per_token = tm.decode.median
+            row.decode_latency_ms_p10, row.decode_latency_ms_p90 = tm.decode.p10, tm.decode.p90
+            row.decode_latency_ms_min, row.decode_latency_ms_max = tm.decode.min, tm.decode.max
+        row.peak_memory_bytes, row.peak_memory_prefill_bytes = tm.peak_memory_bytes, tm.peak_memory_prefill_bytes
+        row.telemetry = tm.telemetry
+        row.device = tm.device
+        row.latency_dtype = lat_dtype
+        row.latency_note = None
+        row.latency_unreliable = row.latency_spread > UNRELIABLE_SPREAD
+        row.achieved_tflops_per_s = B * row.ttft_tflops / (tm.prefill.median / 1e3)
+        if s.hw is not None and s.device.startswith("cuda"):
+            row.mfu = row.achieved_tflops_per_s / s.hw.bf16_tflops
+
+
+def _latency_ratios(rows: Sequence[ProfileRow]) -> None:
+    """Latency ratios (and their range over the repeats) against the scenario's timed baseline, if any."""
+    base_row = next((r for r in rows if r.method == "baseline" and r.prefill_latency_ms), None)
+    if base_row is None:
+        return
+    for r in rows:
+        if r.prefill_latency_ms:
+            r.latency_ratio = r.prefill_latency_ms / base_row.prefill_latency_ms
+            r.latency_ratio_min = r.prefill_latency_ms_min / base_row.prefill_latency_ms_max
+            r.latency_ratio_max = r.prefill_latency_ms_max / base_row.prefill_latency_ms_min
+            r.latency_unreliable = bool(r.latency_unreliable or base_row.latency_unreliable)
 
 
 def scenarios_from(image_sizes: Sequence[tuple[int, int]] = ((672, 672),), batch_sizes: Sequence[int] = (1,),

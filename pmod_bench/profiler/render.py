@@ -181,10 +181,15 @@ def _notes(rs: list[dict], has_paper: bool, off_scenario: bool = False) -> list[
     elif r0["device"] == "cpu":
         notes.append("Roofline floor: add --hardware A6000 (or H100-SXM, A100-80GB-SXM, ...).")
     if r0.get("train_recipe"):
+        if r0.get("train_utilisation") is not None:
+            constants = (f"effective utilisation {r0['train_utilisation']:g} of peak (not a measured MFU) + "
+                         f"{r0['train_overhead_s_per_sample']:g} GPU-s/sample overhead, {r0.get('train_calibration')}")
+        else:  # rows written before the constants were in them
+            constants = "throughput constants fitted to the paper's baseline and p-MoD-0.5 GPU hours (not a measured MFU)"
         notes.append(
             f"GPU h est.: recipe {r0['train_recipe']} ({r0.get('train_samples'):,} samples of {r0.get('train_tokens_per_sample'):,} "
             f"tokens on {r0.get('train_hardware')}), {r0['train_tflops_per_sample']:.1f} train TFLOPs/sample for the first row; "
-            "throughput constants calibrated on the paper's baseline and p-MoD-0.5 GPU hours."
+            f"{constants}."
         )
     if any(r.get("train_run") for r in rs):  # --train-run: which rows its measured throughput describes
         used = [r["variant"] for r in rs if r.get("train_run_match")]

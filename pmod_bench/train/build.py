@@ -139,30 +139,60 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
     meta-device skeleton); ``<image>`` is added to the tokenizer if missing (embeddings resized,
     mean-initialised); the tokenizer keeps its chat template or gets Vicuna v1's.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaNextConfig,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
 
     from pmod_bench.model.modeling import to_pmod
-    from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
-    from pmod_bench.model.processors import IMAGE_TOKEN, clip_image_processor, llava_processor
 
     m = cfg.model
     attn = m.attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(m.llm, use_fast=True, padding_side="right")
+    tokenizer = _composed_tokenizer(m.llm)
+    config, processor = _composed_config(m, tokenizer)
+    # skeleton on the meta device; the LLM and the vision tower are assigned, the connector materialised
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    llm = AutoModelForCausalLM.from_pretrained(m.llm, dtype=dtype, attn_implementation=attn)
+    vision = CLIPVisionModel.from_pretrained(m.vision_tower, dtype=dtype, attn_implementation=attn)
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.vision_tower = vision
+    _init_connector(model, config.text_config.hidden_size, cfg.train.seed, dtype)
+    model.generation_config = llm.generation_config
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"compose left tensors on the meta device: {leftover[:5]}")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if m.projector:
+        load_projector(model, m.projector)
+    if pmod is not None:
+        model = to_pmod(model, pmod)
+    return model, processor
+
+
+def _composed_tokenizer(llm: str):
+    """The LLM's tokenizer with ``<image>`` added, a pad token (LLaVA v1: unk) and a chat template (Vicuna v1's if none)."""
+    from transformers import AutoTokenizer
+
+    from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
+    from pmod_bench.model.processors import IMAGE_TOKEN
+
+    tokenizer = AutoTokenizer.from_pretrained(llm, use_fast=True, padding_side="right")
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:  # LLaVA v1: pad with unk
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = VICUNA_V1_TEMPLATE
+    return tokenizer
+
+
+def _composed_config(m, tokenizer):
+    """(LlavaConfig or LlavaNextConfig, processor) of the LLM + vision tower ``m`` (``cfg.model``) names."""
+    from transformers import AutoConfig, CLIPImageProcessor, LlavaConfig, LlavaNextConfig
+
+    from pmod_bench.model.processors import IMAGE_TOKEN, clip_image_processor, llava_processor
+
     vis_cfg = AutoConfig.from_pretrained(m.vision_tower)
     vis_cfg = getattr(vis_cfg, "vision_config", vis_cfg)  # a full CLIP config -> its vision part
     try:
@@ -187,17 +217,15 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
         config = LlavaConfig(**common, image_seq_length=(S // vis_cfg.patch_size) ** 2)
         ip = clip_image_processor(S, mean=mean, std=std)
     processor = llava_processor(ip, tokenizer, patch_size=vis_cfg.patch_size, chat_template=tokenizer.chat_template)
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    # skeleton on the meta device; the LLM and the vision tower are assigned, the connector materialised
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    llm = AutoModelForCausalLM.from_pretrained(m.llm, dtype=dtype, attn_implementation=attn)
-    vision = CLIPVisionModel.from_pretrained(m.vision_tower, dtype=dtype, attn_implementation=attn)
-    model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
-    model.model.vision_tower = vision
-    g = torch.Generator().manual_seed(cfg.train.seed)
+    config._attn_implementation = m.attn_implementation
+    config.text_config._attn_implementation = m.attn_implementation
+    return config, processor
+
+
+def _init_connector(model: nn.Module, hidden: int, seed: int, dtype: torch.dtype) -> None:
+    """Materialise the new connector from the meta device: nn.Linear's own init (and LLaVA-NeXT's
+    image_newline), from a generator seeded with ``train.seed``."""
+    g = torch.Generator().manual_seed(seed)
     proj = model.model.multi_modal_projector
     proj.to_empty(device="cpu")
     for lin in (proj.linear_1, proj.linear_2):  # nn.Linear's own init, seeded
@@ -207,20 +235,7 @@ def compose(cfg: TrainConfig, pmod: PMoDConfig | None, dtype: torch.dtype):
             lin.bias.uniform_(-bound, bound, generator=g)
     proj.to(dtype)
     if hasattr(model.model, "image_newline"):
-        h = config.text_config.hidden_size
-        model.model.image_newline = nn.Parameter((torch.randn(h, generator=g) / math.sqrt(h)).to(dtype))
-    model.generation_config = llm.generation_config
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"compose left tensors on the meta device: {leftover[:5]}")
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if m.projector:
-        load_projector(model, m.projector)
-    if pmod is not None:
-        model = to_pmod(model, pmod)
-    return model, processor
+        model.model.image_newline = nn.Parameter((torch.randn(hidden, generator=g) / math.sqrt(hidden)).to(dtype))
 
 
 def _projector_tensors(path: str) -> dict:

@@ -622,65 +622,18 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     records = read_records(cfg.data.json, cfg.data.max_samples)
     has_text_only = any(isinstance(r, dict) and not r.get("image") for r in records)
     args = training_arguments(cfg, grad_accum, find_unused=bool(cfg.pmod is not None or has_text_only))
-    is_main = args.process_index == 0
-    resumed_state = _resumed_state(checkpoint, out)
-    logged_bad = _claim(out, cfg, command, checkpoint) if is_main else {}
-    if world > 1:  # every process starts from the main process's list of bad records
-        from accelerate.utils import broadcast_object_list
-
-        logged_bad = broadcast_object_list([logged_bad], from_process=0)[0]
-    run = RunState(cfg, out, world, args.process_index, is_main, resumed_state, logged_bad)
-    if is_main and checkpoint:  # the final loss of a run resumed at its last step
-        rows = _log_rows(out / "train_log.jsonl")
-        run.last_row = rows[-1] if rows else None
+    run = _start_run(cfg, out, world, args.process_index, checkpoint, command)
     base: dict = {
         "recipe": cfg.recipe or "python", "stage": cfg.stage, "output_dir": str(out), "label": cfg.label,
         "world_size": world, "global_batch_size": t.global_batch_size, "gradient_accumulation_steps": grad_accum,
         "pmod": None, "trainable": cfg.trainable, "resumed_from": checkpoint,
     }
     trainer = None
-    dataset = None
     try:
         torch.manual_seed(t.seed)
-        if model is None:
-            pmod = cfg.resolved_pmod(num_llm_layers(cfg)) if cfg.pmod is not None else None
-            if getattr(args, "hf_deepspeed_config", None) is not None and args.hf_deepspeed_config.is_zero3():
-                model, processor = build_partitioned(cfg, pmod, out / INIT_DIR, args)
-            else:
-                model, processor = build_model(cfg, pmod)
-        elif cfg.pmod is not None and getattr(model.config, "pmod", None) is None:
-            raise ConfigError("the recipe sets pmod but the given model is a vanilla LLaVA; convert it with to_pmod first.")
-        pmod_dict = _public_pmod(getattr(model.config, "pmod", None))
-        base["pmod"] = pmod_dict
-        if cfg.stage == "pt" and pmod_dict is not None and "routers" not in cfg.trainable:
-            log.warning("PT with p-MoD layers: routers stay frozen at their initial (zero) weights, so selection is by "
-                        "position; the paper's PT trains the connector of the vanilla model (pmod=null).")
-        groups = apply_trainable(model, cfg.trainable)
-        base["params"] = {g: v["params"] for g, v in groups.items()}
-        base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
-        device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
-        base["model_info"] = model_info(model, device)
-        if is_main:
-            resolved = cfg.to_dict()
-            resolved["pmod_recipe"] = resolved["pmod"]
-            resolved["pmod"] = pmod_dict
-            _atomic_json(out / "train_config.json", resolved)
-
-        dataset = LlavaConversationDataset(
-            records, processor, image_folder=cfg.data.image_folder, template=cfg.data.template,
-            max_length=cfg.data.max_length, image_aspect_ratio=cfg.data.image_aspect_ratio,
-            on_bad_sample=cfg.data.on_bad_sample, max_consecutive_bad=cfg.data.max_consecutive_bad,
-        )
-        run.dataset = dataset
-        dataset.mark_bad(list(logged_bad.values()))  # found in earlier sessions: not read again
-        run.log_bad(dataset.malformed)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trainer = PMoDTrainer(
-            model=model, args=args, train_dataset=dataset, data_collator=DataCollator(pad_id), processing_class=processor,
-            callbacks=[RunCallback(run, t.stop_at_step)], run=run,
-            modality_lengths=dataset.modality_lengths if cfg.data.group_by_modality_length else None,
-        )
+        model, processor = _model_to_train(cfg, model, processor, args, out)
+        _prepare_model(cfg, model, args, base, out, run.is_main)
+        trainer = _make_trainer(cfg, model, processor, args, records, run)
         try:
             trainer.train(resume_from_checkpoint=checkpoint)
         except _TrainingDone:
@@ -689,11 +642,11 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     except PMoDOverflowError as exc:
         step = (trainer.state.global_step if trainer is not None else _step_of(checkpoint or "")) + 1
         error = f"step {step}: {exc}"
-        if is_main:
+        if run.is_main:
             _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "overflow", error, checkpoint))
         raise PMoDOverflowError(error) from exc
     except BaseException as exc:  # every ending is recorded: the error and the last finished step
-        if is_main:
+        if run.is_main:
             error = f"{type(exc).__name__}: {exc}".strip()
             _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "failed", error, checkpoint))
         raise
@@ -703,27 +656,100 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     if t.stop_at_step is not None and steps >= t.stop_at_step and steps < trainer.state.max_steps:
         status = "stopped"
     if status == "completed":
-        _finalize_model(model)
-        trainer.save_model(str(out))
-        if is_main and cfg.stage == "pt":
-            _save_connector(out)
-        if is_main:  # safetensors writes 0600; the model is published like its config.json
-            from pmod_bench.atomic import apply_default_modes
-
-            for name in os.listdir(out):
-                if name.endswith(".safetensors"):
-                    apply_default_modes(out / name)
-        if is_main and (out / INIT_DIR).is_dir():
-            shutil.rmtree(out / INIT_DIR)  # the starting model (ZeRO-3) is not needed once the final one is saved
+        _save_final_model(cfg, model, trainer, out, run.is_main)
     summary = _summary(base, trainer, run, status, None, checkpoint)
-    if is_main:
+    if run.is_main:
         _atomic_json(out / SUMMARY_FILE, summary)
         if summary["bad_samples"]:
             log.warning("%d bad records (%d malformed, dropped at load), %d skips; see %s", summary["bad_samples"],
-                        len(dataset.malformed), summary["bad_sample_skips"], out / "bad_samples.jsonl")
+                        len(run.dataset.malformed), summary["bad_sample_skips"], out / "bad_samples.jsonl")
     if world > 1:
         trainer.accelerator.wait_for_everyone()  # no process leaves while another still writes the run directory
     return summary
+
+
+def _start_run(cfg: TrainConfig, out: Path, world: int, rank: int, checkpoint: str | None, command: str | None) -> RunState:
+    """This process's accounting of the run: the main process claims the run directory (run.json) and
+    reads the bad records earlier sessions found, which every process then starts from."""
+    is_main = rank == 0
+    resumed_state = _resumed_state(checkpoint, out)
+    logged_bad = _claim(out, cfg, command, checkpoint) if is_main else {}
+    if world > 1:  # every process starts from the main process's list of bad records
+        from accelerate.utils import broadcast_object_list
+
+        logged_bad = broadcast_object_list([logged_bad], from_process=0)[0]
+    run = RunState(cfg, out, world, rank, is_main, resumed_state, logged_bad)
+    if is_main and checkpoint:  # the final loss of a run resumed at its last step
+        rows = _log_rows(out / "train_log.jsonl")
+        run.last_row = rows[-1] if rows else None
+    return run
+
+
+def _model_to_train(cfg: TrainConfig, model, processor, args: TrainingArguments, out: Path):
+    """(model, processor): the given ones, or built from ``cfg.model`` (ZeRO-3: partitioned at load)."""
+    if model is None:
+        pmod = cfg.resolved_pmod(num_llm_layers(cfg)) if cfg.pmod is not None else None
+        if getattr(args, "hf_deepspeed_config", None) is not None and args.hf_deepspeed_config.is_zero3():
+            return build_partitioned(cfg, pmod, out / INIT_DIR, args)
+        return build_model(cfg, pmod)
+    if cfg.pmod is not None and getattr(model.config, "pmod", None) is None:
+        raise ConfigError("the recipe sets pmod but the given model is a vanilla LLaVA; convert it with to_pmod first.")
+    return model, processor
+
+
+def _prepare_model(cfg: TrainConfig, model, args: TrainingArguments, base: dict, out: Path, is_main: bool) -> None:
+    """Freeze / unfreeze ``cfg.trainable``; record the model in the summary ``base`` and (main process)
+    train_config.json, with the p-MoD settings the model really has."""
+    pmod_dict = _public_pmod(getattr(model.config, "pmod", None))
+    base["pmod"] = pmod_dict
+    if cfg.stage == "pt" and pmod_dict is not None and "routers" not in cfg.trainable:
+        log.warning("PT with p-MoD layers: routers stay frozen at their initial (zero) weights, so selection is by "
+                    "position; the paper's PT trains the connector of the vanilla model (pmod=null).")
+    groups = apply_trainable(model, cfg.trainable)
+    base["params"] = {g: v["params"] for g, v in groups.items()}
+    base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
+    base["model_info"] = model_info(model, device)
+    if is_main:
+        resolved = cfg.to_dict()
+        resolved["pmod_recipe"] = resolved["pmod"]
+        resolved["pmod"] = pmod_dict
+        _atomic_json(out / "train_config.json", resolved)
+
+
+def _make_trainer(cfg: TrainConfig, model, processor, args: TrainingArguments, records: list, run: RunState) -> PMoDTrainer:
+    """The dataset (bad records of earlier sessions skipped, malformed ones logged) and its trainer."""
+    dataset = LlavaConversationDataset(
+        records, processor, image_folder=cfg.data.image_folder, template=cfg.data.template,
+        max_length=cfg.data.max_length, image_aspect_ratio=cfg.data.image_aspect_ratio,
+        on_bad_sample=cfg.data.on_bad_sample, max_consecutive_bad=cfg.data.max_consecutive_bad,
+    )
+    run.dataset = dataset
+    dataset.mark_bad(list(run.logged_bad.values()))  # found in earlier sessions: not read again
+    run.log_bad(dataset.malformed)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PMoDTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=DataCollator(pad_id), processing_class=processor,
+        callbacks=[RunCallback(run, cfg.train.stop_at_step)], run=run,
+        modality_lengths=dataset.modality_lengths if cfg.data.group_by_modality_length else None,
+    )
+
+
+def _save_final_model(cfg: TrainConfig, model, trainer: PMoDTrainer, out: Path, is_main: bool) -> None:
+    """The trained model into the run directory (+ connector.safetensors after PT); the ZeRO-3 starting model removed."""
+    _finalize_model(model)
+    trainer.save_model(str(out))
+    if is_main and cfg.stage == "pt":
+        _save_connector(out)
+    if is_main:  # safetensors writes 0600; the model is published like its config.json
+        from pmod_bench.atomic import apply_default_modes
+
+        for name in os.listdir(out):
+            if name.endswith(".safetensors"):
+                apply_default_modes(out / name)
+    if is_main and (out / INIT_DIR).is_dir():
+        shutil.rmtree(out / INIT_DIR)  # the starting model (ZeRO-3) is not needed once the final one is saved
 
 
 def _summary(base: dict, trainer: Trainer | None, run: RunState, status: str, error: str | None,
