@@ -82,6 +82,20 @@ def test_spec_parser_errors(spec, message):
     assert "\n" not in str(exc.value)
 
 
+def test_method_specs_and_pmod_specs_share_one_splitter(monkeypatch):
+    """parse_method_spec reads NAME:key=value,... with the model library's split_spec (no splitter of its own)."""
+    from pmod_bench.methods import base
+    from pmod_bench.model import config as spec
+
+    assert spec.split_spec(" FastV: K = 2 ,, keep=0.5 ") == ("FastV", {"k": "2", "keep": "0.5"})
+    assert parse_method_spec(" FastV: K = 2 ,, keep=0.5 ").to_dict() == {"method": "fastv", "k": 2, "keep": 0.5}
+    seen = []
+    monkeypatch.setattr(base, "split_spec", lambda text, **kw: seen.append(text) or spec.split_spec(text, **kw))
+    assert parse_method_spec("fastv:k=3").k == 3 and seen == ["fastv:k=3"]
+    with pytest.raises(MethodError, match=r"expected key=value, e.g. fastv:k=\.\.\.$"):
+        parse_method_spec("fastv:k")  # the splitter's SpecError, as a MethodError with the method's example
+
+
 def test_model_limits_checked_on_apply():
     model = _tiny()
     geometry = ModelGeometry.from_config(model.config)
