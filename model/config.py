@@ -251,6 +251,7 @@ _SPEC_NAME = re.compile(
     rf"(?:-max(?P<max_ratio>\d*\.?\d+))?(?:-min(?P<min_ratio>\d*\.?\d+))?(?:-steps(?P<steps>\d+))?",
     re.IGNORECASE,
 )
+#: the accepted forms of explicit ratios (:func:`parse_ratios`), for errors and every ``--ratios`` / ``ratios`` help text
 RATIOS_FORMS = "e.g. 1*8,0.5*24 (VALUE*COUNT repeats a value), [1,1,0.5] or 1;1;0.5"
 SPEC_FORMS = ("p-MoD-0.5, p-MoD-linear-0.4, p-MoD-0.5-max0.9-min0.1, pmod:shift=0.4,schedule=linear,weight_norm=none "
               "or ratios:1*8,0.5*24")
