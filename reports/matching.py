@@ -723,9 +723,14 @@ def _fill_values(rep: Reproduction) -> None:
 
 
 def _solved_to(method_match: Optional[Mapping[str, Any]]) -> Optional[str]:
-    """The variant a ``--match`` target names (``target_label``: the profiler variant spec as given, ``p-MoD-0.5``,
-    ``pmod:shift=0.5``), read by the model's parser and matched as data; None for ``--match-tflops`` / ``--match-kv``."""
-    label = (method_match or {}).get("target_label")
+    """The p-MoD variant a ``--match`` target is, from its configuration as data (``target_pmod``,
+    ``PMoDConfig.to_dict()``); None for a target without one (the baseline, a method, ``--match-tflops`` /
+    ``--match-kv``: ``target_pmod`` null). Rows written before ``target_pmod`` existed: ``target_label`` (the
+    variant spec as typed, ``p-MoD-0.5``, ``pmod:shift=0.5``) read by the model's parser."""
+    mm = method_match or {}
+    if "target_pmod" in mm:
+        return variant_from_pmod(mm["target_pmod"])[0] if mm["target_pmod"] is not None else None
+    label = mm.get("target_label")  # legacy rows
     try:
         cfg = parse_pmod_spec(str(label)) if label else None
     except SpecError:

@@ -271,7 +271,7 @@ def test_profile_cli_method_match(tmp_path, capsys):
     for name in ("fastervlm", "visionzip"):
         r = rows[name]
         assert r["method_config"]["method"] == name and r["method_match"]["rel_err"] <= 0.01
-        assert r["method_match"]["target_label"] == "p-MoD-0.5"
+        assert r["method_match"]["target_label"] == "p-MoD-0.5" and r["method_match"]["target_pmod"]["shift"] == 0.5
         assert 0.5 < r["tflops_ratio"] < 0.56 and len(set(r["kept_vision_tokens"])) == 1
     assert rows["visionzip"]["method_extra_tflops"] > 0
     assert main(["profile", "--arch", "llava-next-7b", "--variant", "fastv:k=99", "--no-latency", "-q"]) == 2
