@@ -217,6 +217,7 @@ def load_run(run_dir: "str | Path") -> Run:
             _check_method_match(row, f"rows[{i}]", data_path)
     else:
         _check(data, TRAIN_SUMMARY_KEYS, "the summary", data_path)
+        _check_pmod(data, "the summary", data_path)
 
     intro = None
     ipath = path / INTROSPECTION_FILE
