@@ -251,6 +251,7 @@ _SPEC_NAME = re.compile(
     rf"(?:-max(?P<max_ratio>\d*\.?\d+))?(?:-min(?P<min_ratio>\d*\.?\d+))?(?:-steps(?P<steps>\d+))?",
     re.IGNORECASE,
 )
+#: the accepted forms of explicit ratios (:func:`parse_ratios`), for errors and every ``--ratios`` / ``ratios`` help text
 RATIOS_FORMS = "e.g. 1*8,0.5*24 (VALUE*COUNT repeats a value), [1,1,0.5] or 1;1;0.5"
 SPEC_FORMS = ("p-MoD-0.5, p-MoD-linear-0.4, p-MoD-0.5-max0.9-min0.1, pmod:shift=0.4,schedule=linear,weight_norm=none "
               "or ratios:1*8,0.5*24")
@@ -314,16 +315,28 @@ def parse_reference_decay(spec: Optional[str]) -> Optional[tuple[str, float, flo
     return (m.group(1), float(m.group(2)), float(m.group(3))) if m else None
 
 
-def split_spec(text: str) -> tuple[str, dict[str, str]]:
-    """``HEAD:KEY=VALUE,...`` -> (HEAD, {key: value}) (keys lower case); the form every variant spec shares."""
+def split_spec(text: str, example: Optional[str] = None) -> tuple[str, dict[str, str]]:
+    """``HEAD:KEY=VALUE,...`` -> (HEAD, {key: value}) (keys lower case, values stripped): the form every spec
+    shares, p-MoD variant specs and the comparison methods' (``pmod_bench.methods.parse_method_spec``) alike.
+
+    An item without ``=`` or with an empty key, and a key given twice, are :class:`SpecError`; ``example``
+    (``fastv:k=...``) is shown in the error of a bad item.
+
+    >>> split_spec("fastv:k=2, Keep=0.5")
+    ('fastv', {'k': '2', 'keep': '0.5'})
+    """
     head, _, rest = str(text).strip().partition(":")
     options: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq:
+        key = key.strip().lower()
+        if not eq or not key:
             hint = " (inside pmod: separate ratios with ';', e.g. pmod:ratios=1*8;0.5*24)" if "ratios" in options else ""
-            raise SpecError(f"bad option '{item}' in '{text}': expected KEY=VALUE{hint}.")
-        options[key.strip().lower()] = value.strip()
+            msg = f"bad option '{item}' in '{text}': expected key=value" + (f", e.g. {example}" if example else "") + hint
+            raise SpecError(msg if msg.endswith(".") else msg + ".")
+        if key in options:
+            raise SpecError(f"option '{key}' is given twice in '{text}'.")
+        options[key] = value.strip()
     return head.strip(), options
 
 

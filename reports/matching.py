@@ -10,7 +10,8 @@ same configuration appears in several tables (p-MoD-0.5 on LLaVA-NeXT-7B fills r
    the configuration as data: ``summary.json`` / the profile row's ``pmod`` (``PMoDConfig.to_dict()``,
    :func:`variant_from_pmod`) or a comparison method's config dict. Names are read only for profile rows
    without ``pmod`` (written before rows carried it), by the model library's one parser
-   (:func:`pmod_bench.model.config.parse_pmod_spec`), and for labels (:func:`canonical_variant`).
+   (:func:`pmod_bench.model.config.parse_pmod_spec`), and for labels (:func:`canonical_variant`). A train run's
+   variant comes from ``train_summary.json``'s ``pmod``, its label only for runs without it (:meth:`_Matcher.train_run`).
 
 A run is matched to a paper row only when its architecture is that row's: a recognised name
 (``llava-hf/llava-v1.6-vicuna-7b-hf``), or an eval run's ``model_info`` (class + parameter count)
@@ -64,6 +65,9 @@ PAPER_METHOD_VARIANTS = {
 TRAINED_ONLY_VARIANTS = ("MQT", "LLaVolta", "gamma-MoD")
 #: the p-MoD variant the comparison tables compare at (equal compute, Table 5: ~22 TFLOPs)
 EQUAL_COMPUTE_TARGET = "p-MoD-0.5"
+#: paper rows that report the configuration of another row (Table 3's + STRing = Table 4's constant schedule):
+#: data decides the second, a label may name the first for a run of that configuration
+SAME_CONFIGURATION = {"MoD+TanhNorm+STRing": "p-MoD-constant"}
 
 
 class LabelError(ValueError):
@@ -696,16 +700,68 @@ class _Matcher:
 
     # ------------------------------------------------------------------------------------ train
     def train_run(self, run: Run, label: Optional[Label], label_how: str) -> None:
-        if not (label and label.variant):
-            self.rep.unmatched.append((run, "train runs are matched only by a label MODEL/VARIANT"))
+        """A train run gives measured ``train_gpu_hours`` to the row of its configuration: VARIANT from
+        ``train_summary.json``'s ``pmod`` (:func:`train_pmod`), MODEL from the label, else ``model_info`` (class +
+        parameter count), else ``--default-model``. The label decides the VARIANT only for runs without ``pmod``
+        data (older runs), or where it names another paper row of the same configuration
+        (:data:`SAME_CONFIGURATION`); a run.json label naming another configuration (a recipe's label kept through
+        ``include:``) is a warning, a ``--label`` an error."""
+        has_data, pmod = train_pmod(run)
+        if has_data:
+            variant, how = variant_from_pmod(pmod)
+            how = f"train_summary.json {how}"
+            if label and label.variant and label.variant != variant:
+                if SAME_CONFIGURATION.get(label.variant) == variant:
+                    variant, how = label.variant, f"{label_how} ({how}: {variant} is {label.variant}'s configuration)"
+                else:
+                    spec = "null" if pmod is None else pmod_config(pmod).spec()
+                    msg = (f"{run.path}: {label_how} names {label.variant}, but train_summary.json's pmod is {spec}"
+                           + (f" ({variant})" if variant != spec else ""))
+                    if label_how.startswith("--label"):
+                        raise LabelError(msg + ". Fix the label's variant (or give MODEL only) to match the run on its data.")
+                    self.rep.warnings.append(msg + f": matched on the data, as {variant}.")
+            elif label and label.variant:
+                how = f"{label_how}; {how}"
+        elif label and label.variant:  # written before train_summary.json carried pmod: the label is all there is
+            variant, how = label.variant, f"{label_how} (train_summary.json has no pmod data)"
+        else:
+            self.rep.unmatched.append((run, "train runs without pmod data in train_summary.json (older runs) are "
+                                            "matched only by a label MODEL/VARIANT"))
             return
-        if label.model is None and self.default_model is None:
-            self.rep.unmatched.append((run, "train runs need a label MODEL/VARIANT (or --default-model) to name the model"))
+        model, model_how = self.train_model(run, label)
+        if model is None:
+            self.rep.unmatched.append((run, "train runs need a label MODEL (or MODEL/VARIANT), a paper model's "
+                                            "model_info, or --default-model to name the model"))
             return
-        model = label.model or self.default_model
-        self.check_key(model, label.variant, label, label_how, str(run.path))
-        self.rep.entries.append(Entry(run, model, label.variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
-                                      label_how, str(run.path)))
+        if label and label.variant == variant:
+            self.check_key(model, variant, label, label_how, str(run.path))
+        if model_how:
+            how = f"{how}; {model_how}"
+        self.rep.entries.append(Entry(run, model, variant, {"train_gpu_hours": float(run.data["gpu_hours"])},
+                                      how, str(run.path)))
+
+    def train_model(self, run: Run, label: Optional[Label]) -> tuple[Optional[str], str]:
+        """The MODEL of a train run (and how, "" by label): the label's, else its ``model_info``'s (a paper model's
+        class and parameter count), else ``--default-model``; None when none says."""
+        if label and label.model:
+            return label.model, ""
+        model, why = model_from_info(run.data.get("model_info"))
+        if model:
+            return model, f"model_info: {why} -> {model}"
+        if self.default_model:
+            return self.default_model, f"matched as {self.default_model} (--default-model)"
+        return None, ""
+
+
+def train_pmod(run: Run) -> tuple[bool, Optional[Mapping[str, Any]]]:
+    """(whether ``train_summary.json`` holds the trained model's configuration, that ``pmod``).
+
+    ``pmod`` is recorded once the model is built (with ``model_info``): a summary without the key (older runs), or
+    with ``pmod`` null and no ``model_info`` (a run that failed before building its model), has no data."""
+    data = run.data
+    if "pmod" not in data or (data["pmod"] is None and "model_info" not in data):
+        return False, None
+    return True, data["pmod"]
 
 
 def _fill_values(rep: Reproduction) -> None:
@@ -723,9 +779,14 @@ def _fill_values(rep: Reproduction) -> None:
 
 
 def _solved_to(method_match: Optional[Mapping[str, Any]]) -> Optional[str]:
-    """The variant a ``--match`` target names (``target_label``: the profiler variant spec as given, ``p-MoD-0.5``,
-    ``pmod:shift=0.5``), read by the model's parser and matched as data; None for ``--match-tflops`` / ``--match-kv``."""
-    label = (method_match or {}).get("target_label")
+    """The p-MoD variant a ``--match`` target is, from its configuration as data (``target_pmod``,
+    ``PMoDConfig.to_dict()``); None for a target without one (the baseline, a method, ``--match-tflops`` /
+    ``--match-kv``: ``target_pmod`` null). Rows written before ``target_pmod`` existed: ``target_label`` (the
+    variant spec as typed, ``p-MoD-0.5``, ``pmod:shift=0.5``) read by the model's parser."""
+    mm = method_match or {}
+    if "target_pmod" in mm:
+        return variant_from_pmod(mm["target_pmod"])[0] if mm["target_pmod"] is not None else None
+    label = mm.get("target_label")  # legacy rows
     try:
         cfg = parse_pmod_spec(str(label)) if label else None
     except SpecError:
@@ -779,5 +840,6 @@ __all__ = [
     "canonical_model", "canonical_variant", "parse_label", "variant_from_pmod", "variant_from_profile_row", "match_runs",
     "pmod_config", "PAPER_PMOD",
     "model_from_info", "MethodPoint", "PAPER_METHOD_VARIANTS", "TRAINED_ONLY_VARIANTS", "EQUAL_COMPUTE_TARGET", "method_of",
-    "run_method", "run_method_match", "method_key", "budget_text", "variant_from_method",
+    "run_method", "run_method_match", "method_key", "budget_text", "variant_from_method", "train_pmod",
+    "SAME_CONFIGURATION",
 ]

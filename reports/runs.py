@@ -116,17 +116,25 @@ def pmod_config(pmod: "Mapping[str, Any] | PMoDConfig") -> PMoDConfig:
     return PMoDConfig.from_dict({k: v for k, v in pmod.items() if k in known})
 
 
-def _check_pmod(obj: Mapping, where: str, path: Path) -> None:
-    """``pmod``, where present, is null or a PMoDConfig's fields (keys this version does not know are ignored)."""
-    if obj.get("pmod") is None:
+def _check_pmod(obj: Mapping, where: str, path: Path, key: str = "pmod") -> None:
+    """``pmod`` (or ``key``), where present, is null or a PMoDConfig's fields (keys this version does not know are
+    ignored)."""
+    if obj.get(key) is None:
         return
     try:
-        if not isinstance(obj["pmod"], dict):
-            raise ValueError(f"must be an object or null, got {obj['pmod']!r}")
-        pmod_config(obj["pmod"])
+        if not isinstance(obj[key], dict):
+            raise ValueError(f"must be an object or null, got {obj[key]!r}")
+        pmod_config(obj[key])
     except (TypeError, ValueError) as exc:
-        raise RunDirError(f"{path}: {where} 'pmod' is not a p-MoD config ({exc}); it must be PMoDConfig.to_dict() "
+        raise RunDirError(f"{path}: {where} '{key}' is not a p-MoD config ({exc}); it must be PMoDConfig.to_dict() "
                           f"or null (see {_DOC}).") from None
+
+
+def _check_method_match(obj: Mapping, where: str, path: Path) -> None:
+    """An eval row's / summary's ``method_match``, where present: its ``target_pmod`` a PMoDConfig's fields or null."""
+    mm = obj.get("method_match")
+    if isinstance(mm, Mapping):
+        _check_pmod(mm, f"{where} method_match", path, key="target_pmod")
 
 
 def _check_introspection(doc: Any, path: Path, run_dir: Path) -> Mapping[str, Any]:
@@ -201,12 +209,15 @@ def load_run(run_dir: "str | Path") -> Run:
     elif kind == "eval":
         _check(data, {"model": "str", "pmod": "dict?", "rows": "list"}, "the summary", data_path)
         _check_pmod(data, "the summary", data_path)
+        _check_method_match(data, "the summary", data_path)
         for i, row in enumerate(data["rows"]):
             if not isinstance(row, dict):
                 raise RunDirError(f"{data_path}: rows[{i}] must be an object.")
             _check(row, EVAL_ROW_KEYS, f"rows[{i}]", data_path)
+            _check_method_match(row, f"rows[{i}]", data_path)
     else:
         _check(data, TRAIN_SUMMARY_KEYS, "the summary", data_path)
+        _check_pmod(data, "the summary", data_path)
 
     intro = None
     ipath = path / INTROSPECTION_FILE

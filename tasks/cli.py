@@ -21,6 +21,8 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def add_parser(subparsers) -> None:
+    from pmod_bench.model.config import RATIOS_FORMS
+
     from .runner import EvalConfig
 
     doc = _field_docs(EvalConfig)
@@ -37,7 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (answers equal batch size 1)")
     p.add_argument("--shift", type=float, default=None, help="run a p-MoD model at this shift factor delta")
     p.add_argument("--schedule", default=None, help="run a p-MoD model with this schedule (cosine, linear, constant, ...)")
-    p.add_argument("--ratios", default=None, help="explicit per-layer retention ratios, e.g. '1,1,0.85,...'")
+    p.add_argument("--ratios", default=None, metavar="R,R,...",
+                   help=f"run a p-MoD model at explicit per-layer retention ratios, one per LLM layer: {RATIOS_FORMS}")
     p.add_argument("--pmod", default=None, help=doc.get("pmod"))
     p.add_argument("--method", default=None, metavar="SPEC", help=doc.get("method"))
     p.add_argument("--match", default=None, metavar="VARIANT", help=doc.get("match"))

@@ -12,7 +12,8 @@ is copied.
 ``pmod``                    turn a vanilla checkpoint into p-MoD: ``default`` or a PMoDConfig JSON
                             file (routers untrained: for smoke tests and exploration only)
 ``shift`` / ``schedule``    run a p-MoD model at another delta / schedule (``set_pmod_ratios``)
-``ratios``                  explicit per-layer retention, ``[1,1,0.85,...]`` or ``1;1;0.85;...``
+``ratios``                  explicit per-layer retention, {RATIOS_FORMS}
+                            (in ``--model_args``, whose items commas separate: ``[1*8,0.5*24]`` or ``1*8;0.5*24``)
 ``allow_untrained_routers`` let the overrides route layers that have no trained router
 ``dtype``                   ``auto`` (float16 on GPU as the paper, float32 on CPU), ``bfloat16``, ...
 ``device``                  ``cuda:0``, ``cpu``; default: this process's GPU, else CPU
@@ -56,8 +57,12 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator
 from tqdm import tqdm
 
+from pmod_bench.model.config import RATIOS_FORMS
+
 from .cache import ResponseCache, request_key
 from .runner import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
+
+__doc__ = __doc__.replace("{RATIOS_FORMS}", RATIOS_FORMS)  # the forms parse_ratios reads, from their one home
 
 #: generation kwargs understood here; others are ignored with one warning
 _GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}

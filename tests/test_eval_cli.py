@@ -165,6 +165,14 @@ def test_gen_kwargs_and_ratios_parse():
         parse_gen_kwargs("top_p=2")
 
 
+def test_ratios_help_names_every_form(capsys):
+    from pmod_bench.model.config import RATIOS_FORMS
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert RATIOS_FORMS in " ".join(capsys.readouterr().out.split())  # VALUE*COUNT included, from parse_ratios' home
+
+
 def test_run_json_names_the_identity_fields():
     from pmod_bench.tasks.runner import EvalConfig
 

@@ -177,6 +177,19 @@ def test_model_args(tiny, docs):
         PMoDLlava.from_loaded(*tiny, chat_template="nope")
 
 
+def test_ratios_forms_in_model_args_and_help():
+    """The documented ``ratios`` forms read through lmms-eval's --model_args splitting; the help is parse_ratios' own."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from pmod_bench.model.config import RATIOS_FORMS
+    from pmod_bench.tasks import plugin
+
+    want = [1.0] * 8 + [0.5] * 24
+    for text in ("pretrained=tiny,ratios=[1*8,0.5*24]", "pretrained=tiny,ratios=1*8;0.5*24,batch_size=2"):
+        assert parse_ratios(simple_parse_args_string(text)["ratios"]) == want, text
+    assert RATIOS_FORMS in plugin.__doc__ and "{RATIOS_FORMS}" not in plugin.__doc__
+
+
 def test_entry_point_is_a_manifest_not_the_class():
     eps = [ep for ep in importlib.metadata.entry_points(group="lmms_eval.models") if ep.name == "pmod_llava"]
     assert eps, "run `pip install -e . --no-deps` to register the lmms_eval.models entry point"

@@ -82,6 +82,20 @@ def test_spec_parser_errors(spec, message):
     assert "\n" not in str(exc.value)
 
 
+def test_method_specs_and_pmod_specs_share_one_splitter(monkeypatch):
+    """parse_method_spec reads NAME:key=value,... with the model library's split_spec (no splitter of its own)."""
+    from pmod_bench.methods import base
+    from pmod_bench.model import config as spec
+
+    assert spec.split_spec(" FastV: K = 2 ,, keep=0.5 ") == ("FastV", {"k": "2", "keep": "0.5"})
+    assert parse_method_spec(" FastV: K = 2 ,, keep=0.5 ").to_dict() == {"method": "fastv", "k": 2, "keep": 0.5}
+    seen = []
+    monkeypatch.setattr(base, "split_spec", lambda text, **kw: seen.append(text) or spec.split_spec(text, **kw))
+    assert parse_method_spec("fastv:k=3").k == 3 and seen == ["fastv:k=3"]
+    with pytest.raises(MethodError, match=r"expected key=value, e.g. fastv:k=\.\.\.$"):
+        parse_method_spec("fastv:k")  # the splitter's SpecError, as a MethodError with the method's example
+
+
 def test_model_limits_checked_on_apply():
     model = _tiny()
     geometry = ModelGeometry.from_config(model.config)
@@ -257,7 +271,7 @@ def test_profile_cli_method_match(tmp_path, capsys):
     for name in ("fastervlm", "visionzip"):
         r = rows[name]
         assert r["method_config"]["method"] == name and r["method_match"]["rel_err"] <= 0.01
-        assert r["method_match"]["target_label"] == "p-MoD-0.5"
+        assert r["method_match"]["target_label"] == "p-MoD-0.5" and r["method_match"]["target_pmod"]["shift"] == 0.5
         assert 0.5 < r["tflops_ratio"] < 0.56 and len(set(r["kept_vision_tokens"])) == 1
     assert rows["visionzip"]["method_extra_tflops"] > 0
     assert main(["profile", "--arch", "llava-next-7b", "--variant", "fastv:k=99", "--no-latency", "-q"]) == 2

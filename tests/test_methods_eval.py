@@ -42,6 +42,16 @@ def test_match_solves_on_the_model_architecture(tmp_path):
     tf = EvalConfig(model="llava-next-7b", suite="POPE", output=str(tmp_path / "u"), method="pyramiddrop",
                     match_tflops=21.94, match_convention="paper")
     assert abs(tf.method_match["achieved"] / 21.94e12 - 1) <= 0.01 and tf.method_match["convention"] == "paper"
+    # the target as data beside the text typed: PMoDConfig.to_dict(), null for a TFLOPs / KV / baseline target
+    from pmod_bench.model.config import PMoDConfig
+
+    assert mm["target_pmod"] == PMoDConfig().to_dict() and other.method_match["target_pmod"] == PMoDConfig().to_dict()
+    assert tf.method_match["target_pmod"] is None and one.method_match["target_pmod"] is None
+    spelled = solve("fastv", "llava-next-7b", (672, 672), match="pmod:schedule=linear,shift=0.4", text_tokens=58)
+    assert spelled.target_label == "pmod:schedule=linear,shift=0.4"
+    assert spelled.to_dict()["target_pmod"] == PMoDConfig(schedule="linear", shift=0.4).to_dict()
+    assert solve("fastv", "llava-next-7b", (672, 672), match="baseline", text_tokens=58,
+                 tolerance=0.2).to_dict()["target_pmod"] is None
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -155,7 +155,8 @@ def test_spec_reads_back_to_the_same_config():
      ("pmod:shfit=0.4", "Did you mean 'shift'?"), ("pmod:string=maybe", "must be true or false"),
      ("pmod:steps=2.5", "whole number"), ("pmod:shift=abc", "must be a number"),
      ("pmod:ratios=1,0.5", "separate ratios with ';'"), ("ratios:1,abc", "'abc' is not a number"),
-     ("ratios:", "none given")],
+     ("ratios:", "none given"), ("pmod:shift=0.4,shift=0.3", "option 'shift' is given twice"),
+     ("pmod:=0.4", "bad option '=0.4'")],
 )
 def test_bad_variant_specs_are_one_line_naming_the_fix(text, message):
     from pmod_bench.model.config import SpecError, parse_pmod_spec

@@ -68,6 +68,25 @@ def test_paper_values_only_in_the_papers_scenario():
     assert [r["paper_scenario"] for r in rows] == [True] * 4 + [False] * 4
 
 
+def test_paper_values_are_looked_up_by_the_rows_configuration():
+    """Table 7's numbers go to the row whose pmod data is the paper's configuration, not to a display name."""
+    from pmod_bench.model.config import PMoDConfig
+    from pmod_bench.profiler.paper import paper_value, paper_variant
+
+    rows = {r["variant"]: r for r in _rows("llava-next-7b", [(672, 672)])}
+    renamed = {**rows["p-MoD-0.4"], "variant": "my-run"}  # p-MoD-0.4's configuration under another name
+    impostor = {**rows["p-MoD-0.3"], "pmod": PMoDConfig(shift=0.3, max_ratio=0.9).to_dict()}  # named p-MoD-0.3
+    assert paper_variant(renamed) == "p-MoD-0.4" and paper_value("llava-next-7b", renamed, "tflops") == 19.56
+    assert paper_value("llava-next-7b", impostor, "tflops") is None and paper_value("tiny", renamed, "tflops") is None
+    assert paper_value("llava-next-7b", rows["baseline"], "latency_ms") == 519.1
+    text = format_table([rows["baseline"], renamed, impostor])
+    line = lambda name: next(ln for ln in text.splitlines() if ln.startswith(name))  # noqa: E731
+    assert "19.56" in line("my-run") and "47.5%" in line("my-run")
+    assert "17.78" not in line("p-MoD-0.3") and "42.3%" not in line("p-MoD-0.3")
+    legacy = {k: v for k, v in rows["p-MoD-0.5"].items() if k != "pmod"}  # a row written before rows carried pmod
+    assert paper_value("llava-next-7b", legacy, "tflops") == 21.94
+
+
 def test_llava15_header_says_the_image_is_resized():
     text = format_table(_rows("llava-1.5-7b", [(672, 672)]))
     assert "672x672 image resized to 336x336 (1 tile) -> 576 vision tokens" in text

@@ -35,7 +35,7 @@ from pmod_bench.reports import (
     render_latex,
     render_markdown,
 )
-from pmod_bench.reports.matching import Reproduction, variant_from_pmod
+from pmod_bench.reports.matching import Reproduction, pmod_config, variant_from_pmod
 from pmod_bench.reports.paper import (AVG_TOLERANCE, PAPER_CITATION, PAPER_MODELS, PaperColumn, PaperRow, PaperTable,
                                      as_number)
 
@@ -393,6 +393,82 @@ def test_train_run_gives_measured_gpu_hours(runs, tmp_path):
     assert rep.get("llava-next-7b/p-MoD-0.5", "train_gpu_hours") == 12.5
     assert any("replaces" in n for n in rep.notes)
     assert [r.name for r, _ in rep.unmatched] == ["train-unlabelled"]
+
+
+_NO_PMOD = object()
+#: train_summary.json model_info of a LLaVA-NeXT-7B run (class + parameter count say the paper model)
+NEXT7B_INFO = {"class": "PMoDLlavaNextForConditionalGeneration", "family": "llava_next", "num_params": 7_063_000_000}
+
+
+def make_train_run(run_dir: Path, gpu_hours: float, label: str | None = None, pmod=_NO_PMOD,
+                   model_info: dict | None = NEXT7B_INFO) -> Path:
+    """A train run directory as the trainer writes it: ``pmod`` (without overflow_guard) and ``model_info``; pass
+    ``pmod=_NO_PMOD`` for a run written before train_summary.json carried pmod."""
+    _run_json(run_dir, "train", label=label)
+    summary = {"recipe": "pmod-llava-next-7b-sft", "stage": "sft", "steps": 10, "final_loss": 1.2, "gpu_hours": gpu_hours,
+               "tokens_per_s": 1000.0, "output_dir": "ckpt", "label": label}
+    if pmod is not _NO_PMOD:
+        summary["pmod"] = None if pmod is None else {k: v for k, v in pmod.items() if k != "overflow_guard"}
+        if model_info is not None:
+            summary["model_info"] = model_info
+    _write_json(run_dir / "train_summary.json", summary)
+    (run_dir / "train_log.jsonl").write_text("")
+    return run_dir
+
+
+def test_train_runs_match_on_their_pmod_data_not_their_label(tmp_path):
+    """The trainer's label follows the recipe (a base recipe's label survives include:); the row follows pmod."""
+    from pmod_bench.train.config import variant_label
+
+    # labelled p-MoD-0.5 (the included recipe's label), trained at delta 0.4: the p-MoD-0.4 row, with a warning
+    misled = make_train_run(tmp_path / "misled", 11.0, "llava-next-7b/p-MoD-0.5", _pmod(0.4))
+    # free-text label: the model from model_info, the variant from pmod
+    free = make_train_run(tmp_path / "free", 12.0, "second try", _pmod(0.3))
+    base = make_train_run(tmp_path / "base", 13.0, "llava-next-7b/p-MoD-0.5", None)  # a vanilla model: baseline
+    # no paper row: the configuration's own key (its spec, as the trainer's label writes it)
+    cfg = _pmod(0.5, string=False)
+    odd = make_train_run(tmp_path / "odd", 14.0, "llava-next-7b/" + variant_label(pmod_config(cfg)), cfg)
+    rep = match_runs([load_run(p) for p in (misled, free, base, odd)])
+    assert rep.get("llava-next-7b/p-MoD-0.4", "train_gpu_hours") == 11.0
+    assert rep.get("llava-next-7b/p-MoD-0.5", "train_gpu_hours") is None
+    assert rep.get("llava-next-7b/p-MoD-0.3", "train_gpu_hours") == 12.0
+    assert rep.get("llava-next-7b/baseline", "train_gpu_hours") == 13.0
+    assert rep.get("llava-next-7b/pmod:string=false", "train_gpu_hours") == 14.0
+    warned = [w for w in rep.warnings if "misled" in w]
+    assert len(warned) == 1 and "names p-MoD-0.5, but train_summary.json's pmod is p-MoD-0.4" in warned[0]
+    assert not any("free" in w or "odd" in w for w in rep.warnings) and not rep.unmatched
+    # an explicit --label that contradicts the data is an error; one naming the model only is fine
+    with pytest.raises(LabelError, match="names p-MoD-0.3, but train_summary.json's pmod is p-MoD-0.4"):
+        match_runs([load_run(misled)], labels={str(misled): "llava-next-7b/p-MoD-0.3"})
+    rep = match_runs([load_run(misled)], labels={str(misled): "llava-next-13b"})
+    assert rep.get("llava-next-13b/p-MoD-0.4", "train_gpu_hours") == 11.0
+
+
+def test_train_run_label_may_name_another_row_of_its_configuration(tmp_path):
+    """Table 3's + STRing row is Table 4's constant schedule: data says p-MoD-constant, the t3-string label its row."""
+    cfg = _pmod(0.5375, schedule="constant")
+    t3 = make_train_run(tmp_path / "t3", 9.0, "llava-next-7b/MoD+TanhNorm+STRing", cfg)
+    t4 = make_train_run(tmp_path / "t4", 8.0, None, cfg)
+    rep = match_runs([load_run(t3), load_run(t4)])
+    assert rep.get("llava-next-7b/MoD+TanhNorm+STRing", "train_gpu_hours") == 9.0
+    assert rep.get("llava-next-7b/p-MoD-constant", "train_gpu_hours") == 8.0 and not rep.warnings
+
+
+def test_train_runs_without_pmod_data_fall_back_to_the_label(tmp_path):
+    legacy = make_train_run(tmp_path / "legacy", 5.0, "llava-next-7b/p-MoD-0.4")  # no pmod key
+    # failed before its model was built: pmod null and no model_info is no data either
+    early = make_train_run(tmp_path / "early", 0.1, "llava-next-7b/p-MoD-0.3", None, model_info=None)
+    tiny = make_train_run(tmp_path / "tiny", 0.2, "tiny p-MoD demo", _pmod(0.5),
+                          model_info={"class": "PMoDLlavaNextForConditionalGeneration", "num_params": 2_000_000})
+    rep = match_runs([load_run(p) for p in (legacy, early, tiny)])
+    assert rep.get("llava-next-7b/p-MoD-0.4", "train_gpu_hours") == 5.0
+    assert rep.get("llava-next-7b/p-MoD-0.3", "train_gpu_hours") == pytest.approx(0.1)
+    assert [r.name for r, why in rep.unmatched] == ["tiny"] and "model_info" in rep.unmatched[0][1]
+    assert match_runs([load_run(tiny)], default_model="llava-next-7b").get(
+        "llava-next-7b/p-MoD-0.5", "train_gpu_hours") == pytest.approx(0.2)
+    bad = make_train_run(tmp_path / "bad", 1.0, None, {"shift": 7.0})
+    with pytest.raises(RunDirError, match="'pmod' is not a p-MoD config"):
+        load_run(bad)
 
 
 # ----------------------------------------------------------------------------- renderers (golden)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pmod_bench.reports import build_report, build_table, load_run, match_runs, paper_table
+from pmod_bench.reports import RunDirError, build_report, build_table, load_run, match_runs, paper_table
 from test_reports import _pmod, _profile_row, _run_json, _write_json, make_eval_run
 
 T5 = ["Doc", "Chart", "Text", "Info", "RWQA", "GQA", "SQA", "MMMU", "POPE", "AI2D", "VQAv2", "SEED"]
@@ -26,17 +26,31 @@ def _method_row(cfg: dict, tflops: float, kv: float) -> dict:
     return row
 
 
-def _match(cfg: dict, label: str) -> dict:
-    return {"method": dict(cfg), "metric": "prefill", "target": 2.3e13, "achieved": 2.3e13, "rel_err": 0.001,
-            "target_label": label, "convention": "headline", "solved": {k: v for k, v in cfg.items() if k != "method"},
-            "arch": "llava-next-7b", "image_size": [672, 672], "text_tokens": 58}
+_WRITTEN, _LEGACY = object(), object()  # target_pmod as the solver writes it / left out (rows older than the key)
 
 
-def make_method_eval(run_dir: Path, cfg: dict, scores: dict, label: str = "p-MoD-0.5") -> Path:
+def _match(cfg: dict, label: str, target_pmod=_WRITTEN) -> dict:
+    """A ``method_match`` as the solver writes it: ``target_pmod`` is the target's PMoDConfig.to_dict() (null for
+    kv=... / TFLOPs targets); pass ``target_pmod=None`` / a dict to set it, ``_LEGACY`` to leave the key out."""
+    from pmod_bench.model.config import parse_pmod_spec
+
+    if target_pmod is _WRITTEN:
+        got = parse_pmod_spec(label) if label.lower().startswith(("p-mod", "pmod", "ratios")) else None
+        target_pmod = got.to_dict() if got is not None else None
+    out = {"method": dict(cfg), "metric": "prefill", "target": 2.3e13, "achieved": 2.3e13, "rel_err": 0.001,
+           "target_label": label, "target_pmod": target_pmod, "convention": "headline",
+           "solved": {k: v for k, v in cfg.items() if k != "method"}, "arch": "llava-next-7b", "image_size": [672, 672],
+           "text_tokens": 58}
+    if target_pmod is _LEGACY:
+        del out["target_pmod"]
+    return out
+
+
+def make_method_eval(run_dir: Path, cfg: dict, scores: dict, label: str = "p-MoD-0.5", target_pmod=_WRITTEN) -> Path:
     make_eval_run(run_dir, "llava-hf/llava-v1.6-vicuna-7b-hf", None, scores)
     summary = json.loads((run_dir / "summary.json").read_text())
     for row in summary["rows"]:
-        row["method"], row["method_match"] = dict(cfg), _match(cfg, label)
+        row["method"], row["method_match"] = dict(cfg), _match(cfg, label, target_pmod)
     summary["method"] = dict(cfg)
     _write_json(run_dir / "summary.json", summary)
     return run_dir
@@ -109,6 +123,34 @@ def test_the_budget_solved_to_p_mod_05_is_read_as_data(method_runs, tmp_path):
     low = make_method_eval(tmp_path / "fastv_low", FASTV_LOW, {"Doc": 40.0}, "kv=0.33")
     rep = match_runs([load_run(method_runs["profile"]), load_run(spelled), load_run(low)])
     assert rep.get("llava-next-7b/FastV", "Doc") == pytest.approx(50.0)
+
+
+def test_the_match_target_is_its_pmod_data_not_its_label(method_runs, tmp_path):
+    """``method_match.target_pmod`` decides which budget is p-MoD-0.5's, whatever ``target_label`` says; rows
+    written before ``target_pmod`` existed fall back to reading the label."""
+    from pmod_bench.model.config import PMoDConfig
+
+    prof = load_run(method_runs["profile"])
+    # the label says p-MoD-0.5, the data says delta 0.3: not the equal-compute run; the other one (label free text,
+    # data p-MoD-0.5's configuration) is, though it comes first
+    at_05 = make_method_eval(tmp_path / "a", FASTV, {"Doc": 50.0}, "my budget", target_pmod=PMoDConfig().to_dict())
+    at_03 = make_method_eval(tmp_path / "b", FASTV_LOW, {"Doc": 40.0}, "p-MoD-0.5",
+                             target_pmod=PMoDConfig(shift=0.3).to_dict())
+    rep = match_runs([prof, load_run(at_05), load_run(at_03)])
+    assert rep.get("llava-next-7b/FastV", "Doc") == pytest.approx(50.0)
+    assert any("solved to p-MoD-0.5" in n and "keep=0.518" in n for n in rep.notes)
+    # null data (a kv / TFLOPs / baseline target) is never p-MoD-0.5, even labelled so: the last run is taken
+    none = make_method_eval(tmp_path / "c", FASTV, {"Doc": 45.0}, "p-MoD-0.5", target_pmod=None)
+    last = make_method_eval(tmp_path / "d", FASTV_LOW, {"Doc": 41.0}, "kv=0.33")
+    rep = match_runs([prof, load_run(none), load_run(last)])
+    assert rep.get("llava-next-7b/FastV", "Doc") == pytest.approx(41.0)
+    # legacy rows (no target_pmod): the label, read by the model's parser
+    legacy = make_method_eval(tmp_path / "e", FASTV, {"Doc": 47.0}, "p-MoD-cosine-0.5", target_pmod=_LEGACY)
+    rep = match_runs([prof, load_run(legacy), load_run(last)])
+    assert rep.get("llava-next-7b/FastV", "Doc") == pytest.approx(47.0)
+    bad = make_method_eval(tmp_path / "f", FASTV, {"Doc": 47.0}, "p-MoD-0.5", target_pmod={"shift": 9.0})
+    with pytest.raises(RunDirError, match=r"rows\[0\] method_match 'target_pmod' is not a p-MoD config"):
+        load_run(bad)
 
 
 def test_methods_tradeoff_curves(method_runs):

@@ -221,9 +221,13 @@ def test_label_follows_pmod_overrides():
     assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.4"]).label == "llava-next-7b/p-MoD-0.4"
     assert load_recipe("pmod-llava-next-7b-sft", ["pmod=null"]).label == "llava-next-7b/baseline"
     assert load_recipe("llava-1.5-7b-sft", ["pmod={shift: 0.3}"]).label == "llava-v1.5-7b/p-MoD-0.3"
-    # no paper row: the differing settings are spelled out (the report then treats the label as free text)
+    # the variant is the configuration's one display name, PMoDConfig.spec() (the report matches on pmod data)
     odd = load_recipe("pmod-llava-next-7b-sft", ["pmod.string=false"]).label
-    assert odd == "llava-next-7b/p-MoD-0.5[string=False]"
+    assert odd == "llava-next-7b/pmod:string=false"
+    assert load_recipe("pmod-llava-next-7b-sft", ["pmod.max_ratio=0.9"]).label == "llava-next-7b/p-MoD-0.5-max0.9"
+    assert variant_label(None) == "baseline"
+    for cfg in (PMoDConfig(string=False), PMoDConfig(ratios=[1.0] * 8 + [0.5] * 24), PMoDConfig(weight_norm="none")):
+        assert variant_label(cfg) == cfg.spec()
     assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.4", "label=mine"]).label == "mine"
     assert load_recipe("pmod-llava-next-7b-sft", ["train.lr=1e-5"]).label == "llava-next-7b/p-MoD-0.5"
     assert load_recipe("pmod-llava-next-7b-sft", ["pmod.shift=0.5"]).label == "llava-next-7b/p-MoD-0.5"  # unchanged

@@ -130,13 +130,17 @@ class MatchResult:
     achieved: float
     rel_err: float
     target_label: str
+    """the target as typed (``p-MoD-0.5``, ``pmod:shift=0.5``) or written (``21.94 TFLOPs``, ``kv=0.537``): display"""
     convention: str = "headline"
     solved: dict[str, Any] = field(default_factory=dict)
+    target_pmod: Optional[dict[str, Any]] = None
+    """the ``--match`` variant's configuration as data, ``PMoDConfig.to_dict()``; None for the baseline, a method,
+    ``--match-tflops`` and ``--match-kv`` (reports recognise the target by it, never by ``target_label``)"""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.config.to_dict(), "metric": self.metric, "target": self.target, "achieved": self.achieved,
-                "rel_err": self.rel_err, "target_label": self.target_label, "convention": self.convention,
-                "solved": dict(self.solved)}
+                "rel_err": self.rel_err, "target_label": self.target_label, "target_pmod": self.target_pmod,
+                "convention": self.convention, "solved": dict(self.solved)}
 
 
 def _value(f: MethodFlops, metric: str, convention: str) -> float:
@@ -146,14 +150,15 @@ def _value(f: MethodFlops, metric: str, convention: str) -> float:
     return float(llm + (f.vision if metric == "ttft" else 0))
 
 
-def target_value(target: str, arch, image_size: tuple[int, int], text_tokens: int, metric: str, convention: str,
+def target_value(target: Any, arch, image_size: tuple[int, int], text_tokens: int, metric: str, convention: str,
                  logits_tokens: int = 1) -> float:
-    """The metric of a profiler variant (``p-MoD-0.5``, ``baseline``, ``ratios:...``) on the same arch and image."""
+    """The metric of a profiler variant (``p-MoD-0.5``, ``baseline``, ``ratios:...``, or a parsed ``Variant``) on the
+    same arch and image."""
     from pmod_bench.profiler.arch import vision_layout
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
-    from pmod_bench.profiler.variants import parse_variant
+    from pmod_bench.profiler.variants import Variant, parse_variant
 
-    v = parse_variant(target)
+    v = target if isinstance(target, Variant) else parse_variant(target)
     layout = vision_layout(arch, image_size)
     V, L = layout.vision_tokens, arch.text.layers
     kept, routers = v.kept_vision_tokens(L, V), v.router_layers(L)
@@ -181,6 +186,7 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
 
     arch = load_arch(arch) if isinstance(arch, str) else arch
     cfg = parse_method_spec(method)
+    target_pmod: Optional[dict[str, Any]] = None
     given = [x is not None for x in (match, tflops, kv)]
     if sum(given) != 1:
         raise MethodError("give exactly one target: --match VARIANT (e.g. p-MoD-0.5), --match-tflops X or --match-kv Y.")
@@ -198,10 +204,13 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
             raise MethodError(f"--match-tflops must be > 0, got {tflops}.")
         target, label = float(tflops) * 1e12, f"{tflops:g} TFLOPs"
     else:
+        from pmod_bench.profiler.variants import parse_variant
+
         if metric not in METRICS:
             raise MethodError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
-        target = target_value(match, arch, image_size, text_tokens, metric, convention, logits_tokens)
-        label = str(match)
+        variant = parse_variant(match)
+        target = target_value(variant, arch, image_size, text_tokens, metric, convention, logits_tokens)
+        label, target_pmod = str(match), variant.describe()["pmod"]
     geometry = ModelGeometry.from_config(arch.config)
     cfg.check_model(geometry)
     best: Optional[tuple[float, MethodConfig, float]] = None
@@ -227,7 +236,7 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
     prefer = getattr(cfg, "prefer", None)
     if callable(prefer):  # a budget of several axes (iLLaVA): of the settings within tolerance, the method's preferred one
         err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (prefer(s[1]), s[0]))
-    return MatchResult(chosen, metric, target, val, err, label, convention, chosen.budget())
+    return MatchResult(chosen, metric, target, val, err, label, convention, chosen.budget(), target_pmod)
 
 
 __all__ = ["MethodFlops", "MatchResult", "method_account", "method_flops", "tower_flops", "solve", "target_value",

@@ -14,7 +14,8 @@ and says, in one line, what range is valid. Field docstrings (the string under a
 from the source (:func:`field_docs`) and shown in the errors that list a method's keys.
 
 One text form everywhere (CLI, lmms-eval model args, profiler): ``NAME`` or ``NAME:key=value,...``
-(:func:`parse_method_spec`), e.g. ``visionzip:dominant=54,contextual=10``. A config turns into a plain
+(:func:`parse_method_spec`), e.g. ``visionzip:dominant=54,contextual=10``, read by the splitter every spec
+shares (:func:`pmod_bench.model.config.split_spec`, as the p-MoD variant specs). A config turns into a plain
 dict (``to_dict``: ``{"method": NAME, **fields}``) and back (``from_dict``); result rows carry that dict.
 
 ``stage`` says where a method acts: ``"vision"`` = on the vision features, before the LLM (the LLM
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
 
 from pmod_bench.fielddocs import field_docs
+from pmod_bench.model.config import SpecError, split_spec
 
 #: registered name -> MethodConfig subclass
 METHODS: dict[str, type["MethodConfig"]] = {}
@@ -321,22 +323,17 @@ def parse_method_spec(spec: Union[str, dict, MethodConfig], **overrides: Any) ->
     text = str(spec).strip()
     if not text:
         raise MethodError(f"empty method spec; give NAME or NAME:key=value,... with NAME in {', '.join(sorted(METHODS))}.")
-    name, _, rest = text.partition(":")
-    klass = get_method(name)
+    klass = get_method(text.partition(":")[0])  # the name first: an unknown method is the error to report
     hints = get_type_hints(klass)
     fields = {f.name: f for f in dataclasses.fields(klass)}
+    try:
+        _, options = split_spec(text, example=f"{klass.name}:{next(iter(fields), 'key')}=...")
+    except SpecError as exc:
+        raise MethodError(str(exc)) from None
     values: dict[str, Any] = {}
-    for item in (p.strip() for p in rest.split(",")) if rest.strip() else ():
-        if not item:
-            continue
-        key, eq, value = item.partition("=")
-        key = key.strip().lower()
-        if not eq or not key:
-            raise MethodError(f"bad option '{item}' in '{spec}': expected key=value, e.g. {klass.name}:{next(iter(fields), 'key')}=...")
+    for key, value in options.items():
         if key not in fields:
             raise MethodError(_unknown_keys_message(klass, [key]))
-        if key in values:
-            raise MethodError(f"option '{key}' is given twice in '{spec}'.")
         values[key] = _convert(value, hints[key], f"{klass.name}: {key}")
     unknown = sorted(set(overrides) - set(fields))
     if unknown:

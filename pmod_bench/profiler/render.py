@@ -71,7 +71,7 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
         )
         # the paper's numbers describe one scenario (672x672, 58 text tokens; latency at batch 1): nowhere else
         in_scenario = r0.get("paper_scenario", is_paper_scenario(size, T))
-        has_paper = paper and in_scenario and any(paper_value(arch, r["variant"], "tflops") is not None for r in rs)
+        has_paper = paper and in_scenario and any(paper_value(arch, r, "tflops") is not None for r in rs)
         paper_latency = has_paper and B == 1
         timed = [r for r in rs if r["prefill_latency_ms"] is not None]
         has_floor = any(r.get("prefill_floor_ms") is not None for r in rs)
@@ -105,7 +105,7 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
             right.append(True)
         table = [head]
         for r in rs:
-            pv = lambda m, r=r: paper_value(arch, r["variant"], m)  # noqa: E731
+            pv = lambda m, r=r: paper_value(arch, r, m)  # noqa: E731
             cells = [r["variant"], f"{r['prefill_tflops'] * scale:.2f}", f"{r['prefill_tflops_causal'] * scale:.2f}",
                      f"{r.get('prefill_tflops_paper', 0.0) * scale:.2f}"]
             if has_paper:

@@ -262,7 +262,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     """Run directory: run.json, train_log.jsonl, train_summary.json, checkpoints, and the final model (save_pretrained + processor)."""
     label: str | None = None
-    """run.json label; MODEL/VARIANT (llava-next-7b/p-MoD-0.5) lets `pmod-bench report` match the run to the paper's tables."""
+    """run.json label; MODEL/VARIANT (llava-next-7b/p-MoD-0.5) names the paper model for `pmod-bench report` (the row follows train_summary.json's pmod data)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (see model.*)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -334,18 +334,13 @@ class TrainConfig:
 
 
 def variant_label(pmod: PMoDConfig | None) -> str:
-    """The VARIANT of a ``MODEL/VARIANT`` run label for these settings (docs/RUN_DIRS.md's naming).
+    """The VARIANT of a ``MODEL/VARIANT`` run label for these settings: ``baseline``, else ``PMoDConfig.spec()``
+    (``p-MoD-0.4``, ``p-MoD-linear-0.4``, ``pmod:string=false``), the one display name of a configuration.
 
-    baseline; ``p-MoD-<shift>`` for the paper's p-MoD (cosine PRD in [0.15, 0.85], TanhNorm 0.2, STRing);
-    otherwise PMoDConfig.name with the settings that differ from that default in brackets (no paper row).
+    Display only: ``pmod-bench report`` matches a train run on ``train_summary.json``'s ``pmod`` (the label only
+    for runs written before it), so a label that no longer fits the configuration misplaces nothing.
     """
-    if pmod is None:
-        return "baseline"
-    default = PMoDConfig()
-    skip = {"schedule", "shift", "overflow_guard", "ratios"}
-    diffs = [f"{f.name}={getattr(pmod, f.name)}" for f in dataclasses.fields(PMoDConfig)
-             if f.name not in skip and getattr(pmod, f.name) != getattr(default, f.name)]
-    return pmod.name + (f"[{','.join(diffs)}]" if diffs else "")
+    return "baseline" if pmod is None else pmod.spec()
 
 
 def _pmod_from_dict(d: dict) -> PMoDConfig:
