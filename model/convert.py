@@ -485,9 +485,16 @@ def _hf_pinpoints(cfg: dict, tile: int) -> list[list[int]]:
 
 def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_size: int, image_token_id: int, pad_token_id) -> ConversionPlan:
     """Check the original config + weights for consistency and build the HF config."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaNextConfig
+    select, next_shape = _check_supported(cfg, vt)
+    L = int(cfg["num_hidden_layers"])
+    text = _text_config(cfg, vocab_size, pad_token_id)
+    pmod, notes = _checked_pmod(cfg, mapped, L)
+    kind, hf = _hf_config(cfg, vt, mapped, text, image_token_id, select, next_shape, pmod)
+    return ConversionPlan(kind, hf, pmod, notes)
 
-    notes: list[str] = []
+
+def _check_supported(cfg: dict, vt: VisionTower) -> tuple[str, bool]:
+    """(mm_vision_select_feature, whether the checkpoint is LLaVA-NeXT-shaped) once the config's features have HF equivalents."""
     missing = [k for k in REQUIRED_FIELDS if k not in cfg]
     if missing:
         raise ConversionError(f"config.json lacks {missing}, which the original LLaVA layout always has; is this the right directory?")
@@ -519,8 +526,13 @@ def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_siz
         )
     if cfg.get("max_num_patches"):
         raise ConversionError(f"max_num_patches={cfg['max_num_patches']} (anyres_max feature interpolation) has no HF LLaVA-NeXT equivalent.")
+    return select, next_shape
 
-    L = int(cfg["num_hidden_layers"])
+
+def _text_config(cfg: dict, vocab_size: int, pad_token_id) -> dict:
+    """The HF Llama text config (as a dict) of the original's top-level LLM fields, validated."""
+    from transformers import LlamaConfig
+
     text = {k: cfg[k] for k in LLAMA_FIELDS if k in cfg and cfg[k] is not None}
     text.pop("pretraining_tp", None)
     text.update(model_type="llama", vocab_size=vocab_size)
@@ -530,12 +542,17 @@ def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_siz
         raise ConversionError(f"rope_scaling {text['rope_scaling']} is not supported by this converter (Vicuna uses none).")
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(text.pop("rope_theta", 10000.0))}
     LlamaConfig(**text)  # validate early
+    return text
 
+
+def _checked_pmod(cfg: dict, mapped: MappedWeights, L: int) -> tuple[Optional[PMoDConfig], list[str]]:
+    """(the checkpoint's PMoDConfig (None: vanilla), the notes reading its p-MoD fields gave), once the layers
+    and routers the weights hold are those the config describes."""
+    notes: list[str] = []
     is_pmod = "mod_target_layers" in cfg and cfg["mod_target_layers"]
     if cfg.get("model_type") == "pmod_llava_llama" and not is_pmod:
         raise ConversionError("config.json says pmod_llava_llama but has no mod_target_layers; add it (e.g. shiftedcos_decay_0.85_0.15).")
     pmod = None
-    # --- the layers and routers the weights hold must be those the config describes --------------
     if mapped.wrapped & mapped.plain:
         raise ConversionError(f"layers {sorted(mapped.wrapped & mapped.plain)} are saved both plain and as p-MoD (decoder_layer.*).")
     if mapped.routers != mapped.wrapped:
@@ -566,6 +583,13 @@ def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_siz
             f"the weights hold p-MoD routers for layers {sorted(mapped.routers)} but config.json has no mod_target_layers; "
             "add the p-MoD fields (mod_target_layers, mod_router_factor, mod_weight_norm, ...)."
         )
+    return pmod, notes
+
+
+def _hf_config(cfg: dict, vt: VisionTower, mapped: MappedWeights, text: dict, image_token_id: int, select: str,
+               next_shape: bool, pmod: Optional[PMoDConfig]) -> tuple[str, Any]:
+    """(ConversionPlan.kind, the HF config): (p-MoD-)LLaVA(-NeXT) around the vision tower's and ``text``'s configs."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     common = dict(
         vision_config=vt.config.to_dict(), text_config=text, image_token_index=image_token_id,
@@ -587,7 +611,7 @@ def plan_conversion(cfg: dict, vt: VisionTower, mapped: MappedWeights, vocab_siz
     if not next_shape:
         per_side = vt.image_size // vt.config.patch_size
         hf.image_seq_length = per_side * per_side + (1 if select == "cls_patch" else 0)
-    return ConversionPlan(kind, hf, pmod, notes)
+    return kind, hf
 
 
 def _resize_rows(t, rows: int):
