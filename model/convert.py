@@ -641,11 +641,51 @@ def convert_checkpoint(
     weights in this dtype (default: the checkpoint's LLM dtype; the vision tower is cast to it, as the
     original runs it). Writes into a temporary sibling of ``dst`` and renames it when complete.
     """
-    import torch
+    src_dir, dst, cfg = _original_source(src, dst, overwrite, cache_dir)
 
-    from .dtypes import torch_dtype
+    # 1. weights, renamed --------------------------------------------------------------------------
+    mapped = _mapped_weights(src_dir, progress)
+    vt = resolve_vision_tower(cfg["mm_vision_tower"], mapped.vision, override=vision_tower, cache_dir=cache_dir)
+    vision_sd = mapped.vision or vt.state_dict
+
+    # 2. tokenizer and vocabulary ----------------------------------------------------------------
+    tok, added = load_original_tokenizer(src_dir, cfg.get("tokenizer_model_max_length"))
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    old_vocab = int(cfg["vocab_size"])
+    vocab = max(old_vocab, len(tok))
+    plan = plan_conversion(cfg, vt, mapped, vocab, image_token_id, tok.pad_token_id)
+    if vocab > old_vocab:
+        plan.notes.append(f"vocabulary grown {old_vocab} -> {vocab} for {added or 'tokenizer'} (zero rows, suppressed in generation)")
+
+    # 3. the HF model: names must match one to one --------------------------------------------------
+    model, target_dtype = _hf_model(plan, mapped, vision_sd, vocab, dtype, src_dir)
+
+    # 4. write: temp dir + rename -----------------------------------------------------------------
+    processor = _processor(plan, cfg, vt, tok, chat_template)
+    model.generation_config = _generation_config(src_dir, tok, old_vocab, vocab)
+    marker = {
+        "converter_version": CONVERTER_VERSION,
+        "source": str(src_dir.resolve()),
+        "kind": plan.kind,
+        "pmod": plan.pmod.to_dict() if plan.pmod else None,
+        "router_layers": sorted(mapped.routers),
+        "layer_ratios": plan.pmod.layer_ratios(int(cfg["num_hidden_layers"])) if plan.pmod else None,
+        "vision_tower": {"saved_in_checkpoint": bool(mapped.vision), "source": vt.source},
+        "image_token_id": image_token_id,
+        "vocab_size": {"original": old_vocab, "converted": vocab},
+        "dtype": str(target_dtype).replace("torch.", ""),
+        "dropped_tensors": mapped.dropped,
+        "notes": plan.notes,
+        "original_config": cfg,
+    }
+    _write_converted(dst, model, processor, marker, overwrite, max_shard_size)
+    return dst
+
+
+def _original_source(src, dst, overwrite: bool, cache_dir) -> tuple[Path, Path, dict]:
+    """(the source directory, ``dst`` as a Path, the source's config.json), once ``src`` is in the original
+    layout and ``dst`` is free (empty, or ``overwrite``)."""
     from .sources import read_config_json, resolve_source_dir
-    from .presets import VICUNA_V1_TEMPLATE
 
     src_dir = resolve_source_dir(str(src), cache_dir=cache_dir)
     dst = Path(dst).expanduser()
@@ -660,8 +700,11 @@ def convert_checkpoint(
     missing = [k for k in REQUIRED_FIELDS if k not in cfg]
     if missing:
         raise ConversionError(f"{src_dir / 'config.json'} lacks {missing}, which the original LLaVA layout always has.")
+    return src_dir, dst, cfg
 
-    # 1. weights, renamed --------------------------------------------------------------------------
+
+def _mapped_weights(src_dir: Path, progress: bool) -> MappedWeights:
+    """The checkpoint's weights under their HF names; every tensor must have an original LLaVA / p-MoD name."""
     sd = read_state_dict(weight_files(src_dir), progress=progress)
     mapped = map_original_keys(sd)
     del sd
@@ -672,22 +715,19 @@ def convert_checkpoint(
             "model.layers.N.decoder_layer.*, model.layers.N.router.router.*, model.mm_projector.{0,2}.*, "
             f"model.image_newline, {VISION_PREFIX}*, lm_head.weight)."
         )
-    vt = resolve_vision_tower(cfg["mm_vision_tower"], mapped.vision, override=vision_tower, cache_dir=cache_dir)
-    vision_sd = mapped.vision or vt.state_dict
+    return mapped
 
-    # 2. tokenizer and vocabulary ----------------------------------------------------------------
-    tok, added = load_original_tokenizer(src_dir, cfg.get("tokenizer_model_max_length"))
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    old_vocab = int(cfg["vocab_size"])
-    vocab = max(old_vocab, len(tok))
-    plan = plan_conversion(cfg, vt, mapped, vocab, image_token_id, tok.pad_token_id)
-    if vocab > old_vocab:
-        plan.notes.append(f"vocabulary grown {old_vocab} -> {vocab} for {added or 'tokenizer'} (zero rows, suppressed in generation)")
 
-    # 3. the HF model: names must match one to one --------------------------------------------------
+def _hf_model(plan: ConversionPlan, mapped: MappedWeights, vision_sd: dict, vocab: int, dtype, src_dir: Path):
+    """(the HF model of ``plan`` holding the checkpoint's weights, their dtype): ``dtype``, default the LLM's.
+
+    The weights must be exactly those the model has, name for name and shape for shape.
+    """
+    import torch
     from transformers import AutoModelForImageTextToText
 
     from . import modeling  # noqa: F401  (importing it registers the Auto classes)
+    from .dtypes import torch_dtype
 
     target_dtype = torch_dtype(dtype) if dtype not in (None, "auto") else None
     lm_dtype = mapped.state_dict["model.language_model.embed_tokens.weight"].dtype \
@@ -705,8 +745,20 @@ def convert_checkpoint(
     if plan.hf_config.tie_word_embeddings:
         full.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
-    missing = sorted(expected - set(full))
-    unexpected = sorted(set(full) - expected)
+    _check_weight_names(expected, set(full), vision_prefix, plan.kind, mapped.routers, src_dir)
+    shapes = [(k, tuple(full[k].shape), tuple(v.shape)) for k, v in model.state_dict().items() if tuple(full[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise ConversionError(f"weight shapes disagree with config.json: {shapes[:5]} (name, checkpoint, expected).")
+    full = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in full.items()}
+    model.load_state_dict(full, strict=True, assign=True)
+    plan.hf_config.dtype = target_dtype
+    return model, target_dtype
+
+
+def _check_weight_names(expected: set, got: set, vision_prefix: str, kind: str, routed: set, src_dir: Path) -> None:
+    """The weight names ``got`` must be the model's ``expected`` ones; the error names them in the original layout."""
+    missing = sorted(expected - got)
+    unexpected = sorted(got - expected)
     if missing or unexpected:
         hint = []
         if any(k.startswith(vision_prefix) for k in missing + unexpected):
@@ -714,60 +766,49 @@ def convert_checkpoint(
         if "model.image_newline" in missing:
             hint.append("a LLaVA-NeXT (anyres + spatial_unpad) checkpoint must contain model.image_newline")
         raise ConversionError(
-            f"the weights of {src_dir} do not match the {plan.kind} architecture its config describes: missing "
-            f"{_orig_names(missing, mapped.routers)[:8]}, unexpected {_orig_names(unexpected, mapped.routers)[:8]}. " + "; ".join(hint)
+            f"the weights of {src_dir} do not match the {kind} architecture its config describes: missing "
+            f"{_orig_names(missing, routed)[:8]}, unexpected {_orig_names(unexpected, routed)[:8]}. " + "; ".join(hint)
         )
-    shapes = [(k, tuple(full[k].shape), tuple(v.shape)) for k, v in model.state_dict().items() if tuple(full[k].shape) != tuple(v.shape)]
-    if shapes:
-        raise ConversionError(f"weight shapes disagree with config.json: {shapes[:5]} (name, checkpoint, expected).")
-    full = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in full.items()}
-    model.load_state_dict(full, strict=True, assign=True)
-    plan.hf_config.dtype = target_dtype
 
-    # 4. write: temp dir + rename -----------------------------------------------------------------
-    from transformers import GenerationConfig
+
+def _processor(plan: ConversionPlan, cfg: dict, vt: VisionTower, tok, chat_template: Optional[str]):
+    """The HF LLaVA(-NeXT) processor: the original's image preprocessing, ``tok`` with the chat template (default Vicuna v1)."""
+    from .presets import VICUNA_V1_TEMPLATE
 
     template = chat_template or VICUNA_V1_TEMPLATE
     tok.chat_template = template
-    processor = llava_processor(
+    return llava_processor(
         _image_processor(plan.kind, cfg, vt), tok, patch_size=vt.config.patch_size, chat_template=template,
         vision_feature_select_strategy=plan.hf_config.vision_feature_select_strategy,
     )
+
+
+def _generation_config(src_dir: Path, tok, old_vocab: int, vocab: int):
+    """The source's generation config (or the default) with ``tok``'s special tokens; the added vocabulary suppressed."""
+    from transformers import GenerationConfig
+
     gen = GenerationConfig.from_pretrained(str(src_dir)) if (src_dir / "generation_config.json").is_file() else GenerationConfig()
     gen.pad_token_id = tok.pad_token_id
     gen.bos_token_id = tok.bos_token_id if gen.bos_token_id is None else gen.bos_token_id
     gen.eos_token_id = tok.eos_token_id if gen.eos_token_id is None else gen.eos_token_id
     if vocab > old_vocab:
         gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(range(old_vocab, vocab)))
-    model.generation_config = gen
+    return gen
 
+
+def _write_converted(dst: Path, model, processor, marker: dict, overwrite: bool, max_shard_size: str) -> None:
+    """Save ``model``, ``processor`` and the provenance ``marker`` into a temporary sibling of ``dst``, then publish it as ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         processor.save_pretrained(str(tmp))
-        marker = {
-            "converter_version": CONVERTER_VERSION,
-            "source": str(src_dir.resolve()),
-            "kind": plan.kind,
-            "pmod": plan.pmod.to_dict() if plan.pmod else None,
-            "router_layers": sorted(mapped.routers),
-            "layer_ratios": plan.pmod.layer_ratios(int(cfg["num_hidden_layers"])) if plan.pmod else None,
-            "vision_tower": {"saved_in_checkpoint": bool(mapped.vision), "source": vt.source},
-            "image_token_id": image_token_id,
-            "vocab_size": {"original": old_vocab, "converted": vocab},
-            "dtype": str(target_dtype).replace("torch.", ""),
-            "dropped_tensors": mapped.dropped,
-            "notes": plan.notes,
-            "original_config": cfg,
-        }
         (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2, default=str))
         apply_default_modes(tmp)  # safetensors writes model.safetensors 0600; the rest of DST is umask-based
         _publish(tmp, dst, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 def _orig_names(hf_keys: list[str], routed: set) -> list[str]:
