@@ -123,12 +123,30 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
     """
     cols = table.value_columns
     measured = {r.key: _measured_sources(table, r.key, rep) for r in table.rows if r.key} if rep is not None else {}
-    compare = any(measured.values())
+    lines, used, sources = _paper_lines(table, rep, measured)
+    extra: list[str] = []
+    if rep is not None:
+        measured_lines, extra, extra_sources = _measured_lines(table, rep)
+        lines += measured_lines
+        sources.extend(s for s in extra_sources if s not in sources)
+    notes = _table_notes(table, with_runs=rep is not None)
+    if rep is not None:
+        notes += _comparison_notes(table, measured, used, extra)
+    return ReportTable(
+        id=table.id, number=table.number, title=table.title, label_header=table.label_column.header,
+        columns=cols, lines=tuple(lines), compare=any(measured.values()) or bool(extra), notes=tuple(notes),
+        sources=tuple(sources),
+    )
+
+
+def _paper_lines(table: PaperTable, rep: Optional[Reproduction], measured: dict) -> tuple[list[Line], list[str], list[str]]:
+    """(lines, what reproduced each row, the runs read): every paper row's line, with reproduced and diff
+    lines after each row some run measured (``measured``: the runs per row key)."""
     lines: list[Line] = []
     used: list[str] = []
     sources: list[str] = []
     for gi, row in enumerate(table.rows):
-        paper_vals = tuple(row.cells.get(c.key) for c in cols)
+        paper_vals = tuple(row.cells.get(c.key) for c in table.value_columns)
         lines.append(Line(row.label, "paper", paper_vals, row.key, gi))
         if measured.get(row.key):
             repro = _reproduced_values(table, row.key, rep)
@@ -136,26 +154,35 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
             lines.append(Line("", "diff", _diff(paper_vals, repro), row.key, gi))
             used.append(f"{row.label or row.key} ({row.key}): {', '.join(measured[row.key])}")
             sources.extend(s for s in measured[row.key] if s not in sources)
-    # runs of configurations no paper row reports, whose variant this table has: their own lines
+    return lines, used, sources
+
+
+def _measured_lines(table: PaperTable, rep: Reproduction) -> tuple[list[Line], list[str], list[str]]:
+    """(lines, what each measured, the runs read) of runs of configurations no paper row reports, whose
+    variant this table has: their own lines."""
+    lines: list[Line] = []
     extra: list[str] = []
-    if rep is not None:
-        variants = {r.variant for r in table.rows if r.variant}
-        # a comparison table also shows runs of the registry's methods that the paper does not report
-        # (downsample, random, random_llm, prumerge_plus), on the paper's model or another one
-        method_table = bool(variants & set(PAPER_METHOD_VARIANTS.values()))
-        for key in rep.keys:
-            variant = key.rpartition("/")[2]
-            if key in paper_keys() or not (variant in variants or (method_table and variant in rep.method_variants)):
-                continue
-            srcs = _measured_sources(table, key, rep)
-            if not srcs:
-                continue
-            model, _, variant = key.rpartition("/")
-            lines.append(Line(f"{model} · {variant}", "measured", _reproduced_values(table, key, rep), key, len(table.rows) + len(extra)))
-            extra.append(f"{model} · {variant}: {', '.join(srcs)}")
-            sources.extend(s for s in srcs if s not in sources)
-    matched_paper = compare
-    compare = compare or bool(extra)
+    sources: list[str] = []
+    variants = {r.variant for r in table.rows if r.variant}
+    # a comparison table also shows runs of the registry's methods that the paper does not report
+    # (downsample, random, random_llm, prumerge_plus), on the paper's model or another one
+    method_table = bool(variants & set(PAPER_METHOD_VARIANTS.values()))
+    for key in rep.keys:
+        variant = key.rpartition("/")[2]
+        if key in paper_keys() or not (variant in variants or (method_table and variant in rep.method_variants)):
+            continue
+        srcs = _measured_sources(table, key, rep)
+        if not srcs:
+            continue
+        model, _, variant = key.rpartition("/")
+        lines.append(Line(f"{model} · {variant}", "measured", _reproduced_values(table, key, rep), key, len(table.rows) + len(extra)))
+        extra.append(f"{model} · {variant}: {', '.join(srcs)}")
+        sources.extend(s for s in srcs if s not in sources)
+    return lines, extra, sources
+
+
+def _table_notes(table: PaperTable, with_runs: bool) -> list[str]:
+    """The notes every report of ``table`` has, up to its source: the paper's, and what this toolkit reproduces."""
     notes: list[str] = []
     notes.extend(table.notes)
     for row in table.rows:
@@ -172,8 +199,8 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
         notes.append(f"{', '.join(registry)}: training-free, reproduced from eval runs of the method "
                      "(pmod-bench eval --method NAME --match p-MoD-0.5: its budget solved to p-MoD-0.5's prefill FLOPs), "
                      "matched on the run's method config"
-                     + ("; TFLOPs / KV cache from a profile row of the same config." if any(c.kind == "efficiency" for c in cols)
-                        else "."))
+                     + ("; TFLOPs / KV cache from a profile row of the same config."
+                        if any(c.kind == "efficiency" for c in table.value_columns) else "."))
     other = [r.label.lstrip("+ ").strip() for r in table.rows
              if r.variant and r.variant not in TRAINED_ONLY_VARIANTS and r.variant not in PAPER_METHOD_VARIANTS.values()
              and r.variant != "baseline" and not r.variant.startswith("p-MoD") and "MoD" not in r.variant]
@@ -183,25 +210,27 @@ def build_table(table: PaperTable, rep: Optional[Reproduction] = None) -> Report
         notes.append(
             f"AVG: mean of {', '.join(table.avg_over)}"
             + (" (MME as score/20)" if "MME" in table.avg_over else "")
-            + ("; a reproduced AVG only when every one of them was measured." if rep is not None else ".")
+            + ("; a reproduced AVG only when every one of them was measured." if with_runs else ".")
         )
     notes.append(f"Source: {table.source_text}.")
-    if rep is not None:
-        if matched_paper:
-            notes.append("diff = reproduced - paper; a dash marks a value no run measured.")
-            notes.extend(f"Reproduced {u}." for u in used)
-            if any(not measured.get(r.key) for r in table.rows if r.key):
-                notes.append("Rows without a reproduced line were not matched by any run.")
-        elif any(r.key for r in table.rows):
-            notes.append("No run matched a row of this table.")
-        if extra:
-            notes.append("measured = a run of a model that is not the paper's (or of a configuration the paper does not "
-                         "report): its own values, with no paper counterpart and no diff.")
-            notes.extend(f"Measured {u}." for u in extra)
-    return ReportTable(
-        id=table.id, number=table.number, title=table.title, label_header=table.label_column.header,
-        columns=cols, lines=tuple(lines), compare=compare, notes=tuple(notes), sources=tuple(sources),
-    )
+    return notes
+
+
+def _comparison_notes(table: PaperTable, measured: dict, used: list[str], extra: list[str]) -> list[str]:
+    """The notes of a report with runs: what the reproduced, diff and measured lines are, and which runs gave them."""
+    notes: list[str] = []
+    if any(measured.values()):
+        notes.append("diff = reproduced - paper; a dash marks a value no run measured.")
+        notes.extend(f"Reproduced {u}." for u in used)
+        if any(not measured.get(r.key) for r in table.rows if r.key):
+            notes.append("Rows without a reproduced line were not matched by any run.")
+    elif any(r.key for r in table.rows):
+        notes.append("No run matched a row of this table.")
+    if extra:
+        notes.append("measured = a run of a model that is not the paper's (or of a configuration the paper does not "
+                     "report): its own values, with no paper counterpart and no diff.")
+        notes.extend(f"Measured {u}." for u in extra)
+    return notes
 
 
 def build_tables(rep: Optional[Reproduction] = None, tables: Optional[Sequence[Union[int, str]]] = None) -> list[ReportTable]:
