@@ -15,6 +15,7 @@ Other files already in ``DIR`` are left alone.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import re
@@ -236,15 +237,8 @@ def build_report(
     or :class:`ReportError` before anything is written.
     """
     run_dirs = list(run_dirs)
-    if paper and run_dirs:
-        raise ReportError("--paper renders the paper alone; drop --paper to compare runs with the paper.")
-    if not paper and not run_dirs:
-        raise ReportError("give one or more RUN_DIRs to compare with the paper, or --paper for the paper's own tables.")
-    if labels and paper:
-        raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
+    _check_arguments(run_dirs, output, paper, labels)
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ReportError(f"--output {output} exists and is not a directory; choose another path.")
     if command is None:
         command = "pmod-bench report " + ("--paper" if paper else " ".join(map(str, run_dirs))) + f" --output {output}"
 
@@ -256,34 +250,13 @@ def build_report(
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     result = ReportResult(output=output)
     try:
-        tables = build_tables(rep)
-        table_files: list[tuple[ReportTable, list[str]]] = []
-        for t in tables:
-            files = []
-            for ext, render in RENDERERS.items():
-                rel = f"tables/{t.id}.{ext}"
-                _write(stage / rel, render(t))
-                files.append(rel)
-            table_files.append((t, files))
+        table_files = _write_tables(stage, build_tables(rep))
         fig_items: list[_Item] = []
         if figures:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as e:
-                raise ReportError("figures need matplotlib: pip install matplotlib (or pass --no-figures).") from e
+            _require_matplotlib()
             fig_items = _figures(stage, rep, runs, notes)
         _write(stage / "index.md", _index(command, runs, rep, table_files, fig_items, notes))
-        summary: dict[str, Any] = {
-            "mode": "paper" if paper else "runs",
-            "command": command,
-            "tables": {t.id: {"files": files, "reproduced_rows": sorted({ln.key for ln in t.lines if ln.kind == "reproduced"})}
-                       for t, files in table_files},
-            "figures": {f.name: f.files for f in fig_items},
-            "runs": [{"path": str(r.path), "kind": r.kind, "label": r.label} for r in runs],
-            "matches": [{"source": e.source, "key": e.key, "how": e.how} for e in (rep.entries if rep else [])],
-            "notes": notes,
-            "warnings": list(rep.warnings) if rep is not None else [],
-        }
+        summary = _summary(command, paper, runs, rep, table_files, fig_items, notes)
         _write(stage / "report.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
         # every file exists: move them into place
@@ -300,6 +273,57 @@ def build_report(
     result.notes = notes
     result.warnings = list(rep.warnings) if rep is not None else []
     return result
+
+
+def _check_arguments(run_dirs: list, output: "str | Path", paper: bool, labels: Optional[Mapping[str, str]]) -> None:
+    """A :class:`ReportError` for arguments that ask for no report or for two at once, or for an ``output`` that is a file."""
+    if paper and run_dirs:
+        raise ReportError("--paper renders the paper alone; drop --paper to compare runs with the paper.")
+    if not paper and not run_dirs:
+        raise ReportError("give one or more RUN_DIRs to compare with the paper, or --paper for the paper's own tables.")
+    if labels and paper:
+        raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ReportError(f"--output {output} exists and is not a directory; choose another path.")
+
+
+def _write_tables(stage: Path, tables: Sequence[ReportTable]) -> list[tuple[ReportTable, list[str]]]:
+    """Each table rendered in every format (tables/ID.EXT under ``stage``), with its files' relative paths."""
+    table_files: list[tuple[ReportTable, list[str]]] = []
+    for t in tables:
+        files = []
+        for ext, render in RENDERERS.items():
+            rel = f"tables/{t.id}.{ext}"
+            _write(stage / rel, render(t))
+            files.append(rel)
+        table_files.append((t, files))
+    return table_files
+
+
+def _require_matplotlib() -> None:
+    """The figures are drawn with matplotlib: when it cannot be imported, a :class:`ReportError` naming the fix
+    (before any figure is drawn, so nothing is written)."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError as e:
+        raise ReportError("figures need matplotlib: pip install matplotlib (or pass --no-figures).") from e
+
+
+def _summary(command: str, paper: bool, runs: Sequence[Run], rep: Optional[Reproduction],
+             table_files: Sequence[tuple[ReportTable, list[str]]], fig_items: Sequence[_Item], notes: list[str]) -> dict[str, Any]:
+    """report.json: the report's tables, figures, runs and their matches, notes and warnings."""
+    return {
+        "mode": "paper" if paper else "runs",
+        "command": command,
+        "tables": {t.id: {"files": files, "reproduced_rows": sorted({ln.key for ln in t.lines if ln.kind == "reproduced"})}
+                   for t, files in table_files},
+        "figures": {f.name: f.files for f in fig_items},
+        "runs": [{"path": str(r.path), "kind": r.kind, "label": r.label} for r in runs],
+        "matches": [{"source": e.source, "key": e.key, "how": e.how} for e in (rep.entries if rep else [])],
+        "notes": notes,
+        "warnings": list(rep.warnings) if rep is not None else [],
+    }
 
 
 __all__ = ["build_report", "ReportResult", "ReportError"]
