@@ -90,7 +90,7 @@ def make_inputs(args, processor):
     return {k: v.to(args.device) for k, v in enc.items()}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
@@ -103,24 +103,13 @@ def main(argv=None) -> int:
                     help="relative tolerance of the solver (default 0.01); a method that cannot reach it is run at its "
                          "nearest setting within 10%% and marked ~")
     ap.add_argument("--vision-layers", type=int, default=24, help="layers of the tiny CLIP tower (CLIP ViT-L: 24)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
 
-    from pmod_bench.methods import apply_method, available_methods, solve
-    from pmod_bench.methods.accounting import method_flops, target_value
-    from pmod_bench.model.cache import kv_cache_entries, output_cache
-    from pmod_bench.profiler.arch import arch_from_config, parse_image_size, vision_layout
-
-    args.image_size = parse_image_size(args.image_size)
-    vanilla, pmod, processor = build_models(args)
-    inputs = make_inputs(args, processor)
-    arch = arch_from_config("bench", vanilla.config)
-    V = vision_layout(arch, args.image_size).vision_tokens
-    N = int(inputs["input_ids"].shape[1])
-    T = N - V
-    args.vision_tokens, args.text_tokens = V, T  # common.analytic reads the shapes from args
-    size = args.image_size
+def solved_variants(args, arch, size, T: int) -> tuple[list, list[str]]:
+    """(variants, skipped): (label, method config, solver result) of vanilla, the target and every method whose
+    budget was solved to the target (within 10% when not within ``--match-tolerance``; ``skipped`` says so)."""
+    from pmod_bench.methods import available_methods, solve
 
     names = [m.strip() for m in args.methods.split(",")] if args.methods else sorted(available_methods())
     variants = [("vanilla", None, None), (args.match, None, None)]
@@ -137,11 +126,16 @@ def main(argv=None) -> int:
                 skipped.append(f"{name}: {' '.join(str(exc).split())}")
                 continue
         variants.append((name, res.config, res))
+    return variants, skipped
 
-    base_llm = target_value("baseline", arch, size, T, "prefill", "headline")
-    base_ttft = target_value("baseline", arch, size, T, "ttft", "headline")
-    pmod_llm = target_value(args.match, arch, size, T, "prefill", "headline")
-    pmod_ttft = target_value(args.match, arch, size, T, "ttft", "headline")
+
+def time_variants(args, variants, vanilla, pmod, inputs) -> tuple[dict, dict, float]:
+    """(prefill seconds per repeat, KV cache entries per layer, seconds of timing), by variant label: one
+    warm-up each, then ``--repeats`` interleaved repeats."""
+    import torch
+
+    from pmod_bench.methods import apply_method
+    from pmod_bench.model.cache import kv_cache_entries, output_cache
 
     def run(label, cfg):
         model = pmod if label == args.match else vanilla
@@ -166,18 +160,26 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for label, cfg, _ in variants:
             times[label].append(run(label, cfg)[0])
-    wall = time.time() - t_start
+    return times, kv, time.time() - t_start
 
+
+def target_flops(args, arch, size, T: int) -> dict[str, tuple[float, float]]:
+    """(LLM prefill, TTFT) FLOPs of the baseline and of the target ``--match``, analytic."""
+    from pmod_bench.methods.accounting import target_value
+
+    return {target: tuple(target_value(target, arch, size, T, metric, "headline") for metric in ("prefill", "ttft"))
+            for target in ("baseline", args.match)}
+
+
+def print_table(args, arch, size, T: int, variants, flops: dict, times: dict, kv: dict) -> None:
+    """The Markdown table: per variant its latency, FLOPs (LLM prefill, TTFT) and KV ratios to vanilla
+    (``flops``: :func:`target_flops`)."""
+    from pmod_bench.methods.accounting import method_flops
+
+    (base_llm, base_ttft), (pmod_llm, pmod_ttft) = flops["baseline"], flops[args.match]
     tv = statistics.median(times["vanilla"])
     kv_v_all = sum(kv["vanilla"])
     kv_v_vis = sum(e - T for e in kv["vanilla"])
-    print(f"shape: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, heads {args.heads}; tiny CLIP tower "
-          f"(hidden {arch.vision.hidden}, {arch.vision.layers} layers) on {args.tile} px tiles / {args.patch} px patches, "
-          f"{GRID_UNITS_NOTE}; image {size[0]}x{size[1]} -> {V} vision + {T} text tokens; {args.device} {args.dtype} "
-          f"{args.attn} (tower eager), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"vanilla prefill {spread(times['vanilla'])}; {args.repeats} interleaved repeats, {wall:.0f} s of timing")
-    print(f"check: common.analytic p-MoD/vanilla LLM FLOPs {analytic(pmod, args, False) / analytic(vanilla, args, False):.3f}")
-    print()
     print(f"| variant (solved to {args.match} LLM prefill FLOPs) | latency ratio (min-max) | LLM FLOPs ratio | TTFT FLOPs ratio "
           "| latency / LLM FLOPs | KV ratio, vision (cache) | KV ratio, all tokens | spread |")
     print("|---|---|---|---|---|---|---|---|")
@@ -198,6 +200,37 @@ def main(argv=None) -> int:
         sp = (max(ts) - min(ts)) / statistics.median(ts)
         print(f"| {name} | {lat:.3f} ({lo:.2f}-{hi:.2f}) | {llm:.3f} | {ttft:.3f} | {lat / llm:.2f} | {kv_vis:.3f} | "
               f"{kv_all:.3f} | {sp:.0%}{' !' if sp > 0.25 else ''} |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    from pmod_bench.profiler.arch import arch_from_config, parse_image_size, vision_layout
+
+    args.image_size = parse_image_size(args.image_size)
+    vanilla, pmod, processor = build_models(args)
+    inputs = make_inputs(args, processor)
+    arch = arch_from_config("bench", vanilla.config)
+    V = vision_layout(arch, args.image_size).vision_tokens
+    N = int(inputs["input_ids"].shape[1])
+    T = N - V
+    args.vision_tokens, args.text_tokens = V, T  # common.analytic reads the shapes from args
+    size = args.image_size
+
+    variants, skipped = solved_variants(args, arch, size, T)
+    flops = target_flops(args, arch, size, T)
+    times, kv, wall = time_variants(args, variants, vanilla, pmod, inputs)
+
+    print(f"shape: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, heads {args.heads}; tiny CLIP tower "
+          f"(hidden {arch.vision.hidden}, {arch.vision.layers} layers) on {args.tile} px tiles / {args.patch} px patches, "
+          f"{GRID_UNITS_NOTE}; image {size[0]}x{size[1]} -> {V} vision + {T} text tokens; {args.device} {args.dtype} "
+          f"{args.attn} (tower eager), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"vanilla prefill {spread(times['vanilla'])}; {args.repeats} interleaved repeats, {wall:.0f} s of timing")
+    print(f"check: common.analytic p-MoD/vanilla LLM FLOPs {analytic(pmod, args, False) / analytic(vanilla, args, False):.3f}")
+    print()
+    print_table(args, arch, size, T, variants, flops, times, kv)
     for s in skipped:
         print(s if s.startswith("~") else f"skipped {s}")
     print("! = spread (max-min)/median over 25%: the latency ratio is not to be trusted (loaded machine); rerun with more "
