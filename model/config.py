@@ -247,8 +247,8 @@ _NUMBER = r"\d+(?:\.\d+)?"
 _REFERENCE_DECAY = re.compile(rf"(\w+?)_decay_({_NUMBER})_({_NUMBER})")
 #: PMoDConfig.name plus the extras spec() writes: p-MoD[-SCHEDULE]-SHIFT[-maxX][-minY][-stepsN]
 _SPEC_NAME = re.compile(
-    rf"p[-_]?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)"
-    rf"(?:-max(?P<max_ratio>\d*\.?\d+))?(?:-min(?P<min_ratio>\d*\.?\d+))?(?:-steps(?P<steps>\d+))?",
+    r"p[-_]?mod(?:-(?P<schedule>[a-z]+))?-(?P<shift>\d*\.?\d+)"
+    r"(?:-max(?P<max_ratio>\d*\.?\d+))?(?:-min(?P<min_ratio>\d*\.?\d+))?(?:-steps(?P<steps>\d+))?",
     re.IGNORECASE,
 )
 #: the accepted forms of explicit ratios (:func:`parse_ratios`), for errors and every ``--ratios`` / ``ratios`` help text

@@ -500,7 +500,7 @@ def plot_token_selection(
                 s.set_linewidth(0.4)
         key = [Patch(facecolor="white", edgecolor="#888888", linewidth=0.4),
                Patch(facecolor=(0.08, 0.08, 0.08, 0.68), edgecolor="#888888", linewidth=0.4)]
-        names = [f"kept (processed by the layer)", "skipped (shaded)"]
+        names = ["kept (processed by the layer)", "skipped (shaded)"]
         fig.legend(key, names, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0), frameon=False)
         if beyond > 0:
             fig.text(0.5, 0.0, f"Base tile only: the whole image at one tile ({rows}x{cols} tokens); the other {beyond:,} "
