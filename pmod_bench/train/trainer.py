@@ -27,6 +27,7 @@ checkpointing and resume are HF Trainer's own.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import logging
 import os
@@ -533,8 +534,8 @@ def training_arguments(cfg: TrainConfig, grad_accum: int, report_to: list | None
     t = cfg.train
     ds = t.deepspeed_path()
     if ds is not None:
-        try:
-            import deepspeed  # noqa: F401
+        try:  # only a check that DeepSpeed is installed (transformers imports it itself when training)
+            importlib.import_module("deepspeed")
         except ImportError:
             raise ConfigError(
                 f"train.deepspeed={t.deepspeed} needs DeepSpeed: pip install 'pmod-bench[deepspeed]' (on a CUDA machine), "
