@@ -726,7 +726,7 @@ def _hf_model(plan: ConversionPlan, mapped: MappedWeights, vision_sd: dict, voca
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from . import modeling  # noqa: F401  (importing it registers the Auto classes)
+    from . import modeling  # noqa: F401  (registers the p-MoD classes with the Auto classes)
     from .dtypes import torch_dtype
 
     target_dtype = torch_dtype(dtype) if dtype not in (None, "auto") else None

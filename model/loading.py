@@ -209,7 +209,7 @@ def _from_pretrained(directory: Path, layout: str, torch_dtype, attn_implementat
     """The HF-layout checkpoint in ``directory``, every tensor its config needs present (errors name the fix)."""
     from transformers import AutoModelForImageTextToText
 
-    from . import modeling  # noqa: F401  (importing it registers the p-MoD classes with the Auto classes)
+    from . import modeling  # noqa: F401  (registers the p-MoD classes with the Auto classes)
 
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:

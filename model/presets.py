@@ -168,7 +168,7 @@ def build_preset(name: str = "tiny", pmod: Any = "default", seed: int = 0, dtype
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from . import modeling  # noqa: F401  (importing it registers the p-MoD classes with the Auto classes)
+    from . import modeling  # noqa: F401  (registers the p-MoD classes with the Auto classes)
     from .config import PMoDConfig
 
     pmod_cfg = PMoDConfig() if isinstance(pmod, str) and pmod == "default" else pmod
