@@ -112,12 +112,30 @@ def test_training_conversations_ask_distinct_questions():
 CHANCE = {"Toy-Exist": 66.7, "Toy-Attr": 22.0, "Toy-Count": 43.0, "Toy-MC": 25.0, "Toy-Text": 23.0, "Toy-Ground": 0.0}
 
 
+def test_shipped_checkpoints_are_those_of_the_current_recipes_and_code():
+    """The shipped checkpoints' key is the checkpoint key of today's recipes, data generator and prepare code: a change
+    to any of them without ``python -m pmod_bench.toy.ship`` would ship weights the code no longer produces. Every
+    shipped file is listed with the hash it has."""
+    import hashlib
+
+    from pmod_bench.toy.models import QUICK
+    from pmod_bench.toy.pipeline import FULL, SHIPPED
+
+    manifest = json.loads((SHIPPED / "MANIFEST.json").read_text())
+    assert manifest["checkpoint_key"] == FULL.key(), "recipes or toy code changed: run python -m pmod_bench.toy.ship"
+    assert set(manifest["files"]) == set(QUICK)
+    for name, files in manifest["files"].items():
+        for f, digest in files.items():
+            assert hashlib.sha256((SHIPPED / name / f).read_bytes()).hexdigest() == digest, (name, f)
+
+
 @pytest.mark.slow
 def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     """The toolkit's own end-to-end test: shipped checkpoints -> lmms-eval -> profile -> routers -> report.
 
-    Thresholds are calibrated on the shipped checkpoints (``python -m pmod_bench.toy.ship``) with --quick's 12
-    documents per task; the measured values are in the comments."""
+    Thresholds are calibrated on the shipped checkpoints (``python -m pmod_bench.toy.ship``) with --quick's 30
+    documents per task; the measured values are in the comments (greedy decoding: they repeat exactly on the same
+    software stack; the margins are for other versions)."""
     from pmod_bench.cli import main
     from pmod_bench.toy.pipeline import SHIPPED
     from pmod_bench.toy.report import average
@@ -135,11 +153,13 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     base, pmod05, pmod03 = (average(scores[m]) for m in ("baseline", "p-MoD-0.5", "p-MoD-0.3"))
     for m, v in scores.items():  # every benchmark scored from a run, as a percentage
         assert set(v) == set(CHANCE) and all(0.0 <= x <= 100.0 for x in v.values()), (m, v)
-    # Measured on the shipped checkpoints (--quick, 12 documents a task): baseline Exist 54.2 Attr 41.7 Count 33.3
-    # MC 33.3 Text 8.3 Ground 0.0 (AVG 28.5); p-MoD-0.5 and p-MoD-0.3 50.0 50.0 33.3 33.3 8.3 0.0 (AVG 29.2).
-    # The issue's targets (Exist >= 90, AVG >= 75) are NOT reached: only attribute questions are above chance.
-    assert scores["baseline"]["Toy-Attr"] > CHANCE["Toy-Attr"] + 10, scores["baseline"]
-    assert base > 20 and abs(pmod05 - base) <= 5 and abs(pmod03 - base) <= 8, (base, pmod05, pmod03)
+    # Measured on the shipped checkpoints (--quick, 30 documents a task): baseline Exist 51.3 Attr 53.3 Count 53.3
+    # MC 33.3 Text 86.7 Ground 0.0 (AVG 46.3); p-MoD-0.3 48.0 40.0 46.7 33.3 83.3 0.0 (AVG 41.9); p-MoD-0.5
+    # 39.9 40.0 43.3 33.3 56.7 0.0 (AVG 35.5). The issue's targets (Exist >= 90, AVG >= 75) are NOT reached:
+    # digit reading is learned, attributes and counts partly, existence (colour-shape binding) and grounding not.
+    assert scores["baseline"]["Toy-Text"] > CHANCE["Toy-Text"] + 40, scores["baseline"]
+    assert scores["baseline"]["Toy-Attr"] > CHANCE["Toy-Attr"] + 15, scores["baseline"]
+    assert base > 38 and base - pmod03 <= 9 and base - pmod05 <= 16, (base, pmod05, pmod03)
     prof = data["profile"]
     # measured: 66.2% (p-MoD-0.5) and 56.2% (p-MoD-0.3) of the baseline's prefill FLOPs; KV cache 53.4% / 39.8%
     assert 0.6 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.72 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
@@ -150,8 +170,8 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     r5, r3 = data["routing"]["p-MoD-0.5"], data["routing"]["p-MoD-0.3"]
     for r in (r5, r3):
         assert 0.0 < r["shape_area"] < r["tokens_on_shapes"] < 1.0 and 0.0 < r["kept_on_shapes"] < 1.0
-    # measured: p-MoD-0.3 keeps 35.4% shape tokens vs 29.5% at random (its layers 2-3: 94% / 81% of the shape
-    # tokens kept vs 40% / 29% of the background); p-MoD-0.5 pooled over its layers 28.1% vs 29.5% (no preference)
+    # measured: p-MoD-0.3 keeps 34.0% shape tokens vs 29.5% at random (keep rate of shape tokens 45.7% vs 37.2% of
+    # background ones); p-MoD-0.5 31.5% vs 29.5% (38.4% vs 34.9%)
     assert r3["kept_on_shapes"] > r3["tokens_on_shapes"] + 0.03
     assert r3["keep_rate_shape_tokens"] > r3["keep_rate_background_tokens"]
     # resume: a second invocation recomputes nothing and gives the same report

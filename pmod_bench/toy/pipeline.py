@@ -56,7 +56,7 @@ class Plan:
     pmod_samples: int = 960
     """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
     lm_steps: int = 150
-    vision_steps: int = 400
+    vision_steps: int = 5000
     eval_limit: Optional[int] = None
     routing_images: int = 30
     seed: int = 0
@@ -77,7 +77,7 @@ class Plan:
 
 
 FULL = Plan(models=tuple(MODELS))
-QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=12, routing_images=8)
+QUICK_PLAN = Plan(models=QUICK, bench_n=60, eval_limit=30, routing_images=8)
 
 
 def _cache_dir() -> Path:
@@ -191,7 +191,8 @@ class Reproduction:
         if not (vision / "toy_pretrain.json").is_file():
             self.log("pretraining the toy CLIP vision tower (patch labels of toy scenes)")
             info = build_vision_tower(vision, seed=self.plan.seed, steps=self.plan.vision_steps, log=self.log)
-            self.log(f"vision tower: patch accuracy {info['patch_accuracy']}")
+            acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in info["head_accuracy"].items())
+            self.log(f"vision tower: patch-label accuracy {acc} (shape and digit on the patches that hold one)")
         if not (lm / "toy_pretrain.json").is_file():
             self.log("building the toy tokenizer and pretraining the toy language model on toy text")
             info = build_language_model(lm, build_tokenizer(self.plan.seed), seed=self.plan.seed, steps=self.plan.lm_steps,
@@ -336,7 +337,6 @@ class Reproduction:
             from pmod_bench import load_model
             from pmod_bench.tasks.introspection import write_introspection
 
-            from .data import scene_from_json
             from .questions import SHORT
             from .routing import kept_token_statistic
             from .world import render

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .questions import ALL_OBJECTS, LETTER, REFCOCO_PROMPT, SHORT, box_text, plural
-from .world import COLOURS, SHAPES, SIZES, Scene, describe, draw_shape, render, sample_scene
+from .world import COLOURS, SHAPES, Scene, describe, draw_shape, render, sample_scene
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+#: 4 layers, LLaVA reads layer -2 (the output of the third): two layers (one read) left shape and digit identity
+#: undecodable from the features (linear probe on foreground patches: shape 29%, digit 16%, below the majority class)
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8,
               projection_dim=32)
 LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
            max_position_embeddings=2048)
@@ -137,14 +139,16 @@ def _patch_labels(maps, patch: int):
     return out
 
 
-def _crops(rng: random.Random, n_scenes: int, per_scene: int, tile: int = 32, patch: int = 8):
-    """Training crops for the vision tower: (pixels (N, 3, 32, 32) float, labels (N, 3, 16) long)."""
+def _crops(rng: random.Random, n_scenes: int, per_scene: int, tile: int = 32, patch: int = 8, digit_rate: float = 0.6):
+    """Training crops for the vision tower: (pixels (N, 3, 32, 32) float, labels (N, 3, 16) long). Scenes carry a
+    digit at ``digit_rate`` (twice the benchmark's rate: digit patches are few, and a digit's identity is the hardest
+    label to read from 8 px fragments)."""
     import numpy as np
     from PIL import Image
 
     xs, ys = [], []
     for _ in range(n_scenes):
-        sc = sample_scene(rng, (1, 4))
+        sc = sample_scene(rng, (1, 4), digit=rng.random() < digit_rate)
         img = render(sc)
         maps = label_maps(sc)
         for _ in range(per_scene):
@@ -160,9 +164,16 @@ def _crops(rng: random.Random, n_scenes: int, per_scene: int, tile: int = 32, pa
     return np.stack(xs).astype(np.float32), np.stack(ys)
 
 
-def build_vision_tower(out: str | Path, seed: int = 0, steps: int = 400, batch: int = 64,
+def build_vision_tower(out: str | Path, seed: int = 0, steps: int = 5000, batch: int = 64, scenes: int = 3000,
                        log: Optional[Callable[[str], None]] = None) -> dict:
-    """Pretrain the toy CLIP vision tower (patch labelling from layer -2) and save it to ``out``."""
+    """Pretrain the toy CLIP vision tower (patch labelling from layer -2) and save it to ``out``.
+
+    Three linear heads read LLaVA's features (layer -2, CLS dropped) of every patch: colour (with background and
+    digit ink as classes), shape and digit. The shape and digit losses count foreground patches only: with the
+    background in them the majority class wins (the heads reach ~97% "accuracy" while a probe on the
+    foreground reads shape and digit at chance), and the LLM then has nothing to read an answer from.
+    ``toy_pretrain.json`` records the heads' accuracy on fresh crops, on the foreground patches of each label.
+    """
     import numpy as np
     import torch
     from torch import nn
@@ -171,38 +182,55 @@ def build_vision_tower(out: str | Path, seed: int = 0, steps: int = 400, batch: 
     deterministic(seed)
     cfg = CLIPVisionConfig(**VISION)
     model = CLIPVisionModel(cfg)
-    heads = nn.ModuleList([nn.Linear(VISION["hidden_size"], n) for n in (len(COLOURS) + 2, len(SHAPES) + 1, 11)])
-    rng = random.Random(seed)
-    x, y = _crops(rng, 600, 8)
+    hidden = VISION["hidden_size"]
+    heads = nn.ModuleList([nn.Linear(hidden, n) for n in (len(COLOURS) + 2, len(SHAPES) + 1, 11)])
+    x, y = _crops(random.Random(seed), scenes, 8)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    warmup = max(1, steps // 100)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     g = torch.Generator().manual_seed(seed)
+
+    def features(pixels):
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (B, 16, hidden)
+
+    def loss_of(hs, labels):
+        loss = nn.functional.cross_entropy(heads[0](hs).flatten(0, 1), labels[:, 0].flatten())
+        for k in (1, 2):  # shape and digit identity on the foreground (fg/bg is the colour head's job)
+            target = labels[:, k].flatten().masked_fill(labels[:, k].flatten() == 0, -100)
+            if bool((target >= 0).any()):
+                loss = loss + nn.functional.cross_entropy(heads[k](hs).flatten(0, 1), target, ignore_index=-100)
+        return loss
+
     model.train()
     losses = []
+    every = max(1, steps // 10)
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        hs = model(pixel_values=x[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # (B, 16, 32): LLaVA's features
-        loss = sum(nn.functional.cross_entropy(h(hs).flatten(0, 1), y[idx, k].flatten()) for k, h in enumerate(heads))
+        loss = loss_of(features(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if log and (step + 1) % 100 == 0:
-            log(f"vision tower step {step + 1}/{steps}: loss {np.mean(losses[-100:]):.3f}")
+        if log and (step + 1) % every == 0:
+            log(f"vision tower step {step + 1}/{steps}: loss {np.mean(losses[-every:]):.3f}")
     model.eval()
-    with torch.no_grad():  # patch accuracy on fresh crops
-        xv, yv = _crops(random.Random(seed + 1), 100, 4)
-        hs = model(pixel_values=torch.from_numpy(xv), output_hidden_states=True).hidden_states[-2][:, 1:]
-        acc = [float((h(hs).argmax(-1) == torch.from_numpy(yv)[:, k]).float().mean()) for k, h in enumerate(heads)]
+    with torch.no_grad():  # the heads on fresh crops: colour on every patch, shape and digit on their foreground
+        xv, yv = _crops(random.Random(seed + 1), 200, 4)
+        hs, yv = features(torch.from_numpy(xv)), torch.from_numpy(yv)
+        acc = {}
+        for k, name in enumerate(("colour", "shape", "digit")):
+            sel = torch.ones_like(yv[:, k], dtype=torch.bool) if k == 0 else yv[:, k] > 0
+            acc[name] = float((heads[k](hs).argmax(-1) == yv[:, k])[sel].float().mean())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN,
                        image_std=STD).save_pretrained(out)
-    info = {"steps": steps, "final_loss": float(np.mean(losses[-50:])), "patch_accuracy": dict(zip(("colour", "shape", "digit"), acc))}
+    info = {"steps": steps, "final_loss": float(np.mean(losses[-50:])), "head_accuracy": acc,
+            "head_accuracy_on": "fresh crops; colour: every patch; shape, digit: the patches that hold one"}
     (out / "toy_pretrain.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -173,7 +173,7 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
         axs = fig.subplots(1, 3)
         for ax, (key, xlabel) in zip(axs, axes_spec):
             for name, vals in S.items():
-                avg, p = average(vals), P.get(name, {})
+                avg = average(vals)
                 x = 1.0 if name == "baseline" else _ratio(P, name, key)
                 if avg is None or x is None:
                     continue
