@@ -55,6 +55,32 @@ def make_inputs(processor, sizes=((64, 48),), questions=None):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
+def method_forward_flops(model, inputs, spec: str):
+    """Apply comparison method ``spec`` to ``model`` and count one real forward on ``inputs`` with the profiler's
+    FlopCounterMode (CPU SDPA included): (the method's inputs as the model builds them, the measured FLOPs)."""
+    import torch
+
+    from pmod_bench.methods import apply_method
+    from pmod_bench.profiler.counters import flop_counter
+
+    apply_method(model, spec)
+    mi = model.method_inputs(inputs["input_ids"], inputs["pixel_values"], inputs.get("image_sizes"), inputs["attention_mask"])
+    with torch.no_grad(), flop_counter() as fc:
+        model(**inputs)
+    return mi, fc.get_total_flops()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every kept set an LLM-side method decides: [(B, N) bool, ...] in order."""
+    from pmod_bench.methods import llm as llm_mod
+
+    got = []
+    keep = llm_mod.DropState.keep
+    monkeypatch.setattr(llm_mod.DropState, "keep", lambda self, alive, V: got.append(alive.clone()) or keep(self, alive, V))
+    return got
+
+
 @pytest.fixture
 def one_thread():
     """Tiny ops on a shared 2-core machine: extra threads only contend."""

@@ -6,17 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs
-from pmod_bench.methods import MethodError, apply_method, solve
+from conftest import make_inputs, method_forward_flops
+from pmod_bench.methods import MethodError, solve
 from pmod_bench.methods.accounting import method_flops
-
-
-def flop_counter():
-    """torch's FlopCounterMode, also counting the CPU SDPA kernel (torch's own SDPA formula)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={op: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)})
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +30,7 @@ def test_analytic_flops_equal_flop_counter(spec, preset):
         with torch.no_grad():
             last.self_attn.q_proj.weight.mul_(6.0), last.self_attn.k_proj.weight.mul_(6.0)
     inputs = make_inputs(preset_processor(preset), sizes=((64, 48),))
-    apply_method(model, spec)
-    mi = model.method_inputs(inputs["input_ids"], inputs["pixel_values"], inputs.get("image_sizes"), inputs["attention_mask"])
-    with torch.no_grad(), flop_counter() as fc:
-        model(**inputs)
-    measured = fc.get_total_flops()
+    mi, measured = method_forward_flops(model, inputs, spec)
     cfg = model.method_config
     if spec == "prumerge":  # the adaptive ratio of this image, fixed: the analytic count is then exact
         cfg = cfg.replace(ratio=mi.images[0].info["ratio"])

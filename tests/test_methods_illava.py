@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import make_inputs, method_forward_flops
 from pmod_bench.model.cache import PMoDCacheLayer, output_cache
 from pmod_bench.model.presets import build_preset, preset_processor
 
 from pmod_bench.methods import MethodError, apply_method, parse_method_spec, solve
-from pmod_bench.methods import llm as llm_mod
 from pmod_bench.methods.accounting import method_flops
 from pmod_bench.methods.base import ModelGeometry
 from pmod_bench.methods.illava import llm_removed, merge_tile_tokens, merging_tower, valid_vit_r
@@ -40,14 +39,6 @@ def pairs():
         ref, _ = build_preset(preset, pmod=None, seed=0, attn_implementation="eager")
         out[preset] = (model, ref, preset_processor(preset))
     return out
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    got = []
-    keep = llm_mod.DropState.keep
-    monkeypatch.setattr(llm_mod.DropState, "keep", lambda self, alive, V: got.append(alive.clone()) or keep(self, alive, V))
-    return got
 
 
 def _feature_layer(model, layer):
@@ -328,24 +319,13 @@ def test_on_pmod_model(tiny_vanilla, tiny_processor):
 
 
 # ------------------------------------------------------------------------------------ FLOPs, solver
-def flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={op: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)})
-
-
 @pytest.mark.parametrize("preset,spec", [("tiny", CASES[0][1]), ("tiny-llava", "illava:vit_layers=0,vit_r=5,llm_layers=2-4,llm_keep=0.7")])
 def test_analytic_flops_equal_flop_counter(preset, spec):
     from pmod_bench.profiler.arch import load_arch
 
     model, _ = build_preset(preset, pmod=None)
     inputs = make_inputs(preset_processor(preset), sizes=((64, 48),))
-    apply_method(model, spec)
-    mi = model.method_inputs(inputs["input_ids"], inputs["pixel_values"], inputs.get("image_sizes"), inputs["attention_mask"])
-    with torch.no_grad(), flop_counter() as fc:
-        model(**inputs)
-    measured = fc.get_total_flops()
+    mi, measured = method_forward_flops(model, inputs, spec)
     text = int((inputs["input_ids"] != model.config.image_token_id).sum())
     n = mi.inputs_embeds.shape[1]
     f = method_flops(model.method_config, load_arch(preset), (64, 48), text_tokens=text, logits_tokens=n)

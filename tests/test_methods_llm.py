@@ -13,7 +13,6 @@ import torch
 
 from conftest import make_inputs
 from pmod_bench.methods import MethodError, apply_method, parse_method_spec
-from pmod_bench.methods import llm as llm_mod
 from pmod_bench.methods.sparsevlm import SCHEDULES
 from pmod_bench.model.cache import PMoDCacheLayer, output_cache
 from pmod_bench.model.presets import build_preset
@@ -30,15 +29,6 @@ def models():
     model, _ = build_preset("tiny", pmod=None, seed=0)
     ref, _ = build_preset("tiny", pmod=None, seed=0, attn_implementation="eager")
     return model, ref
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every kept set a method decides: [(B, N) bool, ...] in order."""
-    got = []
-    keep = llm_mod.DropState.keep
-    monkeypatch.setattr(llm_mod.DropState, "keep", lambda self, alive, V: got.append(alive.clone()) or keep(self, alive, V))
-    return got
 
 
 # ---------------------------------------------------------------------------------- the reference
@@ -84,7 +74,6 @@ def reference(ref, spec, emb, vis, query):
     def cut(keep_vis, new_tokens=()):
         nonlocal seq, vis_now
         keep = set(keep_vis)
-        first_text_after = None
         new_seq = []
         for p in seq:
             if isinstance(p, tuple) or vis[p]:
