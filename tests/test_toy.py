@@ -177,3 +177,58 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     # resume: a second invocation recomputes nothing and gives the same report
     assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
     assert json.loads((out / "report" / "data.json").read_text())["scores"] == scores
+
+
+def test_jobs_run_side_by_side_with_their_output_in_their_logs(tmp_path):
+    """pmod_bench.toy.parallel: a job's output (also what a subprocess of it writes to the file descriptors) goes to
+    its log; results come back through futures, from worker processes or inline (jobs=1); a failing job fails
+    its future only."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from pmod_bench.toy.parallel import Jobs, call_job, default_jobs, tail
+
+    assert 1 <= default_jobs() <= 4
+    for n in (1, 2):
+        with Jobs(n) as jobs:
+            echo = jobs.submit(call_job, subprocess.call, {"args": [sys.executable, "-c", "print('from the job')"]},
+                               str(tmp_path / f"echo{n}.log"))
+            short = jobs.submit(call_job, textwrap.shorten, {"text": "one two three", "width": 9}, None)
+            bad = jobs.submit(call_job, os.rmdir, {"path": str(tmp_path / "not-there")}, str(tmp_path / f"bad{n}.log"))
+            assert echo.result() == 0 and short.result() == "one [...]"
+            with pytest.raises(FileNotFoundError):
+                bad.result()
+        assert tail(tmp_path / f"echo{n}.log") == "from the job"
+    assert tail(tmp_path / "missing.log") == ""
+
+
+def test_a_failing_model_does_not_stop_the_others(tmp_path):
+    """Reproduction._collect: every job is waited for and finished; the first failure is raised after them."""
+    from concurrent.futures import Future
+
+    from pmod_bench.toy.pipeline import FULL, Reproduction
+
+    rep = Reproduction(tmp_path, FULL)
+    futures = {}
+    for name, value in (("a", 1), ("b", None), ("c", 3)):
+        f: Future = Future()
+        if value is None:
+            f.set_exception(RuntimeError("training b failed (exit code 1)"))
+        else:
+            f.set_result(value)
+        futures[f] = name
+    done = []
+    with pytest.raises(RuntimeError, match="training b failed"):
+        rep._collect(futures, lambda name, result: done.append((name, result)))
+    assert sorted(done) == [("a", 1), ("c", 3)]
+
+
+def test_reproduce_refuses_a_bad_jobs_count_before_writing(tmp_path, capsys):
+    from pmod_bench.cli import main
+
+    assert main(["reproduce", "--toy", "--jobs", "0", "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "--jobs 0" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -159,6 +159,8 @@ def test_overrides_and_errors():
         load_recipe("pmod-llava-next-7b-stf")
     with pytest.raises(ConfigError, match="key=value"):
         load_recipe("demo-tiny", ["train.lr"])
+    with pytest.raises(ConfigError, match="router_lr_scale"):
+        load_recipe("demo-tiny", ["train.router_lr_scale=0"])
 
 
 def test_include_cycle_and_relative_includes(tmp_path):

@@ -197,3 +197,42 @@ def test_overflow_guard_stops_training_and_records_it(ws, tmp_path):
         train(cfg, model=model, processor=processor)
     s = json.loads((tmp_path / "ovf" / "train_summary.json").read_text())
     assert s["status"] == "overflow" and f"layer {layer.layer_idx}" in s["error"]
+
+
+def test_a_run_in_a_worker_process_gives_the_weights_of_one_in_this_process(ws, run_a, tmp_path):
+    """``reproduce --toy --jobs N`` trains models in spawned worker processes (pmod_bench.toy.parallel): the weights
+    must be those of a run in this process, bit for bit, so the shipped checkpoints do not depend on N."""
+    from safetensors.torch import load_file
+
+    from pmod_bench.toy.parallel import Jobs, train_job
+
+    root, recipe = ws
+    with Jobs(2) as jobs:
+        result = jobs.submit(train_job, ["train", "--config", str(recipe), "-o", str(tmp_path / "W")], str(tmp_path / "W.log")).result()
+    assert result["rc"] == 0 and result["wall_s"] > 0
+    assert "step" in (tmp_path / "W.log").read_text()  # the run's own output went to its log
+    a, w = load_file(str(run_a / "model.safetensors")), load_file(str(tmp_path / "W" / "model.safetensors"))
+    assert a.keys() == w.keys() and all(torch.equal(a[k], w[k]) for k in a)
+    assert [r["loss"] for r in _log(run_a) if "loss" in r] == [r["loss"] for r in _log(tmp_path / "W") if "loss" in r]
+
+
+def test_router_lr_scale_trains_the_routers_at_their_own_rate(ws, run_a, tmp_path):
+    """train.router_lr_scale: from the same start, the routers move about that many times further."""
+    from safetensors.torch import load_file
+
+    from pmod_bench.train.build import param_group
+
+    root, recipe = ws
+    assert _cli("--config", recipe, "-o", tmp_path / "R", "train.router_lr_scale=20", "train.max_steps=4", "train.warmup_ratio=0") == 0
+    assert _cli("--config", recipe, "-o", tmp_path / "S", "train.max_steps=4", "train.warmup_ratio=0") == 0
+    base = load_file(str(root / "base" / "model.safetensors"))
+    r, s = load_file(str(tmp_path / "R" / "model.safetensors")), load_file(str(tmp_path / "S" / "model.safetensors"))
+    routers = [k for k in r if param_group(k) == "routers"]
+    assert routers, "the demo recipe has p-MoD layers"
+    moved = lambda d, k: float((d[k].float() - base.get(k, torch.zeros_like(d[k])).float()).abs().max())  # noqa: E731
+    # an AdamW step moves a parameter with a gradient by about its learning rate: 20x for the routers (four steps:
+    # a batch without images leaves the routers without one)
+    trained = [k for k in routers if moved(s, k) > 0]
+    assert len(trained) >= len(routers) // 2, routers
+    for k in trained:
+        assert moved(r, k) > 5 * moved(s, k), k

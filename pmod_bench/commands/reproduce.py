@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="baseline, p-MoD-0.5 and p-MoD-0.3 only (the shipped checkpoints), at most 30 documents per task (CI; ~1.5 min)")
     p.add_argument("--retrain", action="store_true", help="train every model here, ignoring cached and shipped checkpoints")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="independent steps (the models' trainings, their evaluations, the tower beside the LM) run N at a "
+                        "time, one CPU thread each; the weights do not depend on N (default: the CPUs, at most 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.toy:
         raise UserError("only the toy world can be reproduced by one command: pass --toy (the paper's own models need "
                         "`pmod-bench train` on LLaVA data, `pmod-bench eval` and `pmod-bench report`)")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: pass a number of jobs >= 1 (1 runs every step in this process, one after another)")
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output {args.output} is a file; pass a directory")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     try:
-        state = reproduce(out, quick=args.quick, retrain=args.retrain, quiet=args.quiet)
+        state = reproduce(out, quick=args.quick, retrain=args.retrain, quiet=args.quiet, jobs=args.jobs)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(f"reproduce --toy{' --quick' if args.quick else ''}: done in {time.time() - t0:.0f} s -> {out}/report/index.md")

@@ -11,6 +11,7 @@ Steps (each skipped when its output is complete, so a killed run continues where
       eval/<model>/                       `pmod-bench eval --suite toy` run directories (+ introspection.json)
       profile/                            profile run directory (FLOPs, KV cache, CPU latency per model)
       routing.json                        the kept-token statistic of every p-MoD model
+      logs/                               each job's own output (prep-vision, train-<model>, eval-<model>)
       methods/                            comparison methods of pmod_bench.methods at equal FLOPs (when installed)
       report/                             the toy analogs of Tables 1/3/4/6/7, trade-off curves, Fig. 5/6
       reproduce.json                      what ran, timings, and where each checkpoint came from
@@ -19,6 +20,10 @@ Checkpoints are reused from, in order: OUTPUT/models (a resumed run), the checkp
 (``$PMOD_BENCH_CACHE/toy-checkpoints/<key>``, filled by every full run; the key hashes recipes,
 sizes and seeds), then the ones shipped in the package (``pmod_bench/toy/checkpoints``, --quick's
 models). ``--retrain`` ignores the cache and the shipped ones.
+
+Independent steps run side by side, ``jobs`` at a time (``pmod_bench.toy.parallel``): the vision tower beside
+the LM, then every model's continuation, then every evaluation. Each job is one single-threaded worker
+process, so the weights are bit for bit those of a one-job run.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pmod_bench.atomic import atomic_write_json
 
 from .models import MODELS, PT, QUICK, SFT, ToyModel
+
+if TYPE_CHECKING:
+    from .parallel import Jobs
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED = PACKAGE_DIR / "checkpoints"
@@ -121,6 +129,8 @@ class Reproduction:
     plan: Plan
     retrain: bool = False
     progress: Optional[Progress] = None
+    jobs: int = 1
+    """independent steps run side by side (``pmod_bench.toy.parallel``; the weights do not depend on it)"""
     timings: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
@@ -184,27 +194,34 @@ class Reproduction:
             return shipped
         return None
 
-    def prepare(self) -> None:
+    def log_path(self, what: str) -> Path:
+        """Where a job's own output goes (the trainer's log lines, lmms-eval's prints)."""
+        return self.out / "logs" / f"{what}.log"
+
+    def prepare(self, jobs: "Jobs") -> None:
+        """The toy CLIP tower (a job: it needs nothing else) beside the tokenizer and LM (in this process)."""
+        from .parallel import call_job, log_line
         from .prepare import build_language_model, build_tokenizer, build_vision_tower
 
         lm, vision = self.out / "prep" / "lm", self.out / "prep" / "vision"
+        tower = None
         if not (vision / "toy_pretrain.json").is_file():
-            self.log("pretraining the toy CLIP vision tower (patch labels of toy scenes)")
-            info = build_vision_tower(vision, seed=self.plan.seed, steps=self.plan.vision_steps, log=self.log)
-            acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in info["head_accuracy"].items())
-            self.log(f"vision tower: patch-label accuracy {acc} (shape and digit on the patches that hold one)")
+            log = self.log_path("prep-vision")
+            self.log(f"pretraining the toy CLIP vision tower (patch labels of toy scenes; log: {log})")
+            tower = jobs.submit(call_job, build_vision_tower, dict(out=str(vision), seed=self.plan.seed,
+                                                                   steps=self.plan.vision_steps, log=log_line), str(log))
         if not (lm / "toy_pretrain.json").is_file():
             self.log("building the toy tokenizer and pretraining the toy language model on toy text")
             info = build_language_model(lm, build_tokenizer(self.plan.seed), seed=self.plan.seed, steps=self.plan.lm_steps,
                                         log=self.log)
             self.log(f"language model: final loss {info['final_loss']:.3f}")
+        if tower is not None:
+            info = tower.result()
+            acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in info["head_accuracy"].items())
+            self.log(f"vision tower: patch-label accuracy {acc} (shape and digit on the patches that hold one)")
 
-    def _train(self, model: ToyModel, extra: list) -> None:
-        import torch
-
-        from pmod_bench.cli import main as cli_main
-
-        torch.set_num_threads(1)
+    def _train_args(self, model: ToyModel, extra: list) -> list:
+        """The ``pmod-bench train`` command line of one stage or model."""
         out = self.model_dir(model.name)
         prep = self.out / "prep"
         if model.derived:  # a continuation of the shared SFT (with p-MoD layers for the p-MoD models)
@@ -216,15 +233,30 @@ class Reproduction:
                     f"model.vision_tower={prep / 'vision'}", f"data.json={data_json}"]
             if model is not PT:
                 args.append(f"model.projector={self.model_dir('pt')}")
-        args += [f"data.image_folder={self.train_dir}", f"output_dir={out}", *extra]
-        self.log(f"training {model.name}: pmod-bench {' '.join(args[:3])} ...")
-        rc = cli_main(args)
-        if rc != 0 or not _complete(out):
-            raise RuntimeError(f"training {model.name} failed (exit code {rc}); see {out}")
+        return args + [f"data.image_folder={self.train_dir}", f"output_dir={out}", *extra]
+
+    def _submit_train(self, jobs: "Jobs", model: ToyModel, extra: list):
+        from .parallel import train_job
+
+        log = self.log_path(f"train-{model.name}")
+        self.log(f"training {model.name}: pmod-bench train --config {model.recipe_path.name} ... (log: {log})")
+        return jobs.submit(train_job, self._train_args(model, extra), str(log))
+
+    def _trained(self, model: ToyModel, result: dict) -> None:
+        """Check, log and time one finished training job."""
+        from .parallel import tail
+
+        out = self.model_dir(model.name)
+        if result["rc"] != 0 or not _complete(out):
+            log = self.log_path(f"train-{model.name}")
+            raise RuntimeError(f"training {model.name} failed (exit code {result['rc']}); its log, {log}, ends:\n{tail(log)}")
         s = json.loads((out / "train_summary.json").read_text())
         self.log(f"{model.name}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['wall_s']:.0f} s")
+        self.timings[f"train {model.name}"] = round(result["wall_s"], 2) + self.timings.get(f"train {model.name}", 0.0)
+        self._save_state()
 
-    def train(self) -> None:
+    def train(self, jobs: "Jobs") -> None:
+        t = time.time()
         todo = [m for m in self.plan.models if self._reuse(m) is None]
         for name in self.plan.models:
             src = self._reuse(name)
@@ -233,15 +265,39 @@ class Reproduction:
                 self.log(f"{name}: reusing the checkpoint in {src}")
         if not todo:
             return
-        if not _complete(self.model_dir("sft")):  # the shared stages: prepared LM + tower, PT, SFT
-            self.prepare()
+        if not _complete(self.model_dir("sft")):  # the shared stages, in order: prepared LM + tower, PT, SFT
+            t_prep = time.time()
+            self.prepare(jobs)
+            self.timings["prepare"] = round(time.time() - t_prep, 2) + self.timings.get("prepare", 0.0)
             if not _complete(self.model_dir("pt")):
-                self._timed("train pt", lambda: self._train(PT, [f"data.max_samples={self.plan.pt_images}"]))
-            self._timed("train sft", lambda: self._train(SFT, []))
-        for name in todo:
-            self._timed(f"train {name}", lambda n=name: self._train(MODELS[n], []))
-            self.sources[name] = "trained"
-            self._store_in_cache(name)
+                self._trained(PT, self._submit_train(jobs, PT, [f"data.max_samples={self.plan.pt_images}"]).result())
+            self._trained(SFT, self._submit_train(jobs, SFT, []).result())
+        running = {self._submit_train(jobs, MODELS[name], []): name for name in todo}  # independent: side by side
+        self._collect(running, self._finish_training)
+        self.timings["training (wall)"] = round(time.time() - t, 2) + self.timings.get("training (wall)", 0.0)
+
+    def _finish_training(self, name: str, result: dict) -> None:
+        self._trained(MODELS[name], result)
+        self.sources[name] = "trained"
+        self._store_in_cache(name)
+        self._save_state()
+        if self.progress:
+            self.progress.step(f"train {name}")
+
+    def _collect(self, running: dict, finish: Callable[[str, dict], None]) -> None:
+        """Wait for every job of ``running`` ({future: model name}), calling ``finish(name, result)`` as each ends. The
+        others go on when one fails; the first failure is raised once all have ended (what finished is kept)."""
+        from concurrent.futures import as_completed
+
+        errors = []
+        for fut in as_completed(running):
+            try:
+                finish(running[fut], fut.result())
+            except Exception as exc:  # noqa: BLE001 (raised below, after the other jobs)
+                errors.append(exc)
+                self.log(f"{running[fut]}: {str(exc).splitlines()[0]}")
+        if errors:
+            raise errors[0]
 
     def _store_in_cache(self, name: str) -> None:
         dst = _cache_dir() / self.plan.key() / name
@@ -263,27 +319,33 @@ class Reproduction:
             raise RuntimeError(f"no checkpoint for {name}")
         return src
 
-    def evaluate(self) -> None:
-        from pmod_bench.tasks.runner import EvalConfig, run_eval
+    def evaluate(self, jobs: "Jobs") -> None:
+        from .parallel import eval_job
 
-        os.environ["PMOD_BENCH_DATA"] = str(self.bench_root)  # the tasks read this run's benchmark copy
+        t = time.time()
+        running = {}
         for name in self.plan.models:
             run_dir = self.eval_dir(name)
             if (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("complete"):
                 continue
+            model = str(self.checkpoint(name))
+            cfg = dict(model=model, suite="toy", output=str(run_dir), batch_size=1, limit=self.plan.eval_limit,
+                       label=f"toy/{name}", command=f"pmod-bench eval --model {model} --suite toy --output {run_dir}"
+                       + (f" --limit {self.plan.eval_limit}" if self.plan.eval_limit else ""))
+            self.log(f"evaluating {name} on the toy suite through lmms-eval (log: {self.log_path(f'eval-{name}')})")
+            running[jobs.submit(eval_job, cfg, str(self.bench_root), str(self.log_path(f"eval-{name}")))] = name
+        self._collect(running, self._finish_eval)
+        if running:
+            self.timings["evaluation (wall)"] = round(time.time() - t, 2) + self.timings.get("evaluation (wall)", 0.0)
 
-            def go(name=name, run_dir=run_dir):
-                cfg = EvalConfig(model=str(self.checkpoint(name)), suite="toy", output=str(run_dir), batch_size=1,
-                                 limit=self.plan.eval_limit, label=f"toy/{name}",
-                                 command=f"pmod-bench eval --model {self.checkpoint(name)} --suite toy --output {run_dir}"
-                                 + (f" --limit {self.plan.eval_limit}" if self.plan.eval_limit else ""))
-                self.log(f"evaluating {name} on the toy suite through lmms-eval")
-                outcome = run_eval(cfg, log=lambda m: None)
-                if outcome.failures:
-                    raise RuntimeError(f"evaluating {name}: {outcome.failures}")
-                self.log(f"{name}: " + ", ".join(f"{r['benchmark']} {r['value']:.1f}" for r in outcome.rows))
-
-            self._timed(f"eval {name}", go)
+    def _finish_eval(self, name: str, result: dict) -> None:
+        if result["failures"]:
+            raise RuntimeError(f"evaluating {name}: {result['failures']} (log: {self.log_path(f'eval-{name}')})")
+        self.log(f"{name}: " + ", ".join(f"{r['benchmark']} {r['value']:.1f}" for r in result["rows"]))
+        self.timings[f"eval {name}"] = round(result["wall_s"], 2) + self.timings.get(f"eval {name}", 0.0)
+        self._save_state()
+        if self.progress:
+            self.progress.step(f"eval {name}")
 
     # --------------------------------------------------------------------------------- profile
     def profile(self) -> None:
@@ -445,9 +507,12 @@ class Reproduction:
                              "resume it with the same flags or pass a new --output")
         self.timings = dict(previous.get("timings", {}))
         self.sources = dict(previous.get("sources", {}))
+        from .parallel import Jobs
+
         self._timed("data", self.data)
-        self.train()
-        self.evaluate()
+        with Jobs(self.jobs) as jobs:
+            self.train(jobs)
+            self.evaluate(jobs)
         self.profile()
         self.routing()
         self._timed("methods", self.methods)
@@ -470,12 +535,16 @@ class Reproduction:
         return d
 
 
-def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False, quiet: bool = False) -> dict:
+def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False, quiet: bool = False,
+              jobs: Optional[int] = None) -> dict:
+    """Run (or resume) the reproduction in ``out``; ``jobs``: steps run side by side (default: the CPUs, at most 4)."""
+    from .parallel import default_jobs
+
     plan = QUICK_PLAN if quick else FULL
     steps = 1 + len(plan.models) * 2 + 4  # data, train + eval per model, profile, routing, methods, report
     prog = Progress(steps, quiet=quiet)
     try:
-        return Reproduction(Path(out), plan, retrain=retrain, progress=prog).run()
+        return Reproduction(Path(out), plan, retrain=retrain, progress=prog, jobs=jobs or default_jobs()).run()
     finally:
         prog.close()
 

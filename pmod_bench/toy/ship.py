@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from .models import QUICK
+from .parallel import Jobs, default_jobs
 from .pipeline import FULL, SHIPPED, Reproduction
 
 KEEP = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -63,7 +64,8 @@ def ship(work: Path, dest: Path = SHIPPED) -> dict:
     rep = Reproduction(work, FULL, retrain=True)
     rep.plan = type(FULL)(**{**rep.plan_dict(), "models": QUICK})
     rep.data()
-    rep.train()
+    with Jobs(default_jobs()) as jobs:
+        rep.train(jobs)
     dest.mkdir(parents=True, exist_ok=True)
     for name in QUICK:
         src, dst = rep.model_dir(name), dest / name

@@ -173,6 +173,8 @@ class OptimConfig:
     """Learning-rate schedule after warm-up (the paper: cosine)."""
     weight_decay: float = 0.0
     """AdamW weight decay (the paper: 0)."""
+    router_lr_scale: float = 1.0
+    """The p-MoD routers' learning rate as a multiple of lr (the paper: 1, one rate for all). Zero-initialised routers of a short fine-tune learn where to route faster at a higher rate."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     precision: str = "bf16"
@@ -207,7 +209,7 @@ class OptimConfig:
     """Show HF Trainer's progress bar (the JSONL log is written either way)."""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "epochs"):
+        for name in ("lr", "epochs", "router_lr_scale"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_ratio", "weight_decay", "max_grad_norm"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)

@@ -231,6 +231,26 @@ class RunCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------- trainer
+def split_router_groups(opt, named_parameters, scale: float) -> int:
+    """Move the p-MoD routers' parameters of ``opt`` (a fresh optimizer: no state yet) into groups of their own with
+    ``lr = group lr x scale`` (one per original group, so weight decay is kept); returns how many were moved."""
+    from pmod_bench.train.build import param_group
+
+    routers = {id(p) for n, p in named_parameters if param_group(n) == "routers"}
+    moved, new = 0, []
+    for group in opt.param_groups:
+        mine = [p for p in group["params"] if id(p) in routers]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in routers]
+            new.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine, "lr": group["lr"] * scale})
+            moved += len(mine)
+    for group in new:
+        opt.add_param_group(group)
+    opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+    opt._pmod_router_groups = True
+    return moved
+
+
 class PMoDTrainer(Trainer):
     """HF Trainer with LLaVA's modality-grouped sampler and the run directory's accounting."""
 
@@ -240,6 +260,14 @@ class PMoDTrainer(Trainer):
         self._filler: dict | None = None  # ZeRO-3: the label-free image row of _same_modules_on_every_process
         super().__init__(*args, **kwargs)
         run.trainer = self
+
+    def create_optimizer(self, model=None):
+        """HF's optimizer, with the p-MoD routers in their own groups at ``train.router_lr_scale`` x lr when that is not 1."""
+        opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        scale = getattr(self.run.cfg.train, "router_lr_scale", 1.0)
+        if scale != 1.0 and not getattr(opt, "_pmod_router_groups", False):
+            split_router_groups(opt, (self.model if model is None else model).named_parameters(), scale)
+        return opt
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
