@@ -153,13 +153,14 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     base, pmod05, pmod03 = (average(scores[m]) for m in ("baseline", "p-MoD-0.5", "p-MoD-0.3"))
     for m, v in scores.items():  # every benchmark scored from a run, as a percentage
         assert set(v) == set(CHANCE) and all(0.0 <= x <= 100.0 for x in v.values()), (m, v)
-    # Measured on the shipped checkpoints (--quick, 30 documents a task): baseline Exist 51.3 Attr 53.3 Count 53.3
-    # MC 33.3 Text 86.7 Ground 0.0 (AVG 46.3); p-MoD-0.3 48.0 40.0 46.7 33.3 83.3 0.0 (AVG 41.9); p-MoD-0.5
-    # 39.9 40.0 43.3 33.3 56.7 0.0 (AVG 35.5). The targets (Exist >= 90, AVG >= 75) are NOT reached:
+    # Measured on the shipped checkpoints (--quick, 30 documents a task): baseline Exist 47.7 Attr 46.7 Count 50.0
+    # MC 33.3 Text 93.3 Ground 0.0 (AVG 45.2); p-MoD-0.5 59.4 46.7 43.3 33.3 80.0 0.0 (AVG 43.8); p-MoD-0.3
+    # 55.7 36.7 43.3 33.3 73.3 0.0 (AVG 40.4). The targets Exist >= 90 and AVG >= 75 are NOT reached:
     # digit reading is learned, attributes and counts partly, existence (colour-shape binding) and grounding not.
-    assert scores["baseline"]["Toy-Text"] > CHANCE["Toy-Text"] + 40, scores["baseline"]
+    assert scores["baseline"]["Toy-Text"] > CHANCE["Toy-Text"] + 50, scores["baseline"]
     assert scores["baseline"]["Toy-Attr"] > CHANCE["Toy-Attr"] + 15, scores["baseline"]
-    assert base > 38 and base - pmod03 <= 9 and base - pmod05 <= 16, (base, pmod05, pmod03)
+    # p-MoD-0.5 close to the baseline (1.4 points), p-MoD-0.3 (fewer FLOPs) further below (4.8)
+    assert base > 40 and base - pmod05 <= 5 and pmod03 < pmod05 and base - pmod03 <= 9, (base, pmod05, pmod03)
     prof = data["profile"]
     # measured: 66.2% (p-MoD-0.5) and 56.2% (p-MoD-0.3) of the baseline's prefill FLOPs; KV cache 53.4% / 39.8%
     assert 0.6 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.72 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
@@ -170,8 +171,8 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     r5, r3 = data["routing"]["p-MoD-0.5"], data["routing"]["p-MoD-0.3"]
     for r in (r5, r3):
         assert 0.0 < r["shape_area"] < r["tokens_on_shapes"] < 1.0 and 0.0 < r["kept_on_shapes"] < 1.0
-    # measured: p-MoD-0.3 keeps 34.0% shape tokens vs 29.5% at random (keep rate of shape tokens 45.7% vs 37.2% of
-    # background ones); p-MoD-0.5 31.5% vs 29.5% (38.4% vs 34.9%)
+    # measured: p-MoD-0.3 keeps 33.6% shape tokens vs 29.5% at random (keep rate of shape tokens 44.2% vs 36.7% of
+    # background ones); p-MoD-0.5, trained 240 steps, does not prefer them (23.6%; 29.7% vs 40.3%)
     assert r3["kept_on_shapes"] > r3["tokens_on_shapes"] + 0.03
     assert r3["keep_rate_shape_tokens"] > r3["keep_rate_background_tokens"]
     # resume: a second invocation recomputes nothing and gives the same report

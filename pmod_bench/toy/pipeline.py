@@ -61,7 +61,7 @@ class Plan:
     turns: int = 10
     """questions per SFT conversation (one image, many short answers: the image's tokens are paid once)"""
     pt_images: int = 1280
-    pmod_samples: int = 960
+    pmod_samples: int = 1920
     """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
     lm_steps: int = 150
     vision_steps: int = 5000
