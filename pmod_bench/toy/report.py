@@ -172,6 +172,14 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
         fig = _figure(10.5, 3.4)
         axs = fig.subplots(1, 3)
         for ax, (key, xlabel) in zip(axs, axes_spec):
+            labelled: set = set()  # one legend entry per kind of point
+
+            def once(kind: str, label: str):
+                if kind in labelled:
+                    return None
+                labelled.add(kind)
+                return label
+
             for name, vals in S.items():
                 avg = average(vals)
                 x = 1.0 if name == "baseline" else _ratio(P, name, key)
@@ -179,7 +187,8 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
                     continue
                 is_shift = name in shift_series or name == "baseline"
                 ax.scatter([100 * x], [avg], s=28 if is_shift else 18, marker="*" if name == "baseline" else "o",
-                           color="#c0392b" if name == "baseline" else ("#1f6fb4" if is_shift else "#7f7f7f"), zorder=3)
+                           color="#c0392b" if name == "baseline" else ("#1f6fb4" if is_shift else "#7f7f7f"), zorder=3,
+                           label=None if is_shift else once("ablation", "Table 3/4 ablation (same mean retention)"))
                 ax.annotate(name.replace("p-MoD-", "δ=") if name in shift_series else name, (100 * x, avg), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
             pts = [(100 * (1.0 if m == "baseline" else _ratio(P, m, key) or float("nan")), average(S[m]))
@@ -196,13 +205,15 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
                     if avg is None or not base_flops or match.get("metric") != "prefill":
                         continue
                     x = 100 * match["achieved"] / base_flops
-                    ax.scatter([x], [avg], marker="^", s=22, color="#2ca02c", zorder=3)
+                    ax.scatter([x], [avg], marker="^", s=22, color="#2ca02c", zorder=3,
+                               label=once("method", "comparison method on the baseline, FLOPs of p-MoD-0.5"))
                     ax.annotate(mname, (x, avg), fontsize=6, xytext=(3, -8), textcoords="offset points")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("toy suite average (%)")
-        axs[0].legend(loc="lower right", fontsize=6)
-        fig.suptitle("Toy world: accuracy vs efficiency (grey: Table 3/4 ablations at the same mean retention)", fontsize=8)
-        fig.tight_layout()
+        handles, labels = axs[0].get_legend_handles_labels()  # below the panels: no point hidden under it
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=6, frameon=False)
+        fig.suptitle("Toy world: accuracy vs efficiency", fontsize=8)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         return _save(fig, stem)
 
 
