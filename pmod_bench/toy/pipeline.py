@@ -155,10 +155,14 @@ class Reproduction:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def _add_time(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the timing ``name`` (a resumed run adds to what earlier invocations measured)."""
+        self.timings[name] = round(seconds, 2) + self.timings.get(name, 0.0)
+
     def _timed(self, name: str, fn: Callable[[], None]) -> None:
         t = time.time()
         fn()
-        self.timings[name] = round(time.time() - t, 2) + self.timings.get(name, 0.0)
+        self._add_time(name, time.time() - t)
         self._save_state()
         if self.progress:
             self.progress.step(name)
@@ -252,7 +256,7 @@ class Reproduction:
             raise RuntimeError(f"training {model.name} failed (exit code {result['rc']}); its log, {log}, ends:\n{tail(log)}")
         s = json.loads((out / "train_summary.json").read_text())
         self.log(f"{model.name}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['wall_s']:.0f} s")
-        self.timings[f"train {model.name}"] = round(result["wall_s"], 2) + self.timings.get(f"train {model.name}", 0.0)
+        self._add_time(f"train {model.name}", result["wall_s"])
         self._save_state()
 
     def train(self, jobs: "Jobs") -> None:
@@ -268,13 +272,13 @@ class Reproduction:
         if not _complete(self.model_dir("sft")):  # the shared stages, in order: prepared LM + tower, PT, SFT
             t_prep = time.time()
             self.prepare(jobs)
-            self.timings["prepare"] = round(time.time() - t_prep, 2) + self.timings.get("prepare", 0.0)
+            self._add_time("prepare", time.time() - t_prep)
             if not _complete(self.model_dir("pt")):
                 self._trained(PT, self._submit_train(jobs, PT, [f"data.max_samples={self.plan.pt_images}"]).result())
             self._trained(SFT, self._submit_train(jobs, SFT, []).result())
         running = {self._submit_train(jobs, MODELS[name], []): name for name in todo}  # independent: side by side
         self._collect(running, self._finish_training)
-        self.timings["training (wall)"] = round(time.time() - t, 2) + self.timings.get("training (wall)", 0.0)
+        self._add_time("training (wall)", time.time() - t)
 
     def _finish_training(self, name: str, result: dict) -> None:
         self._trained(MODELS[name], result)
@@ -336,13 +340,13 @@ class Reproduction:
             running[jobs.submit(eval_job, cfg, str(self.bench_root), str(self.log_path(f"eval-{name}")))] = name
         self._collect(running, self._finish_eval)
         if running:
-            self.timings["evaluation (wall)"] = round(time.time() - t, 2) + self.timings.get("evaluation (wall)", 0.0)
+            self._add_time("evaluation (wall)", time.time() - t)
 
     def _finish_eval(self, name: str, result: dict) -> None:
         if result["failures"]:
             raise RuntimeError(f"evaluating {name}: {result['failures']} (log: {self.log_path(f'eval-{name}')})")
         self.log(f"{name}: " + ", ".join(f"{r['benchmark']} {r['value']:.1f}" for r in result["rows"]))
-        self.timings[f"eval {name}"] = round(result["wall_s"], 2) + self.timings.get(f"eval {name}", 0.0)
+        self._add_time(f"eval {name}", result["wall_s"])
         self._save_state()
         if self.progress:
             self.progress.step(f"eval {name}")

@@ -264,7 +264,7 @@ class PMoDTrainer(Trainer):
     def create_optimizer(self, model=None):
         """HF's optimizer, with the p-MoD routers in their own groups at ``train.router_lr_scale`` x lr when that is not 1."""
         opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        scale = getattr(self.run.cfg.train, "router_lr_scale", 1.0)
+        scale = self.run.cfg.train.router_lr_scale
         if scale != 1.0 and not getattr(opt, "_pmod_router_groups", False):
             split_router_groups(opt, (self.model if model is None else model).named_parameters(), scale)
         return opt
