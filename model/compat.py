@@ -15,7 +15,9 @@ cached the wrong tokens):
    kernel from ``self.config._attn_implementation``;
 5. for the in-LLM comparison methods (FastV, PyramidDrop, SparseVLM, iLLaVA), which rank tokens by
    attention rows recomputed from a layer's own ``q_proj`` / ``k_proj`` outputs: those modules,
-   ``head_dim``, ``scaling`` and the modeling file's ``apply_rotary_pos_emb`` (:func:`check_attention_rows`).
+   ``head_dim`` and ``scaling`` (:func:`check_attention_rows`). RoPE itself is the project's own
+   (:func:`pmod_bench.model.rope.apply_rope`, checked against each family's attention output in the tests), so a
+   change to transformers' ``apply_rotary_pos_emb`` helper cannot reach it.
 
 Everything else a p-MoD layer does goes through the wrapped layer's own four submodules.
 """
@@ -91,26 +93,11 @@ def check_attention(attn) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def _rope_of(cls: type) -> Callable:
-    import sys
-
-    module = sys.modules.get(cls.__module__)
-    fn = getattr(module, "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise contract_error(f"{cls.__module__} has no apply_rotary_pos_emb (the RoPE the attention rows of FastV / PyramidDrop "
-                             "/ SparseVLM / iLLaVA are recomputed with)")
-    params = list(inspect.signature(fn).parameters)[:4]
-    if params != ["q", "k", "cos", "sin"]:
-        raise contract_error(f"{cls.__module__}.apply_rotary_pos_emb takes {params}, expected (q, k, cos, sin, ...)")
-    return fn
-
-
-def check_attention_rows(attn) -> Callable:
+def check_attention_rows(attn) -> None:
     """5. What recomputing an attention row from a layer's own projections relies on (the in-LLM
     comparison methods): ``q_proj`` / ``k_proj`` modules whose outputs are the pre-RoPE queries/keys
-    (no q/k norms), ``head_dim``, ``scaling``, and the modeling file's ``apply_rotary_pos_emb(q, k, cos, sin)``.
-    Returns that RoPE function."""
+    (no q/k norms), ``head_dim``, ``scaling``, full (not sliding-window) attention. RoPE is applied by
+    :func:`pmod_bench.model.rope.apply_rope`, which checks that ``cos``/``sin`` span the whole head."""
     name = type(attn).__name__
     missing = [a for a in ("q_proj", "k_proj", "head_dim", "scaling") if getattr(attn, a, None) is None]
     if missing:
@@ -121,7 +108,6 @@ def check_attention_rows(attn) -> Callable:
                              "support Llama/Vicuna, Mistral and Qwen2 attention")
     if getattr(attn, "sliding_window", None):
         raise contract_error(f"{name} uses sliding-window attention; the in-LLM methods need full attention")
-    return _rope_of(type(attn))
 
 
 def cache_kwargs(module, cache) -> dict:

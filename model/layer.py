@@ -36,9 +36,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .compat import check_attention, contract_error
+from .compat import check_attention, check_attention_rows, contract_error
 from .config import PMoDConfig
 from .plan import RoutingPlan, num_selected
+from .rope import apply_rope
 
 REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 #: HF keyword arguments a p-MoD layer must not forward to the attention module (it passes its own)
@@ -363,14 +364,14 @@ def query_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, rope: tup
     ``output_attentions`` (softmax of the scaled, causally masked scores, averaged over heads),
     computed for the ``R`` query rows only, from the layer's own projections::
 
-        q (B, P or R, H*hd), k (B, P, Hkv*hd)  ->  RoPE (the module's apply_rotary_pos_emb)
+        q (B, P or R, H*hd), k (B, P, Hkv*hd)  ->  RoPE (model/rope.py, the module's own convention)
         rows (B, H, R, S+P) = softmax over [cached keys (S) | keys of this input (P)], causal in order
         mean over heads, sum over rows with qw  ->  (B, P)  ->  scattered to positions (B, N)
 
     Softmax in float32 (HF eager upcasts too; it casts back to the model dtype, we do not). Keys a
     query cannot see (later positions, padding slots) get probability 0.
     """
-    rope_fn = _rope_function(attn)
+    check_attention_rows(attn)
     hd = attn.head_dim
     B, P = k.shape[0], k.shape[1]
     cos, sin = rope
@@ -383,8 +384,8 @@ def query_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, rope: tup
     qs = sin.gather(1, slot[..., None].expand(-1, -1, sin.shape[-1]))
     q = q.view(B, R, -1, hd).transpose(1, 2)  # (B, H, R, hd)
     k = k.view(B, P, -1, hd).transpose(1, 2)  # (B, Hkv, P, hd)
-    q = rope_fn(q, q, qc, qs)[0]
-    k = rope_fn(k, k, cos, sin)[0]
+    q = apply_rope(q, qc, qs)
+    k = apply_rope(k, cos, sin)
     keys = k if past is None else torch.cat([past.to(k.dtype), k], dim=2)  # (B, Hkv, S+P, hd)
     S = keys.shape[2] - P
     groups = q.shape[1] // keys.shape[1]
@@ -403,13 +404,6 @@ def query_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, rope: tup
     if valid is not None:
         rows = rows * valid
     return torch.zeros(B, N, dtype=rows.dtype, device=rows.device).scatter(1, order, rows)
-
-
-def _rope_function(attn: nn.Module):
-    """``apply_rotary_pos_emb`` of the attention module's own modeling file (checked by compat.check_attention_rows)."""
-    from .compat import check_attention_rows
-
-    return check_attention_rows(attn)
 
 
 @functools.lru_cache(maxsize=None)

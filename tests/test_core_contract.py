@@ -280,3 +280,41 @@ def test_eval_answers_identical_at_batch_1_and_8(tiny_processor, one_thread, rou
         answers[bs] = lm.generate_until(reqs)
     assert len(answers[1]) == len(docs)
     assert answers[1] == answers[8], sum(a != b for a, b in zip(answers[1], answers[8]))
+
+
+# ------------------------------------------------------------------------------ RoPE, owned
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_own_rope_reproduces_the_hf_attention_output(family):
+    """model/rope.py rotates q/k as the family's attention module does: an eager attention rebuilt from the
+    module's own projections and our RoPE equals the module's forward output (GQA, a real rope_theta)."""
+    import transformers
+
+    from pmod_bench.model.rope import apply_rope
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{names}Config")(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                  intermediate_size=32, num_hidden_layers=1, vocab_size=32,
+                                                  rope_theta=10000.0, max_position_embeddings=128)
+    cfg._attn_implementation = "eager"
+    module = __import__(f"transformers.models.{family}.modeling_{family}", fromlist=["x"])
+    torch.manual_seed(0)
+    attn = getattr(module, f"{names}Attention")(cfg, layer_idx=0).eval()
+    if getattr(attn.q_proj, "bias", None) is not None:  # Qwen2: q/k/v biases, make them non-zero
+        for p in (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias):
+            torch.nn.init.normal_(p)
+    rotary = getattr(module, f"{names}RotaryEmbedding")(config=cfg)
+    B, N, H, hd = 2, 9, 4, attn.head_dim
+    x = torch.randn(B, N, 64)
+    pos = torch.arange(N)[None].expand(B, -1) + torch.tensor([[0], [5]])  # two different offsets
+    cos, sin = rotary(x, pos)
+    mask = torch.full((N, N), float("-inf")).triu(1)[None, None].expand(B, 1, N, N)
+    with torch.no_grad():
+        ref = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+        q = apply_rope(attn.q_proj(x).view(B, N, H, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(B, N, 2, hd).transpose(1, 2), cos, sin).repeat_interleave(2, dim=1)
+        v = attn.v_proj(x).view(B, N, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+        probs = torch.softmax(q @ k.transpose(2, 3) * attn.scaling + mask, dim=-1)
+        ours = attn.o_proj((probs @ v).transpose(1, 2).reshape(B, N, H * hd))
+    assert (ours - ref).abs().max() < 1e-5
+    with pytest.raises(HFContractError, match="partial-rotary"):
+        apply_rope(q, cos[..., : hd // 2], sin[..., : hd // 2])
