@@ -4,23 +4,22 @@
 on first use.
 
 Registration with transformers' Auto classes (``AutoConfig``, ``AutoModelForImageTextToText``,
-``AutoProcessor``) follows one rule: **it happens when the p-MoD model module is imported**
-(``pmod_bench.model.modeling``), which every entry point of the toolkit does (``load_model``,
-``to_pmod``, ``build_preset``, the CLI, the lmms-eval plugin) and which :func:`register` does
-explicitly.  ``import pmod_bench`` does it too when transformers is already imported (it costs
-nothing extra then).  So, in your own script::
+``AutoProcessor``) does not depend on import order: after ``import pmod_bench`` it happens the moment
+transformers' Auto classes are imported (or at once, if they already are; see ``_autoregister.py``), and
+importing the p-MoD model module (``pmod_bench.model.modeling``) or calling :func:`register` does it
+explicitly.  So, in your own script, either order works::
 
     import pmod_bench
-    pmod_bench.register()              # or: import transformers first, then pmod_bench
+    from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(p_mod_checkpoint_dir)
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
+from pmod_bench import _autoregister
 from pmod_bench.model.config import PMoDConfig
 from pmod_bench.model.schedules import mean_retention, prd_ratios
 
@@ -57,5 +56,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if "transformers" in sys.modules:  # already paid for: register now (see the module docstring)
-    register()
+_autoregister.install(register)  # now if transformers' Auto classes are loaded, else the moment they are

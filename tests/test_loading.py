@@ -134,3 +134,43 @@ def test_incomplete_hf_checkpoint_names_missing_tensors(saved_dirs, tmp_path):
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelSourceError, match=r"lack 1 tensor.*layers\.5\.router\.weight.*re-save"):
         load_model(str(bad))
+
+
+# ------------------------------------------------------------------------------ registration, any import order
+_ORDERS = {
+    "pmod_bench first": "import pmod_bench\nfrom transformers import AutoModelForImageTextToText as A\n",
+    "transformers first": "from transformers import AutoModelForImageTextToText as A\nimport pmod_bench\n",
+    "transformers module, then pmod_bench": "import transformers\nimport pmod_bench\nA = transformers.AutoModelForImageTextToText\n",
+    "a LLaVA class first": ("import pmod_bench\nfrom transformers import LlavaNextForConditionalGeneration\n"
+                            "from transformers import AutoModelForImageTextToText as A\n"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", list(_ORDERS))
+def test_from_pretrained_in_a_fresh_process_in_any_import_order(saved_dirs, order):
+    """The README's one-line user path: ``import pmod_bench`` and transformers' Auto class, in either order, load a
+    saved p-MoD checkpoint in a fresh process; ``import pmod_bench`` itself imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    root, _, _ = saved_dirs
+    code = ("import sys\n" + _ORDERS[order] +
+            f"m = A.from_pretrained({str(root / 'pmod')!r})\n"
+            "print(type(m).__name__, type(m.config).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["PMoDLlavaNextForConditionalGeneration", "PMoDLlavaNextConfig"]
+
+
+def test_import_pmod_bench_stays_light_and_arms_registration():
+    import subprocess
+    import sys
+
+    code = ("import sys, pmod_bench\nfrom pmod_bench import _autoregister\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, _autoregister._FINDER in sys.meta_path)\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "print(_autoregister._FINDER is None, 'pmod_llava_next' in CONFIG_MAPPING)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "True", "True", "True"]
