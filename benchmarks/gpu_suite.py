@@ -194,7 +194,7 @@ class Suite:
     def analytic(self) -> dict[str, Any]:
         """variant name -> the profiler's analytic row (FLOPs, KV cache) of the plan's scenario."""
         if self._analytic is None:
-            from pmod_bench.profiler.core import Scenario, profile
+            from pmod_bench.profiler.core import profile
 
             rows = profile(self.arch, self.plan.variants, [self.scenario()], latency=False, verify=False, recipe=None,
                            dtype=self.plan.dtype)
@@ -917,6 +917,8 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
         return f"--sections: {exc}"
     if not args.budget_s > 0:
         return f"--budget-s must be > 0, got {args.budget_s:g}"
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        return f"--output {args.output} exists and is not a directory; choose another"
     for flag, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--max-batch", args.max_batch, 1),
                              ("--refine", args.refine, 0)):
         if value is not None and value < low:
@@ -944,7 +946,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suite = Suite(plan, out, args.budget_s)
     doc = new_document(plan, args.budget_s, selected_sections(args.sections), argv)
-    doc["environment"] = environment(plan, suite.hw)
+    try:
+        doc["environment"] = environment(plan, suite.hw)
+    except Exception as exc:  # a driver query failing must not stop the measurements
+        doc["environment"] = {"error": f"{type(exc).__name__}: {exc}", "device": plan.device}
     suite.note(f"{doc['environment'].get('gpu_name', 'cpu')}; writing {out}/gpu_suite.json and .md after every section")
     write_outputs(out, doc)
     funcs = {"prefill": lambda: section_prefill(suite), "decode": lambda: section_decode(suite),
@@ -952,6 +957,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              "profile": lambda: section_profile(suite), "methods": lambda: section_methods(suite)}
     run_sections(doc, funcs, suite.elapsed, args.budget_s, lambda d: write_outputs(out, d), cleanup=free_memory)
     statuses = {n: e["status"] for n, e in doc["sections"].items()}
+    print((out / "gpu_suite.md").read_text(), flush=True)  # the summary, also where only the output is kept
     suite.note(f"done: {statuses}; {out}/gpu_suite.json, {out}/gpu_suite.md")
     return 1 if "error" in statuses.values() else 0
 

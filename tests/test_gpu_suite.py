@@ -87,6 +87,7 @@ def test_sections_keep_their_own_status_and_the_budget_stops_the_rest(suite, tmp
     (["--sections", "prefil"], "unknown section(s) prefil"),
     (["--budget-s", "0"], "--budget-s must be > 0"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--output", __file__], "is not a directory"),
 ])
 def test_bad_arguments_exit_2_with_one_line(suite, capsys, argv, message):
     assert suite.main(["--smoke", *argv]) == 2
@@ -158,3 +159,50 @@ def test_smoke_run_writes_every_section(suite, tmp_path, monkeypatch):
 
     md = (out / "gpu_suite.md").read_text()
     assert all(f"## {name}: ok" in md for name in suite.SECTIONS)
+
+
+def _smoke_suite(suite, tmp_path):
+    plan = suite.smoke_plan(suite.parse_args(["--smoke"]))
+    return suite.Suite(plan, tmp_path, budget_s=600, log=lambda msg: None)
+
+
+def test_out_of_memory_is_caught_per_batch_size(suite, tmp_path, monkeypatch):
+    """The largest-batch search on a GPU that holds 5 samples: every larger batch raises CUDA's out-of-memory."""
+    import torch
+
+    from pmod_bench.profiler import latency
+    from pmod_bench.profiler.latency import Stats, Timing
+
+    def fake_generation(model, batch, gen_tokens, warmup, repeats, device):
+        b = batch["input_ids"].shape[0]
+        if b > 5:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {b} GiB")
+        return Timing(Stats.of([10.0 * b]), Stats.of([2.0 * b] * 3), None, 123 * b)
+
+    monkeypatch.setattr(latency, "time_generation", fake_generation)
+    s = _smoke_suite(suite, tmp_path)
+    s.plan = suite.Plan(**{**suite.asdict(s.plan), "max_batch": 64, "refine": 3})
+    known = {"tokens_per_s": 1.0, "decode_ms_per_step": 1.0, "peak_memory_bytes": None}
+    out = suite.largest_batch(s, "baseline", model=None, start=2, known=known)
+    assert out["tried"] == [[4, "ok"], [8, "out of memory"], [6, "out of memory"], [5, "ok"]]
+    assert (out["batch"], out["first_failing_batch"], out["peak_memory_bytes"]) == (5, 6, 615)
+    assert out["tokens_per_s"] == pytest.approx(5 / 10e-3)  # 5 sequences per 10 ms step
+    assert suite.is_oom(RuntimeError("CUDA error: out of memory")) and not suite.is_oom(ValueError("out of memory"))
+
+
+def test_train_step_falls_back_to_fewer_layers_on_out_of_memory(suite, tmp_path, monkeypatch):
+    import torch
+
+    import bench_train
+
+    def fake_measure(arch, shift, batch_size, text_tokens, repeats, warmup, device, dtype, image=None):
+        if arch.text.layers > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        assert image == (64, 64) and batch_size == 1
+        med = {"baseline": 2.0, "p-MoD": 1.5}
+        return med, {k: [v] for k, v in med.items()}
+
+    monkeypatch.setattr(bench_train, "measure", fake_measure)
+    data = suite.section_train(_smoke_suite(suite, tmp_path))
+    assert data["layers"] == 4 and data["layers_tried"] == [[8, "out of memory"], [4, "ok"]]
+    assert data["step_time_ratio"] == 0.75 and 0 < data["train_flops_ratio"] < 1
