@@ -64,6 +64,11 @@ SCHEMA_VERSION = 1
 GPU_TRAIN_LAYERS = (32, 28, 24, 20, 16, 12, 8, 4)
 
 
+def log(message: str) -> None:
+    """Progress on stdout, flushed at once (a run killed by a time limit keeps every line it printed)."""
+    print(message, flush=True)
+
+
 class SectionSkipped(Exception):
     """Raised by a section that cannot run here (the message is the reason)."""
 
@@ -144,7 +149,7 @@ class Suite:
     """One run: the plan, the clock, and the models the first sections share (built once, released before the
     sections that build their own)."""
 
-    def __init__(self, plan: Plan, out_dir: Path, budget_s: float, log: Callable[[str], None] = print):
+    def __init__(self, plan: Plan, out_dir: Path, budget_s: float, log: Callable[[str], None] = log):
         self.plan, self.out, self.budget_s, self._log = plan, Path(out_dir), float(budget_s), log
         self.t0 = time.monotonic()
         self._models: Optional[dict] = None
@@ -824,7 +829,7 @@ def new_document(plan: Plan, budget_s: float, selected: Iterable[str], argv: lis
 
 
 def run_sections(doc: dict, funcs: dict[str, Callable[[], dict]], elapsed: Callable[[], float], budget_s: float,
-                 write: Callable[[dict], None], log: Callable[[str], None] = print,
+                 write: Callable[[dict], None], log: Callable[[str], None] = log,
                  cleanup: Callable[[], None] = lambda: None) -> None:
     """Run every selected (pending) section in RUN_ORDER, each under its own status; ``write(doc)`` after each."""
     for name in RUN_ORDER:
