@@ -109,17 +109,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def solved_variants(args, arch, size, T: int) -> tuple[list, list[str]]:
     """(variants, skipped): (label, method config, solver result) of vanilla, the target and every method whose
     budget was solved to the target (within 10% when not within ``--match-tolerance``; ``skipped`` says so)."""
-    from pmod_bench.methods import available_methods, solve
+    from pmod_bench.methods import available_methods
 
     names = [m.strip() for m in args.methods.split(",")] if args.methods else sorted(available_methods())
-    variants = [("vanilla", None, None), (args.match, None, None)]
+    return solve_methods(names, arch, size, T, args.match, args.match_tolerance)
+
+
+def solve_methods(specs, arch, size, T: int, match: str, tolerance: float) -> tuple[list, list[str]]:
+    """:func:`solved_variants` for a list of method specs (each may hold its own options, ``visionzip:dominant=8,...``)."""
+    from pmod_bench.methods import solve
+
+    variants = [("vanilla", None, None), (match, None, None)]
     skipped = []
-    for name in names:
+    for name in specs:
         try:
-            res = solve(name, arch, size, match=args.match, text_tokens=T, tolerance=args.match_tolerance)
+            res = solve(name, arch, size, match=match, text_tokens=T, tolerance=tolerance)
         except ValueError as exc:  # unreachable within the tolerance (coarse budget steps), or not applicable here
             try:
-                res = solve(name, arch, size, match=args.match, text_tokens=T, tolerance=0.1)
+                res = solve(name, arch, size, match=match, text_tokens=T, tolerance=0.1)
                 skipped.append(f"~ {name}: {' '.join(str(exc).split())} Run at its nearest setting, "
                                f"{res.rel_err:.1%} off the target.")
             except ValueError:

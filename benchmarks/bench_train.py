@@ -55,8 +55,9 @@ def analytic_ratio(arch, shift: float, image: tuple, text_tokens: int) -> tuple:
     return base, pmod, pmod / base
 
 
-def measure(arch, shift: float, batch_size: int, text_tokens: int, repeats: int, warmup: int, device: str, dtype: str):
-    """Median step seconds {baseline, p-MoD}, interleaved."""
+def measure(arch, shift: float, batch_size: int, text_tokens: int, repeats: int, warmup: int, device: str, dtype: str,
+            image=None):
+    """Median step seconds {baseline, p-MoD}, interleaved; ``image`` (width, height) defaults to one tile's square."""
     import torch
 
     from pmod_bench.profiler.models import Sample, random_model, synthetic_batch
@@ -73,7 +74,7 @@ def measure(arch, shift: float, batch_size: int, text_tokens: int, repeats: int,
             p.requires_grad_(not n.startswith("model.vision_tower."))
     params = {id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=1e-5)
-    image = (arch.vision.image_size, arch.vision.image_size)
+    image = image or (arch.vision.image_size, arch.vision.image_size)
     batch = synthetic_batch(arch, [Sample(image, text_tokens)] * batch_size, device=device, dtype=dt)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == arch.image_token_id, -100)
     labels = labels.masked_fill(batch["attention_mask"] == 0, -100)

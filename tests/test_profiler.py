@@ -272,6 +272,14 @@ def test_hardware_table():
     assert detect_hardware("NVIDIA RTX A6000").name == "A6000"
     assert detect_hardware("NVIDIA A100-SXM4-80GB").name == "A100-80GB-SXM"
     assert detect_hardware("cpu") is None
+    # the GPUs the suite runs on (benchmarks/gpu_suite.py): every H100 / H200 form factor has its own dense peak
+    names = {"NVIDIA H100 PCIe": ("H100-PCIe", 756), "NVIDIA H100 NVL": ("H100-NVL", 835), "NVIDIA H200": ("H200", 989),
+             "NVIDIA H200 NVL": ("H200-NVL", 835), "NVIDIA GH200 480GB": ("GH200", 989),
+             "NVIDIA H100 80GB HBM3 MIG 7g.80gb": ("H100-SXM", 989)}
+    for device_name, (key, peak) in names.items():
+        hw = detect_hardware(device_name)
+        assert (hw.name, hw.bf16_tflops) == (key, peak), device_name
+    assert get_hardware("H200 NVL").name == "H200-NVL" and get_hardware("h200-sxm").name == "H200"
     with pytest.raises(HardwareError, match="Known"):
         get_hardware("TPU-v5")
 

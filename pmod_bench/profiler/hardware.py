@@ -1,7 +1,9 @@
 """Accelerator peak numbers, for achieved TFLOP/s, MFU and roofline floors.
 
 Peak = dense BF16 tensor-core throughput (no 2:4 sparsity) and memory bandwidth, from NVIDIA's
-datasheets. MFU (model FLOPs utilisation, PaLM Appendix B) = model FLOPs / time / peak.
+datasheets; where a datasheet gives only the sparse figure, dense = half of it (H100 SXM: 1,979 -> 989,
+H100 PCIe: 1,513 -> 756, H200 NVL: 1,671 -> 835). A MIG slice has a fraction of the peak: MFU against
+the whole GPU's is not meaningful there. MFU (model FLOPs utilisation, PaLM Appendix B) = model FLOPs / time / peak.
 
 Roofline floor of a phase (Williams et al. 2009): max(FLOPs / peak, bytes moved / bandwidth), with
 bytes = the weights the phase reads once (bf16) + the KV cache it writes (prefill) or reads (decode).
@@ -48,7 +50,11 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("H100-SXM", 989, 3350, 80, "NVIDIA H100 datasheet: 1,979 TFLOPS BF16 with sparsity; 3.35 TB/s HBM3"),
         Hardware("H100-PCIe", 756, 2000, 80, "NVIDIA H100 datasheet: 1,513 TFLOPS BF16 with sparsity; 2.0 TB/s HBM2e"),
         Hardware("H100-NVL", 835, 3900, 94, "NVIDIA H100 NVL datasheet: 1,671 TFLOPS BF16 with sparsity; 3.9 TB/s HBM3"),
-        Hardware("H200", 989, 4800, 141, "NVIDIA H200 datasheet: 1,979 TFLOPS BF16 with sparsity; 4.8 TB/s HBM3e"),
+        Hardware("H200", 989, 4800, 141, "NVIDIA H200 datasheet, H200 SXM: 1,979 TFLOPS BF16 with sparsity; 4.8 TB/s HBM3e"),
+        Hardware("H200-NVL", 835, 4800, 141, "NVIDIA H200 datasheet, H200 NVL (PCIe card): 1,671 TFLOPS BF16 with sparsity; "
+                 "4.8 TB/s HBM3e"),
+        Hardware("GH200", 989, 4000, 96, "NVIDIA GH200 Grace Hopper datasheet: 1,979 TFLOPS BF16 with sparsity (the H100 SXM's "
+                 "tensor cores); 4 TB/s HBM3 (96 GB; the 144 GB HBM3e version: 4.9 TB/s)"),
         Hardware("L40S", 362, 864, 48, "NVIDIA L40S datasheet: 733 TFLOPS BF16 with sparsity; 864 GB/s GDDR6"),
         Hardware("L4", 121, 300, 24, "NVIDIA L4 datasheet: 242 TFLOPS BF16 with sparsity; 300 GB/s GDDR6"),
         Hardware("A10", 125, 600, 24, "NVIDIA A10 datasheet: 125 TFLOPS BF16 dense; 600 GB/s GDDR6"),
@@ -61,7 +67,7 @@ _ALIASES = {
     "a100sxm": "A100-80GB-SXM", "a100sxm480gb": "A100-80GB-SXM", "a100pcie": "A100-80GB-PCIe",
     "a10040gb": "A100-40GB", "a100sxm440gb": "A100-40GB", "h100": "H100-SXM", "h100sxm": "H100-SXM",
     "h100sxm5": "H100-SXM", "h10080gbhbm3": "H100-SXM", "h100pcie": "H100-PCIe", "h100nvl": "H100-NVL",
-    "h200": "H200", "h200nvl": "H200", "l40s": "L40S", "l4": "L4", "a10": "A10", "a10g": "A10", "b200": "B200",
+    "h200": "H200", "h200sxm": "H200", "h200nvl": "H200-NVL", "gh200": "GH200", "l40s": "L40S", "l4": "L4", "a10": "A10", "a10g": "A10", "b200": "B200",
 }
 
 
@@ -93,7 +99,7 @@ def detect_hardware(device_name: Optional[str]) -> Optional[Hardware]:
     n = _norm(device_name)
     rules = [
         ("rtxa6000", "A6000"), ("h100nvl", "H100-NVL"), ("h100pcie", "H100-PCIe"), ("h100", "H100-SXM"),
-        ("h200", "H200"), ("a100sxm480gb", "A100-80GB-SXM"), ("a10080gbpcie", "A100-80GB-PCIe"),
+        ("gh200", "GH200"), ("h200nvl", "H200-NVL"), ("h200", "H200"), ("a100sxm480gb", "A100-80GB-SXM"), ("a10080gbpcie", "A100-80GB-PCIe"),
         ("a100pcie80gb", "A100-80GB-PCIe"), ("a10040gb", "A100-40GB"), ("a100sxm440gb", "A100-40GB"),
         ("a100", "A100-80GB-SXM"), ("l40s", "L40S"), ("l4", "L4"), ("a10", "A10"), ("b200", "B200"),
     ]
