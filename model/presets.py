@@ -208,6 +208,9 @@ QWEN2_5_VL_HUB = {
 #: the tiny preset's processor: images are resized to 16..64 merged 28 px patches (a few dozen LLM tokens)
 TINY_QWEN_MIN_PIXELS = 16 * 28 * 28
 TINY_QWEN_MAX_PIXELS = 64 * 28 * 28
+#: the [min_pixels, max_pixels] of the Qwen presets whose processor is built here (the profiler's default for the
+#: others is lmms-eval's, the range its evaluations run with)
+QWEN_PIXEL_RANGE = {"tiny-qwen2.5-vl": (TINY_QWEN_MIN_PIXELS, TINY_QWEN_MAX_PIXELS)}
 #: the words of Qwen's chat template, added to the tiny tokenizer's corpus
 _QWEN_CORPUS = "system user assistant You are a helpful assistant. Picture 1: Video 1: \n"
 
