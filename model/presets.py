@@ -289,7 +289,8 @@ def _qwen_preset_config(name: str, pmod: Any, attn_implementation: Optional[str]
 
     if pmod is not None:
         raise ValueError(f"preset '{name}': p-MoD on Qwen2.5-VL comes with its host adapter (issue 22); build the vanilla "
-                         "model with pmod=None (or profile the arch: pmod-bench profile --arch qwen2.5-vl-7b).")
+                         f"model (pmod=None, or load_model('{name}:vanilla')), or profile the arch (pmod-bench profile --arch "
+                         f"{name}).")
     cfg = Qwen2_5_VLConfig(**(_tiny_qwen_config() if name == "tiny-qwen2.5-vl" else qwen2_5_vl_hub_config(name)))
     if attn_implementation:
         cfg._attn_implementation = attn_implementation

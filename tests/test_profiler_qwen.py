@@ -161,6 +161,22 @@ def test_params_kv_and_training_rows(qwen7b):
     assert base.prefill_floor_ms is not None and base.latency_note.startswith("not measured")
 
 
+def test_local_config_dir_and_train_runs(qwen7b, tmp_path):
+    """A local hub-layout config.json profiles as the preset does; a LLaVA train run is told apart, not crashed on."""
+    from pmod_bench.model.presets import preset_config
+    from pmod_bench.profiler.arch import arch_from_config
+    from pmod_bench.profiler.training import TrainRun, train_run_mismatch
+
+    preset_config("qwen2.5-vl-7b").save_pretrained(tmp_path)
+    local = load_arch(str(tmp_path))
+    assert (local.family, local.text, local.vision) == (qwen7b.family, qwen7b.text, qwen7b.vision)
+    assert vision_layout(local, (1344, 1008)) == vision_layout(qwen7b, (1344, 1008))
+    llava = arch_from_config("tiny", preset_config("tiny"))
+    info = {"family": llava.family, "text": {"layers": 8, "hidden": 64}, "vision": {"layers": 2, "image_size": 32}}
+    run = TrainRun(path="r", recipe="x", stage="sft", tokens_per_s=1.0, gpu_hours=1.0, world_size=1, steps=1, model_info=info)
+    assert "another architecture" in train_run_mismatch(run, qwen7b)
+
+
 def test_cli_prints_the_table(capsys):
     from pmod_bench.cli import main
 

@@ -212,7 +212,7 @@ def train_run_mismatch(run: TrainRun, arch: Any, ratios: Optional[list] = None) 
         diffs.append(f"family {info.get('family')} vs {arch.family}")
     for part, keys, dims in (("text", _TEXT_KEYS, arch.text), ("vision", _VISION_KEYS, arch.vision)):
         got = info.get(part) or {}
-        diffs += [f"{part}.{k} {got.get(k)} vs {getattr(dims, k)}" for k in keys if got.get(k) != getattr(dims, k)]
+        diffs += [f"{part}.{k} {got.get(k)} vs {getattr(dims, k, None)}" for k in keys if got.get(k) != getattr(dims, k, None)]
     if diffs:
         t = info.get("text") or {}
         return (f"the run trained another architecture ({t.get('layers')} layers, hidden {t.get('hidden')}; "
