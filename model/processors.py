@@ -1,7 +1,10 @@
-"""The processors of LLaVA / LLaVA-NeXT checkpoints: CLIP preprocessing and the image token, built once.
+"""The processors of LLaVA / LLaVA-NeXT and Qwen2.5-VL checkpoints, built once.
 
-Used by the tiny presets (:mod:`.presets`), the conversion of original checkpoints (:mod:`.convert`)
-and the training entrypoint. Light: transformers is imported when a processor is built.
+LLaVA: CLIP preprocessing and the image token. Qwen2.5-VL: Qwen's special tokens, its chat template
+and ``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor`` (dynamic resolution: ``smart_resize`` to a
+multiple of ``patch_size x merge_size`` within ``[min_pixels, max_pixels]``). Used by the tiny presets
+(:mod:`.presets`), the conversion of original checkpoints (:mod:`.convert`) and the training
+entrypoint. Light: transformers is imported when a processor is built.
 """
 
 from __future__ import annotations
@@ -47,4 +50,48 @@ def llava_processor(image_processor: Any, tokenizer: Any, *, patch_size: int, ch
                image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
-__all__ = ["IMAGE_TOKEN", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_image_processor", "llava_processor"]
+# ------------------------------------------------------------------------------------- Qwen2.5-VL
+#: Qwen2/Qwen2.5's special tokens in the order of their ids (151643 ... 151656 in ``Qwen/Qwen2.5-VL-7B-Instruct``'s
+#: ``tokenizer.json``): end of text, the chat turns, grounding markers, and the vision markers and placeholders
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+#: the placeholder the processor repeats once per merged 2x2 patch of an image
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+#: ``Qwen/Qwen2.5-VL-7B-Instruct``'s ``chat_template.json`` (the same for 3B, 32B, 72B): a default system turn,
+#: ``<|im_start|>role\n ... <|im_end|>\n`` turns, each image as ``<|vision_start|><|image_pad|><|vision_end|>``
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_5_vl_processor(tokenizer: Any, *, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
+                         temporal_patch_size: int = 2, chat_template: Optional[str] = QWEN2_5_VL_CHAT_TEMPLATE):
+    """``Qwen2_5_VLProcessor``: ``Qwen2VLImageProcessor`` and ``Qwen2VLVideoProcessor`` resizing to a multiple of
+    ``patch_size x merge_size`` px within ``[min_pixels, max_pixels]`` (OpenAI CLIP normalisation, bicubic), and
+    ``tokenizer``, which must know :data:`QWEN_SPECIAL_TOKENS`."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    missing = [t for t in QWEN_SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ValueError(f"the tokenizer lacks Qwen's special tokens {missing}; add them before building the processor.")
+    geometry = dict(min_pixels=int(min_pixels), max_pixels=int(max_pixels), patch_size=patch_size, merge_size=merge_size,
+                    temporal_patch_size=temporal_patch_size, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**geometry), tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(**geometry), chat_template=chat_template)
+
+
+__all__ = ["IMAGE_TOKEN", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_image_processor", "llava_processor",
+           "QWEN_SPECIAL_TOKENS", "QWEN_IMAGE_TOKEN", "QWEN_VIDEO_TOKEN", "QWEN2_5_VL_CHAT_TEMPLATE", "qwen2_5_vl_processor"]

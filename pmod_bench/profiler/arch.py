@@ -1,7 +1,8 @@
 """Architectures the profiler measures, and how an image becomes vision tokens.
 
 An :class:`Arch` holds the shapes that FLOPs and KV-cache accounting need (taken from an HF
-``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses) plus the HF config itself, so the
+``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses, or a ``Qwen2_5_VLConfig``: :mod:`.qwen`)
+plus the HF config itself, so the
 same architecture can be built on the meta device (FLOP counting without weights) or with random
 weights (latency). Sources (:func:`load_arch`): a preset name (``pmod_bench.model.presets``), a
 local HF model directory or its ``config.json``, or a hub id (needs the network).
@@ -9,12 +10,14 @@ local HF model directory or its ``config.json``, or a hub id (needs the network)
 Vision tokens (:func:`vision_layout`) are computed with transformers' own LLaVA-NeXT helpers
 (``image_size_to_num_patches``, ``get_anyres_image_grid_shape``, ``unpad_image``: the functions
 ``LlavaNextModel.get_image_features`` / ``pack_image_features`` call), never re-derived:
-672x672 -> 2,928 tokens, 640x480 -> 2,340 (LLaVA-NeXT-7B); LLaVA-1.5 -> 576 for any image.
+672x672 -> 2,928 tokens, 640x480 -> 2,340 (LLaVA-NeXT-7B); LLaVA-1.5 -> 576 for any image; Qwen2.5-VL
+with transformers' ``smart_resize`` (:mod:`.qwen`): 1344x1008 -> 1,728.
 """
 
 from __future__ import annotations
 
 from .errors import ProfileError
+from .qwen import QWEN_FAMILY, with_pixels
 
 import difflib
 import functools
@@ -47,6 +50,8 @@ class TextDims:
     kv_heads: int
     head_dim: int
     vocab: int
+    qkv_bias: bool = False
+    """q, k, v projections with biases (Qwen2); biases are parameters, not FLOPs (matrix products only)"""
 
     @property
     def q_dim(self) -> int:
@@ -64,8 +69,8 @@ class TextDims:
 
     @property
     def layer_params(self) -> int:
-        """Parameters of one decoder layer (weights + the two RMSNorm scales; no biases)."""
-        return self.linear_macs_per_token + 2 * self.hidden
+        """Parameters of one decoder layer (weights + the two RMSNorm scales + q/k/v biases if any)."""
+        return self.linear_macs_per_token + 2 * self.hidden + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0)
 
     def params(self, tied_embeddings: bool = False) -> int:
         """Parameters of the LLM: layers + final norm + embedding + lm_head."""
@@ -119,9 +124,9 @@ class Arch:
     """One LLaVA-family architecture: shapes for accounting plus the HF config it came from."""
 
     name: str
-    family: str  # "llava" (LLaVA-1.5 shape) or "llava_next" (anyres)
+    family: str  # "llava" (LLaVA-1.5 shape), "llava_next" (anyres) or "qwen2_5_vl" (.qwen)
     text: TextDims
-    vision: VisionDims
+    vision: VisionDims  # Qwen2.5-VL: qwen.QwenVisionDims
     projector_hidden: int
     image_token_id: int
     grid_pinpoints: Optional[tuple[tuple[int, int], ...]] = None  # (height, width) pairs, px
@@ -134,11 +139,16 @@ class Arch:
 
     @property
     def projector_params(self) -> int:
+        if self.family == QWEN_FAMILY:
+            return self.vision.merger_params
         return self.projector_in * self.projector_hidden + self.projector_hidden * self.projector_hidden + 2 * self.projector_hidden
 
     @property
     def llm_params(self) -> int:
-        return self.text.params(bool(getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)))
+        tied = getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)
+        if self.family == QWEN_FAMILY:  # Qwen2.5-VL ties at the top level (3B)
+            tied = getattr(self.config, "tie_word_embeddings", False)
+        return self.text.params(bool(tied))
 
     @property
     def anyres(self) -> bool:
@@ -203,9 +213,10 @@ def load_arch(source: str) -> Arch:
     ensure_registered()
     source = str(source).strip()
     if source in _presets():
-        from pmod_bench.model.presets import preset_config
+        from pmod_bench.model.presets import QWEN_PIXEL_RANGE, preset_config
 
-        return arch_from_config(source, preset_config(source))
+        # a tiny Qwen preset's own processor range (lmms-eval's for the others)
+        return with_pixels(arch_from_config(source, preset_config(source)), *QWEN_PIXEL_RANGE.get(source, (None, None)))
     path = Path(source).expanduser()
     if path.exists():
         directory = path.parent if path.is_file() else path
@@ -241,17 +252,19 @@ def load_arch(source: str) -> Arch:
 
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
-    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT config (p-MoD or vanilla)."""
-    from transformers import LlavaConfig, LlavaNextConfig
+    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT (p-MoD or vanilla) or Qwen2.5-VL config."""
+    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
+    if isinstance(cfg, Qwen2_5_VLConfig):
+        return _qwen_arch(name, cfg)
     if isinstance(cfg, LlavaNextConfig):
         family = "llava_next"
     elif isinstance(cfg, LlavaConfig):
         family = "llava"
     else:
         raise ArchError(
-            f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5 "
-            "and LLaVA-NeXT models (model_type llava, llava_next, pmod_llava, pmod_llava_next)."
+            f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5, "
+            "LLaVA-NeXT and Qwen2.5-VL models (model_type llava, llava_next, pmod_llava, pmod_llava_next, qwen2_5_vl)."
         )
     tc, vc = cfg.text_config, cfg.vision_config
     if tc.model_type not in GATED_MLP_TEXT_MODELS:
@@ -299,6 +312,19 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
     )
 
 
+def _qwen_arch(name: str, cfg: Any) -> Arch:
+    """Qwen2.5-VL: a Qwen2 decoder (GQA, q/k/v biases; its attention's head_dim is hidden / heads) and :mod:`.qwen`'s tower."""
+    from .qwen import vision_dims_from_config
+
+    tc = cfg.text_config
+    text = TextDims(layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
+                    heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads, head_dim=tc.hidden_size // tc.num_attention_heads,
+                    vocab=tc.vocab_size, qkv_bias=True)
+    vision = vision_dims_from_config(cfg.vision_config)
+    return Arch(name=name, family=QWEN_FAMILY, text=text, vision=vision, projector_hidden=vision.out_hidden,
+                image_token_id=int(cfg.image_token_id), pmod=getattr(cfg, "pmod", None), config=cfg)
+
+
 # ------------------------------------------------------------------------------------ vision tokens
 @dataclass(frozen=True)
 class VisionLayout:
@@ -315,6 +341,12 @@ class VisionLayout:
     """anyres tile grid (rows, cols)."""
     unpadded: Optional[tuple[int, int]] = None
     """feature map (rows, cols) after unpad_image, before the newline column."""
+    tile_size: int = 0
+    """side in pixels of each square tile the encoder sees (0: Qwen2.5-VL sees the resized image whole)"""
+    resized: Optional[tuple[int, int]] = None
+    """Qwen2.5-VL: (width, height) after ``smart_resize`` (multiples of 28 px)"""
+    patches: Optional[tuple[int, int]] = None
+    """Qwen2.5-VL: (rows, cols) of vision-tower patches (resized / 14)"""
 
 
 #: the largest image width / height any command accepts (px): 48x the 672 px LLaVA-NeXT tile
@@ -349,13 +381,21 @@ def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
     tiled on the best grid pinpoint (``image_size_to_num_patches`` counts the tiles plus the base
     image), each tile gives ``features_per_tile`` features, the grid's feature map is cropped back
     to the image's aspect ratio (``unpad_image``) and gets one ``image_newline`` per row; the base
-    image's features come first. LLaVA-1.5: one 336 px tile, 576 features.
+    image's features come first. LLaVA-1.5: one 336 px tile, 576 features. Qwen2.5-VL: :func:`.qwen.resize`.
     """
     check_image_size(image_size)
     w, h = image_size
     v = arch.vision
+    if arch.family == QWEN_FAMILY:
+        from .qwen import merged_tokens, resize
+
+        grid = resize(v, (w, h))
+        tokens = merged_tokens(v, grid)
+        return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=tokens, vision_tokens=tokens, resized=grid.resized,
+                            patches=grid.patches)
     if not arch.anyres:
-        return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=v.features_per_tile, vision_tokens=v.features_per_tile)
+        return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=v.features_per_tile, vision_tokens=v.features_per_tile,
+                            tile_size=v.image_size)
     import torch
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
@@ -372,7 +412,7 @@ def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
     vision_tokens = v.features_per_tile + uh * (uw + 1)  # base image + unpadded grid with a newline per row
     return VisionLayout(
         image_size=(w, h), tiles=int(tiles), projector_tokens=int(tiles) * v.features_per_tile,
-        vision_tokens=int(vision_tokens), grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)),
+        vision_tokens=int(vision_tokens), grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)), tile_size=v.image_size,
     )
 
 

@@ -19,6 +19,7 @@ examples:
   pmod-bench profile --arch tiny --batch-size 1 4      # small arch: latency measured on CPU too
   pmod-bench profile --device cuda --repeats 20        # on a GPU: the 7B is built with random bf16 weights and timed
   pmod-bench profile --arch path/to/hf_model_dir --variant config   # a local config.json (no weights needed)
+  pmod-bench profile --arch qwen2.5-vl-7b --image-size 1344x1008 --max-pixels 1003520   # Qwen's own resize rule
   pmod-bench profile --train-run runs/train-pmod05 --json profile.json --output runs/profile-next
 
 Variants: baseline | p-MoD-0.5 | p-MoD-linear-0.4 | pmod:shift=0.4,schedule=stepped,steps=4 |
@@ -40,8 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     w = p.add_argument_group("what to profile")
     w.add_argument("--arch", nargs="+", action="extend", metavar="ARCH",
-                   help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, tiny, tiny-llava), local HF dir / config.json, "
-                   "or hub id (default: llava-next-7b)")
+                   help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, qwen2.5-vl-3b|7b|32b|72b, tiny, tiny-llava, "
+                   "tiny-qwen2.5-vl), local HF dir / config.json, or hub id (default: llava-next-7b)")
     w.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable; see below)")
     w.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="a comparison method (repeatable), NAME or NAME:key=value,...: fastv:k=2,keep=0.5, pyramiddrop, "
@@ -61,6 +62,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (ratios still refer to it)")
     s = p.add_argument_group("scenario")
     s.add_argument("--image-size", nargs="+", metavar="WxH", help="image sizes in pixels (default: 672x672)")
+    s.add_argument("--min-pixels", type=int, metavar="N", help="Qwen2.5-VL: least image area after its resize to multiples of "
+                   "28 px (default: lmms-eval's 200704 = 256x28x28)")
+    s.add_argument("--max-pixels", type=int, metavar="N", help="Qwen2.5-VL: largest image area after the resize (default: "
+                   "lmms-eval's 1605632 = 2048x28x28)")
     s.add_argument("--text-tokens", type=int, default=58, metavar="N", help="prompt text tokens (default: %(default)s, the paper's)")
     s.add_argument("--gen-tokens", type=int, default=16, metavar="N", help="generated tokens (default: %(default)s)")
     s.add_argument("--batch-size", nargs="+", type=int, metavar="B", help="batch sizes (default: 1)")
@@ -104,7 +109,7 @@ def _command(args: argparse.Namespace) -> str:
     flags = [
         ("arch", "--arch"), ("variant", "--variant"), ("method", "--method"), ("match", "--match"),
         ("match_tflops", "--match-tflops"), ("match_kv", "--match-kv"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
-        ("image_size", "--image-size"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
+        ("image_size", "--image-size"), ("min_pixels", "--min-pixels"), ("max_pixels", "--max-pixels"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
         ("train_samples", "--train-samples"), ("train_text_tokens", "--train-text-tokens"), ("utilisation", "--utilisation"),
         ("overhead_s", "--overhead-s"), ("train_run", "--train-run"), ("json", "--json"), ("output", "--output"), ("label", "--label"),
     ]
@@ -243,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
             rows += profile(
                 arch, variants, scenarios, latency=args.latency, device=device, dtype=dtype_name(args.dtype), hardware=args.hardware,
                 recipe=recipe, train_run=args.train_run, verify=not args.no_verify, warmup=args.warmup, repeats=args.repeats,
-                progress=bar,
+                progress=bar, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             )
         finally:
             bar.close()

@@ -17,6 +17,7 @@ from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, trai
 from .hardware import Hardware, detect_hardware, get_hardware
 from .kvcache import dtype_bytes, kv_cache
 from .paper import is_paper_scenario
+from .qwen import QWEN_FAMILY, with_pixels
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
 
@@ -110,7 +111,12 @@ class ProfileRow:
     """positions whose logits prefill_tflops includes: last (generation) or all (a plain forward)"""
     tiles: int = 1
     tile_size: int = 0
-    """side in pixels of the square the vision encoder sees (each tile; LLaVA-1.5 resizes every image to it)"""
+    """side in pixels of the square the vision encoder sees (each tile; LLaVA-1.5 resizes every image to it; 0 for
+    Qwen2.5-VL, whose tower sees the resized image whole)"""
+    resized_image_size: Optional[list[int]] = None
+    """Qwen2.5-VL: (width, height) the processor resizes the image to (``smart_resize``: multiples of 28 px)"""
+    pixel_range: Optional[list[int]] = None
+    """Qwen2.5-VL: the processor's [min_pixels, max_pixels] (``--min-pixels`` / ``--max-pixels``)"""
     paper_scenario: bool = False
     """the scenario of the paper's efficiency numbers (672x672 image, 58 text tokens): paper values compare"""
     llm_params: int = 0
@@ -233,6 +239,10 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
             out.append(parse_variant(str(v)))
     for v in out:  # validate against this arch (explicit ratios must match the layer count)
         v.kept_vision_tokens(arch.text.layers, 1)
+    methods = [v.name for v in out if hasattr(v, "bind")]
+    if arch.family == QWEN_FAMILY and methods:
+        raise ProfileError(f"{', '.join(methods)}: comparison methods on Qwen2.5-VL come with its host adapter (issue 22); "
+                           f"profile the baseline and p-MoD variants of {arch.name} for now.")
     names = [v.name for v in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -244,6 +254,11 @@ def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: 
     cuda = device.startswith("cuda")
     if latency in (False, "off", "no", "false"):
         return False, "not measured (--no-latency)"
+    if arch.family == QWEN_FAMILY and latency in ("auto", True, "on", "yes", "true"):
+        if latency != "auto":
+            raise ProfileError(f"timing {arch.name} needs the p-MoD Qwen2.5-VL model, which comes with its host adapter "
+                               "(issue 22); use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
+        return False, "not measured: the p-MoD Qwen2.5-VL model is not in pmod-bench yet (FLOPs, KV cache and roofline are)"
     small = arch.llm_params < CPU_LATENCY_MAX_PARAMS
     if latency in (True, "on", "yes", "true"):
         if not cuda and not small:
@@ -281,6 +296,8 @@ def profile(
     recipe: Union[str, TrainRecipe, None] = "auto",
     train_run: Optional[str] = None,
     verify: bool = True,
+    min_pixels: Optional[int] = None,
+    max_pixels: Optional[int] = None,
     warmup: int = 2,
     repeats: int = 5,
     progress: Optional[Callable[[str, bool], None]] = None,
@@ -293,10 +310,11 @@ def profile(
     ``latency``: 'auto' (GPU, or small archs on CPU), True, False. ``hardware``: name for the
     roofline floor and MFU (auto-detected on a GPU). ``recipe``: training recipe name or object
     ('auto' = the paper's SFT recipe of the arch's family for LLMs of 1B+ parameters, None = skip). ``verify``: count the prefill with FlopCounterMode on the meta device and
-    fail if it disagrees with the analytic count by more than 1%. ``progress(message, new_row)``:
+    fail if it disagrees with the analytic count by more than 1%. ``min_pixels`` / ``max_pixels``: Qwen2.5-VL's
+    resize range (default lmms-eval's, :mod:`.qwen`). ``progress(message, new_row)``:
     called before each row (new_row True) and before each timing (False).
     """
-    a = arch if isinstance(arch, Arch) else load_arch(str(arch))
+    a = with_pixels(arch if isinstance(arch, Arch) else load_arch(str(arch)), min_pixels, max_pixels)
     vs = resolve_variants(a, variants)
     dev = device or _default_device()
     timed, latency_note = _want_latency(latency, a, dev, vs)
@@ -444,7 +462,9 @@ def _row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, vis, kept
         decode_tflops_total=dec.total("full") * fed / 1e12,
         mean_retention=sum(ratios) / len(ratios), kept_vision_tokens=list(kept),
         kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(fed),
-        kv_dtype=s.dtype, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=a.vision.image_size,
+        kv_dtype=s.dtype, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=layout.tile_size,
+        resized_image_size=list(layout.resized) if layout.resized else None,
+        pixel_range=[a.vision.min_pixels, a.vision.max_pixels] if a.family == QWEN_FAMILY else None,
         paper_scenario=is_paper_scenario(sc.image_size, T), llm_params=a.llm_params, latency_note=s.latency_note,
     )
 

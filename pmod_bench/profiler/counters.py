@@ -7,7 +7,8 @@
   ``post_attention_layernorm``, ``mlp``: exactly what the p-MoD layer calls on its processed set)
   run on a meta input of the processed length ``|P_l|`` that routing yields, plus a router
   Linear(d, 1) over all N tokens on routed layers, the vision tower and projector on the image's
-  tiles, and the lm_head on the positions whose logits are computed.
+  tiles (Qwen2.5-VL: its tower's blocks on HF's own full / window attention segments and its patch
+  merger, :func:`.qwen.vision_tower_meta`), and the lm_head on the positions whose logits are computed.
 * :func:`count_flops_model` -- ``FlopCounterMode`` over a **real forward** of a (small) model with
   real tensors and real routing: the p-MoD model's own forward, gathers and all.
 * :func:`count_flops_fvcore` -- fvcore's ``FlopCountAnalysis`` (JIT trace). fvcore counts a
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .arch import Arch, vision_layout
+from .qwen import QWEN_FAMILY, QwenGrid, vision_tower_meta
 from .variants import Variant
 
 
@@ -193,12 +195,17 @@ def count_flops_meta(
         router = PMoDRouter(t.hidden)
 
     with torch.no_grad():
-        key = (id(model), layout.tiles, B)
+        key = (id(model), layout.tiles, layout.patches, B)
         if key not in _VISION_CACHE:
-            encoder = _vision_tower_meta(model.model.vision_tower, B * layout.tiles)
-            with flop_counter() as fc:
-                model.model.multi_modal_projector(torch.empty(B * layout.tiles, v.features_per_tile, arch.projector_in, **meta))
-            _VISION_CACHE[key] = (encoder, fc.get_total_flops(), model)
+            if arch.family == QWEN_FAMILY:  # the tower sees the resized image whole; its merger is the projector
+                grid = QwenGrid(resized=layout.resized, patches=layout.patches)
+                encoder, projector = vision_tower_meta(model.model.visual, v, grid, B, flop_counter)
+            else:
+                encoder = _vision_tower_meta(model.model.vision_tower, B * layout.tiles)
+                with flop_counter() as fc:
+                    model.model.multi_modal_projector(torch.empty(B * layout.tiles, v.features_per_tile, arch.projector_in, **meta))
+                projector = fc.get_total_flops()
+            _VISION_CACHE[key] = (encoder, projector, model)
         encoder, projector, _ = _VISION_CACHE[key]
 
         llm = 0

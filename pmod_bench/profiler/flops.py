@@ -1,4 +1,4 @@
-"""Analytic FLOPs of LLaVA / LLaVA-NeXT with any variant (p-MoD, baseline, token pruning).
+"""Analytic FLOPs of LLaVA / LLaVA-NeXT / Qwen2.5-VL with any variant (p-MoD, baseline, token pruning).
 
 Conventions (the same as torch's ``FlopCounterMode``, DeepSpeed's profiler and calflops):
 
@@ -26,7 +26,10 @@ hidden ``d``, query width ``q = H·h``, key/value width ``k = H_kv·h``, MLP wid
 * CLIP ViT tower, per tile of ``n = patches + 1`` tokens: patch conv ``2·(3·p²)·D·patches``, then per
   layer ``2·n·(4·D² + 2·D·M) + 4·n²·D`` (bidirectional: no causal halving); every layer of the tower
   runs (LLaVA reads layer -2, but HF runs the whole tower);
-* projector (mlp2x_gelu): ``2·tokens·(D_in·d + d·d)`` over all tiles' features (before unpadding).
+* projector (mlp2x_gelu): ``2·tokens·(D_in·d + d·d)`` over all tiles' features (before unpadding);
+* Qwen2.5-VL's vision tower (patch Conv3d, window and full attention blocks with SwiGLU MLPs) and its patch
+  merger (the projector's part): :mod:`.qwen`. Its LLM is a Qwen2 decoder: the formulas above with GQA; its q/k/v
+  biases are additions, not matrix products (FlopCounterMode counts ``addmm`` as the product alone).
 
 Training (PaLM, Chowdhery et al. 2022, Appendix B; Narayanan et al. 2021, "Efficient Large-Scale
 Language Model Training on GPU Clusters", §5.1): backward = 2 × forward for trained matrices
@@ -40,6 +43,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Optional, Sequence
 
 from .arch import Arch, TextDims, VisionLayout
+from .qwen import QWEN_FAMILY, QwenGrid, vision_tower_flops
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,11 @@ def llm_decode_mean(text: TextDims, prefill_entries: Sequence[int], steps: int) 
 
 
 def vision_flops(arch: Arch, layout: VisionLayout) -> VisionFlops:
-    """CLIP tower over every tile + the mlp2x_gelu projector, per sample."""
+    """CLIP tower over every tile + the mlp2x_gelu projector, per sample (Qwen2.5-VL: :func:`.qwen.vision_tower_flops`)."""
     v = arch.vision
+    if arch.family == QWEN_FAMILY:
+        encoder, merger = vision_tower_flops(v, QwenGrid(resized=layout.resized, patches=layout.patches))
+        return VisionFlops(encoder=encoder, projector=merger)
     n = v.seq_len
     conv = 2 * v.channels * v.patch_size**2 * v.hidden * v.patches
     per_layer = 2 * n * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate) + 4 * n * n * v.hidden

@@ -134,8 +134,14 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
 
 
 def _image_phrase(r: dict) -> str:
-    """What the model does with the image: LLaVA-1.5 resizes it to one tile, LLaVA-NeXT tiles it (anyres)."""
+    """What the model does with the image: LLaVA-1.5 resizes it to one tile, LLaVA-NeXT tiles it (anyres), Qwen2.5-VL
+    resizes it to multiples of 28 px within its pixel range and merges 2x2 patches into a token."""
     w, h = r["image_size"]
+    if r.get("resized_image_size"):
+        rw, rh = r["resized_image_size"]
+        lo, hi = r.get("pixel_range") or (None, None)
+        within = f" (pixels {lo:,}..{hi:,})" if lo else ""
+        return f"{w}x{h} image resized to {rw}x{rh}{within}, {rw // 28}x{rh // 28} merged 28 px patches"
     tiles, side = r.get("tiles", 1), r.get("tile_size") or 0
     if tiles <= 1:
         if side and (w, h) != (side, side):

@@ -122,7 +122,9 @@ RECIPES: dict[str, TrainRecipe] = {
 
 
 def default_recipe(arch_family: str) -> TrainRecipe:
-    return RECIPES["llava-next-sft" if arch_family == "llava_next" else "llava-1.5-sft"]
+    """The paper's SFT recipe of the family; Qwen2.5-VL (no paper recipe): LLaVA-NeXT's 779K-sample SFT, the data p-MoD
+    was trained on (its 672x672 training image is 576 Qwen tokens)."""
+    return RECIPES["llava-next-sft" if arch_family in ("llava_next", "qwen2_5_vl") else "llava-1.5-sft"]
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainRecipe:
@@ -210,7 +212,7 @@ def train_run_mismatch(run: TrainRun, arch: Any, ratios: Optional[list] = None) 
         diffs.append(f"family {info.get('family')} vs {arch.family}")
     for part, keys, dims in (("text", _TEXT_KEYS, arch.text), ("vision", _VISION_KEYS, arch.vision)):
         got = info.get(part) or {}
-        diffs += [f"{part}.{k} {got.get(k)} vs {getattr(dims, k)}" for k in keys if got.get(k) != getattr(dims, k)]
+        diffs += [f"{part}.{k} {got.get(k)} vs {getattr(dims, k, None)}" for k in keys if got.get(k) != getattr(dims, k, None)]
     if diffs:
         t = info.get("text") or {}
         return (f"the run trained another architecture ({t.get('layers')} layers, hidden {t.get('hidden')}; "
