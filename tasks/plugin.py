@@ -415,18 +415,20 @@ class PMoDLlava(lmms):
             return results
         batches = Collator(todo, sort_fn=lambda t: sort_key(t[2]), group_fn=lambda t: group_key(t[2]), grouping=True)
         bar = tqdm(total=len(todo), disable=(self.rank != 0), desc=f"pmod_llava {kind}", unit="sample", leave=False)
-        for chunk in batches.get_batched(n=self.batch_size):
-            outputs = compute([c[2] for c in chunk])
-            for (i, key, args), value in zip(chunk, outputs):
-                results[i] = value
+        try:
+            for chunk in batches.get_batched(n=self.batch_size):
+                outputs = compute([c[2] for c in chunk])
+                for (i, key, args), value in zip(chunk, outputs):
+                    results[i] = value
+                    if self.cache is not None:
+                        task, doc_id = args[-2], args[-3]
+                        self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
                 if self.cache is not None:
-                    task, doc_id = args[-2], args[-3]
-                    self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
-            if self.cache is not None:
-                self.cache.flush()
-            self.computed += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
+                    self.cache.flush()
+                self.computed += len(chunk)
+                bar.update(len(chunk))
+        finally:  # also when a batch fails (a full disk, Ctrl-C): the bar leaves the line to the message after it
+            bar.close()
         return results
 
     def _ntokens(self, text: str) -> int:
