@@ -245,13 +245,13 @@ def _eval_methods(cfgs: list, output: str, command: str) -> int:
 
     from pmod_bench.runlock import check_run_dir, run_lock
 
-    from .runner import RunDirMismatch, _check_run_dir
+    from .runner import RunDirMismatch, check_identity
 
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     for cfg in cfgs:
         check_run_dir(cfg.output)
         try:
-            _check_run_dir(Path(cfg.output), cfg)
+            check_identity(Path(cfg.output), cfg)
         except RunDirMismatch as exc:
             raise _user_error(" ".join(str(exc).split())) from None
     codes = []

@@ -506,7 +506,9 @@ def _deferred_sigint():
         raise KeyboardInterrupt
 
 
-def _check_run_dir(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
+def check_identity(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
+    """run.json of ``run_dir`` when it holds this evaluation (None: a new or empty directory); RunDirMismatch names
+    what differs (another kind of run, other settings, files without a run.json). Reads only."""
     from pmod_bench.runlock import LOCK_NAME
 
     meta_path = run_dir / "run.json"
@@ -575,7 +577,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
 def _run_eval(cfg: EvalConfig, lm: Any, log: Callable[[str], None], rank: int) -> EvalOutcome:
     run_dir = Path(cfg.output)
     benches = resolve_suite(cfg.suite)
-    meta = _check_run_dir(run_dir, cfg) if rank == 0 else None
+    meta = check_identity(run_dir, cfg) if rank == 0 else None
     pending = [b for b in benches if not _bench_file(run_dir, b.key).is_file()]
     outcome = EvalOutcome(rows=[], skipped=[b.key for b in benches if b not in pending])
 
@@ -796,6 +798,6 @@ def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outc
     return write_summary(run_dir, cfg.model, pmod, extra)
 
 
-__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "run_eval", "load_lm", "check_launch", "parse_gen_kwargs",
-           "parse_ratios", "summarize", "finished_rows", "write_summary",
+__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "check_identity", "run_eval", "load_lm", "check_launch",
+           "parse_gen_kwargs", "parse_ratios", "summarize", "finished_rows", "write_summary",
            "format_rows", "task_manager", "atomic_write_json", "atomic_write_text"]

@@ -134,3 +134,18 @@ def test_incomplete_hf_checkpoint_names_missing_tensors(saved_dirs, tmp_path):
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelSourceError, match=r"lack 1 tensor.*layers\.5\.router\.weight.*re-save"):
         load_model(str(bad))
+
+
+def test_a_preset_name_that_is_also_a_folder_here_is_refused_naming_both(tmp_path, monkeypatch):
+    """`tiny` with a ./tiny folder: neither the preset (random weights) nor the folder wins silently."""
+    from pmod_bench.model.loading import ModelSourceError, load_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(ModelSourceError, match=r"'tiny' names both the preset 'tiny' \(random weights\) and the directory "
+                                               f"{tmp_path / 'tiny'} in the working directory; pass ./tiny"):
+        load_model("tiny")
+    with pytest.raises(ModelSourceError, match="config.json"):  # ./tiny is the folder: not a checkpoint
+        load_model("./tiny")
+    model, _ = load_model("tiny:vanilla")  # NAME:vanilla is always the preset
+    assert not hasattr(model, "set_pmod_ratios")
