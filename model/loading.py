@@ -29,6 +29,7 @@ from .dtypes import torch_dtype as parse_dtype
 from .sources import (  # noqa: F401  (re-exported: part of this module's API)
     ModelSourceError,
     default_cache_root,
+    preset_shadowed,
     read_config_json,
     resolve_hub_id,
     resolve_source_dir,
@@ -137,7 +138,9 @@ def load_model(
     * ``source``: ``tiny`` / ``tiny-llava`` / another preset (random weights, seed 0; ``"tiny:vanilla"``
       or ``vanilla=True`` gives the model without p-MoD); a directory in HF layout (p-MoD or vanilla
       LLaVA / LLaVA-NeXT); a directory or hub id in the original LLaVA / p-MoD repository layout
-      (converted on the fly into the cache, reused afterwards); an HF hub id (``ORG/NAME``).
+      (converted on the fly into the cache, reused afterwards); an HF hub id (``ORG/NAME``). A bare preset
+      name that is also a file or directory in the working directory is refused (ModelSourceError naming
+      both: ``./NAME`` for the directory); see :func:`.sources.preset_shadowed`.
     * ``pmod``: a :class:`PMoDConfig` or dict. Preset: its p-MoD config (None = the default one).
       p-MoD checkpoint: overrides its schedule (``{"shift": 0.3}``, ``{"ratios": [...]}``;
       ``set_pmod_ratios``). Vanilla checkpoint: turns it into p-MoD with zero-init routers (``to_pmod``);
@@ -165,6 +168,9 @@ def load_model(
     except ValueError as exc:
         raise ModelSourceError(str(exc)) from None
     name = source[: -len(VANILLA_SUFFIX)] if source.endswith(VANILLA_SUFFIX) else source
+    shadowed = preset_shadowed(source)
+    if shadowed:
+        raise ModelSourceError(shadowed)
     if name in PRESETS and not Path(source).expanduser().is_dir():
         model, processor = _load_preset(source, name, pmod, torch_dtype, attn_implementation, vanilla)
         return _finish(model, device), processor

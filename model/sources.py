@@ -73,6 +73,24 @@ def resolve_hub_id(repo_id: str, cache_dir=None, revision: Optional[str] = None)
     )
 
 
+def preset_shadowed(source: str) -> Optional[str]:
+    """The one-line error when a bare preset name (``tiny``, ``llava-next-7b``) is also a directory here, else None.
+
+    Neither reading may win silently: the preset would evaluate random weights where a checkpoint directory
+    named like a preset was meant (``./llava-next-7b``), the directory a checkpoint where the preset was meant
+    (a run directory ``./tiny``). A path (``./tiny``, ``runs/tiny``) always means the directory; ``NAME:vanilla``
+    always the preset.
+    """
+    from .presets import PRESETS
+
+    path = Path(source).expanduser()
+    if source not in PRESETS or not path.exists():
+        return None
+    kind = "directory" if path.is_dir() else "file"
+    return (f"'{source}' names both the preset '{source}' (random weights) and the {kind} {path.resolve()} in the "
+            f"working directory; pass ./{source} for the {kind}, or run from a directory without it for the preset")
+
+
 def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = None, presets_hint: bool = False) -> Path:
     """A local directory for ``source`` (a path, or a hub id resolved to its snapshot)."""
     path = Path(source).expanduser()
@@ -88,4 +106,5 @@ def resolve_source_dir(source: str, cache_dir=None, revision: Optional[str] = No
     return resolve_hub_id(source, cache_dir=cache_dir, revision=revision)
 
 
-__all__ = ["ModelSourceError", "default_cache_root", "looks_like_hub_id", "read_config_json", "resolve_hub_id", "resolve_source_dir"]
+__all__ = ["ModelSourceError", "default_cache_root", "looks_like_hub_id", "preset_shadowed", "read_config_json", "resolve_hub_id",
+           "resolve_source_dir"]

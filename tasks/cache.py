@@ -5,7 +5,9 @@ type, so a run killed mid-benchmark loses everything. The ``pmod_llava`` model w
 batch here at once: an append-only JSON-lines file per rank (``responses.rank<R>.jsonl``), flushed
 and fsynced per batch. A line is ``{"key": sha256, "task": ..., "doc_id": ..., "response": ...}``;
 the key hashes (model identity, request type, task, split, doc_id, prompt, generation kwargs /
-continuation). A torn last line (killed mid-write) is ignored on reading.
+continuation, and for a local benchmark copy its data fingerprint, ``tasks/data.py``: an answer to a
+document of one copy is never served for another copy or after an edit). A torn last line (killed
+mid-write) is ignored on reading.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ratios", default=None, metavar="R,R,...",
                    help=f"run a p-MoD model at explicit per-layer retention ratios, one per LLM layer: {RATIOS_FORMS}")
     p.add_argument("--pmod", default=None, help=doc.get("pmod"))
-    p.add_argument("--method", default=None, metavar="SPEC", help=doc.get("method"))
+    p.add_argument("--method", action="append", default=None, metavar="SPEC",
+                   help=doc.get("method") + " Repeatable: each method is evaluated into a run directory of its own, "
+                   "OUTPUT/METHOD (then `pmod-bench report OUTPUT/*`).")
     p.add_argument("--match", default=None, metavar="VARIANT", help=doc.get("match"))
     p.add_argument("--match-tflops", type=float, default=None, metavar="X", help=doc.get("match_tflops"))
     p.add_argument("--match-kv", type=float, default=None, metavar="Y", help=doc.get("match_kv"))
@@ -111,43 +113,112 @@ def _eval(args) -> int:
                           "(see --list for suites)")
     if args.threads is not None and args.threads < 1:
         raise _user_error(f"--threads must be >= 1, got {args.threads} (1 is fastest on a shared machine)")
-    if args.data and not os.path.isdir(args.data):
-        raise _user_error(f"--data {args.data}: no such directory; pass the data root that holds ORG/NAME snapshots")
-    from .runner import EvalConfig, RunDirMismatch, check_launch, format_rows, run_eval
-
+    _check_data_root(args.data)
     command = " ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]])
-    try:
-        check_launch()
-        cfg = EvalConfig(
-            model=args.model, suite=args.suite, output=args.output, limit=args.limit, batch_size=args.batch_size,
-            pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
-            allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
-            attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
-            stop_at_until=args.stop_at_until, label=args.label, introspect=args.introspect, command=command,
-            method=args.method, match=args.match, match_tflops=args.match_tflops, match_kv=args.match_kv,
-            match_image_size=args.match_image_size, match_convention=args.match_convention,
-            match_tolerance=args.match_tolerance,
-        )
-    except ValueError as exc:  # bad settings: nothing written
-        raise _user_error(str(exc)) from None
+    cfgs = _eval_configs(args, command)
+    from pmod_bench.runlock import check_run_dir
+
+    check_run_dir(args.output)  # a file, read-only, a name too long: refused before anything is written
     if args.data:
         os.environ["PMOD_BENCH_DATA"] = str(args.data)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if len(cfgs) == 1:
+        return _eval_one(cfgs[0], args.output, command)
+    return _eval_methods(cfgs, args.output, command)
+
+
+def _check_data_root(data) -> None:
+    """--data, else $PMOD_BENCH_DATA: an existing directory (or unset), checked before anything is written."""
+    import os
+
+    from .data import ENV_VAR
+
+    if data is not None:
+        if not os.path.isdir(data):
+            what = "a file" if os.path.exists(data) else "no such directory"
+            raise _user_error(f"--data {data}: {what}; pass the data root that holds ORG/NAME snapshots")
+        return
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and not os.path.isdir(os.path.expanduser(env)):
+        what = "a file, not a directory" if os.path.exists(os.path.expanduser(env)) else "no such directory"
+        raise _user_error(f"{ENV_VAR}={env}: {what}; point {ENV_VAR} (or --data) at the data root that holds ORG/NAME "
+                          f"snapshots, or unset it to read from the hub")
+
+
+def _eval_configs(args, command: str) -> list:
+    """One EvalConfig per --method (one without), all validated (and --match solved) before anything is written.
+
+    Several methods: each is a run directory of its own, ``OUTPUT/<method spec>`` (an eval run directory holds one
+    evaluation: the model, its settings and one method)."""
+    from pathlib import Path
+
+    from .runner import EvalConfig, check_launch
+
+    methods = list(dict.fromkeys(args.method or [None]))
+    try:
+        check_launch()
+        cfgs = []
+        for spec in methods:
+            output = args.output if len(methods) == 1 else str(Path(args.output) / _method_dir(spec))
+            cfgs.append(EvalConfig(
+                model=args.model, suite=args.suite, output=output, limit=args.limit, batch_size=args.batch_size,
+                pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
+                allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
+                attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
+                stop_at_until=args.stop_at_until, label=args.label, introspect=args.introspect, command=command,
+                method=spec, match=args.match, match_tflops=args.match_tflops, match_kv=args.match_kv,
+                match_image_size=args.match_image_size, match_convention=args.match_convention,
+                match_tolerance=args.match_tolerance,
+            ))
+    except ValueError as exc:  # bad settings: nothing written
+        raise _user_error(str(exc)) from None
+    dirs = [Path(c.output).name for c in cfgs]
+    same = sorted({d for d in dirs if dirs.count(d) > 1})
+    if same:
+        raise _user_error(f"--method: {', '.join(same)} given twice (the same method and options); give each once")
+    if len(cfgs) > 1 and (Path(args.output) / "run.json").exists():
+        raise _user_error(f"--output {args.output} holds one evaluation (run.json); with several --method each method "
+                          "gets its own run directory OUTPUT/METHOD: pass a new --output")
+    return cfgs
+
+
+def _method_dir(spec: str) -> str:
+    """The sub-run directory of a method (its canonical spec; ':' read as '-' in file names)."""
+    from pmod_bench.methods import parse_method_spec
+
+    try:
+        return parse_method_spec(spec).spec().replace(":", "-").replace("/", "_")
+    except ValueError:
+        return str(spec)  # EvalConfig names the error
+
+
+def _eval_one(cfg, output: str, command: str) -> int:
+    """One evaluation into ``output``; prints its table; the exit code (failures: 1)."""
+    import os
+    import sys
+
+    from .runner import DISK_FULL, RunDirMismatch, format_rows, run_eval
+
     try:
         outcome = run_eval(cfg)
     except (ValueError, RunDirMismatch) as exc:  # a bad model / a run dir of another evaluation: nothing written
         raise _user_error(" ".join(str(exc).split())) from None
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise _user_error(f"no space left on the device (writing {exc.filename or output}): free some space and re-run "
+                          "the same command; finished benchmarks and every saved answer are kept") from None
     except KeyboardInterrupt:
         print(f"\npmod-bench eval: interrupted. Finished benchmarks and every answered batch are saved in "
-              f"{args.output}; resume with:\n  {command}", file=sys.stderr)
+              f"{output}; resume with:\n  {command}", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun, rank 0 reports
         return 1 if outcome.failures else 0
     if outcome.resumed_answers:
-        print(f"pmod-bench eval: resumed {args.output}: {outcome.resumed_answers} answer(s) from the saved responses, "
+        print(f"pmod-bench eval: resumed {output}: {outcome.resumed_answers} answer(s) from the saved responses, "
               f"{outcome.computed_answers} computed", file=sys.stderr)
     if outcome.rows:
         print(format_rows(outcome.rows))
@@ -155,14 +226,44 @@ def _eval(args) -> int:
         print(f"pmod-bench eval: {len(outcome.failures)} benchmark(s) failed:", file=sys.stderr)
         for key, msg in outcome.failures.items():
             print(f"  {key}: {msg}", file=sys.stderr)
-        print(f"Tracebacks in {args.output}/errors/. Fix the cause and re-run the same command: finished benchmarks "
+        print(f"Tracebacks in {output}/errors/. Fix the cause and re-run the same command: finished benchmarks "
               "are kept.", file=sys.stderr)
         return 1
     if outcome.pending:
         print(f"pmod-bench eval: no results for {', '.join(outcome.pending)}", file=sys.stderr)
         return 1
-    print(f"results: {args.output}/summary.json")
+    print(f"results: {output}/summary.json")
     return 0
+
+
+def _eval_methods(cfgs: list, output: str, command: str) -> int:
+    """Several --method: one run directory each under ``output`` (which this process owns meanwhile), in order; every
+    sub-run's directory is checked first, so a refused one stops the command before any method ran."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    from pmod_bench.runlock import check_run_dir, run_lock
+
+    from .runner import RunDirMismatch, check_identity
+
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    for cfg in cfgs:
+        check_run_dir(cfg.output)
+        try:
+            check_identity(Path(cfg.output), cfg)
+        except RunDirMismatch as exc:
+            raise _user_error(" ".join(str(exc).split())) from None
+    codes = []
+    with run_lock(output, command=command) if rank == 0 else contextlib.nullcontext():
+        for cfg in cfgs:
+            print(f"method {cfg.method}: {cfg.output}")
+            code = _eval_one(cfg, cfg.output, command)
+            if code == 130:
+                return code
+            codes.append(code)
+    print(f"report: pmod-bench report {output}/*")
+    return max(codes)
 
 
 def _data_check(args) -> int:

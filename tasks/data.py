@@ -10,12 +10,24 @@ parquet schema, row counts from parquet metadata): nothing is decoded or copied,
 :func:`decode_check` (``pmod-bench data check --decode``), which opens every image. Every problem is a
 :class:`DataError` naming the benchmark, the expected path and the missing config, split or column.
 Heavy imports (datasets, pyarrow) happen inside the functions.
+
+**Every local snapshot is read from its own files.** ``datasets`` (5.2) caches a local directory's
+arrow tables under ``<cache>/<directory name>/<config>/0.0.0/<hash of the README's file patterns>``:
+neither the directory's path nor its files' contents enter the key, so two copies of one benchmark
+(say ``/a/lmms-lab-encoder/POPE`` and a blanked ``/b/lmms-lab-encoder/POPE``), or a copy edited in
+place, would be served the first copy's cached tables. Here a snapshot has an identity
+(:func:`snapshot_identity`: its resolved path and every data file's relative path, size and
+modification time, hashed), and every load of a local snapshot (the adapter tasks' ``download``,
+:func:`load_split`) passes ``datasets`` a ``cache_dir`` of its own derived from that identity
+(:func:`snapshot_cache_dir`). The eval runner records each benchmark's data identity in run.json, and
+the ``pmod_llava`` response cache keys answers on it (:func:`task_data_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,7 +284,8 @@ def require_local(hub_id: str, config: Optional[str], split: Optional[str], task
 
 
 def load_split(hub_id: str, config: Optional[str], split: str, task: Optional[str] = None, **kwargs: Any):
-    """``datasets.load_dataset(hub_id, config, split=split)``, from the checked local copy if configured."""
+    """``datasets.load_dataset(hub_id, config, split=split)``, from the checked local copy if configured (cached
+    under the copy's identity: :func:`snapshot_cache_dir`)."""
     import datasets
 
     path = require_local(hub_id, config, split, task)
@@ -280,7 +293,106 @@ def load_split(hub_id: str, config: Optional[str], split: str, task: Optional[st
         kwargs.setdefault("token", True)
         return datasets.load_dataset(hub_id, config, split=split, **kwargs)
     kwargs.pop("token", None)
-    cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
-    if cache and "cache_dir" not in kwargs:
-        kwargs["cache_dir"] = cache
+    kwargs.setdefault("cache_dir", snapshot_cache_dir(path))  # this copy's own tables, never another's
     return datasets.load_dataset(str(path), config, split=split, **kwargs)
+
+
+# ------------------------------------------------------------------------------ snapshot identity
+#: sub-directory of the datasets cache that holds one cache per local snapshot identity
+SNAPSHOT_CACHE = "pmod_bench_snapshots"
+
+
+def _data_files(root: Path) -> list[Path]:
+    """The files of a snapshot, sorted: everything under ``root`` except hidden entries (``.cache/`` of
+    ``hf download --local-dir``, ``.git``, editor litter). Directory symlinks are followed."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(out)
+
+
+def snapshot_identity(path: "str | os.PathLike") -> dict[str, Any]:
+    """What a local snapshot's data is: ``{"path", "files", "bytes", "fingerprint"}``.
+
+    ``fingerprint`` is the sha256 of the resolved path and every data file's (relative path, size,
+    modification time in ns): two copies under different roots differ, and so does a copy after any
+    file in it was rewritten (an edit that restores both size and mtime is not seen). Only ``stat``
+    is called: no file is read, so it costs milliseconds even for a large benchmark.
+    """
+    root = Path(path).expanduser().resolve()
+    entries = []
+    for f in _data_files(root):
+        st = f.stat()
+        entries.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    blob = json.dumps([str(root), entries], separators=(",", ":"))
+    return {"path": str(root), "files": len(entries), "bytes": sum(e[1] for e in entries),
+            "fingerprint": hashlib.sha256(blob.encode("utf-8")).hexdigest()}
+
+
+def datasets_cache_root() -> Path:
+    """The datasets cache lmms-eval uses: ``$LMMS_EVAL_DATASETS_CACHE``, else ``datasets``' (``HF_DATASETS_CACHE``)."""
+    explicit = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+def snapshot_cache_dir(path: "str | os.PathLike", identity: Optional[dict] = None) -> str:
+    """The ``cache_dir`` for ``datasets.load_dataset`` of the local snapshot at ``path``: one per identity
+    (``<datasets cache>/pmod_bench_snapshots/<fingerprint[:16]>``), so no other copy's tables are reused."""
+    ident = identity or snapshot_identity(path)
+    return str(datasets_cache_root() / SNAPSHOT_CACHE / ident["fingerprint"][:16])
+
+
+def snapshot_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """Where the tasks read hub dataset ``hub_id`` from: the local copy under the data root, or None (the hub).
+
+    The toy world (``pmod-bench/toy-world``) is never fetched: its copy under the data root when that holds a
+    complete one, else the generated copy in the cache (as :func:`pmod_bench.toy.data.ensure_benchmark` picks).
+    """
+    from .benchmarks import TOY_HUB
+
+    if hub_id == TOY_HUB:
+        from pmod_bench.toy.data import benchmark_ok, default_cache_root
+
+        base = data_root(root)
+        return (base if base is not None and benchmark_ok(base) else default_cache_root()) / TOY_HUB
+    return local_dir(hub_id, root)
+
+
+def benchmark_data(benchmark: Benchmark, root: "str | os.PathLike | None" = None) -> list[dict[str, Any]]:
+    """The data identity of each dataset (config) ``benchmark`` reads: ``{"hub_id", "config", "source"}`` plus,
+    for a local copy (``source: "local"``), :func:`snapshot_identity`'s keys; ``"missing": true`` when the copy
+    is absent. Hub data (no data root) is ``source: "hub"`` (``datasets`` keys its cache on the hub commit)."""
+    out, seen = [], {}
+    for ref in benchmark.data:
+        entry: dict[str, Any] = {"hub_id": ref.hub_id, "config": ref.config}
+        path = snapshot_dir(ref.hub_id, root)
+        if path is None:
+            entry["source"] = "hub"
+        elif not path.is_dir():
+            entry.update(source="local", path=str(path), missing=True)
+        else:
+            if path not in seen:
+                seen[path] = snapshot_identity(path)
+            entry.update(source="local", **seen[path])
+        out.append(entry)
+    return out
+
+
+def data_fingerprint(entries: list[dict[str, Any]]) -> Optional[str]:
+    """One hash of :func:`benchmark_data`'s local entries (None when every dataset comes from the hub)."""
+    local = [(e["hub_id"], e["config"], e.get("fingerprint")) for e in entries if e.get("source") == "local"]
+    if not local:
+        return None
+    return hashlib.sha256(json.dumps(local).encode("utf-8")).hexdigest()
+
+
+def task_data_key(task: str, root: "str | os.PathLike | None" = None) -> Optional[str]:
+    """The data fingerprint of the benchmark an lmms-eval task belongs to (None: not one of ours, or hub data):
+    part of the response cache's key, so an answer is never reused for another copy's (or an edited) document."""
+    bench = benchmark_for_task(task)
+    return None if bench is None else data_fingerprint(benchmark_data(bench, root))

@@ -4,14 +4,17 @@ Adapter YAMLs name it with ``class: !function pmod_bench.tasks.lmms_task.PMoDTas
 one thing: where the dataset comes from. With ``PMOD_BENCH_DATA`` set, the hub dataset ``ORG/NAME``
 is read from ``$PMOD_BENCH_DATA/ORG/NAME`` after :mod:`pmod_bench.tasks.data` checked it (a missing
 or malformed copy raises :class:`~pmod_bench.tasks.data.DataError` naming benchmark, path and the
-missing split / column); without it, lmms-eval's own hub loading runs unchanged.
+missing split / column); without it, lmms-eval's own hub loading runs unchanged. A local copy's arrow
+tables are cached under its own identity (``dataset_kwargs["cache_dir"]``, read by lmms-eval's
+``download``; :func:`~pmod_bench.tasks.data.snapshot_cache_dir`): ``datasets`` alone would key them on the
+directory's name, and serve one copy's tables for another.
 """
 
 from __future__ import annotations
 
 from lmms_eval.api.task import ConfigurableTask
 
-from .data import require_local
+from .data import require_local, snapshot_cache_dir
 
 
 class PMoDTask(ConfigurableTask):
@@ -29,5 +32,6 @@ class PMoDTask(ConfigurableTask):
             return super().download(dataset_kwargs)
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)  # a local directory needs no hub token
+        kwargs["cache_dir"] = snapshot_cache_dir(path)  # this copy's own tables, never another copy's
         self.DATASET_PATH = str(path)
         return super().download(kwargs)

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from pmod_bench.model.config import RATIOS_FORMS
 
 from .cache import ResponseCache, request_key
+from .data import task_data_key
 from .runner import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
 
 __doc__ = __doc__.replace("{RATIOS_FORMS}", RATIOS_FORMS)  # the forms parse_ratios reads, from their one home
@@ -393,12 +394,18 @@ class PMoDLlava(lmms):
         return cut
 
     def _run(self, requests: list[Instance], kind: str, key_parts, sort_key, group_key, compute) -> list:
-        """Shared loop: cache look-up, length-sorted batches (Collator), per-batch persistence."""
+        """Shared loop: cache look-up, length-sorted batches (Collator), per-batch persistence. A local snapshot's
+        fingerprint is part of the key: an answer is never reused for another copy's (or an edited) document."""
         results: list[Any] = [None] * len(requests)
         todo = []
+        data_keys: dict[str, Optional[str]] = {}  # task -> its data's fingerprint, taken once per call
         for i, req in enumerate(requests):
             args = req.args
-            key = request_key(self.identity, kind, *key_parts(args))
+            task = args[-2]
+            if task not in data_keys:
+                data_keys[task] = task_data_key(task)
+            parts = (self.identity, kind, *key_parts(args))
+            key = request_key(*parts, {"data": data_keys[task]}) if data_keys[task] else request_key(*parts)
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 results[i] = tuple(hit) if kind == "loglikelihood" else hit
@@ -408,18 +415,20 @@ class PMoDLlava(lmms):
             return results
         batches = Collator(todo, sort_fn=lambda t: sort_key(t[2]), group_fn=lambda t: group_key(t[2]), grouping=True)
         bar = tqdm(total=len(todo), disable=(self.rank != 0), desc=f"pmod_llava {kind}", unit="sample", leave=False)
-        for chunk in batches.get_batched(n=self.batch_size):
-            outputs = compute([c[2] for c in chunk])
-            for (i, key, args), value in zip(chunk, outputs):
-                results[i] = value
+        try:
+            for chunk in batches.get_batched(n=self.batch_size):
+                outputs = compute([c[2] for c in chunk])
+                for (i, key, args), value in zip(chunk, outputs):
+                    results[i] = value
+                    if self.cache is not None:
+                        task, doc_id = args[-2], args[-3]
+                        self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
                 if self.cache is not None:
-                    task, doc_id = args[-2], args[-3]
-                    self.cache.put(key, list(value) if isinstance(value, tuple) else value, task=task, doc_id=doc_id)
-            if self.cache is not None:
-                self.cache.flush()
-            self.computed += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
+                    self.cache.flush()
+                self.computed += len(chunk)
+                bar.update(len(chunk))
+        finally:  # also when a batch fails (a full disk, Ctrl-C): the bar leaves the line to the message after it
+            bar.close()
         return results
 
     def _ntokens(self, text: str) -> int:

@@ -27,6 +27,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as _dt
+import errno
 import io
 import json
 import math
@@ -47,6 +48,10 @@ from .data import DataError
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("benchmark", "task", "metric", "value", "n", "unit", "n_unparsed", "limit", "components", "title")
+
+
+#: errno values of a full disk: the run stops (one line in the CLI) and resumes when rerun
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunDirMismatch(ValueError):
@@ -223,6 +228,11 @@ class EvalConfig:
     architecture, image size and text tokens; recorded in run.json and in every summary row."""
 
     def __post_init__(self) -> None:
+        from pmod_bench.model.sources import preset_shadowed
+
+        shadowed = preset_shadowed(str(self.model))
+        if shadowed:
+            raise ValueError(f"--model {shadowed}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"--limit must be a positive integer, got {self.limit!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -278,6 +288,8 @@ class EvalConfig:
         from pmod_bench.methods import solve
         from pmod_bench.profiler.arch import parse_image_size
 
+        if self.match is not None:
+            self._check_match_target()
         arch = match_arch(self.model)
         size = parse_image_size(self.match_image_size) if self.match_image_size else default_match_image_size(arch)
         res = solve(self.method, arch, size, match=self.match, tflops=self.match_tflops, kv=self.match_kv,
@@ -286,6 +298,18 @@ class EvalConfig:
         out.update(arch=arch.name, image_size=[int(size[0]), int(size[1])], text_tokens=MATCH_TEXT_TOKENS,
                    method_spec=res.config.spec())
         return out
+
+    def _check_match_target(self) -> None:
+        """--match names a configuration to equal: a malformed p-MoD spec is refused with what targets look like
+        (the model library's reason, without the profiler's advice to pass --shift, which eval reads otherwise)."""
+        from pmod_bench.model.config import SPEC_FORMS, parse_pmod_spec
+
+        try:
+            parse_pmod_spec(str(self.match))
+        except ValueError as exc:
+            reason = " ".join(str(exc).split()).rstrip(".")
+            raise ValueError(f"--match {self.match} is not a valid target: {reason}. Valid targets look like {SPEC_FORMS}, "
+                             "baseline, or a method spec (fastv:keep=0.5); or give --match-tflops X / --match-kv Y") from None
 
     def introspect_image(self):
         """The ``--introspect`` image (PIL), decoded now: a missing or corrupt file fails before the evaluation."""
@@ -482,10 +506,14 @@ def _deferred_sigint():
         raise KeyboardInterrupt
 
 
-def _check_run_dir(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
+def check_identity(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
+    """run.json of ``run_dir`` when it holds this evaluation (None: a new or empty directory); RunDirMismatch names
+    what differs (another kind of run, other settings, files without a run.json). Reads only."""
+    from pmod_bench.runlock import LOCK_NAME
+
     meta_path = run_dir / "run.json"
     if not meta_path.exists():
-        if run_dir.exists() and any(p.name not in (".", "..") for p in run_dir.iterdir()):
+        if run_dir.exists() and any(p.name not in (".", "..", LOCK_NAME) for p in run_dir.iterdir()):
             raise RunDirMismatch(f"{run_dir} is not empty and has no run.json; pass a new or empty --output directory")
         return None
     try:
@@ -527,17 +555,29 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     """Evaluate ``cfg.suite`` into ``cfg.output`` (resuming what a previous invocation left).
 
     ``lm``: an already constructed lmms-eval model (tests, benchmarks); default: ``pmod_llava`` built
-    from ``cfg``. Everything that can be checked is checked before the first file is written (the
-    run directory's identity, the model, the introspection image): a rejected command leaves no
-    ``run.json`` behind. Failures of single benchmarks are collected in the outcome (and
-    errors/<KEY>.txt); the caller decides the exit code. lmms-eval's own stdout prints go to stderr,
-    so stdout carries only the caller's result table.
+    from ``cfg``. The run directory is owned by this process for the whole call
+    (:func:`pmod_bench.runlock.run_lock`: another process on the same ``--output`` is refused with
+    :class:`~pmod_bench.runlock.RunDirInUse`, one line naming this one). Everything that can be checked
+    is checked before the first file is written (the output path, the run directory's identity, the model,
+    the introspection image): a rejected command leaves no ``run.json`` (and no directory it created)
+    behind. Failures of single benchmarks are collected in the outcome (and errors/<KEY>.txt); the caller
+    decides the exit code. lmms-eval's own stdout prints go to stderr, so stdout carries only the caller's
+    result table.
     """
+    from pmod_bench.runlock import run_lock
+
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    # rank 0 owns the directory; the other ranks of the same launch write only their own responses file
+    owner = run_lock(cfg.output, command=cfg.command) if rank == 0 else contextlib.nullcontext()
+    with owner:
+        return _run_eval(cfg, lm, log, rank)
+
+
+def _run_eval(cfg: EvalConfig, lm: Any, log: Callable[[str], None], rank: int) -> EvalOutcome:
     run_dir = Path(cfg.output)
     benches = resolve_suite(cfg.suite)
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    meta = _check_run_dir(run_dir, cfg) if rank == 0 else None
+    meta = check_identity(run_dir, cfg) if rank == 0 else None
     pending = [b for b in benches if not _bench_file(run_dir, b.key).is_file()]
     outcome = EvalOutcome(rows=[], skipped=[b.key for b in benches if b not in pending])
 
@@ -552,38 +592,19 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
         log(f"introspection skipped: {cfg.model} is not a p-MoD model (no routing to record; --pmod default converts it)")
         intro_image = None
 
-    run_meta = _run_meta(cfg, meta, benches)
+    run_meta = _run_meta(cfg, meta, benches, run_dir)
     if cfg.method_match is not None:  # the budget --match* solved, before anything was loaded or written
-        mm = cfg.method_match
-        log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / (1 if mm['metric'] == 'kv' else 1e12):.4g} vs "
-            f"{mm['target_label']} {mm['target'] / (1 if mm['metric'] == 'kv' else 1e12):.4g}"
-            f"{'' if mm['metric'] == 'kv' else ' TFLOPs'}, rel_err {mm['rel_err']:.2%}) on {mm['arch']} at "
-            f"{mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
+        _log_match(cfg, log)
     if rank == 0:
         if lm is not None and hasattr(lm, "describe"):
             run_meta["model_info"] = lm.describe()
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "run.json", run_meta)
     if outcome.skipped:
         log(f"resuming {run_dir}: {', '.join(outcome.skipped)} already finished")
+        _warn_changed_data(run_dir, [b for b in benches if b not in pending], log)
 
     if pending:
-        if hasattr(lm, "cache") and lm.cache is None:
-            from .cache import ResponseCache
-
-            lm.cache = ResponseCache(run_dir / "responses", rank=getattr(lm, "rank", 0))
-        with contextlib.redirect_stdout(sys.stderr), _deferred_sigint():  # third-party imports swallow Ctrl-C
-            from lmms_eval import evaluator
-
-            tm = task_manager()
-        saved = len(lm.cache) if getattr(lm, "cache", None) is not None else 0
-        log(f"lmms-eval and model ready in {time.time() - t_import:.1f} s"
-            + (f"; {saved} saved response(s) in {run_dir / 'responses'} will be reused" if saved else ""))
-        # what lmms-eval's evaluator and tasks read from CLI args (documents reach process_results without media)
-        cli_args = argparse.Namespace(output_path=str(run_dir / "lmms_eval"), verbosity="WARNING", process_with_media=False)
-        for k, bench in enumerate(pending, 1):
-            _run_benchmark(cfg, run_dir, lm, bench, f"[{k}/{len(pending)}]", (evaluator, tm, cli_args),
-                           (run_meta, benches, outcome), rank, log)
+        _run_pending(cfg, run_dir, lm, pending, (run_meta, benches, outcome), rank, log, t_import)
 
     if intro_image is not None and rank == 0:
         _introspect(run_dir, lm, intro_image, log)
@@ -594,9 +615,65 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
     return outcome
 
 
-def _run_meta(cfg: EvalConfig, meta: Optional[dict], benches: list) -> dict:
-    """run.json of this invocation: what an earlier one recorded (created, command, label, benchmarks) kept."""
+def _log_match(cfg: EvalConfig, log: Callable[[str], None]) -> None:
+    mm = cfg.method_match
+    scale = 1 if mm["metric"] == "kv" else 1e12
+    log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / scale:.4g} vs {mm['target_label']} "
+        f"{mm['target'] / scale:.4g}{'' if mm['metric'] == 'kv' else ' TFLOPs'}, rel_err {mm['rel_err']:.2%}) on "
+        f"{mm['arch']} at {mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
+
+
+def _run_pending(cfg: EvalConfig, run_dir: Path, lm: Any, pending: list, run: tuple, rank: int,
+                 log: Callable[[str], None], t_import: float) -> None:
+    """The benchmarks not finished yet, one lmms-eval call each (``run``: run.json's dict, the suite, the outcome)."""
+    if hasattr(lm, "cache") and lm.cache is None:
+        from .cache import ResponseCache
+
+        lm.cache = ResponseCache(run_dir / "responses", rank=getattr(lm, "rank", 0))
+    with contextlib.redirect_stdout(sys.stderr), _deferred_sigint():  # third-party imports swallow Ctrl-C
+        from lmms_eval import evaluator
+
+        tm = task_manager()
+    saved = len(lm.cache) if getattr(lm, "cache", None) is not None else 0
+    log(f"lmms-eval and model ready in {time.time() - t_import:.1f} s"
+        + (f"; {saved} saved response(s) in {run_dir / 'responses'} will be reused" if saved else ""))
+    # what lmms-eval's evaluator and tasks read from CLI args (documents reach process_results without media)
+    cli_args = argparse.Namespace(output_path=str(run_dir / "lmms_eval"), verbosity="WARNING", process_with_media=False)
+    for k, bench in enumerate(pending, 1):
+        _run_benchmark(cfg, run_dir, lm, bench, f"[{k}/{len(pending)}]", (evaluator, tm, cli_args), run, rank, log)
+
+
+def _recorded_data(run_dir: Path, key: str) -> Optional[list]:
+    """The data identity a finished benchmark was evaluated on (None: unfinished, or finished before it was recorded)."""
+    try:
+        return json.loads(_bench_file(run_dir, key).read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _warn_changed_data(run_dir: Path, finished: list, log: Callable[[str], None]) -> None:
+    """One line per finished benchmark whose data is no longer what it was evaluated on (its row is kept)."""
+    from .data import benchmark_data, data_fingerprint
+
+    def where(entries: list) -> str:
+        return ", ".join(e.get("path") or f"the hub ({e['hub_id']})" for e in entries) or "?"
+
+    for b in finished:
+        old = _recorded_data(run_dir, b.key)
+        if old is None:
+            continue
+        now = benchmark_data(b)
+        if data_fingerprint(old) != data_fingerprint(now):
+            log(f"warning: {b.key} was evaluated on {where(old)}; the data is now {where(now)} (other files or file "
+                f"times). Its row is kept (run.json records the data it used); evaluate the current data into a "
+                f"new --output.")
+
+
+def _run_meta(cfg: EvalConfig, meta: Optional[dict], benches: list, run_dir: Path) -> dict:
+    """run.json of this invocation: what an earlier one recorded (created, command, label, benchmarks) kept;
+    ``eval.data``: each finished benchmark's data identity (``tasks/data.py`` ``benchmark_data``)."""
     requested = list(dict.fromkeys([*(meta or {}).get("eval", {}).get("benchmarks", []), *[b.key for b in benches]]))
+    data = {key: d for key in requested if (d := _recorded_data(run_dir, key)) is not None}
     from pmod_bench import __version__
 
     run_meta = {
@@ -605,7 +682,7 @@ def _run_meta(cfg: EvalConfig, meta: Optional[dict], benches: list) -> dict:
         "command": cfg.command or (meta or {}).get("command") or f"pmod_bench.tasks.runner.run_eval({cfg.suite!r})",
         "label": cfg.label if cfg.label is not None else (meta or {}).get("label"),
         "eval": {"identity": cfg.identity(), "benchmarks": requested, "batch_size": cfg.batch_size,
-                 "data_root": os.environ.get("PMOD_BENCH_DATA") or None},
+                 "data_root": os.environ.get("PMOD_BENCH_DATA") or None, "data": data},
         "model_info": (meta or {}).get("model_info"),
     }
     if cfg.method_match is not None:
@@ -617,7 +694,10 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
                    rank: int, log: Callable[[str], None]) -> None:
     """One benchmark through lmms-eval (``harness``: its evaluator, task manager and CLI args). Rank 0 writes its
     row file and the summary (``run``: run.json's dict, the suite's benchmarks, the outcome); a failure goes to the
-    outcome and errors/<KEY>.txt instead, and the other benchmarks go on."""
+    outcome and errors/<KEY>.txt instead, and the other benchmarks go on. A full disk is not a benchmark's failure:
+    it ends the run (OSError ENOSPC / EDQUOT), and the same command resumes once there is space."""
+    from .data import benchmark_data
+
     evaluator, tm, cli_args = harness
     run_meta, benches, outcome = run
     limit = _limit_for(bench, cfg.limit)
@@ -627,6 +707,7 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
     computed0 = getattr(lm, "computed", 0)
     err_file = run_dir / "errors" / f"{_slug(bench.key)}.txt"
     try:
+        data = benchmark_data(bench)  # what the tasks are about to read (tasks/data.py)
         with contextlib.redirect_stdout(sys.stderr):
             results = evaluator.simple_evaluate(
                 model=lm, tasks=list(bench.run), limit=limit, task_manager=tm, log_samples=True,
@@ -643,6 +724,7 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
             return
         if not results:
             raise RuntimeError("lmms-eval returned no results")
+        data = _same_data(bench, data, benchmark_data(bench))
         row = summarize(bench, results, limit)
         row["pmod"] = _model_pmod(run_meta)  # the evaluated model's PMoDConfig as data (None: vanilla)
         if cfg.method:
@@ -652,6 +734,8 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
             if cfg.method_match is not None:  # --match*: what was solved (target, achieved, rel_err, ...)
                 row["method_match"] = dict(cfg.method_match)
     except Exception as exc:  # one benchmark failing must not lose the others
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise
         msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
         outcome.failures[bench.key] = msg[:600]
         if rank == 0:
@@ -663,13 +747,27 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
     atomic_write_json(_bench_file(run_dir, bench.key), {
         "row": row, "finished": _now(), "elapsed_s": elapsed, "resumed_answers": resumed,
         "results": {t: results["results"].get(t) for t in (*bench.run, *bench.components)},
-        "n_samples": {t: results.get("n-samples", {}).get(t) for t in bench.tasks},
+        "n_samples": {t: results.get("n-samples", {}).get(t) for t in bench.tasks}, "data": data,
     })
+    run_meta["eval"]["data"][bench.key] = data
+    atomic_write_json(run_dir / "run.json", run_meta)
     if err_file.exists():
         err_file.unlink()
     outcome.ran.append(bench.key)
     log(f"{tag} {bench.key} = {row['value']:.2f} {row['unit']} (n={row['n']}) in {elapsed:.1f} s")
     _summary(run_dir, cfg, run_meta, benches, outcome)
+
+
+def _same_data(bench: Benchmark, before: list, after: list) -> list:
+    """The data identity a benchmark was evaluated on: ``after`` (a generated toy copy exists only then); ValueError
+    when a local copy changed while it was being read (answers of two versions would be mixed)."""
+    from .data import data_fingerprint
+
+    if not any(e.get("missing") for e in before) and data_fingerprint(before) != data_fingerprint(after):
+        paths = ", ".join(sorted({e["path"] for e in after if e.get("path")}))
+        raise ValueError(f"{bench.key}: the data under {paths} changed while it was evaluated (answers to two versions "
+                         "would be mixed); re-run the same command once nothing writes there")
+    return after
 
 
 def _introspect(run_dir: Path, lm: Any, image: Any, log: Callable[[str], None]) -> None:
@@ -700,6 +798,6 @@ def _summary(run_dir: Path, cfg: EvalConfig, run_meta: dict, benches: list, outc
     return write_summary(run_dir, cfg.model, pmod, extra)
 
 
-__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "run_eval", "load_lm", "check_launch", "parse_gen_kwargs",
-           "parse_ratios", "summarize", "finished_rows", "write_summary",
+__all__ = ["EvalConfig", "EvalOutcome", "RunDirMismatch", "check_identity", "run_eval", "load_lm", "check_launch",
+           "parse_gen_kwargs", "parse_ratios", "summarize", "finished_rows", "write_summary",
            "format_rows", "task_manager", "atomic_write_json", "atomic_write_text"]

@@ -24,9 +24,12 @@ class ToyTask(PMoDTask):
 
         from pmod_bench.toy.data import ensure_benchmark
 
+        from .data import snapshot_cache_dir
+
         self.DATASET_PATH = str(ensure_benchmark())
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)
+        kwargs["cache_dir"] = snapshot_cache_dir(self.DATASET_PATH)  # this copy's own tables (e.g. not a blanked copy's)
         return ConfigurableTask.download(self, kwargs)
 
 

@@ -174,3 +174,18 @@ def test_import_pmod_bench_stays_light_and_arms_registration():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "False", "True", "True", "True"]
+
+
+def test_a_preset_name_that_is_also_a_folder_here_is_refused_naming_both(tmp_path, monkeypatch):
+    """`tiny` with a ./tiny folder: neither the preset (random weights) nor the folder wins silently."""
+    from pmod_bench.model.loading import ModelSourceError, load_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(ModelSourceError, match=r"'tiny' names both the preset 'tiny' \(random weights\) and the directory "
+                                               f"{tmp_path / 'tiny'} in the working directory; pass ./tiny"):
+        load_model("tiny")
+    with pytest.raises(ModelSourceError, match="config.json"):  # ./tiny is the folder: not a checkpoint
+        load_model("./tiny")
+    model, _ = load_model("tiny:vanilla")  # NAME:vanilla is always the preset
+    assert not hasattr(model, "set_pmod_ratios")

@@ -171,6 +171,30 @@ def target_value(target: Any, arch, image_size: tuple[int, int], text_tokens: in
     return float(llm + (vision_flops(arch, layout).total if metric == "ttft" else 0))
 
 
+def _fmt(metric: str, x: float) -> str:
+    return f"{x:.4g}" if metric == "kv" else f"{x / 1e12:.4g} TFLOPs"
+
+
+def _unreachable(name: str, shown: str, where: str, target: float, baseline: float, values: list, metric: str,
+                 tolerance: float) -> str:
+    """Why no budget of method ``name`` reaches ``target`` within ``tolerance``, and the fix that applies."""
+    what = "vision KV cache" if metric == "kv" else "prefill TFLOPs"
+    if target > baseline * (1 + tolerance):  # a method only removes work: above the baseline nothing can match
+        return (f"{name} cannot match {shown} {where}: the target exceeds the baseline's {what} "
+                f"({_fmt(metric, baseline)}), and a method only removes work; give a target at or below the baseline's "
+                "(e.g. --match p-MoD-0.5).")
+    lo = max((v for v in values if v <= target), default=None)
+    hi = min((v for v in values if v >= target), default=None)
+    if lo is None:
+        return (f"{name} cannot match {shown} {where}: the target is below the least its budgets reach "
+                f"({_fmt(metric, min(values))}); give a larger target.")
+    if hi is None:
+        return (f"{name} cannot match {shown} {where}: the target is above the most its budgets reach "
+                f"({_fmt(metric, max(values))}, short of the baseline's {_fmt(metric, baseline)}); give a smaller target.")
+    return (f"{name} cannot match {shown} within {tolerance:.0%} {where}: its nearest settings give "
+            f"{_fmt(metric, lo)}, {_fmt(metric, hi)}. Pass a larger tolerance (--match-tolerance) or another target.")
+
+
 def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, int] = (672, 672), *,
           match: Optional[str] = None, tflops: Optional[float] = None, kv: Optional[float] = None,
           text_tokens: int = 58, metric: str = "prefill", convention: str = "headline", logits_tokens: int = 1,
@@ -226,13 +250,10 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
     assert best is not None
     err, chosen, val = best
     if err > tolerance:
-        lo = max((v for v in values if v <= target), default=None)
-        hi = min((v for v in values if v >= target), default=None)
-        fmt = (lambda x: f"{x:.4g}") if metric == "kv" else (lambda x: f"{x / 1e12:.4g} TFLOPs")
-        near = ", ".join(fmt(x) for x in (lo, hi) if x is not None)
-        raise MethodError(f"{cfg.name} cannot match {label} ({fmt(target)}) within {tolerance:.0%} on {arch.name} at "
-                          f"{image_size[0]}x{image_size[1]}: its nearest settings give {near}. Pass a larger tolerance "
-                          "(--match-tolerance) or another target.")
+        shown = label if match is None else f"{label} ({_fmt(metric, target)})"
+        where = f"on {arch.name} at {image_size[0]}x{image_size[1]}"
+        baseline = target_value("baseline", arch, image_size, text_tokens, metric, convention, logits_tokens)
+        raise MethodError(_unreachable(cfg.name, shown, where, target, baseline, values, metric, tolerance))
     prefer = getattr(cfg, "prefer", None)
     if callable(prefer):  # a budget of several axes (iLLaVA): of the settings within tolerance, the method's preferred one
         err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (prefer(s[1]), s[0]))
