@@ -98,11 +98,16 @@ def run(args: argparse.Namespace) -> int:
 
             from pmod_bench.train.demo import make_demo_dataset
 
+            from pmod_bench.rundir import output_errors
+            from pmod_bench.train.trainer import check_run_dir
+
             first = load_recipe(recipe, overrides)
+            check_run_dir(Path(first.output_dir))  # before the demo data goes in
             data_dir = Path(first.output_dir) / "demo_data"
             data_json = data_dir / "data.json"
             if not data_json.exists():  # every process may write it: same content, atomic files
-                make_demo_dataset(data_dir)
+                with output_errors("output_dir", first.output_dir):
+                    make_demo_dataset(data_dir)
             overrides = [f"data.json={data_json}", f"data.image_folder={data_dir}", *overrides]
             world = int(os.environ.get("WORLD_SIZE", "1") or 1)
             given = any(o.split("=", 1)[0].strip() == "train.per_device_batch_size" for o in args.overrides)
@@ -123,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from pmod_bench.model.plan import PMoDOverflowError
+    from pmod_bench.rundir import output_errors
     from pmod_bench.train.data import BadSampleError
     from pmod_bench.train.trainer import train
 
+    resume = "free disk space and run the same command again: it resumes from the last complete checkpoint"
     try:
-        summary = train(cfg, command=command)
+        with output_errors("output_dir", cfg.output_dir, disk_full_fix=resume):
+            summary = train(cfg, command=command)
         _close_process_group()
     except ConfigError as exc:
         raise UserError(str(exc)) from None
