@@ -17,9 +17,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Union
 
 from pmod_bench.errors import UserError
 
@@ -34,7 +35,7 @@ PATH_MAX = 4096
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def run_kind(path: PathLike) -> Optional[str]:
+def run_kind(path: PathLike) -> str | None:
     """The kind ``path/run.json`` names; ``""`` for a run.json without a readable kind; None without one."""
     meta_path = Path(path) / RUN_FILE
     if not meta_path.is_file():
@@ -114,7 +115,7 @@ def check_output_path(path: PathLike, option: str = "--output", want: str = "dir
     return p
 
 
-def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fix: str = "") -> Optional[str]:
+def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fix: str = "") -> str | None:
     """One line for an OSError of the environment met while writing under ``path`` (None: not such an error).
 
     An error on a file outside ``path`` (an unreadable input, say) is not described: it is not the output's.
