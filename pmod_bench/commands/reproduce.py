@@ -40,7 +40,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from pmod_bench.cli import UserError
