@@ -811,7 +811,7 @@ def _write_converted(dst: Path, model, processor, marker: dict, overwrite: bool,
     tmp = temp_sibling(dst)
     done = False
     try:
-        with output_errors("DST", dst, error=ConversionError):
+        with output_errors("DST", dst, error=ConversionError, within=dst.parent):
             parents = make_parents(dst)
             model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
             processor.save_pretrained(str(tmp))

@@ -49,13 +49,20 @@ def run_kind(path: PathLike) -> str | None:
 
 
 def check_owner(path: PathLike, kind: str, option: str = "--output", hint: str = "",
-                error: type[Exception] = UserError) -> None:
-    """Refuse ``path`` when its run.json belongs to a run of another kind than ``kind``.
+                error: type[Exception] = UserError, ignore: tuple = ()) -> None:
+    """Refuse ``path`` unless it is new, empty, or a run directory of ``kind``: its run.json belongs to a run of
+    another kind, or, without run.json, its files to someone else (entries named in ``ignore`` excepted).
 
     The message: ``OPTION PATH holds a 'eval' run; pass a new OPTION[HINT] for the KIND run.``
     """
     found = run_kind(path)
-    if found is None or found == kind:
+    if found == kind:
+        return
+    if found is None:
+        p = Path(path)
+        if p.is_dir() and any(e.name not in ignore for e in p.iterdir()):
+            raise error(f"{option} {path} is not empty and holds no {RUN_FILE} (it is no {kind} run's); pass a new or "
+                        f"empty {option}{hint}.")
         return
     what = f"a '{found}' run" if found else f"a run.json that is not a {kind} run's"
     raise error(f"{option} {path} holds {what}; pass a new {option}{hint} for the {kind} run.")
@@ -115,16 +122,18 @@ def check_output_path(path: PathLike, option: str = "--output", want: str = "dir
     return p
 
 
-def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fix: str = "") -> str | None:
+def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fix: str = "",
+                         within: PathLike | None = None) -> str | None:
     """One line for an OSError of the environment met while writing under ``path`` (None: not such an error).
 
-    An error on a file outside ``path`` (an unreadable input, say) is not described: it is not the output's.
+    An error on a file outside ``within`` (default ``path``; a command that writes a temporary sibling passes the
+    parent) is not described, disk full excepted: an unreadable input, say, is not the output's.
     ``disk_full_fix``: what to do when the disk is full (default: free space or pass another ``option``).
     """
     if exc.errno not in WRITE_ERRNOS:
         return None
     where = exc.filename
-    root = os.path.abspath(os.fspath(path))
+    root = os.path.abspath(os.fspath(within if within is not None else path))
     if where is not None:
         full = os.path.abspath(os.fspath(where))
         if full != root and not full.startswith(root.rstrip(os.sep) + os.sep) and exc.errno != errno.ENOSPC:
@@ -141,12 +150,13 @@ def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fi
 
 
 @contextmanager
-def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: type[Exception] = UserError) -> Iterator[None]:
-    """Turn an OSError of the environment under ``path`` into ``error`` with one line (others propagate)."""
+def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: type[Exception] = UserError,
+                  within: PathLike | None = None) -> Iterator[None]:
+    """Turn an OSError of the environment under ``path`` (or ``within``) into ``error`` with one line (others propagate)."""
     try:
         yield
     except OSError as exc:
-        msg = describe_write_error(exc, option, path, disk_full_fix)
+        msg = describe_write_error(exc, option, path, disk_full_fix, within)
         if msg is None:
             raise
         raise error(msg) from None

@@ -248,7 +248,7 @@ def build_report(
     rep = None if paper else match_runs(runs, labels, default_model)
     notes: list[str] = list(rep.notes) if rep is not None else []
 
-    with output_errors("--output", output, error=ReportError):
+    with output_errors("--output", output, error=ReportError, within=output.parent):
         return _write_report(output, command, paper, runs, rep, notes, figures)
 
 
@@ -297,9 +297,7 @@ def _check_arguments(run_dirs: list, output: "str | Path", paper: bool, labels: 
     if labels and paper:
         raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ReportError(f"--output {output} exists and is not a directory; choose another path.")
-    check_output_path(output, "--output", error=ReportError)
+    check_output_path(output, "--output", error=ReportError)  # a file, a name too long, read-only
     refuse_run_dir(output, "--output", error=ReportError)
 
 

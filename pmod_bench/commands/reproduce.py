@@ -70,13 +70,10 @@ def _output_dir(given: str) -> str:
     kind "reproduce"; reproduce.json marks one written before that file existed). Anything else is refused unchanged."""
     import os
 
-    from pmod_bench.rundir import RUN_FILE, check_output_path, check_owner, run_kind
+    from pmod_bench.rundir import check_output_path, check_owner, run_kind
 
     out = str(check_output_path(given, "--output"))
-    check_owner(out, "reproduce", "--output")
-    if os.path.isdir(out) and os.listdir(out) and run_kind(out) is None and not os.path.isfile(os.path.join(out, "reproduce.json")):
-        from pmod_bench.cli import UserError
-
-        raise UserError(f"--output {given} is not empty and was not made by `pmod-bench reproduce` (no {RUN_FILE} of kind "
-                        "'reproduce'); pass a new or empty directory, or the --output of an earlier reproduction.")
+    if run_kind(out) is None and os.path.isfile(os.path.join(out, "reproduce.json")):
+        return out  # a reproduction of an earlier version (before run.json)
+    check_owner(out, "reproduce", "--output", hint=" (or that of an earlier `pmod-bench reproduce`)")
     return out

@@ -271,16 +271,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """--output and --json can be written, before anything is measured: --output is no other run's directory (its
-    run.json would become a profile's: an eval could no longer resume), not a file, not read-only; --json is not a
-    directory and not a file inside a run directory of another kind."""
+    """--output and --json can be written, before anything is measured: --output is new, empty or a profile run's
+    (another run's run.json would become a profile's: an eval could no longer resume), not a file, not read-only;
+    --json is not a directory and not a file inside a run directory of another kind."""
+    import os
+
     from pmod_bench.rundir import check_output_path, check_owner, run_kind
 
     from .errors import ProfileError
 
     if args.output:
-        check_output_path(args.output, "--output", error=ProfileError)
-        check_owner(args.output, "profile", "--output", error=ProfileError)
+        out = check_output_path(args.output, "--output", error=ProfileError)
+        own_json = (os.path.basename(args.json),) if args.json and os.path.abspath(os.path.dirname(args.json)) == str(out) else ()
+        check_owner(args.output, "profile", "--output", error=ProfileError, ignore=own_json)
     if args.json:
         path = check_output_path(args.json, "--json", want="file", error=ProfileError)
         owner = run_kind(path.parent)

@@ -397,9 +397,10 @@ def check_batch(cfg: TrainConfig, world: int) -> int:
 
 def check_run_dir(out: Path) -> None:
     """Refuse an output_dir train cannot own, before anything is written: a file, a name the filesystem does not
-    take, a read-only directory, or a run directory of another kind (eval, profile: train would overwrite its run.json)."""
+    take, a read-only directory, a run directory of another kind (eval, profile: train would overwrite its run.json),
+    or a non-empty directory without run.json (someone else's files; ``train --demo``'s demo_data excepted)."""
     check_output_path(out, "output_dir", error=ConfigError)
-    check_owner(out, "train", "output_dir", hint=" (-o DIR)", error=ConfigError)
+    check_owner(out, "train", "output_dir", hint=" (-o DIR)", error=ConfigError, ignore=("demo_data",))
 
 
 def checkpoint_complete(path: Path) -> bool:
