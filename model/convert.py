@@ -803,7 +803,7 @@ def _generation_config(src_dir: Path, tok, old_vocab: int, vocab: int):
 def _write_converted(dst: Path, model, processor, marker: dict, overwrite: bool, max_shard_size: str) -> None:
     """Save ``model``, ``processor``, the provenance ``marker`` and the manifest into a temporary sibling of ``dst``,
     then publish it as ``dst`` by one rename; on any failure the sibling (and the parents made for it) are removed."""
-    from pmod_bench.rundir import output_errors
+    from pmod_bench.outputs import output_errors
 
     from .convert_dst import DstError, make_parents, publish, remove_created, temp_sibling, write_manifest
 

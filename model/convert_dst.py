@@ -23,7 +23,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from pmod_bench.rundir import check_output_path
+from pmod_bench.outputs import check_output_path
 
 #: written into every converted DST: the files the conversion wrote (``--overwrite`` replaces only those)
 MANIFEST = ".pmod_convert_manifest.json"

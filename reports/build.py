@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from pmod_bench.rundir import check_output_path, output_errors, refuse_run_dir
+from pmod_bench.outputs import check_output_path, output_errors
+from pmod_bench.rundir import refuse_run_dir
 
 from .matching import DEFAULT_MODEL, Reproduction, match_runs
 from .paper import PAPER_CITATION, paper_table

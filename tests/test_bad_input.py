@@ -417,7 +417,7 @@ def test_profile_json_beside_its_run_directory(world, capsys):
 
 
 def test_write_errors_become_one_line():
-    from pmod_bench.rundir import describe_write_error
+    from pmod_bench.outputs import describe_write_error
 
     full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors")
     assert describe_write_error(full, "--output", "/runs/x") == ("--output /runs/x: cannot write /runs/x/model.safetensors (No "

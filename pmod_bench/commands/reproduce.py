@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: pass a number of jobs >= 1 (1 runs every step in this process, one after another)")
     out = _output_dir(args.output)
-    from pmod_bench.rundir import output_errors
+    from pmod_bench.outputs import output_errors
     from pmod_bench.toy.pipeline import reproduce
 
     t0 = time.time()
@@ -70,7 +70,8 @@ def _output_dir(given: str) -> str:
     kind "reproduce"; reproduce.json marks one written before that file existed). Anything else is refused unchanged."""
     import os
 
-    from pmod_bench.rundir import check_output_path, check_owner, run_kind
+    from pmod_bench.outputs import check_output_path
+    from pmod_bench.rundir import check_owner, run_kind
 
     out = str(check_output_path(given, "--output"))
     if run_kind(out) is None and os.path.isfile(os.path.join(out, "reproduce.json")):

@@ -251,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_table(rows), end="")
     command = _command(args)
-    from pmod_bench.rundir import output_errors
+    from pmod_bench.outputs import output_errors
 
     if args.json:
         with output_errors("--json", args.json, error=ProfileError):
@@ -276,7 +276,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     --json is not a directory and not a file inside a run directory of another kind."""
     import os
 
-    from pmod_bench.rundir import check_output_path, check_owner, run_kind
+    from pmod_bench.outputs import check_output_path
+    from pmod_bench.rundir import check_owner, run_kind
 
     from .errors import ProfileError
 

@@ -96,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
         if args.demo:
             from pathlib import Path
 
+            from pmod_bench.outputs import output_errors
             from pmod_bench.train.demo import make_demo_dataset
-
-            from pmod_bench.rundir import output_errors
             from pmod_bench.train.trainer import check_run_dir
 
             first = load_recipe(recipe, overrides)
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from pmod_bench.model.plan import PMoDOverflowError
-    from pmod_bench.rundir import output_errors
+    from pmod_bench.outputs import output_errors
     from pmod_bench.train.data import BadSampleError
     from pmod_bench.train.trainer import train
 

@@ -43,7 +43,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pmod_bench.atomic import atomic_write_json, atomic_write_text
 from pmod_bench.model.plan import PMoDOverflowError
-from pmod_bench.rundir import check_output_path, check_owner
+from pmod_bench.outputs import check_output_path
+from pmod_bench.rundir import check_owner
 from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
 from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
 from pmod_bench.train.data import (

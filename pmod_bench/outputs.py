@@ -1,0 +1,116 @@
+"""Output paths: whether one can be written, and one line when writing it fails (stdlib only).
+
+* :func:`check_output_path`: checked before a command writes anything: no component longer than the
+  filesystem allows (ENAMETOOLONG), not an existing file where a directory is wanted (or the reverse), the
+  nearest existing directory writable.
+* :func:`output_errors`: an ``OSError`` of the environment met while writing anyway (read-only, disk full, name
+  too long) becomes one line naming the path and the fix, instead of a traceback.
+
+Which *run* owns a directory is :mod:`pmod_bench.rundir`'s question.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Union
+
+from pmod_bench.errors import UserError
+
+#: errors of the environment, not of the program: reported as one line
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+PATH_MAX = 4096
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _name_max(existing: Path) -> int:
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_path(path: PathLike, option: str = "--output", want: str = "dir",
+                      error: type[Exception] = UserError) -> Path:
+    """The absolute ``path`` once it can be written as a directory (``want="dir"``) or a file (``"file"``).
+
+    Checked without writing anything: every name fits the filesystem (ENAMETOOLONG), the path is not a
+    file where a directory is wanted (or a directory where a file is), the nearest existing directory is
+    a directory and writable.
+    """
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    shown = os.fspath(path)
+    anc = _nearest_existing(p)
+    limit = _name_max(anc if anc.is_dir() else anc.parent)
+    for part in p.parts:
+        if len(os.fsencode(part)) > limit:
+            raise error(f"{option} {shown}: the name '{part[:32]}...' is {len(os.fsencode(part))} bytes, longer than "
+                        f"the filesystem allows ({limit}); use a shorter name.")
+    if len(os.fsencode(str(p))) >= PATH_MAX:
+        raise error(f"{option} {shown}: the path is {len(os.fsencode(str(p)))} bytes, longer than the system allows "
+                    f"({PATH_MAX - 1}); use a shorter path.")
+    if anc == p:
+        if want == "dir" and not p.is_dir():
+            raise error(f"{option} {shown} is a file; pass a directory (a new one, or one this command wrote).")
+        if want == "file" and p.is_dir():
+            raise error(f"{option} {shown} is a directory; pass a file name.")
+    elif not anc.is_dir():
+        raise error(f"{option} {shown}: {anc} is a file, not a directory; pass a path in a directory.")
+    writable = p if anc == p and want == "dir" else (p.parent if anc == p else anc)
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise error(f"{option} {shown}: {writable} is not writable (read-only); pass a writable directory.")
+    return p
+
+
+def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fix: str = "",
+                         within: PathLike | None = None) -> str | None:
+    """One line for an OSError of the environment met while writing under ``path`` (None: not such an error).
+
+    An error on a file outside ``within`` (default ``path``; a command that writes a temporary sibling passes the
+    parent) is not described, disk full excepted: an unreadable input, say, is not the output's.
+    ``disk_full_fix``: what to do when the disk is full (default: free space or pass another ``option``).
+    """
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    where = exc.filename
+    root = os.path.abspath(os.fspath(within if within is not None else path))
+    if where is not None:
+        full = os.path.abspath(os.fspath(where))
+        if full != root and not full.startswith(root.rstrip(os.sep) + os.sep) and exc.errno != errno.ENOSPC:
+            return None
+    target = f"{where}" if where is not None else f"under {path}"
+    reason = exc.strerror or os.strerror(exc.errno)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = disk_full_fix or f"free disk space, or pass another {option} on a disk with room"
+    elif exc.errno == errno.ENAMETOOLONG:
+        fix = "use a shorter path"
+    else:
+        fix = "pass a writable directory"
+    return f"{option} {path}: cannot write {target} ({reason}); {fix}."
+
+
+@contextmanager
+def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: type[Exception] = UserError,
+                  within: PathLike | None = None) -> Iterator[None]:
+    """Turn an OSError of the environment under ``path`` (or ``within``) into ``error`` with one line (others propagate)."""
+    try:
+        yield
+    except OSError as exc:
+        msg = describe_write_error(exc, option, path, disk_full_fix, within)
+        if msg is None:
+            raise
+        raise error(msg) from None
+
+
+__all__ = ["PATH_MAX", "WRITE_ERRNOS", "check_output_path", "describe_write_error", "output_errors"]
