@@ -71,7 +71,7 @@ def foreign_entries(dst: Path, written: list) -> list:
 
 def check_dst(src_dir: Path, dst: Path, overwrite: bool, vision_tower: str | None = None) -> None:
     """Refuse a DST this conversion may not write, before anything is read or written (see the module docstring)."""
-    check_output_path(dst, "DST", error=DstError)
+    check_output_path(dst, "DST", error=DstError, sibling=True)
     if dst.is_symlink():
         raise DstError(f"DST {dst} is a symbolic link (to {os.path.realpath(dst)}); pass the directory itself.")
     d = dst.resolve()

@@ -42,12 +42,13 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_output_path(path: PathLike, option: str = "--output", want: str = "dir",
-                      error: type[Exception] = UserError) -> Path:
+                      error: type[Exception] = UserError, sibling: bool = False) -> Path:
     """The absolute ``path`` once it can be written as a directory (``want="dir"``) or a file (``"file"``).
 
     Checked without writing anything: every name fits the filesystem (ENAMETOOLONG), the path is not a
     file where a directory is wanted (or a directory where a file is), the nearest existing directory is
-    a directory and writable.
+    a directory and writable. ``sibling``: the command writes beside ``path`` and renames (the parent must
+    be writable too, even when ``path`` exists).
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     shown = os.fspath(path)
@@ -67,9 +68,12 @@ def check_output_path(path: PathLike, option: str = "--output", want: str = "dir
             raise error(f"{option} {shown} is a directory; pass a file name.")
     elif not anc.is_dir():
         raise error(f"{option} {shown}: {anc} is a file, not a directory; pass a path in a directory.")
-    writable = p if anc == p and want == "dir" else (p.parent if anc == p else anc)
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise error(f"{option} {shown}: {writable} is not writable (read-only); pass a writable directory.")
+    writable = [p if anc == p and want == "dir" else (p.parent if anc == p else anc)]
+    if sibling and anc == p:
+        writable.append(p.parent)
+    for d in writable:
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise error(f"{option} {shown}: {d} is not writable (read-only); pass a writable directory.")
     return p
 
 

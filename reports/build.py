@@ -298,7 +298,7 @@ def _check_arguments(run_dirs: list, output: "str | Path", paper: bool, labels: 
     if labels and paper:
         raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
     output = Path(output)
-    check_output_path(output, "--output", error=ReportError)  # a file, a name too long, read-only
+    check_output_path(output, "--output", error=ReportError, sibling=True)  # a file, a name too long, read-only
     refuse_run_dir(output, "--output", error=ReportError)
 
 

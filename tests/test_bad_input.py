@@ -7,7 +7,7 @@ runs every writing command against every directory of the tree: no command delet
 not create. All in process through ``pmod_bench.cli.main``; the training runs are marked slow.
 
 Read-only directories: as root ``chmod`` binds nothing, so the fixture then makes ``os.access`` / ``os.mkdir`` /
-``os.open`` / ``open`` answer EACCES under the directory, as the kernel does for a user.
+``os.open`` / ``open`` answer EACCES for entries made in the directory, as the kernel does for a user.
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def snapshot(root: Path, skip: tuple = ()) -> dict:
 @pytest.fixture
 def read_only(monkeypatch):
     """``make(path, access_lies=False)``: ``path`` becomes a read-only directory. Not root: chmod 0555. Root (chmod
-    binds nothing): EACCES from os.access / os.mkdir / os.open / open for writes under it; ``access_lies``
-    leaves os.access saying yes, so only the writes fail (what NFS or ACLs can do)."""
+    binds nothing): as chmod would, EACCES from os.access on ``path`` and from os.mkdir / os.open / open creating
+    an entry in it (its subdirectories keep their own modes); ``access_lies`` leaves os.access saying yes, so only
+    the writes fail (what NFS or ACLs can do)."""
     chmodded = []
 
     def make(path: Path, access_lies: bool = False) -> None:
@@ -141,7 +142,8 @@ def read_only(monkeypatch):
             chmodded.append(path)
             return
         root = os.path.realpath(path)
-        under = lambda p: (q := os.path.realpath(os.path.abspath(os.fspath(p)))) == root or q.startswith(root + os.sep)  # noqa: E731
+        here = lambda p: os.path.realpath(os.path.abspath(os.fspath(p))) == root  # noqa: E731
+        in_it = lambda p: here(os.path.dirname(os.path.abspath(os.fspath(p))))  # noqa: E731  (an entry of root)
 
         def deny(p):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
@@ -150,21 +152,21 @@ def read_only(monkeypatch):
         writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
         def fake_open(file, mode="r", *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and under(file):
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and in_it(file):
                 deny(file)
             return real_open(file, mode, *args, **kwargs)
 
         def fake_mkdir(p, *args, **kwargs):
             if os.path.lexists(p):  # the kernel says EEXIST first
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(p))
-            if under(os.path.dirname(os.path.abspath(os.fspath(p)))):
+            if in_it(p):
                 deny(p)
             return real_mkdir(p, *args, **kwargs)
 
         if not access_lies:
-            monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (mode & os.W_OK and under(p)) else real_access(p, mode, *a, **k))
+            monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (mode & os.W_OK and here(p)) else real_access(p, mode, *a, **k))
         monkeypatch.setattr(os, "mkdir", fake_mkdir)
-        monkeypatch.setattr(os, "open", lambda p, flags, *a, **k: deny(p) if (flags & writes and under(p)) else real_os_open(p, flags, *a, **k))
+        monkeypatch.setattr(os, "open", lambda p, flags, *a, **k: deny(p) if (flags & writes and in_it(p)) else real_os_open(p, flags, *a, **k))
         monkeypatch.setattr(builtins, "open", fake_open)
         monkeypatch.setattr(io, "open", fake_open)
 
@@ -233,6 +235,8 @@ CASES = [
     Case("convert-dst-is-file", ["convert", "{w}/src", "{w}/afile.txt"], 2, "afile.txt is a file"),
     Case("convert-dst-name-too-long", ["convert", "{w}/src", "{w}/" + LONG], 2, "longer than the filesystem allows"),
     Case("convert-dst-read-only", ["convert", "{w}/src", "{w}/ro/hf"], 2, "is not writable (read-only)", read_only="ro"),
+    Case("convert-empty-dst-in-read-only-dir", ["convert", "{w}/src", "{w}/ro/empty"], 2, "/ro is not writable (read-only)",
+         read_only="ro", extra={"mkdir": ["ro/empty"]}),  # DST itself writable; the sibling and the rename need its parent
     Case("convert-dst-read-only-at-write", ["convert", "{w}/src", "{w}/ro/hf"], 2, "Permission denied", read_only="ro",
          access_lies=True),
     # profile: never into another run's directory; the architecture checked before anything divides by it
@@ -296,6 +300,8 @@ def test_bad_input_table(case, world, read_only, capsys):
         (world / "link").symlink_to(world / case.extra["link"])
     for rel, text in case.extra.get("write", {}).items():
         (world / rel).write_text(text)
+    for rel in case.extra.get("mkdir", []):
+        (world / rel).mkdir(parents=True)
     if case.read_only:
         read_only(world / case.read_only, access_lies=case.access_lies)
     before = snapshot(world, skip=case.may_write)
