@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,10 +105,42 @@ def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fi
     return f"{option} {path}: cannot write {target} ({reason}); {fix}."
 
 
+#: how libraries that hide the errno say ENOSPC (safetensors: "... (os error 28)")
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+#: less room than this left on the output's filesystem after an error: the error was the full disk
+LOW_SPACE_BYTES = 2**20
+
+
+def disk_full(exc: BaseException, path: PathLike) -> str | None:
+    """Why ``exc`` is a full disk (None: it is not). An OSError ENOSPC / EDQUOT anywhere in its chain says so, as
+    does the text of a library that hides the errno (safetensors' ``SafetensorError ... (os error 28)``); torch.save
+    says only ``RuntimeError: basic_ios::clear: iostream error``, so a RuntimeError with less than 1 MiB left on the
+    filesystem of ``path`` (or its nearest existing parent) counts too. Interrupts never do."""
+    if not isinstance(exc, Exception):
+        return None
+    seen, e, runtime = set(), exc, False
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e.strerror or os.strerror(e.errno)
+        if any(t in str(e).lower() for t in _NO_SPACE_TEXT):
+            return os.strerror(errno.ENOSPC)
+        runtime = runtime or isinstance(e, RuntimeError)
+        e = e.__cause__ or e.__context__
+    if not runtime:
+        return None
+    try:
+        free = shutil.disk_usage(_nearest_existing(Path(os.path.abspath(os.fspath(path))))).free
+    except OSError:
+        return None
+    return f"{free} bytes left on the device" if free < LOW_SPACE_BYTES else None
+
+
 @contextmanager
 def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: type[Exception] = UserError,
                   within: PathLike | None = None) -> Iterator[None]:
-    """Turn an OSError of the environment under ``path`` (or ``within``) into ``error`` with one line (others propagate)."""
+    """Turn an error of the environment while writing under ``path`` (or ``within``) into ``error`` with one line:
+    an OSError (read-only, name too long, disk full), or any error of a full disk (:func:`disk_full`). Others propagate."""
     try:
         yield
     except OSError as exc:
@@ -115,6 +148,13 @@ def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: t
         if msg is None:
             raise
         raise error(msg) from None
+    except Exception as exc:
+        why = disk_full(exc, within if within is not None else path)
+        if why is None:
+            raise
+        fix = disk_full_fix or f"free disk space, or pass another {option} on a disk with room"
+        raise error(f"{option} {path}: cannot write (disk full: {why}; {type(exc).__name__}); {fix}.") from None
 
 
-__all__ = ["PATH_MAX", "WRITE_ERRNOS", "check_output_path", "describe_write_error", "output_errors"]
+__all__ = ["LOW_SPACE_BYTES", "PATH_MAX", "WRITE_ERRNOS", "check_output_path", "describe_write_error", "disk_full",
+           "output_errors"]

@@ -434,6 +434,33 @@ def test_write_errors_become_one_line():
     assert describe_write_error(OSError(errno.EIO, "I/O error", "/runs/x/a"), "--output", "/runs/x") is None
 
 
+def test_a_full_disk_is_recognised_behind_libraries_that_hide_the_errno(tmp_path, monkeypatch):
+    """safetensors says "(os error 28)" in a SafetensorError; torch.save a bare RuntimeError, recognised by the space
+    left; other errors, and interrupts, are not taken for a full disk."""
+    from collections import namedtuple
+
+    from pmod_bench import outputs
+    from pmod_bench.errors import UserError
+
+    class SafetensorError(Exception):
+        pass
+
+    st = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert outputs.disk_full(st, tmp_path) == "No space left on device"
+    torch_error = RuntimeError("basic_ios::clear: iostream error")
+    assert outputs.disk_full(torch_error, tmp_path) is None  # room left: some other failure
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    assert outputs.disk_full(torch_error, tmp_path) == "4096 bytes left on the device"
+    assert outputs.disk_full(ValueError("bad value"), tmp_path) is None and outputs.disk_full(KeyboardInterrupt(), tmp_path) is None
+    with pytest.raises(UserError, match=r"^DST /m: cannot write \(disk full: No space left on device; SafetensorError\); free"):
+        with outputs.output_errors("DST", "/m", within=tmp_path):
+            raise st
+    with pytest.raises(ValueError, match="bad value"):
+        with outputs.output_errors("DST", "/m", within=tmp_path):
+            raise ValueError("bad value")
+
+
 # --------------------------------------------------------------------------------------- slow: processes
 @pytest.mark.slow
 def test_train_disk_full_records_failed_and_resumes(world, monkeypatch, capsys):

@@ -43,7 +43,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pmod_bench.atomic import atomic_write_json, atomic_write_text
 from pmod_bench.model.plan import PMoDOverflowError
-from pmod_bench.outputs import check_output_path
+from pmod_bench.outputs import check_output_path, disk_full
 from pmod_bench.rundir import check_owner
 from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
 from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
@@ -674,7 +674,7 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
             _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "overflow", error, checkpoint))
         raise PMoDOverflowError(error) from exc
     except BaseException as exc:  # every ending is recorded: the error and the last finished step
-        full = _disk_full(exc, out)
+        full = disk_full(exc, out)
         error = f"{type(exc).__name__}: {exc}".strip()
         if run.is_main:
             if full:
@@ -700,25 +700,6 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     if world > 1:
         trainer.accelerator.wait_for_everyone()  # no process leaves while another still writes the run directory
     return summary
-
-
-def _disk_full(exc: BaseException, out: Path) -> str | None:
-    """Why ``exc`` is a full disk (None: it is not). An OSError ENOSPC / EDQUOT anywhere in the chain says so;
-    torch.save hides it (``RuntimeError: basic_ios::clear: iostream error``), so an error with less than 1 MiB
-    left on the output's filesystem counts too."""
-    seen, e = set(), exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e.strerror or os.strerror(e.errno)
-        e = e.__cause__ or e.__context__
-    if not isinstance(exc, Exception):
-        return None  # an interrupt
-    try:
-        free = shutil.disk_usage(out).free
-    except OSError:
-        return None
-    return f"{free} bytes left on the device" if free < 2**20 else None
 
 
 def _drop_partial_checkpoints(out: Path, resumed: str | None) -> None:
