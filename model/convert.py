@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -639,9 +638,11 @@ def convert_checkpoint(
     ``vision_tower``: local CLIP directory to use instead of config.json's ``mm_vision_tower`` (needed
     when the checkpoint does not contain the tower and the hub is unreachable). ``dtype``: store the
     weights in this dtype (default: the checkpoint's LLM dtype; the vision tower is cast to it, as the
-    original runs it). Writes into a temporary sibling of ``dst`` and renames it when complete.
+    original runs it). Writes into a temporary sibling of ``dst`` and renames it when complete; ``overwrite``
+    replaces only an earlier conversion (its manifest lists everything in ``dst``), and ``src`` and ``dst`` may
+    not contain one another (:mod:`pmod_bench.model.convert_dst`).
     """
-    src_dir, dst, cfg = _original_source(src, dst, overwrite, cache_dir)
+    src_dir, dst, cfg = _original_source(src, dst, overwrite, cache_dir, vision_tower)
 
     # 1. weights, renamed --------------------------------------------------------------------------
     mapped = _mapped_weights(src_dir, progress)
@@ -682,15 +683,18 @@ def convert_checkpoint(
     return dst
 
 
-def _original_source(src, dst, overwrite: bool, cache_dir) -> tuple[Path, Path, dict]:
+def _original_source(src, dst, overwrite: bool, cache_dir, vision_tower: Optional[str] = None) -> tuple[Path, Path, dict]:
     """(the source directory, ``dst`` as a Path, the source's config.json), once ``src`` is in the original
-    layout and ``dst`` is free (empty, or ``overwrite``)."""
+    layout and ``dst`` may receive the conversion (:func:`~pmod_bench.model.convert_dst.check_dst`)."""
+    from .convert_dst import DstError, check_dst
     from .sources import read_config_json, resolve_source_dir
 
     src_dir = resolve_source_dir(str(src), cache_dir=cache_dir)
     dst = Path(dst).expanduser()
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise ConversionError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) or another DST.")
+    try:
+        check_dst(src_dir, dst, overwrite, vision_tower)
+    except DstError as exc:
+        raise ConversionError(str(exc)) from None
     cfg = read_config_json(src_dir)
     if not is_original_layout(cfg):
         raise ConversionError(
@@ -797,18 +801,29 @@ def _generation_config(src_dir: Path, tok, old_vocab: int, vocab: int):
 
 
 def _write_converted(dst: Path, model, processor, marker: dict, overwrite: bool, max_shard_size: str) -> None:
-    """Save ``model``, ``processor`` and the provenance ``marker`` into a temporary sibling of ``dst``, then publish it as ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Save ``model``, ``processor``, the provenance ``marker`` and the manifest into a temporary sibling of ``dst``,
+    then publish it as ``dst`` by one rename; on any failure the sibling (and the parents made for it) are removed."""
+    from pmod_bench.outputs import output_errors
+
+    from .convert_dst import DstError, make_parents, publish, remove_created, temp_sibling, write_manifest
+
+    parents: list = []
+    tmp = temp_sibling(dst)
+    done = False
     try:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        processor.save_pretrained(str(tmp))
-        (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2, default=str))
-        apply_default_modes(tmp)  # safetensors writes model.safetensors 0600; the rest of DST is umask-based
-        _publish(tmp, dst, overwrite)
+        with output_errors("DST", dst, error=ConversionError, within=dst.parent):
+            parents = make_parents(dst)
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+            processor.save_pretrained(str(tmp))
+            (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2, default=str))
+            write_manifest(tmp, {"converter_version": CONVERTER_VERSION, "source": marker["source"]})
+            apply_default_modes(tmp)  # safetensors writes model.safetensors 0600; the rest of DST is umask-based
+            publish(tmp, dst, overwrite, CONVERTED_MARKER)
+        done = True
+    except DstError as exc:
+        raise ConversionError(str(exc)) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(tmp, [] if done else parents)
 
 
 def _orig_names(hf_keys: list[str], routed: set) -> list[str]:
@@ -832,23 +847,6 @@ def _orig_names(hf_keys: list[str], routed: set) -> list[str]:
         else:
             out.append(k)
     return out
-
-
-def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` to ``dst`` atomically (a concurrent identical conversion may win)."""
-    if dst.exists():
-        if (dst / CONVERTED_MARKER).is_file() and not overwrite:
-            return  # someone else finished the same conversion first
-        trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, trash)
-        os.replace(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
-    try:
-        os.replace(tmp, dst)
-    except OSError:
-        if not (dst / CONVERTED_MARKER).is_file():
-            raise
 
 
 def conversion_info(directory: Union[str, os.PathLike]) -> Optional[dict]:

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from pmod_bench.outputs import check_output_path, output_errors
+from pmod_bench.rundir import refuse_run_dir
+
 from .matching import DEFAULT_MODEL, Reproduction, match_runs
 from .paper import PAPER_CITATION, paper_table
 from .render import RENDERERS
@@ -246,8 +249,15 @@ def build_report(
     rep = None if paper else match_runs(runs, labels, default_model)
     notes: list[str] = list(rep.notes) if rep is not None else []
 
+    with output_errors("--output", output, error=ReportError, within=output.parent):
+        return _write_report(output, command, paper, runs, rep, notes, figures)
+
+
+def _write_report(output: Path, command: str, paper: bool, runs: list, rep: Optional[Reproduction], notes: list,
+                  figures: bool) -> ReportResult:
+    """Every file into a staging sibling of ``output``, then each moved into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    stage = Path(tempfile.mkdtemp(prefix=".pmod-report.staging-", dir=output.parent))
     result = ReportResult(output=output)
     try:
         table_files = _write_tables(stage, build_tables(rep))
@@ -259,8 +269,12 @@ def build_report(
         summary = _summary(command, paper, runs, rep, table_files, fig_items, notes)
         _write(stage / "report.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
-        # every file exists: move them into place
+        # every file exists: move them into place (over an earlier report's, never over a file of someone else's)
         staged = sorted(p for p in stage.rglob("*") if p.is_file())
+        taken = [output / p.relative_to(stage) for p in staged if (output / p.relative_to(stage)).exists()]
+        if taken and not (output / "report.json").is_file():
+            raise ReportError(f"--output {output} holds {taken[0].relative_to(output)}, which no earlier report wrote (there is "
+                              "no report.json); pass a new or empty --output, or move that file away.")
         for src in staged:
             dst = output / src.relative_to(stage)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +298,8 @@ def _check_arguments(run_dirs: list, output: "str | Path", paper: bool, labels: 
     if labels and paper:
         raise ReportError("--label applies to RUN_DIRs; it has no effect with --paper.")
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ReportError(f"--output {output} exists and is not a directory; choose another path.")
+    check_output_path(output, "--output", error=ReportError, sibling=True)  # a file, a name too long, read-only
+    refuse_run_dir(output, "--output", error=ReportError)
 
 
 def _write_tables(stage: Path, tables: Sequence[ReportTable]) -> list[tuple[ReportTable, list[str]]]:

@@ -17,7 +17,7 @@ A run is matched to a paper row only when its architecture is that row's: a reco
 (``llava-hf/llava-v1.6-vicuna-7b-hf``), or an eval run's ``model_info`` (class + parameter count)
 for a local checkpoint path. Anything else (the ``tiny`` test model, an eval of a random-weight
 preset: ``model_info.random_weights``) keeps its own name and gets its own ``measured`` lines; ``--default-model`` matches such
-runs as a paper model on request. Incomplete eval runs and labels naming no paper row are warned
+runs as a paper model on request. Incomplete eval runs, failed train runs and labels naming no paper row are warned
 about (:attr:`Reproduction.warnings`); an explicit ``--label`` naming no paper row is an error.
 
 A LABEL is ``MODEL/VARIANT``, ``VARIANT``, ``MODEL`` or ``fig3:GROUP:RETENTION`` (an exploration run
@@ -416,7 +416,7 @@ class Reproduction:
     unmatched: list[tuple[Run, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    """what a reader must not miss: incomplete eval runs, labels naming no paper row (index.md, stderr)"""
+    """what a reader must not miss: incomplete eval runs, failed train runs, labels naming no paper row (index.md, stderr)"""
     values: dict[str, dict[str, tuple[float, str]]] = field(default_factory=dict)
     efficiency: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
     method_points: list[MethodPoint] = field(default_factory=list)
@@ -507,6 +507,18 @@ def _eval_health(run: Run) -> Optional[str]:
     what = f"suite {suite!r} " if suite else ""
     return (f"{run.path}: incomplete eval run ({what}complete: false, {len(run.rows)} finished benchmark(s)"
             + (f"; failed: {failed}" if failed else "") + ")")
+
+
+def _train_health(run: Run) -> Optional[str]:
+    """A warning for a train run that ended in failure (``train_summary.json`` status failed / overflow), or None."""
+    status = run.data.get("status")
+    if status not in ("failed", "overflow"):
+        return None
+    steps, max_steps = run.data.get("steps"), run.data.get("max_steps")
+    where = f" at step {steps}" + (f" of {max_steps}" if max_steps else "") if steps is not None else ""
+    reason = " ".join(str(run.data.get("error") or "no reason recorded").split())[:200]
+    return (f"{run.path}: {status} train run{where} ({reason}); its GPU hours cover only the steps it finished. "
+            "Run its command again to resume it.")
 
 
 def match_runs(
@@ -705,7 +717,10 @@ class _Matcher:
         parameter count), else ``--default-model``. The label decides the VARIANT only for runs without ``pmod``
         data (older runs), or where it names another paper row of the same configuration
         (:data:`SAME_CONFIGURATION`); a run.json label naming another configuration (a recipe's label kept through
-        ``include:``) is a warning, a ``--label`` an error."""
+        ``include:``) is a warning, a ``--label`` an error. A failed run is matched and warned about."""
+        health = _train_health(run)
+        if health:
+            self.rep.warnings.append(health)
         has_data, pmod = train_pmod(run)
         if has_data:
             variant, how = variant_from_pmod(pmod)

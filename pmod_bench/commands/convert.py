@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 EPILOG = """examples:
   pmod-bench convert /ckpt/p-MoD-LLaVA-NeXT-7B /models/pmod-llava-next-7b
@@ -33,7 +34,9 @@ def add_parser(subparsers) -> None:
                    help="store the weights in this dtype (default: the checkpoint's own)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="HF hub cache for hub ids (default HF_HUB_CACHE)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it holds an earlier conversion, and nothing else (its .pmod_convert_manifest.json "
+                        "lists every file in it); SRC and DST may never contain one another")
     p.set_defaults(func=run)
 
 
@@ -45,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from pmod_bench.model.sources import ModelSourceError
 
     try:
-        dst = convert_checkpoint(
-            args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype, overwrite=args.overwrite,
-            cache_dir=args.cache_dir, max_shard_size=args.max_shard_size,
-        )
+        with _terminate_as_exit():
+            dst = convert_checkpoint(
+                args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype, overwrite=args.overwrite,
+                cache_dir=args.cache_dir, max_shard_size=args.max_shard_size,
+            )
     except (ConversionError, ModelSourceError) as exc:
         raise UserError(str(exc)) from exc
     info = conversion_info(dst) or {}
@@ -56,3 +60,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"converted {args.src} -> {dst}")
     print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a job scheduler's stop) raises SystemExit here, so the conversion's clean-up runs: its temporary
+    sibling is removed and DST is left as it was (only SIGKILL skips that)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -222,12 +222,14 @@ def load_arch(source: str) -> Arch:
         directory = path.parent if path.is_file() else path
         if not (directory / "config.json").is_file():
             raise ArchError(f"{directory} holds no config.json; pass an HF model directory (config.json is enough, no weights needed).")
+        _check_config_json(source, directory / "config.json")
         from transformers import AutoConfig
 
         try:
             cfg = AutoConfig.from_pretrained(str(directory))
-        except (ValueError, KeyError, OSError) as exc:
-            raise ArchError(f"{directory}/config.json could not be read as an HF config: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - transformers / huggingface_hub validation errors have no common base
+            last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise ArchError(f"{directory}/config.json could not be read as an HF config: {last}") from None
         return arch_from_config(source, cfg)
     from pmod_bench.model.sources import looks_like_hub_id
 
@@ -249,6 +251,53 @@ def load_arch(source: str) -> Arch:
         except (OSError, ValueError) as exc:
             raise ArchError(f"could not load the config of hub id '{source}': {exc}") from None
     return arch_from_config(source, cfg)
+
+
+def _whole(name: str, key: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ArchError(f"{name}: {key} is {value!r}; it must be a whole number >= {low}. Fix the config (config.json).")
+
+
+def check_dims(name: str, text: dict, vision: dict, feature_layer: Any = None) -> None:
+    """Refuse an inconsistent LLaVA config before anything divides by its numbers; the message names the field.
+
+    ``text`` / ``vision``: the text and vision config as dicts (keys absent: the model type's defaults, not checked).
+    """
+    for prefix, d in (("text_config", text), ("vision_config", vision)):
+        for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "num_key_value_heads",
+                    "vocab_size", "patch_size", "image_size"):
+            if d.get(key) is not None:
+                _whole(name, f"{prefix}.{key}", d[key], 1)
+        heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+        if heads and hidden and hidden % heads:
+            raise ArchError(f"{name}: {prefix}.hidden_size ({hidden}) is not a multiple of {prefix}.num_attention_heads "
+                            f"({heads}); fix the config (config.json): hidden_size = num_attention_heads x head_dim.")
+        kv = d.get("num_key_value_heads")
+        if heads and kv and heads % kv:
+            raise ArchError(f"{name}: {prefix}.num_attention_heads ({heads}) is not a multiple of {prefix}.num_key_value_heads "
+                            f"({kv}); fix the config (config.json): each key/value head serves a whole number of query heads.")
+    if vision.get("patch_size") and vision.get("image_size") and vision["image_size"] < vision["patch_size"]:
+        raise ArchError(f"{name}: vision_config.image_size ({vision['image_size']}) is smaller than vision_config.patch_size "
+                        f"({vision['patch_size']}); fix the config (config.json).")
+    layers = vision.get("num_hidden_layers")
+    for layer in feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]:
+        if layers and isinstance(layer, int) and not -(layers + 1) <= layer <= layers:
+            raise ArchError(f"{name}: vision_feature_layer {layer} is not a layer of a {layers}-layer vision tower "
+                            f"(-{layers + 1}..{layers}); fix the config (config.json).")
+
+
+def _check_config_json(name: str, path: Path) -> None:
+    """:func:`check_dims` on the raw config.json (before transformers reads it: its own checks raise tracebacks)."""
+    import json
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArchError(f"{path} is not readable JSON ({exc}); pass an HF model directory with a valid config.json.") from None
+    if not isinstance(raw, dict):
+        raise ArchError(f"{path} must hold a JSON object (an HF config).")
+    sub = lambda key: raw.get(key) if isinstance(raw.get(key), dict) else {}  # noqa: E731
+    check_dims(name, sub("text_config"), sub("vision_config"), raw.get("vision_feature_layer"))
 
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
@@ -274,6 +323,7 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
         )
     if vc.model_type not in VISION_MODELS:
         raise ArchError(f"{name}: vision tower '{vc.model_type}' is not supported; supported: {', '.join(VISION_MODELS)}.")
+    check_dims(name, tc.to_dict(), vc.to_dict(), cfg.vision_feature_layer)
     heads = tc.num_attention_heads
     text = TextDims(
         layers=tc.num_hidden_layers,

@@ -213,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     from .render import format_table, write_json, write_run_dir
     from .training import default_recipe, get_recipe
 
+    _check_outputs(args)
     archs = args.arch or ["llava-next-7b"]
     sizes = [parse_image_size(s) for s in (args.image_size or ["672x672"])]
     batches = args.batch_size or [1]
@@ -255,18 +256,46 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_table(rows), end="")
     command = _command(args)
+    from pmod_bench.outputs import output_errors
+
     if args.json:
-        write_json(args.json, rows, command=command)
+        with output_errors("--json", args.json, error=ProfileError):
+            write_json(args.json, rows, command=command)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.output:
+        _check_outputs(args)  # again: the directory may have changed while profiling
         try:
-            d = write_run_dir(args.output, rows, command, label=args.label)
+            with output_errors("--output", args.output, error=ProfileError):
+                d = write_run_dir(args.output, rows, command, label=args.label)
         except FileExistsError as exc:
             raise ProfileError(str(exc)) from None
         print(f"wrote {d}/run.json, profile.json, profile.csv", file=sys.stderr)
     if not args.quiet:
         print(f"profiled {len(rows)} row(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--output and --json can be written, before anything is measured: --output is new, empty or a profile run's
+    (another run's run.json would become a profile's: an eval could no longer resume), not a file, not read-only;
+    --json is not a directory and not a file inside a run directory of another kind."""
+    import os
+
+    from pmod_bench.outputs import check_output_path
+    from pmod_bench.rundir import check_owner, run_kind
+
+    from .errors import ProfileError
+
+    if args.output:
+        out = check_output_path(args.output, "--output", error=ProfileError)
+        own_json = (os.path.basename(args.json),) if args.json and os.path.abspath(os.path.dirname(args.json)) == str(out) else ()
+        check_owner(args.output, "profile", "--output", error=ProfileError, ignore=own_json)
+    if args.json:
+        path = check_output_path(args.json, "--json", want="file", error=ProfileError)
+        owner = run_kind(path.parent)
+        if owner not in (None, "profile") or (owner and path.name == "run.json"):
+            raise ProfileError(f"--json {args.json}: {path.parent} is a '{owner or 'unknown'}' run directory; writing into it "
+                               "would mix a profile into that run: pass a --json path outside it.")
 
 
 class _progress_bar:

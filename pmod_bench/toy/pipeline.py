@@ -15,6 +15,7 @@ Steps (each skipped when its output is complete, so a killed run continues where
       methods/                            comparison methods of pmod_bench.methods at equal FLOPs (when installed)
       report/                             the toy analogs of Tables 1/3/4/6/7, trade-off curves, Fig. 5/6
       reproduce.json                      what ran, timings, and where each checkpoint came from
+      run.json                            kind "reproduce", written first: the mark that lets a rerun adopt OUTPUT
 
 Checkpoints are reused from, in order: OUTPUT/models (a resumed run), the checkpoint cache
 (``$PMOD_BENCH_CACHE/toy-checkpoints/<key>``, filled by every full run; the key hashes recipes,
@@ -133,6 +134,7 @@ class Reproduction:
     """independent steps run side by side (``pmod_bench.toy.parallel``; the weights do not depend on it)"""
     timings: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    command: str = "pmod_bench.toy.pipeline.reproduce(...)"
 
     # ------------------------------------------------------------------------------------ paths
     @property
@@ -509,6 +511,7 @@ class Reproduction:
         if previous and previous.get("plan") != self.plan_dict():
             raise ValueError(f"{self.out} holds a reproduction with other settings ({'--quick' if previous['plan']['eval_limit'] else 'full'}); "
                              "resume it with the same flags or pass a new --output")
+        self._claim()
         self.timings = dict(previous.get("timings", {}))
         self.sources = dict(previous.get("sources", {}))
         from .parallel import Jobs
@@ -523,6 +526,21 @@ class Reproduction:
         self.report()
         self._save_state(wall_s_this_invocation=round(time.time() - t0, 1), complete=True)
         return json.loads(state_path.read_text())
+
+    def _claim(self) -> None:
+        """run.json of kind "reproduce", before any step writes: a rerun adopts only a directory that holds it
+        (``pmod-bench reproduce`` refuses other non-empty ones, and every other command refuses this one)."""
+        from pmod_bench import __version__
+        from pmod_bench.rundir import RUN_FILE, SCHEMA_VERSION
+
+        path = self.out / RUN_FILE
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        meta = {"kind": "reproduce", "schema_version": SCHEMA_VERSION, "created": old.get("created", now),
+                "pmod_bench_version": __version__, "command": self.command}
+        if old:
+            meta["updated"] = now
+        atomic_write_json(path, meta)
 
     def _save_state(self, **extra) -> None:
         """reproduce.json after every step: a killed run keeps its timings and checkpoint sources."""
@@ -540,15 +558,19 @@ class Reproduction:
 
 
 def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False, quiet: bool = False,
-              jobs: Optional[int] = None) -> dict:
-    """Run (or resume) the reproduction in ``out``; ``jobs``: steps run side by side (default: the CPUs, at most 4)."""
+              jobs: Optional[int] = None, command: Optional[str] = None) -> dict:
+    """Run (or resume) the reproduction in ``out``; ``jobs``: steps run side by side (default: the CPUs, at most 4);
+    ``command``: recorded in ``out/run.json``."""
     from .parallel import default_jobs
 
     plan = QUICK_PLAN if quick else FULL
     steps = 1 + len(plan.models) * 2 + 4  # data, train + eval per model, profile, routing, methods, report
     prog = Progress(steps, quiet=quiet)
     try:
-        return Reproduction(Path(out), plan, retrain=retrain, progress=prog, jobs=jobs or default_jobs()).run()
+        rep = Reproduction(Path(out), plan, retrain=retrain, progress=prog, jobs=jobs or default_jobs())
+        if command:
+            rep.command = command
+        return rep.run()
     finally:
         prog.close()
 

@@ -73,9 +73,39 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _demo_overrides(recipe: str, overrides: list, given_overrides: list) -> list:
+    """``--demo``: the generated dataset in OUTPUT_DIR/demo_data (written once the output directory is checked), and
+    with several processes a per-device batch that splits the demo's global batch."""
+    from pathlib import Path
+
+    from pmod_bench.outputs import output_errors
+    from pmod_bench.train.config import load_recipe, valid_per_device_batch
+    from pmod_bench.train.demo import make_demo_dataset
+    from pmod_bench.train.trainer import check_run_dir
+
+    first = load_recipe(recipe, overrides)
+    check_run_dir(Path(first.output_dir))  # before the demo data goes in
+    data_dir = Path(first.output_dir) / "demo_data"
+    data_json = data_dir / "data.json"
+    if not data_json.exists():  # every process may write it: same content, atomic files
+        with output_errors("output_dir", first.output_dir):
+            make_demo_dataset(data_dir)
+    overrides = [f"data.json={data_json}", f"data.image_folder={data_dir}", *overrides]
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    given = any(o.split("=", 1)[0].strip() == "train.per_device_batch_size" for o in given_overrides)
+    if world > 1 and not given:  # the demo's global batch split over the processes
+        b = valid_per_device_batch(first.train.global_batch_size, world, first.train.per_device_batch_size)
+        if b is not None and b != first.train.per_device_batch_size:
+            overrides.append(f"train.per_device_batch_size={b}")
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                print(f"pmod-bench train --demo: {world} processes, train.per_device_batch_size={b} "
+                      f"(global batch {first.train.global_batch_size})", file=sys.stderr)
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
     from pmod_bench.cli import UserError
-    from pmod_bench.train.config import ConfigError, describe_keys, load_recipe, valid_per_device_batch
+    from pmod_bench.train.config import ConfigError, describe_keys, load_recipe
 
     if args.list_recipes:
         return _list_recipes()
@@ -94,25 +124,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.demo:
-            from pathlib import Path
-
-            from pmod_bench.train.demo import make_demo_dataset
-
-            first = load_recipe(recipe, overrides)
-            data_dir = Path(first.output_dir) / "demo_data"
-            data_json = data_dir / "data.json"
-            if not data_json.exists():  # every process may write it: same content, atomic files
-                make_demo_dataset(data_dir)
-            overrides = [f"data.json={data_json}", f"data.image_folder={data_dir}", *overrides]
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            given = any(o.split("=", 1)[0].strip() == "train.per_device_batch_size" for o in args.overrides)
-            if world > 1 and not given:  # the demo's global batch split over the processes
-                b = valid_per_device_batch(first.train.global_batch_size, world, first.train.per_device_batch_size)
-                if b is not None and b != first.train.per_device_batch_size:
-                    overrides.append(f"train.per_device_batch_size={b}")
-                    if int(os.environ.get("RANK", "0") or 0) == 0:
-                        print(f"pmod-bench train --demo: {world} processes, train.per_device_batch_size={b} "
-                              f"(global batch {first.train.global_batch_size})", file=sys.stderr)
+            overrides = _demo_overrides(recipe, overrides, args.overrides)
         cfg = load_recipe(recipe, overrides)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
@@ -123,11 +135,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from pmod_bench.model.plan import PMoDOverflowError
+    from pmod_bench.outputs import output_errors
     from pmod_bench.train.data import BadSampleError
     from pmod_bench.train.trainer import train
 
+    resume = "free disk space and run the same command again: it resumes from the last complete checkpoint"
     try:
-        summary = train(cfg, command=command)
+        with output_errors("output_dir", cfg.output_dir, disk_full_fix=resume):
+            summary = train(cfg, command=command)
         _close_process_group()
     except ConfigError as exc:
         raise UserError(str(exc)) from None

@@ -118,7 +118,7 @@ class DataConfig:
     json: list = field(default_factory=list)
     """Conversation file(s), LLaVA format: [{"id", "image": "coco/train2017/x.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}]; .json or .jsonl."""
     image_folder: str | None = None
-    """Folder that the records' "image" paths are relative to."""
+    """Folder that the records' "image" paths are relative to; a path leading outside it (.., absolute, a symbolic link out) is a bad record, never opened."""
     template: str = "vicuna_v1"
     """Prompt format: vicuna_v1 (LLaVA-1.5/NeXT SFT, exact LLaVA string), plain (LLaVA PT: image + caption), chat (the tokenizer's chat template)."""
     max_length: int = 2048

@@ -10,7 +10,8 @@ Data flow of one sample (lazy: nothing is read before ``__getitem__``)::
       └ align ids0 with input_ids: image tokens get label -100; every other token must match ids0
     -> {"input_ids": (N,), "labels": (N,), "pixel_values": (n_img, [P,] 3, H, W), "image_sizes": (n_img, 2)}
 
-A record that cannot be used (missing or corrupt image, malformed conversation, image tokens beyond
+A record that cannot be used (missing or corrupt image, an image path leading outside ``data.image_folder``
+(refused before anything opens it), malformed conversation, image tokens beyond
 ``max_length``, nothing to learn) is a *bad sample*: with ``on_bad_sample: fail`` it raises
 :class:`BadSampleError` naming the record's index, id and image path; with ``skip`` a good record of
 the same modality and the nearest length is used in its place (the batch stays single-modality, as
@@ -356,6 +357,19 @@ class LlavaConversationDataset(Dataset):
         )
         return render_chat(rec.turns, render, self.image_token)
 
+    def image_path(self, rel: str) -> str:
+        """The file of a record's image path ``rel``, resolved inside ``data.image_folder`` before anything opens it.
+
+        ``..`` components, an absolute path and symbolic links are resolved first; a path that then lies outside
+        the folder (``../../etc/passwd``, ``/etc/passwd``, a link pointing out) raises _Bad: a bad record, never read.
+        """
+        root = os.path.realpath(self.image_folder)
+        full = os.path.realpath(os.path.join(root, rel))
+        if full != root and os.path.commonpath([root, full]) == root:
+            return full
+        how = "an absolute path" if os.path.isabs(rel) else ".. components or a symbolic link"
+        raise _Bad(f"image path {rel!r} leads outside data.image_folder ({how}); only files inside the folder are read", rel)
+
     def build(self, rec: Record) -> dict:
         """One sample from a validated record (raises _Bad)."""
         text, spans = self._text_and_spans(rec)
@@ -370,8 +384,7 @@ class LlavaConversationDataset(Dataset):
         if rec.images:
             images = []
             for rel in rec.images:
-                path = rel if os.path.isabs(rel) else os.path.join(self.image_folder, rel)
-                img = load_image(path)
+                img = load_image(self.image_path(rel))
                 if self.image_aspect_ratio == "pad":
                     img = expand_to_square(img, self._background)
                 images.append(img)

@@ -27,6 +27,7 @@ checkpointing and resume are HF Trainer's own.
 from __future__ import annotations
 
 import datetime
+import errno
 import importlib
 import json
 import logging
@@ -42,6 +43,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pmod_bench.atomic import atomic_write_json, atomic_write_text
 from pmod_bench.model.plan import PMoDOverflowError
+from pmod_bench.outputs import check_output_path, disk_full
+from pmod_bench.rundir import check_owner
 from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
 from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
 from pmod_bench.train.data import (
@@ -394,15 +397,11 @@ def check_batch(cfg: TrainConfig, world: int) -> int:
 
 
 def check_run_dir(out: Path) -> None:
-    """Refuse a run directory of another kind (eval, profile): train would overwrite its run.json."""
-    meta_path = out / "run.json"
-    if not meta_path.exists():
-        return
-    meta = _read_json(meta_path)
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind != "train":
-        what = f"a '{kind}' run" if kind else "a run.json that is not a train run's"
-        raise ConfigError(f"output_dir {out} holds {what}; pass a new output_dir (-o DIR) for the train run.")
+    """Refuse an output_dir train cannot own, before anything is written: a file, a name the filesystem does not
+    take, a read-only directory, a run directory of another kind (eval, profile: train would overwrite its run.json),
+    or a non-empty directory without run.json (someone else's files; ``train --demo``'s demo_data excepted)."""
+    check_output_path(out, "output_dir", error=ConfigError)
+    check_owner(out, "train", "output_dir", hint=" (-o DIR)", error=ConfigError, ignore=("demo_data",))
 
 
 def checkpoint_complete(path: Path) -> bool:
@@ -675,9 +674,15 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
             _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "overflow", error, checkpoint))
         raise PMoDOverflowError(error) from exc
     except BaseException as exc:  # every ending is recorded: the error and the last finished step
+        full = disk_full(exc, out)
+        error = f"{type(exc).__name__}: {exc}".strip()
         if run.is_main:
-            error = f"{type(exc).__name__}: {exc}".strip()
-            _atomic_json(out / SUMMARY_FILE, _summary(base, trainer, run, "failed", error, checkpoint))
+            if full:
+                _drop_partial_checkpoints(out, checkpoint)
+                error = f"disk full ({full}): {error}"
+            _record_failure(out, _summary(base, trainer, run, "failed", error, checkpoint))
+        if full:
+            raise OSError(errno.ENOSPC, f"disk full: {full}; train_summary.json records status failed", str(out)) from exc
         raise
 
     steps = trainer.state.global_step
@@ -695,6 +700,24 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     if world > 1:
         trainer.accelerator.wait_for_everyone()  # no process leaves while another still writes the run directory
     return summary
+
+
+def _drop_partial_checkpoints(out: Path, resumed: str | None) -> None:
+    """Disk full: remove the checkpoints this session left incomplete (no trainer_state.json: a resume would set
+    them aside, never use them), so that the summary can be written and space is back for the resume."""
+    first = _step_of(resumed or "")
+    for c in _checkpoints(out):
+        if _step_of(c) > first and not checkpoint_complete(c):
+            shutil.rmtree(c, ignore_errors=True)
+            log.warning("disk full: removed %s, a checkpoint this run could not finish writing", c)
+
+
+def _record_failure(out: Path, summary: dict) -> None:
+    """train_summary.json of a failed run; when even that cannot be written, say so (the original error follows)."""
+    try:
+        _atomic_json(out / SUMMARY_FILE, summary)
+    except OSError as exc:
+        log.error("could not record the failure in %s (%s): %s", out / SUMMARY_FILE, exc, summary.get("error"))
 
 
 def _start_run(cfg: TrainConfig, out: Path, world: int, rank: int, checkpoint: str | None, command: str | None) -> RunState:
