@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_model.py", "tests/test_core_contract.py", "tests/test_methods.py", "tests/test_methods_llm.py",
          "tests/test_methods_algorithms.py", "tests/test_methods_illava.py", "tests/test_methods_flops.py",
          "tests/test_eval_plugin.py"]
+#: real lmms-eval runs (marked slow, so named here): the plugin through `python -m lmms_eval` and `pmod-bench eval`;
+#: the fast eval-plugin tests never enter lmms-eval's `simple_evaluate` (where filelock 4 breaks lmms-eval 0.7.3)
+LMMS_EVAL_RUNS = ["tests/test_eval_runner.py::test_plugin_through_python_m_lmms_eval",
+                  "tests/test_eval_runner.py::test_cli_eval_writes_a_report_readable_run_dir"]
 
 
 def bounded_requirements(pyproject: Path) -> list:
@@ -78,8 +82,10 @@ def failed_tests(junit: Path) -> list[str]:
         return []
     bad = []
     for case in ET.parse(junit).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            bad.append(f"{case.get('classname')}::{case.get('name')}")
+        failure = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if failure is not None:
+            why = " ".join((failure.get("message") or "").split())[:160]
+            bad.append(f"{case.get('classname')}::{case.get('name')}: {why}")
     return bad
 
 
@@ -105,17 +111,20 @@ def probe(base_venv: Path, work: Path, install_timeout: int, test_timeout: int) 
         tail = (inst.stderr or inst.stdout).strip().splitlines()[-3:]
         return lines + ["next releases: install failed: " + " | ".join(tail)]
     lines.append(f"next releases: installed in {time.time() - t0:.0f} s")
-    junit = work / "junit.xml"
     env = dict(os.environ, PMOD_BENCH_CACHE=str(work / "cache"), HF_HOME=str(work / "hf"))
-    try:
-        run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                              f"--basetemp={work / 'tmp'}", f"--junitxml={junit}", *TESTS],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=test_timeout)
-        summary = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
-    except subprocess.TimeoutExpired:
-        summary = f"tests did not finish in {test_timeout} s"
-    bad = failed_tests(junit)
-    lines.append(f"next releases: {summary}")
+    bad = []
+    for i, (label, selection) in enumerate((("model/contract/methods/plugin", ["-m", "not slow", *TESTS]),
+                                            ("lmms-eval runs", LMMS_EVAL_RUNS))):
+        junit = work / f"junit-{i}.xml"
+        try:
+            run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work / 'tmp'}",
+                                  f"--junitxml={junit}", *selection],
+                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=test_timeout)
+            summary = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
+        except subprocess.TimeoutExpired:
+            summary = f"did not finish in {test_timeout} s"
+        lines.append(f"next releases: {label}: {summary}")
+        bad += failed_tests(junit)
     lines += [f"  breaks: {t}" for t in bad] or ["  nothing breaks in the probed tests"]
     return lines
 
