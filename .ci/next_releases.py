@@ -84,7 +84,8 @@ def failed_tests(junit: Path) -> list[str]:
     for case in ET.parse(junit).getroot().iter("testcase"):
         failure = case.find("failure") if case.find("failure") is not None else case.find("error")
         if failure is not None:
-            why = " ".join((failure.get("message") or "").split())[:160]
+            why = re.sub(r"(#x1B|\x1b)\[[0-9;]*m", "", failure.get("message") or "")  # colour codes, as junit escapes them
+            why = " ".join(why.split())[:160]
             bad.append(f"{case.get('classname')}::{case.get('name')}: {why}")
     return bad
 
