@@ -1,7 +1,8 @@
 """Architectures the profiler measures, and how an image becomes vision tokens.
 
 An :class:`Arch` holds the shapes that FLOPs and KV-cache accounting need (taken from an HF
-``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses, or a ``Qwen2_5_VLConfig``: :mod:`.qwen`)
+``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses, or another host's config through its
+:class:`~.hosts.Host`: ``Qwen2_5_VLConfig`` (:mod:`.qwen`), ``LlavaOnevisionConfig`` (:mod:`.onevision`))
 plus the HF config itself, so the
 same architecture can be built on the meta device (FLOP counting without weights) or with random
 weights (latency). Sources (:func:`load_arch`): a preset name (``pmod_bench.model.presets``), a
@@ -11,14 +12,17 @@ Vision tokens (:func:`vision_layout`) are computed with transformers' own LLaVA-
 (``image_size_to_num_patches``, ``get_anyres_image_grid_shape``, ``unpad_image``: the functions
 ``LlavaNextModel.get_image_features`` / ``pack_image_features`` call), never re-derived:
 672x672 -> 2,928 tokens, 640x480 -> 2,340 (LLaVA-NeXT-7B); LLaVA-1.5 -> 576 for any image; Qwen2.5-VL
-with transformers' ``smart_resize`` (:mod:`.qwen`): 1344x1008 -> 1,728.
+with transformers' ``smart_resize`` (:mod:`.qwen`): 1344x1008 -> 1,728; LLaVA-OneVision with its own anyres,
+unpad and anyres_max_9 code (:mod:`.onevision`): 672x672 -> 3,699. A prompt of several images holds the sum.
 """
 
 from __future__ import annotations
 
 from .errors import ProfileError
-from .qwen import QWEN_FAMILY, with_pixels
+from .hosts import host_for_config, host_of
+from .qwen import with_pixels
 
+import dataclasses
 import difflib
 import functools
 import os
@@ -124,9 +128,9 @@ class Arch:
     """One LLaVA-family architecture: shapes for accounting plus the HF config it came from."""
 
     name: str
-    family: str  # "llava" (LLaVA-1.5 shape), "llava_next" (anyres) or "qwen2_5_vl" (.qwen)
+    family: str  # "llava" (LLaVA-1.5 shape), "llava_next" (anyres) or another host's (.hosts: qwen2_5_vl, llava_onevision)
     text: TextDims
-    vision: VisionDims  # Qwen2.5-VL: qwen.QwenVisionDims
+    vision: VisionDims  # Qwen2.5-VL: qwen.QwenVisionDims; LLaVA-OneVision: onevision.SiglipDims
     projector_hidden: int
     image_token_id: int
     grid_pinpoints: Optional[tuple[tuple[int, int], ...]] = None  # (height, width) pairs, px
@@ -139,15 +143,18 @@ class Arch:
 
     @property
     def projector_params(self) -> int:
-        if self.family == QWEN_FAMILY:
-            return self.vision.merger_params
+        host = host_of(self.family)
+        own = host.projector_params(self) if host else None
+        if own is not None:
+            return own
         return self.projector_in * self.projector_hidden + self.projector_hidden * self.projector_hidden + 2 * self.projector_hidden
 
     @property
     def llm_params(self) -> int:
-        tied = getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)
-        if self.family == QWEN_FAMILY:  # Qwen2.5-VL ties at the top level (3B)
-            tied = getattr(self.config, "tie_word_embeddings", False)
+        host = host_of(self.family)
+        tied = host.tied_embeddings(self.config) if host else None
+        if tied is None:
+            tied = getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)
         return self.text.params(bool(tied))
 
     @property
@@ -301,11 +308,13 @@ def _check_config_json(name: str, path: Path) -> None:
 
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
-    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT (p-MoD or vanilla) or Qwen2.5-VL config."""
-    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
+    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT (p-MoD or vanilla) config, or another host's
+    (Qwen2.5-VL, LLaVA-OneVision: :mod:`.hosts`)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
-    if isinstance(cfg, Qwen2_5_VLConfig):
-        return _qwen_arch(name, cfg)
+    host = host_for_config(cfg)
+    if host is not None:
+        return host.arch(name, cfg)
     if isinstance(cfg, LlavaNextConfig):
         family = "llava_next"
     elif isinstance(cfg, LlavaConfig):
@@ -313,7 +322,8 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
     else:
         raise ArchError(
             f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5, "
-            "LLaVA-NeXT and Qwen2.5-VL models (model_type llava, llava_next, pmod_llava, pmod_llava_next, qwen2_5_vl)."
+            "LLaVA-NeXT, Qwen2.5-VL and LLaVA-OneVision models (model_type llava, llava_next, pmod_llava, pmod_llava_next, "
+            "qwen2_5_vl, llava_onevision)."
         )
     tc, vc = cfg.text_config, cfg.vision_config
     if tc.model_type not in GATED_MLP_TEXT_MODELS:
@@ -362,31 +372,19 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
     )
 
 
-def _qwen_arch(name: str, cfg: Any) -> Arch:
-    """Qwen2.5-VL: a Qwen2 decoder (GQA, q/k/v biases; its attention's head_dim is hidden / heads) and :mod:`.qwen`'s tower."""
-    from .qwen import vision_dims_from_config
-
-    tc = cfg.text_config
-    text = TextDims(layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
-                    heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads, head_dim=tc.hidden_size // tc.num_attention_heads,
-                    vocab=tc.vocab_size, qkv_bias=True)
-    vision = vision_dims_from_config(cfg.vision_config)
-    return Arch(name=name, family=QWEN_FAMILY, text=text, vision=vision, projector_hidden=vision.out_hidden,
-                image_token_id=int(cfg.image_token_id), pmod=getattr(cfg, "pmod", None), config=cfg)
-
-
 # ------------------------------------------------------------------------------------ vision tokens
 @dataclass(frozen=True)
 class VisionLayout:
-    """How one image of ``image_size`` (width, height) reaches the LLM."""
+    """How the ``images`` images of ``image_size`` (width, height) of one prompt reach the LLM. ``tiles``,
+    ``projector_tokens`` and ``vision_tokens`` count all of them; the other fields describe one image."""
 
     image_size: tuple[int, int]
     tiles: int
-    """Vision-encoder passes (anyres: grid tiles + the base image; LLaVA-1.5: 1)."""
+    """Vision-encoder passes (anyres: grid tiles + the base image; LLaVA-1.5: 1), all images."""
     projector_tokens: int
-    """Features through the projector (tiles x features per tile; before unpadding)."""
+    """Features through the projector (tiles x features per tile; before unpadding), all images."""
     vision_tokens: int
-    """LLM positions holding image features (base tile + unpadded grid + one newline per row)."""
+    """LLM positions holding image features (base tile + unpadded grid + one newline per row), all images."""
     grid: Optional[tuple[int, int]] = None
     """anyres tile grid (rows, cols)."""
     unpadded: Optional[tuple[int, int]] = None
@@ -397,10 +395,16 @@ class VisionLayout:
     """Qwen2.5-VL: (width, height) after ``smart_resize`` (multiples of 28 px)"""
     patches: Optional[tuple[int, int]] = None
     """Qwen2.5-VL: (rows, cols) of vision-tower patches (resized / 14)"""
+    downsampled: Optional[tuple[int, int]] = None
+    """LLaVA-OneVision: the unpadded feature map (rows, cols) after anyres_max_9's bilinear downsampling (None: kept)"""
+    images: int = 1
+    """images of this size in the prompt"""
 
 
 #: the largest image width / height any command accepts (px): 48x the 672 px LLaVA-NeXT tile
 MAX_IMAGE_SIDE = 32768
+#: the most images of one prompt any command accepts
+MAX_IMAGES = 64
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -424,25 +428,36 @@ def check_image_size(size: tuple[int, int]) -> None:
         raise ArchError(f"bad image size {w}x{h}: width and height must be whole pixels in 1..{MAX_IMAGE_SIDE}, e.g. 672x672.")
 
 
-def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
-    """Vision tokens of one image, by the same transformers functions the model runs.
+def check_images(images: int) -> None:
+    if not isinstance(images, int) or isinstance(images, bool) or not 1 <= images <= MAX_IMAGES:
+        raise ArchError(f"bad image count {images!r}: --images must be a whole number in 1..{MAX_IMAGES}, e.g. 2.")
+
+
+def vision_layout(arch: Arch, image_size: tuple[int, int], images: int = 1) -> VisionLayout:
+    """Vision tokens of ``images`` images of ``image_size`` in one prompt (:func:`image_layout` for each, or the
+    host's own rule, :meth:`.hosts.Host.layout`: LLaVA-OneVision reads each of several images as one tile)."""
+    check_image_size(image_size)
+    check_images(images)
+    host = host_of(arch.family)
+    one = host.layout(arch, tuple(image_size), images) if host else image_layout(arch, tuple(image_size))
+    if images == 1:
+        return one
+    return dataclasses.replace(one, images=images, tiles=one.tiles * images, projector_tokens=one.projector_tokens * images,
+                               vision_tokens=one.vision_tokens * images)
+
+
+def image_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
+    """Vision tokens of one image on LLaVA-1.5 / LLaVA-NeXT, by the same transformers functions the model runs.
 
     LLaVA-NeXT (``LlavaNextModel.get_image_features`` then ``pack_image_features``): the image is
     tiled on the best grid pinpoint (``image_size_to_num_patches`` counts the tiles plus the base
     image), each tile gives ``features_per_tile`` features, the grid's feature map is cropped back
     to the image's aspect ratio (``unpad_image``) and gets one ``image_newline`` per row; the base
-    image's features come first. LLaVA-1.5: one 336 px tile, 576 features. Qwen2.5-VL: :func:`.qwen.resize`.
+    image's features come first. LLaVA-1.5: one 336 px tile, 576 features. A prompt of several images
+    tiles each of them so (HF LLaVA-NeXT has no separate multi-image rule).
     """
-    check_image_size(image_size)
     w, h = image_size
     v = arch.vision
-    if arch.family == QWEN_FAMILY:
-        from .qwen import merged_tokens, resize
-
-        grid = resize(v, (w, h))
-        tokens = merged_tokens(v, grid)
-        return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=tokens, vision_tokens=tokens, resized=grid.resized,
-                            patches=grid.patches)
     if not arch.anyres:
         return VisionLayout(image_size=(w, h), tiles=1, projector_tokens=v.features_per_tile, vision_tokens=v.features_per_tile,
                             tile_size=v.image_size)
@@ -468,5 +483,5 @@ def vision_layout(arch: Arch, image_size: tuple[int, int]) -> VisionLayout:
 
 __all__ = [
     "Arch", "ArchError", "TextDims", "VisionDims", "VisionLayout", "load_arch", "arch_from_config",
-    "vision_layout", "parse_image_size", "check_image_size", "MAX_IMAGE_SIDE",
+    "vision_layout", "image_layout", "parse_image_size", "check_image_size", "check_images", "MAX_IMAGE_SIDE", "MAX_IMAGES",
 ]

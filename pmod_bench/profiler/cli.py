@@ -20,6 +20,8 @@ examples:
   pmod-bench profile --device cuda --repeats 20        # on a GPU: the 7B is built with random bf16 weights and timed
   pmod-bench profile --arch path/to/hf_model_dir --variant config   # a local config.json (no weights needed)
   pmod-bench profile --arch qwen2.5-vl-7b --image-size 1344x1008 --max-pixels 1003520   # Qwen's own resize rule
+  pmod-bench profile --arch llava-onevision-7b --image-size 672x672 1344x1008   # anyres_max_9 tiles (LLaVA-OneVision)
+  pmod-bench profile --arch llava-next-7b llava-onevision-7b --images 1 4   # four images in one prompt too
   pmod-bench profile --train-run runs/train-pmod05 --json profile.json --output runs/profile-next
 
 Variants: baseline | p-MoD-0.5 | p-MoD-linear-0.4 | pmod:shift=0.4,schedule=stepped,steps=4 |
@@ -33,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "profile",
         help="FLOPs, KV cache, latency, memory and training cost of p-MoD and baseline variants",
-        description="Profile LLaVA / LLaVA-NeXT architectures under the baseline, p-MoD at any δ or schedule, explicit "
+        description="Profile LLaVA / LLaVA-NeXT / Qwen2.5-VL / LLaVA-OneVision architectures under the baseline, p-MoD at any δ or schedule, explicit "
         "per-layer ratios and comparison methods: FLOPs (analytic, checked with FlopCounterMode), KV cache, latency "
         "(GPU, or small models on CPU), memory, roofline floors and training GPU hours, beside the paper's Table 7.",
         epilog=EPILOG,
@@ -41,8 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     w = p.add_argument_group("what to profile")
     w.add_argument("--arch", nargs="+", action="extend", metavar="ARCH",
-                   help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, qwen2.5-vl-3b|7b|32b|72b, tiny, tiny-llava, "
-                   "tiny-qwen2.5-vl), local HF dir / config.json, or hub id (default: llava-next-7b)")
+                   help="preset (llava-next-7b, llava-1.5-7b, llava-next-13b, qwen2.5-vl-3b|7b|32b|72b, "
+                   "llava-onevision-0.5b|7b|72b, tiny, tiny-llava, tiny-qwen2.5-vl, tiny-llava-onevision), local HF dir / "
+                   "config.json, or hub id (default: llava-next-7b)")
     w.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable; see below)")
     w.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="a comparison method (repeatable), NAME or NAME:key=value,...: fastv:k=2,keep=0.5, pyramiddrop, "
@@ -62,6 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (ratios still refer to it)")
     s = p.add_argument_group("scenario")
     s.add_argument("--image-size", nargs="+", metavar="WxH", help="image sizes in pixels (default: 672x672)")
+    s.add_argument("--images", nargs="+", type=int, metavar="N", help="images of that size in one prompt (default: 1): vision "
+                   "tokens and vision FLOPs add up, the LLM sees them all; LLaVA-OneVision reads each of several images as "
+                   "one tile, as HF does")
     s.add_argument("--min-pixels", type=int, metavar="N", help="Qwen2.5-VL: least image area after its resize to multiples of "
                    "28 px (default: lmms-eval's 200704 = 256x28x28)")
     s.add_argument("--max-pixels", type=int, metavar="N", help="Qwen2.5-VL: largest image area after the resize (default: "
@@ -109,7 +115,7 @@ def _command(args: argparse.Namespace) -> str:
     flags = [
         ("arch", "--arch"), ("variant", "--variant"), ("method", "--method"), ("match", "--match"),
         ("match_tflops", "--match-tflops"), ("match_kv", "--match-kv"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
-        ("image_size", "--image-size"), ("min_pixels", "--min-pixels"), ("max_pixels", "--max-pixels"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
+        ("image_size", "--image-size"), ("images", "--images"), ("min_pixels", "--min-pixels"), ("max_pixels", "--max-pixels"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
         ("train_samples", "--train-samples"), ("train_text_tokens", "--train-text-tokens"), ("utilisation", "--utilisation"),
         ("overhead_s", "--overhead-s"), ("train_run", "--train-run"), ("json", "--json"), ("output", "--output"), ("label", "--label"),
     ]
@@ -231,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or run on a GPU).")
     elif device and device != "cpu":
         raise ProfileError(f"--device {device}: expected cpu, cuda or cuda:N.")
-    scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits)
+    scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits, args.images or [1])
     variants = _variants(args)
 
     rows = []

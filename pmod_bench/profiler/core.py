@@ -11,13 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .arch import Arch, check_image_size, load_arch, vision_layout
+from .arch import Arch, check_image_size, check_images, load_arch, vision_layout
 from .errors import ProfileError
 from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, train_flops, vision_flops
 from .hardware import Hardware, detect_hardware, get_hardware
+from .hosts import host_of
 from .kvcache import dtype_bytes, kv_cache
 from .paper import is_paper_scenario
-from .qwen import QWEN_FAMILY, with_pixels
+from .qwen import with_pixels
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
 
@@ -29,7 +30,8 @@ FLOPS_CHECK_TOLERANCE = 0.01
 
 @dataclass(frozen=True)
 class Scenario:
-    """What one sample looks like: one image, a prompt, a generated answer; a batch of identical samples."""
+    """What one sample looks like: an image (or ``images`` of one size), a prompt, a generated answer; a batch of
+    identical samples."""
 
     image_size: tuple[int, int] = (672, 672)
     """(width, height) in pixels. 672x672 fills LLaVA-NeXT's 2x2 grid: 2,928 vision tokens, the paper's setting."""
@@ -41,6 +43,9 @@ class Scenario:
     batch_size: int = 1
     logits: str = "last"
     """positions whose logits the headline prefill computes: last (generation) or all (a plain forward)"""
+    images: int = 1
+    """images of ``image_size`` in the prompt: the LLM sees all their vision tokens (LLaVA-OneVision reads each of
+    several images as one tile, as HF does)"""
 
     def __post_init__(self) -> None:
         size = tuple(self.image_size)
@@ -48,6 +53,7 @@ class Scenario:
             raise ProfileError(f"image_size must be (width, height), got {self.image_size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         check_image_size(self.image_size)
+        check_images(self.images)
         for name, low in (("text_tokens", 0), ("gen_tokens", 1), ("batch_size", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -69,6 +75,7 @@ class ProfileRow:
     image_size: list[int]
     batch_size: int
     vision_tokens: int
+    """LLM positions holding image features, all images of the sample"""
     text_tokens: int
     gen_tokens: int
     # FLOPs (2 per multiply-add), per sample
@@ -117,8 +124,13 @@ class ProfileRow:
     """Qwen2.5-VL: (width, height) the processor resizes the image to (``smart_resize``: multiples of 28 px)"""
     pixel_range: Optional[list[int]] = None
     """Qwen2.5-VL: the processor's [min_pixels, max_pixels] (``--min-pixels`` / ``--max-pixels``)"""
+    images: int = 1
+    """images of ``image_size`` in the prompt (``--images``); vision_tokens, tiles and vision FLOPs count them all"""
+    downsampled_grid: Optional[list[int]] = None
+    """LLaVA-OneVision: [rows, cols] of an image's tiled feature map after anyres_max_9's bilinear downsampling (absent
+    when the map was small enough to keep)"""
     paper_scenario: bool = False
-    """the scenario of the paper's efficiency numbers (672x672 image, 58 text tokens): paper values compare"""
+    """the scenario of the paper's efficiency numbers (one 672x672 image, 58 text tokens): paper values compare"""
     llm_params: int = 0
     prefill_tflops_measured: Optional[float] = None
     """FlopCounterMode on the meta device, same convention as prefill_tflops"""
@@ -240,8 +252,9 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
     for v in out:  # validate against this arch (explicit ratios must match the layer count)
         v.kept_vision_tokens(arch.text.layers, 1)
     methods = [v.name for v in out if hasattr(v, "bind")]
-    if arch.family == QWEN_FAMILY and methods:
-        raise ProfileError(f"{', '.join(methods)}: comparison methods on Qwen2.5-VL come with its host adapter (issue 22); "
+    host = host_of(arch.family)
+    if host is not None and host.pending and methods:
+        raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.pending}; "
                            f"profile the baseline and p-MoD variants of {arch.name} for now.")
     names = [v.name for v in out]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -254,11 +267,12 @@ def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: 
     cuda = device.startswith("cuda")
     if latency in (False, "off", "no", "false"):
         return False, "not measured (--no-latency)"
-    if arch.family == QWEN_FAMILY and latency in ("auto", True, "on", "yes", "true"):
+    host = host_of(arch.family)
+    if host is not None and host.pending and latency in ("auto", True, "on", "yes", "true"):
         if latency != "auto":
-            raise ProfileError(f"timing {arch.name} needs the p-MoD Qwen2.5-VL model, which comes with its host adapter "
-                               "(issue 22); use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
-        return False, "not measured: the p-MoD Qwen2.5-VL model is not in pmod-bench yet (FLOPs, KV cache and roofline are)"
+            raise ProfileError(f"timing {arch.name} needs the p-MoD {host.label} model, which comes with {host.pending}; "
+                               "use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
+        return False, f"not measured: the p-MoD {host.label} model is not in pmod-bench yet (FLOPs, KV cache and roofline are)"
     small = arch.llm_params < CPU_LATENCY_MAX_PARAMS
     if latency in (True, "on", "yes", "true"):
         if not cuda and not small:
@@ -316,6 +330,12 @@ def profile(
     """
     a = with_pixels(arch if isinstance(arch, Arch) else load_arch(str(arch)), min_pixels, max_pixels)
     vs = resolve_variants(a, variants)
+    scenarios = list(scenarios) if scenarios else [Scenario()]
+    several = sorted({sc.images for sc in scenarios if sc.images > 1})
+    methods = [v.name for v in vs if hasattr(v, "bind")]
+    if several and methods:
+        raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --images "
+                           f"{several[0]} (or profile the baseline and p-MoD variants with it).")
     dev = device or _default_device()
     timed, latency_note = _want_latency(latency, a, dev, vs)
     hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
@@ -333,7 +353,7 @@ def profile(
         note=progress or (lambda msg, new_row: None),
     )
     rows: list[ProfileRow] = []
-    for sc in list(scenarios) if scenarios else [Scenario()]:
+    for sc in scenarios:
         rows.extend(_scenario_rows(s, sc, vs))
     return rows
 
@@ -389,7 +409,7 @@ def _resolve_recipe(recipe: Union[str, TrainRecipe, None], a: Arch) -> Optional[
 def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[ProfileRow]:
     """Every variant's row of one scenario: counted, then timed (interleaved across the variants)."""
     a = s.arch
-    layout = vision_layout(a, sc.image_size)
+    layout = vision_layout(a, sc.image_size, sc.images)
     V, T = layout.vision_tokens, sc.text_tokens
     logits_tokens = 1 if sc.logits == "last" else V + T
     base_kept = [V] * a.text.layers
@@ -403,7 +423,7 @@ def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[Profi
         counts = dataclasses.replace(counts, train_layout=t_layout, train_vision=vision_flops(a, t_layout))
     rows = []
     for v in vs:
-        s.note(f"{a.name} · {v.name} · {sc.image_size[0]}x{sc.image_size[1]} · batch {sc.batch_size}", True)
+        s.note(f"{a.name} · {v.name} · {_images(sc)} · batch {sc.batch_size}", True)
         rows.append(_variant_row(s, sc, counts, v))
     to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable]
     if to_time:
@@ -464,8 +484,9 @@ def _row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, vis, kept
         kv_cache_bytes_per_layer=kv.bytes_per_layer, kv_cache_bytes_final=kv.after_decode(fed),
         kv_dtype=s.dtype, lm_head_positions=sc.logits, tiles=layout.tiles, tile_size=layout.tile_size,
         resized_image_size=list(layout.resized) if layout.resized else None,
-        pixel_range=[a.vision.min_pixels, a.vision.max_pixels] if a.family == QWEN_FAMILY else None,
-        paper_scenario=is_paper_scenario(sc.image_size, T), llm_params=a.llm_params, latency_note=s.latency_note,
+        pixel_range=[a.vision.min_pixels, a.vision.max_pixels] if layout.resized else None, images=sc.images,
+        downsampled_grid=list(layout.downsampled) if layout.downsampled else None,
+        paper_scenario=is_paper_scenario(sc.image_size, T) and sc.images == 1, llm_params=a.llm_params, latency_note=s.latency_note,
     )
 
 
@@ -481,7 +502,7 @@ def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCoun
     a = s.arch
     method = hasattr(v, "row_extras")
     m = count_flops_meta(a, v, sc.image_size, sc.text_tokens, batch_size=sc.batch_size,
-                         logits_tokens=counts.logits_tokens, decode=False)
+                         logits_tokens=counts.logits_tokens, decode=False, images=sc.images)
     row.prefill_tflops_measured = m.prefill_llm / 1e12
     err = abs(m.prefill_llm - pf.total("full")) / pf.total("full")
     if not method:
@@ -546,7 +567,7 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
 
     a, B = s.arch, sc.batch_size
     lat_dtype = s.dtype if s.device.startswith("cuda") else "float32"
-    batch = synthetic_batch(a, [Sample(sc.image_size, sc.text_tokens)] * B, device=s.device, dtype=getattr(torch, lat_dtype))
+    batch = synthetic_batch(a, [Sample(sc.image_size, sc.text_tokens, sc.images)] * B, device=s.device, dtype=getattr(torch, lat_dtype))
     for v, _ in to_time:
         if v.name not in s.models:
             s.note(f"{a.name} · {v.name}: building the model on {s.device_name}", False)
@@ -554,7 +575,7 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
                                                           base=s.base_model)
     timings = time_interleaved(
         {v.name: s.models[v.name] for v, _ in to_time}, batch, sc.gen_tokens, warmup=s.warmup, repeats=s.repeats,
-        device=s.device, progress=lambda msg: s.note(f"{a.name} · {sc.image_size[0]}x{sc.image_size[1]} · {msg}", False),
+        device=s.device, progress=lambda msg: s.note(f"{a.name} · {_images(sc)} · {msg}", False),
     )
     for v, row in to_time:
         tm = timings[v.name]
@@ -591,10 +612,15 @@ def _latency_ratios(rows: Sequence[ProfileRow]) -> None:
             r.latency_unreliable = bool(r.latency_unreliable or base_row.latency_unreliable)
 
 
+def _images(sc: Scenario) -> str:
+    size = f"{sc.image_size[0]}x{sc.image_size[1]}"
+    return size if sc.images == 1 else f"{sc.images} x {size}"
+
+
 def scenarios_from(image_sizes: Sequence[tuple[int, int]] = ((672, 672),), batch_sizes: Sequence[int] = (1,),
-                   text_tokens: int = 58, gen_tokens: int = 16, logits: str = "last") -> list[Scenario]:
-    """Every image size x batch size."""
-    return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits) for s in image_sizes for b in batch_sizes]
+                   text_tokens: int = 58, gen_tokens: int = 16, logits: str = "last", images: Sequence[int] = (1,)) -> list[Scenario]:
+    """Every image size x image count x batch size."""
+    return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits, n) for s in image_sizes for n in images for b in batch_sizes]
 
 
 __all__ = ["Scenario", "ProfileRow", "profile", "resolve_variants", "scenarios_from", "REQUIRED_KEYS", "ROW_KEYS", "CONVENTIONS"]

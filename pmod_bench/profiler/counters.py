@@ -7,8 +7,9 @@
   ``post_attention_layernorm``, ``mlp``: exactly what the p-MoD layer calls on its processed set)
   run on a meta input of the processed length ``|P_l|`` that routing yields, plus a router
   Linear(d, 1) over all N tokens on routed layers, the vision tower and projector on the image's
-  tiles (Qwen2.5-VL: its tower's blocks on HF's own full / window attention segments and its patch
-  merger, :func:`.qwen.vision_tower_meta`), and the lm_head on the positions whose logits are computed.
+  tiles (another host's own tower: :meth:`.hosts.Host.vision_meta`, e.g. Qwen2.5-VL's blocks on HF's own full /
+  window attention segments and its patch merger, :func:`.qwen.vision_tower_meta`), and the lm_head on the positions
+  whose logits are computed.
 * :func:`count_flops_model` -- ``FlopCounterMode`` over a **real forward** of a (small) model with
   real tensors and real routing: the p-MoD model's own forward, gathers and all.
 * :func:`count_flops_fvcore` -- fvcore's ``FlopCountAnalysis`` (JIT trace). fvcore counts a
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .arch import Arch, vision_layout
-from .qwen import QWEN_FAMILY, QwenGrid, vision_tower_meta
+from .hosts import host_of
 from .variants import Variant
 
 
@@ -174,8 +175,10 @@ def count_flops_meta(
     batch_size: int = 1,
     logits_tokens: int = 1,
     decode: bool = True,
+    images: int = 1,
 ) -> MeasuredFlops:
-    """FlopCounterMode on the meta device, per layer at the routed lengths (see the module docstring)."""
+    """FlopCounterMode on the meta device, per layer at the routed lengths (see the module docstring); ``images``
+    images of ``image_size`` in each prompt."""
     import torch
 
     from pmod_bench.model.layer import PMoDRouter
@@ -185,7 +188,7 @@ def count_flops_meta(
     model = meta_model(arch)
     lm = model.model.language_model
     t, v = arch.text, arch.vision
-    layout = vision_layout(arch, image_size)
+    layout = vision_layout(arch, image_size, images)
     V, T, B = layout.vision_tokens, int(text_tokens), int(batch_size)
     N = T + V
     kept = variant.kept_vision_tokens(t.layers, V)
@@ -195,11 +198,12 @@ def count_flops_meta(
         router = PMoDRouter(t.hidden)
 
     with torch.no_grad():
-        key = (id(model), layout.tiles, layout.patches, B)
+        key = (id(model), layout.tiles, layout.patches, layout.images, B)
         if key not in _VISION_CACHE:
-            if arch.family == QWEN_FAMILY:  # the tower sees the resized image whole; its merger is the projector
-                grid = QwenGrid(resized=layout.resized, patches=layout.patches)
-                encoder, projector = vision_tower_meta(model.model.visual, v, grid, B, flop_counter)
+            host = host_of(arch.family)
+            own = host.vision_meta(model, arch, layout, B, flop_counter) if host else None
+            if own is not None:
+                encoder, projector = own
             else:
                 encoder = _vision_tower_meta(model.model.vision_tower, B * layout.tiles)
                 with flop_counter() as fc:

@@ -29,7 +29,10 @@ hidden ``d``, query width ``q = H·h``, key/value width ``k = H_kv·h``, MLP wid
 * projector (mlp2x_gelu): ``2·tokens·(D_in·d + d·d)`` over all tiles' features (before unpadding);
 * Qwen2.5-VL's vision tower (patch Conv3d, window and full attention blocks with SwiGLU MLPs) and its patch
   merger (the projector's part): :mod:`.qwen`. Its LLM is a Qwen2 decoder: the formulas above with GQA; its q/k/v
-  biases are additions, not matrix products (FlopCounterMode counts ``addmm`` as the product alone).
+  biases are additions, not matrix products (FlopCounterMode counts ``addmm`` as the product alone);
+* LLaVA-OneVision: the CLIP formulas with SigLIP's ``n = patches`` tokens a tile (no [CLS]) and a Qwen2 LLM
+  (:mod:`.onevision`);
+* several images in one prompt: the vision side of each image, summed; the LLM sees all their tokens.
 
 Training (PaLM, Chowdhery et al. 2022, Appendix B; Narayanan et al. 2021, "Efficient Large-Scale
 Language Model Training on GPU Clusters", §5.1): backward = 2 × forward for trained matrices
@@ -43,7 +46,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Optional, Sequence
 
 from .arch import Arch, TextDims, VisionLayout
-from .qwen import QWEN_FAMILY, QwenGrid, vision_tower_flops
+from .hosts import host_of
 
 
 @dataclass(frozen=True)
@@ -139,11 +142,13 @@ def llm_decode_mean(text: TextDims, prefill_entries: Sequence[int], steps: int) 
 
 
 def vision_flops(arch: Arch, layout: VisionLayout) -> VisionFlops:
-    """CLIP tower over every tile + the mlp2x_gelu projector, per sample (Qwen2.5-VL: :func:`.qwen.vision_tower_flops`)."""
+    """CLIP tower over every tile + the mlp2x_gelu projector, per sample (all its images; another host's own tower:
+    :meth:`.hosts.Host.vision_flops`, e.g. :func:`.qwen.vision_tower_flops`)."""
     v = arch.vision
-    if arch.family == QWEN_FAMILY:
-        encoder, merger = vision_tower_flops(v, QwenGrid(resized=layout.resized, patches=layout.patches))
-        return VisionFlops(encoder=encoder, projector=merger)
+    host = host_of(arch.family)
+    own = host.vision_flops(arch, layout) if host else None
+    if own is not None:
+        return VisionFlops(*own)
     n = v.seq_len
     conv = 2 * v.channels * v.patch_size**2 * v.hidden * v.patches
     per_layer = 2 * n * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate) + 4 * n * n * v.hidden

@@ -12,17 +12,18 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .arch import Arch, vision_layout
-from .qwen import QWEN_FAMILY
+from .hosts import host_of
 from .variants import Variant
 
 
 # ---------------------------------------------------------------------------------------- building
 def _model_class(arch: Arch):
     """The vanilla HF class of ``arch``'s family."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    if arch.family == QWEN_FAMILY:
-        return Qwen2_5_VLForConditionalGeneration
+    host = host_of(arch.family)
+    if host is not None:
+        return host.transformers_class()
     return LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
 
 
@@ -70,23 +71,25 @@ def random_model(arch: Arch, variant: Variant, device: str = "cpu", dtype=None, 
 # ------------------------------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class Sample:
-    """One synthetic prompt: ``text_tokens`` text tokens around one image of ``image_size`` (w, h)."""
+    """One synthetic prompt: ``text_tokens`` text tokens around ``images`` images of ``image_size`` (w, h)."""
 
     image_size: tuple[int, int]
     text_tokens: int
+    images: int = 1
 
 
 def sample_layout(arch: Arch, sample: Sample) -> tuple[int, int]:
     """(vision tokens, sequence length) of one sample."""
-    v = vision_layout(arch, sample.image_size).vision_tokens
+    v = vision_layout(arch, sample.image_size, sample.images).vision_tokens
     return v, v + sample.text_tokens
 
 
 def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", dtype=None, seed: int = 0) -> dict[str, Any]:
     """Model inputs for ``samples``: input_ids with the image placeholders, pixel_values, image_sizes.
 
-    The image sits after two thirds of the text (system prompt + "USER:"), the rest follows it (the
-    question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded (pad id 0, mask 0).
+    The images sit after two thirds of the text (system prompt + "USER:"), one placeholder block each, the
+    rest follows them (the question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded
+    (pad id 0, mask 0); pixel_values hold every image of every sample, in order.
     The model checks that the placeholders match the features it computes, so a wrong vision-token
     count fails loudly here.
     """
@@ -100,12 +103,12 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
     pad = 0 if pad is None else int(pad)
     rows = []
     for s in samples:
-        v, _ = sample_layout(arch, s)
+        v = vision_layout(arch, s.image_size).vision_tokens  # one image's placeholders, repeated per image
         pre = (2 * s.text_tokens) // 3
         post = s.text_tokens - pre
         text = torch.randint(3, vocab, (s.text_tokens,), generator=g)
         text = torch.where(text == img, torch.full_like(text, 3), text)
-        rows.append(torch.cat([text[:pre], torch.full((v,), img, dtype=torch.long), text[pre:]]))
+        rows.append(torch.cat([text[:pre], torch.full((v * s.images,), img, dtype=torch.long), text[pre:]]))
         assert post >= 0
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
@@ -115,13 +118,14 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
         mask[i, n - len(r):] = 1
     size = arch.vision.image_size
     fdtype = dtype or torch.float32
+    each = [s for s in samples for _ in range(s.images)]  # one entry per image, sample by sample
     if arch.anyres:
-        tiles = [vision_layout(arch, s.image_size).tiles for s in samples]
-        pixel_values = torch.randn((len(samples), max(tiles), arch.vision.channels, size, size), generator=g).to(fdtype)
-        image_sizes = torch.tensor([[s.image_size[1], s.image_size[0]] for s in samples], dtype=torch.long)  # (H, W)
+        tiles = [vision_layout(arch, s.image_size).tiles for s in each]
+        pixel_values = torch.randn((len(each), max(tiles), arch.vision.channels, size, size), generator=g).to(fdtype)
+        image_sizes = torch.tensor([[s.image_size[1], s.image_size[0]] for s in each], dtype=torch.long)  # (H, W)
         batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": image_sizes}
     else:
-        pixel_values = torch.randn((len(samples), arch.vision.channels, size, size), generator=g).to(fdtype)
+        pixel_values = torch.randn((len(each), arch.vision.channels, size, size), generator=g).to(fdtype)
         batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
     return {k: t.to(device) for k, t in batch.items()}
 

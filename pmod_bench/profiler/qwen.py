@@ -22,7 +22,9 @@ Vision tower FLOPs per image of ``n = (h/14)·(w/14)`` patches, width ``D``, MLP
   ``2·(n/4)·(16·D² + 4·D·d)``. It plays the projector's part (trained with the LLM, the tower frozen).
 
 Hub configs: ``pmod_bench.model.presets.QWEN2_5_VL_HUB`` (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). This module
-imports only :mod:`.errors`; :mod:`.arch`, :mod:`.flops`, :mod:`.counters` and :mod:`.models` call it.
+imports only :mod:`.errors` and :mod:`.hosts` at import time (:mod:`.arch` imports it); the profiler reaches it through
+its :class:`~.hosts.Host`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
+within the image (HF's ``cu_seqlens`` per image), so tokens and vision FLOPs add up image by image.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ProfileError
+from .hosts import Host
 
 #: ``Arch.family`` of Qwen2.5-VL architectures (the HF ``model_type``)
 QWEN_FAMILY = "qwen2_5_vl"
@@ -217,7 +220,53 @@ def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: in
     return tower, fc.get_total_flops()
 
 
+class QwenHost(Host):
+    family = QWEN_FAMILY
+    label = "Qwen2.5-VL"
+    config_class = "Qwen2_5_VLConfig"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    def arch(self, name: str, cfg: Any):
+        """A Qwen2 decoder (GQA, q/k/v biases; its attention's head_dim is hidden / heads) and this module's tower."""
+        from .arch import Arch, TextDims
+
+        tc = cfg.text_config
+        text = TextDims(layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
+                        heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads,
+                        head_dim=tc.hidden_size // tc.num_attention_heads, vocab=tc.vocab_size, qkv_bias=True)
+        vision = vision_dims_from_config(cfg.vision_config)
+        return Arch(name=name, family=QWEN_FAMILY, text=text, vision=vision, projector_hidden=vision.out_hidden,
+                    image_token_id=int(cfg.image_token_id), pmod=getattr(cfg, "pmod", None), config=cfg)
+
+    def layout(self, arch: Any, image_size: tuple[int, int], images: int):
+        """One image: the tower sees it whole after :func:`resize`; the merger hands the LLM :func:`merged_tokens`."""
+        from .arch import VisionLayout
+
+        grid = resize(arch.vision, image_size)
+        tokens = merged_tokens(arch.vision, grid)
+        return VisionLayout(image_size=tuple(image_size), tiles=1, projector_tokens=tokens, vision_tokens=tokens,
+                            resized=grid.resized, patches=grid.patches)
+
+    def vision_flops(self, arch: Any, layout: Any) -> tuple[int, int]:
+        tower, merger = vision_tower_flops(arch.vision, QwenGrid(resized=layout.resized, patches=layout.patches))
+        return tower * layout.images, merger * layout.images
+
+    def vision_meta(self, model: Any, arch: Any, layout: Any, batch: int, counter: Callable[[], Any]) -> tuple[int, int]:
+        """The tower sees each resized image whole; its merger is the projector."""
+        grid = QwenGrid(resized=layout.resized, patches=layout.patches)
+        return vision_tower_meta(model.model.visual, arch.vision, grid, batch * layout.images, counter)
+
+    def projector_params(self, arch: Any) -> int:
+        return arch.vision.merger_params
+
+    def tied_embeddings(self, cfg: Any) -> bool:
+        return bool(getattr(cfg, "tie_word_embeddings", False))  # at the top level (3B)
+
+
+HOST = QwenHost()
+
 __all__ = [
     "QWEN_FAMILY", "LMMS_EVAL_MIN_PIXELS", "LMMS_EVAL_MAX_PIXELS", "QwenVisionDims", "QwenGrid", "vision_dims_from_config",
     "with_pixels", "resize", "merged_tokens", "window_segments", "vision_tower_flops", "vision_tower_meta",
+    "QwenHost", "HOST",
 ]

@@ -60,9 +60,10 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
         return "(no rows)"
     blocks: dict[tuple, list[dict]] = {}
     for r in rows:
-        blocks.setdefault((r["arch"], tuple(r["image_size"]), r["text_tokens"], r["gen_tokens"], r["batch_size"]), []).append(r)
+        key = (r["arch"], tuple(r["image_size"]), r.get("images", 1), r["text_tokens"], r["gen_tokens"], r["batch_size"])
+        blocks.setdefault(key, []).append(r)
     lines: list[str] = []
-    for (arch, size, T, G, B), rs in blocks.items():
+    for (arch, size, _, T, G, B), rs in blocks.items():
         r0 = rs[0]
         unit, scale = _unit(max(r["prefill_tflops"] for r in rs))
         lines.append(
@@ -70,7 +71,7 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
             f"+ {T} text tokens, {G} generated · batch {B} · vision tower + projector {r0['vision_tflops'] * scale:.2f} {unit}/sample"
         )
         # the paper's numbers describe one scenario (672x672, 58 text tokens; latency at batch 1): nowhere else
-        in_scenario = r0.get("paper_scenario", is_paper_scenario(size, T))
+        in_scenario = r0.get("paper_scenario", is_paper_scenario(size, T) and r0.get("images", 1) == 1)
         has_paper = paper and in_scenario and any(paper_value(arch, r, "tflops") is not None for r in rs)
         paper_latency = has_paper and B == 1
         timed = [r for r in rs if r["prefill_latency_ms"] is not None]
@@ -134,21 +135,26 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
 
 
 def _image_phrase(r: dict) -> str:
-    """What the model does with the image: LLaVA-1.5 resizes it to one tile, LLaVA-NeXT tiles it (anyres), Qwen2.5-VL
+    """What the model does with the image(s): LLaVA-1.5 resizes it to one tile, LLaVA-NeXT / LLaVA-OneVision tile it
+    (anyres; OneVision shrinks a large tiled feature map, and reads each of several images as one tile), Qwen2.5-VL
     resizes it to multiples of 28 px within its pixel range and merges 2x2 patches into a token."""
     w, h = r["image_size"]
+    n = r.get("images", 1)
+    image = f"{w}x{h} image" if n == 1 else f"{n} x {w}x{h} images, each"
     if r.get("resized_image_size"):
         rw, rh = r["resized_image_size"]
         lo, hi = r.get("pixel_range") or (None, None)
         within = f" (pixels {lo:,}..{hi:,})" if lo else ""
-        return f"{w}x{h} image resized to {rw}x{rh}{within}, {rw // 28}x{rh // 28} merged 28 px patches"
-    tiles, side = r.get("tiles", 1), r.get("tile_size") or 0
+        return f"{image} resized to {rw}x{rh}{within}, {rw // 28}x{rh // 28} merged 28 px patches"
+    tiles, side = r.get("tiles", 1) // n, r.get("tile_size") or 0
     if tiles <= 1:
         if side and (w, h) != (side, side):
-            return f"{w}x{h} image resized to {side}x{side} (1 tile)"
-        return f"{w}x{h} image (1 tile)"
+            return f"{image} resized to {side}x{side} (1 tile)"
+        return f"{image} (1 tile)"
     tile = f" of {side}x{side}" if side else ""
-    return f"{w}x{h} image -> {tiles - 1} high-resolution tile(s){tile} + the base image resized to one tile"
+    pooled = r.get("downsampled_grid")
+    shrunk = f", its tiles' features downsampled to {pooled[0]}x{pooled[1]} (anyres_max_9)" if pooled else ""
+    return f"{image} -> {tiles - 1} high-resolution tile(s){tile} + the base image resized to one tile{shrunk}"
 
 
 def _notes(rs: list[dict], has_paper: bool, off_scenario: bool = False) -> list[str]:

@@ -122,9 +122,9 @@ RECIPES: dict[str, TrainRecipe] = {
 
 
 def default_recipe(arch_family: str) -> TrainRecipe:
-    """The paper's SFT recipe of the family; Qwen2.5-VL (no paper recipe): LLaVA-NeXT's 779K-sample SFT, the data p-MoD
-    was trained on (its 672x672 training image is 576 Qwen tokens)."""
-    return RECIPES["llava-next-sft" if arch_family in ("llava_next", "qwen2_5_vl") else "llava-1.5-sft"]
+    """The paper's SFT recipe of the family; Qwen2.5-VL and LLaVA-OneVision (no paper recipe): LLaVA-NeXT's 779K-sample
+    SFT, the data p-MoD was trained on (its 672x672 training image is 576 Qwen tokens, 3,699 OneVision-7B tokens)."""
+    return RECIPES["llava-next-sft" if arch_family in ("llava_next", "qwen2_5_vl", "llava_onevision") else "llava-1.5-sft"]
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainRecipe:
