@@ -9,6 +9,7 @@ After ``import pmod_bench`` they are registered with ``AutoConfig`` / ``AutoMode
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from typing import Any, Iterator, Optional, Union
@@ -24,6 +25,7 @@ from .config import PMoDConfig
 from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
 from .layer import PMoDLayerMixin, PMoDRouter, wrap_decoder_layer
 from .plan import RoutingPlan
+from .rope import renumbered_rope
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -43,6 +45,10 @@ class RoutedForwardMixin:
     def _cache_layers(self) -> set[int]:
         """Layers whose KV cache keeps only the tokens they process (a :class:`PMoDCacheLayer`)."""
         return set(self.routed_layer_indices())
+
+    def _guarded_layers(self) -> dict:
+        """The layers the overflow guard watches (p-MoD layers; none without p-MoD)."""
+        return {}
 
     # -------------------------------------------------------------------------------- forward
     #: the parent forward's cache argument ('cache' from transformers 5.24, 'past_key_values' before)
@@ -100,13 +106,14 @@ class RoutedForwardMixin:
             record=self._pmod_record,
         )
         llm_method = getattr(self, "llm_method", None)
-        if llm_method is not None:  # an in-LLM comparison method (pmod_bench.methods): its state of this forward
-            plan.rotary = self.model.language_model.rotary_emb
+        if llm_method is not None:  # an in-LLM comparison method (pmod_bench.methods): its policy of this forward
+            plan.renumber = functools.partial(renumbered_rope, self.model.language_model.rotary_emb)
             if plan.target is not None:
                 plan.method = llm_method.start(self, plan, kwargs)
         kwargs[self._pmod_cache_arg] = cache
         kwargs["pmod_plan"] = plan
-        out = parent_forward(**kwargs)
+        with plan.guarding(self._guarded_layers()):
+            out = parent_forward(**kwargs)
         plan.check_overflow()  # one host check for the whole forward (overflow guard on only)
         missing = sorted(set(self.routed_layer_indices()) - plan.visited)
         if missing:
@@ -152,12 +159,15 @@ class PMoDModelMixin(RoutedForwardMixin):
         super()._init_weights(module)
 
     # ---------------------------------------------------------------------------- inspection
+    def _guarded_layers(self) -> dict:
+        return self.pmod_layers
+
     @property
     def pmod_layers(self) -> dict[int, nn.Module]:
         """The p-MoD (routed) decoder layers by index (layers wrapped for a comparison method only, without
         a router, are not p-MoD layers)."""
         return {i: l for i, l in enumerate(self.model.language_model.layers)
-                if isinstance(l, PMoDLayerMixin) and getattr(l, "router", None) is not None}
+                if isinstance(l, PMoDLayerMixin) and l.router is not None}
 
     def _cache_layers(self) -> set[int]:
         return set(self.config.pmod_router_layers) | set(super()._cache_layers())

@@ -200,7 +200,7 @@ def test_intact_at_insertion(tiny_vanilla, tiny_processor):
     target = inputs["input_ids"] == model.config.image_token_id
     for layer in model.pmod_layers.values():
         r = layer.router(torch.randn(2, 5, 64)).squeeze(-1)
-        assert torch.equal(layer._weights(r, torch.ones_like(r, dtype=torch.bool)), torch.ones_like(r))
+        assert torch.equal(layer.router.weights(r, torch.ones_like(r, dtype=torch.bool)), torch.ones_like(r))
     assert (_vanilla_logits(model, inputs) - ref).abs().max() <= 1e-5
     assert target.any()
     # the p-MoD model shares the vanilla tensors (no copy)

@@ -5,12 +5,13 @@ rows the layer's own queries and keys give), and the later layers process only t
 They run on the project's core, not on a copy of the decoder layer:
 
 * ``apply_method`` wraps the decoder layers from the method's first decision layer on as
-  :class:`~pmod_bench.model.layer.PMoDLayerMixin` layers *without a router* (a p-MoD model's routed
+  :class:`~pmod_bench.model.layer.SparseLayerMixin` layers *without a router* (a p-MoD model's routed
   layers stay as they are), and puts :class:`RoutedModelMixin` under a vanilla model's class so
   that its forward builds the one :class:`~pmod_bench.model.plan.RoutingPlan` per call and the
   project's :class:`~pmod_bench.model.cache.PMoDCache`, as a p-MoD model's forward does;
-* per forward with vision tokens, the method's :meth:`LLMMethodConfig.start` returns its state (a
-  :class:`~pmod_bench.model.plan.TokenMethod`), carried by the plan. The wrapped layers gather the
+* per forward with vision tokens, the method's :meth:`LLMMethodConfig.start` returns its policy (a
+  :class:`~pmod_bench.model.policy.TokenPolicy`, composed with a p-MoD layer's router), carried by the plan.
+  The sparse layers gather the
   tokens it leaves, run their own norms / attention / MLP on them at their RoPE positions, scatter
   back, and cache only those: a dropped token is gone for the later layers (never a query, key,
   value or MLP input there; not in their KV cache). Decode steps attend to each layer's own cache;
@@ -18,7 +19,7 @@ They run on the project's core, not on a copy of the decoder layer:
   the layers make no host sync. Ranking ties are broken by position (earlier first), so batched
   equals per-sample;
 * attention rows are recomputed from the layer's own ``q_proj`` / ``k_proj`` outputs (forward hooks)
-  and the modeling file's RoPE (:func:`pmod_bench.model.layer.query_attention`), with any attention
+  and the project's RoPE (:func:`pmod_bench.model.rows.attention_rows`, the one attention-row routine), with any attention
   kernel (eager or SDPA); :func:`pmod_bench.model.compat.check_attention_rows` checks what that
   relies on when the method is applied and fails loudly.
 
@@ -34,7 +35,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pmod_bench.model.plan import TokenMethod
+from pmod_bench.model.policy import LayerTokens, TokenPolicy, stable_top_k
 
 from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount
 
@@ -77,7 +78,7 @@ class LLMMethodConfig(MethodConfig):
         return 0
 
     def start(self, model, plan, kwargs: dict):
-        """The method's state for one forward (a :class:`~pmod_bench.model.plan.TokenMethod`)."""
+        """The method's policy for one forward (a :class:`~pmod_bench.model.policy.TokenPolicy`)."""
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
@@ -191,30 +192,27 @@ def original_class(cls: type) -> type:
 
 
 # ---------------------------------------------------------------------------------- per-forward state
-class DropState(TokenMethod):
-    """A forward's kept vision tokens, updated at decision layers.
+class DropState(TokenPolicy):
+    """A forward's kept vision tokens, updated at decision layers (the policy of an in-LLM method).
 
-    ``alive`` (B, N) bool are the vision tokens still present, ``V`` their per-sample counts (host).
+    ``current.target`` (B, N) bool are the vision tokens still present, ``current.V`` their per-sample counts
+    (host); every layer from the method's first one on processes exactly those (:meth:`select`).
     With ``renumber`` the RoPE position of a token is its index among the tokens still present
     (position id - the dropped tokens before it), as PyramidDrop's / SparseVLM's official code,
     which cut the dropped tokens out and renumber what is left; otherwise the original positions.
     """
 
     def __init__(self, plan, renumber: bool) -> None:
-        from pmod_bench.model.plan import LayerTokens
-
         self.renumber = renumber
         self.target = plan.target  # (B, N) bool: the input's vision tokens
         self.current = LayerTokens(plan.target, plan.num_targets, plan.V)
 
-    def tokens(self, plan, layer_idx: int):
-        return self.current
+    def select(self, ctx, x, sel):
+        return sel.replace(tokens=self.current)
 
     def keep(self, alive, V: tuple[int, ...]) -> None:
         """The vision tokens of every later layer: ``alive`` (B, N) bool, ``V`` host counts."""
         import torch
-
-        from pmod_bench.model.plan import LayerTokens
 
         shift = final = None
         if self.renumber:
@@ -235,15 +233,9 @@ def last_token_query(plan):
 
 
 def keep_top(scores, alive, ks: tuple[int, ...]):
-    """(B, N) bool: per sample the ``ks[b]`` present tokens with the highest score; ties by position."""
-    import torch
-
-    B, N = alive.shape
-    k_max = max(ks) if ks else 0
-    s = scores.float().masked_fill(~alive, float("-inf"))
-    ranked = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k_max]  # (B, k_max)
-    keep = torch.arange(k_max, device=alive.device)[None, :] < torch.tensor(ks, device=alive.device)[:, None]
-    return torch.zeros(B, N, dtype=torch.bool, device=alive.device).scatter(1, ranked, keep)
+    """(B, N) bool: per sample the ``ks[b]`` present tokens with the highest score; ties by position
+    (:func:`~pmod_bench.model.policy.stable_top_k`)."""
+    return stable_top_k(scores, alive, ks)
 
 
 # ------------------------------------------------------------------------------------ accounting
