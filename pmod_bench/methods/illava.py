@@ -234,7 +234,7 @@ class IlLaVAConfig(LLMMethodConfig):
         from pmod_bench.profiler.arch import vision_layout
         from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
 
-        from .accounting import MethodFlops
+        from .flops import MethodFlops
 
         geometry = ModelGeometry.from_config(arch.config)
         self.check_model(geometry)

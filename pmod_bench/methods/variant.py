@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 from pmod_bench.profiler.variants import Variant, VariantError
 
-from . import get_method, parse_method_spec
-from .base import MethodConfig, MethodError
+from .base import METHODS, MethodConfig, MethodError, get_method, parse_method_spec
 
 
 class MethodVariant(Variant):
@@ -99,4 +98,16 @@ def method_variant(spec: str, match: Optional[dict[str, Any]] = None) -> Optiona
         raise VariantError(str(exc)) from None
 
 
-__all__ = ["MethodVariant", "method_variant"]
+class MethodVariants:
+    """The profiler's lookup of the method variants (:data:`pmod_bench.profiler.variants.METHOD_SOURCE` names it)."""
+
+    def resolve(self, spec: str) -> Optional[MethodVariant]:
+        return method_variant(spec)
+
+    def names(self) -> list[str]:
+        return list(METHODS)
+
+
+METHOD_VARIANTS = MethodVariants()
+
+__all__ = ["MethodVariant", "method_variant", "MethodVariants", "METHOD_VARIANTS"]

@@ -119,7 +119,7 @@ class Arch:
     """One LLaVA-family architecture: shapes for accounting plus the HF config it came from."""
 
     name: str
-    family: str  # "llava" (LLaVA-1.5 shape) or "llava_next" (anyres)
+    family: str  # the host adapter's model_type: "llava" (LLaVA-1.5 shape) or "llava_next" (anyres)
     text: TextDims
     vision: VisionDims
     projector_hidden: int
@@ -141,23 +141,19 @@ class Arch:
         return self.text.params(bool(getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)))
 
     @property
+    def host(self):
+        """The family's host adapter (:mod:`pmod_bench.model.hosts`)."""
+        from pmod_bench.model.hosts import host_for
+
+        return host_for(self.family)
+
+    @property
     def anyres(self) -> bool:
-        return self.family == "llava_next"
+        return self.host.anyres
 
     def vanilla_config(self):
         """The HF config without p-MoD fields (a fresh copy)."""
-        from pmod_bench.model.hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
-
-        cfg = self.config
-        if isinstance(cfg, (PMoDLlavaConfig, PMoDLlavaNextConfig)):
-            from transformers import LlavaConfig, LlavaNextConfig
-
-            d = cfg.to_dict()
-            for key in ("model_type", "architectures", "transformers_version", "pmod", "pmod_router_layers"):
-                d.pop(key, None)
-            cfg = (LlavaNextConfig if isinstance(cfg, PMoDLlavaNextConfig) else LlavaConfig)(**d)
-        else:
-            cfg = type(cfg).from_dict(cfg.to_dict())
+        cfg = self.host.vanilla_config(self.config)
         cfg._attn_implementation = "sdpa"
         return cfg
 
@@ -242,17 +238,13 @@ def load_arch(source: str) -> Arch:
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
     """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT config (p-MoD or vanilla)."""
-    from transformers import LlavaConfig, LlavaNextConfig
+    from pmod_bench.model.hosts import HostError, host_for
 
-    if isinstance(cfg, LlavaNextConfig):
-        family = "llava_next"
-    elif isinstance(cfg, LlavaConfig):
-        family = "llava"
-    else:
-        raise ArchError(
-            f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5 "
-            "and LLaVA-NeXT models (model_type llava, llava_next, pmod_llava, pmod_llava_next)."
-        )
+    try:
+        host = host_for(cfg)  # the family, as its host adapter names it
+    except HostError as exc:
+        raise ArchError(f"{name}: {exc}") from None
+    family = host.model_type
     tc, vc = cfg.text_config, cfg.vision_config
     if tc.model_type not in GATED_MLP_TEXT_MODELS:
         raise ArchError(
@@ -284,7 +276,7 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
         drop_cls=cfg.vision_feature_select_strategy == "default",
     )
     pinpoints = None
-    if family == "llava_next":
+    if host.anyres:
         pinpoints = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints)
     return Arch(
         name=name,

@@ -17,6 +17,7 @@ from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, trai
 from .hardware import Hardware, detect_hardware, get_hardware
 from .kvcache import dtype_bytes, kv_cache
 from .paper import is_paper_scenario
+from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
 
@@ -30,9 +31,9 @@ FLOPS_CHECK_TOLERANCE = 0.01
 class Scenario:
     """What one sample looks like: one image, a prompt, a generated answer; a batch of identical samples."""
 
-    image_size: tuple[int, int] = (672, 672)
+    image_size: tuple[int, int] = PAPER_IMAGE_SIZE
     """(width, height) in pixels. 672x672 fills LLaVA-NeXT's 2x2 grid: 2,928 vision tokens, the paper's setting."""
-    text_tokens: int = 58
+    text_tokens: int = PAPER_TEXT_TOKENS
     """prompt text tokens: the Vicuna-v1 system prompt + one short question; the count at which the
     paper's 39.46 (LLaVA-NeXT-7B) and 8.38 (LLaVA-1.5-7B) TFLOPs are reproduced."""
     gen_tokens: int = 16
@@ -571,8 +572,8 @@ def _latency_ratios(rows: Sequence[ProfileRow]) -> None:
             r.latency_unreliable = bool(r.latency_unreliable or base_row.latency_unreliable)
 
 
-def scenarios_from(image_sizes: Sequence[tuple[int, int]] = ((672, 672),), batch_sizes: Sequence[int] = (1,),
-                   text_tokens: int = 58, gen_tokens: int = 16, logits: str = "last") -> list[Scenario]:
+def scenarios_from(image_sizes: Sequence[tuple[int, int]] = (PAPER_IMAGE_SIZE,), batch_sizes: Sequence[int] = (1,),
+                   text_tokens: int = PAPER_TEXT_TOKENS, gen_tokens: int = 16, logits: str = "last") -> list[Scenario]:
     """Every image size x batch size."""
     return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits) for s in image_sizes for b in batch_sizes]
 

@@ -20,10 +20,9 @@ from .variants import Variant
 def meta_model(arch: Arch):
     """The vanilla HF model of ``arch`` on the meta device (no memory, built in well under a second)."""
     import torch
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     cfg = arch.vanilla_config()
-    cls = LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
+    cls = arch.host.vanilla_class
     with torch.device("meta"):
         model = cls(cfg)
     return model.eval()
@@ -36,7 +35,6 @@ def random_model(arch: Arch, variant: Variant, device: str = "cpu", dtype=None, 
     it with ``to_pmod``, so several variants cost one set of weights). Returns (model, base).
     """
     import torch
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import random_routers
@@ -45,7 +43,7 @@ def random_model(arch: Arch, variant: Variant, device: str = "cpu", dtype=None, 
         raise NotImplementedError(f"{variant.name}: no real model for method '{variant.method}' (accounting only)")
     if base is None:
         cfg = arch.vanilla_config()
-        cls = LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
+        cls = arch.host.vanilla_class
         torch.manual_seed(seed)
         with torch.device(device):  # built in place, directly in ``dtype`` (a 7B in bf16 needs 14 GB, not 28)
             base = cls._from_config(cfg, dtype=dtype) if dtype is not None else cls(cfg)
