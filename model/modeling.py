@@ -20,6 +20,7 @@ from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig  # noqa: F401  (publ
 from .hosts import host_for, supported_hosts
 from .hosts.llava import PMoDLlavaForConditionalGeneration  # noqa: F401  (public name)
 from .hosts.llava_next import PMoDLlavaNextForConditionalGeneration  # noqa: F401  (public name)
+from .hosts.qwen2_5_vl import PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration  # noqa: F401  (public names)
 from .routed import PMoDModelMixin, RoutedForwardMixin, SparseModelMixin  # noqa: F401  (public names)
 
 

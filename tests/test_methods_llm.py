@@ -11,11 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs
 from pmod_bench.methods import MethodError, apply_method, parse_method_spec
 from pmod_bench.methods.sparsevlm import SCHEDULES
 from pmod_bench.model.cache import PMoDCacheLayer, output_cache
-from pmod_bench.model.presets import build_preset
 
 SIZES = [(64, 48), (40, 90), (96, 96)]
 QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
@@ -23,12 +21,11 @@ SPECS = ["fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5", "sparsevlm:la
 
 
 @pytest.fixture(scope="module")
-def models():
-    """(method model, reference model): two copies of the same tiny vanilla LLaVA-NeXT (eager for the reference)."""
+def models(host):
+    """(method model, reference model): two copies of the same tiny vanilla model of each host (eager for the
+    reference)."""
     torch.set_num_threads(1)
-    model, _ = build_preset("tiny", pmod=None, seed=0)
-    ref, _ = build_preset("tiny", pmod=None, seed=0, attn_implementation="eager")
-    return model, ref
+    return host.build(seed=0), host.build(seed=0, attn_implementation="eager")
 
 
 # ---------------------------------------------------------------------------------- the reference
@@ -206,6 +203,8 @@ def reference(ref, spec, emb, vis, query, coords=None):
 
 def _llm_input(model, inputs, layer=0):
     """The input of decoder layer ``layer`` (0: the LLM input embeddings) and the vision mask, vanilla forward (one sample)."""
+    from pmod_bench.model.hosts import host_for
+
     got = {}
     layer0 = model.model.language_model.layers[layer]
     def grab(m, a, kw):
@@ -217,7 +216,7 @@ def _llm_input(model, inputs, layer=0):
             model(**inputs)
     finally:
         hook.remove()
-    return got["x"], inputs["input_ids"][0] == model.config.image_token_id
+    return got["x"], host_for(model).vision_mask(model.config, inputs["input_ids"])[0]
 
 
 def _generate(model, inputs, steps=3):
@@ -227,9 +226,9 @@ def _generate(model, inputs, steps=3):
 
 # ------------------------------------------------------------------------------------- the tests
 @pytest.mark.parametrize("spec", SPECS)
-def test_matches_official_reference_prefill_and_cached_decode(models, tiny_processor, recorded, spec):
+def test_matches_official_reference_prefill_and_cached_decode(host, models, recorded, spec):
     model, ref = models
-    inputs = make_inputs(tiny_processor, sizes=[SIZES[1]], questions=[QUESTIONS[1]])
+    inputs = host.inputs(sizes=[SIZES[1]], questions=[QUESTIONS[1]])
     N = inputs["input_ids"].shape[1]
     emb, vis = _llm_input(apply_method(model, None), inputs)
     apply_method(model, spec)
@@ -240,7 +239,7 @@ def test_matches_official_reference_prefill_and_cached_decode(models, tiny_proce
     with torch.no_grad():
         full = torch.cat([emb, ref.get_input_embeddings()(new[None])], 1)
         vis_full = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
-        logits, ref_dec = reference(ref, spec, full, vis_full, query=N - 1)
+        logits, ref_dec = reference(ref, spec, full, vis_full, query=N - 1, coords=host.coords(ref, inputs, out.sequences))
     assert len(decided) == len(ref_dec) > 0
     for mine, want in zip(decided, ref_dec):  # the selected indices, decision by decision
         assert torch.equal(mine[:N], want[:N]), spec
@@ -250,19 +249,23 @@ def test_matches_official_reference_prefill_and_cached_decode(models, tiny_proce
     apply_method(model, None)
 
 
-def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_processor, recorded):
+def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(host, models, recorded):
     model, _ = models
-    inputs = make_inputs(tiny_processor, sizes=[SIZES[0]], questions=[QUESTIONS[0]])
-    vis = inputs["input_ids"][0] == model.config.image_token_id
+    inputs = host.inputs(sizes=[SIZES[0]], questions=[QUESTIONS[0]])
+    vis = host.vision(model, inputs["input_ids"])[0]
     V = int(vis.sum())
     # crafted: layer k-1's queries are zero -> every key gets the same attention -> ties -> the first tokens
     apply_method(model, "fastv:k=3,keep=0.25")
     q = model.model.language_model.layers[2].self_attn.q_proj
     saved = (q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone())
     with torch.no_grad():
-        q.weight.zero_()
+        for t in (q.weight, q.bias):  # Qwen's projections have biases: zero them too
+            if t is not None:
+                t.zero_()
         model(**inputs)
         q.weight.copy_(saved[0])
+        if q.bias is not None:
+            q.bias.copy_(saved[1])
     kept = recorded[-1][0][vis]
     n = round(V * 0.25)
     assert kept[:n].all() and not kept[n:].any()
@@ -277,8 +280,8 @@ def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_proce
         layer = model.model.language_model.layers[1]
         x, _ = _llm_input(model, inputs, layer=1)
         with torch.no_grad():
-            pos = torch.arange(x.shape[1])[None]
-            cos, sin = model.model.language_model.rotary_emb(x, pos)
+            pos = host.coords(model, inputs, inputs["input_ids"])  # (R, N)
+            cos, sin = model.model.language_model.rotary_emb(x, pos[:, None] if pos.shape[0] > 1 else pos)
             hn = layer.input_layernorm(x)
             row = query_attention(layer.self_attn, layer.self_attn.q_proj(hn), layer.self_attn.k_proj(hn), (cos, sin), None, None,
                                   x.shape[1], torch.tensor([[x.shape[1] - 1]]), torch.ones(1, 1), None, None)
@@ -288,24 +291,24 @@ def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_proce
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_batched_equals_single_and_cache_holds_kept_only(models, tiny_processor, spec):
+def test_batched_equals_single_and_cache_holds_kept_only(host, models, spec):
     model, _ = models
     apply_method(model, spec)
     try:
-        batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+        batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
         n = batch["input_ids"].shape[1]
         together = _generate(model, batch, steps=3)
         cache = output_cache(together)
         L = len(model.model.language_model.layers)
         cfg = parse_method_spec(spec)
         for i in range(len(SIZES)):
-            single = make_inputs(tiny_processor, sizes=[SIZES[i]], questions=[QUESTIONS[i]])
+            single = host.inputs(sizes=[SIZES[i]], questions=[QUESTIONS[i]])
             alone = _generate(model, single, steps=3)
             assert together.sequences[i, n:].tolist() == alone.sequences[0, single["input_ids"].shape[1]:].tolist()
             for a, b in zip(together.logits, alone.logits):
                 assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
             # KV entries: text + kept vision per layer (the analytic count), after prefill + 3 decode steps
-            V = int((single["input_ids"][0] == model.config.image_token_id).sum())
+            V = int(host.vision(model, single["input_ids"])[0].sum())
             T = single["input_ids"].shape[1] - V
             want = [T + v + 2 for v in cfg.layer_vision_tokens(L, V)]  # 3 steps: 2 decoded tokens are cached
             layers = output_cache(alone).layers
@@ -316,23 +319,23 @@ def test_batched_equals_single_and_cache_holds_kept_only(models, tiny_processor,
         apply_method(model, None)
 
 
-def test_on_pmod_model_and_no_host_sync(tiny_vanilla, tiny_processor, one_thread):
+def test_on_pmod_model_and_no_host_sync(host, host_vanilla, one_thread):
     from test_core_contract import syncs_inside
 
     from pmod_bench import PMoDConfig
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import random_routers
 
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     random_routers(model, seed=2)
     routed = set(model.pmod_layers)
     apply_method(model, "fastv:k=2,keep=0.5")
     assert set(model.pmod_layers) == routed  # method-only layers are not p-MoD layers
-    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+    batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
     with torch.no_grad(), syncs_inside(model.model.language_model.layers[1:]) as mode:
         model(**batch, use_cache=True)
     assert mode.count == 0
-    out = _generate(model, make_inputs(tiny_processor, sizes=[SIZES[0]], questions=[QUESTIONS[0]]), steps=2)
+    out = _generate(model, host.inputs(sizes=[SIZES[0]], questions=[QUESTIONS[0]]), steps=2)
     assert out.sequences.shape[1] > 0
     apply_method(model, None)
     assert set(model.pmod_layers) == routed and type(model).__name__.startswith("PMoD")
