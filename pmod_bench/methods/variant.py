@@ -20,6 +20,8 @@ from .base import METHODS, MethodConfig, MethodError, get_method, parse_method_s
 class MethodVariant(Variant):
     """Profiler variant of a vision-side method (optionally solved to a target at bind time)."""
 
+    is_method = True
+
     def __init__(self, config: MethodConfig, match: Optional[dict[str, Any]] = None, *, _bound: Optional[tuple] = None):
         self.config = config
         self.match = dict(match) if match else None

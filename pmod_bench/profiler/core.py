@@ -399,9 +399,8 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     """One variant's row: the analytic counts, their FlopCounterMode check, roofline floor and training cost."""
     a, layout = s.arch, counts.layout
     L, V, T = a.text.layers, layout.vision_tokens, sc.text_tokens
-    if hasattr(v, "bind"):  # a comparison method (pmod_bench.methods): solved / counted for this arch and image
-        v = v.bind(a, sc.image_size, T, counts.logits_tokens)
-    vis = v.vision_side(a, layout) if hasattr(v, "vision_side") else vision_flops(a, layout)
+    v = v.bind(a, sc.image_size, T, counts.logits_tokens)  # a comparison method: solved / counted for this arch and image
+    vis = v.vision_side(a, layout)
     kept = v.kept_vision_tokens(L, V)
     routers = v.router_layers(L)
     pf = llm_prefill_flops(a.text, T, V, kept, routers, counts.logits_tokens)
@@ -409,9 +408,8 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     kv = kv_cache(a.text, v, V, T, s.dtype)
     dec = llm_decode_mean(a.text, kv.entries, max(sc.gen_tokens - 1, 1))
     row = _row(s, sc, counts, v, vis, kept, pf, paper, kv, dec)
-    if hasattr(v, "row_extras"):
-        for key, value in v.row_extras().items():
-            setattr(row, key, value)
+    for key, value in v.row_extras().items():
+        setattr(row, key, value)
     if s.verify:
         _check_flops(row, s, sc, counts, v, pf, vis)
     if s.hw is not None:
@@ -460,7 +458,7 @@ def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCoun
     from .counters import count_flops_meta
 
     a = s.arch
-    method = hasattr(v, "row_extras")
+    method = v.is_method
     m = count_flops_meta(a, v, sc.image_size, sc.text_tokens, batch_size=sc.batch_size,
                          logits_tokens=counts.logits_tokens, decode=False)
     row.prefill_tflops_measured = m.prefill_llm / 1e12

@@ -63,6 +63,24 @@ class Variant:
         """Nominal retention of each layer (1.0 = every vision token)."""
         return [1.0] * num_layers
 
+    # -- per architecture and image ------------------------------------------------------------
+    #: a comparison method of the registry (its vision side and token budget depend on the architecture and image)
+    is_method: ClassVar[bool] = False
+
+    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> "Variant":
+        """This variant on ``arch`` at (width, height); a p-MoD variant is the same everywhere."""
+        return self
+
+    def vision_side(self, arch, layout):
+        """The vision FLOPs of one sample (the unmodified tower and projector)."""
+        from .flops import vision_flops
+
+        return vision_flops(arch, layout)
+
+    def row_extras(self) -> dict[str, Any]:
+        """Keys a profile row adds for this variant (a method's config and solved budget); none by default."""
+        return {}
+
     # -- descriptive -------------------------------------------------------------------------
     @property
     def shift(self) -> Optional[float]:
