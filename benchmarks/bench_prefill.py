@@ -1,6 +1,7 @@
 """Prefill latency of p-MoD vs the vanilla model, beside the analytic FLOPs ratio of the same shapes.
 
     python benchmarks/bench_prefill.py                      # CPU defaults: hidden 512, 32 layers
+    python benchmarks/bench_prefill.py --host qwen2.5-vl    # the same on Qwen2.5-VL's LLM (M-RoPE positions)
     python benchmarks/bench_prefill.py --hidden 4096 --intermediate 11008 --heads 32 --device cuda --dtype bfloat16
 
 LLaVA-NeXT-shaped input: 2,880 vision tokens + 60 text tokens, 32 decoder layers (Vicuna layout),
@@ -19,12 +20,12 @@ import statistics
 import sys
 import time
 
-from common import add_model_args, analytic, build_pair, llava_inputs, spread, sync
+from common import HOSTS, add_model_args, analytic, build_pair, llava_inputs, mrope_positions, spread, sync
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
+    add_model_args(ap, hosts=tuple(HOSTS))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
@@ -32,13 +33,14 @@ def main(argv=None) -> int:
 
     vanilla, pmod = build_pair(args)
     embeds, vision = llava_inputs(args)
+    extra = {"position_ids": mrope_positions(args)} if HOSTS[args.host] == "qwen2_5_vl" else {}
 
     def run(model):
         with torch.no_grad():
             if model is pmod:
-                model(inputs_embeds=embeds, vision_token_mask=vision, use_cache=True, logits_to_keep=1)
+                model(inputs_embeds=embeds, vision_token_mask=vision, use_cache=True, logits_to_keep=1, **extra)
             else:
-                model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+                model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **extra)
         sync(args.device)
 
     for m in (vanilla, pmod):  # warm-up
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     flops = {(name, causal): analytic(m, args, causal) for name, m in (("vanilla", vanilla), ("pmod", pmod)) for causal in (True, False)}
     fc = flops[("pmod", True)] / flops[("vanilla", True)]
     ff = flops[("pmod", False)] / flops[("vanilla", False)]
+    print(f"host: {args.host} ({type(pmod).__name__})")
     print(f"shape: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, {args.vision_tokens} vision + "
           f"{args.text_tokens} text tokens, {args.device} {args.dtype} {args.attn}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, p-MoD delta={args.shift}")

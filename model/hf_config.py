@@ -1,7 +1,8 @@
 """HF config classes of the p-MoD models (light: no torch modeling code).
 
 Subclasses of HF's ``LlavaConfig`` / ``LlavaNextConfig`` with one extra field, ``pmod`` (a
-serialised :class:`~pmod_bench.PMoDConfig`), validated at construction.
+serialised :class:`~pmod_bench.PMoDConfig`), validated at construction. :class:`PMoDConfigMixin` is
+what every family's p-MoD config adds (Qwen2.5-VL's is in :mod:`pmod_bench.model.hosts.qwen2_5_vl`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from transformers.models.llava_next.configuration_llava_next import LlavaNextCon
 from .config import PMoDConfig
 
 
-class _PMoDConfigMixin:
+class PMoDConfigMixin:
     """Adds the validated ``pmod`` dict (a serialised :class:`PMoDConfig`) to an HF config."""
 
     def __post_init__(self, **kwargs):
@@ -43,7 +44,7 @@ class _PMoDConfigMixin:
 
 
 @strict
-class PMoDLlavaConfig(_PMoDConfigMixin, LlavaConfig):
+class PMoDLlavaConfig(PMoDConfigMixin, LlavaConfig):
     r"""LLaVA-1.5 with p-MoD layers. ``pmod``: a :class:`~pmod_bench.PMoDConfig` as a dict;
     ``pmod_router_layers``: the layers that carry a router (default: those with ratio < 1)."""
 
@@ -53,10 +54,12 @@ class PMoDLlavaConfig(_PMoDConfigMixin, LlavaConfig):
 
 
 @strict
-class PMoDLlavaNextConfig(_PMoDConfigMixin, LlavaNextConfig):
+class PMoDLlavaNextConfig(PMoDConfigMixin, LlavaNextConfig):
     r"""LLaVA-NeXT with p-MoD layers; fields as :class:`PMoDLlavaConfig`."""
 
     model_type = "pmod_llava_next"
     pmod: dict | None = None
     pmod_router_layers: list[int] | None = None
 
+
+_PMoDConfigMixin = PMoDConfigMixin

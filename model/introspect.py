@@ -19,7 +19,9 @@ def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) ->
     """Run one forward on ``image`` + ``question`` and return the introspection record (no image path)."""
     import torch
 
-    if not hasattr(model, "record_routing"):
+    from .routed import PMoDModelMixin
+
+    if not isinstance(model, PMoDModelMixin):
         raise TypeError(f"{type(model).__name__} is not a p-MoD model: it has no routing to record")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -27,16 +29,14 @@ def routing_record(model, processor, image, question: str = DEFAULT_QUESTION) ->
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad(), model.record_routing() as rec:
         model(**inputs)
-    target = (inputs["input_ids"][0] == model.config.image_token_id).cpu()
+    target = model.host.vision_mask(model.config, inputs["input_ids"])[0].cpu()
     layers = {}
     for idx, r in sorted(rec.items()):
         selected = r["selected"][0][target]  # (V,) in vision-token order
         layers[str(idx)] = selected.nonzero().squeeze(-1).tolist()
-    vision = model.config.vision_config
-    side = vision.image_size // vision.patch_size
     num_vision = int(target.sum())
     return {
-        "grid": [side, side] if num_vision >= side * side else None,
+        "grid": model.host.routing_grid(model.config, inputs, num_vision),
         "num_layers": model.config.text_config.num_hidden_layers,
         "vision_tokens": num_vision,
         "layers": layers,

@@ -3,8 +3,9 @@
 Sources, tried in this order::
 
     tiny | tiny-llava | llava-1.5-7b | ...     a preset (random weights, seed 0); "NAME:vanilla" = no p-MoD
-    ./dir  (config.json model_type pmod_llava / pmod_llava_next)   a p-MoD checkpoint in HF layout
-    ./dir  (model_type llava / llava_next)                         a vanilla HF LLaVA(-NeXT) checkpoint
+    ./dir  (config.json model_type pmod_llava / pmod_llava_next /  a p-MoD checkpoint in HF layout
+            pmod_qwen2_5_vl)
+    ./dir  (model_type llava / llava_next / qwen2_5_vl)            a vanilla HF checkpoint of a supported family
     ./dir  (config.json with mm_vision_tower / mm_projector_type)  the original LLaVA / p-MoD layout:
                                                                   converted once into the cache (below)
     ORG/NAME                                                       a hub id: resolved with
@@ -35,27 +36,26 @@ from .sources import (  # noqa: F401  (re-exported: part of this module's API)
     resolve_source_dir,
 )
 
-PMOD_MODEL_TYPES = ("pmod_llava", "pmod_llava_next")
-VANILLA_MODEL_TYPES = ("llava", "llava_next")
 VANILLA_SUFFIX = ":vanilla"
 
 
 # ------------------------------------------------------------------------------------- helpers
 def checkpoint_layout(directory: Union[str, os.PathLike]) -> str:
-    """``"pmod"`` (HF p-MoD), ``"vanilla"`` (HF LLaVA / LLaVA-NeXT) or ``"original"`` (LLaVA repo layout)."""
+    """``"pmod"`` (HF p-MoD), ``"vanilla"`` (an HF model of a supported family) or ``"original"`` (LLaVA repo layout);
+    the families are the host adapters' (:mod:`pmod_bench.model.hosts`)."""
     cfg = read_config_json(directory)
     from .convert import is_original_layout
+    from .hosts import HOSTS, is_pmod_model_type, supported_hosts
 
     if is_original_layout(cfg):
         return "original"
     model_type = cfg.get("model_type")
-    if model_type in PMOD_MODEL_TYPES:
-        return "pmod"
-    if model_type in VANILLA_MODEL_TYPES:
-        return "vanilla"
+    if model_type and model_type in HOSTS:
+        return "pmod" if is_pmod_model_type(model_type) else "vanilla"
+    known = [t for h in supported_hosts() for t in (h.pmod_model_type, h.model_type)]
     raise ModelSourceError(
         f"{Path(directory) / 'config.json'} has model_type '{model_type}', which pmod-bench cannot load. Supported: "
-        f"{', '.join(PMOD_MODEL_TYPES + VANILLA_MODEL_TYPES)} (HF layout), or the original LLaVA / p-MoD layout "
+        f"{', '.join(known)} (HF layout), or the original LLaVA / p-MoD layout "
         "(model_type llava_llama / pmod_llava_llama with mm_vision_tower, mm_projector_type)."
     )
 

@@ -9,85 +9,36 @@ needs follows from three numbers per sample, so the plan moves them to the host 
     T_b  non-vision, non-padding tokens of sample b (text, system prompt, generated tokens)
     R_b  non-padding tokens of sample b             (= V_b + T_b unless a vision token is padding)
 
-and derives, per routed layer with ratio rho (:meth:`RoutingPlan.layer`)::
+and derives, per layer, from the :class:`~pmod_bench.model.policy.Selection` of its policy
+(:meth:`RoutingPlan.shapes`; p-MoD's router at ratio rho selects ``k_b = trunc(V_b * rho)``)::
 
-    k_b = trunc(V_b * rho)   in float32, as the reference       selected vision tokens
-    P_b = k_b + T_b                                              processed tokens of sample b
-    P   = max_b P_b                                              gathered length (rows left-padded)
+    k_b                      selected vision tokens of sample b (host arithmetic on V_b)
+    P_b = k_b + T_b          processed tokens of sample b
+    P   = max_b P_b          gathered length (rows left-padded)
 
 That is one device-to-host transfer per forward instead of several scalar syncs per routed layer.
-With the overflow guard on, the layers only *record* non-finite flags on the device; the plan
-checks them once, after the forward (:meth:`RoutingPlan.check_overflow`).
+Observers hang off the plan, not the layers: ``record_routing`` reads the selections the layers
+note (:meth:`RoutingPlan.note`); the overflow guard's forward hooks (:meth:`RoutingPlan.guarding`)
+only *record* non-finite flags on the device, and the plan checks them once, after the forward
+(:meth:`RoutingPlan.check_overflow`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from .schedules import num_selected_host
+from .compat import contract_error
+from .policy import EVERYTHING, LayerTokens, Selection, TokenPolicy, compose
 
 
 def num_selected(num_targets: torch.Tensor, ratio: float) -> torch.Tensor:
     """k_b = trunc(V_b * rho) on the device, in float32 exactly as the reference implementation."""
     return torch.trunc(num_targets.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)).long()
-
-
-@dataclass(frozen=True)
-class LayerTokens:
-    """The vision tokens present at one decoder layer (what the layer routes / processes).
-
-    Without an in-LLM method every layer sees the plan's own vision tokens; a :class:`TokenMethod`
-    (FastV, PyramidDrop, ...) removes some for the layers after its decision. Removed tokens are gone
-    for those layers: they are neither processed (queries, keys, values, MLP) nor cached there, and
-    their hidden state passes through unchanged (their logits are meaningless, as the official code,
-    which cuts them out of the sequence, has none).
-    """
-
-    target: Optional[torch.Tensor]
-    """(B, N) bool: the vision tokens present (None: none in this input)."""
-    num_targets: Optional[torch.Tensor]
-    """(B,) long on the device: how many per sample (= V)."""
-    V: tuple[int, ...]
-    """The same counts on the host (host arithmetic on the plan's V_b, never a transfer)."""
-    shift: Optional[torch.Tensor] = None
-    """(B, N) long: RoPE position = position id - shift (methods that renumber positions after dropping,
-    as PyramidDrop's and SparseVLM's official code); None = original positions."""
-    final_shift: Optional[torch.Tensor] = None
-    """(B,) long: the shift of tokens that come after this input (decode steps); the layer stores it
-    in its cache layer, so later forwards rotate their keys/queries at the same renumbered positions."""
-
-
-class TokenMethod:
-    """Per-forward state of a method that acts inside the LLM, carried by the plan (``plan.method``).
-
-    A wrapped layer calls, in order: :meth:`before_layer` (may decide from the layer's own
-    projections and return a rewritten ``x``), :meth:`tokens` (the vision tokens this layer sees),
-    :meth:`queries` (whose attention rows it must report), then after its own computation
-    :meth:`after_layer` with those rows (may decide for the later layers and rewrite the output).
-    Every shape must follow from host arithmetic on the plan's ``V_b``: no host sync.
-    """
-
-    #: layers that must be wrapped (read the plan); the others run HF's own forward untouched
-    layers: tuple[int, ...] = ()
-
-    def before_layer(self, layer, plan: "RoutingPlan", x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return x
-
-    def tokens(self, plan: "RoutingPlan", layer_idx: int) -> Optional[LayerTokens]:
-        """None: the plan's own vision tokens."""
-        return None
-
-    def queries(self, plan: "RoutingPlan", layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """``(positions (B, R) long, weights (B, R) float)``: the layer reports
-        ``score[b, n] = sum_r weights[b, r] * mean_heads softmax(q_r k^T)[n]`` over the keys of this
-        input; None = no attention wanted."""
-        return None
-
-    def after_layer(self, layer, plan: "RoutingPlan", out: torch.Tensor, scores: Optional[torch.Tensor]) -> torch.Tensor:
-        return out
 
 
 class PMoDOverflowError(FloatingPointError):
@@ -129,10 +80,11 @@ class RoutingPlan:
     guard: bool = False
     record: Optional[dict] = None
     """Introspection sink: layer index -> {"selected": (B, N) bool, "target": (B, N) bool}."""
-    method: Optional[TokenMethod] = None
-    """The in-LLM method's state of this forward (None: none applied)."""
-    rotary: Optional[object] = None
-    """The LLM's rotary embedding ``(x, position_ids) -> (cos, sin)``, for renumbered positions."""
+    method: Optional[TokenPolicy] = None
+    """The in-LLM method's policy of this forward (None: none applied); composed with each layer's router."""
+    renumber: Optional[object] = None
+    """``(x, layer kwargs, shift) -> (cos, sin)``: RoPE at positions - shift on every position row (the host's
+    position layout, :meth:`pmod_bench.model.hosts.HostAdapter.renumbered_rope`); None: nothing renumbers."""
     _layers: dict = field(default_factory=dict, repr=False)
     _flags: list = field(default_factory=list, repr=False)
     visited: set = field(default_factory=set, repr=False)
@@ -166,35 +118,71 @@ class RoutingPlan:
                    V=V, T=T, R=R, seq_len=seq_len, cache=cache, guard=guard, record=record)
 
     # ------------------------------------------------------------------------------------
-    def layer_tokens(self, layer_idx: int) -> LayerTokens:
-        """The vision tokens present at layer ``layer_idx``: the method's choice, else the plan's own."""
-        own = self.method.tokens(self, layer_idx) if self.method is not None and self.target is not None else None
-        return own if own is not None else LayerTokens(self.target, self.num_targets, self.V)
+    def policy(self, layer) -> TokenPolicy:
+        """The policy of ``layer`` in this forward: the method's (which vision tokens are present), then the layer's
+        own router (which of them it processes), :data:`~pmod_bench.model.policy.EVERYTHING` without either."""
+        method = self.method if self.target is not None else None
+        return compose(method, layer.router) if method is not None else (layer.router or EVERYTHING)
 
-    def layer(self, layer_idx: int, ratio: float) -> LayerPlan:
-        """The static shapes of routed layer ``layer_idx`` at retention ``ratio`` (host arithmetic)."""
-        toks = self.layer_tokens(layer_idx)
-        key = (layer_idx, ratio, toks.V)
+    def selection(self, layer_idx: int) -> Selection:
+        """The selection a layer starts from: the plan's own vision tokens, every one processed."""
+        self.visited.add(layer_idx)
+        return Selection(LayerTokens(self.target, self.num_targets, self.V))
+
+    def shapes(self, sel: Selection) -> LayerPlan:
+        """The static shapes of a layer that processes ``sel`` (host arithmetic, cached per forward)."""
+        key = None if sel.tokens.target is None else sel.k
         plan = self._layers.get(key)
         if plan is None:
             N = self.seq_len
-            if toks.target is None:  # no vision tokens: every real token is processed
-                k_max, counts = 0, self.R
-            else:
-                ks = [num_selected_host(v, ratio) for v in toks.V]
-                k_max, counts = max(ks), [k + t for k, t in zip(ks, self.T)]
+            k_max, counts = (0, self.R) if key is None else (max(key), [k + t for k, t in zip(key, self.T)])
             P = max(counts)
-            full = all(c == N for c in counts)
-            plan = LayerPlan(k_max=k_max, processed=P, full=full, padded=any(c != P for c in counts))
+            plan = LayerPlan(k_max=k_max, processed=P, full=all(c == N for c in counts), padded=any(c != P for c in counts))
             self._layers[key] = plan
-        self.visited.add(layer_idx)
         return plan
+
+    def processed(self, sel: Selection) -> Optional[torch.Tensor]:
+        """(B, N) bool: the positions a layer processes (its vision tokens and every other real token); None = all."""
+        return self.tokens if sel.tokens.target is None else (sel.vision | self.nontarget)
+
+    def note(self, layer_idx: int, sel: Selection) -> None:
+        """Record a router's choice for :meth:`~pmod_bench.model.routed.PMoDModelMixin.record_routing` (if recording)."""
+        if self.record is not None and sel.selected is not None:
+            self.record[layer_idx] = {"selected": sel.selected.detach().cpu(), "target": sel.tokens.target.cpu()}
+
+    def rope(self, x: torch.Tensor, kwargs: dict, shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (1 or B, N, hd) of a layer's input: HF's ``position_embeddings``, or at the renumbered positions."""
+        if shift is None:
+            return kwargs["position_embeddings"]
+        if self.renumber is None:
+            raise contract_error("positions are renumbered but the model gave the plan no position layout")
+        return self.renumber(x, kwargs, shift)
 
     # ------------------------------------------------------------------------- overflow guard
     def flag(self, layer_idx: int, name: str, t: torch.Tensor, ratio: float, detail: str) -> None:
         """Record (on the device, no sync) whether ``t`` holds a NaN or an Inf."""
         if self.guard:
             self._flags.append((layer_idx, name, tuple(t.shape), ratio, detail, torch.stack([t.isnan().any(), t.isinf().any()])))
+
+    @contextlib.contextmanager
+    def guarding(self, layers: dict) -> Iterator[None]:
+        """With the guard on, watch the p-MoD ``layers`` ({index: layer}) for this forward: forward hooks on each
+        layer's router, attention, MLP and the layer itself flag their outputs (:meth:`flag`); nothing in the layers."""
+        handles = []
+        try:
+            for idx, layer in (layers.items() if self.guard else ()):
+                detail = f"weight_norm {layer.pmod.weight_norm} scale {layer.pmod.norm_scale}"
+                for name, module in (("router logits", layer.router), ("attention output", layer.self_attn),
+                                     ("mlp output", layer.mlp), ("layer output", layer)):
+                    hook = functools.partial(self._watch, idx, name, layer.ratio, detail)
+                    handles.append(module.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _watch(self, idx: int, name: str, ratio: float, detail: str, _module, _args, output) -> None:
+        self.flag(idx, name, output[0] if isinstance(output, tuple) else output, ratio, detail)
 
     def check_overflow(self) -> None:
         """One host check for all the flags of this forward; raises :class:`PMoDOverflowError`."""

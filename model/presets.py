@@ -471,8 +471,10 @@ def random_routers(model, std: float = 1.0, seed: int = 0) -> None:
     """Give every router random non-zero weights (as after training), deterministically."""
     import torch
 
+    from .routed import PMoDModelMixin
+
     g = torch.Generator().manual_seed(seed)
-    for layer in getattr(model, "pmod_layers", {}).values():
+    for layer in (model.pmod_layers.values() if isinstance(model, PMoDModelMixin) else ()):
         w = layer.router.weight
         with torch.no_grad():
             w.copy_(torch.randn(w.shape, generator=g) * std / w.shape[1] ** 0.5)

@@ -34,3 +34,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
             f"{x.shape[-1]}: partial-rotary attention is not supported by the in-LLM methods")
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, N, hd)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def renumbered_rope(rotary, x: torch.Tensor, kwargs: dict, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of 1-D RoPE at ``position_ids - shift`` (clamped at 0), from the LLM's own rotary embedding
+    ``rotary(x, position_ids)`` and the ``position_ids`` its decoder layers receive."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise contract_error("a method renumbers positions but the decoder layer received no position_ids")
+    return rotary(x, (position_ids - shift).clamp(min=0))

@@ -25,6 +25,16 @@ def default_cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> P
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pmod_bench"
 
 
+#: the environment variable naming the local benchmark data root (``--data`` overrides it)
+DATA_ENV_VAR = "PMOD_BENCH_DATA"
+
+
+def data_root(root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """The local benchmark data root: ``root`` if given, else ``$PMOD_BENCH_DATA``, else None (use the hub)."""
+    value = root if root is not None else os.environ.get(DATA_ENV_VAR, "").strip()
+    return Path(value).expanduser() if value else None
+
+
 def read_config_json(directory: Union[str, os.PathLike]) -> dict:
     """A checkpoint directory's ``config.json`` as a dict (ModelSourceError naming the fix otherwise)."""
     path = Path(directory) / "config.json"

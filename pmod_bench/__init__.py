@@ -31,6 +31,8 @@ _LAZY = {
     "PMoDLlavaNextConfig": "pmod_bench.model.hf_config",
     "PMoDLlavaForConditionalGeneration": "pmod_bench.model.modeling",
     "PMoDLlavaNextForConditionalGeneration": "pmod_bench.model.modeling",
+    "PMoDQwen2_5_VLConfig": "pmod_bench.model.modeling",
+    "PMoDQwen2_5_VLForConditionalGeneration": "pmod_bench.model.modeling",
     "PMoDOverflowError": "pmod_bench.model.plan",
     "build_preset": "pmod_bench.model.presets",
     "preset_config": "pmod_bench.model.presets",

@@ -33,19 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pmod_bench.model.sources import DATA_ENV_VAR, data_root  # noqa: F401  (data_root re-exported)
+
 from .benchmarks import BENCHMARKS, Benchmark, DataRef, benchmark_for_task
 
-ENV_VAR = "PMOD_BENCH_DATA"
+ENV_VAR = DATA_ENV_VAR
 
 
 class DataError(ValueError):
     """A missing or malformed local benchmark copy; the message names benchmark, path and fix."""
-
-
-def data_root(root: "str | os.PathLike | None" = None) -> Optional[Path]:
-    """The local data root: ``root`` if given, else ``$PMOD_BENCH_DATA``, else None (use the hub)."""
-    value = root if root is not None else os.environ.get(ENV_VAR, "").strip()
-    return Path(value).expanduser() if value else None
 
 
 def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:

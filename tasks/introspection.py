@@ -37,7 +37,9 @@ def load_image(spec: Optional[str]):
     if spec in (None, "", "demo"):
         from pmod_bench.model.presets import demo_image
 
-        return demo_image(672, 672)
+        from pmod_bench.profiler.scenario import PAPER_IMAGE_SIZE
+
+        return demo_image(*PAPER_IMAGE_SIZE)
     from PIL import Image, UnidentifiedImageError
 
     path = Path(spec)

@@ -61,7 +61,7 @@ from pmod_bench.model.config import RATIOS_FORMS
 
 from .cache import ResponseCache, request_key
 from .data import task_data_key
-from .runner import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
+from .launch import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
 
 __doc__ = __doc__.replace("{RATIOS_FORMS}", RATIOS_FORMS)  # the forms parse_ratios reads, from their one home
 

@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pmod_bench.atomic import atomic_write_json as _write_json, atomic_write_text
-from pmod_bench.model.config import parse_ratios as _parse_ratios
 from pmod_bench.model.dtypes import CHOICES as DTYPE_CHOICES, is_dtype_name
+from pmod_bench.profiler.scenario import PAPER_TEXT_TOKENS
 
 from .benchmarks import SUITES, Benchmark, resolve_suite
+from .launch import CPU_LAUNCH_RECIPE, check_launch, parse_ratios  # noqa: F401  (re-exported: the runner's API)
 from .data import DataError
 
 SCHEMA_VERSION = 1
@@ -61,14 +62,6 @@ class RunDirMismatch(ValueError):
 #: ``--gen-kwargs`` keys and how each value must read (the plugin's generation settings)
 GEN_KWARGS = {"max_new_tokens": "a positive integer", "temperature": "a number >= 0", "top_p": "a number in (0, 1]",
               "num_beams": "a positive integer", "do_sample": "true or false", "until": "a stop string"}
-
-
-def parse_ratios(value: Any) -> Optional[list[float]]:
-    """``--ratios`` / model_args ``ratios``: :func:`pmod_bench.model.config.parse_ratios` (``[1,1,0.5]``, ``1;1;0.5``,
-    ``1*8,0.5*24``, a list, ...); None or "" = not given."""
-    if value is None or value == "":
-        return None
-    return _parse_ratios(value, what="--ratios")
 
 
 def parse_gen_kwargs(text: Optional[str]) -> dict:
@@ -107,38 +100,8 @@ def parse_gen_kwargs(text: Optional[str]) -> dict:
     return out
 
 
-def _truthy(value: Optional[str]) -> bool:
-    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-CPU_LAUNCH_RECIPE = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m pmod_bench.cli eval ..."
-
-
-def check_launch(env: Optional[dict] = None, cuda_available: Optional[bool] = None) -> None:
-    """Refuse a process layout that would run silently wrong (one process, or a crash in lmms-eval).
-
-    * ``accelerate launch --num_processes N`` on a machine without GPUs starts **one** process
-      (accelerate's simple launcher; it sets MASTER_ADDR but no WORLD_SIZE).
-    * Several processes without CUDA need ``ACCELERATE_USE_CPU=1`` (else accelerate picks a GPU
-      backend and lmms-eval dies with "'int' object is not iterable").
-    """
-    env = os.environ if env is None else env
-    world = int(str(env.get("WORLD_SIZE") or "1").strip() or 1)
-    if world <= 1 and "ACCELERATE_MIXED_PRECISION" in env and env.get("MASTER_ADDR") and "RANK" not in env:
-        raise ValueError("`accelerate launch --num_processes N` started a single process: without --multi_gpu it runs "
-                         f"one process on a machine without GPUs. On CPUs run: {CPU_LAUNCH_RECIPE}")
-    if world > 1:
-        if cuda_available is None:
-            import torch
-
-            cuda_available = torch.cuda.is_available()
-        if not cuda_available and not _truthy(env.get("ACCELERATE_USE_CPU")):
-            raise ValueError(f"{world} processes (WORLD_SIZE={world}) on a machine without CUDA need ACCELERATE_USE_CPU=1; "
-                             f"run: {CPU_LAUNCH_RECIPE}")
-
-
 #: text tokens of the scenario ``--match`` solves at (the paper's default scenario, as the profiler's)
-MATCH_TEXT_TOKENS = 58
+MATCH_TEXT_TOKENS = PAPER_TEXT_TOKENS
 
 
 def match_arch(model: str):
@@ -167,9 +130,9 @@ def match_arch(model: str):
 
 
 def default_match_image_size(arch) -> tuple[int, int]:
-    """The paper's image size for ``--match``: 2x2 tiles for LLaVA-NeXT (672x672), one tile for LLaVA-1.5 (336x336)."""
-    tile = int(arch.vision.image_size)
-    return (2 * tile, 2 * tile) if arch.anyres else (tile, tile)
+    """The paper's image size for ``--match`` on ``arch``'s family (its host adapter's): 2x2 tiles for LLaVA-NeXT
+    (672x672), one tile for LLaVA-1.5 (336x336)."""
+    return arch.host.paper_image_size(arch.config)
 
 
 @dataclass

@@ -24,8 +24,8 @@ QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes o
 SIZES = [(64, 48), (40, 90), (96, 96)]
 
 
-def _single(processor, i):
-    return make_inputs(processor, sizes=[SIZES[i]], questions=[QUESTIONS[i]])
+def _single(host, i):
+    return host.inputs(sizes=[SIZES[i]], questions=[QUESTIONS[i]])
 
 
 def _generate(model, inputs, steps=5):
@@ -33,32 +33,29 @@ def _generate(model, inputs, steps=5):
         return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
-def _recompute(model, inputs, sequences):
-    n = inputs["input_ids"].shape[1]
-    attn = torch.cat([inputs["attention_mask"], torch.ones(sequences.shape[0], sequences.shape[1] - n, dtype=torch.long)], dim=1)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+def _recompute(host, model, inputs, sequences):
     with torch.no_grad():
-        return model(**dict(inputs, input_ids=sequences, attention_mask=attn, position_ids=position_ids), use_cache=False).logits
+        return model(**host.full_inputs(inputs, sequences), use_cache=False).logits
 
 
 # ------------------------------------------------------------------------------ decode logits
 @pytest.mark.parametrize("shift", [0.5, 0.3])  # 0.3 routes layer 0 (HF's seq-length layer)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_decode_logits_batched_single_and_recompute(tiny_vanilla, tiny_processor, one_thread, shift, attn):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=shift))
+def test_decode_logits_batched_single_and_recompute(host, host_vanilla, one_thread, shift, attn):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=shift))
     random_routers(model, seed=5)
     assert (0 in model.pmod_layers) == (shift == 0.3)
     model.set_attn_implementation(attn)
     try:
-        batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+        batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
         n = batch["input_ids"].shape[1]
         together = _generate(model, batch)
         assert isinstance(output_cache(together), PMoDCache)  # generate() carried the project's cache
-        full = _recompute(model, batch, together.sequences)
+        full = _recompute(host, model, batch, together.sequences)
         for t, step in enumerate(together.logits):  # every decode step, every sample: cached == recompute
             assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, f"step {t}"
         for i in range(len(SIZES)):
-            single = _single(tiny_processor, i)
+            single = _single(host, i)
             alone = _generate(model, single)
             assert together.sequences[i, n:].tolist() == alone.sequences[0, single["input_ids"].shape[1]:].tolist()
             for t, (a, b) in enumerate(zip(together.logits, alone.logits)):  # logits, beyond the first step
@@ -67,10 +64,10 @@ def test_decode_logits_batched_single_and_recompute(tiny_vanilla, tiny_processor
         model.set_attn_implementation("sdpa")
 
 
-def test_cache_passed_under_either_name(tiny_vanilla, tiny_processor, one_thread):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+def test_cache_passed_under_either_name(host, host_vanilla, one_thread):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model, seed=1)
-    inputs = _single(tiny_processor, 0)
+    inputs = _single(host, 0)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
         cache = output_cache(out)
@@ -81,7 +78,8 @@ def test_cache_passed_under_either_name(tiny_vanilla, tiny_processor, one_thread
         for name in ("cache", "past_key_values"):
             c = PMoDCache.take_over(None, model.config.text_config, model.config.pmod_router_layers)
             model(**inputs, **{name: c}, use_cache=True)
-            results.append(model(input_ids=nxt, attention_mask=mask, **{name: c}, use_cache=True).logits)
+            results.append(model(input_ids=nxt, attention_mask=mask, **{name: c}, **host.decode_kwargs(model, mask),
+                                 use_cache=True).logits)
         assert torch.equal(results[0], results[1])
         # a filled cache of another kind is refused, with the fix
         from transformers.cache_utils import DynamicCache
@@ -89,7 +87,7 @@ def test_cache_passed_under_either_name(tiny_vanilla, tiny_processor, one_thread
         foreign = DynamicCache()
         foreign.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
         with pytest.raises(ValueError, match="PMoDCache"):
-            model(input_ids=nxt, attention_mask=mask, cache=foreign, use_cache=True)
+            model(input_ids=nxt, attention_mask=mask, cache=foreign, **host.decode_kwargs(model, mask), use_cache=True)
 
 
 # ------------------------------------------------------------------------------- host syncs
@@ -124,12 +122,12 @@ def syncs_inside(layers):
 
 
 @pytest.mark.parametrize("guard", [False, True])
-def test_one_host_sync_per_forward(tiny_vanilla, tiny_processor, one_thread, monkeypatch, guard):
+def test_one_host_sync_per_forward(host, host_vanilla, one_thread, monkeypatch, guard):
     """The routed layers make no host sync at all; the plan makes its one transfer (``tolist``, which
     dispatches no scalar op, so it is counted separately); the overflow guard adds one check."""
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3, overflow_guard=guard))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3, overflow_guard=guard))
     random_routers(model, seed=3)
-    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)  # padded batch, different images
+    batch = host.inputs(sizes=SIZES, questions=QUESTIONS)  # padded batch, different images
     builds = []
     original = RoutingPlan.build.__func__
     monkeypatch.setattr(RoutingPlan, "build", classmethod(lambda cls, *a, **k: builds.append(1) or original(cls, *a, **k)))
@@ -144,25 +142,25 @@ def test_one_host_sync_per_forward(tiny_vanilla, tiny_processor, one_thread, mon
     assert checks == [4 * len(model.pmod_layers) if guard else 0]
 
 
-def test_overflow_guard_one_check_names_layer(tiny_vanilla, tiny_processor, one_thread):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5, weight_norm="none", overflow_guard=True))
+def test_overflow_guard_one_check_names_layer(host, host_vanilla, one_thread):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5, weight_norm="none", overflow_guard=True))
     first = min(model.pmod_layers)
     with torch.no_grad():
         model.pmod_layers[first].router.weight.fill_(float("inf"))
     with pytest.raises(PMoDOverflowError, match=rf"layer {first} \(router logits"):
         with torch.no_grad():
-            model(**_single(tiny_processor, 0))
+            model(**_single(host, 0))
 
 
 # ------------------------------------------------------------------------------ determinism
-def test_ties_break_by_position_alone_and_in_padded_batch(tiny_vanilla, tiny_processor, one_thread):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))  # zero routers: every weight ties at 1
-    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+def test_ties_break_by_position_alone_and_in_padded_batch(host, host_vanilla, one_thread):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))  # zero routers: every weight ties at 1
+    batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
     with torch.no_grad(), model.record_routing() as rec_batch:
         model(**batch)
-    target = batch["input_ids"] == model.config.image_token_id
+    target = host.vision(model, batch["input_ids"])
     for i in range(len(SIZES)):
-        single = _single(tiny_processor, i)
+        single = _single(host, i)
         with torch.no_grad(), model.record_routing() as rec_one:
             model(**single)
         for layer, r in rec_one.items():
@@ -173,14 +171,14 @@ def test_ties_break_by_position_alone_and_in_padded_batch(tiny_vanilla, tiny_pro
             assert sel_one[:k].all() and not sel_one[k:].any()  # ties: the earlier tokens are kept
     together = _generate(model, batch, steps=4).sequences[:, batch["input_ids"].shape[1]:]
     for i in range(len(SIZES)):
-        single = _single(tiny_processor, i)
+        single = _single(host, i)
         alone = _generate(model, single, steps=4).sequences[:, single["input_ids"].shape[1]:]
         assert together[i].tolist() == alone[0].tolist()
-        assert tiny_processor.decode(together[i]) == tiny_processor.decode(alone[0])
+        assert host.processor.decode(together[i]) == host.processor.decode(alone[0])
 
 
 # ------------------------------------------------------------------------------ HF contract
-def test_contract_checks_fail_loudly_with_the_supported_range(tiny_vanilla, tiny_processor):
+def test_contract_checks_fail_loudly_with_the_supported_range(host, host_vanilla):
     spec = supported_range("transformers")
     assert spec.startswith("transformers>=") and "<" in spec  # read from the installed metadata
 
@@ -193,10 +191,10 @@ def test_contract_checks_fail_loudly_with_the_supported_range(tiny_vanilla, tiny
     with pytest.raises(HFContractError, match=r"pip install 'transformers>=") as err:
         check_attention(NoCacheAttention())
     assert "cache" in str(err.value)
-    attn = tiny_vanilla.model.language_model.layers[0].self_attn
+    attn = host_vanilla.model.language_model.layers[0].self_attn
     assert check_attention(attn) in ("cache", "past_key_values")
-    assert cache_argument(type(tiny_vanilla).forward, "forward") == check_attention(attn)
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    assert cache_argument(type(host_vanilla).forward, "forward") == check_attention(attn)
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     layer = model.pmod_layers[max(model.pmod_layers)]
     with pytest.raises(HFContractError, match="routing plan"):
         layer(torch.zeros(1, 3, model.config.text_config.hidden_size))
@@ -211,7 +209,7 @@ def test_layer_forward_reads_no_hf_cache_keyword():
 
 
 # ------------------------------------------------------------------------------ config
-def test_config_defaults_stay_derived(tiny_vanilla):
+def test_config_defaults_stay_derived(host_vanilla):
     soft = PMoDConfig().replace(weight_norm="softmax")
     assert (soft.norm_scale, soft.norm_bias) == (1.0, 1.0)
     back = soft.replace(weight_norm="tanh")
@@ -223,7 +221,7 @@ def test_config_defaults_stay_derived(tiny_vanilla):
     for bad in (-0.2, 0.0):
         with pytest.raises(ValueError, match="norm_scale must be positive"):
             PMoDConfig(norm_scale=bad)
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     model.set_pmod_ratios(weight_norm="softmax")
     layer = next(iter(model.pmod_layers.values()))
     assert (layer.pmod.norm_scale, layer.pmod.norm_bias) == (1.0, 1.0)
@@ -241,7 +239,7 @@ def test_flash_attention_equals_sdpa_prefill_and_decode(tiny_processor):
         model = to_pmod(vanilla.cuda(), PMoDConfig(shift=0.3))
         random_routers(model, seed=4)
         for i in (0, None):  # batch 1 (the packed-sequence trap) and a padded batch
-            inputs = _single(tiny_processor, 0) if i == 0 else make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+            inputs = make_inputs(tiny_processor, sizes=SIZES[:1] if i == 0 else SIZES, questions=QUESTIONS)
             inputs = {k: v.cuda() for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
             outs[(attn, i)] = _generate(model, inputs, steps=6)
@@ -283,18 +281,19 @@ def test_eval_answers_identical_at_batch_1_and_8(tiny_processor, one_thread, rou
 
 
 # ------------------------------------------------------------------------------ RoPE, owned
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_own_rope_reproduces_the_hf_attention_output(family):
-    """model/rope.py rotates q/k as the family's attention module does: an eager attention rebuilt from the
-    module's own projections and our RoPE equals the module's forward output (GQA, a real rope_theta)."""
+def _attention_and_rope(family):
+    """(attention module, (cos, sin), x) of one family: GQA 4/2 heads, a real rope_theta, two position offsets;
+    Qwen2.5-VL: M-RoPE's three rows (temporal row different from height/width), recomposed by its rotary."""
     import transformers
 
-    from pmod_bench.model.rope import apply_rope
-
-    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
-    cfg = getattr(transformers, f"{names}Config")(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                                  intermediate_size=32, num_hidden_layers=1, vocab_size=32,
-                                                  rope_theta=10000.0, max_position_embeddings=128)
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen2_5_vl": "Qwen2_5_VL"}[family]
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_hidden_layers=1,
+                  vocab_size=32, max_position_embeddings=128)
+    if family == "qwen2_5_vl":
+        cfg = transformers.Qwen2_5_VLTextConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                           "mrope_section": [2, 3, 3]})
+    else:
+        cfg = getattr(transformers, f"{names}Config")(**common, rope_theta=10000.0)
     cfg._attn_implementation = "eager"
     module = __import__(f"transformers.models.{family}.modeling_{family}", fromlist=["x"])
     torch.manual_seed(0)
@@ -303,10 +302,24 @@ def test_own_rope_reproduces_the_hf_attention_output(family):
         for p in (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias):
             torch.nn.init.normal_(p)
     rotary = getattr(module, f"{names}RotaryEmbedding")(config=cfg)
-    B, N, H, hd = 2, 9, 4, attn.head_dim
+    B, N = 2, 9
     x = torch.randn(B, N, 64)
     pos = torch.arange(N)[None].expand(B, -1) + torch.tensor([[0], [5]])  # two different offsets
-    cos, sin = rotary(x, pos)
+    if family == "qwen2_5_vl":
+        pos = torch.stack([pos, pos // 3, pos % 3 + 2])  # (3, B, N): distinct temporal / height / width rows
+    return attn, rotary(x, pos), x
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2_5_vl"])
+def test_own_rope_reproduces_the_hf_attention_output(family):
+    """model/rope.py rotates q/k as the family's attention module does: an eager attention rebuilt from the
+    module's own projections and our RoPE equals the module's forward output (GQA, a real rope_theta; Qwen2.5-VL:
+    the (cos, sin) its rotary recomposes from three M-RoPE rows, as every decoder layer receives them)."""
+    from pmod_bench.model.rope import apply_rope
+
+    attn, (cos, sin), x = _attention_and_rope(family)
+    B, N, _ = x.shape
+    H, hd = 4, attn.head_dim
     mask = torch.full((N, N), float("-inf")).triu(1)[None, None].expand(B, 1, N, N)
     with torch.no_grad():
         ref = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0]

@@ -11,11 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs
 from pmod_bench.methods import MethodError, apply_method, parse_method_spec
 from pmod_bench.methods.sparsevlm import SCHEDULES
 from pmod_bench.model.cache import PMoDCacheLayer, output_cache
-from pmod_bench.model.presets import build_preset
 
 SIZES = [(64, 48), (40, 90), (96, 96)]
 QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
@@ -23,12 +21,11 @@ SPECS = ["fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5", "sparsevlm:la
 
 
 @pytest.fixture(scope="module")
-def models():
-    """(method model, reference model): two copies of the same tiny vanilla LLaVA-NeXT (eager for the reference)."""
+def models(host):
+    """(method model, reference model): two copies of the same tiny vanilla model of each host (eager for the
+    reference)."""
     torch.set_num_threads(1)
-    model, _ = build_preset("tiny", pmod=None, seed=0)
-    ref, _ = build_preset("tiny", pmod=None, seed=0, attn_implementation="eager")
-    return model, ref
+    return host.build(seed=0), host.build(seed=0, attn_implementation="eager")
 
 
 # ---------------------------------------------------------------------------------- the reference
@@ -56,129 +53,158 @@ def _official_cluster(x, c):
     return torch.stack([x[assign == j].sum(0) / ((assign == j).sum() + 1e-6) for j in range(c)])
 
 
-def reference(ref, spec, emb, vis, query):
-    """Official algorithm of ``spec`` on one sample: emb (1, N, d) LLM input, vis (N,) bool vision
-    positions, ``query`` the index of the last prompt token. Returns (logits (N, vocab) at the
-    positions still present at the end, kept sets per decision as (N,) bool over the input)."""
-    cfg = parse_method_spec(spec)
-    lm = ref.model.language_model
-    N = emb.shape[1]
-    seq = list(range(N))  # the positions still in the sequence, in order
-    h = {p: emb[0, p] for p in seq}
-    pos = {p: p for p in seq}  # RoPE position of each token present
-    V0 = int(vis.sum())
-    vis_now = [p for p in seq if vis[p]]
-    decisions, raters = [], None
-    renumber = cfg.renumbers
+class OfficialReference:
+    """The official algorithm of one spec on one sample, step by step: dropped tokens really cut out of the sequence,
+    HF's eager attention weights of the plain HF layers, positions kept or renumbered.
 
-    def cut(keep_vis, new_tokens=()):
-        nonlocal seq, vis_now
+    ``emb`` (1, N, d) LLM input, ``vis`` (N,) bool vision positions, ``query`` the index of the last prompt token,
+    ``coords`` (R, N) the original position ids (1-D RoPE: one row ``0..N-1``; M-RoPE: HF's three rows). A token
+    present sits in an input *slot* whose coordinates it takes (its own; SparseVLM moves the kept and recycled tokens
+    into the first vision slots); renumbering = the slot's coordinates minus the slots left empty before it (1-D:
+    its index in the cut sequence, the official ``arange``; M-RoPE: every row shifted alike)."""
+
+    def __init__(self, ref, spec, emb, vis, query, coords=None):
+        self.ref, self.cfg, self.vis, self.query = ref, parse_method_spec(spec), vis, query
+        self.lm = ref.model.language_model
+        self.N = emb.shape[1]
+        self.coords = coords if coords is not None else torch.arange(self.N)[None]  # (R, N)
+        self.seq = list(range(self.N))  # the tokens still in the sequence, in order
+        self.h = {p: emb[0, p] for p in self.seq}
+        self.slot = {p: p for p in self.seq}
+        self.V0 = int(vis.sum())
+        self.vis_now = [p for p in self.seq if vis[p]]
+        self.decisions = []
+
+    def is_vis(self, p):
+        return isinstance(p, tuple) or bool(self.vis[p])
+
+    def cut(self, keep_vis, new_tokens=(), moved=False):
         keep = set(keep_vis)
-        new_seq = []
-        for p in seq:
-            if isinstance(p, tuple) or vis[p]:
-                if p in keep:
-                    new_seq.append(p)
-            else:
-                new_seq.append(p)
+        seq = [p for p in self.seq if not self.is_vis(p) or p in keep]
         if new_tokens:  # SparseVLM: recycled tokens right after the kept vision tokens
-            last_vis = max(i for i, p in enumerate(new_seq) if p in keep) if keep else [i for i, p in enumerate(new_seq) if not vis[p]][0] - 1
-            ids = []
-            for j, t in enumerate(new_tokens):
-                key = ("merged", len(decisions), j)
-                h[key] = t
-                ids.append(key)
-            new_seq = new_seq[: last_vis + 1] + ids + new_seq[last_vis + 1:]
-        seq = new_seq
-        vis_now = [p for p in seq if (isinstance(p, tuple) or vis[p])]
-        mark = torch.zeros(N, dtype=torch.bool)
-        for p in keep_vis:
-            if not isinstance(p, tuple):
-                mark[p] = True
-        decisions.append(mark)
-        if renumber:
-            for i, p in enumerate(seq):
-                pos[p] = i
-        for p in seq:
-            pos.setdefault(p, None)
+            last = max(i for i, p in enumerate(seq) if p in keep)
+            ids = [("merged", len(self.decisions), j) for j in range(len(new_tokens))]
+            self.h.update(zip(ids, new_tokens))
+            seq = seq[: last + 1] + ids + seq[last + 1:]
+        self.seq = seq
+        self.vis_now = [p for p in seq if self.is_vis(p)]
+        if moved:  # the vision tokens now fill the first vision slots, in order
+            slots = [p for p in range(self.N) if self.vis[p]]
+            self.slot.update(zip(self.vis_now, slots))
+        mark = torch.zeros(self.N, dtype=torch.bool)
+        mark[[p for p in keep_vis if not isinstance(p, tuple)]] = True
+        self.decisions.append(mark)
 
-    def x_now():
-        return torch.stack([h[p] for p in seq])[None]
+    def x_now(self):
+        return torch.stack([self.h[p] for p in self.seq])[None]
 
-    def p_now():
-        return torch.tensor([[pos[p] for p in seq]])
+    def p_now(self):
+        """(R, 1, n) position ids of the tokens present (original, or renumbered)."""
+        slots = torch.tensor([self.slot[p] for p in self.seq])
+        pos = self.coords[:, slots]
+        if self.cfg.renumbers:
+            filled = torch.zeros(self.N, dtype=torch.long)
+            filled[slots] = 1
+            pos = pos - ((1 - filled).cumsum(0) - (1 - filled))[slots]
+        return pos[:, None, :] if pos.shape[0] > 1 else pos
 
-    def last_row(rows):  # (H, n, n) -> the query row averaged over heads, at the vision tokens present
-        qi = seq.index(query)
-        r = rows.float().mean(0)[qi]
-        return {p: float(r[i]) for i, p in enumerate(seq) if p in vis_now}
+    def rope(self, x):
+        return self.lm.rotary_emb(x, self.p_now())
 
-    def top(scores, k):  # highest first, ties by position
-        order = sorted(scores, key=lambda p: (-scores[p], seq.index(p)))
-        return sorted(order[:k], key=seq.index)
+    def top(self, scores, k):  # highest first, ties by position
+        order = sorted(scores, key=lambda p: (-scores[p], self.seq.index(p)))
+        return sorted(order[:k], key=self.seq.index)
 
-    if cfg.name == "sparsevlm":  # text raters from the input embeddings
-        first = min(p for p in range(N) if vis[p])
-        t_idx = [p for p in range(query + 1) if not vis[p] and p > first]
-        v = emb[0, vis]
-        t = emb[0, t_idx]
-        m = torch.softmax(v @ t.T, dim=1).mean(0)
-        raters = [p for p, mm in zip(t_idx, m) if mm > m.mean()]
-        steps = dict(zip(cfg.sparse_layers, range(3)))
-    for l, layer in enumerate(lm.layers):
-        if cfg.name == "pyramiddrop" and l in cfg.boundaries:
-            s = cfg.boundaries.index(l) + 1
-            x = x_now()
-            cos, sin = lm.rotary_emb(x, p_now())
-            hn = layer.input_layernorm(x)
-            hd = layer.self_attn.head_dim
-            q = layer.self_attn.q_proj(hn).view(1, -1, 4, hd).transpose(1, 2)
-            k = layer.self_attn.k_proj(hn).view(1, -1, 2, hd).transpose(1, 2)
-            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    def row_scores(self, rows, weights):
+        """{vision token present: sum_r weights[r] * mean_heads rows[r]} from (H, n, n) attention weights."""
+        r = rows.float().mean(0)
+        return {p: float(sum(w * r[self.seq.index(q), i] for q, w in weights.items()))
+                for i, p in enumerate(self.seq) if p in self.vis_now}
 
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k = repeat_kv(k, 2)
-            qi = seq.index(query)
-            att = torch.softmax((q[:, :, qi:qi + 1] @ k.transpose(2, 3)) / hd ** 0.5, -1)[0, :, 0]  # (H, n)
-            r = att.mean(0)
-            scores = {p: float(r[i]) for i, p in enumerate(seq) if p in vis_now}
-            cut(top(scores, int(V0 * cfg.lam ** s)))
-        if cfg.name == "random_llm" and l == cfg.k:
-            mask = cfg.subset(V0, int(round(V0 * cfg.keep)))
-            cut([p for p, m in zip(vis_now, mask) if m])
-        x = x_now()
-        decide_here = (cfg.name == "fastv" and l == cfg.k - 1) or (cfg.name == "sparsevlm" and l in steps)
-        rows = _eager_rows(layer, x, p_now(), lm.rotary_emb) if decide_here else None
-        cos, sin = lm.rotary_emb(x, p_now())
+    def probe(self, layer):
+        """PyramidDrop: the last instruction token's attention row at ``layer`` (in (H, n, n)), from its own norm and
+        q/k, before it runs."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        x = self.x_now()
+        cos, sin = self.rope(x)
+        hn = layer.input_layernorm(x)
+        hd = layer.self_attn.head_dim
+        q = layer.self_attn.q_proj(hn).view(1, x.shape[1], -1, hd).transpose(1, 2)
+        k = layer.self_attn.k_proj(hn).view(1, x.shape[1], -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = repeat_kv(k, q.shape[1] // k.shape[1])
+        qi, n = self.seq.index(self.query), x.shape[1]
+        rows = torch.zeros(q.shape[1], n, n)  # (H, n, n): only the query's row is computed
+        rows[:, qi] = torch.softmax((q[:, :, qi:qi + 1] @ k.transpose(2, 3)) / hd ** 0.5, -1)[0, :, 0]
+        return rows
+
+    def layer_step(self, layer, want_rows):
+        """Run ``layer`` on the tokens present; its eager attention weights (H, n, n) if asked."""
+        x = self.x_now()
+        cos, sin = self.rope(x)
         n = x.shape[1]
         mask = torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]
-        out = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=p_now())[0]
-        for i, p in enumerate(seq):
-            h[p] = out[i]
-        if cfg.name == "fastv" and l == cfg.k - 1:
-            cut(top(last_row(rows), int(round(V0 * cfg.keep))))
-        if cfg.name == "sparsevlm" and l in steps:
-            k_, rec, c = cfg.steps(V0)[steps[l]]
-            rr = rows.float().mean(0)
-            rel = {p: float(sum(rr[seq.index(t), i] for t in raters) / len(raters)) for i, p in enumerate(seq) if p in vis_now}
-            kept = top(rel, k_)
-            pruned = {p: rel[p] for p in vis_now if p not in kept}
-            recycled = sorted(pruned, key=lambda p: (-pruned[p], seq.index(p)))[:rec]
-            merged = _official_cluster(torch.stack([h[p] for p in recycled]), c) if rec else []
-            # the kept set the implementation records: the first len(kept)+c vision slots of the input
-            vis_slots = [p for p in range(N) if vis[p]]
-            cut_kept = kept
-            cut(cut_kept, list(merged))
-            decisions[-1] = torch.zeros(N, dtype=torch.bool)
-            decisions[-1][vis_slots[: len(kept) + len(merged)]] = True
-            decisions[-1] = (decisions[-1], set(kept))
-    x = x_now()
-    logits = ref.lm_head(lm.norm(x))[0]
-    return {p: logits[i] for i, p in enumerate(seq) if not isinstance(p, tuple)}, decisions
+        rows = None
+        if want_rows:
+            _, w = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=mask)
+            rows = w[0]
+        out = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=self.p_now()[-1])[0]
+        self.h.update(zip(self.seq, out))
+        return rows
+
+    def raters(self, emb):
+        """SparseVLM's text raters from the input embeddings (uniform weights)."""
+        first = min(p for p in range(self.N) if self.vis[p])
+        t_idx = [p for p in range(self.query + 1) if not self.vis[p] and p > first]
+        m = torch.softmax(emb[0, self.vis] @ emb[0, t_idx].T, dim=1).mean(0)
+        chosen = [p for p, mm in zip(t_idx, m) if mm > m.mean()]
+        return {p: 1.0 / len(chosen) for p in chosen}
+
+    def sparsevlm_step(self, rows, raters, i):
+        k_, rec, c = self.cfg.steps(self.V0)[i]
+        rel = self.row_scores(rows, raters)
+        kept = self.top(rel, k_)
+        pruned = {p: rel[p] for p in self.vis_now if p not in kept}
+        recycled = sorted(pruned, key=lambda p: (-pruned[p], self.seq.index(p)))[:rec]
+        merged = _official_cluster(torch.stack([self.h[p] for p in recycled]), c) if rec else []
+        self.cut(kept, list(merged), moved=True)
+        # the kept set the implementation records: the first len(kept)+c vision slots of the input
+        mark = torch.zeros(self.N, dtype=torch.bool)
+        mark[[p for p in range(self.N) if self.vis[p]][: len(kept) + len(merged)]] = True
+        self.decisions[-1] = mark
+
+    def run(self, emb):
+        """(logits at the input positions still present at the end, the kept sets per decision (N,) bool)."""
+        cfg = self.cfg
+        raters = self.raters(emb) if cfg.name == "sparsevlm" else None
+        sparse = dict(zip(cfg.sparse_layers, range(3))) if cfg.name == "sparsevlm" else {}
+        for l, layer in enumerate(self.lm.layers):
+            if cfg.name == "pyramiddrop" and l in cfg.boundaries:
+                s = cfg.boundaries.index(l) + 1
+                self.cut(self.top(self.row_scores(self.probe(layer), {self.query: 1.0}), int(self.V0 * cfg.lam ** s)))
+            if cfg.name == "random_llm" and l == cfg.k:
+                mask = cfg.subset(self.V0, int(round(self.V0 * cfg.keep)))
+                self.cut([p for p, m in zip(self.vis_now, mask) if m])
+            fastv = cfg.name == "fastv" and l == cfg.k - 1
+            rows = self.layer_step(layer, fastv or l in sparse)
+            if fastv:
+                self.cut(self.top(self.row_scores(rows, {self.query: 1.0}), int(round(self.V0 * cfg.keep))))
+            if l in sparse:
+                self.sparsevlm_step(rows, raters, sparse[l])
+        logits = self.ref.lm_head(self.lm.norm(self.x_now()))[0]
+        return {p: logits[i] for i, p in enumerate(self.seq) if not isinstance(p, tuple)}, self.decisions
+
+
+def reference(ref, spec, emb, vis, query, coords=None):
+    """:class:`OfficialReference` of ``spec`` run on one sample."""
+    return OfficialReference(ref, spec, emb, vis, query, coords).run(emb)
 
 
 def _llm_input(model, inputs, layer=0):
     """The input of decoder layer ``layer`` (0: the LLM input embeddings) and the vision mask, vanilla forward (one sample)."""
+    from pmod_bench.model.hosts import host_for
+
     got = {}
     layer0 = model.model.language_model.layers[layer]
     def grab(m, a, kw):
@@ -190,7 +216,7 @@ def _llm_input(model, inputs, layer=0):
             model(**inputs)
     finally:
         hook.remove()
-    return got["x"], inputs["input_ids"][0] == model.config.image_token_id
+    return got["x"], host_for(model).vision_mask(model.config, inputs["input_ids"])[0]
 
 
 def _generate(model, inputs, steps=3):
@@ -200,9 +226,9 @@ def _generate(model, inputs, steps=3):
 
 # ------------------------------------------------------------------------------------- the tests
 @pytest.mark.parametrize("spec", SPECS)
-def test_matches_official_reference_prefill_and_cached_decode(models, tiny_processor, recorded, spec):
+def test_matches_official_reference_prefill_and_cached_decode(host, models, recorded, spec):
     model, ref = models
-    inputs = make_inputs(tiny_processor, sizes=[SIZES[1]], questions=[QUESTIONS[1]])
+    inputs = host.inputs(sizes=[SIZES[1]], questions=[QUESTIONS[1]])
     N = inputs["input_ids"].shape[1]
     emb, vis = _llm_input(apply_method(model, None), inputs)
     apply_method(model, spec)
@@ -213,10 +239,9 @@ def test_matches_official_reference_prefill_and_cached_decode(models, tiny_proce
     with torch.no_grad():
         full = torch.cat([emb, ref.get_input_embeddings()(new[None])], 1)
         vis_full = torch.cat([vis, torch.zeros(len(new), dtype=torch.bool)])
-        logits, ref_dec = reference(ref, spec, full, vis_full, query=N - 1)
+        logits, ref_dec = reference(ref, spec, full, vis_full, query=N - 1, coords=host.coords(ref, inputs, out.sequences))
     assert len(decided) == len(ref_dec) > 0
-    for mine, theirs in zip(decided, ref_dec):  # the selected indices, decision by decision
-        want = theirs[0] if isinstance(theirs, tuple) else theirs
+    for mine, want in zip(decided, ref_dec):  # the selected indices, decision by decision
         assert torch.equal(mine[:N], want[:N]), spec
     # prefill logits (the last prompt token) and every cached decode step == the reference's full recompute
     for t, step in enumerate(out.logits):
@@ -224,19 +249,23 @@ def test_matches_official_reference_prefill_and_cached_decode(models, tiny_proce
     apply_method(model, None)
 
 
-def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_processor, recorded):
+def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(host, models, recorded):
     model, _ = models
-    inputs = make_inputs(tiny_processor, sizes=[SIZES[0]], questions=[QUESTIONS[0]])
-    vis = inputs["input_ids"][0] == model.config.image_token_id
+    inputs = host.inputs(sizes=[SIZES[0]], questions=[QUESTIONS[0]])
+    vis = host.vision(model, inputs["input_ids"])[0]
     V = int(vis.sum())
     # crafted: layer k-1's queries are zero -> every key gets the same attention -> ties -> the first tokens
     apply_method(model, "fastv:k=3,keep=0.25")
     q = model.model.language_model.layers[2].self_attn.q_proj
     saved = (q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone())
     with torch.no_grad():
-        q.weight.zero_()
+        for t in (q.weight, q.bias):  # Qwen's projections have biases: zero them too
+            if t is not None:
+                t.zero_()
         model(**inputs)
         q.weight.copy_(saved[0])
+        if q.bias is not None:
+            q.bias.copy_(saved[1])
     kept = recorded[-1][0][vis]
     n = round(V * 0.25)
     assert kept[:n].all() and not kept[n:].any()
@@ -251,8 +280,8 @@ def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_proce
         layer = model.model.language_model.layers[1]
         x, _ = _llm_input(model, inputs, layer=1)
         with torch.no_grad():
-            pos = torch.arange(x.shape[1])[None]
-            cos, sin = model.model.language_model.rotary_emb(x, pos)
+            pos = host.coords(model, inputs, inputs["input_ids"])  # (R, N)
+            cos, sin = model.model.language_model.rotary_emb(x, pos[:, None] if pos.shape[0] > 1 else pos)
             hn = layer.input_layernorm(x)
             row = query_attention(layer.self_attn, layer.self_attn.q_proj(hn), layer.self_attn.k_proj(hn), (cos, sin), None, None,
                                   x.shape[1], torch.tensor([[x.shape[1] - 1]]), torch.ones(1, 1), None, None)
@@ -262,24 +291,24 @@ def test_fastv_row_equals_hf_eager_attention_and_crafted_ties(models, tiny_proce
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_batched_equals_single_and_cache_holds_kept_only(models, tiny_processor, spec):
+def test_batched_equals_single_and_cache_holds_kept_only(host, models, spec):
     model, _ = models
     apply_method(model, spec)
     try:
-        batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+        batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
         n = batch["input_ids"].shape[1]
         together = _generate(model, batch, steps=3)
         cache = output_cache(together)
         L = len(model.model.language_model.layers)
         cfg = parse_method_spec(spec)
         for i in range(len(SIZES)):
-            single = make_inputs(tiny_processor, sizes=[SIZES[i]], questions=[QUESTIONS[i]])
+            single = host.inputs(sizes=[SIZES[i]], questions=[QUESTIONS[i]])
             alone = _generate(model, single, steps=3)
             assert together.sequences[i, n:].tolist() == alone.sequences[0, single["input_ids"].shape[1]:].tolist()
             for a, b in zip(together.logits, alone.logits):
                 assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
             # KV entries: text + kept vision per layer (the analytic count), after prefill + 3 decode steps
-            V = int((single["input_ids"][0] == model.config.image_token_id).sum())
+            V = int(host.vision(model, single["input_ids"])[0].sum())
             T = single["input_ids"].shape[1] - V
             want = [T + v + 2 for v in cfg.layer_vision_tokens(L, V)]  # 3 steps: 2 decoded tokens are cached
             layers = output_cache(alone).layers
@@ -290,23 +319,23 @@ def test_batched_equals_single_and_cache_holds_kept_only(models, tiny_processor,
         apply_method(model, None)
 
 
-def test_on_pmod_model_and_no_host_sync(tiny_vanilla, tiny_processor, one_thread):
+def test_on_pmod_model_and_no_host_sync(host, host_vanilla, one_thread):
     from test_core_contract import syncs_inside
 
     from pmod_bench import PMoDConfig
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import random_routers
 
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     random_routers(model, seed=2)
     routed = set(model.pmod_layers)
     apply_method(model, "fastv:k=2,keep=0.5")
     assert set(model.pmod_layers) == routed  # method-only layers are not p-MoD layers
-    batch = make_inputs(tiny_processor, sizes=SIZES, questions=QUESTIONS)
+    batch = host.inputs(sizes=SIZES, questions=QUESTIONS)
     with torch.no_grad(), syncs_inside(model.model.language_model.layers[1:]) as mode:
         model(**batch, use_cache=True)
     assert mode.count == 0
-    out = _generate(model, make_inputs(tiny_processor, sizes=[SIZES[0]], questions=[QUESTIONS[0]]), steps=2)
+    out = _generate(model, host.inputs(sizes=[SIZES[0]], questions=[QUESTIONS[0]]), steps=2)
     assert out.sequences.shape[1] > 0
     apply_method(model, None)
     assert set(model.pmod_layers) == routed and type(model).__name__.startswith("PMoD")

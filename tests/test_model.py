@@ -185,26 +185,26 @@ def _vanilla_logits(model, inputs):
         return model(**inputs).logits
 
 
-def test_intact_at_insertion(tiny_vanilla, tiny_processor):
-    inputs = make_inputs(tiny_processor)
-    ref = _vanilla_logits(tiny_vanilla, inputs)
-    L = tiny_vanilla.config.text_config.num_hidden_layers
+def test_intact_at_insertion(host, host_vanilla):
+    inputs = host.inputs()
+    ref = _vanilla_logits(host_vanilla, inputs)
+    L = host_vanilla.config.text_config.num_hidden_layers
     # every ratio 1: no layer routes
-    same = to_pmod(tiny_vanilla, PMoDConfig(ratios=[1.0] * L))
+    same = to_pmod(host_vanilla, PMoDConfig(ratios=[1.0] * L))
     assert not same.pmod_layers
     assert (_vanilla_logits(same, inputs) - ref).abs().max() <= 1e-5
     # routers in place (zero-initialised) at ratio 1: TanhNorm weight is exactly 1, logits unchanged
-    model = to_pmod(tiny_vanilla, PMoDConfig())
+    model = to_pmod(host_vanilla, PMoDConfig())
     model.set_pmod_ratios(ratios=[1.0] * L)
     assert model.pmod_layers
-    target = inputs["input_ids"] == model.config.image_token_id
+    target = host.vision(model, inputs["input_ids"])
     for layer in model.pmod_layers.values():
         r = layer.router(torch.randn(2, 5, 64)).squeeze(-1)
-        assert torch.equal(layer._weights(r, torch.ones_like(r, dtype=torch.bool)), torch.ones_like(r))
+        assert torch.equal(layer.router.weights(r, torch.ones_like(r, dtype=torch.bool)), torch.ones_like(r))
     assert (_vanilla_logits(model, inputs) - ref).abs().max() <= 1e-5
     assert target.any()
     # the p-MoD model shares the vanilla tensors (no copy)
-    assert model.lm_head.weight.data_ptr() == tiny_vanilla.lm_head.weight.data_ptr()
+    assert model.lm_head.weight.data_ptr() == host_vanilla.lm_head.weight.data_ptr()
 
 
 def masked_reference_logits(model, inputs, string=True):
@@ -222,10 +222,14 @@ def masked_reference_logits(model, inputs, string=True):
     x = captured["inputs_embeds"]
     B, N, _ = x.shape
     pos = captured.get("position_ids")
-    if pos is None:
+    if model.host.position_rows == 3:  # M-RoPE: the three rows the text model derives (Qwen2.5-VL)
+        from pmod_bench.model.hosts.qwen2_5_vl import mrope_position_ids
+
+        pos = mrope_position_ids(captured)
+    elif pos is None:
         pos = torch.arange(N)[None].expand(B, N)
     pad = inputs["attention_mask"].bool()
-    target = inputs["input_ids"] == model.config.image_token_id
+    target = model.host.vision_mask(model.config, inputs["input_ids"])
     cos_sin = lm.rotary_emb(x, position_ids=pos)
     causal = torch.tril(torch.ones(N, N, dtype=torch.bool))
     eye = torch.eye(N, dtype=torch.bool)
@@ -261,21 +265,21 @@ def masked_reference_logits(model, inputs, string=True):
 
 
 @pytest.mark.parametrize("shift, string", [(0.5, True), (0.3, True), (0.8, True), (0.5, False)])
-def test_gather_scatter_equals_masked_reference(tiny_vanilla, tiny_processor, shift, string):
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])  # two images, different token counts
+def test_gather_scatter_equals_masked_reference(host, host_vanilla, shift, string):
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])  # two images, different token counts
     assert (inputs["attention_mask"] == 0).any(), "batch must be left-padded"
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=shift, string=string))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=shift, string=string))
     random_routers(model, seed=1)
     got = _vanilla_logits(model, inputs)
     ref = masked_reference_logits(model, inputs, string=string)
     valid = inputs["attention_mask"].bool()
     assert (got - ref)[valid].abs().max() < 1e-4
-    assert (got - _vanilla_logits(tiny_vanilla, inputs))[valid].abs().max() > 1e-3  # routing really changed something
+    assert (got - _vanilla_logits(host_vanilla, inputs))[valid].abs().max() > 1e-3  # routing really changed something
 
 
-def test_eager_equals_sdpa(tiny_vanilla, tiny_processor):
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.4))
+def test_eager_equals_sdpa(host, host_vanilla):
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.4))
     random_routers(model)
     sdpa = _vanilla_logits(model, inputs)
     model.set_attn_implementation("eager")
@@ -289,34 +293,30 @@ def test_eager_equals_sdpa(tiny_vanilla, tiny_processor):
 
 # ------------------------------------------------------------------------- cache and decode
 @pytest.mark.parametrize("shift", [0.5, 0.3])
-def test_cached_decode_equals_recompute(tiny_vanilla, tiny_processor, shift):
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=shift))
+def test_cached_decode_equals_recompute(host, host_vanilla, shift):
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    model = to_pmod(host_vanilla, PMoDConfig(shift=shift))
     random_routers(model, seed=2)
     if shift == 0.3:
         assert 0 in model.pmod_layers
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    seq = out.sequences
     n = inputs["input_ids"].shape[1]
-    attn = torch.cat([inputs["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - n, dtype=torch.long)], dim=1)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    full_inputs = dict(inputs, input_ids=seq, attention_mask=attn, position_ids=position_ids)
     with torch.no_grad():
-        full = model(**full_inputs, use_cache=False).logits
+        full = model(**host.full_inputs(inputs, out.sequences), use_cache=False).logits
     for t, step_logits in enumerate(out.logits):
         assert (step_logits - full[:, n - 1 + t]).abs().max() < 1e-4, f"decode step {t}"
 
 
-def test_kv_lengths_equal_tokens_processed(tiny_vanilla, tiny_processor):
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+def test_kv_lengths_equal_tokens_processed(host, host_vanilla):
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
     with torch.no_grad(), model.record_routing() as rec:
         out = model(**inputs, use_cache=True)
     cache = output_cache(out)
     pad = inputs["attention_mask"].bool()
-    target = inputs["input_ids"] == model.config.image_token_id
+    target = host.vision(model, inputs["input_ids"])
     n = inputs["input_ids"].shape[1]
     for i, layer in enumerate(cache.layers):
         if i in model.pmod_layers:
@@ -335,15 +335,15 @@ def test_kv_lengths_equal_tokens_processed(tiny_vanilla, tiny_processor):
     assert sum(model.kv_cache_entries(cache)) < vanilla_entries
 
 
-def test_batched_equals_one_by_one(tiny_vanilla, tiny_processor):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.4))
+def test_batched_equals_one_by_one(host, host_vanilla):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.4))
     random_routers(model, seed=3)
     sizes = [(64, 48), (40, 90), (96, 96)]
-    batch = make_inputs(tiny_processor, sizes=sizes)
+    batch = host.inputs(sizes=sizes)
     with torch.no_grad():
         together = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
     for i, size in enumerate(sizes):
-        single = make_inputs(tiny_processor, sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
+        single = host.inputs(sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
         with torch.no_grad():
             alone = model.generate(**single, max_new_tokens=5, do_sample=False)[:, single["input_ids"].shape[1]:]
         assert together[i].tolist() == alone[0].tolist()
@@ -351,15 +351,15 @@ def test_batched_equals_one_by_one(tiny_vanilla, tiny_processor):
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
         for i, size in enumerate(sizes):
-            single = make_inputs(tiny_processor, sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
+            single = host.inputs(sizes=[size], questions=[["What is shown in the image?", "Is there a red circle? Answer yes or no."][i % 2]])
             one = model.generate(**single, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
             assert (out.logits[0][i] - one.logits[0][0]).abs().max() < 1e-4
 
 
-def test_sampling_generate(tiny_vanilla, tiny_processor):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+def test_sampling_generate(host, host_vanilla):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
     torch.manual_seed(0)
     with torch.no_grad():
         a = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=20, temperature=1.0)
@@ -369,32 +369,33 @@ def test_sampling_generate(tiny_vanilla, tiny_processor):
     assert a.shape[1] == inputs["input_ids"].shape[1] + 6 and torch.equal(a, b)
 
 
-def test_static_cache_is_refused_with_a_clear_error(tiny_vanilla, tiny_processor):
+def test_static_cache_is_refused_with_a_clear_error(host, host_vanilla):
     from transformers import StaticCache
 
-    model = to_pmod(tiny_vanilla, PMoDConfig())
-    inputs = make_inputs(tiny_processor)
-    cache = StaticCache(config=model.config, max_cache_len=512)
+    model = to_pmod(host_vanilla, PMoDConfig())
+    inputs = host.inputs()
+    cache = StaticCache(config=model.config.text_config, max_cache_len=512)
     with pytest.raises(TypeError, match="DynamicCache"), torch.no_grad():
         model(**inputs, past_key_values=cache, use_cache=True)
 
 
 # --------------------------------------------------------------------------- save / load
-def test_save_load_roundtrip(tmp_path, tiny_vanilla, tiny_processor):
+def test_save_load_roundtrip(tmp_path, host, host_vanilla):
     import pmod_bench
 
     pmod_bench.register()
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.4, weight_norm="tanh"))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.4, weight_norm="tanh"))
     random_routers(model, seed=4)
     model.save_pretrained(tmp_path)
-    tiny_processor.save_pretrained(tmp_path)
+    host.processor.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     cfg = AutoConfig.from_pretrained(tmp_path)
-    assert cfg.model_type == "pmod_llava_next" and cfg.pmod_config.shift == 0.4
+    assert cfg.model_type == "pmod_" + host.name and cfg.pmod_config.shift == 0.4
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
-    assert type(loaded).__name__ == "PMoDLlavaNextForConditionalGeneration"
+    assert type(loaded).__name__ == model.host.pmod_class.__name__ == type(model).__name__
+    assert all(isinstance(l.router, torch.nn.Linear) and l.router.out_features == 1 for l in loaded.pmod_layers.values())
     assert sorted(loaded.pmod_layers) == sorted(model.pmod_layers)
     for i, layer in model.pmod_layers.items():
         assert torch.equal(loaded.pmod_layers[i].router.weight, layer.router.weight)
@@ -403,24 +404,25 @@ def test_save_load_roundtrip(tmp_path, tiny_vanilla, tiny_processor):
     assert (_vanilla_logits(loaded, inputs) - _vanilla_logits(model, inputs))[valid].abs().max() < 1e-5
 
 
-def test_vanilla_checkpoint_into_pmod_class_gets_zero_routers(tmp_path, tiny_vanilla):
-    from pmod_bench.model.hf_config import PMoDLlavaNextConfig
-    from pmod_bench.model.modeling import PMoDLlavaNextForConditionalGeneration, pmod_config_from
+def test_vanilla_checkpoint_into_pmod_class_gets_zero_routers(tmp_path, host, host_vanilla):
+    from pmod_bench.model.hosts import host_for
+    from pmod_bench.model.modeling import pmod_config_from
 
-    tiny_vanilla.save_pretrained(tmp_path)
-    cfg = pmod_config_from(tiny_vanilla.config, PMoDConfig())
-    assert isinstance(cfg, PMoDLlavaNextConfig)
-    model = PMoDLlavaNextForConditionalGeneration.from_pretrained(tmp_path, config=cfg)
+    adapter = host_for(host_vanilla)
+    host_vanilla.save_pretrained(tmp_path)
+    cfg = pmod_config_from(host_vanilla.config, PMoDConfig())
+    assert isinstance(cfg, adapter.pmod_config_class)
+    model = adapter.pmod_class.from_pretrained(tmp_path, config=cfg)
     for layer in model.pmod_layers.values():
         assert torch.count_nonzero(layer.router.weight) == 0 and torch.count_nonzero(layer.router.bias) == 0
 
 
 # --------------------------------------------------------------------------- training
-def test_training_loss_and_router_gradients(tiny_vanilla, tiny_processor):
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
+def test_training_loss_and_router_gradients(host, host_vanilla):
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     for string in (True, False):
-        model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5, string=string))
+        model = to_pmod(host_vanilla, PMoDConfig(shift=0.5, string=string))
         random_routers(model, seed=5)
         model.train()
         out = model(**inputs, labels=labels)
@@ -447,12 +449,12 @@ def test_training_loss_and_router_gradients(tiny_vanilla, tiny_processor):
         else:
             assert g is None or g.abs().sum() == 0
         model.zero_grad(set_to_none=True)
-    tiny_vanilla.eval()
+    host_vanilla.eval()
 
 
-def test_overflow_guard_names_layer_and_tensor(tiny_vanilla, tiny_processor):
-    inputs = make_inputs(tiny_processor)
-    model = to_pmod(tiny_vanilla, PMoDConfig(overflow_guard=True))
+def test_overflow_guard_names_layer_and_tensor(host, host_vanilla):
+    inputs = host.inputs()
+    model = to_pmod(host_vanilla, PMoDConfig(overflow_guard=True))
     layer_idx = min(model.pmod_layers)
     layer = model.pmod_layers[layer_idx]
     saved = layer.mlp.down_proj.weight.detach().clone()
@@ -469,8 +471,8 @@ def test_overflow_guard_names_layer_and_tensor(tiny_vanilla, tiny_processor):
 
 
 # ---------------------------------------------------------------- overrides, introspection
-def test_inference_time_overrides(tiny_vanilla, tiny_processor):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+def test_inference_time_overrides(host, host_vanilla):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     random_routers(model)
     trained = sorted(model.pmod_layers)
     ratios = model.set_pmod_ratios(shift=0.45)
@@ -479,10 +481,10 @@ def test_inference_time_overrides(tiny_vanilla, tiny_processor):
         model.set_pmod_ratios(shift=0.3)
     explicit = [1.0, 1.0, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2]
     assert model.set_pmod_ratios(ratios=explicit) == explicit
-    inputs = make_inputs(tiny_processor)
+    inputs = host.inputs()
     with torch.no_grad(), model.record_routing() as rec:
         model(**inputs)
-    V = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    V = int(host.vision(model, inputs["input_ids"]).sum())
     assert {i: int(r["selected"].sum()) for i, r in rec.items()} == {
         i: int(np.trunc(np.float32(V) * np.float32(explicit[i]))) for i in trained
     }
@@ -555,10 +557,10 @@ def test_demo_cli_prints_per_layer_table():
     assert bad.returncode == 2 and "WIDTHxHEIGHT" in bad.stderr
 
 
-def test_beam_search_and_gradient_checkpointing(tiny_vanilla, tiny_processor):
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.3))
+def test_beam_search_and_gradient_checkpointing(host, host_vanilla):
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
-    inputs = make_inputs(tiny_processor, sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
     with torch.no_grad():  # beam search reorders the per-layer caches (and their validity masks)
         out = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
         hidden = model(**inputs, output_hidden_states=True).hidden_states
@@ -593,10 +595,10 @@ def test_cuda_bf16_generate_is_finite(tiny_processor, attn):
     assert torch.isfinite(torch.stack(out.logits)).all()
 
 
-def test_override_saved_and_reloaded(tmp_path, tiny_vanilla):
+def test_override_saved_and_reloaded(tmp_path, host, host_vanilla):
     from transformers import AutoModelForImageTextToText
 
-    model = to_pmod(tiny_vanilla, PMoDConfig(shift=0.5))
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.5))
     random_routers(model)
     ratios = model.set_pmod_ratios(shift=0.6)  # some trained router layers now keep every token
     assert 1.0 in [ratios[i] for i in model.pmod_layers]

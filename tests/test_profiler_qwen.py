@@ -9,7 +9,8 @@ import pytest
 
 from pmod_bench.profiler.arch import load_arch, vision_layout
 from pmod_bench.profiler.flops import llm_decode_flops, llm_prefill_flops, vision_flops
-from pmod_bench.profiler.qwen import LMMS_EVAL_MAX_PIXELS, LMMS_EVAL_MIN_PIXELS, QwenGrid, window_segments, with_pixels
+from pmod_bench.profiler.arch import with_pixels
+from pmod_bench.profiler.qwen import LMMS_EVAL_MAX_PIXELS, LMMS_EVAL_MIN_PIXELS, QwenGrid, window_segments
 from pmod_bench.profiler.variants import Baseline, PMoD, make_pmod_config
 
 VARIANTS = (Baseline(), PMoD(make_pmod_config(shift=0.5)))

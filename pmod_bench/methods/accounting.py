@@ -15,7 +15,7 @@ matrix products only, attention counted full. For one sample (one image of ``til
 
 The solver (:func:`solve`) evaluates every budget setting a method offers
 (:meth:`MethodConfig.candidates`) and keeps the one whose metric is closest to the target (a method whose
-budget has several axes may define ``prefer(candidate)``: then, of the settings within tolerance, the one it
+budget has several axes overrides :meth:`MethodConfig.prefer`: then, of the settings within tolerance, the one it
 ranks first, e.g. iLLaVA's nearest its configured split between the vision and the LLM side):
 ``prefill`` = the LLM prefill FLOPs (the profiler's headline ``prefill_tflops``, or the paper's
 convention with ``convention="paper"``), ``ttft`` = vision side + LLM prefill, ``kv`` = the
@@ -28,95 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, parse_method_spec
+from pmod_bench.profiler.scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
+
+from .base import MethodConfig, MethodError, ModelGeometry, parse_method_spec
+from .flops import MethodFlops, method_account, tower_flops  # noqa: F401  (re-exported)
 
 #: the solver's default relative tolerance
 MATCH_TOLERANCE = 0.01
 METRICS = ("prefill", "ttft", "kv")
 
 
-@dataclass(frozen=True)
-class MethodFlops:
-    """Analytic FLOPs of one sample under a method (2 per multiply-add)."""
-
-    vision_encoder: int
-    projector: int
-    method_extra: int
-    llm_prefill: int
-    """LLM prefill, the profiler's headline (attention full, lm_head on ``logits_tokens`` positions)"""
-    llm_prefill_paper: int
-    """the paper's convention (decoder weights + lm_head on all positions, no attention products)"""
-    llm_vision_tokens: int
-    baseline_vision_tokens: int
-    exact: bool = True
-    note: str = ""
-    layer_vision_tokens: tuple = ()
-    """In-LLM methods: vision tokens each LLM layer processes and caches (empty: ``llm_vision_tokens`` at every layer)."""
-    llm_extra: int = 0
-    """In-LLM methods: their own products inside the LLM (attention rows, extra projections, clustering),
-    already included in ``llm_prefill`` / ``llm_prefill_paper``."""
-
-    @property
-    def vision(self) -> int:
-        return self.vision_encoder + self.projector + self.method_extra
-
-    @property
-    def ttft(self) -> int:
-        return self.vision + self.llm_prefill
-
-    @property
-    def kv_ratio(self) -> float:
-        if self.layer_vision_tokens:
-            return sum(self.layer_vision_tokens) / (len(self.layer_vision_tokens) * self.baseline_vision_tokens)
-        return self.llm_vision_tokens / self.baseline_vision_tokens
-
-
-def _image_hw(image_size: tuple[int, int]) -> tuple[int, int]:
-    """The profiler's (width, height) -> the processor's (height, width)."""
-    return int(image_size[1]), int(image_size[0])
-
-
-def method_account(cfg: MethodConfig, arch, image_size: tuple[int, int]) -> tuple[ModelGeometry, VisionAccount, int]:
-    """(geometry, the method's account of one image, the baseline's vision tokens) on ``arch`` at (width, height)."""
-    from pmod_bench.profiler.arch import vision_layout
-
-    geometry = ModelGeometry.from_config(arch.config)
-    cfg.check_model(geometry)
-    layout = vision_layout(arch, image_size)
-    acc = cfg.account(geometry, layout.tiles, _image_hw(image_size), arch.config)
-    return geometry, acc, layout.vision_tokens
-
-
-def tower_flops(arch, tokens: int, tiles: int) -> int:
-    """CLIP tower over ``tiles`` tiles of ``tokens`` tokens (patches + [CLS]): patch conv + every layer."""
-    v = arch.vision
-    conv = 2 * v.channels * v.patch_size ** 2 * v.hidden * (tokens - 1)
-    per_layer = 2 * tokens * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate) + 4 * tokens * tokens * v.hidden
-    return tiles * (conv + v.layers * per_layer)
-
-
 def method_flops(cfg: MethodConfig, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> MethodFlops:
-    """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (module docstring)."""
-    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
-
-    own = getattr(cfg, "method_flops", None)
-    if callable(own):  # a method with its own accounting (iLLaVA: tokens change inside the tower and inside the LLM)
-        return own(arch, image_size, text_tokens, logits_tokens)
-    if cfg.stage == "llm":  # in-LLM methods: per-layer token counts + their own products (methods/llm.py)
-        from .llm import llm_method_flops
-
-        return llm_method_flops(cfg, arch, image_size, text_tokens, logits_tokens)
-
-    _, acc, base_v = method_account(cfg, arch, image_size)
-    t = arch.text
-    V = acc.llm_tokens
-    kept = [V] * t.layers
-    llm = llm_prefill_flops(t, text_tokens, V, kept, (), logits_tokens).total("full")
-    paper = paper_prefill_flops(t, text_tokens, V, kept)
-    projector = 2 * acc.projector_tokens * (arch.projector_in * arch.projector_hidden + arch.projector_hidden ** 2)
-    return MethodFlops(vision_encoder=tower_flops(arch, acc.tower_tokens, acc.tower_tiles), projector=projector,
-                       method_extra=acc.extra_flops, llm_prefill=llm, llm_prefill_paper=paper, llm_vision_tokens=V,
-                       baseline_vision_tokens=base_v, exact=acc.exact, note=acc.note)
+    """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (:meth:`MethodConfig.method_flops`; module docstring)."""
+    return cfg.method_flops(arch, image_size, text_tokens, logits_tokens)
 
 
 # ------------------------------------------------------------------------------------------ solver
@@ -195,9 +119,9 @@ def _unreachable(name: str, shown: str, where: str, target: float, baseline: flo
             f"{_fmt(metric, lo)}, {_fmt(metric, hi)}. Pass a larger tolerance (--match-tolerance) or another target.")
 
 
-def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, int] = (672, 672), *,
+def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, int] = PAPER_IMAGE_SIZE, *,
           match: Optional[str] = None, tflops: Optional[float] = None, kv: Optional[float] = None,
-          text_tokens: int = 58, metric: str = "prefill", convention: str = "headline", logits_tokens: int = 1,
+          text_tokens: int = PAPER_TEXT_TOKENS, metric: str = "prefill", convention: str = "headline", logits_tokens: int = 1,
           tolerance: float = MATCH_TOLERANCE) -> MatchResult:
     """Solve ``method``'s token budget to a target (exactly one of ``match`` / ``tflops`` / ``kv``) within ``tolerance``.
 
@@ -254,9 +178,8 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
         where = f"on {arch.name} at {image_size[0]}x{image_size[1]}"
         baseline = target_value("baseline", arch, image_size, text_tokens, metric, convention, logits_tokens)
         raise MethodError(_unreachable(cfg.name, shown, where, target, baseline, values, metric, tolerance))
-    prefer = getattr(cfg, "prefer", None)
-    if callable(prefer):  # a budget of several axes (iLLaVA): of the settings within tolerance, the method's preferred one
-        err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (prefer(s[1]), s[0]))
+    # of the settings within tolerance, the method's preferred one (a budget of several axes: iLLaVA), else the nearest
+    err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (cfg.prefer(s[1]), s[0]))
     return MatchResult(chosen, metric, target, val, err, label, convention, chosen.budget(), target_pmod)
 
 

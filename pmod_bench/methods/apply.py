@@ -1,16 +1,19 @@
-"""``apply_method(model, cfg)``: run an HF LLaVA / LLaVA-NeXT model (vanilla or p-MoD) with a method.
+"""Run any supported model (vanilla or p-MoD) with a comparison method: :func:`apply_method`.
 
-The model's class becomes a subclass of its own class with :class:`MethodModelMixin` in front (one
-class per base class, cached; every weight, buffer and config stays the model's own). The mixin
-adds only what differs, in the model's own entry points:
+The method is *applied*, not patched in: an :class:`AppliedMethod` (the method's config and the
+model's geometry) is handed to the model's routed forward (:class:`pmod_bench.model.routed.SparseModelMixin`,
+which a p-MoD model has and a vanilla model gets from its host adapter's class map, the only class
+change). The forward calls it at its own entry points:
 
-* ``forward`` / ``generate`` with ``pixel_values`` and image tokens in ``input_ids``: the method
-  turns each image into its (shorter) features (:meth:`MethodModelMixin.method_inputs`), the prompt
-  becomes ``inputs_embeds`` with those features where the image tokens were, left-padded, with its
-  attention mask and position ids; the parent's ``forward`` / ``generate`` then runs the LLM on it.
-  A p-MoD parent also gets ``vision_token_mask`` (the positions of the new vision features), so its
-  routing targets exactly them;
-* everything else (text-only prompts, decode steps with the cache) goes to the parent unchanged.
+* ``forward`` / ``generate`` with ``pixel_values`` and image tokens in ``input_ids``, under a method
+  that acts on the vision features (``shortens_prompt``): the method turns each image into its
+  (shorter) features (:meth:`AppliedMethod.method_inputs`), the prompt becomes ``inputs_embeds`` with
+  those features where the image tokens were, left-padded, with its attention mask, position ids and
+  ``vision_token_mask`` (the positions of the new vision features, which p-MoD's routing targets);
+  the model's own ``forward`` / ``generate`` then runs the LLM on it;
+* an in-LLM method (``first_layer()``): the decoder layers from that layer on read the routing plan,
+  and each forward with vision tokens gets the method's token policy (``start``);
+* everything else (text-only prompts, decode steps with the cache) runs unchanged.
 
 The flow of one prefill (B samples, image ``i`` with ``t_i`` tiles, ``P`` patches per tile)::
 
@@ -21,17 +24,18 @@ The flow of one prefill (B samples, image ``i`` with ``t_i`` tiles, ``P`` patche
 ``generate`` returns ``input_ids`` followed by the new tokens (the same layout as without a
 method); ``forward`` returns logits over the shortened sequence (B, N', V): it ends where the
 prompt ends, so the last ``k`` positions are the last ``k`` prompt tokens. To continue decoding by
-hand, use the ``attention_mask`` / ``position_ids`` of :meth:`method_inputs` (a mask in the
-original layout does not match the cache and is refused with that advice).
+hand, use the ``attention_mask`` / ``position_ids`` of :meth:`AppliedMethod.method_inputs` (a mask in
+the original layout does not match the cache and is refused with that advice).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
+
+from pmod_bench.model.compat import CACHE_ARGUMENTS
 
 from .base import MethodConfig, MethodError, ModelGeometry, parse_method_spec
 from .vision import CompressedImage, hf_image_tokens, split_tiles
@@ -57,22 +61,29 @@ class MethodInputs:
     """per image of the batch (in order): features and what was kept"""
 
 
-class MethodModelMixin:
-    """Put in front of an HF LLaVA(-NeXT) class by :func:`apply_method`; see the module docstring."""
+class AppliedMethod:
+    """A method applied to a model (module docstring): what the model's routed forward calls."""
 
-    method_config: MethodConfig
-    method_geometry: ModelGeometry
+    def __init__(self, config: MethodConfig, geometry: ModelGeometry) -> None:
+        self.config = config
+        self.geometry = geometry
 
-    # ------------------------------------------------------------------------------- the inputs
-    def method_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor] = None,
-                      attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> MethodInputs:
+    def first_layer(self) -> Optional[int]:
+        return self.config.first_layer()
+
+    def start(self, model, plan, kwargs: dict):
+        return self.config.start(model, plan, kwargs)
+
+    def method_inputs(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                      image_sizes: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None) -> MethodInputs:
         """Compress every image of the batch and build the shortened, left-padded LLM inputs."""
-        cfg = self.method_config
-        image_token = self.config.image_token_id
-        tiles = split_tiles(self, pixel_values, image_sizes)
+        cfg = self.config
+        image_token = model.config.image_token_id
+        tiles = split_tiles(model, pixel_values, image_sizes)
         sizes = [None] * len(tiles) if image_sizes is None else [tuple(int(x) for x in s) for s in image_sizes.tolist()]
-        images = cfg.compress(self, self.method_geometry, tiles, sizes)
-        embed = self.get_input_embeddings()
+        images = cfg.compress(model, self.geometry, tiles, sizes)
+        embed = model.get_input_embeddings()
         B, N = input_ids.shape
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         seqs: list[torch.Tensor] = []
@@ -100,7 +111,7 @@ class MethodModelMixin:
                 if k >= len(images):
                     raise MethodError(f"sample {b} has more image-token runs than the batch has images ({len(images)}); "
                                       "pass one image per <image> token.")
-                expect = hf_image_tokens(self.config, sizes[k])
+                expect = hf_image_tokens(model.config, sizes[k])
                 if pos + expect > n_b or not bool(is_img[pos:pos + expect].all()):
                     raise MethodError(f"sample {b}: image {k} should fill {expect} image tokens from position {pos} (the "
                                       "processor's expansion of <image>); the input_ids do not match the images given.")
@@ -135,69 +146,60 @@ class MethodModelMixin:
         return MethodInputs(embeds, am, pos_ids, vm, lb, images)
 
     # ------------------------------------------------------------------------------ entry points
-    def _is_pmod(self) -> bool:
-        return hasattr(self, "pmod_layers")
-
-    def _reads_plan(self) -> bool:
-        """The parent's forward builds a routing plan (p-MoD, or an in-LLM method's routed class): it takes vision_token_mask."""
-        return self._is_pmod() or getattr(self, "llm_method", None) is not None
-
-    def _has_images(self, input_ids, pixel_values) -> bool:
-        cfg = self.method_config
-        if cfg.stage != "vision" and not getattr(cfg, "compresses_vision", False):
-            return False  # in-LLM methods: the LLM gets every image feature (methods/llm.py); iLLaVA acts on both sides
+    def _has_images(self, model, input_ids, pixel_values) -> bool:
+        if not self.config.shortens_prompt:
+            return False  # in-LLM methods: the LLM gets every image feature (methods/llm.py)
         return (pixel_values is not None and input_ids is not None and pixel_values.numel() > 0
-                and bool((input_ids == self.config.image_token_id).any()))
+                and bool((input_ids == model.config.image_token_id).any()))
 
-    def forward(self, *args, **kwargs):
-        parent = super().forward
-        if args:
-            names = [n for n in inspect.signature(parent).parameters if n != "self"]
-            kwargs.update(zip(names, args))
+    def prefill(self, model, kwargs: dict) -> dict:
+        """The forward's keyword arguments with the prompt shortened (images present), else as given."""
         input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if not self._has_images(input_ids, pixel_values):
-            self._check_decode_mask(kwargs, cache)
-            return parent(**kwargs)
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        cache = next((kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
+        if not self._has_images(model, input_ids, pixel_values):
+            self._check_decode_mask(model, kwargs, cache)
+            return kwargs
+        if cache is not None and cache.get_seq_length() > 0:
             raise MethodError("images given with a non-empty cache: a method compresses the whole prompt at once; "
                               "start from an empty cache (or use generate()).")
-        mi = self.method_inputs(input_ids, pixel_values, kwargs.pop("image_sizes", None), kwargs.get("attention_mask"),
+        mi = self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None), kwargs.get("attention_mask"),
                                 kwargs.get("labels"))
-        kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
+        kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask,
+                      vision_token_mask=mi.vision_token_mask)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = mi.position_ids
         if kwargs.get("labels") is not None:
             kwargs["labels"] = mi.labels
-        if self._reads_plan():
-            kwargs["vision_token_mask"] = mi.vision_token_mask
-        return parent(**kwargs)
+        return kwargs
 
-    def _check_decode_mask(self, kwargs: dict, cache: Any) -> None:
+    def _check_decode_mask(self, model, kwargs: dict, cache: Any) -> None:
+        from pmod_bench.model.routed import PMoDModelMixin
+
         mask = kwargs.get("attention_mask")
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        if cache is None or mask is None or ref is None or not hasattr(cache, "get_seq_length") or mask.dim() != 2:
+        if cache is None or mask is None or ref is None or not self.config.shortens_prompt or mask.dim() != 2:
             return
-        if self._is_pmod() and self.layer_ratios()[0] < 1.0:
+        if isinstance(model, PMoDModelMixin) and model.layer_ratios()[0] < 1.0:
             return  # layer 0 routes: its cache length is not the sequence length
         want = cache.get_seq_length() + ref.shape[1]
         if mask.shape[1] > want:
             raise MethodError(f"attention_mask has {mask.shape[1]} columns but the cache holds {want - ref.shape[1]} entries "
-                              f"(+{ref.shape[1]} new): the prompt was shortened by {self.method_config.name}. Continue with "
+                              f"(+{ref.shape[1]} new): the prompt was shortened by {self.config.name}. Continue with "
                               "the attention_mask of model.method_inputs(...) (or use generate()).")
 
-    def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+    def generate(self, model, parent_generate, inputs: Optional[torch.Tensor], args: tuple, kwargs: dict):
+        """``model.generate`` with the prompt shortened (images present); the output starts with ``input_ids``."""
         input_ids = kwargs.pop("input_ids", inputs)
         pixel_values = kwargs.get("pixel_values")
-        if not self._has_images(input_ids, pixel_values):
-            return super().generate(input_ids, *args, **kwargs)
+        if not self._has_images(model, input_ids, pixel_values):
+            return parent_generate(input_ids, *args, **kwargs)
         if args:
             raise MethodError("pass generate()'s options by keyword (generation_config=..., ...) when a method is applied.")
         kwargs.pop("pixel_values")
-        mi = self.method_inputs(input_ids, pixel_values, kwargs.pop("image_sizes", None), kwargs.pop("attention_mask", None))
-        if self._reads_plan():
-            kwargs["vision_token_mask"] = mi.vision_token_mask
-        out = super().generate(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask, **kwargs)
+        mi = self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None),
+                                kwargs.pop("attention_mask", None))
+        out = parent_generate(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask,
+                              vision_token_mask=mi.vision_token_mask, **kwargs)
         # with inputs_embeds only, HF returns just the new tokens: put the prompt in front (the usual layout)
         if isinstance(out, torch.Tensor):
             return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
@@ -205,67 +207,48 @@ class MethodModelMixin:
         return out
 
 
-_CLASSES: dict[type, type] = {}
+def _host(model):
+    """The host adapter of ``model``; MethodError names the supported model classes."""
+    from pmod_bench.model.hosts import HostError, host_for, supported_hosts
 
-
-def _method_class(base: type) -> type:
-    if base not in _CLASSES:
-        def forward(self, *args, **kwargs):
-            return MethodModelMixin.forward(self, *args, **kwargs)
-
-        # generate() validates its model kwargs against forward's signature: keep the parent's (p-MoD: + vision_token_mask)
-        forward.__signature__ = inspect.signature(base.forward)
-        forward.__doc__ = base.forward.__doc__
-        _CLASSES[base] = type(f"{base.__name__}WithMethod", (MethodModelMixin, base),
-                              {"__module__": __name__, "forward": forward,
-                               "__doc__": f"{base.__name__} run with a comparison method (apply_method)."})
-    return _CLASSES[base]
+    try:
+        return host_for(model)
+    except HostError:
+        names = ", ".join(h.vanilla_class.__name__ for h in supported_hosts())
+        raise MethodError(f"comparison methods apply to HF models of a supported family ({names}; vanilla or p-MoD, as "
+                          f"load_model returns them), got {type(model).__name__}.") from None
 
 
 def apply_method(model, method: Union[str, dict, MethodConfig, None], **method_args: Any):
-    """Run ``model`` (an HF LLaVA / LLaVA-NeXT model, vanilla or p-MoD) with ``method``; returns the model.
+    """Run ``model`` (a supported HF model, vanilla or p-MoD) with ``method``; returns the model (the same object).
 
     ``method``: a spec (``"visionzip:dominant=54,contextual=10"``), a dict (``to_dict`` form) or a
     config; ``method_args`` override its options (typed values). ``None`` removes a method applied
     before. Methods that rank by [CLS] attention switch the vision tower to eager attention (SDPA
-    returns no weights; the official code runs eager attention too). Validated against the model.
+    returns no weights; the official code runs eager attention too). Validated against the model
+    (its family, its geometry) before anything changes.
     """
-    from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
-    from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration
+    from pmod_bench.model.routed import SparseModelMixin
 
-    cls = type(model)
-    base = cls.__mro__[2] if issubclass(cls, MethodModelMixin) else cls
-    if getattr(model, "llm_method", None) is not None:  # an in-LLM method applied before: undo it first
-        from .llm import original_class, uninstall
-
-        uninstall(model)
-        base = original_class(cls)
+    host = _host(model)
     if method is None:
-        if issubclass(cls, MethodModelMixin):
-            model.__class__ = base
-            for attr in ("method_config", "method_geometry"):
-                model.__dict__.pop(attr, None)
+        if isinstance(model, SparseModelMixin):
+            model.use_method(None)
+        host.without_routing(model)
         return model
-    if not issubclass(base, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
-        raise MethodError(f"comparison methods apply to HF LlavaForConditionalGeneration / LlavaNextForConditionalGeneration "
-                          f"models (vanilla or p-MoD, as load_model returns them), got {cls.__name__}.")
     cfg = parse_method_spec(method, **method_args)
+    cfg.check_host(host)
     geometry = ModelGeometry.from_config(model.config)
     cfg.check_model(geometry)
-    if cfg.stage == "llm":  # wrap the layers it needs; a vanilla model gets the routed forward (methods/llm.py)
-        from .llm import install
-
-        base = install(model, cfg, geometry, base)
+    host.check(model)
     if cfg.needs_attentions:
         tower = model.model.vision_tower
         tower.set_attn_implementation("eager")
         if tower.config._attn_implementation != "eager":
             raise MethodError(f"could not switch the vision tower to eager attention (it runs "
                               f"{tower.config._attn_implementation}); {cfg.name} needs its attention weights.")
-    model.__class__ = _method_class(base)
-    model.method_config = cfg
-    model.method_geometry = geometry
+    host.with_routing(model).use_method(AppliedMethod(cfg, geometry))
     return model
 
 
-__all__ = ["apply_method", "MethodModelMixin", "MethodInputs"]
+__all__ = ["apply_method", "AppliedMethod", "MethodInputs"]

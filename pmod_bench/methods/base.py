@@ -34,15 +34,19 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 
 from pmod_bench.fielddocs import field_docs
 from pmod_bench.model.config import SpecError, split_spec
+from pmod_bench.model.registry import Registry
 
-#: registered name -> MethodConfig subclass
-METHODS: dict[str, type["MethodConfig"]] = {}
+from .geometry import MethodError, ModelGeometry, VisionAccount
+
+def _norm(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+#: registered name -> MethodConfig subclass; every module of this package is imported on the first lookup
+#: (:class:`pmod_bench.model.registry.Registry`): a new method is one module, no list to edit
+METHODS: Registry[type["MethodConfig"]] = Registry("comparison method", package="pmod_bench.methods", normalise=_norm)
 
 STAGES = ("vision", "llm")
-
-
-class MethodError(ValueError):
-    """A method spec or config that cannot be used; the message names the fix."""
 
 
 # ------------------------------------------------------------------------------------- fields
@@ -99,65 +103,6 @@ def _convert(text: str, tp: Any, what: str) -> Any:
     return s
 
 
-# ------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What a method's limits depend on: the vision tile and the LLM depth of one architecture."""
-
-    patches_per_side: int
-    """Patch grid of one tile (CLIP ViT-L/14-336: 24)."""
-    vision_layers: int
-    """Encoder layers of the vision tower (24)."""
-    feature_layer: int
-    """Index into the vision tower's hidden states that LLaVA reads (-2 = the penultimate layer's output)."""
-    text_layers: int
-    """Decoder layers of the LLM (Vicuna-7B: 32)."""
-    anyres: bool
-    """LLaVA-NeXT (anyres tiles + image_newline) rather than LLaVA-1.5 (one tile)."""
-    drop_cls: bool = True
-    """vision_feature_select_strategy 'default' (the CLS feature is not given to the LLM)."""
-
-    @property
-    def patches(self) -> int:
-        return self.patches_per_side ** 2
-
-    @property
-    def feature_index(self) -> int:
-        """Non-negative index of the selected hidden state (0 = embeddings, L = last layer's output)."""
-        return self.feature_layer % (self.vision_layers + 1)
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelGeometry":
-        """From an HF ``LlavaConfig`` / ``LlavaNextConfig`` (or their p-MoD subclasses)."""
-        v, t = config.vision_config, config.text_config
-        layer = config.vision_feature_layer
-        if isinstance(layer, (list, tuple)):
-            raise MethodError(f"vision_feature_layer {list(layer)} concatenates several layers; the comparison methods "
-                              "follow the official code, which reads one layer (-2). Use a model that reads one layer.")
-        return cls(patches_per_side=v.image_size // v.patch_size, vision_layers=v.num_hidden_layers, feature_layer=int(layer),
-                   text_layers=t.num_hidden_layers, anyres=hasattr(config, "image_grid_pinpoints"),
-                   drop_cls=getattr(config, "vision_feature_select_strategy", "default") == "default")
-
-
-@dataclass(frozen=True)
-class VisionAccount:
-    """The vision side of one image under a method, for the analytic FLOPs (2 per multiply-add, matmuls only)."""
-
-    llm_tokens: int
-    """Vision tokens the LLM receives for this image."""
-    tower_tokens: int
-    """Tokens per tile inside the vision tower (patches + [CLS]; fewer for the downsampling baseline)."""
-    tower_tiles: int
-    """Tiles the tower runs on."""
-    projector_tokens: int
-    """Tokens the projector runs on (all tiles)."""
-    extra_flops: int = 0
-    """The method's own matrix products (similarities, merges, [CLS]-row attention), all tiles."""
-    exact: bool = True
-    """False where the count depends on the image (PruMerge's adaptive ratio): then an estimate."""
-    note: str = ""
-
-
 # ------------------------------------------------------------------------------------- configs
 @dataclass
 class MethodConfig:
@@ -170,6 +115,8 @@ class MethodConfig:
     """The official repository and commit the implementation follows."""
     needs_attentions: ClassVar[bool] = False
     """Needs the vision tower's attention maps (HF ``output_attentions``; eager attention in the tower)."""
+    compresses_vision: ClassVar[bool] = False
+    """An ``llm`` method that also shortens the image features before the LLM (iLLaVA)."""
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -226,6 +173,39 @@ class MethodConfig:
         """Vision-side methods: the images' tiles -> one CompressedImage per image (see vision.py)."""
         raise NotImplementedError(f"{self.name} does not act on the vision features")
 
+    @property
+    def shortens_prompt(self) -> bool:
+        """Whether the method turns the image features into fewer before the LLM (the vision stage)."""
+        return self.stage == "vision" or self.compresses_vision
+
+    def first_layer(self) -> Optional[int]:
+        """The first decoder layer that reads the routing plan (in-LLM methods; every later layer reads it too);
+        None: the method acts before the LLM only."""
+        return None
+
+    def start(self, model: Any, plan: Any, kwargs: dict) -> Any:
+        """In-LLM methods: the method's :class:`~pmod_bench.model.policy.TokenPolicy` for one forward."""
+        return None
+
+    def check_host(self, host: Any) -> None:
+        """Raise :class:`MethodError` if the method cannot run on the model family of ``host`` (a
+        :class:`~pmod_bench.model.hosts.HostAdapter`)."""
+        if self.shortens_prompt and not host.vision_stage_methods:
+            llm = ", ".join(n for n, c in METHODS.items() if c.stage == "llm" and not c.compresses_vision)
+            raise MethodError(f"{self.name} acts on the vision tower's features; on {host.title} the vision-stage "
+                              f"methods come with the next issue (the in-LLM methods run now: {llm}).")
+
+    def method_flops(self, arch: Any, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> Any:
+        """Analytic :class:`~pmod_bench.methods.flops.MethodFlops` of one sample at (width, height) on ``arch``."""
+        from .flops import vision_method_flops
+
+        return vision_method_flops(self, arch, image_size, text_tokens, logits_tokens)
+
+    def prefer(self, candidate: "MethodConfig") -> tuple:
+        """The equal-compute solver's order among settings within tolerance (smallest first; ties: nearest the
+        target). A budget of one axis needs none; iLLaVA (two axes) prefers its configured values."""
+        return ()
+
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """``{"method": NAME, **fields}``: plain JSON values, read back by :meth:`from_dict`."""
@@ -267,6 +247,9 @@ class MethodConfig:
         return "; ".join(out) or "no options"
 
 
+METHODS.base = MethodConfig
+
+
 def _unknown_keys_message(klass: type[MethodConfig], unknown: list[str]) -> str:
     known = [f.name for f in dataclasses.fields(klass)]
     hints = []
@@ -284,28 +267,21 @@ def register_method(name: str):
             raise TypeError(f"@register_method('{name}') needs a MethodConfig subclass, got {cls!r}")
         if cls.stage not in STAGES:
             raise TypeError(f"{cls.__name__}.stage must be one of {STAGES}, got {cls.stage!r}")
-        key = _norm(name)
-        if key in METHODS and METHODS[key] is not cls:
-            raise TypeError(f"method '{name}' is registered twice ({METHODS[key].__name__}, {cls.__name__})")
         cls.name = name
-        METHODS[key] = cls
-        return cls
+        return METHODS.register(name)(cls)
 
     return deco
-
-
-def _norm(name: str) -> str:
-    return str(name).strip().lower().replace("-", "_")
 
 
 def get_method(name: str) -> type[MethodConfig]:
     """The registered config class of ``name`` (case-insensitive; ``-`` = ``_``); the error suggests a name."""
     key = _norm(name)
-    if key in METHODS:
-        return METHODS[key]
+    found = METHODS.lookup(key)
+    if found is not None:
+        return found
     squash = {k.replace("_", ""): k for k in METHODS}
     if key.replace("_", "") in squash:
-        return METHODS[squash[key.replace("_", "")]]
+        return METHODS.lookup(squash[key.replace("_", "")])
     close = difflib.get_close_matches(key, list(METHODS), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise MethodError(f"unknown method '{name}'.{hint} Known methods: {', '.join(sorted(METHODS))}.")

@@ -72,11 +72,11 @@ class _FastVState(DropState):
         self.cfg = cfg
         self.decide_at = cfg.k - 1
 
-    def queries(self, plan, layer_idx: int):
-        return last_token_query(plan) if layer_idx == self.decide_at else None
+    def queries(self, ctx):
+        return last_token_query(ctx.plan) if ctx.layer_idx == self.decide_at else None
 
-    def after_layer(self, layer, plan, out, scores):
-        if layer.layer_idx == self.decide_at:
+    def observe(self, ctx, out, scores):
+        if ctx.layer_idx == self.decide_at:
             ks = tuple(kept_count(v, self.cfg.keep) for v in self.current.V)
             self.keep(keep_top(scores, self.current.target, ks), ks)
         return out

@@ -85,6 +85,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from pmod_bench.model.policy import stable_rank
+
 from .base import MethodError, ModelGeometry, param, register_method
 from .llm import DropState, LLMMethodConfig, last_token_query, parse_layers, row_flops
 from .vision import CompressedImage, check_attention, encoder_layers, hf_image_tokens, pack_spatial_unpad, project, vision_modules
@@ -232,7 +234,7 @@ class IlLaVAConfig(LLMMethodConfig):
         from pmod_bench.profiler.arch import vision_layout
         from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
 
-        from .accounting import MethodFlops
+        from .flops import MethodFlops
 
         geometry = ModelGeometry.from_config(arch.config)
         self.check_model(geometry)
@@ -375,15 +377,15 @@ class _IlLaVAState(DropState):
         self.cfg = cfg
         self.at = {k - 1 for k in cfg.llm}  # ranked by the attention of the layer before each merge layer
 
-    def queries(self, plan, layer_idx: int):
-        return last_token_query(plan) if layer_idx in self.at else None
+    def queries(self, ctx):
+        return last_token_query(ctx.plan) if ctx.layer_idx in self.at else None
 
-    def after_layer(self, layer, plan, out, scores):
-        if layer.layer_idx not in self.at:
+    def observe(self, ctx, out, scores):
+        if ctx.layer_idx not in self.at:
             return out
         alive = self.current.target                                  # (B, N) vision tokens present
         B, N, _ = out.shape
-        ranked = torch.sort(scores.float().masked_fill(~alive, float("-inf")), dim=1, descending=True, stable=True).indices
+        ranked = stable_rank(scores, alive)  # (B, N) present tokens first, most attended first
         out = out.clone()
         keep = torch.zeros(B, N, dtype=torch.bool, device=out.device)
         counts = []

@@ -5,24 +5,25 @@ rows the layer's own queries and keys give), and the later layers process only t
 They run on the project's core, not on a copy of the decoder layer:
 
 * ``apply_method`` wraps the decoder layers from the method's first decision layer on as
-  :class:`~pmod_bench.model.layer.PMoDLayerMixin` layers *without a router* (a p-MoD model's routed
-  layers stay as they are), and puts :class:`RoutedModelMixin` under a vanilla model's class so
-  that its forward builds the one :class:`~pmod_bench.model.plan.RoutingPlan` per call and the
-  project's :class:`~pmod_bench.model.cache.PMoDCache`, as a p-MoD model's forward does;
-* per forward with vision tokens, the method's :meth:`LLMMethodConfig.start` returns its state (a
-  :class:`~pmod_bench.model.plan.TokenMethod`), carried by the plan. The wrapped layers gather the
-  tokens it leaves, run their own norms / attention / MLP on them at their RoPE positions, scatter
+  :class:`~pmod_bench.model.layer.SparseLayerMixin` layers *without a router* (a p-MoD model's routed
+  layers stay as they are); a vanilla model takes its host's routed class (the host adapter's class
+  map, :mod:`pmod_bench.model.hosts`), whose forward builds the one
+  :class:`~pmod_bench.model.plan.RoutingPlan` per call and the project's
+  :class:`~pmod_bench.model.cache.PMoDCache`, as a p-MoD model's forward does;
+* per forward with vision tokens, the method's :meth:`LLMMethodConfig.start` returns its policy (a
+  :class:`~pmod_bench.model.policy.TokenPolicy`, composed with a p-MoD layer's router), carried by
+  the plan. The sparse layers gather the tokens it leaves, run their own norms / attention / MLP on them at their RoPE positions, scatter
   back, and cache only those: a dropped token is gone for the later layers (never a query, key,
   value or MLP input there; not in their KV cache). Decode steps attend to each layer's own cache;
 * every count is host arithmetic on the plan's ``V_b`` (one transfer per forward, made by the plan):
   the layers make no host sync. Ranking ties are broken by position (earlier first), so batched
   equals per-sample;
 * attention rows are recomputed from the layer's own ``q_proj`` / ``k_proj`` outputs (forward hooks)
-  and the modeling file's RoPE (:func:`pmod_bench.model.layer.query_attention`), with any attention
+  and the project's RoPE (:func:`pmod_bench.model.rows.attention_rows`, the one attention-row routine), with any attention
   kernel (eager or SDPA); :func:`pmod_bench.model.compat.check_attention_rows` checks what that
   relies on when the method is applied and fails loudly.
 
-Analytic FLOPs (:func:`llm_method_flops`): the baseline's vision side, the LLM with ``kept[l]``
+Analytic FLOPs (:func:`pmod_bench.methods.flops.llm_method_flops`): the baseline's vision side, the LLM with ``kept[l]``
 vision tokens at layer ``l`` (:meth:`LLMMethodConfig.layer_vision_tokens`), plus the method's own
 products (:meth:`LLMMethodConfig.extra_flops`: attention rows, extra projections, clustering); the
 KV cache holds ``kept[l]`` vision entries at layer ``l``.
@@ -30,11 +31,10 @@ KV cache holds ``kept[l]`` vision entries at layer ``l``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pmod_bench.model.plan import TokenMethod
+from pmod_bench.model.policy import LayerTokens, TokenPolicy, stable_top_k
 
 from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount
 
@@ -66,7 +66,7 @@ class LLMMethodConfig(MethodConfig):
     def first_layer(self) -> int:
         """The first decoder layer that must read the plan (a decision layer, or the layer that computes
         the method's inputs); every later layer reads it too."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define first_layer()")
 
     def layer_vision_tokens(self, num_layers: int, V: int) -> list[int]:
         """Vision tokens processed (and cached) by each layer for an image of ``V`` vision tokens."""
@@ -77,7 +77,7 @@ class LLMMethodConfig(MethodConfig):
         return 0
 
     def start(self, model, plan, kwargs: dict):
-        """The method's state for one forward (a :class:`~pmod_bench.model.plan.TokenMethod`)."""
+        """The method's policy for one forward (a :class:`~pmod_bench.model.policy.TokenPolicy`)."""
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
@@ -88,6 +88,11 @@ class LLMMethodConfig(MethodConfig):
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         raise MethodError(f"{self.name} acts inside the LLM; its FLOPs come from llm_method_flops.")
+
+    def method_flops(self, arch: Any, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1):
+        from .flops import llm_method_flops
+
+        return llm_method_flops(self, arch, image_size, text_tokens, logits_tokens)
 
 
 class PruneFromLayerK:
@@ -117,104 +122,28 @@ def kept_count(V: int, keep: float) -> int:
     return int(round(V * keep))
 
 
-# ------------------------------------------------------------------------------ model integration
-class RoutedModelMixin:
-    """Under a *vanilla* HF LLaVA class when an in-LLM method is applied: its forward builds the routing
-    plan and the project's cache (:class:`~pmod_bench.model.modeling.RoutedForwardMixin`), as a p-MoD
-    model's forward does; every other behaviour is the HF class's own."""
-
-
-_ROUTED: dict[type, type] = {}
-
-
-def routed_class(base: type) -> type:
-    """``<Base>Routed``: ``base`` with the routed forward (cached per class)."""
-    from pmod_bench.model.compat import cache_argument
-    from pmod_bench.model.modeling import RoutedForwardMixin, _signature_of
-
-    if base not in _ROUTED:
-        @_signature_of(base.forward)
-        def forward(self, *args, **kwargs):
-            return self._pmod_forward(super(cls, self).forward, args, kwargs)
-
-        cls = type(f"{base.__name__}Routed", (RoutedModelMixin, RoutedForwardMixin, base),
-                   {"__module__": __name__, "forward": forward,
-                    "_pmod_cache_arg": cache_argument(base.forward, f"{base.__name__}.forward")})
-        _ROUTED[base] = cls
-    return _ROUTED[base]
-
-
-def install(model, cfg: LLMMethodConfig, geometry: ModelGeometry, base: type) -> type:
-    """Wrap the layers ``cfg`` needs, check the attention contract, and return the class to run under
-    the method mixin (``base`` itself for a p-MoD model, its routed subclass for a vanilla one)."""
-    from pmod_bench.model.compat import check_attention_rows
-    from pmod_bench.model.layer import wrap_decoder_layer
-
-    cfg.check_model(geometry)
-    lm = model.model.language_model
-    rotary = getattr(lm, "rotary_emb", None)
-    if rotary is None or "position_ids" not in inspect.signature(type(rotary).forward).parameters:
-        raise MethodError(f"{type(lm).__name__} has no rotary_emb(x, position_ids); the in-LLM methods need the LLM's RoPE "
-                          "(Llama/Vicuna, Mistral, Qwen2).")
-    hidden = model.config.text_config.hidden_size
-    for i in range(cfg.first_layer(), len(lm.layers)):
-        lm.layers[i] = wrap_decoder_layer(lm.layers[i], i, getattr(lm.layers[i], "ratio", 1.0), getattr(lm.layers[i], "pmod", None), hidden)
-        check_attention_rows(lm.layers[i].self_attn)
-    model.llm_method = cfg
-    if hasattr(model, "pmod_layers"):  # a p-MoD model's forward already builds the plan
-        return base
-    return routed_class(base)
-
-
-def uninstall(model) -> None:
-    """Undo :func:`install`: method-only layers back to HF's own, no method state."""
-    from pmod_bench.model.layer import unwrap_method_layer
-
-    lm = model.model.language_model
-    for i, layer in enumerate(lm.layers):
-        lm.layers[i] = unwrap_method_layer(layer)
-    model.__dict__.pop("llm_method", None)
-
-
-def original_class(cls: type) -> type:
-    """The HF (or p-MoD) class under the method and routed mixins."""
-    from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
-    from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration
-
-    from .apply import MethodModelMixin
-
-    for klass in cls.__mro__:
-        if (issubclass(klass, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration))
-                and not issubclass(klass, (MethodModelMixin, RoutedModelMixin))):
-            return klass
-    return cls
-
-
 # ---------------------------------------------------------------------------------- per-forward state
-class DropState(TokenMethod):
-    """A forward's kept vision tokens, updated at decision layers.
+class DropState(TokenPolicy):
+    """A forward's kept vision tokens, updated at decision layers (the policy of an in-LLM method).
 
-    ``alive`` (B, N) bool are the vision tokens still present, ``V`` their per-sample counts (host).
+    ``current.target`` (B, N) bool are the vision tokens still present, ``current.V`` their per-sample counts
+    (host); every layer from the method's first one on processes exactly those (:meth:`select`).
     With ``renumber`` the RoPE position of a token is its index among the tokens still present
     (position id - the dropped tokens before it), as PyramidDrop's / SparseVLM's official code,
     which cut the dropped tokens out and renumber what is left; otherwise the original positions.
     """
 
     def __init__(self, plan, renumber: bool) -> None:
-        from pmod_bench.model.plan import LayerTokens
-
         self.renumber = renumber
         self.target = plan.target  # (B, N) bool: the input's vision tokens
         self.current = LayerTokens(plan.target, plan.num_targets, plan.V)
 
-    def tokens(self, plan, layer_idx: int):
-        return self.current
+    def select(self, ctx, x, sel):
+        return sel.replace(tokens=self.current)
 
     def keep(self, alive, V: tuple[int, ...]) -> None:
         """The vision tokens of every later layer: ``alive`` (B, N) bool, ``V`` host counts."""
         import torch
-
-        from pmod_bench.model.plan import LayerTokens
 
         shift = final = None
         if self.renumber:
@@ -235,43 +164,16 @@ def last_token_query(plan):
 
 
 def keep_top(scores, alive, ks: tuple[int, ...]):
-    """(B, N) bool: per sample the ``ks[b]`` present tokens with the highest score; ties by position."""
-    import torch
-
-    B, N = alive.shape
-    k_max = max(ks) if ks else 0
-    s = scores.float().masked_fill(~alive, float("-inf"))
-    ranked = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k_max]  # (B, k_max)
-    keep = torch.arange(k_max, device=alive.device)[None, :] < torch.tensor(ks, device=alive.device)[:, None]
-    return torch.zeros(B, N, dtype=torch.bool, device=alive.device).scatter(1, ranked, keep)
+    """(B, N) bool: per sample the ``ks[b]`` present tokens with the highest score; ties by position
+    (:func:`~pmod_bench.model.policy.stable_top_k`)."""
+    return stable_top_k(scores, alive, ks)
 
 
 # ------------------------------------------------------------------------------------ accounting
-def llm_method_flops(cfg: LLMMethodConfig, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1):
-    """:class:`~pmod_bench.methods.accounting.MethodFlops` of one sample under an in-LLM method."""
-    from pmod_bench.profiler.arch import vision_layout
-    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
-
-    from .accounting import MethodFlops
-
-    cfg.check_model(ModelGeometry.from_config(arch.config))
-    layout = vision_layout(arch, image_size)
-    V, t = layout.vision_tokens, arch.text
-    kept = cfg.layer_vision_tokens(t.layers, V)
-    extra = cfg.extra_flops(t, text_tokens, V)
-    llm = llm_prefill_flops(t, text_tokens, V, kept, (), logits_tokens).total("full")
-    paper = paper_prefill_flops(t, text_tokens, V, kept)
-    vis = vision_flops(arch, layout)
-    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector, method_extra=0, llm_prefill=llm + extra,
-                       llm_prefill_paper=paper + extra, llm_vision_tokens=min(kept), baseline_vision_tokens=V,
-                       layer_vision_tokens=tuple(kept), llm_extra=extra,
-                       note=f"in-LLM method: its own products ({extra / 1e12:.4f} TFLOPs) are counted in llm_prefill")
-
-
 def row_flops(text, queries: int, keys: int) -> int:
     """``queries`` attention rows over ``keys`` keys, every head: q·K^T (the method's own; P·V is not needed)."""
     return 2 * queries * keys * text.q_dim
 
 
-__all__ = ["LLMMethodConfig", "DropState", "keep_top", "last_token_query", "RATIO_GRID", "parse_layers", "install", "uninstall", "original_class", "routed_class",
-           "llm_method_flops", "row_flops"]
+__all__ = ["LLMMethodConfig", "PruneFromLayerK", "DropState", "keep_top", "kept_count", "last_token_query", "RATIO_GRID",
+           "parse_layers", "row_flops"]

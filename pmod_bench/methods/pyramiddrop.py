@@ -38,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pmod_bench.model.rows import probe_attention
+
 from .base import MethodError, ModelGeometry, param, register_method
 from .llm import RATIO_GRID, DropState, LLMMethodConfig, keep_top, last_token_query, parse_layers, row_flops
 
@@ -108,10 +110,10 @@ class _PyramidDropState(DropState):
         self.V0 = plan.V
         self.stage = {b: s + 1 for s, b in enumerate(cfg.boundaries)}
 
-    def before_layer(self, layer, plan, x, kwargs):
-        s = self.stage.get(layer.layer_idx)
+    def prepare(self, ctx, x):
+        s = self.stage.get(ctx.layer_idx)
         if s is not None:  # rank by this layer's own attention over the tokens present, then drop
-            scores = layer.probe_attention(plan, x, last_token_query(plan), kwargs)
+            scores = probe_attention(ctx.layer, ctx.plan, self.current, x, last_token_query(ctx.plan), ctx.kwargs)
             ks = tuple(self.cfg.stage_count(v, s) for v in self.V0)
             self.keep(keep_top(scores, self.current.target, ks), ks)
         return x

@@ -53,8 +53,8 @@ class _RandomState(DropState):
         super().__init__(plan, renumber=False)
         self.cfg = cfg
 
-    def before_layer(self, layer, plan, x, kwargs):
-        if layer.layer_idx == self.cfg.k:
+    def prepare(self, ctx, x):
+        if ctx.layer_idx == self.cfg.k:
             V = self.current.V
             ks = tuple(kept_count(v, self.cfg.keep) for v in V)
             by_rank = torch.zeros(len(V), max(max(V), 1), dtype=torch.bool)

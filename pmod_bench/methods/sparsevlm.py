@@ -41,6 +41,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from pmod_bench.model.policy import stable_rank
+
 from .base import MethodError, ModelGeometry, param, register_method
 from .llm import DropState, LLMMethodConfig, keep_top, parse_layers, row_flops
 
@@ -162,8 +164,9 @@ class _SparseVLMState(DropState):
         self.vis_pos = torch.argsort((~plan.target).to(torch.int8), dim=1, stable=True)[:, :V]  # (B, V) vision slots in order
         self.weights = None
 
-    def before_layer(self, layer, plan, x, kwargs):
-        if layer.layer_idx == 0:  # text raters from the input embeddings (official "Select Text Raters", 3.2)
+    def prepare(self, ctx, x):
+        plan = ctx.plan
+        if ctx.layer_idx == 0:  # text raters from the input embeddings (official "Select Text Raters", 3.2)
             B, N, d = x.shape
             first = plan.target.to(torch.int8).argmax(1)  # (B,) first vision position
             after = self.text_ok & (self.text_pos > first[:, None])  # (B, T) text after the image
@@ -177,11 +180,12 @@ class _SparseVLMState(DropState):
             self.weights = raters.float() / raters.sum(1, keepdim=True).clamp(min=1)  # mean over the raters
         return x
 
-    def queries(self, plan, layer_idx: int):
-        return (self.text_pos, self.weights) if layer_idx in self.at else None
+    def queries(self, ctx):
+        return (self.text_pos, self.weights) if ctx.layer_idx in self.at else None
 
-    def after_layer(self, layer, plan, out, scores):
-        i = self.at.get(layer.layer_idx)
+    def observe(self, ctx, out, scores):
+        plan = ctx.plan
+        i = self.at.get(ctx.layer_idx)
         if i is None:
             return out
         alive = self.current.target
@@ -191,7 +195,7 @@ class _SparseVLMState(DropState):
         kept = keep_top(scores, alive, ks)  # (B, N)
         pruned = alive & ~kept
         k_pos = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept positions first, in order
-        by_rel = torch.sort(scores.float().masked_fill(~pruned, float("-inf")), dim=1, descending=True, stable=True).indices
+        by_rel = stable_rank(scores, pruned)  # (B, N) the pruned first, most relevant first
         out = out.clone()
         counts = []
         for b, (k, rec, c) in enumerate(steps):  # per sample: sizes are host integers (no sync)

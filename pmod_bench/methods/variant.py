@@ -14,12 +14,13 @@ from typing import Any, Optional
 
 from pmod_bench.profiler.variants import Variant, VariantError
 
-from . import get_method, parse_method_spec
-from .base import MethodConfig, MethodError
+from .base import METHODS, MethodConfig, MethodError, get_method, parse_method_spec
 
 
 class MethodVariant(Variant):
     """Profiler variant of a vision-side method (optionally solved to a target at bind time)."""
+
+    is_method = True
 
     def __init__(self, config: MethodConfig, match: Optional[dict[str, Any]] = None, *, _bound: Optional[tuple] = None):
         self.config = config
@@ -99,4 +100,16 @@ def method_variant(spec: str, match: Optional[dict[str, Any]] = None) -> Optiona
         raise VariantError(str(exc)) from None
 
 
-__all__ = ["MethodVariant", "method_variant"]
+class MethodVariants:
+    """The profiler's lookup of the method variants (:data:`pmod_bench.profiler.variants.METHOD_SOURCE` names it)."""
+
+    def resolve(self, spec: str) -> Optional[MethodVariant]:
+        return method_variant(spec)
+
+    def names(self) -> list[str]:
+        return list(METHODS)
+
+
+METHOD_VARIANTS = MethodVariants()
+
+__all__ = ["MethodVariant", "method_variant", "MethodVariants", "METHOD_VARIANTS"]

@@ -2,8 +2,8 @@
 
 Everything goes through the HF model's public modules and outputs:
 
-* the tiles of each image are taken from ``pixel_values`` as ``LlavaNextModel.get_image_features``
-  takes them (``image_size_to_num_patches``); LLaVA-1.5 has one tile per image;
+* the tiles of each image are taken from ``pixel_values`` as the model's host adapter lays them out
+  (LLaVA-NeXT: as ``LlavaNextModel.get_image_features`` takes them); LLaVA-1.5 has one tile per image;
 * the tower runs once over every tile of the batch (``vision_tower(pixels, output_hidden_states=True,
   output_attentions=...)``); hidden state ``h = vision_feature_layer`` (``-2``) is the feature LLaVA
   reads. The [CLS] attention the methods rank by is ``attentions[h - 1]``: the attention of the layer
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
+
+from pmod_bench.model.hosts.llava_next import grid_shape, unpadded_grid  # noqa: F401  (LLaVA-NeXT's geometry, re-exported)
 
 from .base import MethodError, ModelGeometry
 
@@ -61,7 +63,7 @@ def vision_modules(model) -> tuple[Any, Any, Optional[torch.Tensor]]:
     projector = getattr(inner, "multi_modal_projector", None)
     if tower is None or projector is None:
         raise MethodError(f"{type(model).__name__} has no model.vision_tower / model.multi_modal_projector; the comparison "
-                          "methods apply to HF LlavaForConditionalGeneration / LlavaNextForConditionalGeneration models.")
+                          "vision-stage methods run on models with a CLIP tower and a projector (LLaVA-1.5, LLaVA-NeXT).")
     return tower, projector, getattr(inner, "image_newline", None)
 
 
@@ -75,23 +77,14 @@ def encoder_layers(tower) -> Any:
 
 
 def split_tiles(model, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """The tiles of each image: LLaVA-NeXT (B, max_tiles, C, H, W) -> [(tiles_i, C, H, W)]; LLaVA-1.5 -> [(1, C, H, W)]."""
-    config = model.config
-    if hasattr(config, "image_grid_pinpoints"):
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    """The tiles of each image, as the model's host adapter lays them out: LLaVA-NeXT (B, max_tiles, C, H, W) ->
+    [(tiles_i, C, H, W)]; LLaVA-1.5 -> [(1, C, H, W)]."""
+    from pmod_bench.model.hosts import HostError, host_for
 
-        if image_sizes is None:
-            raise MethodError("LLaVA-NeXT inputs need image_sizes (the processor returns them with pixel_values).")
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
-                                            patch_size=config.vision_config.image_size) for s in image_sizes]
-        if pixel_values.dim() == 5:
-            return [pv[:n] for pv, n in zip(pixel_values, counts)]
-        if pixel_values.dim() == 4:
-            return list(torch.split(pixel_values, counts, dim=0))
-        raise MethodError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
-    if pixel_values.dim() != 4:
-        raise MethodError(f"LLaVA-1.5 pixel_values of shape {tuple(pixel_values.shape)}: expected (B, C, H, W).")
-    return [pv[None] for pv in pixel_values]
+    try:
+        return host_for(model.config).split_tiles(model.config, pixel_values, image_sizes)
+    except HostError as exc:
+        raise MethodError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -172,25 +165,6 @@ def project(model, features: torch.Tensor) -> torch.Tensor:
     return projector(features)
 
 
-def grid_shape(config, image_size) -> tuple[int, int]:
-    """(rows, cols) of LLaVA-NeXT's anyres tile grid for one image (HF's ``get_anyres_image_grid_shape``).
-
-    ``image_size`` is (height, width), as the processor's ``image_sizes``.
-    """
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-    cfg = getattr(config, "config", config)
-    return get_anyres_image_grid_shape(list(image_size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-
-
-def unpadded_grid(config, image_size, gh: int, gw: int) -> tuple[int, int]:
-    """(rows, cols) of LLaVA-NeXT's stitched tile grid after unpadding, at ``gh x gw`` tokens per tile."""
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
-
-    rows, cols = grid_shape(config, image_size)
-    return tuple(unpad_image(torch.empty(0, rows * gh, cols * gw), list(image_size)).shape[1:])
-
-
 def stitch(grid_feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """(rows*cols, gh, gw, ...) tile-major -> (rows*gh, cols*gw, ...): the tiles placed as in the image."""
     t, gh, gw = grid_feats.shape[:3]
@@ -224,19 +198,13 @@ def pack_spatial_unpad(model, tile_feats: torch.Tensor, image_size, gh: int, gw:
 
 
 def hf_image_tokens(config, image_size, gh: Optional[int] = None, gw: Optional[int] = None) -> int:
-    """Image tokens of one image as LLaVA lays them out (LLaVA-NeXT: base tile + unpadded grid + a newline per row),
-    at ``gh x gw`` tokens per tile (default: the tile's full patch grid, what the HF processor writes)."""
+    """Image tokens of one image as the model lays them out (LLaVA-NeXT: base tile + unpadded grid + a newline per
+    row), at ``gh x gw`` tokens per tile (default: the tile's full patch grid, what the HF processor writes); the
+    host adapter's count."""
+    from pmod_bench.model.hosts import host_for
+
     cfg = getattr(config, "config", config)
-    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    gh, gw = gh or g, gw or g
-    drop = getattr(cfg, "vision_feature_select_strategy", "default") == "default"
-    per_tile = gh * gw if drop else gh * gw + 1
-    if not hasattr(cfg, "image_grid_pinpoints"):
-        return per_tile
-    h, w = unpadded_grid(cfg, image_size, gh, gw)
-    return per_tile + h * (w + 1)  # LLaVA-NeXT always has image_newline
-
-
+    return host_for(cfg).image_tokens(cfg, image_size, gh, gw)
 
 
 def masked_spatial(config, feats: torch.Tensor, masks: torch.Tensor, image_size, geometry: ModelGeometry) -> torch.Tensor:

@@ -19,8 +19,7 @@ unpad and anyres_max_9 code (:mod:`.onevision`): 672x672 -> 3,699. A prompt of s
 from __future__ import annotations
 
 from .errors import ProfileError
-from .hosts import host_for_config, host_of
-from .qwen import with_pixels
+from .hosts import Host, host_for_config, host_of
 
 import dataclasses
 import difflib
@@ -128,7 +127,7 @@ class Arch:
     """One LLaVA-family architecture: shapes for accounting plus the HF config it came from."""
 
     name: str
-    family: str  # "llava" (LLaVA-1.5 shape), "llava_next" (anyres) or another host's (.hosts: qwen2_5_vl, llava_onevision)
+    family: str  # the host's model_type: "llava" (LLaVA-1.5 shape), "llava_next" (anyres), "qwen2_5_vl", "llava_onevision"
     text: TextDims
     vision: VisionDims  # Qwen2.5-VL: qwen.QwenVisionDims; LLaVA-OneVision: onevision.SiglipDims
     projector_hidden: int
@@ -158,23 +157,21 @@ class Arch:
         return self.text.params(bool(tied))
 
     @property
+    def host(self):
+        """The family's host adapter (:mod:`pmod_bench.model.hosts`)."""
+        from pmod_bench.model.hosts import host_for
+
+        return host_for(self.family)
+
+    @property
     def anyres(self) -> bool:
-        return self.family == "llava_next"
+        """LLaVA-NeXT's anyres tiling (hosts with their own geometry, :mod:`.hosts`, lay their images out themselves)."""
+        return host_of(self.family) is None and self.host.anyres
 
     def vanilla_config(self):
         """The HF config without p-MoD fields (a fresh copy)."""
-        from pmod_bench.model.hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig
-
-        cfg = self.config
-        if isinstance(cfg, (PMoDLlavaConfig, PMoDLlavaNextConfig)):
-            from transformers import LlavaConfig, LlavaNextConfig
-
-            d = cfg.to_dict()
-            for key in ("model_type", "architectures", "transformers_version", "pmod", "pmod_router_layers"):
-                d.pop(key, None)
-            cfg = (LlavaNextConfig if isinstance(cfg, PMoDLlavaNextConfig) else LlavaConfig)(**d)
-        else:
-            cfg = type(cfg).from_dict(cfg.to_dict())
+        own = host_of(self.family)  # Qwen2.5-VL / LLaVA-OneVision configs have no p-MoD fields to drop here
+        cfg = type(self.config).from_dict(self.config.to_dict()) if own is not None else self.host.vanilla_config(self.config)
         cfg._attn_implementation = "sdpa"
         return cfg
 
@@ -308,23 +305,18 @@ def _check_config_json(name: str, path: Path) -> None:
 
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
-    """Read the shapes the profiler needs from an HF LLaVA / LLaVA-NeXT (p-MoD or vanilla) config, or another host's
-    (Qwen2.5-VL, LLaVA-OneVision: :mod:`.hosts`)."""
-    from transformers import LlavaConfig, LlavaNextConfig
+    """Read the shapes the profiler needs from a host's config (p-MoD or vanilla): LLaVA-1.5 / LLaVA-NeXT through their
+    host adapters (:mod:`pmod_bench.model.hosts`), Qwen2.5-VL and LLaVA-OneVision through their geometry (:mod:`.hosts`)."""
+    from pmod_bench.model.hosts import HostError, host_for
 
-    host = host_for_config(cfg)
-    if host is not None:
-        return host.arch(name, cfg)
-    if isinstance(cfg, LlavaNextConfig):
-        family = "llava_next"
-    elif isinstance(cfg, LlavaConfig):
-        family = "llava"
-    else:
-        raise ArchError(
-            f"{name}: model_type '{getattr(cfg, 'model_type', '?')}' is not supported; the profiler measures LLaVA-1.5, "
-            "LLaVA-NeXT, Qwen2.5-VL and LLaVA-OneVision models (model_type llava, llava_next, pmod_llava, pmod_llava_next, "
-            "qwen2_5_vl, llava_onevision)."
-        )
+    own = host_for_config(cfg)
+    if own is not None:
+        return own.arch(name, cfg)
+    try:
+        host = host_for(cfg)  # the family, as its host adapter names it
+    except HostError as exc:
+        raise ArchError(f"{name}: {exc}") from None
+    family = host.model_type
     tc, vc = cfg.text_config, cfg.vision_config
     if tc.model_type not in GATED_MLP_TEXT_MODELS:
         raise ArchError(
@@ -357,7 +349,7 @@ def arch_from_config(name: str, cfg: Any) -> Arch:
         drop_cls=cfg.vision_feature_select_strategy == "default",
     )
     pinpoints = None
-    if family == "llava_next":
+    if host.anyres:
         pinpoints = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints)
     return Arch(
         name=name,
@@ -426,6 +418,16 @@ def check_image_size(size: tuple[int, int]) -> None:
     w, h = size
     if not (isinstance(w, int) and isinstance(h, int)) or not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
         raise ArchError(f"bad image size {w}x{h}: width and height must be whole pixels in 1..{MAX_IMAGE_SIDE}, e.g. 672x672.")
+
+
+def with_pixels(arch: Arch, min_pixels: Any = None, max_pixels: Any = None) -> Arch:
+    """``arch`` with its processor's pixel range changed (``--min-pixels`` / ``--max-pixels``: Qwen2.5-VL's resize)."""
+    if min_pixels is None and max_pixels is None:
+        return arch
+    own = host_of(arch.family)
+    if own is None:
+        return Host().with_pixels(arch, min_pixels, max_pixels)  # refuses in one line
+    return own.with_pixels(arch, min_pixels, max_pixels)
 
 
 def check_images(images: int) -> None:

@@ -175,7 +175,7 @@ def _variants(args: argparse.Namespace) -> Optional[list[Any]]:
     match = _match(args)
     for spec in getattr(args, "method", []):
         v = parse_variant(spec)
-        if match and hasattr(v, "bind"):
+        if match and v.is_method:
             v.match = match
         elif match:
             from .errors import ProfileError

@@ -11,14 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .arch import Arch, check_image_size, check_images, load_arch, vision_layout
+from .arch import Arch, check_image_size, check_images, load_arch, vision_layout, with_pixels
 from .errors import ProfileError
 from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, train_flops, vision_flops
 from .hardware import Hardware, detect_hardware, get_hardware
 from .hosts import host_of
 from .kvcache import dtype_bytes, kv_cache
 from .paper import is_paper_scenario
-from .qwen import with_pixels
+from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
 
@@ -33,9 +33,9 @@ class Scenario:
     """What one sample looks like: an image (or ``images`` of one size), a prompt, a generated answer; a batch of
     identical samples."""
 
-    image_size: tuple[int, int] = (672, 672)
+    image_size: tuple[int, int] = PAPER_IMAGE_SIZE
     """(width, height) in pixels. 672x672 fills LLaVA-NeXT's 2x2 grid: 2,928 vision tokens, the paper's setting."""
-    text_tokens: int = 58
+    text_tokens: int = PAPER_TEXT_TOKENS
     """prompt text tokens: the Vicuna-v1 system prompt + one short question; the count at which the
     paper's 39.46 (LLaVA-NeXT-7B) and 8.38 (LLaVA-1.5-7B) TFLOPs are reproduced."""
     gen_tokens: int = 16
@@ -251,7 +251,7 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
             out.append(parse_variant(str(v)))
     for v in out:  # validate against this arch (explicit ratios must match the layer count)
         v.kept_vision_tokens(arch.text.layers, 1)
-    methods = [v.name for v in out if hasattr(v, "bind")]
+    methods = [v.name for v in out if v.is_method]
     host = host_of(arch.family)
     if host is not None and host.pending and methods:
         raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.pending}; "
@@ -332,7 +332,7 @@ def profile(
     vs = resolve_variants(a, variants)
     scenarios = list(scenarios) if scenarios else [Scenario()]
     several = sorted({sc.images for sc in scenarios if sc.images > 1})
-    methods = [v.name for v in vs if hasattr(v, "bind")]
+    methods = [v.name for v in vs if v.is_method]
     if several and methods:
         raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --images "
                            f"{several[0]} (or profile the baseline and p-MoD variants with it).")
@@ -436,9 +436,8 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     """One variant's row: the analytic counts, their FlopCounterMode check, roofline floor and training cost."""
     a, layout = s.arch, counts.layout
     L, V, T = a.text.layers, layout.vision_tokens, sc.text_tokens
-    if hasattr(v, "bind"):  # a comparison method (pmod_bench.methods): solved / counted for this arch and image
-        v = v.bind(a, sc.image_size, T, counts.logits_tokens)
-    vis = v.vision_side(a, layout) if hasattr(v, "vision_side") else vision_flops(a, layout)
+    v = v.bind(a, sc.image_size, T, counts.logits_tokens)  # a comparison method: solved / counted for this arch and image
+    vis = v.vision_side(a, layout)
     kept = v.kept_vision_tokens(L, V)
     routers = v.router_layers(L)
     pf = llm_prefill_flops(a.text, T, V, kept, routers, counts.logits_tokens)
@@ -446,9 +445,8 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     kv = kv_cache(a.text, v, V, T, s.dtype)
     dec = llm_decode_mean(a.text, kv.entries, max(sc.gen_tokens - 1, 1))
     row = _row(s, sc, counts, v, vis, kept, pf, paper, kv, dec)
-    if hasattr(v, "row_extras"):
-        for key, value in v.row_extras().items():
-            setattr(row, key, value)
+    for key, value in v.row_extras().items():
+        setattr(row, key, value)
     if s.verify:
         _check_flops(row, s, sc, counts, v, pf, vis)
     if s.hw is not None:
@@ -500,7 +498,7 @@ def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCoun
     from .counters import count_flops_meta
 
     a = s.arch
-    method = hasattr(v, "row_extras")
+    method = v.is_method
     m = count_flops_meta(a, v, sc.image_size, sc.text_tokens, batch_size=sc.batch_size,
                          logits_tokens=counts.logits_tokens, decode=False, images=sc.images)
     row.prefill_tflops_measured = m.prefill_llm / 1e12
@@ -617,8 +615,8 @@ def _images(sc: Scenario) -> str:
     return size if sc.images == 1 else f"{sc.images} x {size}"
 
 
-def scenarios_from(image_sizes: Sequence[tuple[int, int]] = ((672, 672),), batch_sizes: Sequence[int] = (1,),
-                   text_tokens: int = 58, gen_tokens: int = 16, logits: str = "last", images: Sequence[int] = (1,)) -> list[Scenario]:
+def scenarios_from(image_sizes: Sequence[tuple[int, int]] = (PAPER_IMAGE_SIZE,), batch_sizes: Sequence[int] = (1,),
+                   text_tokens: int = PAPER_TEXT_TOKENS, gen_tokens: int = 16, logits: str = "last", images: Sequence[int] = (1,)) -> list[Scenario]:
     """Every image size x image count x batch size."""
     return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits, n) for s in image_sizes for n in images for b in batch_sizes]
 

@@ -297,7 +297,9 @@ def count_flops_fvcore(model, arch: Arch, batch: dict[str, Any], logits_tokens: 
     ids = batch["input_ids"]
     B, N = ids.shape
     keep = 0 if logits_tokens is None else int(logits_tokens)
-    is_pmod = hasattr(model, "pmod_layers")
+    from pmod_bench.model.routed import PMoDModelMixin
+
+    is_pmod = isinstance(model, PMoDModelMixin)
     layer = arch.config.vision_feature_layer
     drop_cls = arch.vision.drop_cls
 

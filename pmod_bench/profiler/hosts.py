@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional
 
+from .errors import ProfileError
+
 #: family (``Arch.family``, the HF model_type) -> "module:object" of its :class:`Host`
 HOSTS = {
     "qwen2_5_vl": "pmod_bench.profiler.qwen:HOST",
@@ -57,6 +59,11 @@ class Host:
 
     def projector_params(self, arch: Any) -> Optional[int]:
         return None
+
+    def with_pixels(self, arch: Any, min_pixels: Any, max_pixels: Any) -> Any:
+        """``arch`` with its processor's pixel range changed; only hosts that resize to a pixel budget have one."""
+        raise ProfileError(f"--min-pixels / --max-pixels set Qwen2.5-VL's resize range; {arch.name} is a {arch.family} "
+                           "architecture (its image size alone decides its vision tokens). Drop them or profile a Qwen arch.")
 
     def tied_embeddings(self, cfg: Any) -> Optional[bool]:
         """Whether lm_head shares the embedding matrix (None: read ``text_config.tie_word_embeddings``)."""

@@ -19,12 +19,8 @@ from .variants import Variant
 # ---------------------------------------------------------------------------------------- building
 def _model_class(arch: Arch):
     """The vanilla HF class of ``arch``'s family."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    host = host_of(arch.family)
-    if host is not None:
-        return host.transformers_class()
-    return LlavaNextForConditionalGeneration if arch.anyres else LlavaForConditionalGeneration
+    own = host_of(arch.family)
+    return own.transformers_class() if own is not None else arch.host.vanilla_class
 
 
 @functools.lru_cache(maxsize=8)

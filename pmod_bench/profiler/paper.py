@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
+
 #: profiler architecture -> (paper table, that table's model name) of its efficiency numbers
 _SOURCES = {"llava-next-7b": (7, "llava-next-7b"), "llava-1.5-7b": (1, "llava-v1.5-7b")}
 #: table column -> metric (KV cache: percent in the tables, a ratio here)
@@ -37,7 +39,7 @@ def _efficiency() -> dict[str, dict[str, dict[str, float]]]:
 PAPER_EFFICIENCY: dict[str, dict[str, dict[str, float]]] = _efficiency()
 
 #: the scenario the paper's numbers correspond to (see docs in flops.paper_prefill_flops)
-PAPER_SCENARIO = {"image_size": (672, 672), "text_tokens": 58}
+PAPER_SCENARIO = {"image_size": PAPER_IMAGE_SIZE, "text_tokens": PAPER_TEXT_TOKENS}
 
 
 def is_paper_scenario(image_size, text_tokens: int) -> bool:

@@ -22,7 +22,7 @@ Vision tower FLOPs per image of ``n = (h/14)·(w/14)`` patches, width ``D``, MLP
   ``2·(n/4)·(16·D² + 4·D·d)``. It plays the projector's part (trained with the LLM, the tower frozen).
 
 Hub configs: ``pmod_bench.model.presets.QWEN2_5_VL_HUB`` (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). This module
-imports only :mod:`.errors` and :mod:`.hosts` at import time (:mod:`.arch` imports it); the profiler reaches it through
+imports only :mod:`.errors` and :mod:`.hosts` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
 its :class:`~.hosts.Host`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
 within the image (HF's ``cu_seqlens`` per image), so tokens and vision FLOPs add up image by image.
 """
@@ -117,19 +117,6 @@ def vision_dims_from_config(vc: Any) -> QwenVisionDims:
         window_size=vc.window_size, fullatt_blocks=tuple(vc.fullatt_block_indexes), out_hidden=vc.out_hidden_size,
         channels=getattr(vc, "in_channels", 3),
     )
-
-
-def with_pixels(arch: Any, min_pixels: Any = None, max_pixels: Any = None) -> Any:
-    """``arch`` with the processor's pixel range changed (``--min-pixels`` / ``--max-pixels``); Qwen2.5-VL only."""
-    if min_pixels is None and max_pixels is None:
-        return arch
-    if arch.family != QWEN_FAMILY:
-        raise ProfileError(f"--min-pixels / --max-pixels set Qwen2.5-VL's resize range; {arch.name} is a {arch.family} "
-                           "architecture (its image size alone decides its vision tokens). Drop them or profile a Qwen arch.")
-    v = arch.vision
-    vision = dataclasses.replace(v, min_pixels=v.min_pixels if min_pixels is None else min_pixels,
-                                 max_pixels=v.max_pixels if max_pixels is None else max_pixels)
-    return dataclasses.replace(arch, vision=vision)
 
 
 @dataclass(frozen=True)
@@ -247,6 +234,12 @@ class QwenHost(Host):
         return VisionLayout(image_size=tuple(image_size), tiles=1, projector_tokens=tokens, vision_tokens=tokens,
                             resized=grid.resized, patches=grid.patches)
 
+    def with_pixels(self, arch: Any, min_pixels: Any, max_pixels: Any) -> Any:
+        v = arch.vision
+        vision = dataclasses.replace(v, min_pixels=v.min_pixels if min_pixels is None else min_pixels,
+                                     max_pixels=v.max_pixels if max_pixels is None else max_pixels)
+        return dataclasses.replace(arch, vision=vision)
+
     def vision_flops(self, arch: Any, layout: Any) -> tuple[int, int]:
         tower, merger = vision_tower_flops(arch.vision, QwenGrid(resized=layout.resized, patches=layout.patches))
         return tower * layout.images, merger * layout.images
@@ -267,6 +260,6 @@ HOST = QwenHost()
 
 __all__ = [
     "QWEN_FAMILY", "LMMS_EVAL_MIN_PIXELS", "LMMS_EVAL_MAX_PIXELS", "QwenVisionDims", "QwenGrid", "vision_dims_from_config",
-    "with_pixels", "resize", "merged_tokens", "window_segments", "vision_tower_flops", "vision_tower_meta",
+    "resize", "merged_tokens", "window_segments", "vision_tower_flops", "vision_tower_meta",
     "QwenHost", "HOST",
 ]

@@ -40,6 +40,7 @@ from typing import Any, Optional
 from .errors import ProfileError
 from .hardware import Hardware, get_hardware
 from .paper import PAPER_EFFICIENCY
+from .scenario import PAPER_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ RECIPES: dict[str, TrainRecipe] = {
     for r in (
         TrainRecipe(
             "llava-next-sft", "sft", 779_000, 400, train_llm=True, **_FITTED, calibration=_NEXT_SFT_FIT,
-            image_size=(672, 672),
+            image_size=PAPER_IMAGE_SIZE,
             paper_gpu_hours={v: m["gpu_hours"] for v, m in PAPER_EFFICIENCY["llava-next-7b"].items()},
             source="paper Table 12 (779K SFT samples, connector + LLM + routers trained, vision encoder frozen) and Table 7 "
             "(8x RTX A6000)",

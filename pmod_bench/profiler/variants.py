@@ -63,6 +63,24 @@ class Variant:
         """Nominal retention of each layer (1.0 = every vision token)."""
         return [1.0] * num_layers
 
+    # -- per architecture and image ------------------------------------------------------------
+    #: a comparison method of the registry (its vision side and token budget depend on the architecture and image)
+    is_method: ClassVar[bool] = False
+
+    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> "Variant":
+        """This variant on ``arch`` at (width, height); a p-MoD variant is the same everywhere."""
+        return self
+
+    def vision_side(self, arch, layout):
+        """The vision FLOPs of one sample (the unmodified tower and projector)."""
+        from .flops import vision_flops
+
+        return vision_flops(arch, layout)
+
+    def row_extras(self) -> dict[str, Any]:
+        """Keys a profile row adds for this variant (a method's config and solved budget); none by default."""
+        return {}
+
     # -- descriptive -------------------------------------------------------------------------
     @property
     def shift(self) -> Optional[float]:
@@ -185,6 +203,19 @@ def make_pmod_config(**kwargs: Any) -> PMoDConfig:
 
 
 # ------------------------------------------------------------------------------------------ parsing
+#: where :func:`parse_variant` looks up a name no variant is registered under: the comparison methods' variants.
+#: A lazy ``"module:object"`` entry resolved on use (as lm-eval's registry entries): the methods package builds on
+#: the profiler (its accounting), so the profiler names it instead of importing it.
+METHOD_SOURCE = "pmod_bench.methods.variant:METHOD_VARIANTS"
+
+
+def _method_source():
+    import importlib
+
+    module, _, name = METHOD_SOURCE.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 #: the paper's Table 7 variants, the default of ``pmod-bench profile``
 PAPER_SHIFTS = (0.3, 0.4, 0.5)
 
@@ -208,16 +239,13 @@ def parse_variant(spec: str) -> Variant:
     norm = lambda name: name.strip().lower().replace("-", "").replace("_", "")  # noqa: E731  (p-MoD = pmod = p_mod)
     cls = {norm(k): c for k, c in VARIANT_METHODS.items()}.get(norm(head))
     if cls is None:  # a comparison method of the registry (pmod_bench.methods): its spec, validated there
-        from pmod_bench.methods.variant import method_variant
-
-        mv = method_variant(text)
+        methods = _method_source()
+        mv = methods.resolve(text)
         if mv is not None:
             return mv
         import difflib
 
-        from pmod_bench.methods import available_methods
-
-        known = sorted({*VARIANT_METHODS, *available_methods()})
+        known = sorted({*VARIANT_METHODS, *methods.names()})
         close = difflib.get_close_matches(norm(head), known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise VariantError(

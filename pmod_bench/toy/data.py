@@ -228,7 +228,7 @@ def default_cache_root() -> Path:
 def ensure_benchmark(root: str | os.PathLike | None = None) -> Path:
     """The toy benchmark's directory (``.../pmod-bench/toy-world``): ``root`` or ``$PMOD_BENCH_DATA`` when it holds
     a complete copy of this data version, else the cache (generated there on first use)."""
-    from pmod_bench.tasks.data import data_root
+    from pmod_bench.model.sources import data_root
 
     for base in (Path(root) if root else None, data_root()):
         if base is not None and benchmark_ok(base):

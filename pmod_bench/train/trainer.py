@@ -608,13 +608,15 @@ def training_arguments(cfg: TrainConfig, grad_accum: int, report_to: list | None
 
 def model_info(model, device: str) -> dict:
     """What the profiler needs to tell whether this run's throughput belongs to a profiled row (plain data)."""
+    from pmod_bench.model.hosts import host_for
+
     c = model.config
     tc, vc = c.text_config, c.vision_config
     heads = tc.num_attention_heads
     ratios = model.layer_ratios() if hasattr(model, "layer_ratios") else [1.0] * tc.num_hidden_layers
     return {
         "class": type(model).__name__,
-        "family": "llava_next" if getattr(c, "image_grid_pinpoints", None) is not None else "llava",
+        "family": host_for(c).model_type,
         "text": {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
                  "heads": heads, "kv_heads": getattr(tc, "num_key_value_heads", None) or heads,
                  "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads, "vocab": tc.vocab_size},

@@ -1,0 +1,189 @@
+"""Qwen2.5-VL through its host adapter: what the parametrised model / core-contract / method tests do not cover
+(registration and loading, several images per prompt, M-RoPE positions, the contract checks, the methods that
+wait for the next issue). The shared behaviour (exactness, cache, batching, generate, save/load, in-LLM methods)
+runs on all three tiny hosts in test_model.py, test_core_contract.py and test_methods_llm.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TinyHost
+from pmod_bench import PMoDConfig
+from pmod_bench.methods import MethodError, apply_method
+from pmod_bench.model.compat import HFContractError
+from pmod_bench.model.modeling import to_pmod
+from pmod_bench.model.presets import demo_image, random_routers
+
+QWEN = TinyHost("qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    return QWEN.build()
+
+
+def _two_image_batch():
+    """Two prompts: one with two images (different sizes), one with one image; left-padded."""
+    proc = QWEN.processor
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"},
+                                          {"type": "text", "text": "the two images."}]}],
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the shapes."}]}]]
+    prompts = [proc.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
+    images = [demo_image(64, 48, seed=1), demo_image(96, 40, seed=2), demo_image(48, 80, seed=3)]
+    return proc(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def test_classes_registered_and_routers_are_linear(vanilla):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from pmod_bench.model.hosts import host_for
+    from pmod_bench.model.hosts.qwen2_5_vl import PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration
+
+    model = to_pmod(vanilla, PMoDConfig(shift=0.5))
+    assert type(model) is PMoDQwen2_5_VLForConditionalGeneration and model.host is host_for("qwen2_5_vl")
+    assert isinstance(model.config, PMoDQwen2_5_VLConfig) and model.config.model_type == "pmod_qwen2_5_vl"
+    names = [n for n, _ in model.named_parameters() if ".router." in n]
+    assert names and all(n.startswith("model.language_model.layers.") and n.split(".router.")[1] in ("weight", "bias")
+                         for n in names)
+    assert AutoConfig.for_model("pmod_qwen2_5_vl").__class__ is PMoDQwen2_5_VLConfig
+    assert AutoModelForImageTextToText.from_config(model.config).__class__ is PMoDQwen2_5_VLForConditionalGeneration
+    assert model.lm_head.weight.data_ptr() == vanilla.lm_head.weight.data_ptr()  # no copy
+
+
+def test_load_model_on_a_local_hub_directory(tmp_path, vanilla):
+    """A vanilla Qwen2.5-VL directory in HF layout (as `hf download` leaves it): load_model gives the vanilla model,
+    or p-MoD with zero routers (at ratio 1 everywhere: the vanilla logits); a saved p-MoD model loads back with its
+    routers and ratios."""
+    from pmod_bench.model.loading import checkpoint_layout, load_model
+
+    vanilla.save_pretrained(tmp_path / "hub")
+    QWEN.processor.save_pretrained(tmp_path / "hub")
+    assert checkpoint_layout(tmp_path / "hub") == "vanilla"
+    base, proc = load_model(str(tmp_path / "hub"))
+    assert type(base).__name__ == "Qwen2_5_VLForConditionalGeneration" and type(proc).__name__ == "Qwen2_5_VLProcessor"
+    pmod, _ = load_model(str(tmp_path / "hub"), pmod={"shift": 0.5})
+    assert pmod.pmod_layers and all(torch.count_nonzero(l.router.weight) == 0 for l in pmod.pmod_layers.values())
+    inputs = QWEN.inputs(sizes=[(64, 48), (96, 96)])
+    valid = inputs["attention_mask"].bool()
+    pmod.set_pmod_ratios(ratios=[1.0] * 8)
+    with torch.no_grad():
+        assert (pmod(**inputs).logits - base(**inputs).logits)[valid].abs().max() < 1e-5  # zero routers at ratio 1: intact
+    random_routers(pmod, seed=1)
+    pmod.set_pmod_ratios(shift=0.6)
+    pmod.save_pretrained(tmp_path / "pmod")
+    proc.save_pretrained(tmp_path / "pmod")
+    assert checkpoint_layout(tmp_path / "pmod") == "pmod"
+    again, _ = load_model(str(tmp_path / "pmod"))
+    assert again.layer_ratios() == pmod.layer_ratios() and sorted(again.pmod_layers) == sorted(pmod.pmod_layers)
+    with torch.no_grad():
+        assert (again(**inputs).logits - pmod(**inputs).logits)[valid].abs().max() < 1e-5
+
+
+def test_several_images_per_prompt_decode_and_batch(vanilla):
+    model = to_pmod(vanilla, PMoDConfig(shift=0.3))
+    random_routers(model, seed=6)
+    batch = _two_image_batch()
+    vision = QWEN.vision(model, batch["input_ids"])
+    assert batch["image_grid_thw"].shape[0] == 3 and vision.sum(1).tolist()[0] > vision.sum(1).tolist()[1]
+    with torch.no_grad(), model.record_routing() as rec:
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        full = model(**QWEN.full_inputs(batch, out.sequences), use_cache=False).logits
+    n = batch["input_ids"].shape[1]
+    for t, step in enumerate(out.logits):  # cached decode == full recompute, M-RoPE positions from HF
+        assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, t
+    for idx, r in rec.items():  # both images of sample 0 are one routing target: k = trunc(V * rho) over all of them
+        V = int(r["target"][0].sum())
+        assert int(r["selected"][0].sum()) == int(torch.tensor(V, dtype=torch.float32) * torch.tensor(
+            model.pmod_layers[idx].ratio, dtype=torch.float32))
+
+
+def test_mrope_positions_are_the_ones_hf_uses(vanilla):
+    """The (3, B, N) ids the adapter reads give exactly the (cos, sin) every decoder layer receives (prefill and a
+    cached decode step): the renumbering methods rotate from the same positions HF does."""
+    from pmod_bench.model.hosts.qwen2_5_vl import mrope_position_ids
+
+    lm = vanilla.model.language_model
+    seen = []
+
+    def grab(_m, _a, kw):
+        seen.append((mrope_position_ids(kw), kw["inputs_embeds"]))
+
+    got = []
+    hooks = [lm.register_forward_pre_hook(grab, with_kwargs=True),
+             lm.layers[3].register_forward_pre_hook(lambda _m, _a, kw: got.append(kw["position_embeddings"]), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            vanilla.generate(**QWEN.inputs(sizes=[(64, 48), (96, 96)]), max_new_tokens=2, do_sample=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(got) == 2 and seen[0][0].shape[0] == 3
+    assert not torch.equal(seen[0][0][1], seen[0][0][2])  # the image's height and width rows differ
+    for (ids, x), (cos, sin) in zip(seen, got):
+        c, s = lm.rotary_emb(x, ids)
+        assert torch.equal(c, cos) and torch.equal(s, sin)
+
+
+def test_vision_stage_methods_refuse_in_one_line(vanilla):
+    for spec in ("visionzip", "fastervlm", "prumerge", "downsample", "random", "illava"):
+        with pytest.raises(MethodError) as err:
+            apply_method(vanilla, spec)
+        text = str(err.value)
+        assert "\n" not in text and "come with the next issue" in text and "fastv" in text, spec
+    assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"  # untouched
+
+
+def test_in_llm_methods_on_several_images_and_on_pmod(vanilla):
+    """In-LLM methods on a two-image prompt, vanilla and p-MoD: the batch equals each prompt alone."""
+    batch = _two_image_batch()
+    for model in (vanilla, to_pmod(vanilla, PMoDConfig(shift=0.5))):
+        for spec in ("fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5"):
+            apply_method(model, spec)
+            try:
+                with torch.no_grad():
+                    together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                                              return_dict_in_generate=True)
+                    for i in range(2):
+                        alone = model.generate(**_prompt(batch, i), max_new_tokens=3, do_sample=False,
+                                               output_logits=True, return_dict_in_generate=True)
+                        for a, b in zip(together.logits, alone.logits):
+                            assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
+            finally:
+                apply_method(model, None)
+
+
+def _prompt(batch, i):
+    """Sample ``i`` of :func:`_two_image_batch` alone (sample 0: images 0 and 1; sample 1: image 2), padding removed."""
+    keep = batch["attention_mask"][i].bool()
+    images = slice(0, 2) if i == 0 else slice(2, 3)
+    patches = batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    start, end = ([0] + patches)[images.start], patches[images.stop - 1]
+    return {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep],
+            "mm_token_type_ids": batch["mm_token_type_ids"][i:i + 1, keep],
+            "pixel_values": batch["pixel_values"][start:end], "image_grid_thw": batch["image_grid_thw"][images]}
+
+
+def test_contract_checks_fail_loudly(vanilla, monkeypatch):
+    from pmod_bench.model.hosts import host_for
+
+    host = host_for(vanilla)
+    host.check(vanilla)
+    rotary = vanilla.model.language_model.rotary_emb
+    monkeypatch.setattr(rotary, "mrope_section", [2, 3])
+    with pytest.raises(HFContractError, match="mrope_section"):
+        to_pmod(vanilla, PMoDConfig())
+    monkeypatch.undo()
+    monkeypatch.setattr(vanilla.config.text_config, "layer_types", ["sliding_attention"] + ["full_attention"] * 7)
+    with pytest.raises(HFContractError, match="full attention"):
+        apply_method(vanilla, "fastv")
+
+
+def test_routing_record_grid_is_the_merged_patch_grid(vanilla):
+    from pmod_bench.model.introspect import routing_record
+
+    model = to_pmod(vanilla, PMoDConfig(shift=0.5))
+    random_routers(model, seed=2)
+    rec = routing_record(model, QWEN.processor, demo_image(64, 48))
+    assert rec["grid"] == [3, 4] and rec["vision_tokens"] == 12  # 48x64 px -> 6x8 patches of 8 px -> merged 3x4
+    assert set(rec["layers"]) == {str(i) for i in model.pmod_layers}
