@@ -34,6 +34,34 @@ def image(seed: int, width: int = 64, height: int = 48):
     return img
 
 
+def write_clip(path: "str | os.PathLike", seconds: float = 2.0, size: tuple[int, int] = (96, 54), fps: float = 10.0,
+               seed: int = 0) -> Path:
+    """A short generated clip written with OpenCV (``cv2.VideoWriter``): a red disc crossing a coloured background left
+    to right, a blue box in the corner, one frame every ``1 / fps`` s; MPEG-4 video (``mp4v``) in an ``.mp4`` container,
+    the container the video benchmarks ship (their own files are H.264, which OpenCV's wheels do not write). Frame i's
+    disc is at x = i / (frames - 1) of the width, so a decoder can be checked frame by frame."""
+    import cv2
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    frames = max(int(round(seconds * fps)), 1)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {path} (mp4v); its build lacks an MPEG-4 encoder.")
+    try:
+        for i in range(frames):
+            frame = np.full((h, w, 3), ((seed * 37) % 200 + 30, 160, (seed * 91) % 200 + 30), np.uint8)  # BGR
+            x = int(round(i * (w - 1) / max(frames - 1, 1)))
+            cv2.circle(frame, (x, h // 2), max(h // 6, 2), (30, 30, 220), -1)
+            cv2.rectangle(frame, (w - w // 5, 0), (w - 1, h // 5), (220, 30, 30), -1)
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
+
+
 def _F(**spec):
     from datasets import Features
 
