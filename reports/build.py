@@ -114,6 +114,14 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
                                f"rows of the same method config (efficiency % of the baseline): " + ", ".join(mdata.sources),
                                str(paths[0].relative_to(stage))))
 
+    vdata = F.video_tradeoff_data(runs)
+    if vdata.drawable:
+        paths = F.plot_video_tradeoff(vdata, fig_dir / "video_tradeoff")
+        notes.extend(f"Video trade-off figure: {n}" for n in vdata.notes)
+        items.append(_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors",
+                           [str(p.relative_to(stage)) for p in paths], "profile rows of video prompts (frames): "
+                           + ", ".join(vdata.sources), str(paths[0].relative_to(stage))))
+
     try:
         schedules = F.retention_schedules_data(32)
     except ImportError as e:

@@ -275,3 +275,27 @@ def test_cli_bad_video_flags_one_line(argv, needle, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pmod-bench profile: error:") and needle in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_report_draws_the_video_tradeoff(tmp_path):
+    """`pmod-bench report` on a profile run with video rows: one series per (arch, variant), TFLOPs and KV per frame
+    count from the rows, the figure written and linked; the image tables prefer image rows of the same configuration."""
+    from pmod_bench.cli import main
+    from pmod_bench.reports.figures import video_tradeoff_data
+    from pmod_bench.reports.runs import load_runs
+
+    run, out = tmp_path / "prof", tmp_path / "report"
+    assert main(["profile", "--arch", "qwen2.5-vl-7b", "llava-onevision-7b", "--frames", "8", "32", "--shift", "0.5",
+                 "--no-verify", "--no-latency", "-q", "--output", str(run)]) == 0
+    data = video_tradeoff_data(load_runs([run]))
+    series = {(s.arch, s.variant): s for s in data.series}
+    assert sorted(series) == [(a, v) for a in ("llava-onevision-7b", "qwen2.5-vl-7b") for v in ("baseline", "p-MoD-0.5")]
+    rows = {(r["arch"], r["variant"], r["frames"]): r for r in json.loads((run / "profile.json").read_text())["rows"]}
+    base = series["qwen2.5-vl-7b", "baseline"]
+    assert sorted(base.points) == [8, 32] and base.frame_size == (640, 360)
+    assert base.points[32] == (rows["qwen2.5-vl-7b", "baseline", 32]["prefill_tflops"],
+                               rows["qwen2.5-vl-7b", "baseline", 32]["kv_cache_bytes"] / 2**30)
+    assert main(["report", str(run), "--output", str(out)]) == 0
+    assert (out / "figures" / "video_tradeoff.png").stat().st_size > 10_000 and (out / "figures" / "video_tradeoff.pdf").is_file()
+    assert "figures/video_tradeoff.png" in (out / "index.md").read_text()
