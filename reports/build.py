@@ -114,13 +114,7 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
                                f"rows of the same method config (efficiency % of the baseline): " + ", ".join(mdata.sources),
                                str(paths[0].relative_to(stage))))
 
-    vdata = F.video_tradeoff_data(runs)
-    if vdata.drawable:
-        paths = F.plot_video_tradeoff(vdata, fig_dir / "video_tradeoff")
-        notes.extend(f"Video trade-off figure: {n}" for n in vdata.notes)
-        items.append(_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors",
-                           [str(p.relative_to(stage)) for p in paths], "profile rows of video prompts (frames): "
-                           + ", ".join(vdata.sources), str(paths[0].relative_to(stage))))
+    items += _video_figure(stage, runs, notes)
 
     try:
         schedules = F.retention_schedules_data(32)
@@ -171,6 +165,20 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
     if rep is not None and not rep.introspections:
         notes.append("Figs. 5 and 6 not drawn: no run holds introspection.json.")
     return items
+
+
+def _video_figure(stage: Path, runs: Sequence[Run], notes: list[str]) -> list[_Item]:
+    """The video trade-off (prefill TFLOPs and KV cache vs frames), when profile runs hold video rows."""
+    from . import figures as F
+
+    data = F.video_tradeoff_data(runs)
+    if not data.drawable:
+        return []
+    paths = F.plot_video_tradeoff(data, stage / "figures" / "video_tradeoff")
+    notes.extend(f"Video trade-off figure: {n}" for n in data.notes)
+    return [_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors",
+                  [str(p.relative_to(stage)) for p in paths], "profile rows of video prompts (frames): " + ", ".join(data.sources),
+                  str(paths[0].relative_to(stage)))]
 
 
 def _md_links(files: Sequence[str]) -> str:

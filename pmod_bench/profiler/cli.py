@@ -70,16 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--images", nargs="+", type=int, metavar="N", help="images of that size in one prompt (default: 1): vision "
                    "tokens and vision FLOPs add up, the LLM sees them all; LLaVA-OneVision reads each of several images as "
                    "one tile, as HF does")
-    s.add_argument("--frames", nargs="+", type=int, metavar="N", help="a video of N frames instead of an image (one row per "
-                   "count; Qwen2.5-VL pairs frames, LLaVA-OneVision pools each to 14x14 at 7B): Qwen2.5-VL and LLaVA-OneVision")
-    s.add_argument("--frame-size", metavar="WxH", help="the video's frame size in pixels (default: 640x360)")
-    s.add_argument("--duration", nargs="+", type=float, metavar="S", help="a clip of S seconds, read as lmms-eval 0.7.3 reads "
-                   "it: Qwen2.5-VL at --fps through qwen-vl-utils (each frame sized for the frames read), then at most "
-                   "--max-frames kept; LLaVA-OneVision always --max-frames frames")
-    s.add_argument("--fps", type=float, metavar="F", help="Qwen2.5-VL: frames per second read of a --duration clip (default: "
-                   "qwen-vl-utils' 2.0)")
-    s.add_argument("--max-frames", type=int, metavar="N", help="frames lmms-eval keeps of a --duration clip (default: its "
-                   "max_num_frames / max_frames_num, 32)")
+    _add_video_arguments(s)
     s.add_argument("--min-pixels", type=int, metavar="N", help="Qwen2.5-VL: least image area after its resize to multiples of "
                    "28 px (default: lmms-eval's 200704 = 256x28x28)")
     s.add_argument("--max-pixels", type=int, metavar="N", help="Qwen2.5-VL: largest image area after the resize (default: "
@@ -120,6 +111,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--quiet", "-q", action="store_true", help="do not print the table")
     p.set_defaults(func=run, handler=run)
     return p
+
+
+def _add_video_arguments(s) -> None:
+    """The scenario flags of a video prompt (:mod:`.video`)."""
+    s.add_argument("--frames", nargs="+", type=int, metavar="N", help="a video of N frames instead of an image (one row per "
+                   "count; Qwen2.5-VL pairs frames, LLaVA-OneVision pools each to 14x14 at 7B): Qwen2.5-VL and LLaVA-OneVision")
+    s.add_argument("--frame-size", metavar="WxH", help="the video's frame size in pixels (default: 640x360)")
+    s.add_argument("--duration", nargs="+", type=float, metavar="S", help="a clip of S seconds, read as lmms-eval 0.7.3 reads "
+                   "it: Qwen2.5-VL at --fps through qwen-vl-utils (each frame sized for the frames read), then at most "
+                   "--max-frames kept; LLaVA-OneVision always --max-frames frames")
+    s.add_argument("--fps", type=float, metavar="F", help="Qwen2.5-VL: frames per second read of a --duration clip (default: "
+                   "qwen-vl-utils' 2.0)")
+    s.add_argument("--max-frames", type=int, metavar="N", help="frames lmms-eval keeps of a --duration clip (default: its "
+                   "max_num_frames / max_frames_num, 32)")
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -514,18 +514,19 @@ def _row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, vis, kept
         pixel_range=[a.vision.min_pixels, a.vision.max_pixels] if layout.resized else None, images=sc.images,
         downsampled_grid=list(layout.downsampled) if layout.downsampled else None,
         paper_scenario=is_paper_scenario(sc.image_size, T) and sc.images == 1 and sc.video is None, llm_params=a.llm_params,
-        latency_note=s.latency_note, **_video_fields(sc, layout),
+        latency_note=s.latency_note, **_video_fields(sc, layout, a),
     )
 
 
-def _video_fields(sc: Scenario, layout) -> dict[str, Any]:
+def _video_fields(sc: Scenario, layout, a: Arch) -> dict[str, Any]:
     """The video keys of a row (none for an image row)."""
     if sc.video is None:
         return {}
     if layout.pooled:  # LLaVA-OneVision: every frame's pooled map, one newline after the video
         grid = [layout.frames, *layout.pooled]
     else:  # Qwen2.5-VL: frame pairs of (h/28) x (w/28) merged patches
-        grid = [layout.temporal, layout.patches[0] // 2, layout.patches[1] // 2]
+        m = a.vision.merge_size
+        grid = [layout.temporal, layout.patches[0] // m, layout.patches[1] // m]
     qwen = layout.pooled is None
     return dict(frames=layout.frames, frames_read=layout.frames_read if qwen else None, video_grid=grid,
                 video_duration_s=sc.video.duration_s,
