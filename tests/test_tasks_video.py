@@ -208,3 +208,44 @@ def test_damaged_videos_are_named(broken, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "EgoSchema: lmms-eval/egoschema [Subset]: 1 video(s) do not open: split 'test' row 0" in out
     assert "1 problem(s)" in out
+
+
+@pytest.mark.slow
+def test_video_suite_end_to_end_through_the_runner(offline, tmp_path):
+    """`pmod-bench eval --suite video`'s runner with an oracle model: lmms-eval builds every request offline, each
+    request's doc_to_visual opens with OpenCV (frame folders as PIL frames), and the ground truth scores 100 in each
+    benchmark's units (MVBench: the mean of its 20 tasks, reported per task)."""
+    from lmms_eval.api.model import lmms
+
+    from pmod_bench.tasks.runner import EvalConfig, run_eval
+    from pmod_bench.tasks.video import probe
+
+    opened = []
+
+    class Oracle(lmms):
+        def generate_until(self, requests):
+            out = []
+            for r in requests:
+                _, _, doc_to_visual, doc_id, task, split = r.args
+                doc = self.task_dict[task][split][doc_id]
+                for v in doc_to_visual(doc):
+                    opened.append(probe(v).frames if isinstance(v, str) else v.size)
+                out.append(_truth(task, doc))
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError
+
+        def clean(self):
+            pass
+
+    out = run_eval(EvalConfig(model="oracle", suite="video", output=str(tmp_path / "run")), lm=Oracle(), log=lambda m: None)
+    assert out.failures == {}
+    rows = {r["benchmark"]: r for r in out.rows}
+    assert {k: r["value"] for k, r in rows.items()} == {"VideoMME": 100.0, "MVBench": 100.0, "EgoSchema": 100.0}
+    assert (rows["VideoMME"]["n"], rows["MVBench"]["n"], rows["EgoSchema"]["n"]) == (6, 20, 2)
+    assert set(rows["MVBench"]["components"]) == set(VIDEO_BENCHMARKS["MVBench"].components)
+    assert len(opened) == 6 + 19 + 6 + 2  # every clip (episodic_reasoning: 6 frames) opened
