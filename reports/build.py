@@ -103,16 +103,8 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
     items.append(_Item("Efficiency-performance trade-off across shift factors δ (Table 7)",
                        [str(p.relative_to(stage)) for p in paths], inputs, str(paths[0].relative_to(stage))))
 
-    if rep is not None and rep.method_points:
-        mdata = F.methods_tradeoff_data(rep)
-        notes.extend(f"Methods trade-off figure: {n}" for n in mdata.notes)
-        if mdata.drawable:
-            paths = F.plot_methods_tradeoff(mdata, fig_dir / "tradeoff_methods")
-            items.append(_Item(f"Accuracy vs prefill TFLOPs: comparison methods across budgets beside p-MoD's shift factors "
-                               f"({mdata.model})", [str(p.relative_to(stage)) for p in paths],
-                               f"eval runs of each method (score = mean of {', '.join(mdata.benchmarks)}) with the profile "
-                               f"rows of the same method config (efficiency % of the baseline): " + ", ".join(mdata.sources),
-                               str(paths[0].relative_to(stage))))
+    items += _methods_figure(stage, rep, notes)
+    items += _video_figure(stage, runs, notes)
 
     try:
         schedules = F.retention_schedules_data(32)
@@ -163,6 +155,38 @@ def _figures(stage: Path, rep: Optional[Reproduction], runs: Sequence[Run], note
     if rep is not None and not rep.introspections:
         notes.append("Figs. 5 and 6 not drawn: no run holds introspection.json.")
     return items
+
+
+def _methods_figure(stage: Path, rep: Optional[Reproduction], notes: list[str]) -> list[_Item]:
+    """Accuracy vs prefill TFLOPs of the comparison methods beside p-MoD's shift factors (when eval runs of methods exist)."""
+    from . import figures as F
+
+    if rep is None or not rep.method_points:
+        return []
+    mdata = F.methods_tradeoff_data(rep)
+    notes.extend(f"Methods trade-off figure: {n}" for n in mdata.notes)
+    if not mdata.drawable:
+        return []
+    paths = F.plot_methods_tradeoff(mdata, stage / "figures" / "tradeoff_methods")
+    return [_Item(f"Accuracy vs prefill TFLOPs: comparison methods across budgets beside p-MoD's shift factors "
+                  f"({mdata.model})", [str(p.relative_to(stage)) for p in paths],
+                  f"eval runs of each method (score = mean of {', '.join(mdata.benchmarks)}) with the profile "
+                  f"rows of the same method config (efficiency % of the baseline): " + ", ".join(mdata.sources),
+                  str(paths[0].relative_to(stage)))]
+
+
+def _video_figure(stage: Path, runs: Sequence[Run], notes: list[str]) -> list[_Item]:
+    """The video trade-off (prefill TFLOPs and KV cache vs frames), when profile runs hold video rows."""
+    from . import figures as F
+
+    data = F.video_tradeoff_data(runs)
+    if not data.drawable:
+        return []
+    paths = F.plot_video_tradeoff(data, stage / "figures" / "video_tradeoff")
+    notes.extend(f"Video trade-off figure: {n}" for n in data.notes)
+    return [_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors",
+                  [str(p.relative_to(stage)) for p in paths], "profile rows of video prompts (frames): " + ", ".join(data.sources),
+                  str(paths[0].relative_to(stage)))]
 
 
 def _md_links(files: Sequence[str]) -> str:

@@ -341,6 +341,106 @@ def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
         return _save(fig, stem)
 
 
+# --------------------------------------------------------------- video: prefill TFLOPs and KV cache vs frames
+@dataclass
+class VideoSeries:
+    """One curve: an architecture at one frame size under one variant; points (frames, prefill TFLOPs, KV GiB)."""
+
+    arch: str
+    frame_size: tuple[int, int]
+    variant: str
+    shift: Optional[float]
+    points: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class VideoTradeoffData:
+    series: list[VideoSeries] = field(default_factory=list)
+    kv_dtypes: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drawable(self) -> bool:
+        return any(s.points for s in self.series)
+
+
+def video_tradeoff_data(runs: Sequence[Any]) -> VideoTradeoffData:
+    """The video rows (``frames``) of every profile run, baseline and p-MoD, batch 1: one series per (arch, frame
+    size, variant), x the frames the model sees. A later row at the same point replaces an earlier one (noted)."""
+    data = VideoTradeoffData()
+    by_key: dict[tuple, VideoSeries] = {}
+    for run in runs:
+        if run.kind != "profile":
+            continue
+        for i, row in enumerate(run.rows):
+            if not row.get("frames") or row.get("method") not in ("baseline", "pmod") or row.get("batch_size") != 1:
+                continue
+            size = tuple(row.get("image_size") or (0, 0))
+            key = (row["arch"], size, row["variant"])
+            series = by_key.setdefault(key, VideoSeries(row["arch"], size, row["variant"], row.get("shift")))
+            n = int(row["frames"])
+            if n in series.points:
+                data.notes.append(f"{row['arch']} {row['variant']} at {n} frames of {size[0]}x{size[1]}: {run.path} row {i} "
+                                  "replaces an earlier row.")
+            series.points[n] = (float(row["prefill_tflops"]), float(row["kv_cache_bytes"]) / 2**30)
+            dtype = str(row.get("kv_dtype", "bfloat16"))
+            if dtype not in data.kv_dtypes:
+                data.kv_dtypes.append(dtype)
+            if str(run.path) not in data.sources:
+                data.sources.append(str(run.path))
+    data.series = sorted(by_key.values(), key=lambda s: (s.arch, s.frame_size, s.shift is not None, -(s.shift or 0)))
+    if not data.series:
+        data.notes.append("no profile row of a video prompt (pmod-bench profile --arch qwen2.5-vl-7b --frames 8 16 32 64).")
+    return data
+
+
+def plot_video_tradeoff(data: VideoTradeoffData, stem: Path) -> list[Path]:
+    """Two log-log panels against the frames the model sees: LLM prefill TFLOPs and the KV cache (GiB) per sample; one
+    colour per variant (baseline black, p-MoD shifts from dark to light), one line style per architecture."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
+    archs = list(dict.fromkeys((s.arch, s.frame_size) for s in data.series))
+    shifts = sorted({s.shift for s in data.series if s.shift is not None}, reverse=True)
+    blues = colormaps["Blues"]
+    color = {sh: blues(0.95 - 0.55 * i / max(len(shifts) - 1, 1)) for i, sh in enumerate(shifts)}
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    frames = sorted({n for s in data.series for n in s.points})
+    kv_max = max(p[1] for s in data.series for p in s.points.values())
+    kv_unit, kv_scale = ("GiB", 1.0) if kv_max >= 1 else ("MiB", 1024.0)
+    with _rc():
+        fig = _figure(7.0, 2.9)
+        axes = fig.subplots(1, 2)
+        panels = ((axes[0], 0, 1.0, "LLM prefill (TFLOPs per sample)"), (axes[1], 1, kv_scale, f"KV cache ({kv_unit} per sample)"))
+        for ax, k, scale, ylabel in panels:
+            for s in data.series:
+                ls, marker = styles[archs.index((s.arch, s.frame_size)) % len(styles)]
+                xs = sorted(s.points)
+                ax.plot(xs, [s.points[x][k] * scale for x in xs], ls=ls, marker=marker, ms=3.5, lw=1.2,
+                        color="black" if s.shift is None else color.get(s.shift, PAPER_COLOR))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(frames))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(n) for n in frames])
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.set_xlabel("Frames seen by the model")
+            ax.set_ylabel(ylabel)
+        handles = [Line2D([], [], color="black", lw=1.2, label="baseline")]
+        handles += [Line2D([], [], color=color[sh], lw=1.2, label=f"p-MoD δ={sh:g}") for sh in shifts]
+        handles += [Line2D([], [], color="grey", ls=styles[i % len(styles)][0], marker=styles[i % len(styles)][1], ms=3.5,
+                           label=f"{arch} ({w}x{h} frames)") for i, (arch, (w, h)) in enumerate(archs)]
+        fig.suptitle(f"Video prompts: prefill compute and KV cache vs frames ({'/'.join(data.kv_dtypes)} KV cache; 2 FLOPs "
+                     "per multiply-add)", y=1.0)
+        fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), bbox_to_anchor=(0.5, 0.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, stem)
+
+
 # --------------------------------------------------------------------------- Fig. 4: schedules
 def retention_schedules_data(num_layers: int = 32, target_shift: float = 0.5) -> dict[str, list[float]]:
     """Per-layer retention of Table 4's schedules, each at PRD's mean retention (about 54% for δ=0.5).

@@ -553,10 +553,10 @@ def match_runs(
     return matcher.rep
 
 
-def _profile_rank(row: Mapping[str, Any]) -> tuple[bool, bool]:
-    """Which of several profile rows of one configuration (scenarios) a table takes: the paper's scenario and
-    batch size 1 first."""
-    return bool(row.get("paper_scenario")), row["batch_size"] == 1
+def _profile_rank(row: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """Which of several profile rows of one configuration (scenarios) a table takes: the paper's scenario, image
+    prompts (video rows, ``frames``, have a figure of their own), batch size 1 first."""
+    return bool(row.get("paper_scenario")), not row.get("frames"), row["batch_size"] == 1
 
 
 def _profile_extra(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class DataRef:
     """Columns the adapter reads (prompt, visuals, answer parsing, metric)."""
     image_columns: tuple[str, ...] = ("image",)
     """Columns holding images (HF ``Image`` or a list of them)."""
+    videos: Optional[str] = None
+    """A video benchmark: the layout of its video files (``pmod_bench.tasks.video.LAYOUTS``: where a row's video is
+    in the snapshot or its zip archives)."""
 
 
 @dataclass(frozen=True)
@@ -258,8 +261,46 @@ _add_toy(Benchmark(
     data=(DataRef(TOY_HUB, "ground", ("test",), ("question_id", "answer", "bbox")),),
 ))
 SUITES["toy"] = tuple(TOY_BENCHMARKS)
-#: every benchmark a suite can name: the paper's and the toy world's
-KNOWN_BENCHMARKS: dict[str, Benchmark] = {**BENCHMARKS, **TOY_BENCHMARKS}
+
+# ------------------------------------------------------------------------------------------- video
+# lmms-eval 0.7.3's video tasks (tasks/lmms_tasks/pmod_videomme.yaml, pmod_mvbench*.yaml, pmod_egoschema_subset.yaml):
+# not in the paper, kept apart from its suites, selected with `--suite video`. Their rows read the videos through
+# pmod_bench.tasks.video (a local snapshot's zip archives unpacked once; pmod-bench data check --decode opens them).
+VIDEO_BENCHMARKS: dict[str, Benchmark] = {}
+#: MVBench's 20 sub-tasks in the order of lmms-eval's ``mvbench`` group (its hub configs, split ``train``)
+MVBENCH_TASKS = (
+    "action_sequence", "moving_count", "action_prediction", "episodic_reasoning", "action_antonym", "action_count",
+    "scene_transition", "object_shuffle", "object_existence", "fine_grained_pose", "unexpected_action", "moving_direction",
+    "state_change", "object_interaction", "character_order", "action_localization", "counterfactual_inference",
+    "fine_grained_action", "moving_attribute", "egocentric_navigation",
+)
+VIDEO_BENCHMARKS["VideoMME"] = Benchmark(
+    key="VideoMME", title="Video-MME, no subtitles (multiple-choice accuracy, short / medium / long)", run=("pmod_videomme",),
+    result="pmod_videomme", metric="videomme_perception_score,none", scale=1.0, builtin="videomme",
+    data=(DataRef("lmms-eval/Video-MME", None, ("test",), ("videoID", "question_id", "duration", "domain", "sub_category",
+                                                          "task_type", "question", "options", "answer"),
+                  image_columns=(), videos="videomme"),),
+    note="900 videos of 11 s to 1 h, 2,700 questions; the snapshot's only config (videomme) is read.",
+)
+VIDEO_BENCHMARKS["MVBench"] = Benchmark(
+    key="MVBench", title="MVBench (multiple-choice accuracy, mean of 20 temporal tasks)", run=("pmod_mvbench",),
+    result="pmod_mvbench", metric="mvbench_accuracy,none", scale=1.0, builtin="mvbench",
+    components=tuple(f"pmod_mvbench_{t}" for t in MVBENCH_TASKS),
+    data=tuple(DataRef("OpenGVLab/MVBench", t, ("train",), ("video", "question", "candidates", "answer"), image_columns=(),
+                       videos="mvbench") for t in MVBENCH_TASKS),
+    note="Hub revision `video` (hf download OpenGVLab/MVBench --repo-type dataset --revision video); 200 questions a task.",
+)
+VIDEO_BENCHMARKS["EgoSchema"] = Benchmark(
+    key="EgoSchema", title="EgoSchema subset (5-way multiple-choice accuracy, 3-minute egocentric clips)",
+    run=("pmod_egoschema_subset",), result="pmod_egoschema_subset", metric="score,none", scale=100.0,
+    builtin="egoschema_subset",
+    data=(DataRef("lmms-eval/egoschema", "Subset", ("test",), ("question_idx", "question", "video_idx", "option", "answer"),
+                  image_columns=(), videos="egoschema"),),
+    note="The 500 questions with public answers (the full set scores only on the EgoSchema server).",
+)
+SUITES["video"] = tuple(VIDEO_BENCHMARKS)
+#: every benchmark a suite can name: the paper's, the toy world's and the video ones
+KNOWN_BENCHMARKS: dict[str, Benchmark] = {**BENCHMARKS, **TOY_BENCHMARKS, **VIDEO_BENCHMARKS}
 
 _BY_TASK = {t: b for b in KNOWN_BENCHMARKS.values() for t in (*b.run, *b.components)}
 

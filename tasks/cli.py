@@ -77,7 +77,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("suite", nargs="?", default="all", help="suite or benchmarks (default: all)")
     c.add_argument("--root", default=None, help="data root (default: $PMOD_BENCH_DATA)")
     c.add_argument("--decode", action="store_true",
-                   help="also open every image of every row (slow on full datasets) and name each row that does not decode")
+                   help="also open every image (video benchmarks: every video, with OpenCV) of every row (slow on full "
+                        "datasets) and name each row that does not decode")
     c.set_defaults(func=_data_check)
     f = dsub.add_parser("fixtures", help="write tiny fixture datasets (hub schema, snapshot layout) under DIR")
     f.add_argument("dir", help="output root; use it as PMOD_BENCH_DATA")
@@ -292,11 +293,15 @@ def _data_check(args) -> int:
                 bad += 1
                 print(f"{'':<10} -> {st.error}")
             elif args.decode:
-                problems = decode_check(b, st)
+                notes: list = []
+                problems = decode_check(b, st, notes=notes)
                 bad += len(problems)
                 for msg in problems:
                     print(f"{'':<10} -> {msg}")
-    print(f"{bad} problem(s)" if bad else "all present and valid" + (", every image decodes" if args.decode else
+                for msg in notes:  # video benchmarks: what the opened videos hold
+                    print(f"{'':<10}    {msg}")
+    opened = "image and video" if any(r.videos for b in benches for r in b.data) else "image"
+    print(f"{bad} problem(s)" if bad else "all present and valid" + (f", every {opened} decodes" if args.decode else
                                                                    " (images not opened; --decode opens them)"))
     return 1 if bad else 0
 

@@ -35,6 +35,8 @@ from typing import Any, Optional
 
 from pmod_bench.model.sources import DATA_ENV_VAR, data_root  # noqa: F401  (data_root re-exported)
 
+from .snapshots import local_dir, snapshot_cache_dir, snapshot_identity  # noqa: F401  (snapshot_cache_dir re-exported)
+
 from .benchmarks import BENCHMARKS, Benchmark, DataRef, benchmark_for_task
 
 ENV_VAR = DATA_ENV_VAR
@@ -42,12 +44,6 @@ ENV_VAR = DATA_ENV_VAR
 
 class DataError(ValueError):
     """A missing or malformed local benchmark copy; the message names benchmark, path and fix."""
-
-
-def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:
-    """``<root>/<ORG>/<NAME>`` for hub id ``ORG/NAME`` (None when no local root is configured)."""
-    base = data_root(root)
-    return None if base is None else base / hub_id
 
 
 def _download_hint(ref: DataRef, path: Path) -> str:
@@ -110,6 +106,8 @@ def split_files(path: Path, config: Optional[str]) -> dict[str, list[str]]:
     configs = readme_configs(path)
     if configs is not None:
         name = config or "default"
+        if config is None and name not in configs and len(configs) == 1:  # datasets loads a sole config by default
+            name = next(iter(configs))
         if name not in configs:
             raise ValueError(f"config '{name}' is not in README.md's configs (found: {', '.join(configs) or 'none'})")
         return {split: sorted(str(f) for pat in pats for f in path.glob(pat) if f.is_file())
@@ -144,26 +142,76 @@ def check_ref(benchmark: Benchmark, ref: DataRef, root: "str | os.PathLike | Non
             f"{where} at {path}, config '{config}': missing split(s) {', '.join(missing)} (no data files; splits "
             f"with files: {found}). {_download_hint(ref, path)}"))
     rows: dict[str, int] = {}
-    import pyarrow.parquet as pq
-
     for split in ref.splits:
         paths = files[split]
         try:
-            schema = pq.read_schema(paths[0])
-            rows[split] = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+            names, rows[split] = _table_shape(paths)
         except Exception as exc:
             return RefStatus(ref, path, False, rows, error=(
-                f"{where}: {paths[0]} (config '{config}', split '{split}') is not a readable parquet file ({exc}). "
+                f"{where}: {paths[0]} (config '{config}', split '{split}') is not a readable parquet / JSON file ({exc}). "
                 f"{_download_hint(ref, path)}"))
-        need = [c for c in (*ref.columns, *ref.image_columns) if c not in schema.names]
+        need = [c for c in (*ref.columns, *ref.image_columns) if c not in names]
         if need:
             return RefStatus(ref, path, False, rows, error=(
                 f"{where}: config '{config}', split '{split}' lacks column(s) {', '.join(repr(c) for c in need)} "
-                f"in {paths[0]} (has: {', '.join(schema.names)}). The adapter task reads them; "
+                f"in {paths[0]} (has: {', '.join(names)}). The adapter task reads them; "
                 f"{_download_hint(ref, path)}"))
         if rows[split] == 0:
             return RefStatus(ref, path, False, rows, error=f"{where}: config '{config}', split '{split}' is empty ({paths[0]}).")
+    if ref.videos:
+        missing = _missing_videos(ref, path, files)
+        if missing:
+            return RefStatus(ref, path, False, rows, error=(
+                f"{where}, config '{config}': {len(missing)} row(s) have no video in the snapshot or its zip archives "
+                f"(first: {missing[0]}). {_download_hint(ref, path)}"))
     return RefStatus(ref, path, True, rows)
+
+
+def _table_shape(paths: list[str]) -> tuple[list[str], int]:
+    """(column names, rows) of a split's data files: parquet from its metadata; JSON (an array of objects, as MVBench
+    ships) or JSON Lines parsed."""
+    if all(str(p).endswith(".parquet") for p in paths):
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(paths[0]).names), sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    records = [r for p in paths for r in _json_records(p)]
+    names = list(dict.fromkeys(k for r in records[:100] for k in r))
+    return names, len(records)
+
+
+def _json_records(path: "str | os.PathLike") -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    if str(path).endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError("expected a JSON array of objects")
+    return data
+
+
+def split_rows(paths: list[str], columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a split's data files, only ``columns`` (parquet: read column-wise; JSON: parsed)."""
+    if all(str(p).endswith(".parquet") for p in paths):
+        import pyarrow.parquet as pq
+
+        out: list[dict] = []
+        for p in paths:
+            out += pq.read_table(p, columns=list(columns)).to_pylist()
+        return out
+    return [{c: r.get(c) for c in columns} for p in paths for r in _json_records(p)]
+
+
+def _missing_videos(ref: DataRef, path: Path, files: dict[str, list[str]]) -> list[str]:
+    """Rows of a video benchmark whose video is neither a file of the snapshot nor a member of its zip archives."""
+    from .video import LAYOUT_COLUMNS, LAYOUTS, present, zip_members
+
+    members = zip_members(path)
+    missing = []
+    for split in ref.splits:
+        for i, doc in enumerate(split_rows(files[split], LAYOUT_COLUMNS[ref.videos])):
+            if not present(path, ref.videos, ref.config, doc, members):
+                missing.append(f"split '{split}' row {i}: {LAYOUTS[ref.videos](ref.config, doc)[0]}")
+    return missing
 
 
 def _decode_value(value: Any) -> None:
@@ -190,14 +238,17 @@ def _decode_value(value: Any) -> None:
         im.load()
 
 
-def decode_check(benchmark: Benchmark, status: RefStatus, max_report: int = 5) -> list[str]:
+def decode_check(benchmark: Benchmark, status: RefStatus, max_report: int = 5, notes: Optional[list[str]] = None) -> list[str]:
     """Open every image of a checked (ok) local copy; one message per row that does not decode.
 
     Rows are numbered within the split as ``datasets`` loads it (parquet files in order). At most
     ``max_report`` rows are named per split, then a count. A truncated image counts as damaged even
-    where lmms-eval would load it partially.
+    where lmms-eval would load it partially. A video benchmark: every row's video opened with OpenCV
+    (:func:`decode_videos`); ``notes`` (when given) gets what they hold (frames, duration, sizes).
     """
     ref, path = status.ref, status.path
+    if status.ok and path is not None and ref.videos:
+        return decode_videos(benchmark, status, max_report, notes)
     if not status.ok or path is None or not ref.image_columns:
         return []
     with strict_image_decoding():
@@ -241,6 +292,41 @@ def _decode_check(benchmark: Benchmark, ref: DataRef, path: Path, max_report: in
             shown = "; ".join(bad[:max_report]) + (f"; and {len(bad) - max_report} more" if len(bad) > max_report else "")
             out.append(f"{benchmark.key}: {ref.hub_id} [{ref.config or 'default'}] split '{split}': {len(bad)} image(s) do "
                        f"not decode: {shown}. {_download_hint(ref, path)}")
+    return out
+
+
+def decode_videos(benchmark: Benchmark, status: RefStatus, max_report: int = 5, notes: Optional[list[str]] = None) -> list[str]:
+    """Open the video of every row of a checked (ok) video benchmark copy with OpenCV (its zip archives unpacked
+    first, once: :func:`pmod_bench.tasks.video.unpack`) and decode its first and last frames; a message per video that
+    does not, and in ``notes`` one line of what the videos hold: count, frames, duration and frame sizes."""
+    from .video import LAYOUT_COLUMNS, VideoNotFound, locate, probe, unpack
+
+    ref, path = status.ref, status.path
+    unpacked = unpack(path)
+    files = split_files(path, ref.config)
+    seen: dict[str, Any] = {}
+    bad: list[str] = []
+    for split in ref.splits:
+        for i, doc in enumerate(split_rows(files[split], LAYOUT_COLUMNS[ref.videos])):
+            try:
+                video = str(locate(path, ref.videos, ref.config, doc, unpacked))
+                if video not in seen:
+                    seen[video] = probe(video)
+            except (VideoNotFound, ValueError) as exc:
+                bad.append(f"split '{split}' row {i}: {exc}")
+    out = []
+    if bad:
+        shown = "; ".join(bad[:max_report]) + (f"; and {len(bad) - max_report} more" if len(bad) > max_report else "")
+        out.append(f"{benchmark.key}: {ref.hub_id} [{ref.config or 'default'}]: {len(bad)} video(s) do not open: {shown}. "
+                   f"{_download_hint(ref, path)}")
+    if notes is not None and seen:
+        infos = list(seen.values())
+        frames, secs = [v.frames for v in infos], [v.duration_s for v in infos if v.fps > 0]
+        sizes = sorted({f"{v.width}x{v.height}" for v in infos})
+        what = "frame folder(s)" if not secs else "video(s)"
+        span = f"{min(secs):.1f}-{max(secs):.1f} s, " if secs else ""
+        notes.append(f"{ref.config or 'default'}: {len(infos)} {what} open, {min(frames)}-{max(frames)} frames, {span}"
+                     f"{', '.join(sizes[:4])}{' ...' if len(sizes) > 4 else ''} (unpacked in {unpacked})")
     return out
 
 
@@ -291,56 +377,6 @@ def load_split(hub_id: str, config: Optional[str], split: str, task: Optional[st
     kwargs.pop("token", None)
     kwargs.setdefault("cache_dir", snapshot_cache_dir(path))  # this copy's own tables, never another's
     return datasets.load_dataset(str(path), config, split=split, **kwargs)
-
-
-# ------------------------------------------------------------------------------ snapshot identity
-#: sub-directory of the datasets cache that holds one cache per local snapshot identity
-SNAPSHOT_CACHE = "pmod_bench_snapshots"
-
-
-def _data_files(root: Path) -> list[Path]:
-    """The files of a snapshot, sorted: everything under ``root`` except hidden entries (``.cache/`` of
-    ``hf download --local-dir``, ``.git``, editor litter). Directory symlinks are followed."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return sorted(out)
-
-
-def snapshot_identity(path: "str | os.PathLike") -> dict[str, Any]:
-    """What a local snapshot's data is: ``{"path", "files", "bytes", "fingerprint"}``.
-
-    ``fingerprint`` is the sha256 of the resolved path and every data file's (relative path, size,
-    modification time in ns): two copies under different roots differ, and so does a copy after any
-    file in it was rewritten (an edit that restores both size and mtime is not seen). Only ``stat``
-    is called: no file is read, so it costs milliseconds even for a large benchmark.
-    """
-    root = Path(path).expanduser().resolve()
-    entries = []
-    for f in _data_files(root):
-        st = f.stat()
-        entries.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    blob = json.dumps([str(root), entries], separators=(",", ":"))
-    return {"path": str(root), "files": len(entries), "bytes": sum(e[1] for e in entries),
-            "fingerprint": hashlib.sha256(blob.encode("utf-8")).hexdigest()}
-
-
-def datasets_cache_root() -> Path:
-    """The datasets cache lmms-eval uses: ``$LMMS_EVAL_DATASETS_CACHE``, else ``datasets``' (``HF_DATASETS_CACHE``)."""
-    explicit = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE)
-
-
-def snapshot_cache_dir(path: "str | os.PathLike", identity: Optional[dict] = None) -> str:
-    """The ``cache_dir`` for ``datasets.load_dataset`` of the local snapshot at ``path``: one per identity
-    (``<datasets cache>/pmod_bench_snapshots/<fingerprint[:16]>``), so no other copy's tables are reused."""
-    ident = identity or snapshot_identity(path)
-    return str(datasets_cache_root() / SNAPSHOT_CACHE / ident["fingerprint"][:16])
 
 
 def snapshot_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:

@@ -8,6 +8,10 @@ end to end offline: prompt building, generation, answer parsing and the metric.
 
 The rows are built so that answering with the ground truth scores 100 (MME: 200 per perception
 category present), which lets a test check each adapter's metric and units.
+
+The video benchmarks (``--suite video``: Video-MME, MVBench, EgoSchema) get their tables in the hub's own files
+(parquet; MVBench's JSON) and short generated clips (:func:`write_clip`) packed in zip archives the way each repository
+ships them, at the paths lmms-eval's ``doc_to_visual`` expects after unzipping (``pmod_bench.tasks.video``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, MVBENCH_TASKS, VIDEO_BENCHMARKS
 
 # (hub_id, config or None) -> {split: (features, rows)}
 Tables = dict[tuple[str, Optional[str]], dict[str, tuple[Any, list[dict]]]]
@@ -32,6 +36,34 @@ def image(seed: int, width: int = 64, height: int = 48):
     d.ellipse([2 + o, 3, width // 2 + o, height // 2 + 3], fill=(220, 30, 30))
     d.rectangle([width // 2, height // 2 - o, width - 3, height - 3], fill=(30, 30, 220))
     return img
+
+
+def write_clip(path: "str | os.PathLike", seconds: float = 2.0, size: tuple[int, int] = (96, 54), fps: float = 10.0,
+               seed: int = 0) -> Path:
+    """A short generated clip written with OpenCV (``cv2.VideoWriter``): a red disc crossing a coloured background left
+    to right, a blue box in the corner, one frame every ``1 / fps`` s; MPEG-4 video (``mp4v``) in an ``.mp4`` container,
+    the container the video benchmarks ship (their own files are H.264, which OpenCV's wheels do not write). Frame i's
+    disc is at x = i / (frames - 1) of the width, so a decoder can be checked frame by frame."""
+    import cv2
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    frames = max(int(round(seconds * fps)), 1)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {path} (mp4v); its build lacks an MPEG-4 encoder.")
+    try:
+        for i in range(frames):
+            frame = np.full((h, w, 3), ((seed * 37) % 200 + 30, 160, (seed * 91) % 200 + 30), np.uint8)  # BGR
+            x = int(round(i * (w - 1) / max(frames - 1, 1)))
+            cv2.circle(frame, (x, h // 2), max(h // 6, 2), (30, 30, 220), -1)
+            cv2.rectangle(frame, (w - w // 5, 0), (w - 1, h // 5), (220, 30, 30), -1)
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
 
 
 def _F(**spec):
@@ -259,6 +291,129 @@ _GENERATORS: dict[str, Callable[[], Tables]] = {
 assert set(_GENERATORS) == set(BENCHMARKS), "every benchmark needs a fixture generator"
 
 
+# ------------------------------------------------------------------------------------------- video
+def _zip(archive: Path, members: dict[str, Path]) -> None:
+    """A zip archive of ``members`` (member path -> file), stored uncompressed (video is compressed already)."""
+    import zipfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, path in members.items():
+            z.write(path, name)
+
+
+def _parquet(path: Path, features: Any, rows: list[dict]) -> None:
+    from datasets import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def _videomme(root: Path, clips: Path) -> tuple[str, Path]:
+    """lmms-eval/Video-MME: config ``videomme`` (test, parquet), videos in ``videos_chunked_NN.zip`` as
+    ``data/<videoID>.mp4`` (the second video as ``.MP4``, which lmms-eval also accepts). Rows in the hub's order
+    (by video, three questions each) with the categories lmms-eval's aggregation keys on."""
+    hub = "lmms-eval/Video-MME"
+    repo = root / hub
+    f = _F(video_id=_v(), duration=_v(), domain=_v(), sub_category=_v(), url=_v(), videoID=_v(), question_id=_v(),
+           task_type=_v(), question=_v(), options=_list(_v()), answer=_v())
+    videos = [("001", "fFjv93ACGo8", "short", "Knowledge", "Humanity & History", ".mp4"),
+              ("002", "ZbY4kgA2tSE", "medium", "Sports Competition", "Football", ".MP4")]
+    qa = [("Counting Problem", "How many discs cross the frame?", ["A. 1.", "B. 2.", "C. 3.", "D. 4."], "A"),
+          ("Temporal Perception", "Where does the disc move?", ["A. Up.", "B. Down.", "C. Left to right.", "D. Right to left."], "C"),
+          ("Object Recognition", "What is in the top right corner?", ["A. A blue box.", "B. A red disc.", "C. A star.", "D. Text."], "A")]
+    rows, members = [], {}
+    for n, (vid, yt, duration, domain, sub, ext) in enumerate(videos):
+        clip = write_clip(clips / f"{yt}.mp4", seconds=3.0, size=(128, 72), fps=10.0, seed=n)
+        members[f"data/{yt}{ext}"] = clip
+        rows += [dict(video_id=vid, duration=duration, domain=domain, sub_category=sub, url=f"https://www.youtube.com/watch?v={yt}",
+                      videoID=yt, question_id=f"{vid}-{k + 1}", task_type=t, question=q, options=o, answer=a)
+                 for k, (t, q, o, a) in enumerate(qa)]
+    _parquet(repo / "videomme" / "test-00000-of-00001.parquet", f, rows)
+    for i, (name, clip) in enumerate(members.items()):
+        _zip(repo / f"videos_chunked_{i + 1:02d}.zip", {name: clip})
+    (repo / "README.md").write_text(_readme(hub, {"videomme": ["test"]}), encoding="utf-8")
+    return hub, repo
+
+
+def _egoschema(root: Path, clips: Path) -> tuple[str, Path]:
+    """lmms-eval/egoschema: config ``Subset`` (test, parquet: the 500 questions with answers, ``answer`` the option's
+    index as a string), videos in ``videos_chunked_NN.zip`` as ``videos/<video_idx>.mp4``."""
+    hub = "lmms-eval/egoschema"
+    repo = root / hub
+    f = _F(question_idx=_v(), question=_v(), video_idx=_v(), option=_list(_v()), answer=_v())
+    ids = ["001934bb-81bd-4cd8-a574-0472ef3f6678", "00b9a0de-c59e-49cb-a127-6081e2fb8c8e"]
+    rows = [dict(question_idx=ids[0], question="Taking into account the whole video, what does c do with the disc?",
+                 video_idx=ids[0], answer="2",
+                 option=["A. c paints it.", "B. c hides it.", "C. c moves it across the table.", "D. c breaks it.",
+                         "E. c eats it."]),
+            dict(question_idx=ids[1], question="What stays in the same place throughout the video?", video_idx=ids[1],
+                 answer="0", option=["A. the box in the corner.", "B. the disc.", "C. the camera wearer.", "D. the table.",
+                                     "E. nothing."])]
+    members = {f"videos/{v}.mp4": write_clip(clips / f"{v}.mp4", seconds=4.0, size=(96, 96), fps=8.0, seed=10 + i)
+               for i, v in enumerate(ids)}
+    _parquet(repo / "Subset" / "test-00000-of-00001.parquet", f, rows)
+    _zip(repo / "videos_chunked_01.zip", members)
+    (repo / "README.md").write_text(_readme(hub, {"Subset": ["test"]}), encoding="utf-8")
+    return hub, repo
+
+
+def _mvbench(root: Path, clips: Path) -> tuple[str, Path]:
+    """OpenGVLab/MVBench (revision ``video``): one config per task, ``json/<task>.json`` (a JSON array of
+    ``video`` / ``question`` / ``candidates`` / ``answer``), videos in ``video/<source>.zip`` at
+    ``<DATA_LIST[task]>/<video>``; episodic_reasoning's ``video`` is a folder of JPEG frames."""
+    import json
+
+    import cv2
+
+    from .video import MVBENCH_FOLDERS as folders
+
+    hub = "OpenGVLab/MVBench"
+    repo = root / hub
+    by_zip: dict[str, dict[str, Path]] = {}
+    for i, task in enumerate(MVBENCH_TASKS):
+        folder = folders[task]
+        if task == "episodic_reasoning":
+            video = "castle_s01e02_seg02_clip_00"
+            for k in range(6):
+                frame = clips / task / f"{k:05d}.jpg"
+                frame.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(frame), _frame(64, 48, k, 6))
+                by_zip.setdefault(folder.split("/")[0], {})[f"{folder}/{video}/{frame.name}"] = frame
+        else:
+            video = f"{task}_{i:03d}.mp4"
+            clip = write_clip(clips / task / video, seconds=2.0, size=(80, 48), fps=10.0, seed=20 + i)
+            by_zip.setdefault(folder.split("/")[0], {})[f"{folder}/{video}"] = clip
+        candidates = ["left to right", "right to left", "up", "down"]
+        row = dict(video=video, question=f"[{task}] In which direction does the red disc move?", candidates=candidates,
+                   answer=candidates[0])
+        (repo / "json").mkdir(parents=True, exist_ok=True)
+        (repo / "json" / f"{task}.json").write_text(json.dumps([row], indent=1) + "\n", encoding="utf-8")
+    for top, members in by_zip.items():
+        _zip(repo / "video" / f"{top}.zip", members)
+    lines = ["---", "configs:"] + [line for t in MVBENCH_TASKS for line in (f"- config_name: {t}", f"  data_files: json/{t}.json")]
+    lines += ["---", "", f"# {hub} (pmod-bench fixture)", "", "A few generated rows and clips in the hub's layout. Not real data.", ""]
+    (repo / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    return hub, repo
+
+
+def _frame(w: int, h: int, k: int, n: int):
+    """Frame ``k`` of ``n`` of :func:`write_clip`'s motion as a BGR array (for frame folders)."""
+    import cv2
+    import numpy as np
+
+    frame = np.full((h, w, 3), (60, 160, 90), np.uint8)
+    cv2.circle(frame, (int(round(k * (w - 1) / max(n - 1, 1))), h // 2), max(h // 6, 2), (30, 30, 220), -1)
+    return frame
+
+
+#: video benchmark key -> writer of its whole snapshot (tables, README, zip archives) under a root
+_VIDEO_GENERATORS: dict[str, Callable[[Path, Path], tuple[str, Path]]] = {
+    "VideoMME": _videomme, "MVBench": _mvbench, "EgoSchema": _egoschema,
+}
+assert set(_VIDEO_GENERATORS) == set(VIDEO_BENCHMARKS), "every video benchmark needs a fixture generator"
+
+
 def _readme(hub_id: str, configs: dict[Optional[str], list[str]]) -> str:
     lines = ["---", "configs:"]
     for config, splits in configs.items():
@@ -282,11 +437,11 @@ def generate(root: "str | os.PathLike", benchmarks: Optional[Iterable[str]] = No
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     keys = list(benchmarks) if benchmarks is not None else list(BENCHMARKS)
-    unknown = [k for k in keys if k not in _GENERATORS]
+    unknown = [k for k in keys if k not in _GENERATORS and k not in _VIDEO_GENERATORS]
     if unknown:
-        raise ValueError(f"no fixture for {', '.join(unknown)}; known: {', '.join(_GENERATORS)}")
+        raise ValueError(f"no fixture for {', '.join(unknown)}; known: {', '.join([*_GENERATORS, *_VIDEO_GENERATORS])}")
     tables: Tables = {}
-    for key in dict.fromkeys(keys):
+    for key in dict.fromkeys(k for k in keys if k in _GENERATORS):
         for ref, splits in _GENERATORS[key]().items():
             tables.setdefault(ref, {}).update(splits)
     by_repo: dict[str, dict[Optional[str], list[str]]] = {}
@@ -302,6 +457,14 @@ def generate(root: "str | os.PathLike", benchmarks: Optional[Iterable[str]] = No
                 Dataset.from_list(rows, features=features).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
             by_repo.setdefault(hub_id, {})[config] = list(splits)
             out[hub_id] = repo
+        videos = [k for k in dict.fromkeys(keys) if k in _VIDEO_GENERATORS]
+        if videos:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as clips:
+                for key in videos:
+                    hub_id, repo = _VIDEO_GENERATORS[key](Path(root), Path(clips) / key)
+                    out[hub_id] = repo
     finally:
         if bars:
             enable_progress_bar()

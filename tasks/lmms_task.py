@@ -7,7 +7,9 @@ or malformed copy raises :class:`~pmod_bench.tasks.data.DataError` naming benchm
 missing split / column); without it, lmms-eval's own hub loading runs unchanged. A local copy's arrow
 tables are cached under its own identity (``dataset_kwargs["cache_dir"]``, read by lmms-eval's
 ``download``; :func:`~pmod_bench.tasks.data.snapshot_cache_dir`): ``datasets`` alone would key them on the
-directory's name, and serve one copy's tables for another.
+directory's name, and serve one copy's tables for another. A video benchmark's local copy (``dataset_kwargs: video``)
+is not downloaded and unzipped into ``$HF_HOME`` as lmms-eval would: :func:`pmod_bench.tasks.video.unpack` extracts its
+archives beside its tables, where the adapters' ``doc_to_visual`` (:mod:`pmod_bench.tasks.video`) find the videos.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class PMoDTask(ConfigurableTask):
             return super().download(dataset_kwargs)
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)  # a local directory needs no hub token
+        if kwargs.pop("video", False):  # a video benchmark: no hub download; its archives unpacked beside its tables
+            from .video import unpack
+
+            unpack(path)
+            for key in ("create_link", "force_download", "force_unzip", "revision", "local_files_only"):
+                kwargs.pop(key, None)
         kwargs["cache_dir"] = snapshot_cache_dir(path)  # this copy's own tables, never another copy's
         self.DATASET_PATH = str(path)
         return super().download(kwargs)

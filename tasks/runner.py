@@ -380,9 +380,10 @@ def _bench_file(run_dir: Path, key: str) -> Path:
 
 
 def finished_rows(run_dir: Path) -> list[dict]:
-    """Rows of every finished benchmark in ``run_dir``, in the paper's order (Table 11's columns, then grounding)."""
+    """Rows of every finished benchmark in ``run_dir``, in the paper's order (Table 11's columns, then grounding), then
+    the toy world's and the video suite's."""
     rows = []
-    for key in (*SUITES["all"], *SUITES.get("toy", ())):  # the toy world's benchmarks after the paper's
+    for key in (*SUITES["all"], *SUITES.get("toy", ()), *SUITES.get("video", ())):
         f = _bench_file(run_dir, key)
         if f.is_file():
             rows.append(json.loads(f.read_text(encoding="utf-8"))["row"])

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("lmms_eval")
 
 from pmod_bench.tasks import TASKS_DIR, tasks_dir  # noqa: E402
-from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, resolve_suite  # noqa: E402
+from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, VIDEO_BENCHMARKS, resolve_suite  # noqa: E402
 from conftest import benchmark_data_env  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, run_eval  # noqa: E402
 
@@ -119,7 +119,8 @@ def test_every_adapter_yaml_loads_and_suites_are_known():
         assert issubclass(cfg["class"], PMoDTask) and cfg["task"] == name
         assert benchmark_for_task(name) is not None, f"{name} is not part of any benchmark"
         first = yamls[name].read_text().splitlines()[0]
-        assert first.startswith("# python -m lmms_eval --model pmod_llava") and name in first
+        model = "qwen2_5_vl" if benchmark_for_task(name).key in VIDEO_BENCHMARKS else "pmod_llava"  # pmod_llava: images
+        assert first.startswith(f"# python -m lmms_eval --model {model}") and name in first
     for b in BENCHMARKS.values():
         assert all(t in tm.all_tasks for t in (*b.run, *b.components)), b.key
     assert [b.key for b in resolve_suite("ablation")] == ["Doc", "Chart", "Text", "GQA", "SEED", "MMB"]

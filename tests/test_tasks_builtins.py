@@ -29,6 +29,7 @@ pytest.importorskip("lmms_eval")
 import yaml  # noqa: E402
 
 from pmod_bench.tasks import LMMS_EVAL_TASKS, TASKS_DIR, lmms_eval_tasks_root, tasks_dir  # noqa: E402
+from pmod_bench.tasks.benchmarks import MVBENCH_TASKS  # noqa: E402
 
 _COMMON = ("task", "class", "metadata")  # the adapter's name, its task class (offline data), its version
 #: adapter -> (built-in YAML under lmms_eval/tasks, the keys the adapter pins)
@@ -53,10 +54,15 @@ ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pmod_seedbench_img": ("seedbench/seedbench.yaml", (*_COMMON, "process_docs", "metric_list")),
     "pmod_textvqa_val": ("textvqa/textvqa_val.yaml", (*_COMMON, "metric_list")),
     "pmod_vqav2_val": ("vqav2/vqav2_val.yaml", _COMMON),
+    # video (--suite video): offline videos through pmod_bench.tasks.video
+    "pmod_videomme": ("videomme/videomme.yaml", (*_COMMON, "doc_to_visual")),
+    "pmod_egoschema_subset": ("egoschema/egoschema_subset.yaml", (*_COMMON, "doc_to_visual")),
+    **{f"pmod_mvbench_{t}": (f"mvbench/mvbench_{t}.yaml", (*_COMMON, "doc_to_visual")) for t in MVBENCH_TASKS},
 }
 #: group adapters (no include: a group has nothing to inherit but its member list) -> the built-in group
 GROUPS = {"pmod_pope_full": ("pope/pope_full.yaml", {"pope_adv": "pmod_pope_adv", "pope_pop": "pmod_pope_pop",
-                                                     "pope_random": "pmod_pope_random"})}
+                                                     "pope_random": "pmod_pope_random"}),
+          "pmod_mvbench": ("mvbench/mvbench.yaml", {f"mvbench_{t}": f"pmod_mvbench_{t}" for t in MVBENCH_TASKS})}
 PER_MODEL_KEYS = ("lmms_eval_specific_kwargs", "model_specific_target_kwargs", "model_specific_generation_kwargs")
 READ_MODELS = ("default", "llava")
 GOLDEN = Path(__file__).parent / "golden" / "lmms_eval_builtins.json"

@@ -391,6 +391,14 @@ class VisionLayout:
     """LLaVA-OneVision: the unpadded feature map (rows, cols) after anyres_max_9's bilinear downsampling (None: kept)"""
     images: int = 1
     """images of this size in the prompt"""
+    frames: int = 0
+    """a video: frames the model sees (0: images); ``image_size`` is the frame size"""
+    frames_read: int = 0
+    """a video on Qwen2.5-VL: frames qwen-vl-utils read before lmms-eval kept ``frames`` (they size each frame)"""
+    temporal: int = 1
+    """Qwen2.5-VL video: frame pairs (``temporal_patch_size`` 2), each one grid of ``patches`` through the tower"""
+    pooled: Optional[tuple[int, int]] = None
+    """LLaVA-OneVision video: (rows, cols) of a frame's features after its 2x2 bilinear pooling"""
 
 
 #: the largest image width / height any command accepts (px): 48x the 672 px LLaVA-NeXT tile
@@ -435,12 +443,20 @@ def check_images(images: int) -> None:
         raise ArchError(f"bad image count {images!r}: --images must be a whole number in 1..{MAX_IMAGES}, e.g. 2.")
 
 
-def vision_layout(arch: Arch, image_size: tuple[int, int], images: int = 1) -> VisionLayout:
+def vision_layout(arch: Arch, image_size: tuple[int, int], images: int = 1, video: Any = None) -> VisionLayout:
     """Vision tokens of ``images`` images of ``image_size`` in one prompt (:func:`image_layout` for each, or the
-    host's own rule, :meth:`.hosts.Host.layout`: LLaVA-OneVision reads each of several images as one tile)."""
+    host's own rule, :meth:`.hosts.Host.layout`: LLaVA-OneVision reads each of several images as one tile), or of one
+    ``video`` (a :class:`~.video.Video`) of frames of ``image_size`` (:meth:`.hosts.Host.video_layout`)."""
     check_image_size(image_size)
     check_images(images)
     host = host_of(arch.family)
+    if video is not None:
+        if images != 1:
+            raise ArchError(f"a prompt holds one video here; drop --images {images} (or profile the images on their own).")
+        if host is None:
+            raise ArchError(f"{arch.name}: LLaVA-1.5 / LLaVA-NeXT are profiled on images; video prompts are profiled on "
+                            "Qwen2.5-VL and LLaVA-OneVision (--arch qwen2.5-vl-7b, llava-onevision-7b).")
+        return host.video_layout(arch, tuple(image_size), video)
     one = host.layout(arch, tuple(image_size), images) if host else image_layout(arch, tuple(image_size))
     if images == 1:
         return one

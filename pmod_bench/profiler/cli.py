@@ -22,6 +22,8 @@ examples:
   pmod-bench profile --arch qwen2.5-vl-7b --image-size 1344x1008 --max-pixels 1003520   # Qwen's own resize rule
   pmod-bench profile --arch llava-onevision-7b --image-size 672x672 1344x1008   # anyres_max_9 tiles (LLaVA-OneVision)
   pmod-bench profile --arch llava-next-7b llava-onevision-7b --images 1 4   # four images in one prompt too
+  pmod-bench profile --arch qwen2.5-vl-7b llava-onevision-7b --frames 8 16 32 64 --frame-size 640x360 --shift 0.3 0.5
+  pmod-bench profile --arch qwen2.5-vl-7b --duration 60 600 --fps 2   # clips read as lmms-eval's qwen2_5_vl reads them
   pmod-bench profile --train-run runs/train-pmod05 --json profile.json --output runs/profile-next
 
 Variants: baseline | p-MoD-0.5 | p-MoD-linear-0.4 | pmod:shift=0.4,schedule=stepped,steps=4 |
@@ -68,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--images", nargs="+", type=int, metavar="N", help="images of that size in one prompt (default: 1): vision "
                    "tokens and vision FLOPs add up, the LLM sees them all; LLaVA-OneVision reads each of several images as "
                    "one tile, as HF does")
+    _add_video_arguments(s)
     s.add_argument("--min-pixels", type=int, metavar="N", help="Qwen2.5-VL: least image area after its resize to multiples of "
                    "28 px (default: lmms-eval's 200704 = 256x28x28)")
     s.add_argument("--max-pixels", type=int, metavar="N", help="Qwen2.5-VL: largest image area after the resize (default: "
@@ -110,12 +113,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_video_arguments(s) -> None:
+    """The scenario flags of a video prompt (:mod:`.video`)."""
+    s.add_argument("--frames", nargs="+", type=int, metavar="N", help="a video of N frames instead of an image (one row per "
+                   "count; Qwen2.5-VL pairs frames, LLaVA-OneVision pools each to 14x14 at 7B): Qwen2.5-VL and LLaVA-OneVision")
+    s.add_argument("--frame-size", metavar="WxH", help="the video's frame size in pixels (default: 640x360)")
+    s.add_argument("--duration", nargs="+", type=float, metavar="S", help="a clip of S seconds, read as lmms-eval 0.7.3 reads "
+                   "it: Qwen2.5-VL at --fps through qwen-vl-utils (each frame sized for the frames read), then at most "
+                   "--max-frames kept; LLaVA-OneVision always --max-frames frames")
+    s.add_argument("--fps", type=float, metavar="F", help="Qwen2.5-VL: frames per second read of a --duration clip (default: "
+                   "qwen-vl-utils' 2.0)")
+    s.add_argument("--max-frames", type=int, metavar="N", help="frames lmms-eval keeps of a --duration clip (default: its "
+                   "max_num_frames / max_frames_num, 32)")
+
+
 def _command(args: argparse.Namespace) -> str:
     parts = ["pmod-bench", "profile"]
     flags = [
         ("arch", "--arch"), ("variant", "--variant"), ("method", "--method"), ("match", "--match"),
         ("match_tflops", "--match-tflops"), ("match_kv", "--match-kv"), ("shift", "--shift"), ("schedule", "--schedule"), ("ratios", "--ratios"),
-        ("image_size", "--image-size"), ("images", "--images"), ("min_pixels", "--min-pixels"), ("max_pixels", "--max-pixels"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
+        ("image_size", "--image-size"), ("images", "--images"), ("frames", "--frames"), ("frame_size", "--frame-size"),
+        ("duration", "--duration"), ("fps", "--fps"), ("max_frames", "--max-frames"), ("min_pixels", "--min-pixels"), ("max_pixels", "--max-pixels"), ("batch_size", "--batch-size"), ("device", "--device"), ("hardware", "--hardware"),
         ("train_samples", "--train-samples"), ("train_text_tokens", "--train-text-tokens"), ("utilisation", "--utilisation"),
         ("overhead_s", "--overhead-s"), ("train_run", "--train-run"), ("json", "--json"), ("output", "--output"), ("label", "--label"),
     ]
@@ -221,7 +239,11 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     archs = args.arch or ["llava-next-7b"]
-    sizes = [parse_image_size(s) for s in (args.image_size or ["672x672"])]
+    videos = _videos(args)
+    if videos:
+        sizes = [parse_image_size(args.frame_size or "640x360")]
+    else:
+        sizes = [parse_image_size(s) for s in (args.image_size or ["672x672"])]
     batches = args.batch_size or [1]
     for name, value, low in (("--batch-size", min(batches), 1), ("--text-tokens", args.text_tokens, 0),
                              ("--gen-tokens", args.gen_tokens, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
@@ -237,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or run on a GPU).")
     elif device and device != "cpu":
         raise ProfileError(f"--device {device}: expected cpu, cuda or cuda:N.")
-    scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits, args.images or [1])
+    scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits, args.images or [1], videos or [None])
     variants = _variants(args)
 
     rows = []
@@ -279,6 +301,34 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"profiled {len(rows)} row(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _videos(args: argparse.Namespace) -> list[Any]:
+    """--frames / --duration (+ --fps, --max-frames) -> profiler.video.Video objects, one per row; [] for image rows."""
+    from .errors import ProfileError
+    from .video import LMMS_EVAL_MAX_FRAMES, QWEN_FPS, Video
+
+    frames, durations = getattr(args, "frames", None), getattr(args, "duration", None)
+    if frames and durations:
+        raise ProfileError("give --frames N (frames the model sees) or --duration S (a clip read as lmms-eval reads it), not both.")
+    if not (frames or durations):
+        for flag, value in (("--frame-size", args.frame_size), ("--fps", args.fps), ("--max-frames", args.max_frames)):
+            if value is not None:
+                raise ProfileError(f"{flag} describes a video; add --frames N or --duration S (or drop {flag}).")
+        return []
+    if frames and (args.fps is not None or args.max_frames is not None):
+        raise ProfileError("--fps / --max-frames sample a --duration clip; with --frames N the model sees N frames: drop them.")
+    for flag, value in (("--image-size", args.image_size), ("--images", args.images)):
+        if value:
+            raise ProfileError(f"{flag} is for image prompts; a video's frames are --frame-size WxH: drop {flag}.")
+    if getattr(args, "method", None):
+        raise ProfileError(f"{', '.join(args.method)}: comparison methods are profiled on one image per prompt; drop --frames / "
+                           "--duration (or profile the baseline and p-MoD variants of the video).")
+    if frames:
+        return [Video(frames=n) for n in frames]
+    fps = QWEN_FPS if args.fps is None else args.fps
+    most = LMMS_EVAL_MAX_FRAMES if args.max_frames is None else args.max_frames
+    return [Video(duration_s=d, fps=fps, max_frames=most) for d in durations]
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from .paper import is_paper_scenario
 from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
+from .video import Video
 
 #: LLMs above this many parameters are not timed on CPU unless asked (and then refused: too slow)
 CPU_LATENCY_MAX_PARAMS = 1_000_000_000
@@ -46,6 +47,8 @@ class Scenario:
     images: int = 1
     """images of ``image_size`` in the prompt: the LLM sees all their vision tokens (LLaVA-OneVision reads each of
     several images as one tile, as HF does)"""
+    video: Optional[Video] = None
+    """one video instead of images: ``image_size`` is its frame size (:mod:`.video`: frames, or a clip's duration)"""
 
     def __post_init__(self) -> None:
         size = tuple(self.image_size)
@@ -60,6 +63,10 @@ class Scenario:
                 raise ProfileError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.logits not in ("last", "all"):
             raise ProfileError(f"logits must be 'last' or 'all', got {self.logits!r}")
+        if self.video is not None and not isinstance(self.video, Video):
+            raise ProfileError(f"video must be a profiler.video.Video, got {self.video!r}")
+        if self.video is not None and self.images != 1:
+            raise ProfileError(f"a prompt holds one video here; drop --images {self.images}.")
 
 
 @dataclass
@@ -129,6 +136,17 @@ class ProfileRow:
     downsampled_grid: Optional[list[int]] = None
     """LLaVA-OneVision: [rows, cols] of an image's tiled feature map after anyres_max_9's bilinear downsampling (absent
     when the map was small enough to keep)"""
+    frames: Optional[int] = None
+    """a video row: frames the model sees (``image_size`` is the frame size); null for image rows"""
+    frames_read: Optional[int] = None
+    """Qwen2.5-VL video: frames qwen-vl-utils read (they size each frame) before lmms-eval kept ``frames``"""
+    video_duration_s: Optional[float] = None
+    """``--duration``: the clip's length, whose frames lmms-eval's model class samples (null for ``--frames``)"""
+    video_fps: Optional[float] = None
+    """``--duration`` on Qwen2.5-VL: frames per second qwen-vl-utils read"""
+    video_grid: Optional[list[int]] = None
+    """a video's LLM tokens as [time, rows, cols]: Qwen2.5-VL [frame pairs, h/28, w/28]; LLaVA-OneVision [frames, 14, 14]
+    at 7B (+ one newline token)"""
     paper_scenario: bool = False
     """the scenario of the paper's efficiency numbers (one 672x672 image, 58 text tokens): paper values compare"""
     llm_params: int = 0
@@ -336,6 +354,13 @@ def profile(
     if several and methods:
         raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --images "
                            f"{several[0]} (or profile the baseline and p-MoD variants with it).")
+    videos = [sc.video for sc in scenarios if sc.video is not None]
+    if videos and methods:
+        raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --frames / "
+                           "--duration (or profile the baseline and p-MoD variants of the video).")
+    if videos and latency in (True, "on", "yes", "true"):
+        raise ProfileError("video prompts are counted (FLOPs, KV cache, roofline), not timed: synthetic video batches come "
+                           "with the p-MoD video models; use --no-latency (or time image prompts).")
     dev = device or _default_device()
     timed, latency_note = _want_latency(latency, a, dev, vs)
     hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
@@ -409,7 +434,7 @@ def _resolve_recipe(recipe: Union[str, TrainRecipe, None], a: Arch) -> Optional[
 def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[ProfileRow]:
     """Every variant's row of one scenario: counted, then timed (interleaved across the variants)."""
     a = s.arch
-    layout = vision_layout(a, sc.image_size, sc.images)
+    layout = vision_layout(a, sc.image_size, sc.images, sc.video)
     V, T = layout.vision_tokens, sc.text_tokens
     logits_tokens = 1 if sc.logits == "last" else V + T
     base_kept = [V] * a.text.layers
@@ -425,7 +450,7 @@ def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[Profi
     for v in vs:
         s.note(f"{a.name} · {v.name} · {_images(sc)} · batch {sc.batch_size}", True)
         rows.append(_variant_row(s, sc, counts, v))
-    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable]
+    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable and sc.video is None]
     if to_time:
         _time_rows(s, sc, to_time)
     _latency_ratios(rows)
@@ -456,6 +481,8 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     # latency: measured by _time_rows, interleaved across the variants of this scenario
     if s.timed and not v.runnable:
         row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
+    if s.timed and sc.video is not None:
+        row.latency_note = "not measured: video prompts are counted, not timed (FLOPs, KV cache and roofline are)"
     return row
 
 
@@ -484,8 +511,24 @@ def _row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, vis, kept
         resized_image_size=list(layout.resized) if layout.resized else None,
         pixel_range=[a.vision.min_pixels, a.vision.max_pixels] if layout.resized else None, images=sc.images,
         downsampled_grid=list(layout.downsampled) if layout.downsampled else None,
-        paper_scenario=is_paper_scenario(sc.image_size, T) and sc.images == 1, llm_params=a.llm_params, latency_note=s.latency_note,
+        paper_scenario=is_paper_scenario(sc.image_size, T) and sc.images == 1 and sc.video is None, llm_params=a.llm_params,
+        latency_note=s.latency_note, **_video_fields(sc, layout, a),
     )
+
+
+def _video_fields(sc: Scenario, layout, a: Arch) -> dict[str, Any]:
+    """The video keys of a row (none for an image row)."""
+    if sc.video is None:
+        return {}
+    if layout.pooled:  # LLaVA-OneVision: every frame's pooled map, one newline after the video
+        grid = [layout.frames, *layout.pooled]
+    else:  # Qwen2.5-VL: frame pairs of (h/28) x (w/28) merged patches
+        m = a.vision.merge_size
+        grid = [layout.temporal, layout.patches[0] // m, layout.patches[1] // m]
+    qwen = layout.pooled is None
+    return dict(frames=layout.frames, frames_read=layout.frames_read if qwen else None, video_grid=grid,
+                video_duration_s=sc.video.duration_s,
+                video_fps=sc.video.fps if qwen and sc.video.duration_s is not None else None)
 
 
 def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant, pf, vis) -> None:
@@ -500,7 +543,7 @@ def _check_flops(row: ProfileRow, s: _Setup, sc: Scenario, counts: _ScenarioCoun
     a = s.arch
     method = v.is_method
     m = count_flops_meta(a, v, sc.image_size, sc.text_tokens, batch_size=sc.batch_size,
-                         logits_tokens=counts.logits_tokens, decode=False, images=sc.images)
+                         logits_tokens=counts.logits_tokens, decode=False, images=sc.images, video=sc.video)
     row.prefill_tflops_measured = m.prefill_llm / 1e12
     err = abs(m.prefill_llm - pf.total("full")) / pf.total("full")
     if not method:
@@ -612,13 +655,17 @@ def _latency_ratios(rows: Sequence[ProfileRow]) -> None:
 
 def _images(sc: Scenario) -> str:
     size = f"{sc.image_size[0]}x{sc.image_size[1]}"
+    if sc.video is not None:
+        return f"{sc.video.label} of {size}"
     return size if sc.images == 1 else f"{sc.images} x {size}"
 
 
 def scenarios_from(image_sizes: Sequence[tuple[int, int]] = (PAPER_IMAGE_SIZE,), batch_sizes: Sequence[int] = (1,),
-                   text_tokens: int = PAPER_TEXT_TOKENS, gen_tokens: int = 16, logits: str = "last", images: Sequence[int] = (1,)) -> list[Scenario]:
-    """Every image size x image count x batch size."""
-    return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits, n) for s in image_sizes for n in images for b in batch_sizes]
+                   text_tokens: int = PAPER_TEXT_TOKENS, gen_tokens: int = 16, logits: str = "last", images: Sequence[int] = (1,),
+                   videos: Sequence[Optional[Video]] = (None,)) -> list[Scenario]:
+    """Every image (frame) size x image count (or video) x batch size."""
+    return [Scenario(tuple(s), text_tokens, gen_tokens, b, logits, n, vid) for s in image_sizes for vid in videos
+            for n in (images if vid is None else (1,)) for b in batch_sizes]
 
 
 __all__ = ["Scenario", "ProfileRow", "profile", "resolve_variants", "scenarios_from", "REQUIRED_KEYS", "ROW_KEYS", "CONVENTIONS"]

@@ -176,9 +176,10 @@ def count_flops_meta(
     logits_tokens: int = 1,
     decode: bool = True,
     images: int = 1,
+    video: Any = None,
 ) -> MeasuredFlops:
     """FlopCounterMode on the meta device, per layer at the routed lengths (see the module docstring); ``images``
-    images of ``image_size`` in each prompt."""
+    images of ``image_size`` in each prompt, or one ``video`` (:class:`~.video.Video`) of frames of ``image_size``."""
     import torch
 
     from pmod_bench.model.layer import PMoDRouter
@@ -188,7 +189,7 @@ def count_flops_meta(
     model = meta_model(arch)
     lm = model.model.language_model
     t, v = arch.text, arch.vision
-    layout = vision_layout(arch, image_size, images)
+    layout = vision_layout(arch, image_size, images, video)
     V, T, B = layout.vision_tokens, int(text_tokens), int(batch_size)
     N = T + V
     kept = variant.kept_vision_tokens(t.layers, V)
@@ -198,7 +199,7 @@ def count_flops_meta(
         router = PMoDRouter(t.hidden)
 
     with torch.no_grad():
-        key = (id(model), layout.tiles, layout.patches, layout.images, B)
+        key = (id(model), layout.tiles, layout.patches, layout.images, layout.temporal, B)
         if key not in _VISION_CACHE:
             host = host_of(arch.family)
             own = host.vision_meta(model, arch, layout, B, flop_counter) if host else None

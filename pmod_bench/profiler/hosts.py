@@ -7,6 +7,7 @@ family names:
 
 * :meth:`Host.arch`: the :class:`~.arch.Arch` of an HF config (its LLM as :class:`~.arch.TextDims`, its tower);
 * :meth:`Host.layout`: how one image becomes vision tokens (the host's own transformers helpers);
+* :meth:`Host.video_layout`: how one video (:class:`~.video.Video`) becomes frames and vision tokens;
 * :meth:`Host.vision_flops` / :meth:`Host.vision_meta`: its vision tower and projector, analytic and counted by
   FlopCounterMode on the meta device (None: the tower is a plain ViT over square tiles, counted by the LLaVA path);
 * :meth:`Host.projector_params` / :meth:`Host.tied_embeddings`: where its parameter count differs from LLaVA's.
@@ -48,6 +49,13 @@ class Host:
     def layout(self, arch: Any, image_size: tuple[int, int], images: int):
         """The :class:`~.arch.VisionLayout` of ONE image of ``image_size`` (w, h) in a prompt holding ``images``."""
         raise NotImplementedError
+
+    def video_layout(self, arch: Any, frame_size: tuple[int, int], video: Any):
+        """The :class:`~.arch.VisionLayout` of one :class:`~.video.Video` of frames of ``frame_size`` (w, h) in a prompt."""
+        from .errors import ProfileError
+
+        raise ProfileError(f"{arch.name}: {self.label} is profiled on images; video prompts are profiled on Qwen2.5-VL and "
+                           "LLaVA-OneVision (--arch qwen2.5-vl-7b, llava-onevision-7b).")
 
     def vision_flops(self, arch: Any, layout: Any) -> Optional[tuple[int, int]]:
         """(encoder, projector) FLOPs of a sample (``layout``: all its images), or None for the LLaVA ViT path."""

@@ -21,6 +21,10 @@ projector ``2·tiles·n·(D·d + d·d)`` before unpadding; the bilinear downsamp
 These are the LLaVA path's formulas (:func:`.flops.vision_flops`) with :class:`SiglipDims`; FlopCounterMode on the
 meta model counts the same (:func:`.counters.count_flops_meta`). The LLM is a Qwen2 decoder (GQA, q/k/v biases).
 
+Videos (:meth:`OneVisionHost.video_layout`): every frame is one 384 px tile through SigLIP and the projector (729
+features), pooled 2x2 bilinearly to 14x14 (``apply_pooling``: no products), one newline after the video: 32 frames ->
+6,273 tokens; FLOPs are the tile formulas over the frames.
+
 Hub configs: ``pmod_bench.model.presets.ONEVISION_HUB`` (llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-ov-hf).
 """
 
@@ -105,6 +109,31 @@ class OneVisionHost(Host):
         uh, uw = unpad_image(torch.empty((1, rows * v.grid, cols * v.grid), device="meta"), [h, w]).shape[1:]
         return VisionLayout(**common, grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)),
                             downsampled=rows_cols if rows_cols != (uh, uw) else None)
+
+
+    def video_layout(self, arch: Arch, frame_size: tuple[int, int], video: Any) -> VisionLayout:
+        """A video: :func:`.video.onevision_frames` frames, each resized to one tile (``LlavaOnevisionVideoProcessor``),
+        its features pooled by ``LlavaOnevisionModel.apply_pooling`` (2x2 bilinear: 27x27 -> 14x14 at 7B), one
+        ``image_newline`` after the whole video (``get_video_features``): ``frames · 196 + 1`` tokens at 7B."""
+        from .video import onevision_frames
+
+        v, frames = arch.vision, onevision_frames(video)
+        pooled = _pooled(arch)
+        return VisionLayout(image_size=tuple(frame_size), tiles=frames, projector_tokens=frames * v.features_per_tile,
+                            vision_tokens=frames * pooled[0] * pooled[1] + 1, tile_size=v.image_size, frames=frames,
+                            frames_read=frames, pooled=pooled)
+
+
+def _pooled(arch: Arch) -> tuple[int, int]:
+    """(rows, cols) of one frame's features after ``LlavaOnevisionModel.apply_pooling`` (run on a meta tensor: it reads
+    only ``self.config``)."""
+    import torch
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    owner, v = types.SimpleNamespace(config=arch.config), arch.vision
+    n = LlavaOnevisionModel.apply_pooling(owner, torch.empty(1, v.features_per_tile, 1, device="meta")).shape[1]
+    side = int(round(n ** 0.5))
+    return (side, n // side)
 
 
 def _packed(arch: Arch, tiles: int, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:

@@ -21,6 +21,11 @@ Vision tower FLOPs per image of ``n = (h/14)·(w/14)`` patches, width ``D``, MLP
 * the patch merger (RMSNorm, Linear(4D, 4D), GELU, Linear(4D, d)) on the ``n / 4`` merged tokens:
   ``2·(n/4)·(16·D² + 4·D·d)``. It plays the projector's part (trained with the LLM, the tower frozen).
 
+Videos (:meth:`QwenHost.video_layout`, the frames as :mod:`.video` counts them): every frame resized as lmms-eval's
+``qwen2_5_vl`` resizes it (:func:`video_frame_size`), frames paired by the Conv3d (``temporal_patch_size`` 2), each pair
+one grid through the tower (attention within the pair; windows within it): tokens = ``ceil(T/2)·(h/28)·(w/28)``,
+tower and merger FLOPs = pairs x one image's of the resized frame. 32 frames of 640x360: 16 x 13x23 = 4,784 tokens.
+
 Hub configs: ``pmod_bench.model.presets.QWEN2_5_VL_HUB`` (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). This module
 imports only :mod:`.errors` and :mod:`.hosts` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
 its :class:`~.hosts.Host`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
@@ -145,6 +150,38 @@ def resize(v: QwenVisionDims, image_size: tuple[int, int]) -> QwenGrid:
     return QwenGrid(resized=(rw, rh), patches=(rh // v.patch_size, rw // v.patch_size))
 
 
+def video_frame_size(v: QwenVisionDims, frame_size: tuple[int, int], read: int) -> QwenGrid:
+    """Every frame of a video of ``frame_size`` (width, height) of which ``read`` frames were read, as lmms-eval's
+    ``qwen2_5_vl`` sizes it (the geometry of each frame; the frame count is the caller's):
+
+    1. ``qwen_vl_utils.fetch_video`` (0.0.14): a per-frame budget ``max_pixels = max(min(VIDEO_MAX_TOKEN_NUM·28²,
+       total_pixels / read · FRAME_FACTOR), int(min_pixels · 1.05))`` with ``total_pixels = MODEL_SEQ_LEN · 28² · 0.9``
+       (128000 tokens: 90,316,800 px), capped by the ``max_pixels`` lmms-eval passes, then qwen-vl-utils' own
+       ``smart_resize`` within ``[min_pixels, max_pixels]``: 1280x720 -> 1008x560 (720 tokens a frame pair) up to 300
+       frames read, 644x336 (276) at 768 (qwen-vl-utils' most: a clip of 6.4 minutes or more at 2 fps); 640x360 ->
+       644x364 (299) up to 768 frames read;
+    2. the processor's ``Qwen2VLVideoProcessor`` (``cap_pixels_per_frame`` unset: no budget of its own) resizes the
+       frames again with transformers' ``smart_resize`` within the processor's ``[min_pixels, max_pixels]``: a frame
+       the budget shrank below ``min_pixels`` is scaled back up (``--frames 1200`` of 640x360: 588x336 -> 616x364).
+    """
+    import qwen_vl_utils.vision_process as qvu
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+    w, h = frame_size
+    factor = v.factor
+    total_pixels = qvu.MODEL_SEQ_LEN * factor * factor * 0.9
+    budget = max(min(qvu.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / read * qvu.FRAME_FACTOR), int(v.min_pixels * 1.05))
+    budget = min(v.max_pixels, budget)
+    try:
+        rh, rw = qvu.smart_resize(h, w, factor=factor, min_pixels=v.min_pixels, max_pixels=budget)
+        rh, rw = smart_resize(rh, rw, factor=factor, min_pixels=v.min_pixels, max_pixels=v.max_pixels)
+    except ValueError as exc:  # an aspect ratio above 200
+        raise ProfileError(f"frames of {w}x{h}: Qwen2.5-VL's processor refuses them ({exc}); use a less extreme --frame-size.") from None
+    except ZeroDivisionError:  # qwen-vl-utils floored a side to 0 px
+        raise ProfileError(f"frames of {w}x{h}: qwen-vl-utils shrinks a side to 0 px; use a less extreme --frame-size.") from None
+    return QwenGrid(resized=(rw, rh), patches=(rh // v.patch_size, rw // v.patch_size))
+
+
 def merged_tokens(v: QwenVisionDims, grid: QwenGrid) -> int:
     """LLM tokens of one image: ``(h/28)·(w/28)``, the merger's output rows (``image_grid_thw.prod() // 4``)."""
     return grid.num_patches // v.merge_size**2
@@ -173,8 +210,10 @@ def vision_tower_flops(v: QwenVisionDims, grid: QwenGrid) -> tuple[int, int]:
     return tower, merger
 
 
-def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: int, counter: Callable[[], Any]) -> tuple[int, int]:
-    """(tower, merger) FLOPs of ``images`` copies of the image, counted by ``counter()`` (a FlopCounterMode) around
+def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: int, counter: Callable[[], Any],
+                      temporal: int = 1) -> tuple[int, int]:
+    """(tower, merger) FLOPs of ``images`` copies of the image (a video: ``temporal`` frame pairs of ``grid``, HF's
+    ``grid_thw`` ``[temporal, rows, cols]``), counted by ``counter()`` (a FlopCounterMode) around
     the HF tower's own modules on meta tensors: ``patch_embed``, every block with the attention segments HF's
     ``get_vision_cu_seqlens`` / ``get_vision_window_index`` give (full or windowed; blocks of one kind have identical
     shapes and are counted once), and ``merger``, as ``Qwen2_5_VisionTransformerPretrainedModel.forward`` runs them.
@@ -183,11 +222,11 @@ def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: in
     import torch
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
-    grid_thw = torch.tensor([[1, *grid.patches]] * images)
+    grid_thw = torch.tensor([[temporal, *grid.patches]] * images)
     full_cu = get_vision_cu_seqlens(grid_thw)
     _, window_cu = get_vision_window_index(grid_thw, spatial_merge_size=v.merge_size, window_size=v.window_size,
                                            patch_size=v.patch_size)
-    n = images * grid.num_patches
+    n = images * temporal * grid.num_patches
     with torch.no_grad():
         pixels = torch.empty(n, v.patch_dim, device="meta")
         with counter() as fc:
@@ -240,14 +279,30 @@ class QwenHost(Host):
                                      max_pixels=v.max_pixels if max_pixels is None else max_pixels)
         return dataclasses.replace(arch, vision=vision)
 
+    def video_layout(self, arch: Any, frame_size: tuple[int, int], video: Any):
+        """A video: :func:`.video.qwen_frames` frames, each sized by :func:`video_frame_size`; the processor pairs them
+        (``temporal_patch_size`` 2, an odd count padded with the last frame), and each pair is one grid of
+        :func:`merged_tokens` (its patches attend within the pair: HF's ``cu_seqlens`` per temporal slice)."""
+        from .arch import VisionLayout
+        from .video import qwen_frames
+
+        read, frames = qwen_frames(video)
+        v = arch.vision
+        grid = video_frame_size(v, frame_size, read)
+        pairs = -(-frames // v.temporal_patch_size)
+        tokens = pairs * merged_tokens(v, grid)
+        return VisionLayout(image_size=tuple(frame_size), tiles=1, projector_tokens=tokens, vision_tokens=tokens,
+                            resized=grid.resized, patches=grid.patches, frames=frames, frames_read=read, temporal=pairs)
+
     def vision_flops(self, arch: Any, layout: Any) -> tuple[int, int]:
+        """Per image, or per frame pair of a video: the same tower over one grid (attention within the grid)."""
         tower, merger = vision_tower_flops(arch.vision, QwenGrid(resized=layout.resized, patches=layout.patches))
-        return tower * layout.images, merger * layout.images
+        return tower * layout.images * layout.temporal, merger * layout.images * layout.temporal
 
     def vision_meta(self, model: Any, arch: Any, layout: Any, batch: int, counter: Callable[[], Any]) -> tuple[int, int]:
-        """The tower sees each resized image whole; its merger is the projector."""
+        """The tower sees each resized image (video: each frame pair) whole; its merger is the projector."""
         grid = QwenGrid(resized=layout.resized, patches=layout.patches)
-        return vision_tower_meta(model.model.visual, arch.vision, grid, batch * layout.images, counter)
+        return vision_tower_meta(model.model.visual, arch.vision, grid, batch * layout.images, counter, layout.temporal)
 
     def projector_params(self, arch: Any) -> int:
         return arch.vision.merger_params
@@ -260,6 +315,6 @@ HOST = QwenHost()
 
 __all__ = [
     "QWEN_FAMILY", "LMMS_EVAL_MIN_PIXELS", "LMMS_EVAL_MAX_PIXELS", "QwenVisionDims", "QwenGrid", "vision_dims_from_config",
-    "resize", "merged_tokens", "window_segments", "vision_tower_flops", "vision_tower_meta",
+    "resize", "video_frame_size", "merged_tokens", "window_segments", "vision_tower_flops", "vision_tower_meta",
     "QwenHost", "HOST",
 ]

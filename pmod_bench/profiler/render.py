@@ -60,10 +60,11 @@ def format_table(rows: Iterable[Any], paper: bool = True) -> str:
         return "(no rows)"
     blocks: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["arch"], tuple(r["image_size"]), r.get("images", 1), r["text_tokens"], r["gen_tokens"], r["batch_size"])
+        key = (r["arch"], tuple(r["image_size"]), r.get("images", 1), r.get("frames"), r.get("video_duration_s"), r["text_tokens"],
+               r["gen_tokens"], r["batch_size"])
         blocks.setdefault(key, []).append(r)
     lines: list[str] = []
-    for (arch, size, _, T, G, B), rs in blocks.items():
+    for (arch, size, _, _, _, T, G, B), rs in blocks.items():
         r0 = rs[0]
         unit, scale = _unit(max(r["prefill_tflops"] for r in rs))
         lines.append(
@@ -138,6 +139,8 @@ def _image_phrase(r: dict) -> str:
     """What the model does with the image(s): LLaVA-1.5 resizes it to one tile, LLaVA-NeXT / LLaVA-OneVision tile it
     (anyres; OneVision shrinks a large tiled feature map, and reads each of several images as one tile), Qwen2.5-VL
     resizes it to multiples of 28 px within its pixel range and merges 2x2 patches into a token."""
+    if r.get("frames"):
+        return _video_phrase(r)
     w, h = r["image_size"]
     n = r.get("images", 1)
     image = f"{w}x{h} image" if n == 1 else f"{n} x {w}x{h} images, each"
@@ -155,6 +158,24 @@ def _image_phrase(r: dict) -> str:
     pooled = r.get("downsampled_grid")
     shrunk = f", its tiles' features downsampled to {pooled[0]}x{pooled[1]} (anyres_max_9)" if pooled else ""
     return f"{image} -> {tiles - 1} high-resolution tile(s){tile} + the base image resized to one tile{shrunk}"
+
+
+def _video_phrase(r: dict) -> str:
+    """A video row: the frames the model sees (of a clip: how they were sampled) and what each becomes."""
+    w, h = r["image_size"]
+    n, grid = r["frames"], r.get("video_grid") or [0, 0, 0]
+    clip = ""
+    if r.get("video_duration_s") is not None:
+        read = r.get("frames_read")
+        how = f"read at {r['video_fps']:g} fps: {read}, " if r.get("video_fps") is not None and read else ""
+        clip = f" of a {r['video_duration_s']:g} s clip ({how}{n} kept)"
+    video = f"{n} frames{clip} of {w}x{h}"
+    if r.get("resized_image_size"):  # Qwen2.5-VL: frame pairs of merged 28 px patches
+        rw, rh = r["resized_image_size"]
+        return f"{video}, each resized to {rw}x{rh}: {grid[0]} frame pair(s) of {grid[1]}x{grid[2]} merged 28 px patches"
+    side = r.get("tile_size") or 0
+    return (f"{video}, each resized to {side}x{side} (1 tile), its features pooled to {grid[1]}x{grid[2]}, "
+            "+ 1 newline after the video")
 
 
 def _notes(rs: list[dict], has_paper: bool, off_scenario: bool = False) -> list[str]:
