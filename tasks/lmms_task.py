@@ -7,14 +7,16 @@ or malformed copy raises :class:`~pmod_bench.tasks.data.DataError` naming benchm
 missing split / column); without it, lmms-eval's own hub loading runs unchanged. A local copy's arrow
 tables are cached under its own identity (``dataset_kwargs["cache_dir"]``, read by lmms-eval's
 ``download``; :func:`~pmod_bench.tasks.data.snapshot_cache_dir`): ``datasets`` alone would key them on the
-directory's name, and serve one copy's tables for another.
+directory's name, and serve one copy's tables for another. Without a data root and with the hub out of reach
+(offline), the dataset's ``ConnectionError`` becomes :class:`~pmod_bench.tasks.data.HubUnreachable`: one line
+naming ``--data`` / ``PMOD_BENCH_DATA``, which stops the eval run (exit 2) instead of failing each benchmark.
 """
 
 from __future__ import annotations
 
 from lmms_eval.api.task import ConfigurableTask
 
-from .data import require_local, snapshot_cache_dir
+from .data import hub_unreachable, require_local, snapshot_cache_dir
 
 
 class PMoDTask(ConfigurableTask):
@@ -28,8 +30,14 @@ class PMoDTask(ConfigurableTask):
     def download(self, dataset_kwargs=None) -> None:
         split = self.config.test_split or self.config.validation_split
         path = require_local(self.DATASET_PATH, self.DATASET_NAME, split, task=self.config.task)
-        if path is None:
-            return super().download(dataset_kwargs)
+        if path is None:  # from the hub (or the HF cache); offline without a cached copy: one line naming --data
+            try:
+                return super().download(dataset_kwargs)
+            except Exception as exc:
+                unreachable = hub_unreachable(exc, self.DATASET_PATH)
+                if unreachable is None:
+                    raise
+                raise unreachable from None
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)  # a local directory needs no hub token
         kwargs["cache_dir"] = snapshot_cache_dir(path)  # this copy's own tables, never another copy's
