@@ -18,8 +18,9 @@ tree as it was (the path itself: :mod:`pmod_bench.outputs`)::
       choose another --output
 
   Locks are per open file description (Linux ``flock``): a second ``run_lock`` on the same directory in the same
-  process is refused too. Child processes do not inherit it (the descriptor is not inheritable): worker processes
-  of a command (``reproduce --toy --jobs N``) run under their parent's lock and never take it themselves.
+  process is refused too. Programs the owner starts (subprocesses, spawned workers) do not inherit it (the
+  descriptor is not inheritable): the workers of ``reproduce --toy --jobs N`` run under their parent's ownership
+  and lock only the run directories they write themselves.
 * :func:`check_owner`: a directory whose ``run.json`` names another kind of run belongs to that run. Writing
   there would replace its ``run.json`` (an eval could no longer resume, a report would read a profile where an
   eval was); a non-empty directory without ``run.json`` holds someone else's files (the lock file aside).
