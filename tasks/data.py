@@ -42,6 +42,23 @@ class DataError(ValueError):
     """A missing or malformed local benchmark copy; the message names benchmark, path and fix."""
 
 
+def data_root(root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """The local data root: ``root`` if given, else ``$PMOD_BENCH_DATA``, else None (use the hub)."""
+    value = root if root is not None else os.environ.get(ENV_VAR, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:
+    """``<root>/<ORG>/<NAME>`` for hub id ``ORG/NAME`` (None when no local root is configured)."""
+    base = data_root(root)
+    return None if base is None else base / hub_id
+
+
+def _download_hint(ref: DataRef, path: Path) -> str:
+    return (f"Put a snapshot of the hub dataset there (`hf download {ref.hub_id} --repo-type dataset "
+            f"--local-dir {path}`), or unset {ENV_VAR} to read from the hub.")
+
+
 class HubUnreachable(DataError):
     """No local data root was given and the hub could not be reached for a benchmark's dataset: not the benchmark's
     failure but the environment's; the eval run stops (one line, exit 2) and the same command with ``--data``
@@ -66,23 +83,6 @@ def hub_unreachable(exc: BaseException, hub_id: str) -> Optional[HubUnreachable]
         f"--data DIR or set {ENV_VAR}=DIR, a root that holds ORG/NAME snapshots (`pmod-bench data fixtures DIR` writes "
         f"tiny test copies; `hf download {hub_id} --repo-type dataset --local-dir DIR/{hub_id}` on a machine online "
         "fetches the real one), then run the same command again: it resumes")
-
-
-def data_root(root: "str | os.PathLike | None" = None) -> Optional[Path]:
-    """The local data root: ``root`` if given, else ``$PMOD_BENCH_DATA``, else None (use the hub)."""
-    value = root if root is not None else os.environ.get(ENV_VAR, "").strip()
-    return Path(value).expanduser() if value else None
-
-
-def local_dir(hub_id: str, root: "str | os.PathLike | None" = None) -> Optional[Path]:
-    """``<root>/<ORG>/<NAME>`` for hub id ``ORG/NAME`` (None when no local root is configured)."""
-    base = data_root(root)
-    return None if base is None else base / hub_id
-
-
-def _download_hint(ref: DataRef, path: Path) -> str:
-    return (f"Put a snapshot of the hub dataset there (`hf download {ref.hub_id} --repo-type dataset "
-            f"--local-dir {path}`), or unset {ENV_VAR} to read from the hub.")
 
 
 @dataclass

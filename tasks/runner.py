@@ -43,7 +43,7 @@ from pmod_bench.model.config import parse_ratios as _parse_ratios
 from pmod_bench.model.dtypes import CHOICES as DTYPE_CHOICES, is_dtype_name
 
 from .benchmarks import SUITES, Benchmark, resolve_suite
-from .data import DataError, HubUnreachable
+from .data import DataError
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("benchmark", "task", "metric", "value", "n", "unit", "n_unparsed", "limit", "components", "title")
@@ -689,7 +689,7 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
     does a hub out of reach without a local data root (:class:`~.data.HubUnreachable`)."""
     from pmod_bench.outputs import disk_full
 
-    from .data import benchmark_data
+    from .data import HubUnreachable, benchmark_data
 
     evaluator, tm, cli_args = harness
     run_meta, benches, outcome = run

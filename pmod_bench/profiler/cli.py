@@ -206,15 +206,17 @@ def _run(args: argparse.Namespace) -> int:
     import contextlib
     import time
 
+    from .errors import ProfileError
+
+    t0 = time.perf_counter()
     from pmod_bench.rundir import run_lock
 
     from .arch import parse_image_size
     from .core import scenarios_from
-    from .errors import ProfileError
     from .render import format_table
 
-    t0 = time.perf_counter()
     _check_outputs(args)
+    archs = args.arch or ["llava-next-7b"]
     sizes = [parse_image_size(s) for s in (args.image_size or ["672x672"])]
     batches = args.batch_size or [1]
     for name, value, low in (("--batch-size", min(batches), 1), ("--text-tokens", args.text_tokens, 0),
@@ -232,13 +234,15 @@ def _run(args: argparse.Namespace) -> int:
     elif device and device != "cpu":
         raise ProfileError(f"--device {device}: expected cpu, cuda or cuda:N.")
     scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits)
+    variants = _variants(args)
+
     command = _command(args)
     # --output: this process owns the run directory from before the first row is measured to its last file
     owner = run_lock(args.output, command=command, error=ProfileError) if args.output else contextlib.nullcontext()
     with owner:
         if args.output:
             _check_owner(args)  # as its owner: no other pmod-bench command can write there meanwhile
-        rows = _profile_rows(args, scenarios, device)
+        rows = _profile_rows(args, archs, scenarios, variants, device)
         if not args.quiet:
             print(format_table(rows), end="")
         _write_outputs(args, rows, command)
@@ -247,15 +251,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_rows(args: argparse.Namespace, scenarios: list, device: Optional[str]) -> list:
-    """Every row: each --arch under each variant and scenario."""
+def _profile_rows(args: argparse.Namespace, archs: list, scenarios: list, variants: Optional[list], device: Optional[str]) -> list:
+    """Every row: each of ``archs`` under each variant and scenario."""
     from .arch import load_arch
     from .core import profile
     from .training import default_recipe, get_recipe
 
-    variants = _variants(args)
     rows = []
-    for arch_name in args.arch or ["llava-next-7b"]:
+    for arch_name in archs:
         arch = load_arch(arch_name)
         overrides = (args.train_samples, args.train_text_tokens, args.utilisation, args.overhead_s)
         if args.recipe == "none" or (args.recipe == "auto" and all(o is None for o in overrides)):
