@@ -1,12 +1,15 @@
 """Output paths: whether one can be written, and one line when writing it fails (stdlib only).
 
 * :func:`check_output_path`: checked before a command writes anything: no component longer than the
-  filesystem allows (ENAMETOOLONG), not an existing file where a directory is wanted (or the reverse), the
-  nearest existing directory writable.
-* :func:`output_errors`: an ``OSError`` of the environment met while writing anyway (read-only, disk full, name
-  too long) becomes one line naming the path and the fix, instead of a traceback.
+  file system allows (ENAMETOOLONG), not an existing file where a directory is wanted (or the reverse), not
+  under a file, the directory written into writable (:func:`read_only`: permissions, a read-only file system,
+  a mode without write bits).
+* :func:`output_errors` / :func:`describe_write_error`: an ``OSError`` of the environment met while writing
+  anyway (read-only, disk full, name too long) becomes one line naming the path and the fix, instead of a
+  traceback; :func:`disk_full` also recognises a full disk behind libraries that hide the errno (safetensors'
+  "os error 28", torch.save's bare RuntimeError).
 
-Which *run* owns a directory is :mod:`pmod_bench.rundir`'s question.
+Which *run* owns a directory, and the lock that makes one process its owner, is :mod:`pmod_bench.rundir`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +26,8 @@ from typing import Union
 from pmod_bench.errors import UserError
 
 #: errors of the environment, not of the program: reported as one line
-WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                errno.ENOTDIR}
 PATH_MAX = 4096
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -35,46 +40,64 @@ def _name_max(existing: Path) -> int:
         return 255
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a dangling symbolic link counts as existing)."""
     p = path
     while not os.path.lexists(p) and p != p.parent:
         p = p.parent
     return p
 
 
+def read_only(path: Path) -> str | None:
+    """Why ``path`` (an existing directory) cannot be written into, or None: no write permission, a read-only file
+    system, or a mode without write bits (honoured for root as well, whom ``os.access`` lets write anywhere)."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        try:
+            ro_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except OSError:
+            ro_fs = False
+        return "is on a read-only file system" if ro_fs else "is not writable by this user"
+    mode = path.stat().st_mode
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return f"is read-only (mode {stat.S_IMODE(mode):o})"
+    return None
+
+
 def check_output_path(path: PathLike, option: str = "--output", want: str = "dir",
                       error: type[Exception] = UserError, sibling: bool = False) -> Path:
     """The absolute ``path`` once it can be written as a directory (``want="dir"``) or a file (``"file"``).
 
-    Checked without writing anything: every name fits the filesystem (ENAMETOOLONG), the path is not a
-    file where a directory is wanted (or a directory where a file is), the nearest existing directory is
-    a directory and writable. ``sibling``: the command writes beside ``path`` and renames (the parent must
-    be writable too, even when ``path`` exists).
+    Checked without writing anything: every name fits the file system (ENAMETOOLONG), the path is not a
+    file where a directory is wanted (or a directory where a file is), nor under a file, and the directory
+    written into is writable (:func:`read_only`). ``sibling``: the command writes beside ``path`` and renames
+    (the parent must be writable too, even when ``path`` exists).
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     shown = os.fspath(path)
-    anc = _nearest_existing(p)
+    anc = nearest_existing(p)
     limit = _name_max(anc if anc.is_dir() else anc.parent)
     for part in p.parts:
         if len(os.fsencode(part)) > limit:
             raise error(f"{option} {shown}: the name '{part[:32]}...' is {len(os.fsencode(part))} bytes, longer than "
-                        f"the filesystem allows ({limit}); use a shorter name.")
+                        f"the file system allows ({limit}); choose a shorter {option}.")
     if len(os.fsencode(str(p))) >= PATH_MAX:
         raise error(f"{option} {shown}: the path is {len(os.fsencode(str(p)))} bytes, longer than the system allows "
-                    f"({PATH_MAX - 1}); use a shorter path.")
+                    f"({PATH_MAX - 1}); choose a shorter {option}.")
     if anc == p:
         if want == "dir" and not p.is_dir():
-            raise error(f"{option} {shown} is a file; pass a directory (a new one, or one this command wrote).")
+            raise error(f"{option} {shown} is a file, not a directory; pass a new directory or one this command wrote.")
         if want == "file" and p.is_dir():
             raise error(f"{option} {shown} is a directory; pass a file name.")
     elif not anc.is_dir():
-        raise error(f"{option} {shown}: {anc} is a file, not a directory; pass a path in a directory.")
+        raise error(f"{option} {shown}: {anc} is a file, so no directory can be made under it; choose another {option}.")
     writable = [p if anc == p and want == "dir" else (p.parent if anc == p else anc)]
     if sibling and anc == p:
         writable.append(p.parent)
     for d in writable:
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise error(f"{option} {shown}: {d} is not writable (read-only); pass a writable directory.")
+        why = read_only(d)
+        if why:
+            where = f"{option} {shown}" if d == p else f"{option} {shown}: {d}"
+            raise error(f"{where} {why}; choose a writable {option} directory.")
     return p
 
 
@@ -100,6 +123,8 @@ def describe_write_error(exc: OSError, option: str, path: PathLike, disk_full_fi
         fix = disk_full_fix or f"free disk space, or pass another {option} on a disk with room"
     elif exc.errno == errno.ENAMETOOLONG:
         fix = "use a shorter path"
+    elif exc.errno == errno.ENOTDIR:
+        fix = "a part of the path is a file: pass a path in a directory"
     else:
         fix = "pass a writable directory"
     return f"{option} {path}: cannot write {target} ({reason}); {fix}."
@@ -130,7 +155,7 @@ def disk_full(exc: BaseException, path: PathLike) -> str | None:
     if not runtime:
         return None
     try:
-        free = shutil.disk_usage(_nearest_existing(Path(os.path.abspath(os.fspath(path))))).free
+        free = shutil.disk_usage(nearest_existing(Path(os.path.abspath(os.fspath(path))))).free
     except OSError:
         return None
     return f"{free} bytes left on the device" if free < LOW_SPACE_BYTES else None
@@ -157,4 +182,4 @@ def output_errors(option: str, path: PathLike, disk_full_fix: str = "", error: t
 
 
 __all__ = ["LOW_SPACE_BYTES", "PATH_MAX", "WRITE_ERRNOS", "check_output_path", "describe_write_error", "disk_full",
-           "output_errors"]
+           "nearest_existing", "output_errors", "read_only"]

@@ -117,9 +117,9 @@ def _eval(args) -> int:
     _check_data_root(args.data)
     command = " ".join(shlex.quote(a) for a in ["pmod-bench", *sys.argv[1:]])
     cfgs = _eval_configs(args, command)
-    from pmod_bench.runlock import check_run_dir
+    from pmod_bench.outputs import check_output_path
 
-    check_run_dir(args.output)  # a file, read-only, a name too long: refused before anything is written
+    check_output_path(args.output, "--output")  # a file, read-only, a name too long: refused before anything is written
     if args.data:
         os.environ["PMOD_BENCH_DATA"] = str(args.data)
     if args.threads:
@@ -201,17 +201,16 @@ def _eval_one(cfg, output: str, command: str) -> int:
     import os
     import sys
 
-    from .runner import DISK_FULL, RunDirMismatch, format_rows, run_eval
+    from pmod_bench.outputs import output_errors
 
+    from .runner import RunDirMismatch, format_rows, run_eval
+
+    resume = "free disk space and run the same command again: finished benchmarks and every saved answer are kept"
     try:
-        outcome = run_eval(cfg)
+        with output_errors("--output", output, disk_full_fix=resume):  # a full disk, read-only: one line
+            outcome = run_eval(cfg)
     except (ValueError, RunDirMismatch) as exc:  # a bad model / a run dir of another evaluation: nothing written
         raise _user_error(" ".join(str(exc).split())) from None
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
-            raise
-        raise _user_error(f"no space left on the device (writing {exc.filename or output}): free some space and re-run "
-                          "the same command; finished benchmarks and every saved answer are kept") from None
     except KeyboardInterrupt:
         print(f"\npmod-bench eval: interrupted. Finished benchmarks and every answered batch are saved in "
               f"{output}; resume with:\n  {command}", file=sys.stderr)
@@ -244,13 +243,14 @@ def _eval_methods(cfgs: list, output: str, command: str) -> int:
     import os
     from pathlib import Path
 
-    from pmod_bench.runlock import check_run_dir, run_lock
+    from pmod_bench.outputs import check_output_path
+    from pmod_bench.rundir import run_lock
 
     from .runner import RunDirMismatch, check_identity
 
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     for cfg in cfgs:
-        check_run_dir(cfg.output)
+        check_output_path(cfg.output, "--output")
         try:
             check_identity(Path(cfg.output), cfg)
         except RunDirMismatch as exc:

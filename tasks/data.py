@@ -51,6 +51,32 @@ def _download_hint(ref: DataRef, path: Path) -> str:
             f"--local-dir {path}`), or unset {ENV_VAR} to read from the hub.")
 
 
+class HubUnreachable(DataError):
+    """No local data root was given and the hub could not be reached for a benchmark's dataset: not the benchmark's
+    failure but the environment's; the eval run stops (one line, exit 2) and the same command with ``--data``
+    resumes."""
+
+
+def hub_unreachable(exc: BaseException, hub_id: str) -> Optional[HubUnreachable]:
+    """The one-line :class:`HubUnreachable` when ``exc`` (raised loading ``hub_id`` from the hub) is a connection
+    failure: ``datasets`` raises ``ConnectionError("Couldn't reach ... on the Hub (OfflineModeIsEnabled)")`` for an
+    offline or unreachable hub, which lmms-eval's retries wrap in a ``tenacity.RetryError`` (its cause). None for any
+    other error."""
+    seen: set = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen and not isinstance(e, ConnectionError):
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if not isinstance(e, ConnectionError):
+        return None
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    return HubUnreachable(
+        f"{hub_id}: no local data root (--data / {ENV_VAR}) and the Hugging Face Hub is unreachable ({why}); pass "
+        f"--data DIR or set {ENV_VAR}=DIR, a root that holds ORG/NAME snapshots (`pmod-bench data fixtures DIR` writes "
+        f"tiny test copies; `hf download {hub_id} --repo-type dataset --local-dir DIR/{hub_id}` on a machine online "
+        "fetches the real one), then run the same command again: it resumes")
+
+
 @dataclass
 class RefStatus:
     """Result of checking one (dataset, config) of a benchmark."""

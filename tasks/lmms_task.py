@@ -10,13 +10,16 @@ tables are cached under its own identity (``dataset_kwargs["cache_dir"]``, read 
 directory's name, and serve one copy's tables for another. A video benchmark's local copy (``dataset_kwargs: video``)
 is not downloaded and unzipped into ``$HF_HOME`` as lmms-eval would: :func:`pmod_bench.tasks.video.unpack` extracts its
 archives beside its tables, where the adapters' ``doc_to_visual`` (:mod:`pmod_bench.tasks.video`) find the videos.
+Without a data root and with the hub out of reach
+(offline), the dataset's ``ConnectionError`` becomes :class:`~pmod_bench.tasks.data.HubUnreachable`: one line
+naming ``--data`` / ``PMOD_BENCH_DATA``, which stops the eval run (exit 2) instead of failing each benchmark.
 """
 
 from __future__ import annotations
 
 from lmms_eval.api.task import ConfigurableTask
 
-from .data import require_local, snapshot_cache_dir
+from .data import hub_unreachable, require_local, snapshot_cache_dir
 
 
 class PMoDTask(ConfigurableTask):
@@ -30,8 +33,14 @@ class PMoDTask(ConfigurableTask):
     def download(self, dataset_kwargs=None) -> None:
         split = self.config.test_split or self.config.validation_split
         path = require_local(self.DATASET_PATH, self.DATASET_NAME, split, task=self.config.task)
-        if path is None:
-            return super().download(dataset_kwargs)
+        if path is None:  # from the hub (or the HF cache); offline without a cached copy: one line naming --data
+            try:
+                return super().download(dataset_kwargs)
+            except Exception as exc:
+                unreachable = hub_unreachable(exc, self.DATASET_PATH)
+                if unreachable is None:
+                    raise
+                raise unreachable from None
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)  # a local directory needs no hub token
         if kwargs.pop("video", False):  # a video benchmark: no hub download; its archives unpacked beside its tables

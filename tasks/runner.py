@@ -27,7 +27,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime as _dt
-import errno
 import io
 import json
 import math
@@ -49,10 +48,6 @@ from .data import DataError
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("benchmark", "task", "metric", "value", "n", "unit", "n_unparsed", "limit", "components", "title")
-
-
-#: errno values of a full disk: the run stops (one line in the CLI) and resumes when rerun
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunDirMismatch(ValueError):
@@ -472,20 +467,15 @@ def _deferred_sigint():
 
 def check_identity(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
     """run.json of ``run_dir`` when it holds this evaluation (None: a new or empty directory); RunDirMismatch names
-    what differs (another kind of run, other settings, files without a run.json). Reads only."""
-    from pmod_bench.runlock import LOCK_NAME
+    what differs (another kind of run or files without a run.json: :func:`pmod_bench.rundir.check_owner`, as every
+    command that writes a run directory checks it; other settings). Reads only."""
+    from pmod_bench.rundir import RUN_FILE, check_owner
 
-    meta_path = run_dir / "run.json"
+    check_owner(run_dir, "eval", "--output", error=RunDirMismatch)
+    meta_path = run_dir / RUN_FILE
     if not meta_path.exists():
-        if run_dir.exists() and any(p.name not in (".", "..", LOCK_NAME) for p in run_dir.iterdir()):
-            raise RunDirMismatch(f"{run_dir} is not empty and has no run.json; pass a new or empty --output directory")
         return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise RunDirMismatch(f"{meta_path} is not valid JSON ({exc}); pass a new --output directory") from None
-    if meta.get("kind") != "eval":
-        raise RunDirMismatch(f"{run_dir} holds a '{meta.get('kind')}' run, not an eval run; pass a new --output directory")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))  # parses: check_owner read kind "eval" from it
     old = meta.get("eval", {}).get("identity", {})
     # a key the run directory predates (added to IDENTITY later) counts as that setting's default
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
@@ -520,15 +510,15 @@ def run_eval(cfg: EvalConfig, lm: Any = None, log: Optional[Callable[[str], None
 
     ``lm``: an already constructed lmms-eval model (tests, benchmarks); default: ``pmod_llava`` built
     from ``cfg``. The run directory is owned by this process for the whole call
-    (:func:`pmod_bench.runlock.run_lock`: another process on the same ``--output`` is refused with
-    :class:`~pmod_bench.runlock.RunDirInUse`, one line naming this one). Everything that can be checked
+    (:func:`pmod_bench.rundir.run_lock`: another process on the same ``--output`` is refused with
+    :class:`~pmod_bench.rundir.RunDirInUse`, one line naming this one). Everything that can be checked
     is checked before the first file is written (the output path, the run directory's identity, the model,
     the introspection image): a rejected command leaves no ``run.json`` (and no directory it created)
     behind. Failures of single benchmarks are collected in the outcome (and errors/<KEY>.txt); the caller
     decides the exit code. lmms-eval's own stdout prints go to stderr, so stdout carries only the caller's
     result table.
     """
-    from pmod_bench.runlock import run_lock
+    from pmod_bench.rundir import run_lock
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
@@ -659,8 +649,11 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
     """One benchmark through lmms-eval (``harness``: its evaluator, task manager and CLI args). Rank 0 writes its
     row file and the summary (``run``: run.json's dict, the suite's benchmarks, the outcome); a failure goes to the
     outcome and errors/<KEY>.txt instead, and the other benchmarks go on. A full disk is not a benchmark's failure:
-    it ends the run (OSError ENOSPC / EDQUOT), and the same command resumes once there is space."""
-    from .data import benchmark_data
+    it ends the run (:func:`pmod_bench.outputs.disk_full`), and the same command resumes once there is space; so
+    does a hub out of reach without a local data root (:class:`~.data.HubUnreachable`)."""
+    from pmod_bench.outputs import disk_full
+
+    from .data import HubUnreachable, benchmark_data
 
     evaluator, tm, cli_args = harness
     run_meta, benches, outcome = run
@@ -698,8 +691,8 @@ def _run_benchmark(cfg: EvalConfig, run_dir: Path, lm: Any, bench: Benchmark, ta
             if cfg.method_match is not None:  # --match*: what was solved (target, achieved, rel_err, ...)
                 row["method_match"] = dict(cfg.method_match)
     except Exception as exc:  # one benchmark failing must not lose the others
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise
+        if disk_full(exc, run_dir) or isinstance(exc, HubUnreachable):  # the environment's, not the benchmark's
+            raise  # failure: the run stops (one line), and the same command resumes once it is fixed
         msg = f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, (DataError, KeyError)) else _one_line(exc)
         outcome.failures[bench.key] = msg[:600]
         if rank == 0:

@@ -13,6 +13,7 @@ Read-only directories: as root ``chmod`` binds nothing, so the fixture then make
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import hashlib
 import io
@@ -233,9 +234,9 @@ CASES = [
          check=_converted_by_overwrite),
     Case("convert-empty-dir", ["convert", "{w}/src", "{w}/empty"], 0, "converted", may_write=("empty",)),
     Case("convert-dst-is-file", ["convert", "{w}/src", "{w}/afile.txt"], 2, "afile.txt is a file"),
-    Case("convert-dst-name-too-long", ["convert", "{w}/src", "{w}/" + LONG], 2, "longer than the filesystem allows"),
-    Case("convert-dst-read-only", ["convert", "{w}/src", "{w}/ro/hf"], 2, "is not writable (read-only)", read_only="ro"),
-    Case("convert-empty-dst-in-read-only-dir", ["convert", "{w}/src", "{w}/ro/empty"], 2, "/ro is not writable (read-only)",
+    Case("convert-dst-name-too-long", ["convert", "{w}/src", "{w}/" + LONG], 2, "longer than the file system allows"),
+    Case("convert-dst-read-only", ["convert", "{w}/src", "{w}/ro/hf"], 2, "is not writable by this user", read_only="ro"),
+    Case("convert-empty-dst-in-read-only-dir", ["convert", "{w}/src", "{w}/ro/empty"], 2, "/ro is not writable by this user",
          read_only="ro", extra={"mkdir": ["ro/empty"]}),  # DST itself writable; the sibling and the rename need its parent
     Case("convert-dst-read-only-at-write", ["convert", "{w}/src", "{w}/ro/hf"], 2, "Permission denied", read_only="ro",
          access_lies=True),
@@ -244,12 +245,18 @@ CASES = [
     Case("profile-into-train-run", PROFILE + ["--output", "{w}/train_run"], 2, "holds a 'train' run"),
     Case("profile-into-user-dir", PROFILE + ["--output", "{w}/user"], 2, "is not empty and holds no run.json"),
     Case("profile-output-is-file", PROFILE + ["--output", "{w}/afile.txt"], 2, "afile.txt is a file"),
-    Case("profile-output-name-too-long", PROFILE + ["--output", "{w}/" + LONG], 2, "longer than the filesystem allows"),
-    Case("profile-output-read-only", PROFILE + ["--output", "{w}/ro/p"], 2, "is not writable (read-only)", read_only="ro"),
+    Case("profile-output-name-too-long", PROFILE + ["--output", "{w}/" + LONG], 2, "longer than the file system allows"),
+    Case("profile-output-read-only", PROFILE + ["--output", "{w}/ro/p"], 2, "is not writable by this user", read_only="ro"),
     Case("profile-json-into-eval-run", PROFILE + ["--json", "{w}/eval_run/rows.json"], 2, "is a 'eval' run directory"),
     Case("profile-arch-heads", ["profile", "--arch", "{w}/arch_heads", "-q"], 2,
          "text_config.hidden_size (30) is not a multiple of text_config.num_attention_heads (4)"),
     Case("profile-arch-zero-layers", ["profile", "--arch", "{w}/arch_layers", "-q"], 2, "text_config.num_hidden_layers is 0"),
+    Case("profile-output-in-use", PROFILE + ["--output", "{w}/profile_run"], 2,
+         "profile_run is in use by pid {pid} (pmod-bench holder, started ", extra={"lock": "profile_run"}),
+    Case("profile-new-output-in-use", PROFILE + ["--output", "{w}/new"], 2, "new is in use by pid {pid} (pmod-bench holder",
+         extra={"lock": "new"}),
+    Case("profile-arch-preset-shadowed", PROFILE, 2, "'tiny' names both the preset 'tiny' (random weights) and the "
+         "directory {w}/tiny in the working directory; pass ./tiny for the directory", extra={"cwd": ".", "mkdir": ["tiny"]}),
     # report: never into a run directory, never over a file it did not write; a failed train run is warned about
     Case("report-into-eval-run", ["report", "{w}/eval_run", "--no-figures", "--output", "{w}/profile_run"], 2,
          "is a 'profile' run directory"),
@@ -260,12 +267,12 @@ CASES = [
          may_write=("user",), check=_user_files_kept),
     Case("report-over-a-foreign-file", ["report", "--paper", "--no-figures", "--output", "{w}/user"], 2,
          "holds index.md, which no earlier report wrote", extra={"write": {"user/index.md": "my notes"}}),
-    Case("report-output-read-only", ["report", "--paper", "--no-figures", "--output", "{w}/ro/r"], 2, "not writable",
+    Case("report-output-read-only", ["report", "--paper", "--no-figures", "--output", "{w}/ro/r"], 2, "not writable by this user",
          read_only="ro"),
     Case("report-output-read-only-at-write", ["report", "--paper", "--no-figures", "--output", "{w}/ro/r"], 2,
          "Permission denied", read_only="ro", access_lies=True),
     Case("report-output-name-too-long", ["report", "--paper", "--no-figures", "--output", "{w}/" + LONG], 2,
-         "longer than the filesystem allows"),
+         "longer than the file system allows"),
     Case("report-failed-train-run", ["report", "{w}/failed_train", "--no-figures", "--output", "{w}/report"], 0,
          "warning: ", may_write=("report",), check=_failed_train_warned),
     # train: only into its own run directory (or a new / empty one)
@@ -274,17 +281,23 @@ CASES = [
     Case("train-demo-into-eval-run", ["train", "--demo", "-o", "{w}/eval_run"], 2, "holds a 'eval' run"),
     Case("train-into-user-dir", TRAIN + ["-o", "{w}/user"], 2, "is not empty and holds no run.json"),
     Case("train-output-is-file", TRAIN + ["-o", "{w}/afile.txt"], 2, "afile.txt is a file"),
-    Case("train-output-name-too-long", TRAIN + ["-o", "{w}/" + LONG], 2, "longer than the filesystem allows"),
-    Case("train-output-read-only", TRAIN + ["-o", "{w}/ro/t"], 2, "is not writable (read-only)", read_only="ro"),
-    Case("train-demo-output-read-only", ["train", "--demo", "-o", "{w}/ro/t"], 2, "is not writable (read-only)", read_only="ro"),
+    Case("train-output-name-too-long", TRAIN + ["-o", "{w}/" + LONG], 2, "longer than the file system allows"),
+    Case("train-output-read-only", TRAIN + ["-o", "{w}/ro/t"], 2, "is not writable by this user", read_only="ro"),
+    Case("train-demo-output-read-only", ["train", "--demo", "-o", "{w}/ro/t"], 2, "is not writable by this user", read_only="ro"),
+    Case("train-output-in-use", TRAIN + ["-o", "{w}/train_run"], 2, "train_run is in use by pid {pid} (pmod-bench holder, "
+         "started ", extra={"lock": "train_run"}),
+    Case("train-demo-output-in-use", ["train", "--demo", "-o", "{w}/new"], 2, "new is in use by pid {pid}",
+         extra={"lock": "new"}),  # not even the demo's data is written
     # reproduce: adopts only a directory an earlier reproduce made
     Case("reproduce-data-only", ["reproduce", "--toy", "--output", "{w}/data_only"], 2,
          "is not empty and holds no run.json (it is no reproduce run's); pass a new or empty --output (or that of an earlier"),
     Case("reproduce-into-eval-run", ["reproduce", "--toy", "--output", "{w}/eval_run"], 2, "holds a 'eval' run"),
     Case("reproduce-output-is-file", ["reproduce", "--toy", "--output", "{w}/afile.txt"], 2, "afile.txt is a file"),
-    Case("reproduce-output-name-too-long", ["reproduce", "--toy", "--output", "{w}/" + LONG], 2, "longer than the filesystem allows"),
-    Case("reproduce-output-read-only", ["reproduce", "--toy", "--output", "{w}/ro/t"], 2, "is not writable (read-only)",
+    Case("reproduce-output-name-too-long", ["reproduce", "--toy", "--output", "{w}/" + LONG], 2, "longer than the file system allows"),
+    Case("reproduce-output-read-only", ["reproduce", "--toy", "--output", "{w}/ro/t"], 2, "is not writable by this user",
          read_only="ro"),
+    Case("reproduce-output-in-use", ["reproduce", "--toy", "--output", "{w}/repro"], 2, "repro is in use by pid {pid} "
+         "(pmod-bench holder, started ", extra={"lock": "repro"}),
 ]
 
 
@@ -293,8 +306,12 @@ def _argv(case: Case, w: Path) -> list:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_table(case, world, read_only, capsys):
+def test_bad_input_table(case, world, read_only, capsys, monkeypatch):
+    """``extra``: ``link`` (a symbolic link ``link`` to it), ``write`` / ``mkdir`` (made first), ``cwd`` (the working
+    directory, in the tree), ``lock`` (a run directory another owner holds meanwhile: its lock is taken in this
+    process, which a second lock refuses as another process's; ``{pid}`` in the message is this process)."""
     from pmod_bench.cli import main
+    from pmod_bench.rundir import run_lock
 
     if "link" in case.extra:
         (world / "link").symlink_to(world / case.extra["link"])
@@ -302,20 +319,24 @@ def test_bad_input_table(case, world, read_only, capsys):
         (world / rel).write_text(text)
     for rel in case.extra.get("mkdir", []):
         (world / rel).mkdir(parents=True)
+    if "cwd" in case.extra:
+        monkeypatch.chdir(world / case.extra["cwd"])
     if case.read_only:
         read_only(world / case.read_only, access_lies=case.access_lies)
-    before = snapshot(world, skip=case.may_write)
-    rc = main(_argv(case, world))
-    captured = capsys.readouterr()
+    with run_lock(world / case.extra["lock"], command="pmod-bench holder") if "lock" in case.extra else contextlib.nullcontext():
+        before = snapshot(world, skip=case.may_write)
+        rc = main(_argv(case, world))
+        captured = capsys.readouterr()
+        after = snapshot(world, skip=case.may_write)
     assert rc == case.rc, (case.id, captured.err[-2000:])
     if case.rc == 2:
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("pmod-bench ") and ": error: " in lines[0], (case.id, captured.err)
-        assert case.message in lines[0], (case.id, lines[0])
+        assert case.message.format(pid=os.getpid(), w=world) in lines[0], (case.id, lines[0])
         assert "Traceback" not in captured.err
     else:
         assert case.message in captured.err + captured.out, (case.id, captured.err + captured.out)
-    assert snapshot(world, skip=case.may_write) == before, f"{case.id}: something outside the run's own files changed"
+    assert after == before, f"{case.id}: something outside the run's own files changed"
     if case.check:
         case.check(world, captured.err + captured.out)
 
@@ -530,3 +551,41 @@ def test_convert_killed_midway_leaves_dst_untouched(world):
         if sig == signal.SIGTERM:
             assert p.returncode == 128 + signal.SIGTERM
             assert not [q for q in world.iterdir() if q.name.startswith(".pmod-convert-")]
+
+
+HOLDER = ("import sys, time\nfrom pmod_bench.rundir import run_lock\n"
+          "with run_lock(sys.argv[1], command='pmod-bench train (the holder)'):\n    print('held', flush=True)\n"
+          "    time.sleep(600)\n")
+
+
+@pytest.mark.slow
+def test_a_killed_owner_of_a_train_run_leaves_no_stuck_lock(world, capsys):
+    """Another process owns output_dir: train is refused in one line naming it, and writes nothing (--demo's data
+    neither). Once that owner is killed (SIGKILL: nothing of it runs), the same command trains: the OS released the
+    lock, the file it left is locked again, and it goes when the run ends."""
+    import signal
+    import subprocess
+    import sys
+
+    from pmod_bench.cli import main
+    from pmod_bench.rundir import LOCK_NAME
+
+    out = world / "run"
+    argv = ["train", "--demo", "train.max_steps=2", "train.save_steps=100", "train.progress_bar=false", "-o", str(out)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(world)
+        assert main(argv) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"pmod-bench train: error: {out} is in use by pid {holder.pid} (pmod-bench train (the "
+                               "holder), started ") and line.endswith("; wait for it or choose another output_dir")
+        assert snapshot(world) == before  # only the holder's lock file in run/
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # what the killed owner left: no lock any more
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "completed"
+    assert json.loads((out / "run.json").read_text())["kind"] == "train" and not (out / LOCK_NAME).exists()
+    capsys.readouterr()

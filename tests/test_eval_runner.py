@@ -102,7 +102,7 @@ def test_run_dir_belongs_to_one_evaluation(data_root, tiny, tmp_path):
                  lm=make_lm(tiny, 4), log=lambda m: None)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
-    with pytest.raises(RunDirMismatch, match="not empty and has no run.json"):
+    with pytest.raises(RunDirMismatch, match="is not empty and holds no run.json"):
         run_eval(EvalConfig(model="tiny", suite="RWQA", output=str(tmp_path / "other")), lm=make_lm(tiny, 4))
 
 

@@ -176,6 +176,22 @@ def _read_only_out(w: World, mp) -> None:
     w.out.chmod(0o555)
 
 
+def _run_of(kind: str) -> Callable:
+    """--output is a run directory of ``kind`` (its run.json and one result file)."""
+    def setup(w: World, mp) -> None:
+        w.out.mkdir(parents=True)
+        (w.out / "run.json").write_text(json.dumps({"kind": kind, "schema_version": 1, "command": f"pmod-bench {kind}"}))
+        (w.out / "result.json").write_text("{}")
+    return setup
+
+
+def _no_data_root(w: World, mp) -> None:
+    """Neither --data nor PMOD_BENCH_DATA: the datasets come from the hub, which is out of reach (HF_HUB_OFFLINE=1,
+    conftest: datasets raises the ConnectionError an unreachable hub gives)."""
+    mp.delenv("PMOD_BENCH_DATA")
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
 def _tiny_folder(w: World, mp) -> None:
     (w.root / "cwd" / "tiny").mkdir()
     (w.root / "cwd" / "tiny" / "notes.txt").write_text("a folder that happens to be called tiny\n")
@@ -221,6 +237,16 @@ def _disk_full_saving_answers(w: World, mp: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------- checks
+def _resumes_with_data(w: World, err: str) -> None:
+    assert "FAILED" not in err and "RetryError" not in err and not (w.out / "errors").exists()
+    import io
+    from contextlib import redirect_stderr
+
+    with redirect_stderr(io.StringIO()):  # the fix the line names: the same command with --data resumes the run
+        assert main(w.fill(eval_argv("--data", "{data}"))) == 0
+    assert (w.out / "benchmarks" / "POPE.json").is_file()
+
+
 def _methods_have_their_own_run_dirs(w: World, err: str) -> None:
     subs = sorted(p.name for p in w.out.iterdir())
     assert subs == ["random", "random-keep=0.5"], subs
@@ -296,7 +322,19 @@ CASES = {
         "is a file, so no directory can be made under it", _file_at("runs/out")),
     "--output name too long": Case(
         ["eval", "--model", "tiny", "--suite", "POPE", "--output", "{world}/runs/" + "x" * 300], 2,
-        "bytes, longer than this file system allows (255); choose a shorter --output"),
+        "bytes, longer than the file system allows (255); choose a shorter --output"),
+    "--output is a train run": Case(
+        eval_argv(), 2, "--output {out} holds a 'train' run; pass a new --output for the eval run", _run_of("train")),
+    "--output is a profile run": Case(eval_argv(), 2, "--output {out} holds a 'profile' run", _run_of("profile")),
+    "--output is a reproduction": Case(eval_argv(), 2, "--output {out} holds a 'reproduce' run", _run_of("reproduce")),
+    "--output holds someone's files": Case(
+        eval_argv(), 2, "--output {out} is not empty and holds no run.json (it is no eval run's); pass a new or empty "
+        "--output", _file_at("runs/out/notes.txt")),
+    "no data root, hub unreachable": Case(
+        eval_argv(), 2, "lmms-lab-encoder/POPE: no local data root (--data / PMOD_BENCH_DATA) and the Hugging Face Hub "
+        "is unreachable (Couldn't reach 'lmms-lab-encoder/POPE' on the Hub (OfflineModeIsEnabled)); pass --data DIR or "
+        "set PMOD_BENCH_DATA=DIR, a root that holds ORG/NAME snapshots (`pmod-bench data fixtures DIR` writes",
+        _no_data_root, check=_resumes_with_data, marks=(pytest.mark.slow,), wrote=True),
     "--match p-MoD-7": Case(
         eval_argv("--method", "fastv", "--match", "p-MoD-7"), 2,
         "--match p-MoD-7 is not a valid target: shift (delta) must be in (0, 1.5], got 7.0", absent="--shift"),
@@ -316,18 +354,19 @@ CASES = {
         eval_argv(), 0, "results: {out}/summary.json", _run_first, check=_rerun_changes_no_answers,
         marks=(pytest.mark.slow,)),
     "disk full mid-run": Case(
-        eval_argv(), 2, "no space left on the device (writing {out}/benchmarks/POPE.json): free some space and re-run "
-        "the same command", _disk_full_on("POPE.json"), check=_disk_full_then_resume, marks=(pytest.mark.slow,),
+        eval_argv(), 2, "--output {out}: cannot write {out}/benchmarks/POPE.json (No space left on device); free disk "
+        "space and run the same command again: finished benchmarks and every saved answer are kept", _disk_full_on("POPE.json"), check=_disk_full_then_resume, marks=(pytest.mark.slow,),
         wrote=True),
     "disk full saving answers": Case(
-        eval_argv(), 2, "no space left on the device (writing {out}): free some space and re-run the same command",
+        eval_argv(), 2, "--output {out}: cannot write under {out} (No space left on device); free disk space and run "
+        "the same command again",
         _disk_full_saving_answers, check=_answers_lost_then_resume, marks=(pytest.mark.slow,), wrote=True),
 }
 
 
 @pytest.mark.parametrize("name", [pytest.param(k, marks=c.marks) for k, c in CASES.items()])
 def test_eval_command(name, world, monkeypatch, capsys):
-    from pmod_bench.runlock import run_lock
+    from pmod_bench.rundir import run_lock
 
     case = CASES[name]
     if case.setup:
@@ -493,9 +532,32 @@ def test_two_copies_across_processes_each_read_from_their_own_files(world):
     assert d_b["path"] == str((b / "lmms-lab-encoder" / "POPE").resolve()) and d_a["fingerprint"] != d_b["fingerprint"]
 
 
+def test_an_unreachable_hub_is_recognised_behind_lmms_eval_retries():
+    """datasets' ConnectionError for an offline hub, as lmms-eval's tenacity retry raises it (the RetryError's cause),
+    becomes the one line; other errors are left alone."""
+    from tenacity import RetryError, Retrying, stop_after_attempt
+
+    from pmod_bench.tasks.data import HubUnreachable, hub_unreachable
+
+    def offline():
+        raise ConnectionError("Couldn't reach 'lmms-lab-encoder/POPE' on the Hub (OfflineModeIsEnabled)")
+
+    with pytest.raises(RetryError) as caught:
+        Retrying(stop=stop_after_attempt(2))(offline)
+    err = hub_unreachable(caught.value, "lmms-lab-encoder/POPE")
+    assert isinstance(err, HubUnreachable) and isinstance(err, ValueError) and "\n" not in str(err)
+    assert str(err).startswith("lmms-lab-encoder/POPE: no local data root (--data / PMOD_BENCH_DATA) and the Hugging "
+                               "Face Hub is unreachable (Couldn't reach 'lmms-lab-encoder/POPE' on the Hub")
+    assert "`pmod-bench data fixtures DIR`" in str(err) and "run the same command again: it resumes" in str(err)
+    assert hub_unreachable(ValueError("bad split"), "x/y") is None
+    with pytest.raises(RetryError) as other:
+        Retrying(stop=stop_after_attempt(1))(lambda: int("x"))
+    assert hub_unreachable(other.value, "x/y") is None
+
+
 HOLDER = """
 import sys, time
-from pmod_bench.runlock import run_lock
+from pmod_bench.rundir import run_lock
 with run_lock(sys.argv[1], command="pmod-bench eval --model tiny --suite POPE (the holder)"):
     open(sys.argv[2], "w").close()
     time.sleep(600)

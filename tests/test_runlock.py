@@ -1,4 +1,4 @@
-"""pmod_bench.runlock: one process per run directory; a refused or failed run leaves nothing behind."""
+"""pmod_bench.rundir.run_lock: one process per run directory; a refused or failed run leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from pmod_bench.runlock import LOCK_NAME, RunDirError, RunDirInUse, check_run_dir, run_lock
+from pmod_bench.errors import UserError
+from pmod_bench.outputs import check_output_path
+from pmod_bench.rundir import LOCK_NAME, RunDirInUse, check_owner, run_lock
 
 
 def test_the_lock_file_names_its_owner_while_held_and_goes_with_it(tmp_path):
@@ -50,7 +52,7 @@ def test_a_second_owner_is_refused_in_one_line_naming_the_first(tmp_path):
 
 def test_a_killed_owner_leaves_no_stuck_lock(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time\nfrom pmod_bench.runlock import run_lock\n"
+    code = ("import sys, time\nfrom pmod_bench.rundir import run_lock\n"
             "with run_lock(sys.argv[1], command='holder'):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -76,7 +78,8 @@ def test_a_killed_owner_leaves_no_stuck_lock(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_text("x"), "is a file, not a directory"),
     (lambda p: (p.parent / "f").write_text("x") or None, "so no directory can be made under it"),
-    (lambda p: (p.mkdir(), p.chmod(0o555)), "is read-only (mode 555); choose a writable --output directory"),
+    (lambda p: (p.mkdir(), p.chmod(0o555)), "is read-only (mode 555); choose a writable --output directory" if os.geteuid() == 0
+     else "is not writable by this user; choose a writable --output directory"),
 ])
 def test_paths_that_cannot_be_a_run_directory_are_refused_before_anything_is_written(tmp_path, make, message):
     run = tmp_path / "run"
@@ -84,7 +87,7 @@ def test_paths_that_cannot_be_a_run_directory_are_refused_before_anything_is_wri
     target = tmp_path / "f" / "run" if "under it" in message else run
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     try:
-        with pytest.raises(RunDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             with run_lock(target):
                 pass  # pragma: no cover
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
@@ -94,5 +97,27 @@ def test_paths_that_cannot_be_a_run_directory_are_refused_before_anything_is_wri
 
 
 def test_a_name_too_long_is_refused(tmp_path):
-    with pytest.raises(RunDirError, match="longer than this file system allows"):
-        check_run_dir(tmp_path / ("x" * 300))
+    with pytest.raises(UserError, match="longer than the file system allows"):
+        check_output_path(tmp_path / ("x" * 300))
+    with pytest.raises(UserError, match="longer than the file system allows"):
+        with run_lock(tmp_path / ("x" * 300)):
+            pass  # pragma: no cover
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_ownership_check_ignores_the_lock_file(tmp_path):
+    """A new directory holds only the lock file while its owner checks it: not someone else's files. Another kind's
+    run directory is refused under the lock as without it."""
+    run = tmp_path / "run"
+    with run_lock(run):
+        check_owner(run, "train")  # only the lock file there: a new directory
+        (run / "notes.txt").write_text("mine")
+        with pytest.raises(UserError, match="is not empty and holds no run.json"):
+            check_owner(run, "train")
+    other = tmp_path / "eval_run"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"kind": "eval"}))
+    with run_lock(other):
+        with pytest.raises(UserError, match="holds a 'eval' run; pass a new --output for the train run"):
+            check_owner(other, "train")
+    assert sorted(p.name for p in other.iterdir()) == ["run.json"]

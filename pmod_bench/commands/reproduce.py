@@ -49,31 +49,35 @@ def run(args: argparse.Namespace) -> int:
                         "`pmod-bench train` on LLaVA data, `pmod-bench eval` and `pmod-bench report`)")
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: pass a number of jobs >= 1 (1 runs every step in this process, one after another)")
-    out = _output_dir(args.output)
     from pmod_bench.outputs import output_errors
+    from pmod_bench.rundir import run_lock
     from pmod_bench.toy.pipeline import reproduce
 
     t0 = time.time()
     command = shlex.join(["pmod-bench", "reproduce", "--toy", "--output", args.output]
                          + ["--quick"] * args.quick + ["--retrain"] * args.retrain)
-    try:
-        with output_errors("--output", args.output, disk_full_fix="free disk space and run the same command again: it resumes"):
-            state = reproduce(out, quick=args.quick, retrain=args.retrain, quiet=args.quiet, jobs=args.jobs, command=command)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    # this process owns OUTPUT for the whole pipeline; its worker processes (--jobs) run under that ownership and
+    # take only the locks of the run directories they write (OUTPUT/models/NAME, ...)
+    with run_lock(args.output, command=command):
+        out = _output_dir(args.output)
+        try:
+            with output_errors("--output", args.output, disk_full_fix="free disk space and run the same command again: it resumes"):
+                state = reproduce(out, quick=args.quick, retrain=args.retrain, quiet=args.quiet, jobs=args.jobs, command=command)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     print(f"reproduce --toy{' --quick' if args.quick else ''}: done in {time.time() - t0:.0f} s -> {out}/report/index.md")
     return 0 if state else 1
 
 
 def _output_dir(given: str) -> str:
-    """The absolute --output once reproduce may write it: new, empty, or an earlier reproduction's (its run.json says
-    kind "reproduce"; reproduce.json marks one written before that file existed). Anything else is refused unchanged."""
+    """The absolute --output once reproduce may write it (its path is checked by run_lock): new, empty, or an earlier
+    reproduction's (its run.json says kind "reproduce"; reproduce.json marks one written before that file existed).
+    Anything else is refused unchanged."""
     import os
 
-    from pmod_bench.outputs import check_output_path
     from pmod_bench.rundir import check_owner, run_kind
 
-    out = str(check_output_path(given, "--output"))
+    out = os.path.abspath(os.path.expanduser(given))
     if run_kind(out) is None and os.path.isfile(os.path.join(out, "reproduce.json")):
         return out  # a reproduction of an earlier version (before run.json)
     check_owner(out, "reproduce", "--output", hint=" (or that of an earlier `pmod-bench reproduce`)")

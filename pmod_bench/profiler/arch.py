@@ -211,11 +211,23 @@ def ensure_registered() -> None:
     pmod_bench.register()
 
 
-@functools.lru_cache(maxsize=32)
 def load_arch(source: str) -> Arch:
-    """The :class:`Arch` of a preset name, a local HF directory / config.json, or a hub id."""
-    ensure_registered()
+    """The :class:`Arch` of a preset name, a local HF directory / config.json, or a hub id. A preset name that is also
+    a file or directory in the working directory is refused, as ``pmod-bench eval`` refuses it
+    (:func:`pmod_bench.model.sources.preset_shadowed`: ``./NAME`` for the directory); checked on every call, since
+    the working directory may change between calls (the architectures are cached)."""
+    from pmod_bench.model.sources import preset_shadowed
+
     source = str(source).strip()
+    shadowed = preset_shadowed(source)
+    if shadowed:
+        raise ArchError(shadowed)
+    return _load_arch(source)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_arch(source: str) -> Arch:
+    ensure_registered()
     if source in _presets():
         from pmod_bench.model.presets import QWEN_PIXEL_RANGE, preset_config
 

@@ -227,15 +227,17 @@ def _match(args: argparse.Namespace) -> Optional[dict]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
     from .errors import ProfileError
 
     t0 = time.perf_counter()
-    from .arch import load_arch, parse_image_size
-    from .core import profile, scenarios_from
-    from .render import format_table, write_json, write_run_dir
-    from .training import default_recipe, get_recipe
+    from pmod_bench.rundir import run_lock
+
+    from .arch import parse_image_size
+    from .core import scenarios_from
+    from .render import format_table
 
     _check_outputs(args)
     archs = args.arch or ["llava-next-7b"]
@@ -262,6 +264,27 @@ def _run(args: argparse.Namespace) -> int:
     scenarios = scenarios_from(sizes, batches, args.text_tokens, args.gen_tokens, args.logits, args.images or [1], videos or [None])
     variants = _variants(args)
 
+    command = _command(args)
+    # --output: this process owns the run directory from before the first row is measured to its last file
+    owner = run_lock(args.output, command=command, error=ProfileError) if args.output else contextlib.nullcontext()
+    with owner:
+        if args.output:
+            _check_owner(args)  # as its owner: no other pmod-bench command can write there meanwhile
+        rows = _profile_rows(args, archs, scenarios, variants, device)
+        if not args.quiet:
+            print(format_table(rows), end="")
+        _write_outputs(args, rows, command)
+    if not args.quiet:
+        print(f"profiled {len(rows)} row(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _profile_rows(args: argparse.Namespace, archs: list, scenarios: list, variants: Optional[list], device: Optional[str]) -> list:
+    """Every row: each of ``archs`` under each variant and scenario."""
+    from .arch import load_arch
+    from .core import profile
+    from .training import default_recipe, get_recipe
+
     rows = []
     for arch_name in archs:
         arch = load_arch(arch_name)
@@ -281,26 +304,41 @@ def _run(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-    if not args.quiet:
-        print(format_table(rows), end="")
-    command = _command(args)
+    return rows
+
+
+def _write_outputs(args: argparse.Namespace, rows: list, command: str) -> None:
+    """--json and the --output run directory (owned by this process: see _run)."""
     from pmod_bench.outputs import output_errors
+
+    from .errors import ProfileError
+    from .render import write_json, write_run_dir
 
     if args.json:
         with output_errors("--json", args.json, error=ProfileError):
             write_json(args.json, rows, command=command)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.output:
-        _check_outputs(args)  # again: the directory may have changed while profiling
         try:
             with output_errors("--output", args.output, error=ProfileError):
                 d = write_run_dir(args.output, rows, command, label=args.label)
         except FileExistsError as exc:
             raise ProfileError(str(exc)) from None
         print(f"wrote {d}/run.json, profile.json, profile.csv", file=sys.stderr)
-    if not args.quiet:
-        print(f"profiled {len(rows)} row(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
+
+
+def _check_owner(args: argparse.Namespace) -> None:
+    """--output is new, empty or a profile run's: another run's run.json would become a profile's (an eval could no
+    longer resume); --json inside it is the profile's own file."""
+    import os
+
+    from pmod_bench.rundir import check_owner
+
+    from .errors import ProfileError
+
+    out = os.path.abspath(args.output)
+    own_json = (os.path.basename(args.json),) if args.json and os.path.abspath(os.path.dirname(args.json)) == out else ()
+    check_owner(args.output, "profile", "--output", error=ProfileError, ignore=own_json)
 
 
 def _videos(args: argparse.Namespace) -> list[Any]:
@@ -332,20 +370,16 @@ def _videos(args: argparse.Namespace) -> list[Any]:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """--output and --json can be written, before anything is measured: --output is new, empty or a profile run's
-    (another run's run.json would become a profile's: an eval could no longer resume), not a file, not read-only;
-    --json is not a directory and not a file inside a run directory of another kind."""
-    import os
-
+    """--output and --json can be written, before anything is measured: --output is not a file, not read-only (whose
+    it is: :func:`_check_owner`, once _run owns it); --json is not a directory and not a file inside a run directory
+    of another kind."""
     from pmod_bench.outputs import check_output_path
-    from pmod_bench.rundir import check_owner, run_kind
+    from pmod_bench.rundir import run_kind
 
     from .errors import ProfileError
 
     if args.output:
-        out = check_output_path(args.output, "--output", error=ProfileError)
-        own_json = (os.path.basename(args.json),) if args.json and os.path.abspath(os.path.dirname(args.json)) == str(out) else ()
-        check_owner(args.output, "profile", "--output", error=ProfileError, ignore=own_json)
+        check_output_path(args.output, "--output", error=ProfileError)
     if args.json:
         path = check_output_path(args.json, "--json", want="file", error=ProfileError)
         owner = run_kind(path.parent)

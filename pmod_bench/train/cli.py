@@ -104,7 +104,10 @@ def _demo_overrides(recipe: str, overrides: list, given_overrides: list) -> list
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from pmod_bench.cli import UserError
+    from pmod_bench.rundir import run_lock
     from pmod_bench.train.config import ConfigError, describe_keys, load_recipe
 
     if args.list_recipes:
@@ -122,6 +125,24 @@ def run(args: argparse.Namespace) -> int:
         shlex.quote(a) for a in ([f"--config={args.config}"] if args.config else []) + (["--demo"] if args.demo else [])
         + list(args.overrides) + ([f"--output-dir={args.output_dir}"] if args.output_dir else [])
     )
+    try:
+        output_dir = load_recipe(recipe, overrides).output_dir
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    # the main process owns output_dir (--demo's data included) until the run ends; the other processes of the same
+    # launch write only what the trainer gives each of them; --print-config trains nothing
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    owner = run_lock(output_dir, command=command, option="output_dir") if main_process and not args.print_config \
+        else contextlib.nullcontext()
+    with owner:
+        return _run_owned(args, recipe, overrides, command)
+
+
+def _run_owned(args: argparse.Namespace, recipe: str, overrides: list, command: str) -> int:
+    """The training of ``run`` once its output_dir is owned: --demo's data, the config, the run, its summary line."""
+    from pmod_bench.cli import UserError
+    from pmod_bench.train.config import ConfigError, load_recipe
+
     try:
         if args.demo:
             overrides = _demo_overrides(recipe, overrides, args.overrides)
@@ -163,3 +184,4 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['bad_samples']} bad samples -> {summary['output_dir']}"
     )
     return 0
+

@@ -399,7 +399,8 @@ def check_batch(cfg: TrainConfig, world: int) -> int:
 def check_run_dir(out: Path) -> None:
     """Refuse an output_dir train cannot own, before anything is written: a file, a name the filesystem does not
     take, a read-only directory, a run directory of another kind (eval, profile: train would overwrite its run.json),
-    or a non-empty directory without run.json (someone else's files; ``train --demo``'s demo_data excepted)."""
+    or a non-empty directory without run.json (someone else's files; ``train --demo``'s demo_data and the run lock
+    excepted)."""
     check_output_path(out, "output_dir", error=ConfigError)
     check_owner(out, "train", "output_dir", hint=" (-o DIR)", error=ConfigError, ignore=("demo_data",))
 
@@ -634,7 +635,9 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
     ``model``/``processor`` may be given (e.g. a model built in Python); otherwise they are built from
     ``cfg.model`` (with ``cfg.pmod`` resolved for the LLM's depth). Launch with ``accelerate launch``
     (or torchrun / deepspeed) for several processes; each process calls this function. A run with nothing
-    left to do returns its summary with ``"unchanged": True`` and a ``note``, and writes nothing.
+    left to do returns its summary with ``"unchanged": True`` and a ``note``, and writes nothing. ``pmod-bench
+    train`` calls it holding ``output_dir``'s lock (:func:`pmod_bench.rundir.run_lock`, in the main process); a
+    Python caller that may race another process on the same directory takes that lock around the call.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(cfg.output_dir)
