@@ -266,7 +266,7 @@ class PMoDLlava(lmms):
         identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
                     "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self.host.template)[:16]}
         if self.host.settings():  # Qwen2.5-VL's pixel bounds (LLaVA has none: its identity, and saved answers, unchanged)
-            identity["host"] = self.host.settings()
+            identity["host_settings"] = self.host.settings()
         if self.stop_at_until:  # answers differ: keep them apart in the response cache
             identity["stop_at_until"] = True
         if self.method is not None:

@@ -37,7 +37,7 @@ BENCHES = ["MME", "MMMU", "RefCOCO", "SEED", "Chart", "MMB", "POPE"]
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    yield from benchmark_data_env(tmp_path_factory, BENCHES)
+    yield from benchmark_data_env(tmp_path_factory)  # every benchmark's fixture
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,87 @@ def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_c
     assert _rows(p_ours, gen["ours"][0]) == _rows(p_ref, gen["ref"][0])
     same_keys = {k: v for k, v in gen["ours"][0].items() if not isinstance(v, torch.Tensor)}
     assert same_keys == {k: v for k, v in gen["ref"][0].items() if not isinstance(v, torch.Tensor)}
+
+
+def test_host_dispatch_and_options(qwen):
+    """One table picks the request builder from model_type; host options and templates are checked per host."""
+    from pmod_bench.model.presets import build_preset
+    from pmod_bench.tasks.hosts import HOSTS, LlavaRequests, QwenChatRequests, host_of_type
+    from pmod_bench.tasks.plugin import PMoDLlava
+
+    lm = PMoDLlava.from_loaded(*qwen, name="q", device="cpu")
+    assert isinstance(lm.host, QwenChatRequests) and lm.host.name == "qwen2_5_vl"
+    assert lm.describe()["host"] == "qwen2_5_vl" and lm.identity["host_settings"]["min_pixels"] == 200704
+    assert (lm.host.max_new_tokens, lm.host.template) == (128, None)  # lmms-eval's default; the checkpoint's template
+    assert qwen[1].image_processor.size["shortest_edge"] == 16 * 28 * 28  # the preset's own processor is untouched
+    assert HOSTS["pmod_qwen2_5_vl"] == HOSTS["qwen2_5_vl"] and HOSTS["pmod_llava_next"][1] is LlavaRequests
+    small = PMoDLlava.from_loaded(*qwen, name="q", device="cpu", min_pixels=3136, max_pixels=12544, max_new_tokens=5)
+    assert small.identity != lm.identity and small.host.max_new_tokens == 5
+    with pytest.raises(ValueError, match="vicuna_v1 is LLaVA's conversation template"):
+        PMoDLlava.from_loaded(*qwen, name="q", device="cpu", chat_template="vicuna_v1")
+    with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
+        PMoDLlava.from_loaded(*qwen, name="q", device="cpu", min_pixels=9000, max_pixels=100)
+    with pytest.raises(NotImplementedError, match="loglikelihood"):
+        lm.loglikelihood([])
+    with pytest.raises(ValueError, match="build_prompt is the LLaVA hosts'"):
+        lm.build_prompt("x", 1)
+    tiny = build_preset("tiny", pmod=None)
+    llava = PMoDLlava.from_loaded(*tiny, name="tiny", device="cpu")
+    assert isinstance(llava.host, LlavaRequests) and llava.host.name == "llava_next" and "host_settings" not in llava.identity
+    with pytest.raises(ValueError, match=r"min_pixels \(model_args of qwen2_5_vl models\) do not apply to this llava_next"):
+        PMoDLlava.from_loaded(*tiny, name="tiny", device="cpu", min_pixels=3136)
+    with pytest.raises(ValueError, match="evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models"):
+        host_of_type("idefics3")
+
+
+def responses(run) -> dict:
+    out = {}
+    for f in sorted((run / "lmms_eval").glob("*/samples_*.jsonl")):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            out[(f.name, s["doc_id"])] = s["resps"]
+    return out
+
+
+@pytest.mark.slow
+def test_whole_suite_answers_equal_at_batch_1_and_8(data_root, qwen, tmp_path):
+    """Every benchmark of the paper's suite on its fixture through lmms-eval with the tiny Qwen2.5-VL: the same
+    answers at batch size 1 and 8 (left padding, images of different sizes in one batch)."""
+    from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES
+    from pmod_bench.tasks.plugin import PMoDLlava
+    from pmod_bench.tasks.runner import EvalConfig, run_eval
+
+    runs = {}
+    for bs in (1, 8):
+        lm = PMoDLlava.from_loaded(*qwen, name="tiny-qwen2.5-vl:vanilla", batch_size=bs, device="cpu")
+        cfg = EvalConfig(model="tiny-qwen2.5-vl:vanilla", suite="all", output=str(tmp_path / f"b{bs}"), batch_size=bs,
+                         gen_kwargs="max_new_tokens=6")
+        out = run_eval(cfg, lm=lm, log=lambda m: None)
+        assert out.failures == {} and [r["benchmark"] for r in out.rows] == list(SUITES["all"])
+        runs[bs] = responses(tmp_path / f"b{bs}")
+    assert len(runs[1]) == 68 and runs[1] == runs[8]
+    meta = json.loads((tmp_path / "b8" / "run.json").read_text())
+    assert meta["host"] == meta["model_info"]["host"] == "qwen2_5_vl"
+    assert meta["model_info"]["max_pixels"] == 1605632 and "chat_template" not in meta["eval"]["identity"]
+    rows = json.loads((tmp_path / "b8" / "summary.json").read_text())["rows"]
+    assert len(rows) == len(BENCHMARKS) and {r["benchmark"]: r["n_unparsed"] for r in rows}["RefCOCO"] is not None
+
+
+@pytest.mark.slow
+def test_cli_eval_qwen_then_report(data_root, tmp_path, capsys):
+    """`pmod-bench eval --model tiny-qwen2.5-vl:vanilla --suite ablation --limit 2 --data FIXTURES`, then
+    `pmod-bench report` over its run directory."""
+    from pmod_bench.cli import main
+    from pmod_bench.tasks.benchmarks import SUITES
+
+    run = tmp_path / "run"
+    argv = ["eval", "--model", "tiny-qwen2.5-vl:vanilla", "--suite", "ablation", "--limit", "2", "--data", str(data_root),
+            "--output", str(run), "--threads", "1", "--gen-kwargs", "max_new_tokens=4"]
+    assert main(argv) == 0
+    rows = json.loads((run / "summary.json").read_text())["rows"]
+    assert sorted(r["benchmark"] for r in rows) == sorted(SUITES["ablation"]) and all(r["n"] == 2 for r in rows)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["host"] == "qwen2_5_vl" and meta["model_info"]["requests_as"].startswith("qwen2_5_vl")
+    assert main(argv) == 0 and "already finished" in capsys.readouterr().err  # resumes: nothing recomputed
+    assert main(["report", str(run), "--output", str(tmp_path / "rep")]) == 0
+    assert "tiny-qwen2.5-vl" in (tmp_path / "rep" / "index.md").read_text()
