@@ -336,11 +336,11 @@ def host_for(model: Any, processor: Any, **options: Any) -> HostRequests:
 def source_model_type(source: str) -> Optional[str]:
     """A model source's ``model_type`` without loading it (for ``dtype=auto`` on a GPU): a preset's, or the
     ``config.json`` of a local directory or a hub snapshot; None when it cannot be read (LLaVA is assumed)."""
-    from pmod_bench.model.presets import PRESETS, QWEN_PRESETS
+    from pmod_bench.model.presets import PRESETS, preset_config
 
     name = str(source).removesuffix(":vanilla")
     if name in PRESETS and not Path(source).expanduser().is_dir():
-        return "qwen2_5_vl" if name in QWEN_PRESETS else "llava"
+        return preset_config(name).model_type  # the vanilla config's: the host is the same for its p-MoD form
     try:
         from pmod_bench.model.sources import read_config_json, resolve_source_dir
 

@@ -245,6 +245,21 @@ def test_host_dispatch_and_options(qwen):
         host_of_type("idefics3")
 
 
+def test_auto_dtype_on_a_gpu_is_the_hosts(hub_dir):
+    """dtype=auto: bfloat16 for Qwen2.5-VL on a GPU (lmms-eval's qwen2_5_vl), float16 for LLaVA (the paper's), read from
+    the source before loading; float32 on CPU."""
+    from pmod_bench.tasks.hosts import HOSTS, source_model_type
+    from pmod_bench.tasks.plugin import resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [source_model_type(s) for s in ("tiny-qwen2.5-vl:vanilla", "qwen2.5-vl-7b", "tiny", str(hub_dir))] == \
+        ["qwen2_5_vl", "qwen2_5_vl", "llava_next", "qwen2_5_vl"]
+    assert source_model_type("/no/such/dir") is None
+    gpu = {t: resolve_dtype("auto", cuda, HOSTS[t][1].gpu_dtype) for t in ("qwen2_5_vl", "llava_next")}
+    assert gpu == {"qwen2_5_vl": torch.bfloat16, "llava_next": torch.float16}
+    assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32 and resolve_dtype("float16", cuda, "bfloat16") == torch.float16
+
+
 def responses(run) -> dict:
     out = {}
     for f in sorted((run / "lmms_eval").glob("*/samples_*.jsonl")):
