@@ -294,7 +294,7 @@ class QwenChatRequests(HostRequests):
     def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         gen = {"max_new_tokens": self.max_new_tokens, "temperature": 0.0, "top_p": None, "num_beams": 1, **(gen_kwargs or {})}
         until = self.until_of(gen)
-        sample = gen["temperature"] > 0
+        sample = (gen["temperature"] or 0) > 0
         cfg = {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id,
                "do_sample": sample, "temperature": gen["temperature"] if sample else None,
                "top_p": gen["top_p"] if sample else None, "num_beams": gen["num_beams"],

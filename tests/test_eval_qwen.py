@@ -69,7 +69,7 @@ def hub_dir(qwen, tmp_path_factory):
     return save_qwen_hub_layout(*qwen, tmp_path_factory.mktemp("qwen_hub"))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def mmmu_format():
     """MMMU's ``doc_to_messages`` switches its module to the interleaved format for the rest of the process (as
     in lmms-eval); restored after each test so that other tests see the default."""
@@ -142,7 +142,7 @@ def _same_call(ours: dict, theirs: dict, where: str) -> None:
         _same(ours[key], theirs[key], f"{where}, {key}")
 
 
-def test_requests_equal_lmms_evals_qwen2_5_vl(data_root, qwen, hub_dir, reference_cls, mmmu_format, monkeypatch):
+def test_requests_equal_lmms_evals_qwen2_5_vl(data_root, qwen, hub_dir, reference_cls, monkeypatch):
     from pmod_bench.tasks.plugin import PMoDLlava
 
     ref = reference_cls(pretrained=str(hub_dir), device="cpu", device_map="cpu", batch_size=1)
@@ -191,7 +191,7 @@ def _rows(processor_call: dict, generate_call: dict) -> list:
     return sorted(rows, key=lambda r: r[0])
 
 
-def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_cls, mmmu_format, monkeypatch):
+def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_cls, monkeypatch):
     """Batch size 4: left padding on both sides, and each request's tokens and pixels are those of lmms-eval's batch."""
     from pmod_bench.tasks.plugin import PMoDLlava
 
@@ -226,6 +226,13 @@ def test_host_dispatch_and_options(qwen):
     assert (lm.host.max_new_tokens, lm.host.template) == (128, None)  # lmms-eval's default; the checkpoint's template
     assert qwen[1].image_processor.size["shortest_edge"] == 16 * 28 * 28  # the preset's own processor is untouched
     assert HOSTS["pmod_qwen2_5_vl"] == HOSTS["qwen2_5_vl"] and HOSTS["pmod_llava_next"][1] is LlavaRequests
+    cfg, until = lm.host.generation({"until": ["\n\n", "ASSISTANT:"], "max_new_tokens": 9, "top_p": 1.0, "do_sample": False})
+    assert until == [] and cfg["max_new_tokens"] == 9 and cfg["top_p"] is None and "stop_strings" not in cfg
+    sampled, _ = lm.host.generation({"temperature": 0.7, "top_p": 0.9})
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (True, 0.7, 0.9, None)
+    stopping = PMoDLlava.from_loaded(*qwen, name="q", device="cpu", stop_at_until=True)
+    cfg, until = stopping.host.generation({"until": ["ASSISTANT:"]})
+    assert until == cfg["stop_strings"] == ["ASSISTANT:"] and stopping.host.cut(["a ASSISTANT: b"], until) == ["a "]
     small = PMoDLlava.from_loaded(*qwen, name="q", device="cpu", min_pixels=3136, max_pixels=12544, max_new_tokens=5)
     assert small.identity != lm.identity and small.host.max_new_tokens == 5
     with pytest.raises(ValueError, match="vicuna_v1 is LLaVA's conversation template"):
