@@ -89,6 +89,12 @@ class HostRequests:
     def box_space(self) -> BoxSpace:
         return NormalisedBoxes(host=self.name)
 
+    def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
+        """A prompt from a context string alone: LLaVA's (:meth:`LlavaRequests.build_prompt`); other hosts prompt from
+        the task's messages (:meth:`prompt`)."""
+        raise ValueError(f"build_prompt is the LLaVA hosts' prompt; a {self.name} request is built from its messages "
+                         f"({type(self).__name__}.prompt)")
+
     def until_of(self, gen: dict) -> list[str]:
         """The task's ``until`` strings when ``stop_at_until`` (both reference models ignore them otherwise)."""
         until = gen.get("until") or []

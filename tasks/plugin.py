@@ -59,7 +59,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -143,7 +143,7 @@ def _task_messages(doc_to_visual: Any, doc: dict):
 
 
 class PMoDLlava(lmms):
-    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) checkpoints; see the module docstring."""
+    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) and Qwen2.5-VL checkpoints; see the module docstring."""
 
     is_simple = True
 
@@ -312,9 +312,6 @@ class PMoDLlava(lmms):
     # --------------------------------------------------------------------------------- prompts
     def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
         """The full prompt text of a LLaVA host (``<image>`` unexpanded; :meth:`.hosts.LlavaRequests.build_prompt`)."""
-        if not hasattr(self.host, "build_prompt"):
-            raise ValueError(f"build_prompt is the LLaVA hosts' prompt; a {self.host.name} request is built from its "
-                             "messages (hosts.QwenChatRequests.prompt)")
         return self.host.build_prompt(context, num_images, continuation)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
@@ -407,9 +404,10 @@ class PMoDLlava(lmms):
             prompts, images = [], []
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
-                prompt, inputs = self.host.prompt(context, visuals, _task_messages(doc_to_visual, self.task_dict[task][split][doc_id]))
+                messages = _task_messages(doc_to_visual, self.task_dict[task][split][doc_id])
+                prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
                 prompts.append(prompt)
-                images.append(inputs)
+                images.append(shown)
             return self._generate_batch(prompts, images, batch[0][1])
 
         return self._run(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 
@@ -142,6 +141,7 @@ def _same_call(ours: dict, theirs: dict, where: str) -> None:
         _same(ours[key], theirs[key], f"{where}, {key}")
 
 
+@pytest.mark.slow
 def test_requests_equal_lmms_evals_qwen2_5_vl(data_root, qwen, hub_dir, reference_cls, monkeypatch):
     from pmod_bench.tasks.plugin import PMoDLlava
 
@@ -191,6 +191,7 @@ def _rows(processor_call: dict, generate_call: dict) -> list:
     return sorted(rows, key=lambda r: r[0])
 
 
+@pytest.mark.slow
 def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_cls, monkeypatch):
     """Batch size 4: left padding on both sides, and each request's tokens and pixels are those of lmms-eval's batch."""
     from pmod_bench.tasks.plugin import PMoDLlava
