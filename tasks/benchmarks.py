@@ -22,8 +22,10 @@ Conventions (what a table cell means; see docs/RUN_DIRS.md and the README's eval
   are reported as ``n_unparsed``.
 * MMMU: val accuracy; an unparsable multiple-choice answer gets lmms-eval's random choice (seeded)
   and is counted in ``n_unparsed``.
-* RefCOCO / RefCOCO+ / RefCOCOg: accuracy at IoU >= 0.5 (``refcoco_ACC@0.5``) of the normalised box
-  ``[x1, y1, x2, y2]`` on the val split, one sample per referring expression.
+* RefCOCO / RefCOCO+ / RefCOCOg: accuracy at IoU >= 0.5 (``refcoco_ACC@0.5``) of the box on the val split, one
+  sample per referring expression, in the image's own coordinates: LLaVA answers a normalised ``[x1, y1, x2, y2]``
+  (read as lmms-eval reads it), Qwen2.5-VL pixels of its resized input, often as JSON (mapped back to the image,
+  ``tasks/grounding.py``); answers with no box are reported as ``n_unparsed``.
 * SEED-Bench: image questions only (``seed_image``; video questions are dropped before running).
 """
 
@@ -188,17 +190,17 @@ _add(Benchmark(
 ))
 _add(Benchmark(
     key="RefCOCO", title="RefCOCO val (Acc@0.5)", run=("pmod_refcoco_val",), result="pmod_refcoco_val",
-    metric="refcoco_ACC@0.5,none", scale=100.0, builtin="refcoco_bbox_rec_val",
+    metric="refcoco_ACC@0.5,none", scale=100.0, unparsed_metric="unparsed,none", builtin="refcoco_bbox_rec_val",
     data=(DataRef(f"{ENC}/RefCOCO", None, ("val",), ("question_id", "answer", "bbox")),),
 ))
 _add(Benchmark(
     key="RefCOCO+", title="RefCOCO+ val (Acc@0.5)", run=("pmod_refcocoplus_val",), result="pmod_refcocoplus_val",
-    metric="refcoco_ACC@0.5,none", scale=100.0, builtin="refcoco+_bbox_rec_val",
+    metric="refcoco_ACC@0.5,none", scale=100.0, unparsed_metric="unparsed,none", builtin="refcoco+_bbox_rec_val",
     data=(DataRef(f"{ENC}/RefCOCOplus", None, ("val",), ("question_id", "answer", "bbox")),),
 ))
 _add(Benchmark(
     key="RefCOCOg", title="RefCOCOg val (Acc@0.5)", run=("pmod_refcocog_val",), result="pmod_refcocog_val",
-    metric="refcoco_ACC@0.5,none", scale=100.0, builtin="refcocog_bbox_rec_val",
+    metric="refcoco_ACC@0.5,none", scale=100.0, unparsed_metric="unparsed,none", builtin="refcocog_bbox_rec_val",
     data=(DataRef(f"{ENC}/RefCOCOg", None, ("val",), ("question_id", "answer", "bbox")),),
 ))
 

@@ -268,7 +268,12 @@ def _mmmu() -> Tables:
             dict(id="validation_Biology_1", question="<image 1> Which organelle is shown?",
                  options="['nucleus', 'ribosome', 'mitochondrion']", explanation="", image_1=image(152), **empty,
                  img_type="['Microscopic Images']", answer="C", topic_difficulty="Medium", question_type="multiple-choice",
-                 subfield="Cell Biology")]
+                 subfield="Cell Biology"),
+            # several images in one question, as MMMU has (<image 1> ... <image 2> in the text, image_1 and image_2)
+            dict(id="validation_Design_1", question="Which of <image 1> and <image 2> has its box on the right?",
+                 options="['the first', 'the second', 'both', 'neither']", explanation="", image_1=image(153),
+                 image_2=image(154, 48, 64), **{f"image_{k}": None for k in range(3, 8)}, img_type="['Diagrams']",
+                 answer="C", topic_difficulty="Easy", question_type="multiple-choice", subfield="Design")]
     return {("lmms-lab-encoder/MMMU", None): {"validation": (f, rows)}}
 
 

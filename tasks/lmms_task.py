@@ -1,7 +1,12 @@
-"""The lmms-eval task class of the adapter tasks: lmms-eval's ``ConfigurableTask`` + offline data.
+"""The lmms-eval task class of the adapter tasks: lmms-eval's task + offline data + its chat messages.
 
 Adapter YAMLs name it with ``class: !function pmod_bench.tasks.lmms_task.PMoDTask``. It changes
-one thing: where the dataset comes from. With ``PMOD_BENCH_DATA`` set, the hub dataset ``ORG/NAME``
+two things. Requests: the class is lmms-eval's ``ConfigurableMessagesTask`` (what ``--model`` chat models
+get), so every adapter has lmms-eval's own ``doc_to_messages`` (the YAML's, e.g. MMMU's interleaved images and
+text, or the one user turn it builds from ``doc_to_visual`` + ``doc_to_text``), which the Qwen2.5-VL host of
+``pmod_llava`` prompts from; but it issues the plain (``ConfigurableTask``) requests that ``pmod_llava``, a
+simple model, reads (``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; lmms-eval hands
+class-based tasks the simple/chat choice of no model). Data: where the dataset comes from. With ``PMOD_BENCH_DATA`` set, the hub dataset ``ORG/NAME``
 is read from ``$PMOD_BENCH_DATA/ORG/NAME`` after :mod:`pmod_bench.tasks.data` checked it (a missing
 or malformed copy raises :class:`~pmod_bench.tasks.data.DataError` naming benchmark, path and the
 missing split / column); without it, lmms-eval's own hub loading runs unchanged. A local copy's arrow
@@ -17,13 +22,14 @@ naming ``--data`` / ``PMOD_BENCH_DATA``, which stops the eval run (exit 2) inste
 
 from __future__ import annotations
 
-from lmms_eval.api.task import ConfigurableTask
+from lmms_eval.api.task import ConfigurableMessagesTask, ConfigurableTask
 
 from .data import hub_unreachable, require_local, snapshot_cache_dir
 
 
-class PMoDTask(ConfigurableTask):
-    """``ConfigurableTask`` whose dataset may come from a local snapshot (``PMOD_BENCH_DATA``)."""
+class PMoDTask(ConfigurableMessagesTask):
+    """lmms-eval's task (simple requests, its chat messages on demand) whose dataset may come from a local
+    snapshot (``PMOD_BENCH_DATA``)."""
 
     def __init__(self, data_dir=None, cache_dir=None, download_mode=None, config=None, model_name=None) -> None:
         # lmms-eval hands python-class tasks their YAML config including the `class` key itself
@@ -52,3 +58,7 @@ class PMoDTask(ConfigurableTask):
         kwargs["cache_dir"] = snapshot_cache_dir(path)  # this copy's own tables, never another copy's
         self.DATASET_PATH = str(path)
         return super().download(kwargs)
+
+    def construct_requests(self, doc_id: int, ctx: str, **kwargs):
+        """``ConfigurableTask``'s requests (the simple ones ``pmod_llava`` reads), not the chat ones."""
+        return ConfigurableTask.construct_requests(self, doc_id, ctx, **kwargs)

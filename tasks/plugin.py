@@ -1,9 +1,11 @@
-"""``pmod_llava``: the lmms-eval model for p-MoD and vanilla HF LLaVA / LLaVA-NeXT checkpoints.
+"""``pmod_llava``: the lmms-eval model for p-MoD and vanilla LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL checkpoints.
 
 A thin class: loading is :func:`pmod_bench.model.loading.load_model`, the forward pass is the HF
 model's own ``generate`` / ``forward``; lmms-eval supplies requests, batching helpers
 (``lmms_eval.utils.Collator``) and the process layout (``accelerate launch``). Nothing of lmms-eval
-is copied.
+is copied. How a request is built is the loaded model's *host*'s business (:mod:`.hosts`, one class per
+family, chosen by ``config.model_type``): LLaVA models get lmms-eval's ``llava`` requests, Qwen2.5-VL models
+lmms-eval's ``qwen2_5_vl`` (chat class) requests.
 
 ``python -m lmms_eval --model pmod_llava --model_args pretrained=DIR[,key=value...]``; model_args:
 
@@ -15,19 +17,24 @@ is copied.
 ``ratios``                  explicit per-layer retention, {RATIOS_FORMS}
                             (in ``--model_args``, whose items commas separate: ``[1*8,0.5*24]`` or ``1*8;0.5*24``)
 ``allow_untrained_routers`` let the overrides route layers that have no trained router
-``dtype``                   ``auto`` (float16 on GPU as the paper, float32 on CPU), ``bfloat16``, ...
+``dtype``                   ``auto`` (on GPU the host's reference dtype: float16 for LLaVA as the paper,
+                            bfloat16 for Qwen2.5-VL as lmms-eval; float32 on CPU), ``bfloat16``, ...
 ``device``                  ``cuda:0``, ``cpu``; default: this process's GPU, else CPU
 ``attn_implementation``     ``sdpa`` (default), ``eager``, ``flash_attention_2``
 ``batch_size``              requests per forward pass (left padding; answers equal batch size 1)
-``chat_template``           ``vicuna_v1`` (default: the paper's conv template), ``processor`` (the
-                            checkpoint's own), a ``.jinja`` file or a template string
+``chat_template``           default: the host's (LLaVA: ``vicuna_v1``, the paper's conv template;
+                            Qwen2.5-VL: ``processor``, the checkpoint's own); ``processor``, a
+                            ``.jinja`` file or a template string (``vicuna_v1``: LLaVA only)
 ``response_cache``          directory for per-request persistence (resume; see ``tasks/cache.py``)
-``max_new_tokens``          default when a task sets none (LLaVA's: 1024)
+``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128)
 ``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
+``min_pixels`` /            Qwen2.5-VL only: the image processor's pixel bounds and the video frame
+``max_pixels`` /            cap (lmms-eval's qwen2_5_vl defaults: 200,704 / 1,605,632 / 32)
+``max_num_frames``
 ==========================  =====================================================================
 
 Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; read off lmms-eval
-0.7.3's ``lmms_eval/models/simple/llava.py``), the default here:
+0.7.3's ``lmms_eval/models/simple/llava.py``), the default for LLaVA hosts:
 
 * Prompts: ``USER: <image>\\n{task prompt} ASSISTANT:`` after the Vicuna-v1 system prompt. With
   several visuals the image tokens are joined by spaces, ``<image> <image>\\n{prompt}``, exactly as
@@ -41,6 +48,9 @@ Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; 
 * ``max_new_tokens`` (default 1024), ``temperature`` (0 = greedy), ``top_p``, ``num_beams``;
   ``image_aspect_ratio`` (an option of the original LLaVA code) is ignored: the checkpoint's
   processor decides the image preprocessing.
+
+Qwen2.5-VL hosts reproduce lmms-eval 0.7.3's ``qwen2_5_vl`` chat class instead (why that class, and
+what it does: :class:`pmod_bench.tasks.hosts.QwenChatRequests`); ``stop_at_until`` works there too.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -61,21 +71,21 @@ from pmod_bench.model.config import RATIOS_FORMS
 
 from .cache import ResponseCache, request_key
 from .data import task_data_key
+from .grounding import set_box_space
+from .hosts import HOSTS, host_for, source_model_type
 from .launch import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
 
 __doc__ = __doc__.replace("{RATIOS_FORMS}", RATIOS_FORMS)  # the forms parse_ratios reads, from their one home
 
-#: generation kwargs understood here; others are ignored with one warning
-_GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}
-DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava model, when a task sets none
 
 
-def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """``auto`` / None: float16 on GPU (as the paper), float32 on CPU; else :func:`pmod_bench.model.dtypes.torch_dtype`."""
+def resolve_dtype(dtype: Any, device: torch.device, gpu_dtype: str = "float16") -> torch.dtype:
+    """``auto`` / None: on GPU the host's reference dtype (``gpu_dtype``: float16 for LLaVA as the paper, bfloat16
+    for Qwen2.5-VL as lmms-eval), float32 on CPU; else :func:`pmod_bench.model.dtypes.torch_dtype`."""
     from pmod_bench.model.dtypes import torch_dtype
 
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch_dtype(gpu_dtype) if device.type == "cuda" else torch.float32
     return torch_dtype(dtype)
 
 
@@ -121,8 +131,19 @@ def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
     )
 
 
+def _task_messages(doc_to_visual: Any, doc: dict):
+    """A thunk giving the request's chat messages as lmms-eval's ``ConfigurableMessagesTask.doc_to_messages`` builds
+    them, when the request comes from such a task (the adapter tasks, :class:`.lmms_task.PMoDTask`: their
+    ``doc_to_visual`` is a method of the task); else None. Called only by hosts that prompt from messages (Qwen):
+    some tasks' message builders change module state (MMMU's sets its interleaved format)."""
+    task = getattr(doc_to_visual, "__self__", None)
+    if task is None or not callable(getattr(task, "doc_to_messages", None)):
+        return None
+    return lambda: task.doc_to_messages(doc)
+
+
 class PMoDLlava(lmms):
-    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) checkpoints; see the module docstring."""
+    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) and Qwen2.5-VL checkpoints; see the module docstring."""
 
     is_simple = True
 
@@ -139,21 +160,22 @@ class PMoDLlava(lmms):
         attn_implementation: str = "sdpa",
         batch_size: Any = 1,
         max_batch_size: Any = None,  # passed by lmms-eval's evaluator; unused
-        chat_template: str = "vicuna_v1",
+        chat_template: Optional[str] = None,
         response_cache: Optional[str] = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: Optional[int] = None,
         stop_at_until: Any = False,
         method: Any = None,
         model: Any = None,
         processor: Any = None,
-        **unknown: Any,
+        **host_options: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames"})
         if unknown:
             raise ValueError(
-                f"pmod_llava: unknown model_args {', '.join(sorted(unknown))}. Known: pretrained, pmod, shift, schedule, "
+                f"pmod_llava: unknown model_args {', '.join(unknown)}. Known: pretrained, pmod, shift, schedule, "
                 "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
-                "response_cache, max_new_tokens, stop_at_until, method."
+                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames."
             )
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -161,12 +183,17 @@ class PMoDLlava(lmms):
             raise ValueError(f"pmod_llava: batch_size must be a positive integer, got {batch_size!r}") from None
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"pmod_llava: batch_size must be >= 1, got {batch_size}")
-        self.max_new_tokens = int(max_new_tokens)
         self.stop_at_until = stop_at_until if isinstance(stop_at_until, bool) else \
             str(stop_at_until).strip().lower() in ("1", "true", "yes", "on")
+        self._warned: set[str] = set()
         check_launch()
-        self._place(device, dtype)
+        self._place(device, dtype, pretrained if model is None else model)
         self._attach(pretrained, model, processor, pmod, attn_implementation)
+        host_args = {k: v for k, v in host_options.items() if v not in (None, "")}
+        self.host = host_for(self._model, self.processor, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                             stop_at_until=self.stop_at_until, warn=self._warn_once, **host_args)
+        self.processor, self.tokenizer = self.host.processor, self.host.tokenizer
+        set_box_space(self.host.box_space())  # how this process's RefCOCO answers are read (tasks/grounding.py)
         self._set_ratios(shift, schedule, ratios, allow_untrained_routers)
         self.method = None  # a comparison method (pmod_bench.methods spec, e.g. method=visionzip:dominant=54,contextual=10)
         if method not in (None, "", "none", "None"):
@@ -175,17 +202,14 @@ class PMoDLlava(lmms):
             self._model = apply_method(self._model, method)
             self.method = self._model.method_config.to_dict()
 
-        self.chat_template_name = str(chat_template)
-        self._template = self._resolve_template(self.chat_template_name)
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
         self.identity = self._identity()
         self.cache = ResponseCache(response_cache, rank=self._rank) if response_cache else None
-        self._warned: set[str] = set()
         self.model_calls = 0  # forward batches run (tests, benchmarks)
         self.computed = 0  # requests answered by the model (not from the response cache)
 
-    def _place(self, device: Optional[str], dtype: Any) -> None:
-        """Device and dtype: accelerate's process when launched on several, else ``device`` (default: cuda if any)."""
+    def _place(self, device: Optional[str], dtype: Any, source: Any) -> None:
+        """Device and dtype: accelerate's process when launched on several, else ``device`` (default: cuda if any);
+        ``dtype=auto`` on a GPU is the host's (``source``: the model, or where it is loaded from)."""
         from accelerate import Accelerator
 
         accelerator = Accelerator()
@@ -195,7 +219,11 @@ class PMoDLlava(lmms):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         else:
             self._device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._dtype = resolve_dtype(dtype, self._device)
+        gpu_dtype = "float16"
+        if dtype in (None, "auto") and self._device.type == "cuda":
+            model_type = getattr(getattr(source, "config", None), "model_type", None) or source_model_type(str(source))
+            gpu_dtype = HOSTS[model_type][1].gpu_dtype if model_type in HOSTS else gpu_dtype
+        self._dtype = resolve_dtype(dtype, self._device, gpu_dtype)
 
     def _attach(self, pretrained: Any, model: Any, processor: Any, pmod: Any, attn_implementation: str) -> None:
         """The model (loaded from ``pretrained``, or the one given) in eval mode, and its processor; left padding."""
@@ -236,7 +264,9 @@ class PMoDLlava(lmms):
         """What the answers depend on (the response cache's key and run.json's model identity)."""
         ratios_now = self._model.layer_ratios() if hasattr(self._model, "layer_ratios") else None
         identity = {"model": self.pretrained, "class": type(self._model).__name__, "layer_ratios": ratios_now,
-                    "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self._template)[:16]}
+                    "dtype": str(self._dtype).replace("torch.", ""), "chat_template": request_key(self.host.template)[:16]}
+        if self.host.settings():  # Qwen2.5-VL's pixel bounds (LLaVA has none: its identity, and saved answers, unchanged)
+            identity["host_settings"] = self.host.settings()
         if self.stop_at_until:  # answers differ: keep them apart in the response cache
             identity["stop_at_until"] = True
         if self.method is not None:
@@ -279,49 +309,10 @@ class PMoDLlava(lmms):
     def world_size(self) -> int:
         return self._world_size
 
-    def _resolve_template(self, name: str) -> Optional[str]:
-        if name == "vicuna_v1":
-            from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
-
-            return VICUNA_V1_TEMPLATE
-        if name == "processor":
-            if getattr(self.processor, "chat_template", None) is None:
-                raise ValueError("pmod_llava: chat_template=processor, but the checkpoint's processor has no chat template")
-            return None
-        if "{%" in name or "{{" in name:
-            return name
-        path = Path(name).expanduser()
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-        raise ValueError(f"pmod_llava: chat_template must be vicuna_v1, processor, a .jinja file or a template; got {name!r}")
-
     # --------------------------------------------------------------------------------- prompts
     def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
-        """The full prompt text (``<image>`` unexpanded) for one request.
-
-        vicuna_v1: ``" ".join(["<image>"] * n) + "\\n" + context`` as lmms-eval's ``llava`` model (its
-        ``generate_until``); another template gets one image item per visual and places them itself.
-        """
-        if num_images and self.image_token not in context:
-            if self.chat_template_name == "vicuna_v1":
-                content = [{"type": "text", "text": " ".join([self.image_token] * num_images) + "\n" + context}]
-            else:
-                content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
-        else:
-            content = [{"type": "text", "text": context}]
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], chat_template=self._template,
-                                                    add_generation_prompt=True, tokenize=False)
-        if continuation is not None:
-            prompt += continuation if continuation[:1].isspace() else " " + continuation
-        return prompt
-
-    def _encode(self, prompts: Sequence[str], images: Sequence[list]):
-        flat = [im for ims in images for im in ims]
-        inputs = self.processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
-        inputs = inputs.to(self._device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        return inputs
+        """The full prompt text of a LLaVA host (``<image>`` unexpanded; :meth:`.hosts.LlavaRequests.build_prompt`)."""
+        return self.host.build_prompt(context, num_images, continuation)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
@@ -355,43 +346,15 @@ class PMoDLlava(lmms):
             warnings.warn(msg, stacklevel=3)
 
     # ------------------------------------------------------------------------------ generation
-    def _generation_config(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
-        gen = dict(gen_kwargs or {})
-        unknown = sorted(set(gen) - _GEN_KEYS)
-        if unknown:
-            self._warn_once(f"pmod_llava ignores generation kwargs {unknown}")
-        until = gen.get("until") or []
-        if isinstance(until, str):
-            until = [until]
-        if not isinstance(until, (list, tuple)):
-            raise TypeError(f"gen_kwargs['until'] must be a string or a list of strings, got {type(until).__name__}")
-        until = [u for u in until if u] if self.stop_at_until else []  # llava ignores until (module docstring)
-        temperature = float(gen.get("temperature") or 0.0)
-        do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
-        cfg: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
-                               "do_sample": do_sample, "num_beams": int(gen.get("num_beams") or 1)}
-        if do_sample:
-            cfg["temperature"] = temperature
-            if gen.get("top_p") not in (None, 0, 0.0):
-                cfg["top_p"] = float(gen["top_p"])
-        return cfg, list(until)
-
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
-        """Generate for one batch of prompts (left-padded); texts cut at the first ``until`` string."""
-        cfg, until = self._generation_config(gen_kwargs)
-        inputs = self._encode(prompts, images)
-        tok = self.tokenizer
-        extra = {"stop_strings": until, "tokenizer": tok} if until else {}
-        out = self._model.generate(**inputs, **cfg, **extra, pad_token_id=tok.pad_token_id, use_cache=True)
+        """Generate for one batch of prompts (left-padded; the host's processor call, generate kwargs and decoding);
+        texts cut at the first ``until`` string when ``stop_at_until``."""
+        cfg, until = self.host.generation(gen_kwargs)
+        inputs = self.host.encode(prompts, images, self._device, self._model.dtype, self.batch_size)
+        out = self._model.generate(**inputs, **cfg)
         self.model_calls += 1
-        texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        cut = []
-        for text in texts:
-            for stop in until:
-                text = text.split(stop, 1)[0]
-            cut.append(text)
-        return cut
+        return self.host.cut(self.host.decode(out, inputs), until)
 
     def _run(self, requests: list[Instance], kind: str, key_parts, sort_key, group_key, compute) -> list:
         """Shared loop: cache look-up, length-sorted batches (Collator), per-batch persistence. A local snapshot's
@@ -441,8 +404,10 @@ class PMoDLlava(lmms):
             prompts, images = [], []
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
-                images.append(visuals)
-                prompts.append(self.build_prompt(context, len(visuals)))
+                messages = _task_messages(doc_to_visual, self.task_dict[task][split][doc_id])
+                prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
+                prompts.append(prompt)
+                images.append(shown)
             return self._generate_batch(prompts, images, batch[0][1])
 
         return self._run(
@@ -460,7 +425,11 @@ class PMoDLlava(lmms):
         its tokens are those of the full prompt beyond the prompt without it (as lm-eval counts them).
         lmms-eval 0.7.3's evaluator turns these tuples into strings (``unwrap_generation_output`` in
         ``lmms_eval/evaluator.py``), so its loglikelihood tasks are broken there; call this directly.
+        LLaVA hosts only (lmms-eval's qwen2_5_vl has none either).
         """
+        if not self.host.supports_loglikelihood:
+            raise NotImplementedError(f"pmod_llava: loglikelihood is not implemented for {self.host.name} models (nor in "
+                                      "lmms-eval's own qwen2_5_vl); no paper benchmark needs it")
 
         def continuation_of(args) -> str:
             _, target, _, doc_id, task, split = args
@@ -477,7 +446,7 @@ class PMoDLlava(lmms):
                 n_cont.append(max(self._ntokens(full) - self._ntokens(ctx), 1))
                 prompts.append(full)
                 images.append(visuals)
-            inputs = self._encode(prompts, images)
+            inputs = self.host.encode(prompts, images, self._device, self._model.dtype, self.batch_size)
             logits = self._model(**inputs).logits.float()  # (B, N, V); left padding: sequences end at N
             self.model_calls += 1
             ids = inputs["input_ids"]
@@ -520,6 +489,6 @@ class PMoDLlava(lmms):
 
         name = str(self.pretrained).removesuffix(":vanilla")
         random_weights = name in PRESETS and not os.path.isdir(str(self.pretrained))  # a preset: seed-0 random weights
-        return {**self.identity, "pmod": pmod, "method": self.method, "device": str(self._device), "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_params": sum(p.numel() for p in self._model.parameters()),
-                "random_weights": random_weights}
+        return {**self.identity, **self.host.describe(), "pmod": pmod, "method": self.method, "device": str(self._device),
+                "batch_size": self.batch_size, "world_size": self.world_size,
+                "num_params": sum(p.numel() for p in self._model.parameters()), "random_weights": random_weights}

@@ -153,7 +153,9 @@ class EvalConfig:
     dtype: str = "auto"
     device: Optional[str] = None
     attn_implementation: str = "sdpa"
-    chat_template: str = "vicuna_v1"
+    chat_template: Optional[str] = None
+    """The prompt template; None: the host's own (LLaVA: vicuna_v1, the paper's; Qwen2.5-VL: the checkpoint's, as
+    lmms-eval's qwen2_5_vl). Left out of the identity when None (a run dir from before it existed resumes)."""
     gen_kwargs: Optional[str] = None
     """lmms-eval generation overrides for every task (``max_new_tokens=8``); part of the identity."""
     stop_at_until: bool = False
@@ -205,8 +207,8 @@ class EvalConfig:
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise ValueError(f"--attn {self.attn_implementation!r} is unknown; use sdpa, eager or flash_attention_2")
         template = str(self.chat_template)
-        if template not in ("vicuna_v1", "processor") and "{%" not in template and "{{" not in template \
-                and not Path(template).expanduser().is_file():
+        if self.chat_template is not None and template not in ("vicuna_v1", "processor") and "{%" not in template \
+                and "{{" not in template and not Path(template).expanduser().is_file():
             raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor "
                              "(the checkpoint's own) or a .jinja file")
         if self.device:
@@ -283,7 +285,7 @@ class EvalConfig:
                 "attn_implementation", "chat_template", "limit", "gen_kwargs", "stop_at_until", "method")
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in self.IDENTITY}
+        return {k: getattr(self, k) for k in self.IDENTITY if not (k == "chat_template" and self.chat_template is None)}
 
     def model_args(self) -> dict:
         return dict(pretrained=self.model, pmod=self.pmod, shift=self.shift, schedule=self.schedule, ratios=self.ratios,
@@ -552,6 +554,7 @@ def _run_eval(cfg: EvalConfig, lm: Any, log: Callable[[str], None], rank: int) -
     if rank == 0:
         if lm is not None and hasattr(lm, "describe"):
             run_meta["model_info"] = lm.describe()
+            run_meta["host"] = run_meta["model_info"].get("host")
         atomic_write_json(run_dir / "run.json", run_meta)
     if outcome.skipped:
         log(f"resuming {run_dir}: {', '.join(outcome.skipped)} already finished")
@@ -637,7 +640,7 @@ def _run_meta(cfg: EvalConfig, meta: Optional[dict], benches: list, run_dir: Pat
         "label": cfg.label if cfg.label is not None else (meta or {}).get("label"),
         "eval": {"identity": cfg.identity(), "benchmarks": requested, "batch_size": cfg.batch_size,
                  "data_root": os.environ.get("PMOD_BENCH_DATA") or None, "data": data},
-        "model_info": (meta or {}).get("model_info"),
+        "model_info": (meta or {}).get("model_info"), "host": (meta or {}).get("host"),
     }
     if cfg.method_match is not None:
         run_meta["eval"]["method_match"] = dict(cfg.method_match)

@@ -102,7 +102,7 @@ def test_oracle_scores_full_marks_in_paper_units(data_env, tmp_path):
     expected["MME"] = 400.0  # 2 perception categories in the fixture, 200 each (acc + acc+)
     assert values == pytest.approx(expected)
     unparsed = {r["benchmark"]: r["n_unparsed"] for r in out.rows if r["n_unparsed"] is not None}
-    assert unparsed == {"MMB": 0, "MMMU": 0}
+    assert unparsed == {"MMB": 0, "MMMU": 0, "RefCOCO": 0, "RefCOCO+": 0, "RefCOCOg": 0}
 
 
 def test_every_adapter_yaml_loads_and_suites_are_known():

@@ -1,0 +1,359 @@
+"""How ``pmod_llava`` builds a request for each host family: the lmms-eval 0.7.3 model whose requests it reproduces.
+
+One class per host family, chosen from the loaded model's ``config.model_type`` in one table (:data:`HOSTS`,
+:func:`host_for`); the plugin (``tasks/plugin.py``) asks its host for the prompt, the processor call, the generate
+kwargs, the decoding and the box format of grounding answers, and nothing else in it asks which model it runs.
+
+==================================  ======================================================================
+host (``model_type``)               requests equal those of (lmms-eval 0.7.3)
+==================================  ======================================================================
+``llava``, ``llava_next``           ``--model llava`` with ``conv_template=vicuna_v1`` (the paper's runs):
+(and their ``pmod_`` forms)         :class:`LlavaRequests`
+``qwen2_5_vl``, ``pmod_qwen2_5_vl``  ``--model qwen2_5_vl``, its chat class
+                                    (``lmms_eval/models/chat/qwen2_5_vl.py``): :class:`QwenChatRequests`
+==================================  ======================================================================
+
+What is host-specific (and lives here): the prompt and chat template, the image preprocessing (LLaVA: the
+checkpoint's processor; Qwen: qwen_vl_utils' ``fetch_image`` then the processor at lmms-eval's
+``min_pixels`` / ``max_pixels``), the processor call, the default ``max_new_tokens``, the generate kwargs, the
+decoding, the dtype ``auto`` picks on a GPU, whether ``loglikelihood`` exists, and the grounding box format
+(:mod:`.grounding`). ``tests/test_eval_qwen.py`` proves the Qwen requests byte-identical to lmms-eval's own class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .grounding import BoxSpace, NormalisedBoxes, ResizedPixelBoxes
+
+#: generation kwargs the LLaVA path reads; others are ignored with one warning (lmms-eval's ``llava`` ignores them too)
+_LLAVA_GEN_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "image_aspect_ratio"}
+
+
+def _read_template(name: str) -> Optional[str]:
+    """A template string from a ``.jinja`` file or an inline template; None when ``name`` is neither."""
+    if "{%" in name or "{{" in name:
+        return name
+    path = Path(name).expanduser()
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+class HostRequests:
+    """What every host shares: the chat template, the stop strings (``stop_at_until``) and the answer cut."""
+
+    #: the lmms-eval model (``--model`` name and class) whose requests this host reproduces
+    reference: str = ""
+    default_template: str = "processor"
+    default_max_new_tokens: int = 1024
+    #: dtype of ``dtype=auto`` on a GPU (the reference run's); float32 on CPU
+    gpu_dtype: str = "float16"
+    supports_loglikelihood: bool = False
+    #: model_args only this host reads (``min_pixels`` ...)
+    options: tuple[str, ...] = ()
+
+    def __init__(self, name: str, processor: Any, chat_template: Optional[str] = None,
+                 max_new_tokens: Optional[int] = None, stop_at_until: bool = False,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
+        self.name = name
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.template_name = str(chat_template) if chat_template not in (None, "") else self.default_template
+        self.template = self._resolve_template(self.template_name)
+        self.max_new_tokens = int(max_new_tokens) if max_new_tokens not in (None, "") else self.default_max_new_tokens
+        self.stop_at_until = stop_at_until
+        self.warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+
+    def _resolve_template(self, name: str) -> Optional[str]:
+        if name == "processor":
+            if getattr(self.processor, "chat_template", None) is None:
+                raise ValueError("pmod_llava: chat_template=processor, but the checkpoint's processor has no chat template")
+            return None
+        template = _read_template(name)
+        if template is None:
+            raise ValueError(f"pmod_llava: chat_template must be {self._template_choices()}; got {name!r}")
+        return template
+
+    def _template_choices(self) -> str:
+        return "processor (the checkpoint's own), a .jinja file or a template"
+
+    def settings(self) -> dict:
+        """Host settings the answers depend on beyond model and template (part of the response-cache identity)."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"host": self.name, "requests_as": self.reference, "chat_template_name": self.template_name,
+                "default_max_new_tokens": self.max_new_tokens, **self.settings()}
+
+    def box_space(self) -> BoxSpace:
+        return NormalisedBoxes(host=self.name)
+
+    def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
+        """A prompt from a context string alone: LLaVA's (:meth:`LlavaRequests.build_prompt`); other hosts prompt from
+        the task's messages (:meth:`prompt`)."""
+        raise ValueError(f"build_prompt is the LLaVA hosts' prompt; a {self.name} request is built from its messages "
+                         f"({type(self).__name__}.prompt)")
+
+    def until_of(self, gen: dict) -> list[str]:
+        """The task's ``until`` strings when ``stop_at_until`` (both reference models ignore them otherwise)."""
+        until = gen.get("until") or []
+        if isinstance(until, str):
+            until = [until]
+        if not isinstance(until, (list, tuple)):
+            raise TypeError(f"gen_kwargs['until'] must be a string or a list of strings, got {type(until).__name__}")
+        return [u for u in until if u] if self.stop_at_until else []
+
+    def stop_kwargs(self, until: list[str]) -> dict:
+        return {"stop_strings": until, "tokenizer": self.tokenizer} if until else {}
+
+    @staticmethod
+    def cut(texts: list[str], until: list[str]) -> list[str]:
+        out = []
+        for text in texts:
+            for stop in until:
+                text = text.split(stop, 1)[0]
+            out.append(text)
+        return out
+
+
+class LlavaRequests(HostRequests):
+    """lmms-eval 0.7.3's ``llava`` with ``conv_template=vicuna_v1`` (``lmms_eval/models/simple/llava.py``): the
+    Vicuna-v1 system prompt, then ``USER: <image>\\n{prompt} ASSISTANT:`` (several images joined by spaces, none
+    added when the prompt holds ``<image>``), ``until`` ignored, ``max_new_tokens`` 1024 when the task sets none,
+    float16 on a GPU; the checkpoint's processor prepares the images."""
+
+    reference = "llava (lmms_eval/models/simple/llava.py, conv_template=vicuna_v1)"
+    default_template = "vicuna_v1"
+    default_max_new_tokens = 1024
+    gpu_dtype = "float16"
+    supports_loglikelihood = True
+
+    def __init__(self, name: str, processor: Any, **kwargs: Any) -> None:
+        super().__init__(name, processor, **kwargs)
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+
+    def _resolve_template(self, name: str) -> Optional[str]:
+        if name == "vicuna_v1":
+            from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
+
+            return VICUNA_V1_TEMPLATE
+        return super()._resolve_template(name)
+
+    def _template_choices(self) -> str:
+        return "vicuna_v1, processor, a .jinja file or a template"
+
+    def build_prompt(self, context: str, num_images: int, continuation: Optional[str] = None) -> str:
+        """The full prompt text (``<image>`` unexpanded): vicuna_v1 writes ``" ".join(["<image>"] * n) + "\\n" +
+        context`` as ``llava``'s ``generate_until``; another template gets one image item per visual."""
+        if num_images and self.image_token not in context:
+            if self.template_name == "vicuna_v1":
+                content = [{"type": "text", "text": " ".join([self.image_token] * num_images) + "\n" + context}]
+            else:
+                content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": context}]
+        else:
+            content = [{"type": "text", "text": context}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], chat_template=self.template,
+                                                    add_generation_prompt=True, tokenize=False)
+        if continuation is not None:
+            prompt += continuation if continuation[:1].isspace() else " " + continuation
+        return prompt
+
+    def prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
+        return self.build_prompt(context, len(visuals)), visuals
+
+    def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
+        flat = [im for ims in images for im in ims]
+        inputs = self.processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs
+
+    def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen = dict(gen_kwargs or {})
+        unknown = sorted(set(gen) - _LLAVA_GEN_KEYS)
+        if unknown:
+            self.warn(f"pmod_llava ignores generation kwargs {unknown}")
+        until = self.until_of(gen)
+        temperature = float(gen.get("temperature") or 0.0)
+        do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
+        cfg: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
+                               "do_sample": do_sample, "num_beams": int(gen.get("num_beams") or 1)}
+        if do_sample:
+            cfg["temperature"] = temperature
+            if gen.get("top_p") not in (None, 0, 0.0):
+                cfg["top_p"] = float(gen["top_p"])
+        cfg.update(self.stop_kwargs(until), pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
+        return cfg, until
+
+    def decode(self, out: Any, inputs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# lmms-eval 0.7.3's qwen2_5_vl defaults (lmms_eval/models/simple/qwen2_5_vl.py, Qwen2_5_VL.__init__)
+QWEN_MIN_PIXELS = 256 * 28 * 28
+QWEN_MAX_PIXELS = 1605632
+QWEN_MAX_NUM_FRAMES = 32
+
+
+class QwenChatRequests(HostRequests):
+    """lmms-eval 0.7.3's ``--model qwen2_5_vl``: its **chat** class (``lmms_eval/models/chat/qwen2_5_vl.py``).
+
+    Why the chat class: 0.7.3's registry resolves ``--model qwen2_5_vl`` to it (``ModelRegistryV2.resolve``
+    takes the chat class whenever one is registered; the simple one needs ``--force_simple``), so it is what
+    ``python -m lmms_eval --model qwen2_5_vl`` (README quick start, ``examples/models/qwen25vl.sh``) runs. Since
+    v0.4 (July 2025) every published lmms-eval number for Qwen2.5-VL comes from it: the v0.4 release notes'
+    Qwen2.5-VL-3B column "(qwen2_5_vl)" was run with the default chat class and agrees with v0.3's (then the only,
+    now the simple) class within about a point. The README recommends the chat models, the simple ones are legacy.
+
+    Its request, reproduced here:
+
+    * messages from the task's ``doc_to_messages`` (lmms-eval's ``ConfigurableMessagesTask``: the adapter's own
+      function where it has one, e.g. MMMU's interleaved images and text; else one user turn with the images
+      first, then the prompt); no system message, so the chat template adds Qwen's default one;
+    * the checkpoint's chat template (``processor.apply_chat_template``); images through qwen_vl_utils'
+      ``process_vision_info`` (its own ``fetch_image`` resize first), then the processor built with
+      ``min_pixels`` 256*28*28 = 200,704 and ``max_pixels`` 1,605,632; ``max_num_frames`` 32 (videos, which no
+      benchmark here has, are refused); processor padding left at batch size > 1, right at 1;
+    * greedy unless the task sets ``temperature`` > 0 (``do_sample``, ``temperature``, ``top_p``, ``top_k``
+      None otherwise), ``max_new_tokens`` 128 when the task sets none, ``eos_token_id`` the tokenizer's,
+      ``use_cache``; ``until`` ignored (the chat class never cuts); decoded with ``skip_special_tokens`` and
+      without ``clean_up_tokenization_spaces``; bfloat16 on a GPU;
+    * the pixel values are handed to generate as the processor returns them (the model casts them).
+    """
+
+    reference = "qwen2_5_vl (lmms_eval/models/chat/qwen2_5_vl.py, the chat class --model qwen2_5_vl resolves to)"
+    default_template = "processor"
+    default_max_new_tokens = 128
+    gpu_dtype = "bfloat16"
+    supports_loglikelihood = False
+    options = ("min_pixels", "max_pixels", "max_num_frames")
+
+    def __init__(self, name: str, processor: Any, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                 max_num_frames: Optional[int] = None, **kwargs: Any) -> None:
+        import copy
+
+        from transformers.image_utils import SizeDict
+
+        self.min_pixels = int(min_pixels) if min_pixels not in (None, "") else QWEN_MIN_PIXELS
+        self.max_pixels = int(max_pixels) if max_pixels not in (None, "") else QWEN_MAX_PIXELS
+        self.max_num_frames = int(max_num_frames) if max_num_frames not in (None, "") else QWEN_MAX_NUM_FRAMES
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"pmod_llava: need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+        # lmms-eval: AutoProcessor.from_pretrained(pretrained, max_pixels=..., min_pixels=...), which sets the image
+        # processor's size {shortest_edge: min_pixels, longest_edge: max_pixels}; the same on a copy of ours
+        processor = copy.copy(processor)
+        processor.image_processor = copy.deepcopy(processor.image_processor)
+        processor.image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
+        super().__init__(name, processor, **kwargs)
+
+    def _resolve_template(self, name: str) -> Optional[str]:
+        if name == "vicuna_v1":
+            raise ValueError("pmod_llava: vicuna_v1 is LLaVA's conversation template; Qwen2.5-VL is prompted with the "
+                             "checkpoint's own chat template (chat_template=processor, the default) or a .jinja file")
+        return super()._resolve_template(name)
+
+    def settings(self) -> dict:
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "max_num_frames": self.max_num_frames}
+
+    def box_space(self) -> BoxSpace:
+        """Pixels of the image after qwen_vl_utils' ``fetch_image`` (its defaults: the chat class passes no pixel
+        bounds for images) and then the processor's ``smart_resize`` within [min_pixels, max_pixels]."""
+        from qwen_vl_utils import vision_process as qvu
+
+        ip = self.processor.image_processor
+        pre = int(14 * qvu.SPATIAL_MERGE_SIZE)  # process_vision_info's image_patch_size=14
+        steps = (("qwen_vl_utils", pre, qvu.IMAGE_MIN_TOKEN_NUM * pre ** 2, qvu.IMAGE_MAX_TOKEN_NUM * pre ** 2),
+                 ("transformers", int(ip.patch_size * ip.merge_size), self.min_pixels, self.max_pixels))
+        return ResizedPixelBoxes(steps=steps, host=self.name)
+
+    def messages(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> list:
+        """The request's chat messages in HF form (``ChatMessages.to_hf_messages`` with the chat class's video kwargs)."""
+        from lmms_eval.api.task import ConfigurableMessagesTask
+        from lmms_eval.protocol import ChatMessages
+
+        raw = task_messages() if task_messages is not None else None
+        if raw is None:  # a task without lmms-eval's messages builder: its user turn, as ConfigurableMessagesTask builds it
+            raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
+        chat = ChatMessages(messages=raw)
+        _, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise TypeError(f"pmod_llava ({self.name}) handles images only; the task gave video/audio")
+        video_kwargs = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels, "nframes": self.max_num_frames}
+        return chat.to_hf_messages(video_kwargs=video_kwargs)
+
+    def prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
+        from qwen_vl_utils import process_vision_info  # what lmms-eval's qwen2_5_vl imports (optional_import)
+
+        hf = self.messages(context, visuals, task_messages)
+        text = self.processor.apply_chat_template([hf], chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)[0]
+        images, _, _ = process_vision_info([hf], return_video_kwargs=True, return_video_metadata=True)
+        return text, list(images or [])
+
+    def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
+        flat = [im for ims in images for im in ims]
+        inputs = self.processor(text=list(prompts), images=flat or None, videos=None, video_metadata=None, padding=True,
+                                padding_side="left" if batch_size > 1 else "right", return_tensors="pt")
+        return inputs.to(device)
+
+    def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen = {"max_new_tokens": self.max_new_tokens, "temperature": 0.0, "top_p": None, "num_beams": 1, **(gen_kwargs or {})}
+        until = self.until_of(gen)
+        sample = (gen["temperature"] or 0) > 0
+        cfg = {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id,
+               "do_sample": sample, "temperature": gen["temperature"] if sample else None,
+               "top_p": gen["top_p"] if sample else None, "num_beams": gen["num_beams"],
+               "max_new_tokens": gen["max_new_tokens"], "top_k": gen.get("top_k") if sample else None, "use_cache": True}
+        return {**cfg, **self.stop_kwargs(until)}, until
+
+    def decode(self, out: Any, inputs: Any) -> list[str]:
+        trimmed = [o[len(i):] for i, o in zip(inputs["input_ids"], out)]
+        return self.processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+#: model_type -> (host name, request builder); a p-MoD model's type is its host's with the ``pmod_`` prefix
+HOSTS: dict[str, tuple[str, type]] = {
+    "llava": ("llava", LlavaRequests), "pmod_llava": ("llava", LlavaRequests),
+    "llava_next": ("llava_next", LlavaRequests), "pmod_llava_next": ("llava_next", LlavaRequests),
+    "qwen2_5_vl": ("qwen2_5_vl", QwenChatRequests), "pmod_qwen2_5_vl": ("qwen2_5_vl", QwenChatRequests),
+}
+
+
+def host_of_type(model_type: Optional[str]) -> tuple[str, type]:
+    """(host name, request builder) of a ``model_type``; ValueError names the supported ones."""
+    if model_type not in HOSTS:
+        raise ValueError(f"pmod_llava evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models (model_type "
+                         f"{', '.join(sorted(HOSTS))}); this one's is {model_type!r}")
+    return HOSTS[model_type]
+
+
+def host_for(model: Any, processor: Any, **options: Any) -> HostRequests:
+    """The request builder of a loaded model (by ``model.config.model_type``), built on its processor."""
+    name, cls = host_of_type(getattr(getattr(model, "config", None), "model_type", None))
+    foreign = sorted(k for k in options if k not in HostRequests.__init__.__code__.co_varnames and k not in cls.options)
+    if foreign:
+        owners = sorted({h for h, c in HOSTS.values() if set(foreign) <= set(c.options)}) or ["no host"]
+        raise ValueError(f"pmod_llava: {', '.join(foreign)} (model_args of {', '.join(owners)} models) do not apply to this "
+                         f"{name} model; leave them out")
+    return cls(name, processor, **options)
+
+
+def source_model_type(source: str) -> Optional[str]:
+    """A model source's ``model_type`` without loading it (for ``dtype=auto`` on a GPU): a preset's, or the
+    ``config.json`` of a local directory or a hub snapshot; None when it cannot be read (LLaVA is assumed)."""
+    from pmod_bench.model.presets import PRESETS, preset_config
+
+    name = str(source).removesuffix(":vanilla")
+    if name in PRESETS and not Path(source).expanduser().is_dir():
+        return preset_config(name).model_type  # the vanilla config's: the host is the same for its p-MoD form
+    try:
+        from pmod_bench.model.sources import read_config_json, resolve_source_dir
+
+        return read_config_json(resolve_source_dir(str(source))).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["HOSTS", "HostRequests", "LlavaRequests", "QWEN_MAX_NUM_FRAMES", "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS",
+           "QwenChatRequests", "host_for", "host_of_type", "source_model_type"]
