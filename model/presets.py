@@ -307,24 +307,32 @@ def _tiny_qwen_config() -> dict:
     )
 
 
-def _host_preset_config(name: str, pmod: Any, attn_implementation: Optional[str], config_class: Any, kwargs: dict, label: str):
-    """The vanilla config of a preset of another host than LLaVA; p-MoD on it is refused in one line until its host
-    adapter brings the p-MoD model."""
-    if pmod is not None:
-        raise ValueError(f"preset '{name}': p-MoD on {label} comes with its host adapter (issue 22); build the vanilla "
-                         f"model (pmod=None, or load_model('{name}:vanilla')), or profile the arch (pmod-bench profile --arch "
-                         f"{name}).")
+def _host_preset_config(name: str, pmod: Any, attn_implementation: Optional[str], config_class: Any, kwargs: dict):
+    """The config of a preset of another host than LLaVA: vanilla, or p-MoD through the family's host adapter
+    (:meth:`~pmod_bench.model.hosts.HostAdapter.pmod_config`); a family without an adapter refuses p-MoD in one line."""
     cfg = config_class(**kwargs)
     if attn_implementation:
         cfg._attn_implementation = attn_implementation
-    return cfg
+    if pmod is None:
+        return cfg
+    from .config import PMoDConfig
+    from .hosts import HostError, host_for
+
+    try:
+        host = host_for(cfg)
+    except HostError:
+        raise ValueError(f"preset '{name}': p-MoD needs a host adapter for model_type '{cfg.model_type}', and pmod-bench has "
+                         f"none yet (pmod_bench/model/hosts; CONTRIBUTING.md, 'Add a host family'). Build the vanilla model "
+                         f"(pmod=None, or load_model('{name}:vanilla')), or profile the arch (pmod-bench profile --arch "
+                         f"{name}).") from None
+    return host.pmod_config(cfg, PMoDConfig.from_dict(pmod).to_dict())
 
 
 def _qwen_preset_config(name: str, pmod: Any, attn_implementation: Optional[str]):
     from transformers import Qwen2_5_VLConfig
 
     kwargs = _tiny_qwen_config() if name == "tiny-qwen2.5-vl" else qwen2_5_vl_hub_config(name)
-    return _host_preset_config(name, pmod, attn_implementation, Qwen2_5_VLConfig, kwargs, "Qwen2.5-VL")
+    return _host_preset_config(name, pmod, attn_implementation, Qwen2_5_VLConfig, kwargs)
 
 
 # -------------------------------------------------------------------------------- LLaVA-OneVision
@@ -400,7 +408,7 @@ def _onevision_preset_config(name: str, pmod: Any, attn_implementation: Optional
     from transformers import LlavaOnevisionConfig
 
     kwargs = _tiny_onevision_config() if name == "tiny-llava-onevision" else llava_onevision_hub_config(name)
-    return _host_preset_config(name, pmod, attn_implementation, LlavaOnevisionConfig, kwargs, "LLaVA-OneVision")
+    return _host_preset_config(name, pmod, attn_implementation, LlavaOnevisionConfig, kwargs)
 
 
 # ------------------------------------------------------------------------------------- hub layouts
