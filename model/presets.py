@@ -288,14 +288,14 @@ def _special_ids(tok, tokens) -> dict[str, int]:
 
 
 def _tiny_qwen_config() -> dict:
-    """The tiny Qwen2.5-VL: text hidden 64 (4 layers, 4 heads / 2 KV heads, M-RoPE sections 2+3+3 = head_dim / 2),
+    """The tiny Qwen2.5-VL: text hidden 64 (8 layers as the tiny LLaVAs, 4 heads / 2 KV heads, M-RoPE 2+3+3 = head_dim / 2),
     vision hidden 32 (4 blocks: window attention in 0 and 2, full in 1 and 3; 56 px windows = 2x2 merged patches)."""
     tok = tiny_qwen_tokenizer()
     ids = _special_ids(tok, ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<|endoftext|>",
                              "<|im_end|>"))
     return dict(
         model_type="qwen2_5_vl", hidden_act="silu", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, max_window_layers=4,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, max_window_layers=8,
         rms_norm_eps=1e-06, rope_theta=1000000.0, use_sliding_window=False, tie_word_embeddings=False,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], vision_start_token_id=ids["<|vision_start|>"],

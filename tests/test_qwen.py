@@ -185,5 +185,6 @@ def test_routing_record_grid_is_the_merged_patch_grid(vanilla):
     model = to_pmod(vanilla, PMoDConfig(shift=0.5))
     random_routers(model, seed=2)
     rec = routing_record(model, QWEN.processor, demo_image(64, 48))
-    assert rec["grid"] == [3, 4] and rec["vision_tokens"] == 12  # 48x64 px -> 6x8 patches of 8 px -> merged 3x4
+    # 48x64 px -> smart_resize to the min pixels (112x140) -> 8x10 patches of 14 px -> merged 4x5
+    assert rec["grid"] == [4, 5] and rec["vision_tokens"] == 20
     assert set(rec["layers"]) == {str(i) for i in model.pmod_layers}
