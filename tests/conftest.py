@@ -101,13 +101,11 @@ class TinyHost:
         return out
 
     def decode_kwargs(self, model, attention_mask) -> dict:
-        """Extra inputs of a hand-made decode step (one new token, ``attention_mask`` over everything). Qwen2.5-VL:
-        its positions, text position + the cached ``rope_deltas`` on the three rows, as generate() passes them
-        (transformers 5.25's forward would compute them over the whole mask)."""
-        if self.name != "qwen2_5_vl":
-            return {}
-        text = (attention_mask.long().cumsum(-1) - 1)[:, -1:]  # (B, 1)
-        return {"position_ids": (text + model.model.rope_deltas)[None].expand(3, -1, -1)}
+        """Extra inputs of a hand-made decode step (one new token, ``attention_mask`` over everything), as the host
+        adapter gives them (Qwen2.5-VL: text position + the cached ``rope_deltas`` on the three rows)."""
+        from pmod_bench.model.hosts import host_for
+
+        return host_for(model).decode_inputs(model, attention_mask)
 
     def coords(self, model, inputs, sequences):
         """(R, N) original position ids of sample 0 of ``sequences`` (no padding): 1-D ``0..N-1`` or Qwen's three rows."""

@@ -82,6 +82,11 @@ class HostAdapter:
         plan.renumber = functools.partial(renumbered_rope, self.text_model(model).rotary_emb)
         yield
 
+    def decode_inputs(self, model, attention_mask) -> dict:
+        """Extra inputs of a hand-made decode step (one new token per row after a prefill, ``attention_mask`` over
+        everything so far): what ``generate`` would pass besides the cache. 1-D RoPE: none (positions from the cache)."""
+        return {}
+
     # ------------------------------------------------------------------------------- class map
     def pmod_config(self, config, pmod: dict):
         """The p-MoD config of a vanilla ``config`` (same fields, ``pmod`` = a PMoDConfig dict)."""

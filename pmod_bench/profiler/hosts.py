@@ -10,6 +10,7 @@ family names:
 * :meth:`Host.video_layout`: how one video (:class:`~.video.Video`) becomes frames and vision tokens;
 * :meth:`Host.vision_flops` / :meth:`Host.vision_meta`: its vision tower and projector, analytic and counted by
   FlopCounterMode on the meta device (None: the tower is a plain ViT over square tiles, counted by the LLaVA path);
+* :meth:`Host.pixel_inputs`: random pixels in the model's own input layout (latency timing);
 * :meth:`Host.projector_params` / :meth:`Host.tied_embeddings`: where its parameter count differs from LLaVA's.
 
 Hosts: Qwen2.5-VL (:mod:`.qwen`), LLaVA-OneVision (:mod:`.onevision`). Registered by ``"module:object"`` and
@@ -67,6 +68,12 @@ class Host:
 
     def projector_params(self, arch: Any) -> Optional[int]:
         return None
+
+    def pixel_inputs(self, arch: Any, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """The model inputs besides input_ids / attention_mask for random pixels of ``images`` (one (w, h) per image,
+        sample by sample) in ``input_ids`` (what latency timing feeds a random-weight model)."""
+        raise ProfileError(f"{arch.name}: timing {self.label} needs its p-MoD model, which comes with {self.pending}; "
+                           "use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
 
     def with_pixels(self, arch: Any, min_pixels: Any, max_pixels: Any) -> Any:
         """``arch`` with its processor's pixel range changed; only hosts that resize to a pixel budget have one."""

@@ -251,6 +251,7 @@ class QwenHost(Host):
     label = "Qwen2.5-VL"
     config_class = "Qwen2_5_VLConfig"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    pending = None
 
     def arch(self, name: str, cfg: Any):
         """A Qwen2 decoder (GQA, q/k/v biases; its attention's head_dim is hidden / heads) and this module's tower."""
@@ -306,6 +307,19 @@ class QwenHost(Host):
 
     def projector_params(self, arch: Any) -> int:
         return arch.vision.merger_params
+
+    def pixel_inputs(self, arch: Any, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """Qwen's processor layout: ``pixel_values`` (patches of all images, C x temporal x patch x patch each),
+        ``image_grid_thw`` ([1, h, w] patches per image) and ``mm_token_type_ids`` (1 on the image tokens: M-RoPE)."""
+        import torch
+
+        v = arch.vision
+        grids = [resize(v, size).patches for size in images]
+        per_patch = v.channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.randn((sum(h * w for h, w in grids), per_patch), generator=generator).to(dtype)
+        thw = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.long)
+        mm = (input_ids == arch.image_token_id).long()
+        return {"pixel_values": pixels, "image_grid_thw": thw, "mm_token_type_ids": mm}
 
     def tied_embeddings(self, cfg: Any) -> bool:
         return bool(getattr(cfg, "tie_word_embeddings", False))  # at the top level (3B)
