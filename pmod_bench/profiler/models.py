@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .arch import Arch, vision_layout
-from .hosts import host_of
+from .geometry import geometry_of
 from .variants import Variant
 
 
 # ---------------------------------------------------------------------------------------- building
 def _model_class(arch: Arch):
     """The vanilla HF class of ``arch``'s family."""
-    own = host_of(arch.family)
+    own = geometry_of(arch.family)
     return own.transformers_class() if own is not None else arch.host.vanilla_class
 
 
@@ -104,7 +104,7 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
     The images sit after two thirds of the text (system prompt + "USER:"), one placeholder block each, the
     rest follows them (the question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded
     (pad id 0, mask 0); the pixel inputs hold every image of every sample, in order, in the host's layout
-    (LLaVA: pixel_values [+ image_sizes]; other families: :meth:`.hosts.Host.pixel_inputs`). Random text holds no
+    (LLaVA: pixel_values [+ image_sizes]; other families: :meth:`.geometry.HostGeometry.pixel_inputs`). Random text holds no
     vision token id. The model checks that the placeholders match the features it computes, so a wrong
     vision-token count fails loudly here.
     """
@@ -131,7 +131,7 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
         mask[i, n - len(r):] = 1
     fdtype = dtype or torch.float32
     each = [s.image_size for s in samples for _ in range(s.images)]  # one entry per image, sample by sample
-    own = host_of(arch.family)
+    own = geometry_of(arch.family)
     pixels = own.pixel_inputs(arch, each, ids, g, fdtype) if own is not None else _llava_pixels(arch, each, g, fdtype)
     batch = {"input_ids": ids, "attention_mask": mask, **pixels}
     return {k: t.to(device) for k, t in batch.items()}

@@ -27,8 +27,8 @@ one grid through the tower (attention within the pair; windows within it): token
 tower and merger FLOPs = pairs x one image's of the resized frame. 32 frames of 640x360: 16 x 13x23 = 4,784 tokens.
 
 Hub configs: ``pmod_bench.model.presets.QWEN2_5_VL_HUB`` (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). This module
-imports only :mod:`.errors` and :mod:`.hosts` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
-its :class:`~.hosts.Host`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
+imports only :mod:`.errors` and :mod:`.geometry` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
+its :class:`~.geometry.HostGeometry`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
 within the image (HF's ``cu_seqlens`` per image), so tokens and vision FLOPs add up image by image.
 """
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ProfileError
-from .hosts import Host
+from .geometry import HostGeometry
 
 #: ``Arch.family`` of Qwen2.5-VL architectures (the HF ``model_type``)
 QWEN_FAMILY = "qwen2_5_vl"
@@ -246,7 +246,7 @@ def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: in
     return tower, fc.get_total_flops()
 
 
-class QwenHost(Host):
+class QwenHost(HostGeometry):
     family = QWEN_FAMILY
     label = "Qwen2.5-VL"
     config_class = "Qwen2_5_VLConfig"
