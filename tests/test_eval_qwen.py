@@ -305,20 +305,23 @@ def test_whole_suite_answers_equal_at_batch_1_and_8(data_root, qwen, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_eval_qwen_then_report(data_root, tmp_path, capsys):
-    """`pmod-bench eval --model tiny-qwen2.5-vl:vanilla --suite ablation --limit 2 --data FIXTURES`, then
-    `pmod-bench report` over its run directory."""
+@pytest.mark.parametrize("model, cls", [("tiny-qwen2.5-vl:vanilla", "Qwen2_5_VLForConditionalGeneration"),
+                                        ("tiny-qwen2.5-vl", "PMoDQwen2_5_VLForConditionalGeneration")])
+def test_cli_eval_qwen_then_report(data_root, tmp_path, capsys, model, cls):
+    """`pmod-bench eval --model tiny-qwen2.5-vl[:vanilla] --suite ablation --limit 2 --data FIXTURES` (the vanilla and
+    the p-MoD Qwen, whose requests are found through its host adapter's family), then `pmod-bench report`."""
     from pmod_bench.cli import main
     from pmod_bench.tasks.benchmarks import SUITES
 
     run = tmp_path / "run"
-    argv = ["eval", "--model", "tiny-qwen2.5-vl:vanilla", "--suite", "ablation", "--limit", "2", "--data", str(data_root),
+    argv = ["eval", "--model", model, "--suite", "ablation", "--limit", "2", "--data", str(data_root),
             "--output", str(run), "--threads", "1", "--gen-kwargs", "max_new_tokens=4"]
     assert main(argv) == 0
     rows = json.loads((run / "summary.json").read_text())["rows"]
     assert sorted(r["benchmark"] for r in rows) == sorted(SUITES["ablation"]) and all(r["n"] == 2 for r in rows)
     meta = json.loads((run / "run.json").read_text())
     assert meta["host"] == "qwen2_5_vl" and meta["model_info"]["requests_as"].startswith("qwen2_5_vl")
+    assert meta["model_info"]["class"] == cls and (min(meta["model_info"].get("layer_ratios") or [1.0]) < 1.0) == ("PMoD" in cls)
     assert main(argv) == 0 and "already finished" in capsys.readouterr().err  # resumes: nothing recomputed
     assert main(["report", str(run), "--output", str(tmp_path / "rep")]) == 0
     assert "tiny-qwen2.5-vl" in (tmp_path / "rep" / "index.md").read_text()
