@@ -304,3 +304,21 @@ def test_tiny_qwen_is_timed_on_cpu():
                    dtype="float32", recipe=None, warmup=1, repeats=1)
     assert all(r.prefill_latency_ms and r.prefill_latency_ms > 0 and r.decode_latency_ms_per_token for r in rows)
     assert rows[1].latency_ratio is not None
+
+
+def test_one_family_key_for_the_geometry_and_request_tables():
+    """The profiler's geometry and the eval request builders are found by the family the host adapter names: a p-MoD
+    config finds its base family's entries; a family without an adapter (OneVision) keys on its own model_type."""
+    from pmod_bench.model.hosts import family_of
+    from pmod_bench.model.presets import preset_config
+    from pmod_bench.profiler.geometry import geometry_for_config
+    from pmod_bench.profiler.qwen import HOST
+    from pmod_bench.tasks.requests import QwenChatRequests, requests_of_type
+
+    pmod_cfg = preset_config("tiny-qwen2.5-vl", pmod={"shift": 0.5})
+    assert pmod_cfg.model_type == "pmod_qwen2_5_vl" and family_of(pmod_cfg) == family_of("qwen2_5_vl") == "qwen2_5_vl"
+    assert geometry_for_config(pmod_cfg) is HOST and requests_of_type(pmod_cfg.model_type)[1] is QwenChatRequests
+    assert family_of(preset_config("tiny-llava-onevision")) == "llava_onevision"
+    assert geometry_for_config(preset_config("tiny-llava-onevision")).label == "LLaVA-OneVision"
+    assert geometry_for_config(preset_config("tiny")) is None and family_of("pmod_llava_next") == "llava_next"
+    assert load_arch("tiny-qwen2.5-vl").family == "qwen2_5_vl"
