@@ -288,14 +288,14 @@ def _special_ids(tok, tokens) -> dict[str, int]:
 
 
 def _tiny_qwen_config() -> dict:
-    """The tiny Qwen2.5-VL: text hidden 64 (4 layers, 4 heads / 2 KV heads, M-RoPE sections 2+3+3 = head_dim / 2),
+    """The tiny Qwen2.5-VL: text hidden 64 (8 layers as the tiny LLaVAs, 4 heads / 2 KV heads, M-RoPE 2+3+3 = head_dim / 2),
     vision hidden 32 (4 blocks: window attention in 0 and 2, full in 1 and 3; 56 px windows = 2x2 merged patches)."""
     tok = tiny_qwen_tokenizer()
     ids = _special_ids(tok, ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<|endoftext|>",
                              "<|im_end|>"))
     return dict(
         model_type="qwen2_5_vl", hidden_act="silu", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, max_window_layers=4,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, max_window_layers=8,
         rms_norm_eps=1e-06, rope_theta=1000000.0, use_sliding_window=False, tie_word_embeddings=False,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], vision_start_token_id=ids["<|vision_start|>"],
@@ -307,24 +307,32 @@ def _tiny_qwen_config() -> dict:
     )
 
 
-def _host_preset_config(name: str, pmod: Any, attn_implementation: Optional[str], config_class: Any, kwargs: dict, label: str):
-    """The vanilla config of a preset of another host than LLaVA; p-MoD on it is refused in one line until its host
-    adapter brings the p-MoD model."""
-    if pmod is not None:
-        raise ValueError(f"preset '{name}': p-MoD on {label} comes with its host adapter (issue 22); build the vanilla "
-                         f"model (pmod=None, or load_model('{name}:vanilla')), or profile the arch (pmod-bench profile --arch "
-                         f"{name}).")
+def _host_preset_config(name: str, pmod: Any, attn_implementation: Optional[str], config_class: Any, kwargs: dict):
+    """The config of a preset of another host than LLaVA: vanilla, or p-MoD through the family's host adapter
+    (:meth:`~pmod_bench.model.hosts.HostAdapter.pmod_config`); a family without an adapter refuses p-MoD in one line."""
     cfg = config_class(**kwargs)
     if attn_implementation:
         cfg._attn_implementation = attn_implementation
-    return cfg
+    if pmod is None:
+        return cfg
+    from .config import PMoDConfig
+    from .hosts import HostError, host_for
+
+    try:
+        host = host_for(cfg)
+    except HostError:
+        raise ValueError(f"preset '{name}': p-MoD needs a host adapter for model_type '{cfg.model_type}', and pmod-bench has "
+                         f"none yet (pmod_bench/model/hosts; CONTRIBUTING.md, 'Add a host family'). Build the vanilla model "
+                         f"(pmod=None, or load_model('{name}:vanilla')), or profile the arch (pmod-bench profile --arch "
+                         f"{name}).") from None
+    return host.pmod_config(cfg, PMoDConfig.from_dict(pmod).to_dict())
 
 
 def _qwen_preset_config(name: str, pmod: Any, attn_implementation: Optional[str]):
     from transformers import Qwen2_5_VLConfig
 
     kwargs = _tiny_qwen_config() if name == "tiny-qwen2.5-vl" else qwen2_5_vl_hub_config(name)
-    return _host_preset_config(name, pmod, attn_implementation, Qwen2_5_VLConfig, kwargs, "Qwen2.5-VL")
+    return _host_preset_config(name, pmod, attn_implementation, Qwen2_5_VLConfig, kwargs)
 
 
 # -------------------------------------------------------------------------------- LLaVA-OneVision
@@ -400,7 +408,7 @@ def _onevision_preset_config(name: str, pmod: Any, attn_implementation: Optional
     from transformers import LlavaOnevisionConfig
 
     kwargs = _tiny_onevision_config() if name == "tiny-llava-onevision" else llava_onevision_hub_config(name)
-    return _host_preset_config(name, pmod, attn_implementation, LlavaOnevisionConfig, kwargs, "LLaVA-OneVision")
+    return _host_preset_config(name, pmod, attn_implementation, LlavaOnevisionConfig, kwargs)
 
 
 # ------------------------------------------------------------------------------------- hub layouts

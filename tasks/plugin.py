@@ -50,7 +50,7 @@ Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; 
   processor decides the image preprocessing.
 
 Qwen2.5-VL hosts reproduce lmms-eval 0.7.3's ``qwen2_5_vl`` chat class instead (why that class, and
-what it does: :class:`pmod_bench.tasks.hosts.QwenChatRequests`); ``stop_at_until`` works there too.
+what it does: :class:`pmod_bench.tasks.requests.QwenChatRequests`); ``stop_at_until`` works there too.
 """
 
 from __future__ import annotations
@@ -68,11 +68,12 @@ from lmms_eval.utils import Collator
 from tqdm import tqdm
 
 from pmod_bench.model.config import RATIOS_FORMS
+from pmod_bench.model.hosts import family_of
 
 from .cache import ResponseCache, request_key
 from .data import task_data_key
 from .grounding import set_box_space
-from .hosts import HOSTS, host_for, source_model_type
+from .requests import REQUESTS, requests_for, source_model_type
 from .launch import check_launch, parse_ratios  # noqa: F401  (parse_ratios re-exported: model_args ``ratios``)
 
 __doc__ = __doc__.replace("{RATIOS_FORMS}", RATIOS_FORMS)  # the forms parse_ratios reads, from their one home
@@ -190,8 +191,8 @@ class PMoDLlava(lmms):
         self._place(device, dtype, pretrained if model is None else model)
         self._attach(pretrained, model, processor, pmod, attn_implementation)
         host_args = {k: v for k, v in host_options.items() if v not in (None, "")}
-        self.host = host_for(self._model, self.processor, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                             stop_at_until=self.stop_at_until, warn=self._warn_once, **host_args)
+        self.host = requests_for(self._model, self.processor, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                                 stop_at_until=self.stop_at_until, warn=self._warn_once, **host_args)
         self.processor, self.tokenizer = self.host.processor, self.host.tokenizer
         set_box_space(self.host.box_space())  # how this process's RefCOCO answers are read (tasks/grounding.py)
         self._set_ratios(shift, schedule, ratios, allow_untrained_routers)
@@ -222,7 +223,8 @@ class PMoDLlava(lmms):
         gpu_dtype = "float16"
         if dtype in (None, "auto") and self._device.type == "cuda":
             model_type = getattr(getattr(source, "config", None), "model_type", None) or source_model_type(str(source))
-            gpu_dtype = HOSTS[model_type][1].gpu_dtype if model_type in HOSTS else gpu_dtype
+            family = family_of(model_type) if model_type else None
+            gpu_dtype = REQUESTS[family].gpu_dtype if family in REQUESTS else gpu_dtype
         self._dtype = resolve_dtype(dtype, self._device, gpu_dtype)
 
     def _attach(self, pretrained: Any, model: Any, processor: Any, pmod: Any, attn_implementation: str) -> None:

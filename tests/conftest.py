@@ -47,64 +47,8 @@ def tiny_vanilla():
 # ------------------------------------------------------------------------------------- three tiny hosts
 #: the host families every model, core-contract and in-LLM method test runs on (parametrised, not copied)
 TINY_HOSTS = ("llava", "llava_next", "qwen2_5_vl")
-
-#: Qwen2.5-VL's chat template (its <|im_start|> turns; one <|vision_start|><|image_pad|><|vision_end|> per image)
-QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-@functools.lru_cache(maxsize=1)
-def tiny_qwen_processor():
-    """A Qwen2.5-VL processor from local parts: a byte-level BPE trained in code with Qwen's special tokens, Qwen's
-    image processor (PIL backend) at 8 px patches merged 2x2 (one LLM token per 16x16 px), its video processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    from pmod_bench.model.presets import _CORPUS
-
-    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([_CORPUS + " user assistant system"] * 4, trainer=trainers.BpeTrainer(
-        vocab_size=512, min_frequency=1, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-                                        padding_side="left", extra_special_tokens={"image_token": "<|image_pad|>",
-                                                                                  "video_token": "<|video_pad|>"})
-    pixels = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16 * 4, max_pixels=128 * 128)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels), tokenizer=tokenizer,
-                               video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_TEMPLATE)
-
-
-def tiny_qwen(seed: int = 0, attn_implementation: str = "sdpa"):
-    """A vanilla Qwen2.5-VL with random weights (seed), fp32, eval: text 64 wide, 8 layers, 4 heads / 2 KV heads,
-    head 16 with M-RoPE sections (2, 3, 3); vision depth 2 (window attention in block 0, full in block 1), 32 wide."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    proc = tiny_qwen_processor()
-    tok = proc.tokenizer
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=32, out_hidden_size=64, fullatt_block_indexes=[1]),
-        image_token_id=proc.image_token_id, video_token_id=proc.video_token_id,
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+#: the tiny preset of each host family the model tests run on
+PRESET_OF_HOST = {"llava": "tiny-llava", "llava_next": "tiny", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
 
 @dataclass
@@ -113,23 +57,23 @@ class TinyHost:
 
     name: str
 
+    @property
+    def preset(self) -> str:
+        """The tiny preset of the family (model/presets.py)."""
+        return PRESET_OF_HOST[self.name]
+
     def build(self, seed: int = 0, attn_implementation: str = "sdpa"):
         """A fresh vanilla model (fp32, eval)."""
-        if self.name == "qwen2_5_vl":
-            return tiny_qwen(seed, attn_implementation)
         from pmod_bench.model.presets import build_preset
 
-        model, _ = build_preset("tiny" if self.name == "llava_next" else "tiny-llava", pmod=None, seed=seed,
-                                attn_implementation=attn_implementation)
+        model, _ = build_preset(self.preset, pmod=None, seed=seed, attn_implementation=attn_implementation)
         return model
 
     @functools.cached_property
     def processor(self):
-        if self.name == "qwen2_5_vl":
-            return tiny_qwen_processor()
         from pmod_bench.model.presets import preset_processor
 
-        return preset_processor("tiny" if self.name == "llava_next" else "tiny-llava")
+        return preset_processor(self.preset)
 
     def inputs(self, sizes=((64, 48),), questions=None):
         return make_inputs(self.processor, sizes=sizes, questions=questions)
@@ -157,13 +101,11 @@ class TinyHost:
         return out
 
     def decode_kwargs(self, model, attention_mask) -> dict:
-        """Extra inputs of a hand-made decode step (one new token, ``attention_mask`` over everything). Qwen2.5-VL:
-        its positions, text position + the cached ``rope_deltas`` on the three rows, as generate() passes them
-        (transformers 5.25's forward would compute them over the whole mask)."""
-        if self.name != "qwen2_5_vl":
-            return {}
-        text = (attention_mask.long().cumsum(-1) - 1)[:, -1:]  # (B, 1)
-        return {"position_ids": (text + model.model.rope_deltas)[None].expand(3, -1, -1)}
+        """Extra inputs of a hand-made decode step (one new token, ``attention_mask`` over everything), as the host
+        adapter gives them (Qwen2.5-VL: text position + the cached ``rope_deltas`` on the three rows)."""
+        from pmod_bench.model.hosts import host_for
+
+        return host_for(model).decode_inputs(model, attention_mask)
 
     def coords(self, model, inputs, sequences):
         """(R, N) original position ids of sample 0 of ``sequences`` (no padding): 1-D ``0..N-1`` or Qwen's three rows."""

@@ -21,7 +21,7 @@ from pmod_bench.model.plan import PMoDOverflowError, RoutingPlan
 from pmod_bench.model.presets import random_routers
 
 QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
-SIZES = [(64, 48), (40, 90), (96, 96)]
+SIZES = [(64, 48), (40, 90), (160, 160)]
 
 
 def _single(host, i):

@@ -8,7 +8,7 @@
    ``generate`` (ids, mask, pixel values, ``image_grid_thw``) and every generate keyword. Both sides run
    unchanged; only the *model*'s ``generate`` is replaced (a test-local stub that records its arguments and
    returns two fixed tokens), and the processors are wrapped to record their calls.
-2. Host dispatch and options (the table in ``tasks/hosts.py``).
+2. Host dispatch and options (the table in ``tasks/requests.py``, keyed by the host adapter's family).
 3. End to end: the whole suite on fixtures with the real tiny model, answers identical at batch 1 and 8; the
    real CLI (``pmod-bench eval --model tiny-qwen2.5-vl:vanilla``) writes a run directory that says its host
    and that ``pmod-bench report`` reads.
@@ -218,7 +218,7 @@ def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_c
 def test_host_dispatch_and_options(qwen):
     """One table picks the request builder from model_type; host options and templates are checked per host."""
     from pmod_bench.model.presets import build_preset
-    from pmod_bench.tasks.hosts import HOSTS, LlavaRequests, QwenChatRequests, host_of_type
+    from pmod_bench.tasks.requests import REQUESTS, LlavaRequests, QwenChatRequests, requests_of_type
     from pmod_bench.tasks.plugin import PMoDLlava
 
     lm = PMoDLlava.from_loaded(*qwen, name="q", device="cpu")
@@ -226,7 +226,8 @@ def test_host_dispatch_and_options(qwen):
     assert lm.describe()["host"] == "qwen2_5_vl" and lm.identity["host_settings"]["min_pixels"] == 200704
     assert (lm.host.max_new_tokens, lm.host.template) == (128, None)  # lmms-eval's default; the checkpoint's template
     assert qwen[1].image_processor.size["shortest_edge"] == 16 * 28 * 28  # the preset's own processor is untouched
-    assert HOSTS["pmod_qwen2_5_vl"] == HOSTS["qwen2_5_vl"] and HOSTS["pmod_llava_next"][1] is LlavaRequests
+    assert requests_of_type("pmod_qwen2_5_vl") == requests_of_type("qwen2_5_vl") == ("qwen2_5_vl", QwenChatRequests)
+    assert requests_of_type("pmod_llava_next") == ("llava_next", LlavaRequests) and set(REQUESTS) == {"llava", "llava_next", "qwen2_5_vl"}
     cfg, until = lm.host.generation({"until": ["\n\n", "ASSISTANT:"], "max_new_tokens": 9, "top_p": 1.0, "do_sample": False})
     assert until == [] and cfg["max_new_tokens"] == 9 and cfg["top_p"] is None and "stop_strings" not in cfg
     sampled, _ = lm.host.generation({"temperature": 0.7, "top_p": 0.9})
@@ -250,20 +251,22 @@ def test_host_dispatch_and_options(qwen):
     with pytest.raises(ValueError, match=r"min_pixels \(model_args of qwen2_5_vl models\) do not apply to this llava_next"):
         PMoDLlava.from_loaded(*tiny, name="tiny", device="cpu", min_pixels=3136)
     with pytest.raises(ValueError, match="evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models"):
-        host_of_type("idefics3")
+        requests_of_type("idefics3")
+    with pytest.raises(ValueError, match="model_type is 'llava_onevision'"):  # a profiler host, not an evaluated one
+        requests_of_type("llava_onevision")
 
 
 def test_auto_dtype_on_a_gpu_is_the_hosts(hub_dir):
     """dtype=auto: bfloat16 for Qwen2.5-VL on a GPU (lmms-eval's qwen2_5_vl), float16 for LLaVA (the paper's), read from
     the source before loading; float32 on CPU."""
-    from pmod_bench.tasks.hosts import HOSTS, source_model_type
+    from pmod_bench.tasks.requests import REQUESTS, source_model_type
     from pmod_bench.tasks.plugin import resolve_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert [source_model_type(s) for s in ("tiny-qwen2.5-vl:vanilla", "qwen2.5-vl-7b", "tiny", str(hub_dir))] == \
         ["qwen2_5_vl", "qwen2_5_vl", "llava_next", "qwen2_5_vl"]
     assert source_model_type("/no/such/dir") is None
-    gpu = {t: resolve_dtype("auto", cuda, HOSTS[t][1].gpu_dtype) for t in ("qwen2_5_vl", "llava_next")}
+    gpu = {t: resolve_dtype("auto", cuda, REQUESTS[t].gpu_dtype) for t in ("qwen2_5_vl", "llava_next")}
     assert gpu == {"qwen2_5_vl": torch.bfloat16, "llava_next": torch.float16}
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32 and resolve_dtype("float16", cuda, "bfloat16") == torch.float16
 
@@ -302,20 +305,23 @@ def test_whole_suite_answers_equal_at_batch_1_and_8(data_root, qwen, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_eval_qwen_then_report(data_root, tmp_path, capsys):
-    """`pmod-bench eval --model tiny-qwen2.5-vl:vanilla --suite ablation --limit 2 --data FIXTURES`, then
-    `pmod-bench report` over its run directory."""
+@pytest.mark.parametrize("model, cls", [("tiny-qwen2.5-vl:vanilla", "Qwen2_5_VLForConditionalGeneration"),
+                                        ("tiny-qwen2.5-vl", "PMoDQwen2_5_VLForConditionalGeneration")])
+def test_cli_eval_qwen_then_report(data_root, tmp_path, capsys, model, cls):
+    """`pmod-bench eval --model tiny-qwen2.5-vl[:vanilla] --suite ablation --limit 2 --data FIXTURES` (the vanilla and
+    the p-MoD Qwen, whose requests are found through its host adapter's family), then `pmod-bench report`."""
     from pmod_bench.cli import main
     from pmod_bench.tasks.benchmarks import SUITES
 
     run = tmp_path / "run"
-    argv = ["eval", "--model", "tiny-qwen2.5-vl:vanilla", "--suite", "ablation", "--limit", "2", "--data", str(data_root),
+    argv = ["eval", "--model", model, "--suite", "ablation", "--limit", "2", "--data", str(data_root),
             "--output", str(run), "--threads", "1", "--gen-kwargs", "max_new_tokens=4"]
     assert main(argv) == 0
     rows = json.loads((run / "summary.json").read_text())["rows"]
     assert sorted(r["benchmark"] for r in rows) == sorted(SUITES["ablation"]) and all(r["n"] == 2 for r in rows)
     meta = json.loads((run / "run.json").read_text())
     assert meta["host"] == "qwen2_5_vl" and meta["model_info"]["requests_as"].startswith("qwen2_5_vl")
+    assert meta["model_info"]["class"] == cls and (min(meta["model_info"].get("layer_ratios") or [1.0]) < 1.0) == ("PMoD" in cls)
     assert main(argv) == 0 and "already finished" in capsys.readouterr().err  # resumes: nothing recomputed
     assert main(["report", str(run), "--output", str(tmp_path / "rep")]) == 0
     assert "tiny-qwen2.5-vl" in (tmp_path / "rep" / "index.md").read_text()

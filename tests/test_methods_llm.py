@@ -15,7 +15,7 @@ from pmod_bench.methods import MethodError, apply_method, parse_method_spec
 from pmod_bench.methods.sparsevlm import SCHEDULES
 from pmod_bench.model.cache import PMoDCacheLayer, output_cache
 
-SIZES = [(64, 48), (40, 90), (96, 96)]
+SIZES = [(64, 48), (40, 90), (160, 160)]
 QUESTIONS = ["What is shown in the image?", "Is there a red circle? Answer yes or no.", "Count the shapes."]
 SPECS = ["fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5", "sparsevlm:layers=2-4-5,retain=192", "random_llm:k=3,keep=0.4"]
 

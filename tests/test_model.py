@@ -266,7 +266,7 @@ def masked_reference_logits(model, inputs, string=True):
 
 @pytest.mark.parametrize("shift, string", [(0.5, True), (0.3, True), (0.8, True), (0.5, False)])
 def test_gather_scatter_equals_masked_reference(host, host_vanilla, shift, string):
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])  # two images, different token counts
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])  # two images, different token counts
     assert (inputs["attention_mask"] == 0).any(), "batch must be left-padded"
     model = to_pmod(host_vanilla, PMoDConfig(shift=shift, string=string))
     random_routers(model, seed=1)
@@ -278,7 +278,7 @@ def test_gather_scatter_equals_masked_reference(host, host_vanilla, shift, strin
 
 
 def test_eager_equals_sdpa(host, host_vanilla):
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     model = to_pmod(host_vanilla, PMoDConfig(shift=0.4))
     random_routers(model)
     sdpa = _vanilla_logits(model, inputs)
@@ -294,7 +294,7 @@ def test_eager_equals_sdpa(host, host_vanilla):
 # ------------------------------------------------------------------------- cache and decode
 @pytest.mark.parametrize("shift", [0.5, 0.3])
 def test_cached_decode_equals_recompute(host, host_vanilla, shift):
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     model = to_pmod(host_vanilla, PMoDConfig(shift=shift))
     random_routers(model, seed=2)
     if shift == 0.3:
@@ -309,7 +309,7 @@ def test_cached_decode_equals_recompute(host, host_vanilla, shift):
 
 
 def test_kv_lengths_equal_tokens_processed(host, host_vanilla):
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
     with torch.no_grad(), model.record_routing() as rec:
@@ -338,7 +338,7 @@ def test_kv_lengths_equal_tokens_processed(host, host_vanilla):
 def test_batched_equals_one_by_one(host, host_vanilla):
     model = to_pmod(host_vanilla, PMoDConfig(shift=0.4))
     random_routers(model, seed=3)
-    sizes = [(64, 48), (40, 90), (96, 96)]
+    sizes = [(64, 48), (40, 90), (160, 160)]
     batch = host.inputs(sizes=sizes)
     with torch.no_grad():
         together = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
@@ -359,7 +359,7 @@ def test_batched_equals_one_by_one(host, host_vanilla):
 def test_sampling_generate(host, host_vanilla):
     model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     torch.manual_seed(0)
     with torch.no_grad():
         a = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=20, temperature=1.0)
@@ -399,7 +399,7 @@ def test_save_load_roundtrip(tmp_path, host, host_vanilla):
     assert sorted(loaded.pmod_layers) == sorted(model.pmod_layers)
     for i, layer in model.pmod_layers.items():
         assert torch.equal(loaded.pmod_layers[i].router.weight, layer.router.weight)
-    inputs = make_inputs(AutoProcessor.from_pretrained(tmp_path), sizes=[(64, 48), (96, 96)])
+    inputs = make_inputs(AutoProcessor.from_pretrained(tmp_path), sizes=[(64, 48), (160, 160)])
     valid = inputs["attention_mask"].bool()
     assert (_vanilla_logits(loaded, inputs) - _vanilla_logits(model, inputs))[valid].abs().max() < 1e-5
 
@@ -419,7 +419,7 @@ def test_vanilla_checkpoint_into_pmod_class_gets_zero_routers(tmp_path, host, ho
 
 # --------------------------------------------------------------------------- training
 def test_training_loss_and_router_gradients(host, host_vanilla):
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     for string in (True, False):
         model = to_pmod(host_vanilla, PMoDConfig(shift=0.5, string=string))
@@ -560,7 +560,7 @@ def test_demo_cli_prints_per_layer_table():
 def test_beam_search_and_gradient_checkpointing(host, host_vanilla):
     model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
     random_routers(model)
-    inputs = host.inputs(sizes=[(64, 48), (96, 96)])
+    inputs = host.inputs(sizes=[(64, 48), (160, 160)])
     with torch.no_grad():  # beam search reorders the per-layer caches (and their validity masks)
         out = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
         hidden = model(**inputs, output_hidden_states=True).hidden_states

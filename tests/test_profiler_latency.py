@@ -20,10 +20,12 @@ from pmod_bench.profiler.render import format_table
 
 
 class Scripted(torch.nn.Module):
-    """A 'model' whose prefill (the call with pixel_values) sleeps for the next scripted time."""
+    """A 'model' whose prefill (the call with pixel_values) sleeps for the next scripted time (a LLaVA config, so its
+    host adapter adds no decode inputs)."""
 
     def __init__(self, name: str, prefill_s: list[float], calls: list[str]):
         super().__init__()
+        self.config = SimpleNamespace(model_type="llava")
         self.name, self.times, self.calls = name, list(prefill_s), calls
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, past_key_values=None, **kw):

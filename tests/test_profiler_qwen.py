@@ -208,8 +208,8 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--min-pixels", "0"], "--min-pixels must be a whole number of pixels >= 1"),
     (["--min-pixels", "2000000"], "min <= max"),
     (["--arch", "llava-next-7b", "--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
-    (["--method", "fastv"], "host adapter"),
-    (["--latency"], "--no-latency"),
+    (["--method", "visionzip"], "vision-stage methods come with the next issue"),
+    (["--method", "fastv", "--latency"], "--device cuda"),
     (["--image-size", "30000x100"], "aspect ratio"),
     (["--arch", "qwen2.5-vl-7bb"], "Did you mean 'qwen2.5-vl-7b'"),
 ])
@@ -221,3 +221,104 @@ def test_cli_bad_flags_one_line(argv, needle, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pmod-bench profile: error:") and needle in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ in-LLM methods and latency
+IN_LLM = ("fastv", "pyramiddrop", "sparsevlm", "random_llm")
+
+
+def test_in_llm_methods_match_pmod_05_on_7b(qwen7b):
+    """``--match p-MoD-0.5`` solves every in-LLM method on Qwen2.5-VL-7B within 1%, from the profiler's own vision
+    tokens (576 at 672x672, Qwen's merged grid, not a LLaVA tile); a vision-stage method refuses in one line."""
+    from pmod_bench.methods import MethodError, parse_method_spec, solve
+    from pmod_bench.methods.accounting import method_flops, target_value
+
+    target = target_value("p-MoD-0.5", qwen7b, (672, 672), 58, "prefill", "headline")
+    for spec in IN_LLM:
+        res = solve(spec, qwen7b, (672, 672), match="p-MoD-0.5")
+        assert res.rel_err <= 0.01 and res.target == target, (spec, res.rel_err)
+        f = method_flops(res.config, qwen7b, (672, 672), 58)
+        assert f.baseline_vision_tokens == 576 and len(f.layer_vision_tokens) == 28 and f.llm_prefill == res.achieved
+    fastv = method_flops(parse_method_spec("fastv:k=2,keep=0.5"), qwen7b, (672, 672), 58)
+    assert fastv.llm_extra == 2 * (58 + 576) * 3584  # the last token's attention row at layer 1 (28 heads x 128)
+    assert fastv.layer_vision_tokens == tuple([576, 576] + [288] * 26)
+    with pytest.raises(MethodError, match="vision-stage methods come with the next issue"):
+        solve("visionzip", qwen7b, (672, 672), match="p-MoD-0.5")
+
+
+@pytest.mark.parametrize("spec, rel", [("fastv:k=2,keep=0.5", 0), ("random_llm:k=2,keep=0.5", 0),
+                                       ("pyramiddrop:layers=2-4-6", 0), ("sparsevlm:layers=2-4-6", 1e-3)])
+def test_in_llm_method_analytic_equals_a_real_forward(spec, rel):
+    """FlopCounterMode over a real forward of the tiny Qwen2.5-VL with the method applied == the method's analytic
+    count (tower + merger + LLM at the kept lengths + the method's own products). SparseVLM's recycled-token merge
+    depends on the scores, so its count is checked to 0.1%."""
+    import torch
+
+    from pmod_bench.methods import apply_method, parse_method_spec
+    from pmod_bench.methods.accounting import method_flops
+    from pmod_bench.model.presets import build_preset, demo_image
+    from pmod_bench.profiler.counters import flop_counter
+
+    model, processor = build_preset("tiny-qwen2.5-vl", pmod=None)
+    a = load_arch("tiny-qwen2.5-vl")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    inputs = processor(images=[demo_image(90, 40)], text=[processor.apply_chat_template(msgs, add_generation_prompt=True)],
+                       return_tensors="pt")
+    V = int((inputs["input_ids"] == a.image_token_id).sum())
+    T = inputs["input_ids"].shape[1] - V
+    apply_method(model, spec)
+    with torch.no_grad(), flop_counter() as fc:
+        model(**inputs, logits_to_keep=1)
+    f = method_flops(parse_method_spec(spec), a, (90, 40), T, 1)
+    assert f.baseline_vision_tokens == V and min(f.layer_vision_tokens) < V
+    assert abs(f.vision + f.llm_prefill - fc.get_total_flops()) <= rel * fc.get_total_flops()
+
+
+def test_cli_match_table_and_meta_check(tmp_path, capsys):
+    """``pmod-bench profile --arch qwen2.5-vl-7b --method M --match p-MoD-0.5``: the table prints every method row at
+    the solved budget, each meta-counted by FlopCounterMode (kept lengths) within 1% of the analytic count."""
+    from pmod_bench.cli import main
+
+    js = tmp_path / "q.json"
+    argv = ["profile", "--arch", "qwen2.5-vl-7b", "--match", "p-MoD-0.5", "--no-latency", "--recipe", "none", "--json", str(js)]
+    for spec in IN_LLM:
+        argv += ["--method", spec]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {r["method"] or r["variant"]: r for r in json.loads(js.read_text())["rows"]}
+    assert set(IN_LLM) <= set(rows)
+    for spec in IN_LLM:
+        r = rows[spec]
+        assert r["flops_check_rel_err"] is not None and r["flops_check_rel_err"] <= 0.01
+        assert r["vision_tokens"] == 576 and 0.55 < r["tflops_ratio"] < 0.6
+        assert any(line.startswith(r["variant"] + " ") for line in out.splitlines()), r["variant"]
+
+
+@pytest.mark.slow
+def test_tiny_qwen_is_timed_on_cpu():
+    """Latency on Qwen2.5-VL: the tiny arch's baseline and p-MoD rows are timed on CPU (synthetic M-RoPE batch, decode
+    at the cached rope_deltas), the 7B is not (too large for the CPU), with the reason."""
+    from pmod_bench.profiler.core import Scenario, profile
+
+    rows = profile("tiny-qwen2.5-vl", ["baseline", "p-MoD-0.5"], [Scenario((64, 48), batch_size=2)], latency=True, device="cpu",
+                   dtype="float32", recipe=None, warmup=1, repeats=1)
+    assert all(r.prefill_latency_ms and r.prefill_latency_ms > 0 and r.decode_latency_ms_per_token for r in rows)
+    assert rows[1].latency_ratio is not None
+
+
+def test_one_family_key_for_the_geometry_and_request_tables():
+    """The profiler's geometry and the eval request builders are found by the family the host adapter names: a p-MoD
+    config finds its base family's entries; a family without an adapter (OneVision) keys on its own model_type."""
+    from pmod_bench.model.hosts import family_of
+    from pmod_bench.model.presets import preset_config
+    from pmod_bench.profiler.geometry import geometry_for_config
+    from pmod_bench.profiler.qwen import HOST
+    from pmod_bench.tasks.requests import QwenChatRequests, requests_of_type
+
+    pmod_cfg = preset_config("tiny-qwen2.5-vl", pmod={"shift": 0.5})
+    assert pmod_cfg.model_type == "pmod_qwen2_5_vl" and family_of(pmod_cfg) == family_of("qwen2_5_vl") == "qwen2_5_vl"
+    assert geometry_for_config(pmod_cfg) is HOST and requests_of_type(pmod_cfg.model_type)[1] is QwenChatRequests
+    assert family_of(preset_config("tiny-llava-onevision")) == "llava_onevision"
+    assert geometry_for_config(preset_config("tiny-llava-onevision")).label == "LLaVA-OneVision"
+    assert geometry_for_config(preset_config("tiny")) is None and family_of("pmod_llava_next") == "llava_next"
+    assert load_arch("tiny-qwen2.5-vl").family == "qwen2_5_vl"

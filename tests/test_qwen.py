@@ -185,5 +185,19 @@ def test_routing_record_grid_is_the_merged_patch_grid(vanilla):
     model = to_pmod(vanilla, PMoDConfig(shift=0.5))
     random_routers(model, seed=2)
     rec = routing_record(model, QWEN.processor, demo_image(64, 48))
-    assert rec["grid"] == [3, 4] and rec["vision_tokens"] == 12  # 48x64 px -> 6x8 patches of 8 px -> merged 3x4
+    # 48x64 px -> smart_resize to the min pixels (112x140) -> 8x10 patches of 14 px -> merged 4x5
+    assert rec["grid"] == [4, 5] and rec["vision_tokens"] == 20
     assert set(rec["layers"]) == {str(i) for i in model.pmod_layers}
+
+
+@pytest.mark.slow
+def test_demo_on_the_qwen_preset(capsys):
+    """`pmod-bench demo --preset tiny-qwen2.5-vl`: the per-layer table of the p-MoD Qwen, vision tokens as its adapter
+    finds them (64x48 px -> 20 merged patches)."""
+    from pmod_bench.cli import main
+
+    assert main(["demo", "--preset", "tiny-qwen2.5-vl", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny-qwen2.5-vl: 8 layers;") and "(20 vision," in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 8 and rows[0][2] == "20/20" and int(rows[-1][2].split("/")[0]) < 20

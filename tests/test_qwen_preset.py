@@ -167,8 +167,58 @@ def test_arch_presets_match_the_hub_models(name, params, vision, hub):
     assert sum(p.numel() for p in model.model.visual.parameters()) == vision
 
 
-def test_pmod_on_a_qwen_preset_names_what_to_do():
+@pytest.fixture(scope="module")
+def pmod_qwen():
+    from pmod_bench.model.loading import load_model
+    from pmod_bench.model.presets import random_routers
+
+    model, processor = load_model("tiny-qwen2.5-vl")
+    random_routers(model)  # routing that differs from the vanilla model, so the round trips compare real routing
+    return model, processor
+
+
+def test_load_model_gives_the_pmod_qwen_model(pmod_qwen):
+    """``load_model('tiny-qwen2.5-vl')`` is p-MoD (its default schedule: routers on the layers with ratio < 1)."""
+    model, processor = pmod_qwen
+    assert type(model).__name__ == "PMoDQwen2_5_VLForConditionalGeneration"
+    assert model.config.model_type == "pmod_qwen2_5_vl"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    ratios = model.config.layer_ratios()
+    assert len(ratios) == model.config.text_config.num_hidden_layers and min(ratios) < 1.0
+    assert sorted(model.pmod_layers) == [i for i, r in enumerate(ratios) if r < 1.0]
+
+
+@pytest.mark.parametrize("hub", [False, True], ids=["save_pretrained", "hub_layout"])
+def test_pmod_qwen_round_trips(pmod_qwen, tmp_path, hub):
+    """save_pretrained (or Qwen's hub layout) + from_pretrained / load_model give the same p-MoD model: class,
+    routers, logits and greedy generations identical."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from pmod_bench.model.loading import load_model
+    from pmod_bench.model.presets import save_qwen_hub_layout
+
+    model, processor = pmod_qwen
+    if hub:
+        save_qwen_hub_layout(model, processor, tmp_path)
+    else:
+        model.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "pmod_qwen2_5_vl"
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded, loaded_proc = load_model(str(tmp_path))
+    inputs = _inputs(loaded_proc)
+    for other in (auto, loaded):
+        assert type(other).__name__ == "PMoDQwen2_5_VLForConditionalGeneration"
+        assert other.config.layer_ratios() == model.config.layer_ratios()
+        for i, layer in model.pmod_layers.items():
+            assert torch.equal(layer.router.weight, other.pmod_layers[i].router.weight)
+        _same_model(model, other, inputs)
+
+
+def test_pmod_on_a_onevision_preset_names_the_missing_adapter():
     from pmod_bench.model.presets import build_preset
 
-    with pytest.raises(ValueError, match="pmod=None"):
-        build_preset("tiny-qwen2.5-vl")
+    with pytest.raises(ValueError, match=r"no(ne yet)?.*host adapter|host adapter for model_type 'llava_onevision'") as err:
+        build_preset("tiny-llava-onevision")
+    assert "pmod_bench/model/hosts" in str(err.value) and "\n" not in str(err.value)

@@ -82,6 +82,11 @@ class HostAdapter:
         plan.renumber = functools.partial(renumbered_rope, self.text_model(model).rotary_emb)
         yield
 
+    def decode_inputs(self, model, attention_mask) -> dict:
+        """Extra inputs of a hand-made decode step (one new token per row after a prefill, ``attention_mask`` over
+        everything so far): what ``generate`` would pass besides the cache. 1-D RoPE: none (positions from the cache)."""
+        return {}
+
     # ------------------------------------------------------------------------------- class map
     def pmod_config(self, config, pmod: dict):
         """The p-MoD config of a vanilla ``config`` (same fields, ``pmod`` = a PMoDConfig dict)."""
@@ -183,6 +188,16 @@ def host_for(obj: Any) -> HostAdapter:
     return _instance(cls)
 
 
+def family_of(obj: Any) -> Optional[str]:
+    """The host family of a model, config or ``model_type``: its adapter's vanilla ``model_type`` (``pmod_qwen2_5_vl``
+    -> ``qwen2_5_vl``), or, for a family without an adapter (LLaVA-OneVision), its own ``model_type``. The one place
+    a p-MoD type maps to its base family: the profiler's geometry table and the eval request table key on it."""
+    try:
+        return host_for(obj).model_type
+    except HostError:
+        return obj if isinstance(obj, str) else getattr(getattr(obj, "config", obj), "model_type", None)
+
+
 def supported_hosts() -> list[type]:
     """Every registered adapter class, once each, in model_type order."""
     seen: dict[str, type] = {}
@@ -196,4 +211,4 @@ def is_pmod_model_type(model_type: str) -> bool:
     return cls is not None and cls.pmod_model_type == model_type
 
 
-__all__ = ["HostAdapter", "HostError", "HOSTS", "host_for", "supported_hosts", "is_pmod_model_type"]
+__all__ = ["HostAdapter", "HostError", "HOSTS", "host_for", "family_of", "supported_hosts", "is_pmod_model_type"]

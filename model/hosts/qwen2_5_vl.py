@@ -168,6 +168,12 @@ class Qwen2_5_VLHost(HostAdapter):
             raise contract_error(f"Qwen2.5-VL layer types {sorted(kinds)}: p-MoD layers need full attention "
                                  "(text_config.use_sliding_window=False)")
 
+    def decode_inputs(self, model, attention_mask) -> dict:
+        """M-RoPE decode positions as ``generate`` passes them: the text position + the cached ``rope_deltas`` on the
+        three rows (transformers 5.25's forward would recompute them over the whole mask)."""
+        text = (attention_mask.long().cumsum(-1) - 1)[:, -1:]  # (B, 1)
+        return {"position_ids": (text + model.model.rope_deltas)[None].expand(3, -1, -1)}
+
     def method_geometry(self, config) -> dict:
         v, t = config.vision_config, config.text_config
         return dict(patches_per_side=0, vision_layers=v.depth, feature_layer=-1, text_layers=t.num_hidden_layers,

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         "image plus a question, and prints each layer's retention ratio, tokens processed and KV-cache entries beside "
         "the vanilla model with the same weights.",
     )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-llava"], help="architecture preset (default: tiny)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-llava", "tiny-qwen2.5-vl"],
+                   help="architecture preset: LLaVA-NeXT, LLaVA-1.5 or Qwen2.5-VL (default: tiny)")
     p.add_argument("--shift", type=float, default=0.5, help="shift factor delta of the schedule (default: 0.5)")
     p.add_argument("--schedule", default="cosine", help="cosine (PRD), linear, constant, interleaved, stepped")
     p.add_argument("--image-size", default="64x48", help="WIDTHxHEIGHT of the generated image (default: 64x48)")
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pmod_bench.model.cache import kv_cache_entries, output_cache
+    from pmod_bench.model.hosts import host_for
     from pmod_bench.model.modeling import to_pmod
     from pmod_bench.model.presets import build_preset, demo_image, random_routers
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=demo_image(w, h), text=prompt, return_tensors="pt")
     n_total = inputs["input_ids"].shape[1]
-    n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_vision = int(host_for(model).vision_mask(model.config, inputs["input_ids"]).sum())
 
     with torch.no_grad():
         base_out = vanilla(**inputs, use_cache=True)

@@ -30,7 +30,8 @@ from typing import Any, Optional, Union
 
 from pmod_bench.profiler.scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
 
-from .base import MethodConfig, MethodError, ModelGeometry, parse_method_spec
+from .base import MethodConfig, MethodError, parse_method_spec
+from .geometry import checked_geometry
 from .flops import MethodFlops, method_account, tower_flops  # noqa: F401  (re-exported)
 
 #: the solver's default relative tolerance
@@ -159,8 +160,7 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
         variant = parse_variant(match)
         target = target_value(variant, arch, image_size, text_tokens, metric, convention, logits_tokens)
         label, target_pmod = str(match), variant.describe()["pmod"]
-    geometry = ModelGeometry.from_config(arch.config)
-    cfg.check_model(geometry)
+    geometry = checked_geometry(cfg, arch.config)
     best: Optional[tuple[float, MethodConfig, float]] = None
     values = []
     scored = []

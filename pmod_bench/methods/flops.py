@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .geometry import ModelGeometry, VisionAccount
+from .geometry import ModelGeometry, VisionAccount, checked_geometry
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ def method_account(cfg, arch, image_size: tuple[int, int]) -> tuple[ModelGeometr
     """(geometry, the method's account of one image, the baseline's vision tokens) on ``arch`` at (width, height)."""
     from pmod_bench.profiler.arch import vision_layout
 
-    geometry = ModelGeometry.from_config(arch.config)
-    cfg.check_model(geometry)
+    geometry = checked_geometry(cfg, arch.config)
     layout = vision_layout(arch, image_size)
     acc = cfg.account(geometry, layout.tiles, _image_hw(image_size), arch.config)
     return geometry, acc, layout.vision_tokens
@@ -94,8 +93,8 @@ def llm_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, l
     from pmod_bench.profiler.arch import vision_layout
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
 
-    cfg.check_model(ModelGeometry.from_config(arch.config))
-    layout = vision_layout(arch, image_size)
+    checked_geometry(cfg, arch.config)
+    layout = vision_layout(arch, image_size)  # the profiler's vision tokens of the host (LLaVA tiles, Qwen's merged grid)
     V, t = layout.vision_tokens, arch.text
     kept = cfg.layer_vision_tokens(t.layers, V)
     extra = cfg.extra_flops(t, text_tokens, V)

@@ -53,6 +53,23 @@ class ModelGeometry:
         return cls(**{**fields, "feature_layer": int(layer)})
 
 
+def checked_geometry(cfg: Any, config: Any) -> ModelGeometry:
+    """The :class:`ModelGeometry` of an HF ``config`` after method ``cfg`` has checked it can run there: on the family
+    (``cfg.check_host``, read through the config's host adapter: a vision-stage method on Qwen2.5-VL refuses in one
+    line) and on the geometry (``cfg.check_model``). The accounting and the ``--match`` solver start here, as
+    ``apply_method`` does on a model."""
+    from pmod_bench.model.hosts import HostError, host_for
+
+    try:
+        host = host_for(config)
+    except HostError as exc:
+        raise MethodError(str(exc)) from None
+    cfg.check_host(host)
+    geometry = ModelGeometry.from_config(config)
+    cfg.check_model(geometry)
+    return geometry
+
+
 @dataclass(frozen=True)
 class VisionAccount:
     """The vision side of one image under a method, for the analytic FLOPs (2 per multiply-add, matmuls only)."""
@@ -73,4 +90,4 @@ class VisionAccount:
 
 
 
-__all__ = ["MethodError", "ModelGeometry", "VisionAccount"]
+__all__ = ["MethodError", "ModelGeometry", "VisionAccount", "checked_geometry"]

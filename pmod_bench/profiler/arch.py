@@ -2,7 +2,7 @@
 
 An :class:`Arch` holds the shapes that FLOPs and KV-cache accounting need (taken from an HF
 ``LlavaConfig`` / ``LlavaNextConfig``, or their p-MoD subclasses, or another host's config through its
-:class:`~.hosts.Host`: ``Qwen2_5_VLConfig`` (:mod:`.qwen`), ``LlavaOnevisionConfig`` (:mod:`.onevision`))
+:class:`~.geometry.HostGeometry`: ``Qwen2_5_VLConfig`` (:mod:`.qwen`), ``LlavaOnevisionConfig`` (:mod:`.onevision`))
 plus the HF config itself, so the
 same architecture can be built on the meta device (FLOP counting without weights) or with random
 weights (latency). Sources (:func:`load_arch`): a preset name (``pmod_bench.model.presets``), a
@@ -19,7 +19,7 @@ unpad and anyres_max_9 code (:mod:`.onevision`): 672x672 -> 3,699. A prompt of s
 from __future__ import annotations
 
 from .errors import ProfileError
-from .hosts import Host, host_for_config, host_of
+from .geometry import HostGeometry, geometry_for_config, geometry_of
 
 import dataclasses
 import difflib
@@ -142,7 +142,7 @@ class Arch:
 
     @property
     def projector_params(self) -> int:
-        host = host_of(self.family)
+        host = geometry_of(self.family)
         own = host.projector_params(self) if host else None
         if own is not None:
             return own
@@ -150,7 +150,7 @@ class Arch:
 
     @property
     def llm_params(self) -> int:
-        host = host_of(self.family)
+        host = geometry_of(self.family)
         tied = host.tied_embeddings(self.config) if host else None
         if tied is None:
             tied = getattr(getattr(self.config, "text_config", None), "tie_word_embeddings", False)
@@ -165,12 +165,12 @@ class Arch:
 
     @property
     def anyres(self) -> bool:
-        """LLaVA-NeXT's anyres tiling (hosts with their own geometry, :mod:`.hosts`, lay their images out themselves)."""
-        return host_of(self.family) is None and self.host.anyres
+        """LLaVA-NeXT's anyres tiling (hosts with their own geometry, :mod:`.geometry`, lay their images out themselves)."""
+        return geometry_of(self.family) is None and self.host.anyres
 
     def vanilla_config(self):
         """The HF config without p-MoD fields (a fresh copy)."""
-        own = host_of(self.family)  # Qwen2.5-VL / LLaVA-OneVision configs have no p-MoD fields to drop here
+        own = geometry_of(self.family)  # Qwen2.5-VL / LLaVA-OneVision configs have no p-MoD fields to drop here
         cfg = type(self.config).from_dict(self.config.to_dict()) if own is not None else self.host.vanilla_config(self.config)
         cfg._attn_implementation = "sdpa"
         return cfg
@@ -318,10 +318,10 @@ def _check_config_json(name: str, path: Path) -> None:
 
 def arch_from_config(name: str, cfg: Any) -> Arch:
     """Read the shapes the profiler needs from a host's config (p-MoD or vanilla): LLaVA-1.5 / LLaVA-NeXT through their
-    host adapters (:mod:`pmod_bench.model.hosts`), Qwen2.5-VL and LLaVA-OneVision through their geometry (:mod:`.hosts`)."""
+    host adapters (:mod:`pmod_bench.model.hosts`), Qwen2.5-VL and LLaVA-OneVision through their geometry (:mod:`.geometry`)."""
     from pmod_bench.model.hosts import HostError, host_for
 
-    own = host_for_config(cfg)
+    own = geometry_for_config(cfg)
     if own is not None:
         return own.arch(name, cfg)
     try:
@@ -444,9 +444,9 @@ def with_pixels(arch: Arch, min_pixels: Any = None, max_pixels: Any = None) -> A
     """``arch`` with its processor's pixel range changed (``--min-pixels`` / ``--max-pixels``: Qwen2.5-VL's resize)."""
     if min_pixels is None and max_pixels is None:
         return arch
-    own = host_of(arch.family)
+    own = geometry_of(arch.family)
     if own is None:
-        return Host().with_pixels(arch, min_pixels, max_pixels)  # refuses in one line
+        return HostGeometry().with_pixels(arch, min_pixels, max_pixels)  # refuses in one line
     return own.with_pixels(arch, min_pixels, max_pixels)
 
 
@@ -457,11 +457,11 @@ def check_images(images: int) -> None:
 
 def vision_layout(arch: Arch, image_size: tuple[int, int], images: int = 1, video: Any = None) -> VisionLayout:
     """Vision tokens of ``images`` images of ``image_size`` in one prompt (:func:`image_layout` for each, or the
-    host's own rule, :meth:`.hosts.Host.layout`: LLaVA-OneVision reads each of several images as one tile), or of one
-    ``video`` (a :class:`~.video.Video`) of frames of ``image_size`` (:meth:`.hosts.Host.video_layout`)."""
+    host's own rule, :meth:`.geometry.HostGeometry.layout`: LLaVA-OneVision reads each of several images as one tile), or of one
+    ``video`` (a :class:`~.video.Video`) of frames of ``image_size`` (:meth:`.geometry.HostGeometry.video_layout`)."""
     check_image_size(image_size)
     check_images(images)
-    host = host_of(arch.family)
+    host = geometry_of(arch.family)
     if video is not None:
         if images != 1:
             raise ArchError(f"a prompt holds one video here; drop --images {images} (or profile the images on their own).")

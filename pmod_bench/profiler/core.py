@@ -15,7 +15,7 @@ from .arch import Arch, check_image_size, check_images, load_arch, vision_layout
 from .errors import ProfileError
 from .flops import llm_decode_mean, llm_prefill_flops, paper_prefill_flops, train_flops, vision_flops
 from .hardware import Hardware, detect_hardware, get_hardware
-from .hosts import host_of
+from .geometry import geometry_of
 from .kvcache import dtype_bytes, kv_cache
 from .paper import is_paper_scenario
 from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
@@ -270,7 +270,7 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
     for v in out:  # validate against this arch (explicit ratios must match the layer count)
         v.kept_vision_tokens(arch.text.layers, 1)
     methods = [v.name for v in out if v.is_method]
-    host = host_of(arch.family)
+    host = geometry_of(arch.family)
     if host is not None and host.pending and methods:
         raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.pending}; "
                            f"profile the baseline and p-MoD variants of {arch.name} for now.")
@@ -285,7 +285,7 @@ def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: 
     cuda = device.startswith("cuda")
     if latency in (False, "off", "no", "false"):
         return False, "not measured (--no-latency)"
-    host = host_of(arch.family)
+    host = geometry_of(arch.family)
     if host is not None and host.pending and latency in ("auto", True, "on", "yes", "true"):
         if latency != "auto":
             raise ProfileError(f"timing {arch.name} needs the p-MoD {host.label} model, which comes with {host.pending}; "

@@ -7,7 +7,7 @@
   ``post_attention_layernorm``, ``mlp``: exactly what the p-MoD layer calls on its processed set)
   run on a meta input of the processed length ``|P_l|`` that routing yields, plus a router
   Linear(d, 1) over all N tokens on routed layers, the vision tower and projector on the image's
-  tiles (another host's own tower: :meth:`.hosts.Host.vision_meta`, e.g. Qwen2.5-VL's blocks on HF's own full /
+  tiles (another host's own tower: :meth:`.geometry.HostGeometry.vision_meta`, e.g. Qwen2.5-VL's blocks on HF's own full /
   window attention segments and its patch merger, :func:`.qwen.vision_tower_meta`), and the lm_head on the positions
   whose logits are computed.
 * :func:`count_flops_model` -- ``FlopCounterMode`` over a **real forward** of a (small) model with
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .arch import Arch, vision_layout
-from .hosts import host_of
+from .geometry import geometry_of
 from .variants import Variant
 
 
@@ -201,7 +201,7 @@ def count_flops_meta(
     with torch.no_grad():
         key = (id(model), layout.tiles, layout.patches, layout.images, layout.temporal, B)
         if key not in _VISION_CACHE:
-            host = host_of(arch.family)
+            host = geometry_of(arch.family)
             own = host.vision_meta(model, arch, layout, B, flop_counter) if host else None
             if own is not None:
                 encoder, projector = own

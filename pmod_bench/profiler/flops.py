@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Optional, Sequence
 
 from .arch import Arch, TextDims, VisionLayout
-from .hosts import host_of
+from .geometry import geometry_of
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,9 @@ def llm_decode_mean(text: TextDims, prefill_entries: Sequence[int], steps: int) 
 
 def vision_flops(arch: Arch, layout: VisionLayout) -> VisionFlops:
     """CLIP tower over every tile + the mlp2x_gelu projector, per sample (all its images; another host's own tower:
-    :meth:`.hosts.Host.vision_flops`, e.g. :func:`.qwen.vision_tower_flops`)."""
+    :meth:`.geometry.HostGeometry.vision_flops`, e.g. :func:`.qwen.vision_tower_flops`)."""
     v = arch.vision
-    host = host_of(arch.family)
+    host = geometry_of(arch.family)
     own = host.vision_flops(arch, layout) if host else None
     if own is not None:
         return VisionFlops(*own)

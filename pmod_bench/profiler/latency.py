@@ -96,9 +96,11 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
     """One prefill + ``steps`` decode steps; returns (prefill ms, [decode ms])."""
     from pmod_bench.model.cache import output_cache
     from pmod_bench.model.compat import cache_kwargs
+    from pmod_bench.model.hosts import host_for
 
     import torch
 
+    host = host_for(model)
     t0 = timer.start() if timer else None
     out = model(**batch, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
@@ -110,7 +112,8 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         t0 = timer.start() if timer else None
-        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), **host.decode_inputs(model, mask),
+                    use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         if timer:
             decode_ms.append(timer.stop(t0))

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .arch import Arch, vision_layout
-from .hosts import host_of
+from .geometry import geometry_of
 from .variants import Variant
 
 
 # ---------------------------------------------------------------------------------------- building
 def _model_class(arch: Arch):
     """The vanilla HF class of ``arch``'s family."""
-    own = host_of(arch.family)
+    own = geometry_of(arch.family)
     return own.transformers_class() if own is not None else arch.host.vanilla_class
 
 
@@ -80,49 +80,60 @@ def sample_layout(arch: Arch, sample: Sample) -> tuple[int, int]:
     return v, v + sample.text_tokens
 
 
+#: config fields of token ids that random text must not hold (they mark vision inputs)
+_VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "vision_start_token_id",
+                     "vision_end_token_id")
+
+
+def _llava_pixels(arch: Arch, each: list, g, dtype) -> dict[str, Any]:
+    """LLaVA-1.5 (one tile each) / LLaVA-NeXT (anyres tiles + image_sizes) pixel inputs of images ``each``."""
+    import torch
+
+    size = arch.vision.image_size
+    if arch.anyres:
+        tiles = [vision_layout(arch, s).tiles for s in each]
+        pixel_values = torch.randn((len(each), max(tiles), arch.vision.channels, size, size), generator=g).to(dtype)
+        image_sizes = torch.tensor([[s[1], s[0]] for s in each], dtype=torch.long)  # (H, W)
+        return {"pixel_values": pixel_values, "image_sizes": image_sizes}
+    return {"pixel_values": torch.randn((len(each), arch.vision.channels, size, size), generator=g).to(dtype)}
+
+
 def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", dtype=None, seed: int = 0) -> dict[str, Any]:
-    """Model inputs for ``samples``: input_ids with the image placeholders, pixel_values, image_sizes.
+    """Model inputs for ``samples``: input_ids with the image placeholders and the host's pixel inputs.
 
     The images sit after two thirds of the text (system prompt + "USER:"), one placeholder block each, the
     rest follows them (the question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded
-    (pad id 0, mask 0); pixel_values hold every image of every sample, in order.
-    The model checks that the placeholders match the features it computes, so a wrong vision-token
-    count fails loudly here.
+    (pad id 0, mask 0); the pixel inputs hold every image of every sample, in order, in the host's layout
+    (LLaVA: pixel_values [+ image_sizes]; other families: :meth:`.geometry.HostGeometry.pixel_inputs`). Random text holds no
+    vision token id. The model checks that the placeholders match the features it computes, so a wrong
+    vision-token count fails loudly here.
     """
     import torch
 
     g = torch.Generator().manual_seed(seed)
     cfg = arch.config
-    vocab = arch.text.vocab
     img = arch.image_token_id
+    reserved = torch.tensor(sorted({int(getattr(cfg, f)) for f in _VISION_ID_FIELDS if getattr(cfg, f, None) is not None}))
     pad = getattr(cfg.text_config, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
     rows = []
     for s in samples:
         v = vision_layout(arch, s.image_size).vision_tokens  # one image's placeholders, repeated per image
         pre = (2 * s.text_tokens) // 3
-        post = s.text_tokens - pre
-        text = torch.randint(3, vocab, (s.text_tokens,), generator=g)
-        text = torch.where(text == img, torch.full_like(text, 3), text)
+        text = torch.randint(3, arch.text.vocab, (s.text_tokens,), generator=g)
+        text = torch.where(torch.isin(text, reserved), torch.full_like(text, 3), text)
         rows.append(torch.cat([text[:pre], torch.full((v * s.images,), img, dtype=torch.long), text[pre:]]))
-        assert post >= 0
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, n - len(r):] = r
         mask[i, n - len(r):] = 1
-    size = arch.vision.image_size
     fdtype = dtype or torch.float32
-    each = [s for s in samples for _ in range(s.images)]  # one entry per image, sample by sample
-    if arch.anyres:
-        tiles = [vision_layout(arch, s.image_size).tiles for s in each]
-        pixel_values = torch.randn((len(each), max(tiles), arch.vision.channels, size, size), generator=g).to(fdtype)
-        image_sizes = torch.tensor([[s.image_size[1], s.image_size[0]] for s in each], dtype=torch.long)  # (H, W)
-        batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": image_sizes}
-    else:
-        pixel_values = torch.randn((len(each), arch.vision.channels, size, size), generator=g).to(fdtype)
-        batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    each = [s.image_size for s in samples for _ in range(s.images)]  # one entry per image, sample by sample
+    own = geometry_of(arch.family)
+    pixels = own.pixel_inputs(arch, each, ids, g, fdtype) if own is not None else _llava_pixels(arch, each, g, fdtype)
+    batch = {"input_ids": ids, "attention_mask": mask, **pixels}
     return {k: t.to(device) for k, t in batch.items()}
 
 

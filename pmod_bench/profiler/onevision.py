@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arch import GATED_MLP_TEXT_MODELS, Arch, ArchError, TextDims, VisionDims, VisionLayout
-from .hosts import Host
+from .geometry import HostGeometry
 
 #: ``Arch.family`` of LLaVA-OneVision architectures (the HF ``model_type``)
 ONEVISION_FAMILY = "llava_onevision"
@@ -58,10 +58,9 @@ class SiglipDims(VisionDims):
         return self.layers * per_layer + embed + 2 * d  # + post LayerNorm
 
 
-class OneVisionHost(Host):
+class OneVisionHost(HostGeometry):
     family = ONEVISION_FAMILY
     label = "LLaVA-OneVision"
-    config_class = "LlavaOnevisionConfig"
     model_class = "LlavaOnevisionForConditionalGeneration"
 
     def arch(self, name: str, cfg: Any) -> Arch:

@@ -27,8 +27,8 @@ one grid through the tower (attention within the pair; windows within it): token
 tower and merger FLOPs = pairs x one image's of the resized frame. 32 frames of 640x360: 16 x 13x23 = 4,784 tokens.
 
 Hub configs: ``pmod_bench.model.presets.QWEN2_5_VL_HUB`` (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). This module
-imports only :mod:`.errors` and :mod:`.hosts` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
-its :class:`~.hosts.Host`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
+imports only :mod:`.errors` and :mod:`.geometry` at import time (and :mod:`.arch` inside its methods); the profiler reaches it through
+its :class:`~.geometry.HostGeometry`, :data:`HOST`. Several images in one prompt: each is resized on its own and its patches attend
 within the image (HF's ``cu_seqlens`` per image), so tokens and vision FLOPs add up image by image.
 """
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ProfileError
-from .hosts import Host
+from .geometry import HostGeometry
 
 #: ``Arch.family`` of Qwen2.5-VL architectures (the HF ``model_type``)
 QWEN_FAMILY = "qwen2_5_vl"
@@ -246,11 +246,12 @@ def vision_tower_meta(visual: Any, v: QwenVisionDims, grid: QwenGrid, images: in
     return tower, fc.get_total_flops()
 
 
-class QwenHost(Host):
+class QwenHost(HostGeometry):
     family = QWEN_FAMILY
     label = "Qwen2.5-VL"
     config_class = "Qwen2_5_VLConfig"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    pending = None
 
     def arch(self, name: str, cfg: Any):
         """A Qwen2 decoder (GQA, q/k/v biases; its attention's head_dim is hidden / heads) and this module's tower."""
@@ -306,6 +307,19 @@ class QwenHost(Host):
 
     def projector_params(self, arch: Any) -> int:
         return arch.vision.merger_params
+
+    def pixel_inputs(self, arch: Any, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """Qwen's processor layout: ``pixel_values`` (patches of all images, C x temporal x patch x patch each),
+        ``image_grid_thw`` ([1, h, w] patches per image) and ``mm_token_type_ids`` (1 on the image tokens: M-RoPE)."""
+        import torch
+
+        v = arch.vision
+        grids = [resize(v, size).patches for size in images]
+        per_patch = v.channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.randn((sum(h * w for h, w in grids), per_patch), generator=generator).to(dtype)
+        thw = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.long)
+        mm = (input_ids == arch.image_token_id).long()
+        return {"pixel_values": pixels, "image_grid_thw": thw, "mm_token_type_ids": mm}
 
     def tied_embeddings(self, cfg: Any) -> bool:
         return bool(getattr(cfg, "tie_word_embeddings", False))  # at the top level (3B)

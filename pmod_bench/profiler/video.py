@@ -2,7 +2,7 @@
 
 A :class:`Video` is what the user asks for (``pmod-bench profile --frames N`` or ``--duration S [--fps F]
 [--max-frames M]``, each frame ``--frame-size WxH``); each host turns it into the frames its model sees and their
-vision tokens (:meth:`.hosts.Host.video_layout`):
+vision tokens (:meth:`.geometry.HostGeometry.video_layout`):
 
 * ``--frames N``: the model sees N frames, whatever read them (a frame list handed to the processor);
 * ``--duration S``: the frames lmms-eval 0.7.3's own model class reads of an S-second clip.

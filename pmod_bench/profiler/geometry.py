@@ -1,16 +1,21 @@
-"""Host geometry: what the profiler asks of a host family other than LLaVA-1.5 / LLaVA-NeXT.
+"""Host geometry: what the profiler asks of a host family other than LLaVA-1.5 / LLaVA-NeXT (vision tokens, tower FLOPs).
+
+Not the model's host adapter (:mod:`pmod_bench.model.hosts`: layers, positions, p-MoD classes) nor the eval request
+builders (:mod:`pmod_bench.tasks.requests`); all three are keyed by the family the adapter names
+(:func:`pmod_bench.model.hosts.family_of`: a ``pmod_*`` model_type is its base family).
 
 LLaVA's CLIP tiles and mlp2x_gelu projector are the profiler's own path (:mod:`.arch`, :mod:`.flops`,
-:mod:`.counters`). Every other host family answers the same few questions through one :class:`Host` object,
-found by :func:`host_of` (an architecture's family) or :func:`host_for_config` (an HF config), so no module tests
+:mod:`.counters`). Every other host family answers the same few questions through one :class:`HostGeometry` object,
+found by :func:`geometry_of` (an architecture's family) or :func:`geometry_for_config` (an HF config), so no module tests
 family names:
 
-* :meth:`Host.arch`: the :class:`~.arch.Arch` of an HF config (its LLM as :class:`~.arch.TextDims`, its tower);
-* :meth:`Host.layout`: how one image becomes vision tokens (the host's own transformers helpers);
-* :meth:`Host.video_layout`: how one video (:class:`~.video.Video`) becomes frames and vision tokens;
-* :meth:`Host.vision_flops` / :meth:`Host.vision_meta`: its vision tower and projector, analytic and counted by
+* :meth:`HostGeometry.arch`: the :class:`~.arch.Arch` of an HF config (its LLM as :class:`~.arch.TextDims`, its tower);
+* :meth:`HostGeometry.layout`: how one image becomes vision tokens (the host's own transformers helpers);
+* :meth:`HostGeometry.video_layout`: how one video (:class:`~.video.Video`) becomes frames and vision tokens;
+* :meth:`HostGeometry.vision_flops` / :meth:`HostGeometry.vision_meta`: its vision tower and projector, analytic and counted by
   FlopCounterMode on the meta device (None: the tower is a plain ViT over square tiles, counted by the LLaVA path);
-* :meth:`Host.projector_params` / :meth:`Host.tied_embeddings`: where its parameter count differs from LLaVA's.
+* :meth:`HostGeometry.pixel_inputs`: random pixels in the model's own input layout (latency timing);
+* :meth:`HostGeometry.projector_params` / :meth:`HostGeometry.tied_embeddings`: where its parameter count differs from LLaVA's.
 
 Hosts: Qwen2.5-VL (:mod:`.qwen`), LLaVA-OneVision (:mod:`.onevision`). Registered by ``"module:object"`` and
 imported on first use; this module imports nothing else of the profiler.
@@ -23,24 +28,22 @@ from typing import Any, Callable, Optional
 
 from .errors import ProfileError
 
-#: family (``Arch.family``, the HF model_type) -> "module:object" of its :class:`Host`
-HOSTS = {
+#: family (``Arch.family``: the host adapter's vanilla model_type) -> "module:object" of its :class:`HostGeometry`
+GEOMETRIES = {
     "qwen2_5_vl": "pmod_bench.profiler.qwen:HOST",
     "llava_onevision": "pmod_bench.profiler.onevision:HOST",
 }
 
 
-class Host:
+class HostGeometry:
     """One host family's geometry (subclass per family; see the module docstring)."""
 
     family: str = ""
     label: str = ""
     """the family's name in messages (Qwen2.5-VL)"""
-    config_class: str = ""
-    """the transformers config class its checkpoints load as (subclasses count: a p-MoD config of the family)"""
     model_class: str = ""
     """the transformers class of its vanilla model (built on the meta device for counting)"""
-    pending: Optional[str] = "its host adapter (issue 22)"
+    pending: Optional[str] = "its host adapter (pmod_bench/model/hosts), which pmod-bench does not have yet"
     """what brings its p-MoD model, which latency and comparison methods need (None: they run)"""
 
     def arch(self, name: str, cfg: Any):
@@ -68,6 +71,12 @@ class Host:
     def projector_params(self, arch: Any) -> Optional[int]:
         return None
 
+    def pixel_inputs(self, arch: Any, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """The model inputs besides input_ids / attention_mask for random pixels of ``images`` (one (w, h) per image,
+        sample by sample) in ``input_ids`` (what latency timing feeds a random-weight model)."""
+        raise ProfileError(f"{arch.name}: timing {self.label} needs its p-MoD model, which comes with {self.pending}; "
+                           "use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
+
     def with_pixels(self, arch: Any, min_pixels: Any, max_pixels: Any) -> Any:
         """``arch`` with its processor's pixel range changed; only hosts that resize to a pixel budget have one."""
         raise ProfileError(f"--min-pixels / --max-pixels set Qwen2.5-VL's resize range; {arch.name} is a {arch.family} "
@@ -83,24 +92,23 @@ class Host:
         return getattr(transformers, getattr(self, which))
 
 
-def _load(spec: str) -> Host:
+def _load(spec: str) -> HostGeometry:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def host_of(family: str) -> Optional[Host]:
-    """The :class:`Host` of an architecture family, or None for LLaVA-1.5 / LLaVA-NeXT (the profiler's own path)."""
-    spec = HOSTS.get(family)
+def geometry_of(family: str) -> Optional[HostGeometry]:
+    """The :class:`HostGeometry` of an architecture family, or None for LLaVA-1.5 / LLaVA-NeXT (the profiler's own path)."""
+    spec = GEOMETRIES.get(family)
     return _load(spec) if spec else None
 
 
-def host_for_config(cfg: Any) -> Optional[Host]:
-    """The :class:`Host` whose config class ``cfg`` is an instance of, or None."""
-    for spec in HOSTS.values():
-        host = _load(spec)
-        if isinstance(cfg, host.transformers_class("config_class")):
-            return host
-    return None
+def geometry_for_config(cfg: Any) -> Optional[HostGeometry]:
+    """The :class:`HostGeometry` of an HF config's family (vanilla or p-MoD, as the host adapter names it), or None."""
+    from pmod_bench.model.hosts import family_of
+
+    spec = GEOMETRIES.get(family_of(cfg))
+    return _load(spec) if spec else None
 
 
-__all__ = ["HOSTS", "Host", "host_of", "host_for_config"]
+__all__ = ["GEOMETRIES", "HostGeometry", "geometry_of", "geometry_for_config"]

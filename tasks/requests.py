@@ -1,7 +1,7 @@
 """How ``pmod_llava`` builds a request for each host family: the lmms-eval 0.7.3 model whose requests it reproduces.
 
-One class per host family, chosen from the loaded model's ``config.model_type`` in one table (:data:`HOSTS`,
-:func:`host_for`); the plugin (``tasks/plugin.py``) asks its host for the prompt, the processor call, the generate
+One class per host family, chosen in one table (:data:`REQUESTS`, :func:`requests_for`) by the family the model's
+host adapter names (:func:`pmod_bench.model.hosts.family_of`: a ``pmod_*`` model_type is its base family); the plugin (``tasks/plugin.py``) asks its host for the prompt, the processor call, the generate
 kwargs, the decoding and the box format of grounding answers, and nothing else in it asks which model it runs.
 
 ==================================  ======================================================================
@@ -312,28 +312,28 @@ class QwenChatRequests(HostRequests):
         return self.processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-#: model_type -> (host name, request builder); a p-MoD model's type is its host's with the ``pmod_`` prefix
-HOSTS: dict[str, tuple[str, type]] = {
-    "llava": ("llava", LlavaRequests), "pmod_llava": ("llava", LlavaRequests),
-    "llava_next": ("llava_next", LlavaRequests), "pmod_llava_next": ("llava_next", LlavaRequests),
-    "qwen2_5_vl": ("qwen2_5_vl", QwenChatRequests), "pmod_qwen2_5_vl": ("qwen2_5_vl", QwenChatRequests),
-}
+#: host family (the host adapter's vanilla model_type, :func:`pmod_bench.model.hosts.family_of`) -> request builder;
+#: a p-MoD model is found under its family through the adapter, never by its own ``pmod_*`` type
+REQUESTS: dict[str, type] = {"llava": LlavaRequests, "llava_next": LlavaRequests, "qwen2_5_vl": QwenChatRequests}
 
 
-def host_of_type(model_type: Optional[str]) -> tuple[str, type]:
-    """(host name, request builder) of a ``model_type``; ValueError names the supported ones."""
-    if model_type not in HOSTS:
-        raise ValueError(f"pmod_llava evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models (model_type "
-                         f"{', '.join(sorted(HOSTS))}); this one's is {model_type!r}")
-    return HOSTS[model_type]
+def requests_of_type(model_type: Optional[str]) -> tuple[str, type]:
+    """(host family, request builder) of a ``model_type`` (vanilla or p-MoD); ValueError names the supported ones."""
+    from pmod_bench.model.hosts import family_of
+
+    family = family_of(model_type) if model_type else None
+    if family not in REQUESTS:
+        raise ValueError(f"pmod_llava evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models (host families "
+                         f"{', '.join(sorted(REQUESTS))}, and their p-MoD forms); this one's model_type is {model_type!r}")
+    return family, REQUESTS[family]
 
 
-def host_for(model: Any, processor: Any, **options: Any) -> HostRequests:
-    """The request builder of a loaded model (by ``model.config.model_type``), built on its processor."""
-    name, cls = host_of_type(getattr(getattr(model, "config", None), "model_type", None))
+def requests_for(model: Any, processor: Any, **options: Any) -> HostRequests:
+    """The request builder of a loaded model (its host family, from ``model.config.model_type``), on its processor."""
+    name, cls = requests_of_type(getattr(getattr(model, "config", None), "model_type", None))
     foreign = sorted(k for k in options if k not in HostRequests.__init__.__code__.co_varnames and k not in cls.options)
     if foreign:
-        owners = sorted({h for h, c in HOSTS.values() if set(foreign) <= set(c.options)}) or ["no host"]
+        owners = sorted({h for h, c in REQUESTS.items() if set(foreign) <= set(c.options)}) or ["no host"]
         raise ValueError(f"pmod_llava: {', '.join(foreign)} (model_args of {', '.join(owners)} models) do not apply to this "
                          f"{name} model; leave them out")
     return cls(name, processor, **options)
@@ -355,5 +355,5 @@ def source_model_type(source: str) -> Optional[str]:
         return None
 
 
-__all__ = ["HOSTS", "HostRequests", "LlavaRequests", "QWEN_MAX_NUM_FRAMES", "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS",
-           "QwenChatRequests", "host_for", "host_of_type", "source_model_type"]
+__all__ = ["REQUESTS", "HostRequests", "LlavaRequests", "QWEN_MAX_NUM_FRAMES", "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS",
+           "QwenChatRequests", "requests_for", "requests_of_type", "source_model_type"]
