@@ -400,7 +400,15 @@ def _onevision_preset_config(name: str, pmod: Any, attn_implementation: Optional
     from transformers import LlavaOnevisionConfig
 
     kwargs = _tiny_onevision_config() if name == "tiny-llava-onevision" else llava_onevision_hub_config(name)
-    return _host_preset_config(name, pmod, attn_implementation, LlavaOnevisionConfig, kwargs, "LLaVA-OneVision")
+    if pmod is not None:  # the p-MoD config, through the host adapter (model/hosts/llava_onevision.py)
+        from .config import PMoDConfig
+        from .hosts import host_for
+
+        cfg = host_for("llava_onevision").pmod_config(LlavaOnevisionConfig(**kwargs), PMoDConfig.from_dict(pmod).to_dict())
+        if attn_implementation:
+            cfg._attn_implementation = attn_implementation
+        return cfg
+    return _host_preset_config(name, None, attn_implementation, LlavaOnevisionConfig, kwargs, "LLaVA-OneVision")
 
 
 # ------------------------------------------------------------------------------------- hub layouts

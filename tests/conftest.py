@@ -46,7 +46,7 @@ def tiny_vanilla():
 
 # ------------------------------------------------------------------------------------- three tiny hosts
 #: the host families every model, core-contract and in-LLM method test runs on (parametrised, not copied)
-TINY_HOSTS = ("llava", "llava_next", "qwen2_5_vl")
+TINY_HOSTS = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
 
 #: Qwen2.5-VL's chat template (its <|im_start|> turns; one <|vision_start|><|image_pad|><|vision_end|> per image)
 QWEN_TEMPLATE = (
@@ -107,6 +107,23 @@ def tiny_qwen(seed: int = 0, attn_implementation: str = "sdpa"):
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
+def tiny_onevision(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A vanilla LLaVA-OneVision with random weights (seed), fp32, eval: the ``tiny-llava-onevision`` preset's config
+    (SigLIP read in full, anyres_max_9 tiles, Qwen2 with GQA and q/k/v biases) with 8 text layers, so the in-LLM
+    methods' test specs (layers up to 6) fit."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from pmod_bench.model.presets import _tiny_onevision_config
+
+    kwargs = _tiny_onevision_config()
+    kwargs["text_config"] = dict(kwargs["text_config"], num_hidden_layers=8, max_window_layers=8)
+    cfg = LlavaOnevisionConfig(**kwargs)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
 @dataclass
 class TinyHost:
     """One tiny host family of the tests: its vanilla model (seed 0) and processor, built locally."""
@@ -115,6 +132,8 @@ class TinyHost:
 
     def build(self, seed: int = 0, attn_implementation: str = "sdpa"):
         """A fresh vanilla model (fp32, eval)."""
+        if self.name == "llava_onevision":
+            return tiny_onevision(seed, attn_implementation)
         if self.name == "qwen2_5_vl":
             return tiny_qwen(seed, attn_implementation)
         from pmod_bench.model.presets import build_preset
@@ -125,6 +144,10 @@ class TinyHost:
 
     @functools.cached_property
     def processor(self):
+        if self.name == "llava_onevision":
+            from pmod_bench.model.presets import preset_processor
+
+            return preset_processor("tiny-llava-onevision")
         if self.name == "qwen2_5_vl":
             return tiny_qwen_processor()
         from pmod_bench.model.presets import preset_processor
@@ -179,7 +202,7 @@ class TinyHost:
 
 @pytest.fixture(scope="session", params=TINY_HOSTS)
 def host(request) -> TinyHost:
-    """Each of the three tiny host families in turn."""
+    """Each of the tiny host families in turn."""
     return TinyHost(request.param)
 
 
