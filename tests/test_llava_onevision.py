@@ -41,7 +41,7 @@ def _two_image_batch():
     return proc(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
-def _prompt(batch, i):
+def _prompt(batch, i, config):
     """Sample ``i`` of :func:`_two_image_batch` alone (sample 0: images 0 and 1; sample 1: image 2), padding removed."""
     keep = batch["attention_mask"][i].bool()
     images = slice(0, 2) if i == 0 else slice(2, 3)
@@ -49,15 +49,14 @@ def _prompt(batch, i):
            "pixel_values": batch["pixel_values"][images], "image_sizes": batch["image_sizes"][images],
            "batch_num_images": batch["batch_num_images"][i:i + 1]}
     if i == 1:  # one image: its own anyres tiles only (the batch pads every image to the most tiles)
-        out["pixel_values"] = out["pixel_values"][:, :_tiles(batch["image_sizes"][2])]
+        out["pixel_values"] = out["pixel_values"][:, :_tiles(config, batch["image_sizes"][2])]
     return out
 
 
-def _tiles(image_size) -> int:
+def _tiles(config, image_size) -> int:
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    cfg = OV.build().config
-    return image_size_to_num_patches(image_size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    return image_size_to_num_patches(image_size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
 
 
 def test_classes_registered_and_routers_are_linear(vanilla):
@@ -177,7 +176,7 @@ def test_in_llm_methods_on_several_images_and_on_pmod(vanilla):
                     together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
                                               return_dict_in_generate=True)
                     for i in range(2):
-                        alone = model.generate(**_prompt(batch, i), max_new_tokens=3, do_sample=False,
+                        alone = model.generate(**_prompt(batch, i, model.config), max_new_tokens=3, do_sample=False,
                                                output_logits=True, return_dict_in_generate=True)
                         for a, b in zip(together.logits, alone.logits):
                             assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
