@@ -4,8 +4,9 @@ Sources, tried in this order::
 
     tiny | tiny-llava | llava-1.5-7b | ...     a preset (random weights, seed 0); "NAME:vanilla" = no p-MoD
     ./dir  (config.json model_type pmod_llava / pmod_llava_next /  a p-MoD checkpoint in HF layout
-            pmod_qwen2_5_vl)
-    ./dir  (model_type llava / llava_next / qwen2_5_vl)            a vanilla HF checkpoint of a supported family
+            pmod_qwen2_5_vl / pmod_llava_onevision)
+    ./dir  (model_type llava / llava_next / qwen2_5_vl /           a vanilla HF checkpoint of a supported family
+            llava_onevision)
     ./dir  (config.json with mm_vision_tower / mm_projector_type)  the original LLaVA / p-MoD layout:
                                                                   converted once into the cache (below)
     ORG/NAME                                                       a hub id: resolved with

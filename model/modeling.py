@@ -1,6 +1,6 @@
 """p-MoD models on HF transformers: ``to_pmod``, the p-MoD configs, registration with the Auto classes.
 
-The model classes of each family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) live with the family's host
+The model classes of each family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, LLaVA-OneVision) live with the family's host
 adapter (:mod:`pmod_bench.model.hosts`) and subclass HF's own, adding only what differs: a ``pmod``
 config field, decoder layers wrapped as sparse layers (:mod:`pmod_bench.model.layer`), and a forward
 that tells the layers where the vision tokens are (:mod:`pmod_bench.model.routed`). After ``import
@@ -20,6 +20,7 @@ from .hf_config import PMoDLlavaConfig, PMoDLlavaNextConfig  # noqa: F401  (publ
 from .hosts import host_for, supported_hosts
 from .hosts.llava import PMoDLlavaForConditionalGeneration  # noqa: F401  (public name)
 from .hosts.llava_next import PMoDLlavaNextForConditionalGeneration  # noqa: F401  (public name)
+from .hosts.llava_onevision import PMoDLlavaOnevisionConfig, PMoDLlavaOnevisionForConditionalGeneration  # noqa: F401  (public names)
 from .hosts.qwen2_5_vl import PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration  # noqa: F401  (public names)
 from .routed import PMoDModelMixin, RoutedForwardMixin, SparseModelMixin  # noqa: F401  (public names)
 
@@ -30,7 +31,7 @@ def pmod_config_from(config, pmod: Union[PMoDConfig, dict, None] = None):
 
 
 def to_pmod(model: nn.Module, pmod: Union[PMoDConfig, dict, None] = None, **changes: Any) -> nn.Module:
-    """Turn a vanilla HF model of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) into its p-MoD counterpart.
+    """Turn a vanilla HF model of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, LLaVA-OneVision) into its p-MoD counterpart.
 
     The decoder layers that the schedule routes become p-MoD layers; every weight is the vanilla
     model's own tensor (no copy) and the routers are zero-initialised, so the model computes what

@@ -33,6 +33,8 @@ _LAZY = {
     "PMoDLlavaNextForConditionalGeneration": "pmod_bench.model.modeling",
     "PMoDQwen2_5_VLConfig": "pmod_bench.model.modeling",
     "PMoDQwen2_5_VLForConditionalGeneration": "pmod_bench.model.modeling",
+    "PMoDLlavaOnevisionConfig": "pmod_bench.model.modeling",
+    "PMoDLlavaOnevisionForConditionalGeneration": "pmod_bench.model.modeling",
     "PMoDOverflowError": "pmod_bench.model.plan",
     "build_preset": "pmod_bench.model.presets",
     "preset_config": "pmod_bench.model.presets",

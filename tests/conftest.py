@@ -46,9 +46,27 @@ def tiny_vanilla():
 
 # ------------------------------------------------------------------------------------- three tiny hosts
 #: the host families every model, core-contract and in-LLM method test runs on (parametrised, not copied)
-TINY_HOSTS = ("llava", "llava_next", "qwen2_5_vl")
+TINY_HOSTS = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
 #: the tiny preset of each host family the model tests run on
-PRESET_OF_HOST = {"llava": "tiny-llava", "llava_next": "tiny", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+PRESET_OF_HOST = {"llava": "tiny-llava", "llava_next": "tiny", "qwen2_5_vl": "tiny-qwen2.5-vl",
+                  "llava_onevision": "tiny-llava-onevision"}
+
+
+def tiny_onevision(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A vanilla LLaVA-OneVision with random weights (seed), fp32, eval: the ``tiny-llava-onevision`` preset's config
+    (SigLIP read in full, anyres_max_9 tiles, Qwen2 with GQA and q/k/v biases) with 8 text layers, so the in-LLM
+    methods' test specs (layers up to 6) fit."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from pmod_bench.model.presets import _tiny_onevision_config
+
+    kwargs = _tiny_onevision_config()
+    kwargs["text_config"] = dict(kwargs["text_config"], num_hidden_layers=8, max_window_layers=8)
+    cfg = LlavaOnevisionConfig(**kwargs)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
 @dataclass
@@ -64,6 +82,8 @@ class TinyHost:
 
     def build(self, seed: int = 0, attn_implementation: str = "sdpa"):
         """A fresh vanilla model (fp32, eval)."""
+        if self.name == "llava_onevision":
+            return tiny_onevision(seed, attn_implementation)
         from pmod_bench.model.presets import build_preset
 
         model, _ = build_preset(self.preset, pmod=None, seed=seed, attn_implementation=attn_implementation)
@@ -121,7 +141,7 @@ class TinyHost:
 
 @pytest.fixture(scope="session", params=TINY_HOSTS)
 def host(request) -> TinyHost:
-    """Each of the three tiny host families in turn."""
+    """Each of the tiny host families in turn."""
     return TinyHost(request.param)
 
 

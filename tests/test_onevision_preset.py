@@ -184,12 +184,12 @@ def test_arch_presets_match_the_hub_models(name, params, vision, hub):
     assert sum(p.numel() for p in model.model.vision_tower.parameters()) == vision
 
 
-def test_pmod_on_a_onevision_preset_is_refused_in_one_line_and_vanilla_loads():
+def test_pmod_on_the_onevision_preset_comes_with_the_host_adapter_and_vanilla_loads():
     from pmod_bench.model.loading import load_model
     from pmod_bench.model.presets import build_preset
 
-    with pytest.raises(ValueError, match=r"host adapter .*load_model\('tiny-llava-onevision:vanilla'\)") as err:
-        build_preset("tiny-llava-onevision")
-    assert "\n" not in str(err.value)
+    model, _ = build_preset("tiny-llava-onevision")
+    assert type(model).__name__ == "PMoDLlavaOnevisionForConditionalGeneration" and model.pmod_layers
+    assert model.config.model_type == "pmod_llava_onevision" and model.config.vision_feature_select_strategy == "full"
     model, processor = load_model("tiny-llava-onevision:vanilla")
     assert (type(model).__name__, type(processor).__name__) == ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor")
