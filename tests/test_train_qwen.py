@@ -224,7 +224,7 @@ def test_demo_trains_resumes_and_loads(tmp_path, one_thread):
     args = ["train", "--demo", "--model", "tiny-qwen2.5-vl", "train.max_steps=12", "train.save_steps=6",
             "train.progress_bar=false"]
     assert main([*args, "-o", str(tmp_path / "A")]) == 0
-    assert main([*args, "-o", str(tmp_path / "B"), "train.stop_at_step=6"]) == 0
+    assert main([*args, "train.stop_at_step=6", "-o", str(tmp_path / "B")]) == 0
     assert json.loads((tmp_path / "B" / "train_summary.json").read_text())["status"] == "stopped"
     assert main([*args, "-o", str(tmp_path / "B")]) == 0
     rows = {k: [json.loads(l) for l in (tmp_path / k / "train_log.jsonl").read_text().splitlines()] for k in "AB"}
@@ -237,7 +237,9 @@ def test_demo_trains_resumes_and_loads(tmp_path, one_thread):
     assert rows["A"][-1]["loss"] < rows["A"][0]["loss"]
     model, processor = load_model(str(tmp_path / "B"))
     assert type(model).__name__ == "PMoDQwen2_5_VLForConditionalGeneration" and model.config.pmod["overflow_guard"] is False
-    start, _ = load_model("tiny-qwen2.5-vl:vanilla")
+    from pmod_bench.model.presets import build_preset
+
+    start, _ = build_preset("tiny-qwen2.5-vl", pmod=None, seed=42)  # the run's starting weights (train.seed)
     trained = dict(model.named_parameters())
     for name, p in start.named_parameters():  # the vision tower and merger are the preset's, the LLM moved
         if name.startswith("model.visual."):
