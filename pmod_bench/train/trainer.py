@@ -255,6 +255,12 @@ def split_router_groups(opt, named_parameters, scale: float) -> int:
     return moved
 
 
+def _forward_takes_kwargs(model) -> bool:
+    import inspect
+
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 class PMoDTrainer(Trainer):
     """HF Trainer with LLaVA's modality-grouped sampler and the run directory's accounting."""
 
@@ -264,6 +270,12 @@ class PMoDTrainer(Trainer):
         self._filler: dict | None = None  # ZeRO-3: the label-free image row of _same_modules_on_every_process
         super().__init__(*args, **kwargs)
         run.trainer = self
+        # the loss is the mean over every labelled token of a global batch, whatever its split into micro-batches and
+        # processes: HF Trainer passes num_items_in_batch to a forward that takes **kwargs (LLaVA's classes). Qwen2.5-VL's
+        # class opts out (accepts_loss_kwargs = False, "fix gemma3 grad acc #37208") though its forward hands **kwargs
+        # to its loss_function as LLaVA's does; without it each micro-batch's mean would weigh the same
+        if not self.model_accepts_loss_kwargs and _forward_takes_kwargs(self.accelerator.unwrap_model(self.model)):
+            self.model_accepts_loss_kwargs = True
 
     def create_optimizer(self, model=None):
         """HF's optimizer, with the p-MoD routers in their own groups at ``train.router_lr_scale`` x lr when that is not 1."""
