@@ -292,3 +292,17 @@ def test_zero3_on_two_processes_stops_resumes_and_equals_one_process(tmp_path, o
     a, b = ([json.loads(l)["loss"] for l in (tmp_path / k / "train_log.jsonl").read_text().splitlines()]
             for k in ("plain", "z3"))
     assert len(a) == len(b) == 3 and max(abs(x - y) / x for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_demo_model_option(capsys, tmp_path):
+    from pmod_bench.cli import main
+
+    assert main(["train", "--model", "tiny-qwen2.5-vl", "--config", "demo-tiny"]) == 2
+    assert "--model is for --demo; for a recipe pass model.source=tiny-qwen2.5-vl" in capsys.readouterr().err
+    assert main(["train", "--demo", "--model", "qwen2.5-vl-7b"]) == 2
+    assert "--demo trains a tiny preset; use one of tiny, tiny-llava, tiny-qwen2.5-vl" in capsys.readouterr().err
+    assert main(["train", "--demo", "--model", "tiny-qwen2.5-vl", "--print-config", "-o", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "source: tiny-qwen2.5-vl" in out and "template: chat" in out and "max_pixels: 25088" in out
+    assert main(["train", "--demo", "--model", "tiny-llava", "--print-config", "-o", str(tmp_path / "l")]) == 0
+    assert "source: tiny-llava" in capsys.readouterr().out  # no demo recipe of its own: demo-tiny + model.source

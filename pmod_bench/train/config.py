@@ -197,7 +197,7 @@ class OptimConfig:
     deepspeed: str | None = None
     """DeepSpeed config: zero2 or zero3 (shipped, see recipes/ds_zero*.json), a JSON path, or null for plain DDP."""
     trainable: list | None = None
-    """Module groups to train, from connector, llm, routers, vision; null = the stage's default (pt: connector; sft: connector, llm, routers)."""
+    """Module groups to train, from connector, llm, routers, vision; null = the stage's default for the model's family (pt: connector; sft: connector, llm, routers; Qwen2.5-VL sft: llm, routers, the tower and its merger frozen)."""
     seed: int = 42
     """Seed for initialisation of new modules, data order and dropout."""
     logging_steps: int = 1
