@@ -144,6 +144,17 @@ def _mixed_samples(processor, demo) -> list:
     return [ds.build(r) for r in (picks[0], picks[1], next(r for r in picks if len(r.images) == 2))]
 
 
+def test_templates_and_aspect_ratios_that_do_not_fit_are_refused(qwen, demo):
+    from pmod_bench.train.config import ConfigError
+
+    _, processor = qwen
+    root, records = demo
+    with pytest.raises(ConfigError, match="data.template=vicuna_v1 does not render Qwen2.5-VL prompts.*use data.template=chat"):
+        _dataset(processor, root, records, template="vicuna_v1")
+    with pytest.raises(ConfigError, match="data.image_aspect_ratio=pad is not for Qwen2.5-VL.*=native"):
+        _dataset(processor, root, records, image_aspect_ratio="pad")
+
+
 def test_collation_concatenates_patches_along_dim0(qwen, demo):
     """Images of different sizes (and two per record) in one batch: pixel_values are the samples' patches concatenated
     along dim 0, image_grid_thw one row per image, mm_token_type_ids padded with 0 like input_ids."""

@@ -272,6 +272,7 @@ class LlavaConversationDataset(Dataset):
         from pmod_bench.train.layouts import LLAVA
 
         self.layout = layout or LLAVA
+        self.layout.check_data(template, image_aspect_ratio)
         if pixel_budget and not self.layout.pixel_caps:
             raise ConfigError(f"data.min_pixels / data.max_pixels apply to hosts with a pixel budget (Qwen2.5-VL); "
                               f"{self.layout.title} resizes to its tower's tiles: remove them.")

@@ -44,6 +44,20 @@ class TrainLayout:
     """The processor resizes each image to a pixel budget (data.min_pixels / data.max_pixels apply)."""
     stage_trainable: dict = field(default_factory=lambda: dict(STAGE_TRAINABLE))
     """What each stage trains when train.trainable is null."""
+    templates: tuple = ("vicuna_v1", "plain", "chat")
+    """The data.template values that render this family's prompts."""
+    aspect_ratios: tuple = ("pad", "native")
+    """The data.image_aspect_ratio values this family's processor is meant for."""
+
+    def check_data(self, template: str, aspect_ratio: str) -> None:
+        """ConfigError when data.template / data.image_aspect_ratio do not fit this family."""
+        if template not in self.templates:
+            raise ConfigError(f"data.template={template} does not render {self.title} prompts (its image tokens and turns "
+                              f"are its chat template's); use data.template={self.templates[0]}.")
+        if aspect_ratio not in self.aspect_ratios:
+            raise ConfigError(f"data.image_aspect_ratio={aspect_ratio} is not for {self.title}, which reads each image "
+                              f"at its own aspect ratio within the pixel budget; use data.image_aspect_ratio="
+                              f"{self.aspect_ratios[0]}.")
 
     def param_group(self, name: str) -> str:
         """The module group of a parameter name (vision, connector, llm, routers, or other)."""
@@ -72,6 +86,8 @@ QWEN2_5_VL = TrainLayout(
     pixel_caps=True,
     # Qwen2.5-VL's SFT: the LLM (+ routers); the tower and the merger stay as released (the recipe says so too)
     stage_trainable={"pt": ["connector"], "sft": ["llm", "routers"]},
+    templates=("chat",),
+    aspect_ratios=("native",),
 )
 
 #: host adapter model_type -> layout (host_for maps a p-MoD model_type to its family's adapter)
