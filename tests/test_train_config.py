@@ -26,7 +26,9 @@ from pmod_bench.train.config import (
 
 RECIPES = list_recipes()
 PRD_MEAN_32 = mean_retention(prd_ratios(32))  # 0.5375
-ROOTS = {"llava-1.5-7b-pt", "llava-1.5-7b-sft", "demo-tiny"}  # the only recipes without include:
+ROOTS = {"llava-1.5-7b-pt", "llava-1.5-7b-sft", "demo-tiny", "qwen2.5-vl-7b-pmod-sft"}  # the only recipes without include:
+#: recipes that start from a released model (model.source), not a composition of LLM + vision tower
+FROM_SOURCE = {"qwen2.5-vl-7b-pmod-sft"}
 
 
 def test_recipe_names_are_unique_and_expected():
@@ -39,6 +41,7 @@ def test_recipe_names_are_unique_and_expected():
         "t3-vanilla-mod", "t3-tanhnorm", "t3-string", "t3-prd",
         "t4-constant", "t4-interleaved", "t4-stepped", "t4-linear", "t4-cosine",
         "t6-norm-none", "t6-softmax", "t6-shifted-softmax", "t6-tanh-alpha1", "t6-tanh-alpha0.2", "demo-tiny",
+        "demo-tiny-qwen2.5-vl", "qwen2.5-vl-7b-pmod-sft",
     }
     assert expected <= set(RECIPES)
 
@@ -57,9 +60,13 @@ def test_every_recipe_loads_and_validates(name):
         assert len(keys) <= 16, f"{name}: a variant should override a few keys, not copy its base"
     cfg = load_recipe(name)
     assert isinstance(cfg, TrainConfig) and cfg.recipe == name
-    assert cfg.train.global_batch_size == {"pt": 256, "sft": 128}[cfg.stage] or name == "demo-tiny"
-    if name != "demo-tiny":
-        assert (cfg.model.source is None) and cfg.model.llm and cfg.model.vision_tower
+    demo = name.startswith("demo-")
+    assert cfg.train.global_batch_size == {"pt": 256, "sft": 128}[cfg.stage] or demo
+    if not demo:
+        if name in FROM_SOURCE:
+            assert cfg.model.source and not cfg.model.llm
+        else:
+            assert (cfg.model.source is None) and cfg.model.llm and cfg.model.vision_tower
         assert cfg.train.deepspeed in DEEPSPEED_CONFIGS and cfg.train.precision == "bf16"
         assert cfg.train.gradient_checkpointing and cfg.train.warmup_ratio == 0.03 and cfg.train.lr_scheduler == "cosine"
         assert cfg.train.lr == {"pt": 1e-3, "sft": 2e-5}[cfg.stage]
@@ -71,7 +78,7 @@ def test_every_recipe_loads_and_validates(name):
             if cfg.match_mean_retention == "prd":
                 assert abs(mean_retention(ratios) - PRD_MEAN_32) < 2e-3
         # the recipe's label lets `pmod-bench report` match the run (MODEL/VARIANT) or is free text for PT
-        if cfg.stage == "sft":
+        if cfg.stage == "sft" and name not in FROM_SOURCE:  # other hosts: free text (no paper model to name)
             assert "/" in cfg.label
     # round trip through the dict form
     again = config_from_dict(cfg.to_dict(), recipe=name)
@@ -95,6 +102,30 @@ def test_table12_recipes():
     for d in (0.3, 0.4, 0.5):
         c = load_recipe(f"pmod-llava-next-7b-sft-shift{d}")
         assert c.pmod == PMoDConfig(shift=d) and c.label == f"llava-next-7b/p-MoD-{d}"
+
+
+def test_qwen_recipes():
+    q = load_recipe("qwen2.5-vl-7b-pmod-sft")
+    assert q.model.source == "Qwen/Qwen2.5-VL-7B-Instruct" and q.data.template == "chat"
+    assert (q.data.min_pixels, q.data.max_pixels) == (256 * 28 * 28, 1605632)  # lmms-eval's qwen2_5_vl defaults
+    assert q.data.image_aspect_ratio == "native" and q.trainable == ["llm", "routers"]  # tower + merger frozen
+    assert q.pmod == PMoDConfig() and "/" not in q.label and q.train.deepspeed == "zero3"
+    for ds in ("zero2", "zero3"):
+        assert load_recipe("qwen2.5-vl-7b-pmod-sft", [f"train.deepspeed={ds}"]).train.deepspeed_path().endswith(f"{ds}.json")
+    d = load_recipe("demo-tiny-qwen2.5-vl")
+    assert d.model.source == "tiny-qwen2.5-vl" and d.data.template == "chat" and d.data.max_pixels == 25088
+
+
+def test_pixel_budget_keys_are_validated():
+    for bad, msg in (("data.max_pixels=0", "data.max_pixels must be a positive integer"),
+                     ("data.min_pixels=1.5", "data.min_pixels must be a positive integer"),
+                     ("data.max_pixels=true", "data.max_pixels must be a positive integer")):
+        with pytest.raises(ConfigError, match=msg):
+            load_recipe("demo-tiny-qwen2.5-vl", [bad])
+    with pytest.raises(ConfigError, match=r"data.min_pixels \(50000\) must not exceed data.max_pixels \(25088\)"):
+        load_recipe("demo-tiny-qwen2.5-vl", ["data.min_pixels=50000"])
+    cfg = load_recipe("demo-tiny", ["data.max_pixels=1000"])
+    assert cfg.data.pixel_budget() == {"longest_edge": 1000} and load_recipe("demo-tiny").data.pixel_budget() is None
 
 
 def test_ablation_recipes():

@@ -1,11 +1,14 @@
 """Build the model to train: from a checkpoint or composed from an LLM + a vision tower (+ a PT connector).
 
-Module groups (what ``train.trainable`` names), by parameter name (HF LLaVA layout)::
+Module groups (what ``train.trainable`` names), by parameter name; the prefixes are the model family's
+(:mod:`pmod_bench.train.layouts`, found through the host adapter). HF LLaVA layout::
 
     vision     model.vision_tower.*                           CLIP encoder (frozen in the paper's recipes)
     connector  model.multi_modal_projector.*, model.image_newline   mlp2x_gelu (+ LLaVA-NeXT's row separator)
     llm        model.language_model.* (not routers), lm_head.*
     routers    model.language_model.layers.N.router.*         p-MoD routers
+
+(Qwen2.5-VL: vision ``model.visual.*``, connector ``model.visual.merger.*``.)
 
 Under DeepSpeed ZeRO-3 (:func:`build_partitioned`) the model is built once, unpartitioned, by the
 main process (compose: the LLM and the vision tower assigned into a meta-device skeleton, which
@@ -28,6 +31,7 @@ from torch import nn
 
 from pmod_bench.model.config import PMoDConfig
 from pmod_bench.train.config import ConfigError, TrainConfig
+from pmod_bench.train.layouts import LLAVA, TrainLayout, layout_for
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +39,6 @@ log = logging.getLogger(__name__)
 INIT_DIR = "init_model"
 _INIT_FINGERPRINT = "pmod_init.json"
 
-GROUP_PREFIXES = (
-    ("vision", ("model.vision_tower.",)),
-    ("connector", ("model.multi_modal_projector.", "model.image_newline")),
-    ("llm", ("model.language_model.", "lm_head.")),
-)
 
 
 def _is_preset(name: str) -> bool:
@@ -402,28 +401,25 @@ def numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
-def param_group(name: str) -> str:
-    """The module group of a parameter name (vision, connector, llm, routers, or other)."""
-    if ".router." in name:
-        return "routers"
-    for group, prefixes in GROUP_PREFIXES:
-        if name.startswith(prefixes):
-            return group
-    return "other"
+def param_group(name: str, layout: TrainLayout = LLAVA) -> str:
+    """The module group of a parameter name in ``layout`` (vision, connector, llm, routers, or other)."""
+    return layout.param_group(name)
 
 
 def apply_trainable(model: nn.Module, groups: list) -> dict:
-    """Set requires_grad by group; returns {group: {"params": n, "trainable": bool}}."""
+    """Set requires_grad by group (the groups of the model's family); returns {group: {"params": n, "trainable": bool}}."""
+    layout = layout_for(model)
     summary: dict = {}
     for name, p in model.named_parameters():
-        g = param_group(name)
+        g = layout.param_group(name)
         p.requires_grad_(g in groups)
         s = summary.setdefault(g, {"params": 0, "trainable": g in groups})
         s["params"] += numel(p)
     unknown = [g for g in groups if g not in summary]
     if "other" in summary:
-        others = [n for n, _ in model.named_parameters() if param_group(n) == "other"][:5]
-        raise RuntimeError(f"parameters outside the known module groups: {others}; the model is not an HF LLaVA layout")
+        others = [n for n, _ in model.named_parameters() if layout.param_group(n) == "other"][:5]
+        raise RuntimeError(f"parameters outside the known module groups: {others}; the model is not an HF "
+                           f"{layout.title} layout")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"train.trainable={groups} selects no parameter of this model (groups present: {sorted(summary)}).")
     for g in unknown:

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--print-config", action="store_true", help="print the validated configuration (YAML) and exit")
     p.add_argument("--demo", action="store_true",
                    help="generate a tiny dataset in OUTPUT_DIR/demo_data and train the tiny preset on it (recipe demo-tiny)")
+    p.add_argument("--model", metavar="PRESET",
+                   help="with --demo: the tiny preset to train (tiny, tiny-llava, tiny-qwen2.5-vl); its recipe is "
+                        "demo-PRESET when one ships (demo-tiny-qwen2.5-vl), else demo-tiny with model.source=PRESET")
     p.set_defaults(func=run)
 
 
@@ -121,6 +124,26 @@ def _demo_overrides(recipe: str, overrides: list, given_overrides: list) -> list
     return overrides
 
 
+def _recipe_and_overrides(args: argparse.Namespace) -> tuple:
+    """(recipe, overrides) of the command line; ``--demo --model PRESET`` picks the preset's demo recipe."""
+    from pmod_bench.cli import UserError
+    from pmod_bench.train.config import list_recipes
+
+    overrides = list(args.overrides)
+    if not args.model:
+        return args.config or "demo-tiny", overrides
+    if not args.demo:
+        raise UserError(f"--model is for --demo; for a recipe pass model.source={args.model}")
+    from pmod_bench.model.presets import PRESETS
+
+    tiny = [p for p in PRESETS if p.startswith("tiny")]
+    if args.model not in tiny:
+        raise UserError(f"--model {args.model!r}: --demo trains a tiny preset; use one of {', '.join(tiny)}")
+    if f"demo-{args.model}" in list_recipes() and not args.config:
+        return f"demo-{args.model}", overrides
+    return args.config or "demo-tiny", [f"model.source={args.model}", *overrides]
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -135,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config and not args.demo:
         raise UserError("pass --config RECIPE (a shipped recipe name or a YAML path; see --list-recipes), or --demo")
-    recipe = args.config or "demo-tiny"
-    overrides = list(args.overrides)
+    recipe, overrides = _recipe_and_overrides(args)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     command = "pmod-bench train " + " ".join(
         shlex.quote(a) for a in ([f"--config={args.config}"] if args.config else []) + (["--demo"] if args.demo else [])
+        + ([f"--model={args.model}"] if args.model else [])
         + list(args.overrides) + ([f"--output-dir={args.output_dir}"] if args.output_dir else [])
     )
     try:

@@ -73,7 +73,7 @@ class ModelConfig:
     """Which model to train: a ready LLaVA checkpoint, or a composition of LLM + vision tower + connector."""
 
     source: str | None = None
-    """Start from this model: a tiny preset (tiny, tiny-llava), a local HF LLaVA / LLaVA-NeXT / p-MoD checkpoint directory, or a hub id. Leave empty to compose from llm + vision_tower."""
+    """Start from this model: a tiny preset (tiny, tiny-llava, tiny-qwen2.5-vl), a local HF LLaVA / LLaVA-NeXT / Qwen2.5-VL / p-MoD checkpoint directory, or a hub id (Qwen/Qwen2.5-VL-7B-Instruct). Leave empty to compose from llm + vision_tower."""
     llm: str | None = None
     """Compose: the language model, an HF causal-LM directory or hub id (the paper: lmsys/vicuna-7b-v1.5)."""
     vision_tower: str | None = None
@@ -135,6 +135,10 @@ class DataConfig:
     """DataLoader worker processes (0 = load in the training process)."""
     max_samples: int | None = None
     """Use only the first N records (debugging)."""
+    min_pixels: int | None = None
+    """Qwen2.5-VL dynamic resolution: each image is resized (sides multiples of 28 px) to at least this many pixels; null = the processor's own setting. Refused for hosts without a pixel budget (LLaVA)."""
+    max_pixels: int | None = None
+    """Qwen2.5-VL dynamic resolution: the pixel cap per image (tokens ~ pixels / 28^2; lmms-eval's qwen2_5_vl evaluates at 1605632); null = the processor's own setting."""
 
     def __post_init__(self) -> None:
         if isinstance(self.json, (str, os.PathLike)):
@@ -149,8 +153,17 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}.")
-        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
-            raise ConfigError(f"data.max_samples must be a positive integer or null, got {self.max_samples!r}.")
+        for name in ("max_samples", "min_pixels", "max_pixels"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"data.{name} must be a positive integer or null, got {v!r}.")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"data.min_pixels ({self.min_pixels}) must not exceed data.max_pixels ({self.max_pixels}).")
+
+    def pixel_budget(self) -> dict | None:
+        """The processor's ``size`` override for the pixel budget ({shortest_edge: min, longest_edge: max}), or None."""
+        size = {k: v for k, v in (("shortest_edge", self.min_pixels), ("longest_edge", self.max_pixels)) if v is not None}
+        return size or None
 
 
 @dataclass
@@ -184,7 +197,7 @@ class OptimConfig:
     deepspeed: str | None = None
     """DeepSpeed config: zero2 or zero3 (shipped, see recipes/ds_zero*.json), a JSON path, or null for plain DDP."""
     trainable: list | None = None
-    """Module groups to train, from connector, llm, routers, vision; null = the stage's default (pt: connector; sft: connector, llm, routers)."""
+    """Module groups to train, from connector, llm, routers, vision; null = the stage's default for the model's family (pt: connector; sft: connector, llm, routers; Qwen2.5-VL sft: llm, routers, the tower and its merger frozen)."""
     seed: int = 42
     """Seed for initialisation of new modules, data order and dropout."""
     logging_steps: int = 1

@@ -10,6 +10,17 @@ Data flow of one sample (lazy: nothing is read before ``__getitem__``)::
       └ align ids0 with input_ids: image tokens get label -100; every other token must match ids0
     -> {"input_ids": (N,), "labels": (N,), "pixel_values": (n_img, [P,] 3, H, W), "image_sizes": (n_img, 2)}
 
+Qwen2.5-VL (``template: chat``, its own chat template): each ``<image>`` becomes ``<|vision_start|><|image_pad|>
+<|vision_end|>`` where the tag stands, the processor resizes each image within ``data.min_pixels .. max_pixels``
+and expands ``<|image_pad|>`` to ``t*h*w/4`` tokens; the sample holds ``pixel_values`` (sum_i t_i*h_i*w_i, 1176),
+``image_grid_thw`` (n_img, 3) and ``mm_token_type_ids`` (N,) instead of ``image_sizes``. What a batch joins is the
+family's :class:`~pmod_bench.train.layouts.TrainLayout`.
+
+The learned span of a chat-template assistant turn is everything its message adds after the generation prompt:
+with Qwen's template ``answer<|im_end|>\n`` (the header ``<|im_start|>assistant\n`` is not learned). ``<|im_end|>``
+is learned because it is the model's end-of-turn (generation stops on it); the ``\n`` after it goes with it, as
+in Qwen's own fine-tuning code (QwenLM/Qwen2.5-VL qwen-vl-finetune ``data_qwen.py`` masks only the 3 header tokens).
+
 A record that cannot be used (missing or corrupt image, an image path leading outside ``data.image_folder``
 (refused before anything opens it), malformed conversation, image tokens beyond
 ``max_length``, nothing to learn) is a *bad sample*: with ``on_bad_sample: fail`` it raises
@@ -176,15 +187,25 @@ def render_plain(turns: list, image_token: str, has_image: bool) -> tuple:
     return prefix + caption + "\n", [(len(prefix), len(prefix) + len(caption) + 1)]
 
 
+def chat_content(value: str) -> list:
+    """A human turn as chat-template content: an image item where each ``<image>`` tag stands, text between."""
+    content: list = []
+    for k, piece in enumerate(value.split(IMAGE_PLACEHOLDER)):
+        if k:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    if not content or content[-1]["type"] != "text":
+        content.append({"type": "text", "text": ""})
+    return content
+
+
 def render_chat(turns: list, render, image_token: str) -> tuple:
     """The chat template's string; an assistant turn's span is what its message adds after the generation prompt."""
     messages = []
     for role, value in turns:
         if role == "human":
-            n = value.count(IMAGE_PLACEHOLDER)
-            content = [{"type": "image"} for _ in range(n)]
-            content.append({"type": "text", "text": value.replace(IMAGE_PLACEHOLDER, "").strip()})
-            messages.append({"role": "user", "content": content})
+            messages.append({"role": "user", "content": chat_content(value)})
         else:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": value}]})
     text = render(messages, add_generation_prompt=False)
@@ -244,7 +265,18 @@ class LlavaConversationDataset(Dataset):
         image_aspect_ratio: str = "pad",
         on_bad_sample: str = "skip",
         max_consecutive_bad: int = 32,
+        layout=None,
+        pixel_budget: dict | None = None,
     ) -> None:
+        from pmod_bench.train.config import ConfigError
+        from pmod_bench.train.layouts import LLAVA
+
+        self.layout = layout or LLAVA
+        self.layout.check_data(template, image_aspect_ratio)
+        if pixel_budget and not self.layout.pixel_caps:
+            raise ConfigError(f"data.min_pixels / data.max_pixels apply to hosts with a pixel budget (Qwen2.5-VL); "
+                              f"{self.layout.title} resizes to its tower's tiles: remove them.")
+        self.pixel_budget = _full_budget(processor, pixel_budget) if pixel_budget else None
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if not getattr(self.tokenizer, "is_fast", False):
@@ -388,26 +420,51 @@ class LlavaConversationDataset(Dataset):
                 if self.image_aspect_ratio == "pad":
                     img = expand_to_square(img, self._background)
                 images.append(img)
+            kwargs = {"size": self.pixel_budget} if self.pixel_budget else {}
             try:
-                proc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=add_special)
+                proc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=add_special,
+                                      **kwargs)
             except Exception as exc:  # a processor error on one image must not end a 1-epoch run
                 raise _Bad(f"processor failed ({type(exc).__name__}: {exc})", os.path.join(self.image_folder or "", rec.images[0])) from None
             ids = proc["input_ids"][0].tolist()
             labels = _expand_labels(ids0, labels0, ids, self.image_token_id)
-            out["pixel_values"] = proc["pixel_values"]  # (n_img, [P,] 3, H, W)
-            if "image_sizes" in proc:
-                out["image_sizes"] = proc["image_sizes"]  # (n_img, 2)
+            out["pixel_values"] = proc["pixel_values"]  # LLaVA (n_img, [P,] 3, H, W); Qwen (sum_i t*h*w, 1176)
+            for key in self.layout.image_keys:  # image_sizes (n_img, 2) | image_grid_thw (n_img, 3)
+                if key in proc:
+                    out[key] = proc[key]
+            for key in self.layout.token_keys:  # mm_token_type_ids (1, N) -> (N,)
+                if key in proc:
+                    out[key] = proc[key][0]
         else:
             ids, labels = list(ids0), labels0
         if len(ids) > self.max_length:
             if self.image_token_id in ids[self.max_length:]:
                 raise _Bad(f"{len(ids)} tokens with the image tokens; they do not fit data.max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+            for key in self.layout.token_keys:
+                if key in out:
+                    out[key] = out[key][: self.max_length]
         if all(l == IGNORE_INDEX for l in labels[1:]):
             raise _Bad("no assistant token to learn within data.max_length")
         out["input_ids"] = torch.tensor(ids, dtype=torch.long)
         out["labels"] = torch.tensor(labels, dtype=torch.long)
         return out
+
+
+def _full_budget(processor, budget: dict) -> dict:
+    """``budget`` ({shortest_edge?, longest_edge?} in pixels) completed with the processor's own bounds (Qwen's image
+    processor wants both), checked: min <= max."""
+    from pmod_bench.train.config import ConfigError
+
+    own = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    full = {k: budget.get(k, own.get(k) if hasattr(own, "get") else getattr(own, k, None))
+            for k in ("shortest_edge", "longest_edge")}
+    if None in full.values():
+        raise ConfigError(f"the processor has no pixel budget to complete {budget}; set both data.min_pixels and data.max_pixels.")
+    if full["shortest_edge"] > full["longest_edge"]:
+        raise ConfigError(f"pixel budget {full['shortest_edge']}..{full['longest_edge']} (data.min_pixels / data.max_pixels "
+                          "with the processor's own bound) is empty; set both so that min_pixels <= max_pixels.")
+    return full
 
 
 def _expand_labels(ids0: list, labels0: list, ids: list, image_id: int) -> list:
@@ -439,10 +496,17 @@ def _describe(entry: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- collator
 class DataCollator:
-    """Right-pads a list of samples into a batch; concatenates images (LLaVA-NeXT: pads the tile axis)."""
+    """Right-pads a list of samples into a batch; concatenates images (LLaVA-NeXT: pads the tile axis; Qwen2.5-VL:
+    the patches of every image along dim 0, ``image_grid_thw`` says which rows are whose).
 
-    def __init__(self, pad_token_id: int) -> None:
+    ``image_keys``: per-image outputs concatenated along dim 0; ``token_keys``: per-token outputs right-padded with 0
+    (a sample without one, e.g. text-only, gets zeros). Both come from the family's TrainLayout.
+    """
+
+    def __init__(self, pad_token_id: int, image_keys: Sequence[str] = ("image_sizes",),
+                 token_keys: Sequence[str] = ()) -> None:
         self.pad_token_id = int(pad_token_id)
+        self.image_keys, self.token_keys = tuple(image_keys), tuple(token_keys)
 
     def __call__(self, samples: list) -> dict:
         n = max(s["input_ids"].numel() for s in samples)
@@ -454,15 +518,23 @@ class DataCollator:
             k = s["input_ids"].numel()
             input_ids[b, :k], labels[b, :k], attention_mask[b, :k] = s["input_ids"], s["labels"], 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in self.token_keys:  # (B, n), 0 past each sample's end (and for samples without it)
+            if any(key in s for s in samples):
+                col = torch.zeros((B, n), dtype=next(s[key] for s in samples if key in s).dtype)
+                for b, s in enumerate(samples):
+                    if key in s:
+                        col[b, : s[key].numel()] = s[key]
+                batch[key] = col
         pix = [s["pixel_values"] for s in samples if "pixel_values" in s]
         if pix:
             if pix[0].dim() == 5:  # (n_img, P, 3, H, W): pad P (HF LLaVA-NeXT uses image_sizes to drop the padding)
                 P = max(p.shape[1] for p in pix)
                 pix = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, P - p.shape[1])) for p in pix]
-            batch["pixel_values"] = torch.cat(pix, dim=0)
-            sizes = [s["image_sizes"] for s in samples if "image_sizes" in s]
-            if sizes:
-                batch["image_sizes"] = torch.cat(sizes, dim=0)
+            batch["pixel_values"] = torch.cat(pix, dim=0)  # Qwen (2-D): (sum of patches, 1176), sample order kept
+            for key in self.image_keys:
+                parts = [s[key] for s in samples if key in s]
+                if parts:
+                    batch[key] = torch.cat(parts, dim=0)
         bad = [e for s in samples for e in s.get("bad_samples", ())]
         if bad:
             batch["bad_samples"] = bad
@@ -566,7 +638,8 @@ class ModalityLengthGroupedSampler(Sampler):
         return iter(modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, g))
 
 
-def append_sample(batch: dict, sample: dict, pad_token_id: int) -> dict:
+def append_sample(batch: dict, sample: dict, pad_token_id: int, image_keys: Sequence[str] = ("image_sizes",),
+                  token_keys: Sequence[str] = ()) -> dict:
     """``batch`` (collated) with one more row, ``sample``, right-padded like the rest (DataCollator's layout)."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     n = max(ids.shape[1], sample["input_ids"].numel())
@@ -578,15 +651,21 @@ def append_sample(batch: dict, sample: dict, pad_token_id: int) -> dict:
     out = {**batch, "input_ids": torch.cat([pad(ids, pad_token_id), row_ids]),
            "labels": torch.cat([pad(labels, IGNORE_INDEX), row_labels]),
            "attention_mask": torch.cat([pad(mask, 0), row_mask])}
+    for key in token_keys:
+        if key in sample or key in batch:
+            have = batch.get(key, torch.zeros_like(ids))
+            row = sample.get(key, torch.zeros(k, dtype=have.dtype))
+            out[key] = torch.cat([pad(have, 0), pad(row[None], 0)])
     if "pixel_values" in sample:
         pix = [p for p in (batch.get("pixel_values"), sample["pixel_values"]) if p is not None]
         if pix[0].dim() == 5 and len(pix) == 2:
             P = max(p.shape[1] for p in pix)
             pix = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, P - p.shape[1])) for p in pix]
         out["pixel_values"] = torch.cat(pix, dim=0)
-        sizes = [t for t in (batch.get("image_sizes"), sample.get("image_sizes")) if t is not None]
-        if sizes:
-            out["image_sizes"] = torch.cat(sizes, dim=0)
+        for key in image_keys:
+            parts = [t for t in (batch.get(key), sample.get(key)) if t is not None]
+            if parts:
+                out[key] = torch.cat(parts, dim=0)
     return out
 
 
@@ -607,6 +686,7 @@ __all__ = [
     "expand_to_square",
     "length_grouped_indices",
     "modality_length_grouped_indices",
+    "chat_content",
     "normalize_record",
     "read_records",
     "render_chat",

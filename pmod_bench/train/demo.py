@@ -36,11 +36,13 @@ def make_demo_dataset(
     n_image: int = 12,
     n_text: int = 4,
     bad: dict | None = None,
+    n_multi: int = 0,
     seed: int = 0,
 ) -> Path:
     """Write a tiny dataset under ``root``; returns the JSON path.
 
-    ``bad`` adds broken records for tests: ``{"missing": k, "corrupt": k, "malformed": k}``.
+    ``bad`` adds broken records for tests: ``{"missing": k, "corrupt": k, "malformed": k}``. ``n_multi`` adds
+    records with two images each, one ``<image>`` tag in the text for each (the answer: whether the colours match).
     """
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,12 @@ def make_demo_dataset(
             conv += [{"from": "human", "value": "Is there a square in the image? Please answer yes or no."},
                      {"from": "gpt", "value": "yes"}]
         records.append({"id": f"img-{i}", "image": rel, "conversations": conv})
+    for i in range(n_multi):  # two of the images above, tags where they stand in the question
+        a, b = i % max(n_image, 1), (i + 1 + i % 2) % max(n_image, 1)
+        same = names[(a + seed) % len(names)] == names[(b + seed) % len(names)]
+        records.append({"id": f"multi-{i}", "image": [f"images/{a:04d}.png", f"images/{b:04d}.png"], "conversations": [
+            {"from": "human", "value": "First: <image>\nSecond: <image>\nDo the objects have the same color?"},
+            {"from": "gpt", "value": "yes" if same else "no"}]})
     answers = ["one", "two", "three", "four", "five"]
     for i in range(n_text):
         records.append({"id": f"txt-{i}", "conversations": [

@@ -47,6 +47,7 @@ from pmod_bench.outputs import check_output_path, disk_full
 from pmod_bench.rundir import check_owner
 from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
 from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
+from pmod_bench.train.layouts import layout_for
 from pmod_bench.train.data import (
     DataCollator,
     LlavaConversationDataset,
@@ -254,6 +255,12 @@ def split_router_groups(opt, named_parameters, scale: float) -> int:
     return moved
 
 
+def _forward_takes_kwargs(model) -> bool:
+    import inspect
+
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 class PMoDTrainer(Trainer):
     """HF Trainer with LLaVA's modality-grouped sampler and the run directory's accounting."""
 
@@ -263,6 +270,12 @@ class PMoDTrainer(Trainer):
         self._filler: dict | None = None  # ZeRO-3: the label-free image row of _same_modules_on_every_process
         super().__init__(*args, **kwargs)
         run.trainer = self
+        # the loss is the mean over every labelled token of a global batch, whatever its split into micro-batches and
+        # processes: HF Trainer passes num_items_in_batch to a forward that takes **kwargs (LLaVA's classes). Qwen2.5-VL's
+        # class opts out (accepts_loss_kwargs = False, "fix gemma3 grad acc #37208") though its forward hands **kwargs
+        # to its loss_function as LLaVA's does; without it each micro-batch's mean would weigh the same
+        if not self.model_accepts_loss_kwargs and _forward_takes_kwargs(self.accelerator.unwrap_model(self.model)):
+            self.model_accepts_loss_kwargs = True
 
     def create_optimizer(self, model=None):
         """HF's optimizer, with the p-MoD routers in their own groups at ``train.router_lr_scale`` x lr when that is not 1."""
@@ -327,8 +340,9 @@ class PMoDTrainer(Trainer):
                 break
             else:
                 raise RuntimeError("ZeRO-3: a text-only micro-batch beside an image one, and no usable image record")
-        pad = self.data_collator.pad_token_id
-        out = append_sample({k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}, self._filler, pad)
+        c = self.data_collator
+        out = append_sample({k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}, self._filler,
+                            c.pad_token_id, c.image_keys, c.token_keys)
         return {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in out.items()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -614,6 +628,7 @@ def model_info(model, device: str) -> dict:
     c = model.config
     tc, vc = c.text_config, c.vision_config
     heads = tc.num_attention_heads
+    v = lambda *names: next((getattr(vc, n) for n in names if getattr(vc, n, None) is not None), None)  # noqa: E731
     ratios = model.layer_ratios() if hasattr(model, "layer_ratios") else [1.0] * tc.num_hidden_layers
     return {
         "class": type(model).__name__,
@@ -621,8 +636,9 @@ def model_info(model, device: str) -> dict:
         "text": {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
                  "heads": heads, "kv_heads": getattr(tc, "num_key_value_heads", None) or heads,
                  "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads, "vocab": tc.vocab_size},
-        "vision": {"layers": vc.num_hidden_layers, "hidden": vc.hidden_size, "intermediate": vc.intermediate_size,
-                   "heads": vc.num_attention_heads, "image_size": vc.image_size, "patch_size": vc.patch_size},
+        # Qwen2.5-VL's tower names its depth / heads differently and has no fixed image size (None)
+        "vision": {"layers": v("num_hidden_layers", "depth"), "hidden": vc.hidden_size, "intermediate": vc.intermediate_size,
+                   "heads": v("num_attention_heads", "num_heads"), "image_size": v("image_size"), "patch_size": vc.patch_size},
         "layer_ratios": [float(r) for r in ratios],
         "num_params": sum(numel(p) for p in model.parameters()),
         "device": device,
@@ -759,10 +775,12 @@ def _prepare_model(cfg: TrainConfig, model, args: TrainingArguments, base: dict,
     train_config.json, with the p-MoD settings the model really has."""
     pmod_dict = _public_pmod(getattr(model.config, "pmod", None))
     base["pmod"] = pmod_dict
-    if cfg.stage == "pt" and pmod_dict is not None and "routers" not in cfg.trainable:
+    trainable = cfg.trainable if cfg.train.trainable is not None else layout_for(model).stage_trainable[cfg.stage]
+    if cfg.stage == "pt" and pmod_dict is not None and "routers" not in trainable:
         log.warning("PT with p-MoD layers: routers stay frozen at their initial (zero) weights, so selection is by "
                     "position; the paper's PT trains the connector of the vanilla model (pmod=null).")
-    groups = apply_trainable(model, cfg.trainable)
+    base["trainable"] = list(trainable)
+    groups = apply_trainable(model, trainable)
     base["params"] = {g: v["params"] for g, v in groups.items()}
     base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
     device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
@@ -776,10 +794,12 @@ def _prepare_model(cfg: TrainConfig, model, args: TrainingArguments, base: dict,
 
 def _make_trainer(cfg: TrainConfig, model, processor, args: TrainingArguments, records: list, run: RunState) -> PMoDTrainer:
     """The dataset (bad records of earlier sessions skipped, malformed ones logged) and its trainer."""
+    layout = layout_for(model)
     dataset = LlavaConversationDataset(
         records, processor, image_folder=cfg.data.image_folder, template=cfg.data.template,
         max_length=cfg.data.max_length, image_aspect_ratio=cfg.data.image_aspect_ratio,
         on_bad_sample=cfg.data.on_bad_sample, max_consecutive_bad=cfg.data.max_consecutive_bad,
+        layout=layout, pixel_budget=cfg.data.pixel_budget(),
     )
     run.dataset = dataset
     dataset.mark_bad(list(run.logged_bad.values()))  # found in earlier sessions: not read again
@@ -787,7 +807,8 @@ def _make_trainer(cfg: TrainConfig, model, processor, args: TrainingArguments, r
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return PMoDTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=DataCollator(pad_id), processing_class=processor,
+        model=model, args=args, train_dataset=dataset, processing_class=processor,
+        data_collator=DataCollator(pad_id, layout.image_keys, layout.token_keys),
         callbacks=[RunCallback(run, cfg.train.stop_at_step)], run=run,
         modality_lengths=dataset.modality_lengths if cfg.data.group_by_modality_length else None,
     )
