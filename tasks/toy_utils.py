@@ -24,10 +24,32 @@ class ToyTask(PMoDTask):
 
         from pmod_bench.toy.data import ensure_benchmark
 
-        self.DATASET_PATH = str(ensure_benchmark())
+        repo = ensure_benchmark()
+        self.DATASET_PATH = str(repo)
         kwargs = dict(dataset_kwargs or {})
         kwargs.pop("token", None)
+        kwargs.setdefault("cache_dir", _datasets_cache(repo))
         return ConfigurableTask.download(self, kwargs)
+
+
+def _datasets_cache(repo) -> str:
+    """An HF datasets cache folder of its own for one copy of the toy benchmark. ``datasets`` names the cache of a
+    local dataset folder by its layout, not its location: two copies with the same layout (the benchmark and its
+    blanked-image control, ``pmod_bench.toy.controls``) would share one cache, and the second would be read as the
+    first. The folder is keyed on the copy's path and its ``toy_world.json``."""
+    import hashlib
+    import os
+
+    from datasets import config
+
+    marker = os.path.join(str(repo), "toy_world.json")
+    try:
+        with open(marker, "rb") as fh:
+            meta = fh.read()
+    except OSError:
+        meta = b""
+    key = hashlib.sha256(os.path.realpath(str(repo)).encode() + b"\0" + meta).hexdigest()[:16]
+    return os.path.join(str(config.HF_DATASETS_CACHE), "pmod-toy-world", key)
 
 
 def toy_doc_to_visual(doc):

@@ -233,3 +233,83 @@ def test_reproduce_refuses_a_bad_jobs_count_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--jobs 0" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _pope_sample(pred: str, gt: str) -> dict:
+    r = {"question_id": "q", "score": float(pred == gt), "prediction": pred, "ground_truth": gt}
+    return {m: r for m in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score")}
+
+
+def test_bootstrap_scores_match_lmms_eval_and_claim_only_clear_differences():
+    """pmod_bench.toy.stats: point scores are lmms-eval's own aggregates (POPE F1 here); AVG's interval holds it; a
+    model compared with itself differs by an interval of exactly 0 (not claimed), a clearly better one is claimed."""
+    from lmms_eval.tasks.pope.utils import pope_aggregate_f1_score
+
+    from pmod_bench.toy.stats import BENCHES, LEAVES, difference, interval, sample_values, summarise
+
+    rng = random.Random(0)
+    truth = [rng.choice(("yes", "no")) for _ in range(40)]
+    preds = [t if rng.random() < 0.7 else rng.choice(("yes", "no", "maybe")) for t in truth]
+    samples = [_pope_sample(p, t) for p, t in zip(preds, truth)]
+    docs = {leaf: [(i, sample_values(leaf, s)) for i, s in enumerate(samples)] for leaf in LEAVES if "exist" in leaf}
+    exact = [float(rng.random() < 0.6) for _ in range(40)]
+    for leaf in ("pmod_toy_attribute", "pmod_toy_count", "pmod_toy_text"):
+        docs[leaf] = [(i, sample_values(leaf, {"exact_match": v})) for i, v in enumerate(exact)]
+    docs["pmod_toy_mc"] = [(i, sample_values("pmod_toy_mc", {"accuracy": v})) for i, v in enumerate(exact)]
+    box = {"bbox": [0.0, 0.0, 0.5, 0.5], "pred": [0.0, 0.0, 0.5, 0.45], "answer": "the red circle", "ann_id": "g"}
+    miss = {**box, "pred": [0.6, 0.6, 1.0, 1.0]}
+    docs["pmod_toy_ground"] = [(i, sample_values("pmod_toy_ground", {"refcoco_ACC@0.5": box if i % 4 == 0 else miss}))
+                               for i in range(40)]
+    s = summarise(docs)
+    assert s["scores"]["Toy-Exist"] == pytest.approx(100 * pope_aggregate_f1_score([x["pope_f1_score"] for x in samples]))
+    assert s["scores"]["Toy-Ground"] == pytest.approx(25.0) and s["n"]["Toy-Exist"] == 120 and s["n"]["Toy-MC"] == 40
+    lo, hi = interval(s["boot_avg"])
+    assert s["avg"] == pytest.approx(sum(s["scores"][b] for b in BENCHES) / 6)
+    assert lo < s["avg"] < hi and hi - lo > 2
+    same = difference(s, summarise(docs))
+    assert same["diff"] == 0 and same["low"] == same["high"] == 0 and not same["distinguishable"]
+    better = {k: [(i, [1.0]) for i, _ in v] if "exist" not in k else v for k, v in docs.items()}
+    d = difference(summarise(better), s)
+    assert d["distinguishable"] and d["low"] > 0
+
+
+def test_blanked_benchmark_keeps_questions_and_sizes_and_has_its_own_datasets_cache(tmp_path):
+    """pmod_bench.toy.controls: the blanked copy holds the same documents with images of one colour (the scene's
+    background, same size); the toy task reads each copy through a datasets cache of its own (datasets would
+    otherwise serve the first copy's cached images for the second)."""
+    import datasets
+
+    from pmod_bench.tasks.toy_utils import _datasets_cache
+    from pmod_bench.toy.controls import blank_benchmark_ok, write_blank_benchmark
+    from pmod_bench.toy.data import HUB_ID, write_benchmark
+
+    repo = write_benchmark(tmp_path / "bench", n=4)
+    blank = write_blank_benchmark(repo, tmp_path / "blank" / HUB_ID)
+    assert blank_benchmark_ok(blank, repo) and not blank_benchmark_ok(repo, blank)
+    assert _datasets_cache(repo) != _datasets_cache(blank)
+    for config, split in (("exist", "adversarial"), ("text", "test"), ("ground", "test")):
+        a = datasets.load_dataset(str(repo), config, split=split, cache_dir=_datasets_cache(repo))
+        b = datasets.load_dataset(str(blank), config, split=split, cache_dir=_datasets_cache(blank))
+        assert a.remove_columns("image").to_list() == b.remove_columns("image").to_list()
+        for x, y in zip(a["image"], b["image"]):
+            assert x.size == y.size and len(x.getcolors()) > 1 and len(y.getcolors()) == 1
+
+
+def test_no_model_controls_score_like_the_tasks():
+    """The chance control answers "yes" to every existence question (F1 66.7 on balanced splits) and the best constant
+    otherwise; the text-only control answers each question with its most frequent training answer."""
+    from collections import Counter
+
+    from pmod_bench.toy.controls import chance_docs, text_only_docs
+    from pmod_bench.toy.stats import summarise
+
+    exist = [{"doc_id": i, "doc": {"question_id": f"e{i}", "question": "Is there a red circle in the image?",
+                                   "answer": "yes" if i % 2 else "no"}, "target": "yes" if i % 2 else "no"} for i in range(10)]
+    count = [{"doc_id": i, "doc": {"question_id": f"c{i}", "question": "How many squares are there?", "answer": a},
+              "target": a} for i, a in enumerate("1112203112")]
+    samples = {"pmod_toy_exist_random": exist, "pmod_toy_count": count}
+    chance = summarise(chance_docs(samples))["scores"]
+    assert chance["Toy-Exist"] == pytest.approx(200 / 3) and chance["Toy-Count"] == pytest.approx(50.0)
+    prior = {"Is there a red circle in the image?": Counter(yes=3, no=1), "How many squares are there?": Counter({"2": 5, "1": 2})}
+    text = summarise(text_only_docs(samples, prior))["scores"]
+    assert text["Toy-Exist"] == pytest.approx(200 / 3) and text["Toy-Count"] == pytest.approx(30.0)

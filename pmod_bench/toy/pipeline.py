@@ -323,21 +323,42 @@ class Reproduction:
             raise RuntimeError(f"no checkpoint for {name}")
         return src
 
+    @property
+    def blank_root(self) -> Path:
+        """The blanked copy of the benchmark (``pmod_bench.toy.controls``): the baseline's control run reads it."""
+        return self.out / "data" / "bench-blank"
+
+    def _evaluations(self) -> list:
+        """(name, checkpoint model, run directory, benchmark root) of every evaluation: the models, then the control
+        (the baseline on the blanked images)."""
+        from .report import BLANK_RUN, CONTROLS_DIR
+
+        todo = [(name, name, self.eval_dir(name), self.bench_root) for name in self.plan.models]
+        if "baseline" in self.plan.models:
+            todo.append((BLANK_RUN, "baseline", self.out / CONTROLS_DIR / BLANK_RUN, self.blank_root))
+        return todo
+
     def evaluate(self, jobs: "Jobs") -> None:
+        from .controls import blank_benchmark_ok, write_blank_benchmark
+        from .data import HUB_ID
         from .parallel import eval_job
 
         t = time.time()
+        if not blank_benchmark_ok(self.blank_root / HUB_ID, self.bench_root / HUB_ID):
+            write_blank_benchmark(self.bench_root / HUB_ID, self.blank_root / HUB_ID)
         running = {}
-        for name in self.plan.models:
-            run_dir = self.eval_dir(name)
+        for name, model_name, run_dir, bench in self._evaluations():
             if (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("complete"):
                 continue
-            model = str(self.checkpoint(name))
+            model = str(self.checkpoint(model_name))
+            # the checkpoint's own chat template: the toy template it was trained with (Vicuna v1 for older checkpoints)
             cfg = dict(model=model, suite="toy", output=str(run_dir), batch_size=1, limit=self.plan.eval_limit,
-                       label=f"toy/{name}", command=f"pmod-bench eval --model {model} --suite toy --output {run_dir}"
+                       label=f"toy/{name}", chat_template="processor",
+                       command=f"pmod-bench eval --model {model} --suite toy --chat-template processor --output {run_dir}"
                        + (f" --limit {self.plan.eval_limit}" if self.plan.eval_limit else ""))
-            self.log(f"evaluating {name} on the toy suite through lmms-eval (log: {self.log_path(f'eval-{name}')})")
-            running[jobs.submit(eval_job, cfg, str(self.bench_root), str(self.log_path(f"eval-{name}")))] = name
+            what = "the blanked images (control)" if bench == self.blank_root else "the toy suite"
+            self.log(f"evaluating {model_name} on {what} through lmms-eval (log: {self.log_path(f'eval-{name}')})")
+            running[jobs.submit(eval_job, cfg, str(bench), str(self.log_path(f"eval-{name}")))] = name
         self._collect(running, self._finish_eval)
         if running:
             self._add_time("evaluation (wall)", time.time() - t)
@@ -379,17 +400,10 @@ class Reproduction:
         self._timed("profile", go)
 
     def text_tokens(self) -> int:
-        """Prompt tokens of a toy existence question (system prompt + question), the profile scenario's text."""
-        from transformers import AutoTokenizer
+        """Prompt tokens of a toy existence question in the checkpoint's chat template, the profile scenario's text."""
+        from .routing import prompt_text_tokens
 
-        from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
-
-        from .questions import SHORT
-
-        tok = AutoTokenizer.from_pretrained(str(self.checkpoint("baseline")))
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle in the image?" + SHORT}]}]
-        text = tok.apply_chat_template(msgs, chat_template=VICUNA_V1_TEMPLATE, add_generation_prompt=True, tokenize=False)
-        return len(tok(text)["input_ids"]) - 1  # without the <image> placeholder
+        return prompt_text_tokens(str(self.checkpoint("baseline")))
 
     # --------------------------------------------------------------------------------- routing
     def routing(self) -> None:
@@ -403,13 +417,12 @@ class Reproduction:
             from pmod_bench import load_model
             from pmod_bench.tasks.introspection import write_introspection
 
-            from .questions import SHORT
-            from .routing import kept_token_statistic
+            from .routing import EXIST_QUESTION, kept_token_statistic
             from .world import render
 
             torch.set_num_threads(1)
             scenes = self._eval_scenes(self.plan.routing_images)
-            question = "Is there a red circle in the image?" + SHORT
+            question = EXIST_QUESTION
             result = {}
             for name in self.plan.models:
                 if name == "baseline":
@@ -545,7 +558,7 @@ def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False
     from .parallel import default_jobs
 
     plan = QUICK_PLAN if quick else FULL
-    steps = 1 + len(plan.models) * 2 + 4  # data, train + eval per model, profile, routing, methods, report
+    steps = 1 + len(plan.models) * 2 + 5  # data, train + eval per model, the control's eval, profile, routing, methods, report
     prog = Progress(steps, quiet=quiet)
     try:
         return Reproduction(Path(out), plan, retrain=retrain, progress=prog, jobs=jobs or default_jobs()).run()
