@@ -135,6 +135,8 @@ class DataConfig:
     """DataLoader worker processes (0 = load in the training process)."""
     max_samples: int | None = None
     """Use only the first N records (debugging)."""
+    cache: bool = False
+    """Build every sample once before training (tokens, label masks, pixel tensors) and keep them in memory and in $PMOD_BENCH_CACHE/train-samples, keyed on the data files' bytes, the images' sizes and times and the processor, so a changed dataset is never served stale (pmod_bench.train.cache): for small models, whose step costs about what the per-sample image and text work does. Same samples, same weights."""
 
     def __post_init__(self) -> None:
         if isinstance(self.json, (str, os.PathLike)):
@@ -151,6 +153,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}.")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ConfigError(f"data.max_samples must be a positive integer or null, got {self.max_samples!r}.")
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"data.cache must be true or false, got {self.cache!r}.")
 
 
 @dataclass
