@@ -135,15 +135,14 @@ def training_prior(n_scenes: int = 3000, turns: int = 10) -> dict:
 def _score(leaf: str, doc: dict, pred: str) -> list:
     """Per-document values of answer ``pred`` to ``doc``, through the task's own process_results."""
     from lmms_eval.tasks.pope.utils import pope_process_results
-    from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_process_result
 
-    from pmod_bench.tasks.toy_utils import toy_exact_process_results, toy_mc_process_results
+    from pmod_bench.tasks.toy_utils import toy_exact_process_results, toy_ground_process_results, toy_mc_process_results
 
     bench = LEAVES[leaf]
     if bench == "Toy-Exist":
         result = pope_process_results(doc, [pred])
     elif bench == "Toy-Ground":
-        result = refcoco_bbox_rec_process_result(doc, [pred])
+        result = toy_ground_process_results(doc, [pred])
     elif bench == "Toy-MC":
         result = toy_mc_process_results(doc, [pred])
     else:

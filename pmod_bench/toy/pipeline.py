@@ -9,6 +9,7 @@ Steps (each skipped when its output is complete, so a killed run continues where
       models/pt, models/sft               `pmod-bench train` run directories of the shared stages (PT, SFT)
       models/<model>/                     one SFT continuation per model (baseline, p-MoD-*, ablations)
       eval/<model>/                       `pmod-bench eval --suite toy` run directories (+ introspection.json)
+      data/bench-blank/, controls/        the control: the baseline evaluated on the benchmark's images blanked
       profile/                            profile run directory (FLOPs, KV cache, CPU latency per model)
       routing.json                        the kept-token statistic of every p-MoD model
       logs/                               each job's own output (prep-vision, train-<model>, eval-<model>)
@@ -57,9 +58,11 @@ class Plan:
     bench_n: int = 60
     """documents per benchmark split"""
     train_images: int = 3600
-    """SFT scenes (the baseline's SFT sees each once)"""
-    turns: int = 10
+    """SFT scenes"""
+    turns: int = 20
     """questions per SFT conversation (one image, many short answers: the image's tokens are paid once)"""
+    rounds: int = 4
+    """SFT conversations per scene (each a fresh draw of questions): train_images x rounds x ~turns question instances"""
     pt_images: int = 1280
     pmod_samples: int = 1920
     """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
@@ -74,7 +77,7 @@ class Plan:
         from .data import DATA_VERSION
 
         h = hashlib.sha256()
-        h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns,
+        h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns, "rounds": self.rounds,
                              "pt_images": self.pt_images, "pmod_samples": self.pmod_samples, "lm_steps": self.lm_steps,
                              "vision_steps": self.vision_steps, "seed": self.seed}, sort_keys=True).encode())
         for p in sorted((PACKAGE_DIR / "recipes").glob("*.yaml")):
@@ -175,10 +178,11 @@ class Reproduction:
             self.log(f"writing the toy benchmark ({self.plan.bench_n} documents per split) to {self.bench_root}")
             write_benchmark(self.bench_root, n=self.plan.bench_n)
         marker = self.train_dir / "toy_train.json"
-        want = {"images": self.plan.train_images, "turns": self.plan.turns, "seed": self.plan.seed}
+        want = {"images": self.plan.train_images, "turns": self.plan.turns, "rounds": self.plan.rounds, "seed": self.plan.seed}
         if self.needs_training() and not (marker.is_file() and json.loads(marker.read_text()) == want):
-            self.log(f"writing {self.plan.train_images} training scenes ({self.plan.turns} questions each) to {self.train_dir}")
-            write_training(self.train_dir, n_images=self.plan.train_images, turns=self.plan.turns)
+            self.log(f"writing {self.plan.train_images} training scenes ({self.plan.rounds} conversations of {self.plan.turns} "
+                     f"questions each) to {self.train_dir}")
+            write_training(self.train_dir, n_images=self.plan.train_images, turns=self.plan.turns, rounds=self.plan.rounds)
             atomic_write_json(marker, want)
 
     def needs_training(self) -> bool:
