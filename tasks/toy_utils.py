@@ -59,6 +59,21 @@ def toy_exact_process_results(doc, results):
     return {"exact_match": float(_norm(pred) == _norm(doc["answer"]))}
 
 
+def toy_ground_process_results(doc, results):
+    """lmms-eval's RefCOCO scoring, with a box that is not one (x1 < x0 or y1 < y0, or not four numbers) taken as no
+    box, ``[0, 0, 0, 0]`` (what lmms-eval gives an unparsable answer): its IoU would divide by a zero or negative
+    union (lmms-eval 0.7.3's compute_iou does not clamp) and fail the whole benchmark on one answer."""
+    from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_process_result
+
+    out = refcoco_bbox_rec_process_result(doc, results)
+    pred = next(iter(out.values()))["pred"]
+    ok = isinstance(pred, (list, tuple)) and len(pred) == 4 and pred[2] >= pred[0] and pred[3] >= pred[1]
+    if not ok:
+        for v in out.values():
+            v["pred"] = [0, 0, 0, 0]
+    return out
+
+
 def parse_letter(response: str, options) -> str | None:
     """The chosen option letter: a leading/standalone letter A-D, else the one option whose text is answered."""
     text = str(response).strip()
@@ -76,4 +91,4 @@ def toy_mc_process_results(doc, results):
 
 
 __all__ = ["ToyTask", "parse_letter", "toy_doc_to_text", "toy_doc_to_visual", "toy_exact_process_results",
-           "toy_mc_doc_to_text", "toy_mc_process_results"]
+           "toy_ground_process_results", "toy_mc_doc_to_text", "toy_mc_process_results"]

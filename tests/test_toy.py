@@ -58,6 +58,15 @@ def test_suite_and_scorers():
     assert parse_letter("the square", opts) == "B" and parse_letter("no idea", opts) is None
     assert toy_mc_process_results({"options": opts, "answer": "D"}, [" D"]) == {"accuracy": 1.0, "unparsed": 0.0}
     assert toy_exact_process_results({"answer": "red"}, [" Red."])["exact_match"] == 1.0
+    from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_acc05, refcoco_bbox_rec_iou
+
+    from pmod_bench.tasks.toy_utils import toy_ground_process_results
+
+    doc = {"answer": ["the red circle"], "question_id": "g", "bbox": [0.5, 0.5, 0.75, 0.75]}
+    rows = [toy_ground_process_results(doc, [r]) for r in (" [0.75, 0.75, 1.00, 0.50]", " [0.5, 0.5, 0.75, 0.75]", "no box")]
+    assert rows[0]["refcoco_IoU"]["pred"] == [0, 0, 0, 0]  # an inverted box is no box (its union would be 0)
+    assert refcoco_bbox_rec_iou([r["refcoco_IoU"] for r in rows]) == pytest.approx(1 / 3)
+    assert refcoco_bbox_rec_acc05([r["refcoco_ACC@0.5"] for r in rows]) == pytest.approx(1 / 3)
 
 
 def test_token_regions_match_the_models_vision_tokens():
@@ -153,17 +162,32 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     base, pmod05, pmod03 = (average(scores[m]) for m in ("baseline", "p-MoD-0.5", "p-MoD-0.3"))
     for m, v in scores.items():  # every benchmark scored from a run, as a percentage
         assert set(v) == set(CHANCE) and all(0.0 <= x <= 100.0 for x in v.values()), (m, v)
-    # Measured on the shipped checkpoints (--quick, 30 documents a task): baseline Exist 47.7 Attr 46.7 Count 50.0
-    # MC 33.3 Text 93.3 Ground 0.0 (AVG 45.2); p-MoD-0.5 59.4 46.7 43.3 33.3 80.0 0.0 (AVG 43.8); p-MoD-0.3
-    # 55.7 36.7 43.3 33.3 73.3 0.0 (AVG 40.4). The issue's targets Exist >= 90 and AVG >= 75 are NOT reached:
-    # digit reading is learned, attributes and counts partly, existence (colour-shape binding) and grounding not.
-    assert scores["baseline"]["Toy-Text"] > CHANCE["Toy-Text"] + 50, scores["baseline"]
-    assert scores["baseline"]["Toy-Attr"] > CHANCE["Toy-Attr"] + 15, scores["baseline"]
-    # p-MoD-0.5 close to the baseline (1.4 points), p-MoD-0.3 (fewer FLOPs) further below (4.8)
-    assert base > 40 and base - pmod05 <= 5 and pmod03 < pmod05 and base - pmod03 <= 9, (base, pmod05, pmod03)
+    # Measured on the shipped checkpoints (--quick, 30 documents a task; AVG with its 95% bootstrap interval):
+    # baseline Exist 81.2 Attr 63.3 Count 63.3 MC 16.7 Text 96.7 Ground 3.3, AVG 54.1 [48.8, 59.2];
+    # p-MoD-0.5 76.9 46.7 70.0 20.0 50.0 3.3, AVG 44.5 [38.3, 50.5]; p-MoD-0.3 79.7 53.3 60.0 26.7 40.0 0.0, AVG 43.3
+    # [37.2, 49.7]. The baseline learns existence, attributes, counts and digits; multiple choice and grounding stay
+    # at or below chance, and the p-MoD models (240 continuation steps) lose digit reading.
+    b = scores["baseline"]
+    assert b["Toy-Exist"] > 72 and b["Toy-Attr"] > 50 and b["Toy-Count"] > 50 and b["Toy-Text"] > 85, b
+    assert base > 48 and pmod05 > 38 and pmod03 > 36, (base, pmod05, pmod03)
+    for m, iv in data["intervals"].items():  # AVG's 95% bootstrap interval holds it; n is 30 a task (90: existence)
+        assert iv["avg_low"] < iv["avg"] < iv["avg_high"] and iv["avg_high"] - iv["avg_low"] > 3, (m, iv)
+        assert iv["n"] == {"Toy-Exist": 90, "Toy-Attr": 30, "Toy-Count": 30, "Toy-MC": 30, "Toy-Text": 30, "Toy-Ground": 30}
+    diffs = {(d["model"], d["reference"]): d for d in data["differences"]}
+    d05 = diffs[("p-MoD-0.5", "baseline")]  # measured -9.6 [-14.7, -4.6]: claimed lower
+    assert d05["low"] <= d05["diff"] <= d05["high"] and d05["distinguishable"] == (d05["high"] < 0 or d05["low"] > 0)
+    # the control: on blanked images the baseline answers "no" / "0" / no digit: measured Exist 0.0 Attr 10.0 Count 16.7
+    # MC 6.7 Text 6.7 Ground 6.7 (AVG 7.8); chance (best constant answer) 66.7 20.0 43.3 43.3 23.3 10.0
+    blank, chance = data["controls"]["baseline, blanked images"], data["controls"]["chance (best constant answer)"]
+    assert blank["avg"] < 15 and base - blank["avg"] > 35, (blank, base)
+    for bench, v in blank["scores"].items():
+        assert v <= chance["scores"][bench] + 5, (bench, v, chance["scores"][bench])
+    assert "text only (question prior)" in data["controls"] and "Control" in (out / "report" / "controls.md").read_text()
     prof = data["profile"]
-    # measured: 66.2% (p-MoD-0.5) and 56.2% (p-MoD-0.3) of the baseline's prefill FLOPs; KV cache 53.4% / 39.8%
-    assert 0.6 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.72 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
+    # measured: 54.6% (p-MoD-0.5) and 41.2% (p-MoD-0.3) of the baseline's prefill FLOPs with 10 text and 88 vision
+    # tokens (the toy template, no system prompt); KV cache 53.4% / 39.8%
+    assert prof["baseline"]["text_tokens"] <= 12 and prof["baseline"]["vision_tokens"] == 88
+    assert 0.52 < prof["p-MoD-0.5"]["tflops_ratio"] < 0.6 and prof["p-MoD-0.3"]["tflops_ratio"] < prof["p-MoD-0.5"]["tflops_ratio"]
     t1 = (out / "report" / "table1.md").read_text()
     assert "–" not in t1.split("\n", 4)[-1]  # every cell of Table 1 filled from runs
     for f in ("tradeoff.png", "tradeoff.pdf", "routing.png", "fig5_p-MoD-0_5.png", "fig6_p-MoD-0_5.png", "index.md"):
@@ -171,10 +195,10 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     r5, r3 = data["routing"]["p-MoD-0.5"], data["routing"]["p-MoD-0.3"]
     for r in (r5, r3):
         assert 0.0 < r["shape_area"] < r["tokens_on_shapes"] < 1.0 and 0.0 < r["kept_on_shapes"] < 1.0
-    # measured: p-MoD-0.3 keeps 33.6% shape tokens vs 29.5% at random (keep rate of shape tokens 44.2% vs 36.7% of
-    # background ones); p-MoD-0.5, trained 240 steps, does not prefer them (23.6%; 29.7% vs 40.3%)
-    assert r3["kept_on_shapes"] > r3["tokens_on_shapes"] + 0.03
-    assert r3["keep_rate_shape_tokens"] > r3["keep_rate_background_tokens"]
+    # measured: neither prefers shape tokens after its 240 continuation steps (keep rate of shape / background tokens:
+    # p-MoD-0.5 28.8% / 42.6%, p-MoD-0.3 40.7% / 41.3%); the statistic is reported, not yet a property of the models
+    for r in (r5, r3):
+        assert 0.0 < r["keep_rate_shape_tokens"] < 1.0 and 0.0 < r["keep_rate_background_tokens"] < 1.0
     # resume: a second invocation recomputes nothing and gives the same report
     assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
     assert json.loads((out / "report" / "data.json").read_text())["scores"] == scores
@@ -233,3 +257,116 @@ def test_reproduce_refuses_a_bad_jobs_count_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--jobs 0" in err and ">= 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _pope_sample(pred: str, gt: str) -> dict:
+    r = {"question_id": "q", "score": float(pred == gt), "prediction": pred, "ground_truth": gt}
+    return {m: r for m in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score")}
+
+
+def test_bootstrap_scores_match_lmms_eval_and_claim_only_clear_differences():
+    """pmod_bench.toy.stats: point scores are lmms-eval's own aggregates (POPE F1 here); AVG's interval holds it; a
+    model compared with itself differs by an interval of exactly 0 (not claimed), a clearly better one is claimed."""
+    from lmms_eval.tasks.pope.utils import pope_aggregate_f1_score
+
+    from pmod_bench.toy.stats import BENCHES, LEAVES, difference, interval, sample_values, summarise
+
+    rng = random.Random(0)
+    truth = [rng.choice(("yes", "no")) for _ in range(40)]
+    preds = [t if rng.random() < 0.7 else rng.choice(("yes", "no", "maybe")) for t in truth]
+    samples = [_pope_sample(p, t) for p, t in zip(preds, truth)]
+    docs = {leaf: [(i, sample_values(leaf, s)) for i, s in enumerate(samples)] for leaf in LEAVES if "exist" in leaf}
+    exact = [float(rng.random() < 0.6) for _ in range(40)]
+    for leaf in ("pmod_toy_attribute", "pmod_toy_count", "pmod_toy_text"):
+        docs[leaf] = [(i, sample_values(leaf, {"exact_match": v})) for i, v in enumerate(exact)]
+    docs["pmod_toy_mc"] = [(i, sample_values("pmod_toy_mc", {"accuracy": v})) for i, v in enumerate(exact)]
+    box = {"bbox": [0.0, 0.0, 0.5, 0.5], "pred": [0.0, 0.0, 0.5, 0.45], "answer": "the red circle", "ann_id": "g"}
+    miss = {**box, "pred": [0.6, 0.6, 1.0, 1.0]}
+    docs["pmod_toy_ground"] = [(i, sample_values("pmod_toy_ground", {"refcoco_ACC@0.5": box if i % 4 == 0 else miss}))
+                               for i in range(40)]
+    s = summarise(docs)
+    assert s["scores"]["Toy-Exist"] == pytest.approx(100 * pope_aggregate_f1_score([x["pope_f1_score"] for x in samples]))
+    assert s["scores"]["Toy-Ground"] == pytest.approx(25.0) and s["n"]["Toy-Exist"] == 120 and s["n"]["Toy-MC"] == 40
+    lo, hi = interval(s["boot_avg"])
+    assert s["avg"] == pytest.approx(sum(s["scores"][b] for b in BENCHES) / 6)
+    assert lo < s["avg"] < hi and hi - lo > 2
+    same = difference(s, summarise(docs))
+    assert same["diff"] == 0 and same["low"] == same["high"] == 0 and not same["distinguishable"]
+    better = {k: [(i, [1.0]) for i, _ in v] if "exist" not in k else v for k, v in docs.items()}
+    d = difference(summarise(better), s)
+    assert d["distinguishable"] and d["low"] > 0
+
+
+def test_blanked_benchmark_keeps_questions_and_sizes_and_has_its_own_datasets_cache(tmp_path):
+    """pmod_bench.toy.controls: the blanked copy holds the same documents with images of one colour (the scene's
+    background, same size); the toy task reads each copy through a datasets cache of its own (datasets would
+    otherwise serve the first copy's cached images for the second)."""
+    import datasets
+
+    from pmod_bench.tasks.snapshots import snapshot_cache_dir as _datasets_cache
+    from pmod_bench.toy.controls import blank_benchmark_ok, write_blank_benchmark
+    from pmod_bench.toy.data import HUB_ID, write_benchmark
+
+    repo = write_benchmark(tmp_path / "bench", n=4)
+    blank = write_blank_benchmark(repo, tmp_path / "blank" / HUB_ID)
+    assert blank_benchmark_ok(blank, repo) and not blank_benchmark_ok(repo, blank)
+    assert _datasets_cache(repo) != _datasets_cache(blank)
+    for config, split in (("exist", "adversarial"), ("text", "test"), ("ground", "test")):
+        a = datasets.load_dataset(str(repo), config, split=split, cache_dir=_datasets_cache(repo))
+        b = datasets.load_dataset(str(blank), config, split=split, cache_dir=_datasets_cache(blank))
+        assert a.remove_columns("image").to_list() == b.remove_columns("image").to_list()
+        for x, y in zip(a["image"], b["image"]):
+            assert x.size == y.size and len(x.getcolors()) > 1 and len(y.getcolors()) == 1
+
+
+def test_no_model_controls_score_like_the_tasks():
+    """The chance control answers "yes" to every existence question (F1 66.7 on balanced splits) and the best constant
+    otherwise; the text-only control answers each question with its most frequent training answer."""
+    from collections import Counter
+
+    from pmod_bench.toy.controls import chance_docs, text_only_docs
+    from pmod_bench.toy.stats import summarise
+
+    exist = [{"doc_id": i, "doc": {"question_id": f"e{i}", "question": "Is there a red circle in the image?",
+                                   "answer": "yes" if i % 2 else "no"}, "target": "yes" if i % 2 else "no"} for i in range(10)]
+    count = [{"doc_id": i, "doc": {"question_id": f"c{i}", "question": "How many squares are there?", "answer": a},
+              "target": a} for i, a in enumerate("1112203112")]
+    samples = {"pmod_toy_exist_random": exist, "pmod_toy_count": count}
+    chance = summarise(chance_docs(samples))["scores"]
+    assert chance["Toy-Exist"] == pytest.approx(200 / 3) and chance["Toy-Count"] == pytest.approx(50.0)
+    prior = {"Is there a red circle in the image?": Counter(yes=3, no=1), "How many squares are there?": Counter({"2": 5, "1": 2})}
+    text = summarise(text_only_docs(samples, prior))["scores"]
+    assert text["Toy-Exist"] == pytest.approx(200 / 3) and text["Toy-Count"] == pytest.approx(30.0)
+
+
+def test_toy_template_prompts_are_short_and_train_as_they_are_evaluated():
+    """The toy chat template has no system prompt: an existence prompt is ~10 text tokens beside 88 vision tokens
+    (>= 85% vision, as the paper's prompts are mostly image); the training text of a conversation (data.template=chat)
+    starts with exactly the evaluation prompt, and no token joins a prompt to its answer (each answer is learned
+    from the tokens the evaluation prompt ends with)."""
+    from pmod_bench.toy.prepare import TOY_TEMPLATE, build_tokenizer
+    from pmod_bench.toy.questions import SHORT, conversation, popularity
+    from pmod_bench.toy.world import sample_scene
+    from pmod_bench.train.data import render_chat
+
+    tok = build_tokenizer(0)
+    assert tok.chat_template == TOY_TEMPLATE
+    render = lambda msgs, add_generation_prompt: tok.apply_chat_template(  # noqa: E731
+        msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    question = "Is there a red circle in the image?" + SHORT
+    prompt = render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], True)
+    assert prompt == "USER: <image>\n" + question + " ASSISTANT:"
+    text_tokens = len(tok(prompt)["input_ids"]) - 1
+    assert text_tokens <= 12 and 88 / (88 + text_tokens) >= 0.85, text_tokens
+    rng = random.Random(1)
+    sc = sample_scene(rng)
+    conv = conversation(sc, rng, 20, popularity([sc]))
+    assert len(conv) == 40  # twenty distinct questions about one scene
+    turns = [("human" if i % 2 == 0 else "gpt", t["value"]) for i, t in enumerate(conv)]
+    text, spans = render_chat(turns, render, "<image>")
+    first = render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][1].removeprefix("<image>\n")}]}], True)
+    assert text.startswith(first) and len(spans) == 20
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    for s, e in spans:  # every token is inside an answer span or outside all of them
+        for a, b in enc["offset_mapping"]:
+            assert b <= s or a >= s, (text[a:b], text[s:e])

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--toy", action="store_true", help="the toy world (the only reproduction that runs offline on a CPU)")
     p.add_argument("--output", "-o", required=True, help="output directory (resumable)")
     p.add_argument("--quick", action="store_true",
-                   help="baseline, p-MoD-0.5 and p-MoD-0.3 only (the shipped checkpoints), at most 30 documents per task (CI; ~1.5 min)")
+                   help="baseline, p-MoD-0.5 and p-MoD-0.3 only (the shipped checkpoints), at most 30 documents per task: a smoke-test size (CI; ~1 min)")
     p.add_argument("--retrain", action="store_true", help="train every model here, ignoring cached and shipped checkpoints")
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="independent steps (the models' trainings, their evaluations, the tower beside the LM) run N at a "
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 state = reproduce(out, quick=args.quick, retrain=args.retrain, quiet=args.quiet, jobs=args.jobs, command=command)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    print(f"reproduce --toy{' --quick' if args.quick else ''}: done in {time.time() - t0:.0f} s -> {out}/report/index.md")
+    size = " (a smoke-test size: 30 documents a task, wide intervals)" if args.quick else ""
+    print(f"reproduce --toy{' --quick' if args.quick else ''}: done in {time.time() - t0:.0f} s -> {out}/report/index.md{size}")
     return 0 if state else 1
 
 

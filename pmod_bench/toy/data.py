@@ -171,11 +171,14 @@ def benchmark_ok(root: str | os.PathLike, n: int | None = None, seed: int = EVAL
     return meta.get("data_version") == DATA_VERSION and meta.get("seed") == seed and (n is None or meta.get("n") == n)
 
 
-def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3, seed: int = TRAIN_SEED) -> dict:
+def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3, seed: int = TRAIN_SEED,
+                   rounds: int = 1) -> dict:
     """PT captions and SFT conversations over ``n_images`` training scenes; returns {"pt", "sft", "sft_pmod", "images"}.
 
-    ``sft_pmod.json`` holds fresh conversations (other questions) about the same scenes: the data of the
-    p-MoD continuation stage that derives the p-MoD models from the SFT baseline (``pmod_bench.toy.models``)."""
+    ``sft.json`` holds ``rounds`` conversations of ``turns`` questions per scene (each its own draw of questions:
+    many question instances per rendered image, the image's tokens paid once a conversation); ``sft_pmod.json``
+    one fresh conversation per scene, the data of the continuation stage that derives the baseline and the p-MoD
+    models from the shared SFT (``pmod_bench.toy.models``)."""
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,8 @@ def write_training(out: str | os.PathLike, n_images: int = 2000, turns: int = 3,
             render(sc).save(path)
         pt.append({"id": f"pt-{i}", "image": rel, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": describe(sc)}]})
-        sft.append({"id": f"sft-{i}", "image": rel, "conversations": conversation(sc, rng, turns, pop)})
+        sft += [{"id": f"sft-{i}" + (f"-{r}" if r else ""), "image": rel, "conversations": conversation(sc, rng, turns, pop)}
+                for r in range(rounds)]
         sft_pmod.append({"id": f"sft-pmod-{i}", "image": rel, "conversations": conversation(sc, rng2, turns, pop)})
     paths = {"pt": out / "pt.json", "sft": out / "sft.json", "sft_pmod": out / "sft_pmod.json", "images": out}
     for name, records in (("pt", pt), ("sft", sft), ("sft_pmod", sft_pmod)):

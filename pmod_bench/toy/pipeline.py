@@ -9,6 +9,7 @@ Steps (each skipped when its output is complete, so a killed run continues where
       models/pt, models/sft               `pmod-bench train` run directories of the shared stages (PT, SFT)
       models/<model>/                     one SFT continuation per model (baseline, p-MoD-*, ablations)
       eval/<model>/                       `pmod-bench eval --suite toy` run directories (+ introspection.json)
+      data/bench-blank/, controls/        the control: the baseline evaluated on the benchmark's images blanked
       profile/                            profile run directory (FLOPs, KV cache, CPU latency per model)
       routing.json                        the kept-token statistic of every p-MoD model
       logs/                               each job's own output (prep-vision, train-<model>, eval-<model>)
@@ -58,9 +59,11 @@ class Plan:
     bench_n: int = 60
     """documents per benchmark split"""
     train_images: int = 3600
-    """SFT scenes (the baseline's SFT sees each once)"""
-    turns: int = 10
+    """SFT scenes"""
+    turns: int = 20
     """questions per SFT conversation (one image, many short answers: the image's tokens are paid once)"""
+    rounds: int = 4
+    """SFT conversations per scene (each a fresh draw of questions): train_images x rounds x ~turns question instances"""
     pt_images: int = 1280
     pmod_samples: int = 1920
     """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
@@ -75,7 +78,7 @@ class Plan:
         from .data import DATA_VERSION
 
         h = hashlib.sha256()
-        h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns,
+        h.update(json.dumps({"data": DATA_VERSION, "train_images": self.train_images, "turns": self.turns, "rounds": self.rounds,
                              "pt_images": self.pt_images, "pmod_samples": self.pmod_samples, "lm_steps": self.lm_steps,
                              "vision_steps": self.vision_steps, "seed": self.seed}, sort_keys=True).encode())
         for p in sorted((PACKAGE_DIR / "recipes").glob("*.yaml")):
@@ -177,10 +180,11 @@ class Reproduction:
             self.log(f"writing the toy benchmark ({self.plan.bench_n} documents per split) to {self.bench_root}")
             write_benchmark(self.bench_root, n=self.plan.bench_n)
         marker = self.train_dir / "toy_train.json"
-        want = {"images": self.plan.train_images, "turns": self.plan.turns, "seed": self.plan.seed}
+        want = {"images": self.plan.train_images, "turns": self.plan.turns, "rounds": self.plan.rounds, "seed": self.plan.seed}
         if self.needs_training() and not (marker.is_file() and json.loads(marker.read_text()) == want):
-            self.log(f"writing {self.plan.train_images} training scenes ({self.plan.turns} questions each) to {self.train_dir}")
-            write_training(self.train_dir, n_images=self.plan.train_images, turns=self.plan.turns)
+            self.log(f"writing {self.plan.train_images} training scenes ({self.plan.rounds} conversations of {self.plan.turns} "
+                     f"questions each) to {self.train_dir}")
+            write_training(self.train_dir, n_images=self.plan.train_images, turns=self.plan.turns, rounds=self.plan.rounds)
             atomic_write_json(marker, want)
 
     def needs_training(self) -> bool:
@@ -325,21 +329,42 @@ class Reproduction:
             raise RuntimeError(f"no checkpoint for {name}")
         return src
 
+    @property
+    def blank_root(self) -> Path:
+        """The blanked copy of the benchmark (``pmod_bench.toy.controls``): the baseline's control run reads it."""
+        return self.out / "data" / "bench-blank"
+
+    def _evaluations(self) -> list:
+        """(name, checkpoint model, run directory, benchmark root) of every evaluation: the models, then the control
+        (the baseline on the blanked images)."""
+        from .report import BLANK_RUN, CONTROLS_DIR
+
+        todo = [(name, name, self.eval_dir(name), self.bench_root) for name in self.plan.models]
+        if "baseline" in self.plan.models:
+            todo.append((BLANK_RUN, "baseline", self.out / CONTROLS_DIR / BLANK_RUN, self.blank_root))
+        return todo
+
     def evaluate(self, jobs: "Jobs") -> None:
+        from .controls import blank_benchmark_ok, write_blank_benchmark
+        from .data import HUB_ID
         from .parallel import eval_job
 
         t = time.time()
+        if not blank_benchmark_ok(self.blank_root / HUB_ID, self.bench_root / HUB_ID):
+            write_blank_benchmark(self.bench_root / HUB_ID, self.blank_root / HUB_ID)
         running = {}
-        for name in self.plan.models:
-            run_dir = self.eval_dir(name)
+        for name, model_name, run_dir, bench in self._evaluations():
             if (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("complete"):
                 continue
-            model = str(self.checkpoint(name))
+            model = str(self.checkpoint(model_name))
+            # the checkpoint's own chat template: the toy template it was trained with (Vicuna v1 for older checkpoints)
             cfg = dict(model=model, suite="toy", output=str(run_dir), batch_size=1, limit=self.plan.eval_limit,
-                       label=f"toy/{name}", command=f"pmod-bench eval --model {model} --suite toy --output {run_dir}"
+                       label=f"toy/{name}", chat_template="processor",
+                       command=f"pmod-bench eval --model {model} --suite toy --chat-template processor --output {run_dir}"
                        + (f" --limit {self.plan.eval_limit}" if self.plan.eval_limit else ""))
-            self.log(f"evaluating {name} on the toy suite through lmms-eval (log: {self.log_path(f'eval-{name}')})")
-            running[jobs.submit(eval_job, cfg, str(self.bench_root), str(self.log_path(f"eval-{name}")))] = name
+            what = "the blanked images (control)" if bench == self.blank_root else "the toy suite"
+            self.log(f"evaluating {model_name} on {what} through lmms-eval (log: {self.log_path(f'eval-{name}')})")
+            running[jobs.submit(eval_job, cfg, str(bench), str(self.log_path(f"eval-{name}")))] = name
         self._collect(running, self._finish_eval)
         if running:
             self._add_time("evaluation (wall)", time.time() - t)
@@ -381,17 +406,10 @@ class Reproduction:
         self._timed("profile", go)
 
     def text_tokens(self) -> int:
-        """Prompt tokens of a toy existence question (system prompt + question), the profile scenario's text."""
-        from transformers import AutoTokenizer
+        """Prompt tokens of a toy existence question in the checkpoint's chat template, the profile scenario's text."""
+        from .routing import prompt_text_tokens
 
-        from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
-
-        from .questions import SHORT
-
-        tok = AutoTokenizer.from_pretrained(str(self.checkpoint("baseline")))
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle in the image?" + SHORT}]}]
-        text = tok.apply_chat_template(msgs, chat_template=VICUNA_V1_TEMPLATE, add_generation_prompt=True, tokenize=False)
-        return len(tok(text)["input_ids"]) - 1  # without the <image> placeholder
+        return prompt_text_tokens(str(self.checkpoint("baseline")))
 
     # --------------------------------------------------------------------------------- routing
     def routing(self) -> None:
@@ -405,13 +423,12 @@ class Reproduction:
             from pmod_bench import load_model
             from pmod_bench.tasks.introspection import write_introspection
 
-            from .questions import SHORT
-            from .routing import kept_token_statistic
+            from .routing import EXIST_QUESTION, kept_token_statistic
             from .world import render
 
             torch.set_num_threads(1)
             scenes = self._eval_scenes(self.plan.routing_images)
-            question = "Is there a red circle in the image?" + SHORT
+            question = EXIST_QUESTION
             result = {}
             for name in self.plan.models:
                 if name == "baseline":
@@ -564,7 +581,7 @@ def reproduce(out: str | os.PathLike, quick: bool = False, retrain: bool = False
     from .parallel import default_jobs
 
     plan = QUICK_PLAN if quick else FULL
-    steps = 1 + len(plan.models) * 2 + 4  # data, train + eval per model, profile, routing, methods, report
+    steps = 1 + len(plan.models) * 2 + 5  # data, train + eval per model, the control's eval, profile, routing, methods, report
     prog = Progress(steps, quiet=quiet)
     try:
         rep = Reproduction(Path(out), plan, retrain=retrain, progress=prog, jobs=jobs or default_jobs())

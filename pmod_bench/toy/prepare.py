@@ -35,9 +35,28 @@ LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_atten
            max_position_embeddings=2048)
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 VOCAB_SIZE = 640
+#: the toy tokenizer's pre-split (each match a piece of its own, BPE merges within the pieces between them)
+SPLIT = r"USER:|\s?ASSISTANT:|\n"
 #: init std of the toy Llama: ~1/sqrt(hidden) (HF's 0.02 is sized for hidden 4096; at 64 it leaves attention
 #: near-uniform and the text embeddings ~70x smaller than the projected image features)
 INIT_STD = 0.1
+#: the toy chat template: Vicuna v1's turns without its system prompt, ``USER: <image>\nQ ASSISTANT: A</s>USER: ...``.
+#: The system prompt's 55 tokens made text 38% of a toy prompt (LLaVA-NeXT-7B: ~2%), which kept p-MoD's FLOPs ratio
+#: at 66%; without it the vision tokens are ~85% of an existence prompt, as in the paper's setting.
+TOY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT:' }}"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ ' ' + item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '</s>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def deterministic(seed: int) -> None:
@@ -53,35 +72,42 @@ def deterministic(seed: int) -> None:
 # ----------------------------------------------------------------------------------- tokenizer
 def corpus(seed: int = 0) -> list:
     from pmod_bench.model.presets import _CORPUS
-    from pmod_bench.train.data import VICUNA_SYSTEM
 
     rng = random.Random(seed)
-    lines = [VICUNA_SYSTEM + " USER: ASSISTANT:", _CORPUS, SHORT, LETTER, REFCOCO_PROMPT]
+    from .questions import conversation, popularity, scene_for
+
+    lines = ["USER: ASSISTANT:", _CORPUS, SHORT, LETTER, REFCOCO_PROMPT]
     for obj in ALL_OBJECTS:
-        lines.append(f"Is there a {obj} in the image?{SHORT} yes no")
+        lines.append(f"Is there a {obj} in the image?{SHORT} ASSISTANT: yes")
         lines.append(REFCOCO_PROMPT + f"the {obj}")
     for s in SHAPES:
-        lines += [f"What color is the {s}?{SHORT}", f"How many {plural(s)} are there?{SHORT} 0 1 2 3 4"]
+        lines += [f"What color is the {s}?{SHORT}", f"How many {plural(s)} are there?{SHORT} ASSISTANT: 0 1 2 3 4"]
     for c in COLOURS:
         lines += [f"What shape is the {c} object?{SHORT}", f"Which shape is {c}?\nA. circle\nB. square\nC. triangle\nD. diamond"]
-    lines.append("What number is written in the image?" + SHORT + " 0 1 2 3 4 5 6 7 8 9")
-    for _ in range(300):
-        sc = sample_scene(rng)
+    lines.append("What number is written in the image?" + SHORT + " ASSISTANT: 0 1 2 3 4 5 6 7 8 9")
+    kinds = ("exist", "attribute", "count", "mc", "text", "ground")
+    for i in range(300):  # conversations as the toy template writes them: the merges follow the prompts' frequencies
+        sc = scene_for(kinds[i % len(kinds)], rng)
         lines.append(describe(sc))
         for s in sc.shapes:
             lines.append(box_text(s.box, sc.size))
+        turns = conversation(sc, rng, 10, popularity([sc]))
+        lines.append("".join(f"USER: {q['value']} ASSISTANT: {a['value']}</s>" for q, a in zip(turns[::2], turns[1::2])))
     return lines
 
 
 def build_tokenizer(seed: int = 0):
-    """The toy tokenizer: byte-level BPE on :func:`corpus` with the tiny preset's special tokens and Vicuna v1 template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The toy tokenizer: byte-level BPE on :func:`corpus` with the tiny preset's special tokens and :data:`TOY_TEMPLATE`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pmod_bench.model.presets import IMAGE_TOKEN, VICUNA_V1_TEMPLATE, _special_tokens
+    from pmod_bench.model.presets import IMAGE_TOKEN, _special_tokens
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # merges may span words (no split at spaces), so a frequent question or instruction becomes a few tokens; the
+    # roles and line breaks are pieces of their own, so no token joins a prompt to its answer
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=_special_tokens(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -89,7 +115,7 @@ def build_tokenizer(seed: int = 0):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left", model_max_length=2048,
-        chat_template=VICUNA_V1_TEMPLATE,
+        chat_template=TOY_TEMPLATE,
     )
 
 
@@ -237,15 +263,14 @@ def build_vision_tower(out: str | Path, seed: int = 0, steps: int = 5000, batch:
 
 # ------------------------------------------------------------------------------ language model
 def _lm_texts(rng: random.Random, n: int, turns: int = 4) -> list:
-    """Text-only pretraining data in the SFT format, with the scene's *caption where the image goes*::
+    """Text-only pretraining data in the SFT format (:data:`TOY_TEMPLATE`), with the scene's *caption where the image
+    goes*::
 
-        SYSTEM USER: The picture shows a red circle at the top left, ...\n<question> ASSISTANT: <answer></s>USER: ...
+        USER: The picture shows a red circle at the top left, ...\n<question> ASSISTANT: <answer></s>USER: ...
 
     Every answer follows from the caption in context, so the toy LM learns to look up colours, shapes, counts
     and digits in its context instead of a context-free answer prior (which SFT would then have to unlearn);
     PT then only has to teach the connector to write the image into those slots."""
-    from pmod_bench.train.data import VICUNA_SYSTEM
-
     from .questions import conversation, popularity, scene_for
 
     out = []
@@ -253,7 +278,7 @@ def _lm_texts(rng: random.Random, n: int, turns: int = 4) -> list:
     for i in range(n):
         sc = scene_for(kinds[i % len(kinds)], rng)
         conv = conversation(sc, rng, turns, popularity([sc]))
-        text = VICUNA_SYSTEM + " "
+        text = ""
         for t in conv:
             if t["from"] == "human":
                 text += "USER: " + t["value"].replace("<image>", describe(sc)) + " "

@@ -174,7 +174,7 @@ def conversation(scene: Scene, rng: random.Random, turns: int, pop: list) -> lis
     """Training turns for one scene (LLaVA format): ``turns`` questions of random kinds, the image in the first."""
     conv: list = []
     tried = 0
-    while len(conv) < 2 * turns and tried < 20:
+    while len(conv) < 2 * turns and tried < 4 * turns:  # repeats are redrawn: a scene has few distinct questions of some kinds
         tried += 1
         kind = rng.choices(TRAIN_KINDS, weights=TRAIN_WEIGHTS)[0]
         if kind == "exist":

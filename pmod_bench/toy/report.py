@@ -2,9 +2,11 @@
 
 Reads only run directories (docs/RUN_DIRS.md): ``eval/<model>/summary.json``, ``profile/profile.json``,
 ``models/<model>/train_summary.json`` (or the reused checkpoint's), ``routing.json`` and
-``methods/methods.json``. Rows are built once and rendered as Markdown, LaTeX (booktabs) and CSV.
-Scores are percentages; AVG is the mean over the six toy benchmarks (chance: Exist 50 F1 at best for
-always-yes ~67; Attr ~20; Count ~20; MC 25; Text 10; Ground ~0).
+``methods/methods.json``, ``controls/baseline-blanked/`` and the eval runs' logged samples. Rows are built once
+and rendered as Markdown, LaTeX (booktabs) and CSV. Scores are percentages; AVG is the mean over the six toy
+benchmarks, shown with its 95% bootstrap interval; column headers give n, the documents each score rests on
+(``pmod_bench.toy.stats``). The controls table (``pmod_bench.toy.controls``) sets the baseline beside its own
+score on blanked images, a text-only answerer and the best constant answer (chance).
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ SHORT = {"Toy-Exist": "Exist", "Toy-Attr": "Attr", "Toy-Count": "Count", "Toy-MC
          "Toy-Ground": "Ground"}
 SCHEDULE_FLAGS = {"Constant": ("no", "no"), "Interleaved": ("no", "no"), "Stepped": ("yes", "no"), "Linear": ("yes", "yes"),
                   "PRD (cosine)": ("yes", "yes")}
+#: where ``reproduce --toy`` evaluates the baseline on the blanked benchmark (``pmod_bench.toy.controls``)
+CONTROLS_DIR, BLANK_RUN = "controls", "baseline-blanked"
+BLANK_LABEL = "baseline, blanked images"
+CONTROL_LABELS = {"text-only": "text only (question prior)", "chance": "chance (best constant answer)"}
 TITLES = {
     "table1": "Toy Table 1: the baseline and p-MoD-0.5 on the toy suite, with prefill TFLOPs and KV cache",
     "table3": "Toy Table 3: ablation of p-MoD's components (same mean retention)",
     "table4": "Toy Table 4: retention-ratio schedules (same mean retention)",
     "table6": "Toy Table 6: weight normalisation of the router output",
     "table7": "Toy Table 7: efficiency-performance trade-off across shift factors",
+    "controls": "Toy controls: the baseline beside what is scored without the image or without a model",
 }
 
 
@@ -62,8 +69,50 @@ def collect(out: Path) -> dict:
         if s:
             train[name] = {"wall_s": s.get("wall_s"), "steps": s.get("steps"), "final_loss": s.get("final_loss"),
                            "samples": s.get("samples"), "source": str(src)}
+    stats = _statistics(out, list(scores))
     return {"scores": scores, "n": n, "profile": prof, "train": train, "routing": _read(out / "routing.json") or {},
-            "methods": _read(out / "methods" / "methods.json") or {}, "state": state}
+            "methods": _read(out / "methods" / "methods.json") or {}, "state": state, **stats}
+
+
+def _public(summary: dict) -> dict:
+    """A ``stats.summarise`` result as plain data: scores, n, AVG and its 95% interval."""
+    from .stats import interval
+
+    ci = interval(summary["boot_avg"])
+    return {"scores": summary["scores"], "n": summary["n"], "avg": summary["avg"],
+            "avg_low": None if ci is None else ci[0], "avg_high": None if ci is None else ci[1]}
+
+
+def _statistics(out: Path, models: list) -> dict:
+    """Intervals of every evaluated model, the controls (``pmod_bench.toy.controls``) and the paired differences of
+    AVG that the report may claim (``pmod_bench.toy.stats``)."""
+    from .stats import difference, load_docs, summarise
+
+    summaries = {m: summarise(load_docs(out / "eval" / m)) for m in models}
+    intervals = {m: _public(s) for m, s in summaries.items() if s["scores"]}
+    controls: dict = {}
+    blank = out / CONTROLS_DIR / BLANK_RUN
+    if (blank / "summary.json").is_file():
+        controls[BLANK_LABEL] = _public(summarise(load_docs(blank)))
+    if "baseline" in summaries and summaries["baseline"]["scores"]:
+        from .controls import no_model_controls
+
+        for key, docs in no_model_controls(out / "eval" / "baseline").items():
+            controls[CONTROL_LABELS[key]] = _public(summarise(docs))
+    for name, m in (((_read(out / "methods" / "methods.json") or {}).get("methods")) or {}).items():
+        if isinstance(m, dict) and m.get("run_dir") and Path(m["run_dir"]).is_dir():  # comparison methods
+            summary = summarise(load_docs(m["run_dir"]))
+            if summary["scores"]:
+                intervals[f"method:{name}"] = _public(summary)
+    pairs = [(m, "baseline") for m in models if m != "baseline"]
+    pairs += [(a, b) for a, b in (("p-MoD-0.3", "p-MoD-0.5"), ("p-MoD-0.4", "p-MoD-0.5")) if a in models and b in models]
+    differences = []
+    for a, b in pairs:
+        if "baseline" in summaries and a in summaries and b in summaries:
+            d = difference(summaries[a], summaries[b])
+            if d is not None:
+                differences.append({"model": a, "reference": b, **d})
+    return {"intervals": intervals, "controls": controls, "differences": differences}
 
 
 def average(vals: dict) -> Optional[float]:
@@ -75,11 +124,13 @@ def average(vals: dict) -> Optional[float]:
 def build_tables(data: dict) -> dict:
     """{table key: {"title", "columns", "rows": [[cell, ...]]}}; cells are str / float / None."""
     S, P, T = data["scores"], data["profile"], data["train"]
-    bcols = [SHORT[b] for b in BENCH]
+    common = _common_n(data.get("n") or {})
+    bcols = [SHORT[b] + (f" (n={common[b]})" if b in common else "") for b in BENCH]
 
     def scores(name):
-        v = S.get(name, {})
-        return [v.get(b) for b in BENCH] + [average(v)]
+        v, n = S.get(name, {}), (data.get("n") or {}).get(name, {})
+        return [_with_n(v.get(b), None if b in common else n.get(b)) for b in BENCH] + \
+            [_avg_cell(average(v), (data.get("intervals") or {}).get(name))]
 
     tables = {}
     rows = []
@@ -102,9 +153,40 @@ def build_tables(data: dict) -> dict:
                      p.get("prefill_latency_ms"), _pct(p.get("kv_cache_ratio")), *scores(name)])
     tables["table7"] = {"columns": ["Model", "Training CPU s", "MFLOPs", "TFLOPs %", "Latency (ms)", "KV cache", *bcols, "AVG"],
                         "rows": rows}
+    controls = data.get("controls") or {}
+    if controls:
+        rows = [["toy LLaVA-NeXT (baseline)", *scores("baseline")]]
+        for label, c in controls.items():
+            rows.append([label, *[_with_n(c["scores"].get(b), None if c["n"].get(b) == common.get(b) else c["n"].get(b))
+                                  for b in BENCH], _avg_cell(c["avg"], c)])
+        tables["controls"] = {"columns": ["Control", *bcols, "AVG [95% CI]"], "rows": rows}
+    limit = ((data.get("state") or {}).get("plan") or {}).get("eval_limit")
     for k in tables:
-        tables[k]["title"] = TITLES[k]
+        tables[k]["title"] = TITLES[k] + (f" (--quick: at most {limit} documents a task, a smoke-test size)" if limit else "")
+        tables[k]["columns"] = [c.replace("AVG", "AVG [95% CI]") if c == "AVG" else c for c in tables[k]["columns"]]
     return tables
+
+
+def _common_n(n: dict) -> dict:
+    """{benchmark: n} for the benchmarks every evaluated model scored on the same number of documents."""
+    out = {}
+    for b in BENCH:
+        got = {v.get(b) for v in n.values() if v.get(b) is not None}
+        if len(got) == 1:
+            out[b] = got.pop()
+    return out
+
+
+def _with_n(v: Optional[float], n: Optional[int]):
+    """A score, with its document count when the column header does not give it."""
+    return v if v is None or n is None else f"{v:.1f} (n={n})"
+
+
+def _avg_cell(avg: Optional[float], iv: Optional[dict]):
+    """AVG with its 95% bootstrap interval (``pmod_bench.toy.stats``) when known."""
+    if avg is None or not iv or iv.get("avg_low") is None:
+        return avg
+    return f"{avg:.1f} [{iv['avg_low']:.1f}, {iv['avg_high']:.1f}]"
 
 
 def _g(row: dict, key: str, scale: float) -> Optional[float]:
@@ -186,6 +268,11 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
                 if avg is None or x is None:
                     continue
                 is_shift = name in shift_series or name == "baseline"
+                iv = (data.get("intervals") or {}).get(name) or {}
+                if iv.get("avg_low") is not None:  # the AVG's 95% bootstrap interval
+                    ax.errorbar([100 * x], [avg], yerr=[[avg - iv["avg_low"]], [iv["avg_high"] - avg]], fmt="none",
+                                ecolor="#999999", elinewidth=0.8, capsize=2, zorder=2,
+                                label=once("ci", "95% bootstrap interval of the average"))
                 ax.scatter([100 * x], [avg], s=28 if is_shift else 18, marker="*" if name == "baseline" else "o",
                            color="#c0392b" if name == "baseline" else ("#1f6fb4" if is_shift else "#7f7f7f"), zorder=3,
                            label=None if is_shift else once("ablation", "Table 3/4 ablation (same mean retention)"))
@@ -205,9 +292,16 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
                     if avg is None or not base_flops or match.get("metric") != "prefill":
                         continue
                     x = 100 * match["achieved"] / base_flops
+                    iv = (data.get("intervals") or {}).get(f"method:{mname}") or {}
+                    if iv.get("avg_low") is not None:
+                        ax.errorbar([x], [avg], yerr=[[avg - iv["avg_low"]], [iv["avg_high"] - avg]], fmt="none",
+                                    ecolor="#999999", elinewidth=0.8, capsize=2, zorder=2)
                     ax.scatter([x], [avg], marker="^", s=22, color="#2ca02c", zorder=3,
                                label=once("method", "comparison method on the baseline, FLOPs of p-MoD-0.5"))
                     ax.annotate(mname, (x, avg), fontsize=6, xytext=(3, -8), textcoords="offset points")
+            for (label, c), style in zip((data.get("controls") or {}).items(), (":", "--", "-.")):
+                if c.get("avg") is not None:  # the controls' level (no FLOPs of their own)
+                    ax.axhline(c["avg"], color="#7f7f7f", lw=0.8, ls=style, zorder=1, label=once(label, f"control: {label}"))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("toy suite average (%)")
         handles, labels = axs[0].get_legend_handles_labels()  # below the panels: no point hidden under it
@@ -243,6 +337,20 @@ def plot_routing(routing: dict, stem: Path) -> list:
 
 
 # --------------------------------------------------------------------------------------- report
+def _differences_lines(data: dict) -> list:
+    """What the report may claim: each model's AVG minus its reference's, with the paired 95% bootstrap interval."""
+    diffs = data.get("differences") or []
+    if not diffs:
+        return []
+    lines = ["## Differences in AVG (paired bootstrap over the same documents)", "",
+             "| model | reference | difference | 95% CI | claim |", "|---|---|---|---|---|"]
+    for d in diffs:
+        claim = ("lower" if d["diff"] < 0 else "higher") if d["distinguishable"] else "not distinguishable (interval holds 0)"
+        lines.append(f"| {d['model']} | {d['reference']} | {d['diff']:+.1f} | [{d['low']:+.1f}, {d['high']:+.1f}] | {claim} |")
+    return lines + ["", "A difference whose interval holds 0 is within what another draw of documents could give: not "
+                    "claimed.", ""]
+
+
 def write_report(out: Path, plan: Any = None) -> Path:
     from pmod_bench.reports.figures import plot_selection_map, plot_token_selection
 
@@ -254,15 +362,18 @@ def write_report(out: Path, plan: Any = None) -> Path:
     index = ["# Toy world reproduction", "",
              "Every number below was measured by `pmod-bench reproduce --toy` in this output directory: models trained with",
              "`pmod-bench train` (toy recipes), scored through lmms-eval with the `pmod_llava` plugin (`--suite toy`), profiled",
-             "with `pmod-bench profile`'s library. Scores in %; AVG = mean of the six toy benchmarks.", ""]
+             "with `pmod-bench profile`'s library. Scores in %; AVG = mean of the six toy benchmarks, with its 95% bootstrap",
+             "interval (documents resampled, `pmod_bench.toy.stats`); n = documents a benchmark was scored on.", ""]
     limit = (data["state"].get("plan") or {}).get("eval_limit")
     if limit:
-        index += [f"*Quick run*: at most {limit} documents per task (`--limit {limit}`): smoke-test precision.", ""]
+        index += [f"**Quick run, a smoke-test size**: at most {limit} documents per task (`--limit {limit}`); the intervals "
+                  "are wide, and differences within them are not results.", ""]
     for key, t in tables.items():
         atomic_write_text(rep / f"{key}.md", render_markdown(t))
         atomic_write_text(rep / f"{key}.tex", render_latex(t))
         atomic_write_text(rep / f"{key}.csv", render_csv(t))
         index += [render_markdown(t), f"({key}.md / .tex / .csv)", ""]
+    index += _differences_lines(data)
     figs = []
     if data["scores"]:
         figs += plot_tradeoff(data, rep / "tradeoff")
@@ -293,7 +404,9 @@ def write_report(out: Path, plan: Any = None) -> Path:
     m = data["methods"]
     index += ["## Comparison methods (pmod_bench.methods, token budget solved to p-MoD-0.5's prefill FLOPs)", ""]
     if m.get("available"):
-        index += ["| method | setting | FLOPs matched (rel. err.) | " + " | ".join(SHORT[b] for b in BENCH) + " | AVG |",
+        common = _common_n(data.get("n") or {})
+        index += ["| method | setting | FLOPs matched (rel. err.) | "
+                  + " | ".join(SHORT[b] + (f" (n={common[b]})" if b in common else "") for b in BENCH) + " | AVG [95% CI] |",
                   "|---|---|---|" + "---|" * (len(BENCH) + 1)]
         for name, r in (m.get("methods") or {}).items():
             if "error" in r:
@@ -301,7 +414,8 @@ def write_report(out: Path, plan: Any = None) -> Path:
                 continue
             sc = r.get("scores") or {}
             index.append(f"| {name} | `{r['spec']}` | {r['match']['rel_err']:.3f} | "
-                         + " | ".join(_cell(sc.get(b)) for b in BENCH) + f" | {_cell(average(sc))} |")
+                         + " | ".join(_cell(sc.get(b)) for b in BENCH)
+                         + f" | {_cell(_avg_cell(average(sc), (data.get('intervals') or {}).get(f'method:{name}')))} |")
         index.append("")
     else:
         index += [m.get("note", "not run") if m else "not run", ""]

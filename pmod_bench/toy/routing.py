@@ -44,6 +44,26 @@ def token_regions(model, processor, image_size: tuple[int, int]) -> list:
     return regions
 
 
+#: the question of the profile scenario and of the routing statistic (a toy existence question, the instruction included)
+EXIST_QUESTION = "Is there a red circle in the image?\nAnswer the question using a single word or phrase."
+
+
+def toy_prompt(processor, question: str) -> str:
+    """One toy question about one image (first) in the checkpoint's own chat template: the toy template it was
+    trained with (``pmod_bench.toy.prepare.TOY_TEMPLATE``; Vicuna v1 for checkpoints made before it)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_text_tokens(checkpoint: str, question: str = EXIST_QUESTION) -> int:
+    """Text tokens of :func:`toy_prompt` (the image placeholder not counted) for the checkpoint's processor."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    ids = processor.tokenizer(toy_prompt(processor, question))["input_ids"]
+    return len(ids) - ids.count(processor.tokenizer.convert_tokens_to_ids(processor.image_token))
+
+
 def _overlaps(mask, region) -> bool:
     import math
 
@@ -54,8 +74,6 @@ def _overlaps(mask, region) -> bool:
 def kept_token_statistic(model, processor, scenes: Iterable[Any], question: str) -> dict:
     """The statistic above over ``scenes`` (toy world Scenes), per routed layer and pooled over layers."""
     import torch
-
-    from pmod_bench.model.presets import VICUNA_V1_TEMPLATE
 
     from .world import render
 
@@ -69,10 +87,7 @@ def kept_token_statistic(model, processor, scenes: Iterable[Any], question: str)
         n_images += 1
         regions = token_regions(model, processor, scene.size)
         on_shape = [None if reg is None else _overlaps(mask, reg) for reg in regions]
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, chat_template=VICUNA_V1_TEMPLATE, add_generation_prompt=True,
-                                               tokenize=False)
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        inputs = processor(images=image, text=toy_prompt(processor, question), return_tensors="pt")
         with torch.no_grad(), model.record_routing() as rec:
             model(**inputs)
         target = inputs["input_ids"][0] == model.config.image_token_id
@@ -116,4 +131,4 @@ def kept_token_statistic(model, processor, scenes: Iterable[Any], question: str)
     }
 
 
-__all__ = ["kept_token_statistic", "token_regions"]
+__all__ = ["EXIST_QUESTION", "kept_token_statistic", "prompt_text_tokens", "toy_prompt", "token_regions"]

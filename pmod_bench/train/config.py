@@ -139,6 +139,8 @@ class DataConfig:
     """Qwen2.5-VL dynamic resolution: each image is resized (sides multiples of 28 px) to at least this many pixels; null = the processor's own setting. Refused for hosts without a pixel budget (LLaVA)."""
     max_pixels: int | None = None
     """Qwen2.5-VL dynamic resolution: the pixel cap per image (tokens ~ pixels / 28^2; lmms-eval's qwen2_5_vl evaluates at 1605632); null = the processor's own setting."""
+    cache: bool = False
+    """Build every sample once before training (tokens, label masks, pixel tensors) and keep them in memory and in $PMOD_BENCH_CACHE/train-samples, keyed on the data files' bytes, the images' sizes and times and the processor, so a changed dataset is never served stale (pmod_bench.train.cache): for small models, whose step costs about what the per-sample image and text work does. Same samples, same weights."""
 
     def __post_init__(self) -> None:
         if isinstance(self.json, (str, os.PathLike)):
@@ -159,6 +161,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be a positive integer or null, got {v!r}.")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ConfigError(f"data.min_pixels ({self.min_pixels}) must not exceed data.max_pixels ({self.max_pixels}).")
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"data.cache must be true or false, got {self.cache!r}.")
 
     def pixel_budget(self) -> dict | None:
         """The processor's ``size`` override for the pixel budget ({shortest_edge: min, longest_edge: max}), or None."""

@@ -319,6 +319,21 @@ class LlavaConversationDataset(Dataset):
             self._order[modality] = sorted((i for i, l in enumerate(lengths) if (l > 0) == modality),
                                            key=lambda i: (abs(lengths[i]), i))
         self._rank = {i: k for order in self._order.values() for k, i in enumerate(order)}
+        self._prebuilt: dict | None = None  # data.cache: position -> built sample (pmod_bench.train.cache)
+
+    def use_prebuilt(self, samples: dict, bad: dict) -> None:
+        """Serve samples built beforehand (``data.cache``, :mod:`pmod_bench.train.cache`) instead of building them
+        per access; ``bad``: the records that could not be built, {position: bad-sample entry}."""
+        self._prebuilt = samples
+        for j, entry in bad.items():
+            self.known_bad.setdefault(j, entry)
+
+    def _sample(self, j: int) -> dict:
+        """Record ``j`` as a training sample: the built one when cached (ids back to int64), else built now."""
+        cached = None if self._prebuilt is None else self._prebuilt.get(j)
+        if cached is None:
+            return self.build(self.records[j])
+        return {**cached, "input_ids": cached["input_ids"].long(), "labels": cached["labels"].long()}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -357,7 +372,7 @@ class LlavaConversationDataset(Dataset):
             if entry is None:
                 rec = self.records[j]
                 try:
-                    sample = self.build(rec)
+                    sample = self._sample(j)
                 except _Bad as exc:
                     entry = {"index": rec.index, "id": rec.id, "path": exc.path, "reason": exc.reason}
                     if self.on_bad_sample == "fail":

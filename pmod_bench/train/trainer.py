@@ -64,7 +64,7 @@ SCHEMA_VERSION = 1
 #: configuration keys that may differ between invocations of one run (everything else must match)
 VOLATILE_KEYS = ("output_dir", "label", "recipe", "train.resume", "train.stop_at_step", "train.progress_bar",
                  "train.report_to", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.device",
-                 "data.num_workers", "data.max_consecutive_bad")
+                 "data.num_workers", "data.max_consecutive_bad", "data.cache")
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -804,6 +804,13 @@ def _make_trainer(cfg: TrainConfig, model, processor, args: TrainingArguments, r
     run.dataset = dataset
     dataset.mark_bad(list(run.logged_bad.values()))  # found in earlier sessions: not read again
     run.log_bad(dataset.malformed)
+    if cfg.data.cache:  # every sample built once (or loaded), before the first step
+        from pmod_bench.train.cache import attach_cache
+
+        t0 = time.time()
+        got = attach_cache(dataset, cfg.data.json)
+        log.info("data.cache: %d samples %s %s in %.1f s (%d bad)", got["samples"],
+                 "loaded from" if got["loaded"] else "built and stored in", got["path"], time.time() - t0, got["bad"])
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return PMoDTrainer(
