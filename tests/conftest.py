@@ -243,3 +243,113 @@ def train_workspace(tmp_path_factory, name: str, train_keys: str):
         f"train: {{{train_keys}}}\n"
     )
     return root, recipe
+
+
+# ------------------------------------------------------------------------------------- host-specific test checks
+#: the checks every host-specific test file (test_qwen.py, test_llava_onevision.py) runs on its own host's extras
+
+
+def check_pmod_classes(vanilla, host_name: str, config_cls, model_cls):
+    """to_pmod gives the host's registered p-MoD classes (Auto* included), linear routers on the LLM layers and no
+    copy of the weights; returns the p-MoD model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from pmod_bench import PMoDConfig
+    from pmod_bench.model.hosts import host_for
+    from pmod_bench.model.modeling import to_pmod
+
+    model = to_pmod(vanilla, PMoDConfig(shift=0.5))
+    assert type(model) is model_cls and model.host is host_for(host_name)
+    assert isinstance(model.config, config_cls) and model.config.model_type == f"pmod_{host_name}"
+    names = [n for n, _ in model.named_parameters() if ".router." in n]
+    assert names and all(n.startswith("model.language_model.layers.") and n.split(".router.")[1] in ("weight", "bias")
+                         for n in names)
+    assert AutoConfig.for_model(f"pmod_{host_name}").__class__ is config_cls
+    assert AutoModelForImageTextToText.from_config(model.config).__class__ is model_cls
+    assert model.lm_head.weight.data_ptr() == vanilla.lm_head.weight.data_ptr()  # no copy
+    return model
+
+
+def check_hub_directory_round_trip(hub, out, inputs, vanilla_name: str, processor_name: str):
+    """``hub``: a vanilla checkpoint directory. load_model gives the vanilla model, or p-MoD with zero routers (at
+    ratio 1 everywhere: the vanilla logits); a p-MoD model saved to ``out`` loads back with its routers and ratios.
+    Returns the loaded processor."""
+    import torch
+
+    from pmod_bench.model.loading import checkpoint_layout, load_model
+    from pmod_bench.model.presets import random_routers
+
+    assert checkpoint_layout(hub) == "vanilla"
+    base, proc = load_model(str(hub))
+    assert type(base).__name__ == vanilla_name and type(proc).__name__ == processor_name
+    pmod, _ = load_model(str(hub), pmod={"shift": 0.5})
+    assert pmod.pmod_layers and all(torch.count_nonzero(l.router.weight) == 0 for l in pmod.pmod_layers.values())
+    valid = inputs["attention_mask"].bool()
+    pmod.set_pmod_ratios(ratios=[1.0] * 8)
+    with torch.no_grad():
+        assert (pmod(**inputs).logits - base(**inputs).logits)[valid].abs().max() < 1e-5  # zero routers at ratio 1: intact
+    random_routers(pmod, seed=1)
+    pmod.set_pmod_ratios(shift=0.6)
+    pmod.save_pretrained(out)
+    proc.save_pretrained(out)
+    assert checkpoint_layout(out) == "pmod"
+    again, _ = load_model(str(out))
+    assert again.layer_ratios() == pmod.layer_ratios() and sorted(again.pmod_layers) == sorted(pmod.pmod_layers)
+    with torch.no_grad():
+        assert (again(**inputs).logits - pmod(**inputs).logits)[valid].abs().max() < 1e-5
+    return proc
+
+
+def check_several_images_decode(host: TinyHost, model, batch):
+    """On a batch whose sample 0 holds several images: cached decode == full recompute, and all images of sample 0
+    are one routing target (k = trunc(V * rho) over all of them)."""
+    import torch
+
+    with torch.no_grad(), model.record_routing() as rec:
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        full = model(**host.full_inputs(batch, out.sequences), use_cache=False).logits
+    n = batch["input_ids"].shape[1]
+    for t, step in enumerate(out.logits):
+        assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, t
+    for idx, r in rec.items():
+        V = int(r["target"][0].sum())
+        assert int(r["selected"][0].sum()) == int(torch.tensor(V, dtype=torch.float32) * torch.tensor(
+            model.pmod_layers[idx].ratio, dtype=torch.float32))
+
+
+def check_in_llm_methods_batch_equals_alone(vanilla, batch, prompt):
+    """In-LLM methods on ``batch`` (two prompts), vanilla and p-MoD: the batch equals each prompt alone
+    (``prompt(batch, i, model)``: sample ``i`` alone, padding removed)."""
+    import torch
+
+    from pmod_bench import PMoDConfig
+    from pmod_bench.methods import apply_method
+    from pmod_bench.model.modeling import to_pmod
+
+    for model in (vanilla, to_pmod(vanilla, PMoDConfig(shift=0.5))):
+        for spec in ("fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5"):
+            apply_method(model, spec)
+            try:
+                with torch.no_grad():
+                    together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                                              return_dict_in_generate=True)
+                    for i in range(2):
+                        alone = model.generate(**prompt(batch, i, model), max_new_tokens=3, do_sample=False,
+                                               output_logits=True, return_dict_in_generate=True)
+                        for a, b in zip(together.logits, alone.logits):
+                            assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
+            finally:
+                apply_method(model, None)
+
+
+def check_vision_stage_methods_refuse(vanilla, says: str, vanilla_name: str):
+    """Every vision-stage method refuses ``vanilla`` in one line that ``says`` why and names fastv; the model is
+    untouched."""
+    from pmod_bench.methods import MethodError, apply_method
+
+    for spec in ("visionzip", "fastervlm", "prumerge", "downsample", "random", "illava"):
+        with pytest.raises(MethodError) as err:
+            apply_method(vanilla, spec)
+        text = str(err.value)
+        assert "\n" not in text and says in text and "fastv" in text, spec
+    assert type(vanilla).__name__ == vanilla_name  # untouched

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyHost
+from conftest import (TinyHost, check_hub_directory_round_trip, check_in_llm_methods_batch_equals_alone,
+                      check_pmod_classes, check_several_images_decode, check_vision_stage_methods_refuse)
 from pmod_bench import PMoDConfig
-from pmod_bench.methods import MethodError, apply_method
+from pmod_bench.methods import apply_method
 from pmod_bench.model.compat import HFContractError
 from pmod_bench.model.modeling import to_pmod
 from pmod_bench.model.presets import demo_image, random_routers
@@ -60,21 +61,11 @@ def _tiles(config, image_size) -> int:
 
 
 def test_classes_registered_and_routers_are_linear(vanilla):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from pmod_bench.model.hosts import host_for
     from pmod_bench.model.hosts.llava_onevision import PMoDLlavaOnevisionConfig, PMoDLlavaOnevisionForConditionalGeneration
 
-    model = to_pmod(vanilla, PMoDConfig(shift=0.5))
-    assert type(model) is PMoDLlavaOnevisionForConditionalGeneration and model.host is host_for("llava_onevision")
-    assert isinstance(model.config, PMoDLlavaOnevisionConfig) and model.config.model_type == "pmod_llava_onevision"
+    model = check_pmod_classes(vanilla, "llava_onevision", PMoDLlavaOnevisionConfig,
+                               PMoDLlavaOnevisionForConditionalGeneration)
     assert model.config.vision_feature_select_strategy == "full" and model.config.vision_aspect_ratio == "anyres_max_9"
-    names = [n for n, _ in model.named_parameters() if ".router." in n]
-    assert names and all(n.startswith("model.language_model.layers.") and n.split(".router.")[1] in ("weight", "bias")
-                         for n in names)
-    assert AutoConfig.for_model("pmod_llava_onevision").__class__ is PMoDLlavaOnevisionConfig
-    assert AutoModelForImageTextToText.from_config(model.config).__class__ is PMoDLlavaOnevisionForConditionalGeneration
-    assert model.lm_head.weight.data_ptr() == vanilla.lm_head.weight.data_ptr()  # no copy
     assert model.model.image_newline.data_ptr() == vanilla.model.image_newline.data_ptr()
 
 
@@ -96,30 +87,12 @@ def test_load_model_on_a_local_hub_directory(tmp_path, vanilla):
     included) with its routers and ratios."""
     from transformers import AutoProcessor
 
-    from pmod_bench.model.loading import checkpoint_layout, load_model
     from pmod_bench.model.presets import save_onevision_hub_layout
 
     save_onevision_hub_layout(vanilla, OV.processor, tmp_path / "hub")
-    assert checkpoint_layout(tmp_path / "hub") == "vanilla"
-    base, proc = load_model(str(tmp_path / "hub"))
-    assert type(base).__name__ == "LlavaOnevisionForConditionalGeneration" and type(proc).__name__ == "LlavaOnevisionProcessor"
-    pmod, _ = load_model(str(tmp_path / "hub"), pmod={"shift": 0.5})
-    assert pmod.pmod_layers and all(torch.count_nonzero(l.router.weight) == 0 for l in pmod.pmod_layers.values())
-    inputs = OV.inputs(sizes=[(64, 48), (96, 96)])
-    valid = inputs["attention_mask"].bool()
-    pmod.set_pmod_ratios(ratios=[1.0] * 8)
-    with torch.no_grad():
-        assert (pmod(**inputs).logits - base(**inputs).logits)[valid].abs().max() < 1e-5  # zero routers at ratio 1: intact
-    random_routers(pmod, seed=1)
-    pmod.set_pmod_ratios(shift=0.6)
-    pmod.save_pretrained(tmp_path / "pmod")
-    proc.save_pretrained(tmp_path / "pmod")
-    assert checkpoint_layout(tmp_path / "pmod") == "pmod"
+    check_hub_directory_round_trip(tmp_path / "hub", tmp_path / "pmod", OV.inputs(sizes=[(64, 48), (96, 96)]),
+                                   "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor")
     assert type(AutoProcessor.from_pretrained(tmp_path / "pmod")).__name__ == "LlavaOnevisionProcessor"
-    again, _ = load_model(str(tmp_path / "pmod"))
-    assert again.layer_ratios() == pmod.layer_ratios() and sorted(again.pmod_layers) == sorted(pmod.pmod_layers)
-    with torch.no_grad():
-        assert (again(**inputs).logits - pmod(**inputs).logits)[valid].abs().max() < 1e-5
 
 
 def test_newline_features_are_vision_tokens_and_routed(vanilla):
@@ -153,35 +126,12 @@ def test_several_images_per_prompt_decode_and_batch(vanilla):
     batch = _two_image_batch()
     vision = OV.vision(model, batch["input_ids"])
     assert batch["batch_num_images"].tolist() == [2, 1] and vision.sum(1).tolist()[0] == 2 * (16 + 1)
-    with torch.no_grad(), model.record_routing() as rec:
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        full = model(**OV.full_inputs(batch, out.sequences), use_cache=False).logits
-    n = batch["input_ids"].shape[1]
-    for t, step in enumerate(out.logits):  # cached decode == full recompute
-        assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, t
-    for idx, r in rec.items():  # both images of sample 0 are one routing target: k = trunc(V * rho) over all of them
-        V = int(r["target"][0].sum())
-        assert int(r["selected"][0].sum()) == int(torch.tensor(V, dtype=torch.float32) * torch.tensor(
-            model.pmod_layers[idx].ratio, dtype=torch.float32))
+    check_several_images_decode(OV, model, batch)
 
 
 def test_in_llm_methods_on_several_images_and_on_pmod(vanilla):
     """In-LLM methods on a two-image prompt, vanilla and p-MoD: the batch equals each prompt alone."""
-    batch = _two_image_batch()
-    for model in (vanilla, to_pmod(vanilla, PMoDConfig(shift=0.5))):
-        for spec in ("fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5"):
-            apply_method(model, spec)
-            try:
-                with torch.no_grad():
-                    together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                                              return_dict_in_generate=True)
-                    for i in range(2):
-                        alone = model.generate(**_prompt(batch, i, model.config), max_new_tokens=3, do_sample=False,
-                                               output_logits=True, return_dict_in_generate=True)
-                        for a, b in zip(together.logits, alone.logits):
-                            assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
-            finally:
-                apply_method(model, None)
+    check_in_llm_methods_batch_equals_alone(vanilla, _two_image_batch(), lambda b, i, m: _prompt(b, i, m.config))
 
 
 def test_video_tokens_are_vision_tokens(vanilla):
@@ -202,12 +152,7 @@ def test_video_tokens_are_vision_tokens(vanilla):
 
 
 def test_vision_stage_methods_refuse_in_one_line(vanilla):
-    for spec in ("visionzip", "fastervlm", "prumerge", "downsample", "random", "illava"):
-        with pytest.raises(MethodError) as err:
-            apply_method(vanilla, spec)
-        text = str(err.value)
-        assert "\n" not in text and "LLaVA-OneVision" in text and "fastv" in text, spec
-    assert type(vanilla).__name__ == "LlavaOnevisionForConditionalGeneration"  # untouched
+    check_vision_stage_methods_refuse(vanilla, "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration")
 
 
 def test_contract_checks_fail_loudly(vanilla, monkeypatch):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TinyHost
+from conftest import (TinyHost, check_hub_directory_round_trip, check_in_llm_methods_batch_equals_alone,
+                      check_pmod_classes, check_several_images_decode, check_vision_stage_methods_refuse)
 from pmod_bench import PMoDConfig
-from pmod_bench.methods import MethodError, apply_method
+from pmod_bench.methods import apply_method
 from pmod_bench.model.compat import HFContractError
 from pmod_bench.model.modeling import to_pmod
 from pmod_bench.model.presets import demo_image, random_routers
@@ -35,67 +36,29 @@ def _two_image_batch():
 
 
 def test_classes_registered_and_routers_are_linear(vanilla):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from pmod_bench.model.hosts import host_for
     from pmod_bench.model.hosts.qwen2_5_vl import PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration
 
-    model = to_pmod(vanilla, PMoDConfig(shift=0.5))
-    assert type(model) is PMoDQwen2_5_VLForConditionalGeneration and model.host is host_for("qwen2_5_vl")
-    assert isinstance(model.config, PMoDQwen2_5_VLConfig) and model.config.model_type == "pmod_qwen2_5_vl"
-    names = [n for n, _ in model.named_parameters() if ".router." in n]
-    assert names and all(n.startswith("model.language_model.layers.") and n.split(".router.")[1] in ("weight", "bias")
-                         for n in names)
-    assert AutoConfig.for_model("pmod_qwen2_5_vl").__class__ is PMoDQwen2_5_VLConfig
-    assert AutoModelForImageTextToText.from_config(model.config).__class__ is PMoDQwen2_5_VLForConditionalGeneration
-    assert model.lm_head.weight.data_ptr() == vanilla.lm_head.weight.data_ptr()  # no copy
+    check_pmod_classes(vanilla, "qwen2_5_vl", PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration)
 
 
 def test_load_model_on_a_local_hub_directory(tmp_path, vanilla):
     """A vanilla Qwen2.5-VL directory in HF layout (as `hf download` leaves it): load_model gives the vanilla model,
     or p-MoD with zero routers (at ratio 1 everywhere: the vanilla logits); a saved p-MoD model loads back with its
     routers and ratios."""
-    from pmod_bench.model.loading import checkpoint_layout, load_model
-
     vanilla.save_pretrained(tmp_path / "hub")
     QWEN.processor.save_pretrained(tmp_path / "hub")
-    assert checkpoint_layout(tmp_path / "hub") == "vanilla"
-    base, proc = load_model(str(tmp_path / "hub"))
-    assert type(base).__name__ == "Qwen2_5_VLForConditionalGeneration" and type(proc).__name__ == "Qwen2_5_VLProcessor"
-    pmod, _ = load_model(str(tmp_path / "hub"), pmod={"shift": 0.5})
-    assert pmod.pmod_layers and all(torch.count_nonzero(l.router.weight) == 0 for l in pmod.pmod_layers.values())
-    inputs = QWEN.inputs(sizes=[(64, 48), (96, 96)])
-    valid = inputs["attention_mask"].bool()
-    pmod.set_pmod_ratios(ratios=[1.0] * 8)
-    with torch.no_grad():
-        assert (pmod(**inputs).logits - base(**inputs).logits)[valid].abs().max() < 1e-5  # zero routers at ratio 1: intact
-    random_routers(pmod, seed=1)
-    pmod.set_pmod_ratios(shift=0.6)
-    pmod.save_pretrained(tmp_path / "pmod")
-    proc.save_pretrained(tmp_path / "pmod")
-    assert checkpoint_layout(tmp_path / "pmod") == "pmod"
-    again, _ = load_model(str(tmp_path / "pmod"))
-    assert again.layer_ratios() == pmod.layer_ratios() and sorted(again.pmod_layers) == sorted(pmod.pmod_layers)
-    with torch.no_grad():
-        assert (again(**inputs).logits - pmod(**inputs).logits)[valid].abs().max() < 1e-5
+    check_hub_directory_round_trip(tmp_path / "hub", tmp_path / "pmod", QWEN.inputs(sizes=[(64, 48), (96, 96)]),
+                                   "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
 
 
 def test_several_images_per_prompt_decode_and_batch(vanilla):
+    """Cached decode == full recompute with M-RoPE positions from HF; all images of a prompt are one routing target."""
     model = to_pmod(vanilla, PMoDConfig(shift=0.3))
     random_routers(model, seed=6)
     batch = _two_image_batch()
     vision = QWEN.vision(model, batch["input_ids"])
     assert batch["image_grid_thw"].shape[0] == 3 and vision.sum(1).tolist()[0] > vision.sum(1).tolist()[1]
-    with torch.no_grad(), model.record_routing() as rec:
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        full = model(**QWEN.full_inputs(batch, out.sequences), use_cache=False).logits
-    n = batch["input_ids"].shape[1]
-    for t, step in enumerate(out.logits):  # cached decode == full recompute, M-RoPE positions from HF
-        assert (step - full[:, n - 1 + t]).abs().max() < 1e-4, t
-    for idx, r in rec.items():  # both images of sample 0 are one routing target: k = trunc(V * rho) over all of them
-        V = int(r["target"][0].sum())
-        assert int(r["selected"][0].sum()) == int(torch.tensor(V, dtype=torch.float32) * torch.tensor(
-            model.pmod_layers[idx].ratio, dtype=torch.float32))
+    check_several_images_decode(QWEN, model, batch)
 
 
 def test_mrope_positions_are_the_ones_hf_uses(vanilla):
@@ -126,31 +89,12 @@ def test_mrope_positions_are_the_ones_hf_uses(vanilla):
 
 
 def test_vision_stage_methods_refuse_in_one_line(vanilla):
-    for spec in ("visionzip", "fastervlm", "prumerge", "downsample", "random", "illava"):
-        with pytest.raises(MethodError) as err:
-            apply_method(vanilla, spec)
-        text = str(err.value)
-        assert "\n" not in text and "come with the next issue" in text and "fastv" in text, spec
-    assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"  # untouched
+    check_vision_stage_methods_refuse(vanilla, "come with the next issue", "Qwen2_5_VLForConditionalGeneration")
 
 
 def test_in_llm_methods_on_several_images_and_on_pmod(vanilla):
     """In-LLM methods on a two-image prompt, vanilla and p-MoD: the batch equals each prompt alone."""
-    batch = _two_image_batch()
-    for model in (vanilla, to_pmod(vanilla, PMoDConfig(shift=0.5))):
-        for spec in ("fastv:k=2,keep=0.5", "pyramiddrop:layers=2-4-6,lam=0.5"):
-            apply_method(model, spec)
-            try:
-                with torch.no_grad():
-                    together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                                              return_dict_in_generate=True)
-                    for i in range(2):
-                        alone = model.generate(**_prompt(batch, i), max_new_tokens=3, do_sample=False,
-                                               output_logits=True, return_dict_in_generate=True)
-                        for a, b in zip(together.logits, alone.logits):
-                            assert (a[i] - b[0]).abs().max() < 1e-4, (spec, i)
-            finally:
-                apply_method(model, None)
+    check_in_llm_methods_batch_equals_alone(vanilla, _two_image_batch(), lambda b, i, _m: _prompt(b, i))
 
 
 def _prompt(batch, i):
