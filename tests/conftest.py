@@ -353,3 +353,42 @@ def check_vision_stage_methods_refuse(vanilla, says: str, vanilla_name: str):
         text = str(err.value)
         assert "\n" not in text and says in text and "fastv" in text, spec
     assert type(vanilla).__name__ == vanilla_name  # untouched
+
+
+# ------------------------------------------------------------------------------------- preset test checks
+#: shared by the tiny-preset test files (test_qwen_preset.py, test_onevision_preset.py)
+
+
+def assert_same_model(a, b, inputs) -> None:
+    """``a`` and ``b`` give identical logits and greedy generations on ``inputs``."""
+    import torch
+
+    with torch.no_grad():
+        assert torch.equal(a(**inputs).logits, b(**inputs).logits)
+        assert torch.equal(a.generate(**inputs, max_new_tokens=4, do_sample=False),
+                           b.generate(**inputs, max_new_tokens=4, do_sample=False))
+
+
+def check_greedy_generate(model, inputs) -> None:
+    """Greedy generate on a processed prompt: 5 new tokens after the prompt, the same twice."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        again = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 5)
+    assert torch.equal(out, again) and torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def check_save_pretrained_round_trip(model, processor, path, make, class_name: str) -> None:
+    """save_pretrained + Auto*.from_pretrained in ``path`` give the class ``class_name``, a processor that makes the
+    same inputs (``make(processor)``) and the same model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    loaded, loaded_proc = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    assert type(loaded).__name__ == class_name
+    inputs, again = make(processor), make(loaded_proc)
+    assert all(k in again and (inputs[k] == again[k]).all() for k in inputs)
+    assert_same_model(model, loaded.eval(), inputs)

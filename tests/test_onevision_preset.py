@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from conftest import assert_same_model, check_greedy_generate, check_save_pretrained_round_trip
+
 QUESTION = "What is shown in the image?"
 
 
@@ -103,38 +105,15 @@ def test_several_images_in_one_prompt_are_one_tile_each(onevision):
 
 
 def test_generate_on_a_processed_image_prompt(onevision):
-    import torch
-
     model, processor = onevision
     inputs = _inputs(processor, [(64, 48), (150, 60)])  # different token counts, left-padded
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        again = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
-    assert torch.equal(out, again) and torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-
-
-def _same_model(a, b, inputs) -> None:
-    import torch
-
-    with torch.no_grad():
-        assert torch.equal(a(**inputs).logits, b(**inputs).logits)
-        assert torch.equal(a.generate(**inputs, max_new_tokens=4, do_sample=False),
-                           b.generate(**inputs, max_new_tokens=4, do_sample=False))
+    check_greedy_generate(model, inputs)
 
 
 def test_save_pretrained_round_trip(onevision, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     model, processor = onevision
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    loaded, loaded_proc = AutoModelForImageTextToText.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
-    assert type(loaded).__name__ == "LlavaOnevisionForConditionalGeneration"
-    inputs, again = _inputs(processor, [(190, 190)]), _inputs(loaded_proc, [(190, 190)])
-    assert all(k in again and (inputs[k] == again[k]).all() for k in inputs)
-    _same_model(model, loaded.eval(), inputs)
+    check_save_pretrained_round_trip(model, processor, tmp_path, lambda proc: _inputs(proc, [(190, 190)]), "LlavaOnevisionForConditionalGeneration")
 
 
 def test_hub_layout_round_trip(onevision, tmp_path):
@@ -161,7 +140,7 @@ def test_hub_layout_round_trip(onevision, tmp_path):
     assert loaded_proc.image_processor.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints
     inputs = _inputs(loaded_proc, [(190, 190)])
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16 + 12 * 13
-    _same_model(model, AutoModelForImageTextToText.from_pretrained(tmp_path).eval(), inputs)
+    assert_same_model(model, AutoModelForImageTextToText.from_pretrained(tmp_path).eval(), inputs)
 
 
 @pytest.mark.parametrize("name, params, vision, hub", [

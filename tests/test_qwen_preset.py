@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from conftest import assert_same_model, check_greedy_generate, check_save_pretrained_round_trip
+
 QUESTION = "What is shown in the image?"
 
 
@@ -86,40 +88,15 @@ def test_tiny_config_exercises_qwens_features(qwen):
 
 
 def test_generate_on_a_processed_image_prompt(qwen):
-    import torch
-
     model, processor = qwen
     inputs = _inputs(processor, [(64, 48), (90, 40)])  # two image sizes, left-padded
     assert inputs["attention_mask"][:, 0].tolist().count(0) == 1
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        again = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
-    assert torch.equal(out, again)
-    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-
-
-def _same_model(a, b, inputs) -> None:
-    import torch
-
-    with torch.no_grad():
-        assert torch.equal(a(**inputs).logits, b(**inputs).logits)
-        assert torch.equal(a.generate(**inputs, max_new_tokens=4, do_sample=False),
-                           b.generate(**inputs, max_new_tokens=4, do_sample=False))
+    check_greedy_generate(model, inputs)
 
 
 def test_save_pretrained_round_trip(qwen, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     model, processor = qwen
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    loaded, loaded_proc = AutoModelForImageTextToText.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
-    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    inputs = _inputs(processor)
-    again = _inputs(loaded_proc)
-    assert all(k in again and (inputs[k] == again[k]).all() for k in inputs)
-    _same_model(model, loaded.eval(), inputs)
+    check_save_pretrained_round_trip(model, processor, tmp_path, _inputs, "Qwen2_5_VLForConditionalGeneration")
 
 
 def test_hub_layout_round_trip(qwen, tmp_path):
@@ -143,7 +120,7 @@ def test_hub_layout_round_trip(qwen, tmp_path):
     assert loaded_proc.image_processor.size["longest_edge"] == TINY_QWEN_MAX_PIXELS
     inputs = _inputs(loaded_proc, [(64, 48)])
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 10]]
-    _same_model(model, AutoModelForImageTextToText.from_pretrained(tmp_path).eval(), inputs)
+    assert_same_model(model, AutoModelForImageTextToText.from_pretrained(tmp_path).eval(), inputs)
 
 
 @pytest.mark.parametrize("name, params, vision, hub", [
@@ -213,4 +190,4 @@ def test_pmod_qwen_round_trips(pmod_qwen, tmp_path, hub):
         assert other.config.layer_ratios() == model.config.layer_ratios()
         for i, layer in model.pmod_layers.items():
             assert torch.equal(layer.router.weight, other.pmod_layers[i].router.weight)
-        _same_model(model, other, inputs)
+        assert_same_model(model, other, inputs)
