@@ -392,3 +392,20 @@ def check_save_pretrained_round_trip(model, processor, path, make, class_name: s
     inputs, again = make(processor), make(loaded_proc)
     assert all(k in again and (inputs[k] == again[k]).all() for k in inputs)
     assert_same_model(model, loaded.eval(), inputs)
+
+
+def check_forward_flops_are_analytic(arch, model, inputs, layout) -> None:
+    """The profiler's ``layout`` gives the vision tokens of the processed ``inputs``, and FlopCounterMode over one
+    real forward of ``model`` (last logits only) counts exactly the analytic vision + LLM prefill FLOPs."""
+    import torch
+
+    from pmod_bench.profiler.counters import flop_counter
+    from pmod_bench.profiler.flops import llm_prefill_flops, vision_flops
+
+    V = int((inputs["input_ids"] == arch.image_token_id).sum())
+    T = inputs["input_ids"].shape[1] - V
+    assert V == layout.vision_tokens
+    with torch.no_grad(), flop_counter() as fc:
+        model(**inputs, logits_to_keep=1)
+    llm = llm_prefill_flops(arch.text, T, V, [V] * arch.text.layers, logits_tokens=1).total()
+    assert fc.get_total_flops() == vision_flops(arch, layout).total + llm

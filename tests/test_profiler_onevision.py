@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from conftest import check_forward_flops_are_analytic
+
 from pmod_bench.profiler.arch import load_arch, vision_layout
 from pmod_bench.profiler.flops import llm_decode_flops, llm_prefill_flops, vision_flops
 from pmod_bench.profiler.variants import Baseline, PMoD, make_pmod_config
@@ -132,20 +134,9 @@ def test_analytic_equals_flopcountermode_meta_tiny_batch(tiny):
 def test_analytic_equals_a_real_forward_of_the_tiny_model(tiny, sizes, per_prompt):
     """FlopCounterMode over the real tiny model on processed images + prompt: tower, projector (unpad, bilinear
     downsampling and newlines cost no products) and LLM do exactly the analytic count."""
-    import torch
-
-    from pmod_bench.profiler.counters import flop_counter
-
     arch, model, processor = tiny
-    inputs = _processed(processor, sizes, per_prompt)
     layout = vision_layout(arch, sizes[0], len(sizes) if per_prompt else 1)
-    V = int((inputs["input_ids"] == arch.image_token_id).sum())
-    T = inputs["input_ids"].shape[1] - V
-    assert V == layout.vision_tokens
-    with torch.no_grad(), flop_counter() as fc:
-        model(**inputs, logits_to_keep=1)
-    llm = llm_prefill_flops(arch.text, T, V, [V] * arch.text.layers, logits_tokens=1).total()
-    assert fc.get_total_flops() == vision_flops(arch, layout).total + llm
+    check_forward_flops_are_analytic(arch, model, _processed(processor, sizes, per_prompt), layout)
 
 
 def test_params_kv_and_training_rows(ov7b):
