@@ -409,3 +409,15 @@ def check_forward_flops_are_analytic(arch, model, inputs, layout) -> None:
         model(**inputs, logits_to_keep=1)
     llm = llm_prefill_flops(arch.text, T, V, [V] * arch.text.layers, logits_tokens=1).total()
     assert fc.get_total_flops() == vision_flops(arch, layout).total + llm
+
+
+def lmms_eval_responses(run) -> dict:
+    """{(samples file name, doc_id): resps} of every sample lmms-eval logged under ``run``/lmms_eval."""
+    import json
+
+    out = {}
+    for f in sorted((run / "lmms_eval").glob("*/samples_*.jsonl")):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            out[(f.name, s["doc_id"])] = s["resps"]
+    return out

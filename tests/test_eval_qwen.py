@@ -30,6 +30,7 @@ import torch
 pytest.importorskip("lmms_eval")
 
 from conftest import benchmark_data_env  # noqa: E402
+from conftest import lmms_eval_responses as responses  # noqa: E402
 
 BENCHES = ["MME", "MMMU", "RefCOCO", "SEED", "Chart", "MMB", "POPE"]
 
@@ -141,18 +142,25 @@ def _same_call(ours: dict, theirs: dict, where: str) -> None:
         _same(ours[key], theirs[key], f"{where}, {key}")
 
 
-@pytest.mark.slow
-def test_requests_equal_lmms_evals_qwen2_5_vl(data_root, qwen, hub_dir, reference_cls, monkeypatch):
+def _recorded_pair(qwen, hub_dir, reference_cls, monkeypatch, batch_size: int):
+    """(lmms-eval's reference model on ``hub_dir``, ours on the same weights, the (ours, chat) request pairs, the
+    generate() calls each made: {"ref": [...], "ours": [...]}); both processors are Recorders."""
     from pmod_bench.tasks.plugin import PMoDLlava
 
-    ref = reference_cls(pretrained=str(hub_dir), device="cpu", device_map="cpu", batch_size=1)
-    ours = PMoDLlava.from_loaded(*qwen, name="tiny-qwen2.5-vl:vanilla", batch_size=1, device="cpu")
+    ref = reference_cls(pretrained=str(hub_dir), device="cpu", device_map="cpu", batch_size=batch_size)
+    ours = PMoDLlava.from_loaded(*qwen, name="tiny-qwen2.5-vl:vanilla", batch_size=batch_size, device="cpu")
     tasks, pairs = tasks_and_requests()
     ref.task_dict = ours.task_dict = {name: task.dataset for name, task in tasks.items()}
     gen = {"ref": [], "ours": []}
     monkeypatch.setattr(ref._model, "generate", recording_generate(gen["ref"]))
     monkeypatch.setattr(ours._model, "generate", recording_generate(gen["ours"]))
     ref.processor, ours.host.processor = Recorder(ref.processor), Recorder(ours.host.processor)
+    return ref, ours, pairs, gen
+
+
+@pytest.mark.slow
+def test_requests_equal_lmms_evals_qwen2_5_vl(data_root, qwen, hub_dir, reference_cls, monkeypatch):
+    ref, ours, pairs, gen = _recorded_pair(qwen, hub_dir, reference_cls, monkeypatch, batch_size=1)
     # the image processor as lmms-eval builds it: AutoProcessor.from_pretrained(hub dir, min_pixels, max_pixels)
     assert ours.host.processor.image_processor.to_dict() == ref.processor.image_processor.to_dict()
     assert dict(ref.processor.image_processor.size)["shortest_edge"] == 256 * 28 * 28
@@ -194,16 +202,7 @@ def _rows(processor_call: dict, generate_call: dict) -> list:
 @pytest.mark.slow
 def test_batched_requests_equal_lmms_evals(data_root, qwen, hub_dir, reference_cls, monkeypatch):
     """Batch size 4: left padding on both sides, and each request's tokens and pixels are those of lmms-eval's batch."""
-    from pmod_bench.tasks.plugin import PMoDLlava
-
-    ref = reference_cls(pretrained=str(hub_dir), device="cpu", device_map="cpu", batch_size=4)
-    ours = PMoDLlava.from_loaded(*qwen, name="tiny-qwen2.5-vl:vanilla", batch_size=4, device="cpu")
-    tasks, pairs = tasks_and_requests()
-    ref.task_dict = ours.task_dict = {name: task.dataset for name, task in tasks.items()}
-    gen = {"ref": [], "ours": []}
-    monkeypatch.setattr(ref._model, "generate", recording_generate(gen["ref"]))
-    monkeypatch.setattr(ours._model, "generate", recording_generate(gen["ours"]))
-    ref.processor, ours.host.processor = Recorder(ref.processor), Recorder(ours.host.processor)
+    ref, ours, pairs, gen = _recorded_pair(qwen, hub_dir, reference_cls, monkeypatch, batch_size=4)
     mme = [(s, c) for s, c in pairs if s.task_name == "pmod_mme"][:4]
     assert [r.text for r in ref.generate_until([c for _, c in mme])] == ours.generate_until([s for s, _ in mme])
     (p_ours,), (p_ref,) = ours.host.processor.calls, ref.processor.calls
@@ -269,15 +268,6 @@ def test_auto_dtype_on_a_gpu_is_the_hosts(hub_dir):
     gpu = {t: resolve_dtype("auto", cuda, REQUESTS[t].gpu_dtype) for t in ("qwen2_5_vl", "llava_next")}
     assert gpu == {"qwen2_5_vl": torch.bfloat16, "llava_next": torch.float16}
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32 and resolve_dtype("float16", cuda, "bfloat16") == torch.float16
-
-
-def responses(run) -> dict:
-    out = {}
-    for f in sorted((run / "lmms_eval").glob("*/samples_*.jsonl")):
-        for line in f.read_text().splitlines():
-            s = json.loads(line)
-            out[(f.name, s["doc_id"])] = s["resps"]
-    return out
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lmms_eval")
 
 from conftest import benchmark_data_env  # noqa: E402
+from conftest import lmms_eval_responses as responses  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, RunDirMismatch, run_eval  # noqa: E402
 
 SUITE = "POPE,MME,RWQA"  # 6 + 8 + 3 samples
@@ -51,16 +51,6 @@ def make_lm(tiny, batch_size, kill_after=None):
             return super()._generate_batch(*args, **kwargs)
 
     return Flaky.from_loaded(*tiny, name="tiny", batch_size=batch_size)
-
-
-def responses(run: Path) -> dict:
-    out = {}
-    for f in sorted((run / "lmms_eval").glob("*/samples_*.jsonl")):
-        for line in f.read_text().splitlines():
-            s = json.loads(line)
-            out[(f.name, s["doc_id"])] = s["resps"]
-    return out
-
 
 @pytest.mark.slow
 def test_resume_after_kill_recomputes_nothing_and_matches_uninterrupted_run(data_root, tiny, tmp_path):
