@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
+from conftest import oracle_lm  # noqa: E402
 from pmod_bench.tasks import grounding  # noqa: E402
 from pmod_bench.tasks.grounding import NormalisedBoxes, ResizedPixelBoxes, first_box, refcoco_process_results  # noqa: E402
 
@@ -155,35 +156,19 @@ def grounding_data(tmp_path_factory):
 def test_qwen_oracle_scores_full_marks_through_lmms_eval(grounding_data, tmp_path):
     """Answers in Qwen's own form (JSON of integer pixels of the resized input) for the true boxes score 100 on
     RefCOCO / + / g through lmms-eval (process_docs, the adapter's process_results, the aggregations)."""
-    from lmms_eval.api.model import lmms
-
     from pmod_bench.tasks.runner import EvalConfig, run_eval
 
-    class QwenOracle(lmms):
-        def generate_until(self, requests):
-            out = []
-            for r in requests:
-                d = self.task_dict[r.args[4]][r.args[5]][r.args[3]]
-                rw, rh = QWEN.resized_size(*d["image"].size)
-                x1, y1, x2, y2 = d["bbox"]
-                box = [round(x1 * rw), round(y1 * rh), round(x2 * rw), round(y2 * rh)]
-                out.append(f'```json\n[{{"bbox_2d": {box}, "label": "{d["answer"]}"}}]\n```')
-            return out
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
-
-        def clean(self):
-            pass
+    def qwen_answer(_task, d, _request):
+        rw, rh = QWEN.resized_size(*d["image"].size)
+        x1, y1, x2, y2 = d["bbox"]
+        box = [round(x1 * rw), round(y1 * rh), round(x2 * rw), round(y2 * rh)]
+        return f'```json\n[{{"bbox_2d": {box}, "label": "{d["answer"]}"}}]\n```'
 
     grounding.set_box_space(QWEN)
-    out = run_eval(EvalConfig(model="oracle", suite="grounding", output=str(tmp_path / "g")), lm=QwenOracle(), log=lambda m: None)
+    out = run_eval(EvalConfig(model="oracle", suite="grounding", output=str(tmp_path / "g")), lm=oracle_lm(qwen_answer), log=lambda m: None)
     assert out.failures == {}
     assert {r["benchmark"]: (r["value"], r["n_unparsed"]) for r in out.rows} == {
         "RefCOCO": (100.0, 0), "RefCOCO+": (100.0, 0), "RefCOCOg": (100.0, 0)}
     grounding.set_box_space(None)  # the same answers read as LLaVA's (normalised) boxes: all wrong
-    out = run_eval(EvalConfig(model="oracle", suite="grounding", output=str(tmp_path / "l")), lm=QwenOracle(), log=lambda m: None)
+    out = run_eval(EvalConfig(model="oracle", suite="grounding", output=str(tmp_path / "l")), lm=oracle_lm(qwen_answer), log=lambda m: None)
     assert {r["benchmark"]: r["value"] for r in out.rows} == {"RefCOCO": 0.0, "RefCOCO+": 0.0, "RefCOCOg": 0.0}

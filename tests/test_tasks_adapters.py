@@ -19,7 +19,7 @@ pytest.importorskip("lmms_eval")
 
 from pmod_bench.tasks import TASKS_DIR, tasks_dir  # noqa: E402
 from pmod_bench.tasks.benchmarks import BENCHMARKS, SUITES, VIDEO_BENCHMARKS, resolve_suite  # noqa: E402
-from conftest import benchmark_data_env  # noqa: E402
+from conftest import benchmark_data_env, oracle_lm  # noqa: E402
 from pmod_bench.tasks.runner import EvalConfig, run_eval  # noqa: E402
 
 
@@ -80,22 +80,8 @@ def oracle_answer(task: str, doc: dict) -> str:
 
 @pytest.mark.slow
 def test_oracle_scores_full_marks_in_paper_units(data_env, tmp_path):
-    from lmms_eval.api.model import lmms
-
-    class Oracle(lmms):
-        def generate_until(self, requests):
-            return [oracle_answer(r.args[4], self.task_dict[r.args[4]][r.args[5]][r.args[3]]) for r in requests]
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
-
-        def clean(self):  # keep state between benchmarks
-            pass
-
-    out = run_eval(EvalConfig(model="oracle", suite="all", output=str(tmp_path / "oracle")), lm=Oracle(), log=lambda m: None)
+    lm = oracle_lm(lambda task, doc, _request: oracle_answer(task, doc))
+    out = run_eval(EvalConfig(model="oracle", suite="all", output=str(tmp_path / "oracle")), lm=lm, log=lambda m: None)
     assert out.failures == {}
     values = {r["benchmark"]: r["value"] for r in out.rows}
     expected = {k: 100.0 for k in BENCHMARKS}

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
+from conftest import oracle_lm  # noqa: E402
 from pmod_bench.tasks.benchmarks import MVBENCH_TASKS, SUITES, VIDEO_BENCHMARKS, resolve_suite  # noqa: E402
 from pmod_bench.tasks.data import check_benchmark  # noqa: E402
 from pmod_bench.tasks.fixtures import generate  # noqa: E402
@@ -215,34 +216,17 @@ def test_video_suite_end_to_end_through_the_runner(offline, tmp_path):
     """`pmod-bench eval --suite video`'s runner with an oracle model: lmms-eval builds every request offline, each
     request's doc_to_visual opens with OpenCV (frame folders as PIL frames), and the ground truth scores 100 in each
     benchmark's units (MVBench: the mean of its 20 tasks, reported per task)."""
-    from lmms_eval.api.model import lmms
-
     from pmod_bench.tasks.runner import EvalConfig, run_eval
     from pmod_bench.tasks.video import probe
 
     opened = []
 
-    class Oracle(lmms):
-        def generate_until(self, requests):
-            out = []
-            for r in requests:
-                _, _, doc_to_visual, doc_id, task, split = r.args
-                doc = self.task_dict[task][split][doc_id]
-                for v in doc_to_visual(doc):
-                    opened.append(probe(v).frames if isinstance(v, str) else v.size)
-                out.append(_truth(task, doc))
-            return out
+    def answer(task, doc, request):
+        for v in request.args[2](doc):  # the request's doc_to_visual
+            opened.append(probe(v).frames if isinstance(v, str) else v.size)
+        return _truth(task, doc)
 
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
-
-        def clean(self):
-            pass
-
-    out = run_eval(EvalConfig(model="oracle", suite="video", output=str(tmp_path / "run")), lm=Oracle(), log=lambda m: None)
+    out = run_eval(EvalConfig(model="oracle", suite="video", output=str(tmp_path / "run")), lm=oracle_lm(answer), log=lambda m: None)
     assert out.failures == {}
     rows = {r["benchmark"]: r for r in out.rows}
     assert {k: r["value"] for k, r in rows.items()} == {"VideoMME": 100.0, "MVBench": 100.0, "EgoSchema": 100.0}
