@@ -442,3 +442,13 @@ def oracle_lm(answer):
             pass
 
     return Oracle()
+
+
+def demo_records(tmp_path_factory, name: str, **demo):
+    """(root, records): the demo training data (``make_demo_dataset(root, **demo)``) in a fresh ``name`` folder, read
+    back as records."""
+    from pmod_bench.train.data import read_records
+    from pmod_bench.train.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    return root, read_records([str(make_demo_dataset(root, **demo))])

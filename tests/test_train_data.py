@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import demo_records
 from pmod_bench.train.data import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
@@ -19,7 +20,6 @@ from pmod_bench.train.data import (
     read_records,
     render_vicuna_v1,
 )
-from pmod_bench.train.demo import make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    path = make_demo_dataset(root, n_image=6, n_text=2, bad={"missing": 1, "corrupt": 1, "malformed": 1})
-    return root, read_records([str(path)])
+    return demo_records(tmp_path_factory, "demo", n_image=6, n_text=2, bad={"missing": 1, "corrupt": 1, "malformed": 1})
 
 
 def _supervised_text(tok, ids, labels):

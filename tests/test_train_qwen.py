@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from pmod_bench.train.data import IGNORE_INDEX, DataCollator, LlavaConversationDataset, read_records
+from conftest import demo_records
+from pmod_bench.train.data import IGNORE_INDEX, DataCollator, LlavaConversationDataset
 from pmod_bench.train.demo import make_demo_dataset
 from pmod_bench.train.layouts import LLAVA, QWEN2_5_VL, layout_for
 
@@ -23,9 +24,7 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen_demo")
-    path = make_demo_dataset(root, n_image=6, n_text=2, n_multi=2, bad={"missing": 1, "malformed": 1})
-    return root, read_records([str(path)])
+    return demo_records(tmp_path_factory, "qwen_demo", n_image=6, n_text=2, n_multi=2, bad={"missing": 1, "malformed": 1})
 
 
 def _dataset(processor, root, records, **kw):
