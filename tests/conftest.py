@@ -452,3 +452,15 @@ def demo_records(tmp_path_factory, name: str, **demo):
 
     root = tmp_path_factory.mktemp(name)
     return root, read_records([str(make_demo_dataset(root, **demo))])
+
+
+def check_profile_refuses(argv, needle: str, capsys, arch: str) -> None:
+    """``pmod-bench profile -q --no-verify [--arch arch] argv`` exits 2 with one error line that holds ``needle``
+    (``--arch arch`` added unless ``argv`` names one)."""
+    from pmod_bench.cli import main
+
+    base = ["profile", "-q", "--no-verify"] + ([] if "--arch" in argv else ["--arch", arch])
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pmod-bench profile: error:") and needle in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from conftest import check_forward_flops_are_analytic
-
+from conftest import check_forward_flops_are_analytic, check_profile_refuses
 from pmod_bench.profiler.arch import load_arch, vision_layout
 from pmod_bench.profiler.flops import llm_decode_flops, llm_prefill_flops, vision_flops
 from pmod_bench.profiler.variants import Baseline, PMoD, make_pmod_config
@@ -251,10 +250,4 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--arch", "llava-onevision-7bb"], "Did you mean 'llava-onevision-7b'"),
 ])
 def test_cli_bad_flags_one_line(argv, needle, capsys):
-    from pmod_bench.cli import main
-
-    base = ["profile", "-q", "--no-verify"] + ([] if "--arch" in argv else ["--arch", "llava-onevision-7b"])
-    assert main(base + argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pmod-bench profile: error:") and needle in err, err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    check_profile_refuses(argv, needle, capsys, "llava-onevision-7b")

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from conftest import check_profile_refuses
 from pmod_bench.profiler.arch import load_arch, vision_layout
 from pmod_bench.profiler.flops import llm_prefill_flops, vision_flops
 from pmod_bench.profiler.variants import Baseline, PMoD, make_pmod_config
@@ -268,13 +269,7 @@ def test_cli_duration(tmp_path, capsys):
     (["--frames", "8", "--frame-size", "5000x10"], "less extreme --frame-size"),
 ])
 def test_cli_bad_video_flags_one_line(argv, needle, capsys):
-    from pmod_bench.cli import main
-
-    base = ["profile", "-q", "--no-verify"] + ([] if "--arch" in argv else ["--arch", "qwen2.5-vl-7b"])
-    assert main(base + argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pmod-bench profile: error:") and needle in err, err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    check_profile_refuses(argv, needle, capsys, "qwen2.5-vl-7b")
 
 
 @pytest.mark.slow
