@@ -39,7 +39,7 @@ def _tiny(pmod=False):
 def test_registry_names_stages_and_roundtrip():
     methods = available_methods()
     vision = {"visionzip", "fastervlm", "prumerge", "prumerge_plus", "downsample", "random"}
-    llm = {"fastv", "pyramiddrop", "sparsevlm", "random_llm"}
+    llm = {"fastv", "pyramiddrop", "sparsevlm", "random_llm", "vtw"}
     assert vision | llm <= set(methods)
     for name, cls in methods.items():
         assert cls.name == name and cls.stage in ("vision", "llm")
