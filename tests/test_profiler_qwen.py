@@ -204,6 +204,8 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--min-pixels", "2000000"], "min <= max"),
     (["--arch", "llava-next-7b", "--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
     (["--method", "visionzip"], "vision-stage methods come with the next issue"),
+    (["--method", "fastervlm"], "Qwen2.5-VL's tower has no [CLS] token"),
+    (["--method", "prumerge"], "Qwen2.5-VL's tower has no [CLS] token"),
     (["--method", "fastv", "--latency"], "--device cuda"),
     (["--image-size", "30000x100"], "aspect ratio"),
     (["--arch", "qwen2.5-vl-7bb"], "Did you mean 'qwen2.5-vl-7b'"),

@@ -118,6 +118,7 @@ class Qwen2_5_VLHost(HostAdapter):
     pmod_config_class = PMoDQwen2_5_VLConfig
     position_rows = 3
     vision_stage_methods = False
+    cls_token = False
 
     def vision_mask(self, config, input_ids):
         return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)

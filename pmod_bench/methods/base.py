@@ -117,6 +117,8 @@ class MethodConfig:
     """Needs the vision tower's attention maps (HF ``output_attentions``; eager attention in the tower)."""
     compresses_vision: ClassVar[bool] = False
     """An ``llm`` method that also shortens the image features before the LLM (iLLaVA)."""
+    needs_cls: ClassVar[bool] = False
+    """Ranks the patches by the vision tower's [CLS] attention (FasterVLM, PruMerge): refused on a tower without one."""
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -189,9 +191,15 @@ class MethodConfig:
 
     def check_host(self, host: Any) -> None:
         """Raise :class:`MethodError` if the method cannot run on the model family of ``host`` (a
-        :class:`~pmod_bench.model.hosts.HostAdapter`)."""
+        :class:`~pmod_bench.model.hosts.HostAdapter`). A method that ranks by [CLS] attention is refused on a tower
+        without a [CLS] token for good: no published adaptation exists (ModelTC/LightCompress@9701d035 runs FasterVLM on
+        LLaVA only and has no PruMerge; the official repositories are LLaVA-only)."""
+        llm = ", ".join(n for n, c in METHODS.items() if c.stage == "llm" and not c.compresses_vision)
+        if self.needs_cls and not host.cls_token:
+            raise MethodError(f"{self.name} ranks the patches by the vision tower's [CLS] attention, and {host.title}'s "
+                              "tower has no [CLS] token (no published adaptation to such a tower exists); the in-LLM "
+                              f"methods run on it: {llm}.")
         if self.shortens_prompt and not host.vision_stage_methods:
-            llm = ", ".join(n for n, c in METHODS.items() if c.stage == "llm" and not c.compresses_vision)
             raise MethodError(f"{self.name} acts on the vision tower's features; on {host.title} the vision-stage "
                               f"methods come with the next issue (the in-LLM methods run now: {llm}).")
 
