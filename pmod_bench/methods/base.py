@@ -175,6 +175,11 @@ class MethodConfig:
         """Vision-side methods: the images' tiles -> one CompressedImage per image (see vision.py)."""
         raise NotImplementedError(f"{self.name} does not act on the vision features")
 
+    def compress_merged(self, model, geometry: ModelGeometry, pixel_values: Any, image_grid_thw: Any) -> list:
+        """Vision-side methods on Qwen2.5-VL: the batch's images -> one CompressedImage per image, ``selection[0]`` the
+        kept merged-token indices in raster order (see qwen_vision.py)."""
+        raise MethodError(f"{self.name} has no Qwen2.5-VL port.")
+
     @property
     def shortens_prompt(self) -> bool:
         """Whether the method turns the image features into fewer before the LLM (the vision stage)."""
@@ -199,7 +204,8 @@ class MethodConfig:
             raise MethodError(f"{self.name} ranks the patches by the vision tower's [CLS] attention, and {host.title}'s "
                               "tower has no [CLS] token (no published adaptation to such a tower exists); the in-LLM "
                               f"methods run on it: {llm}.")
-        if self.shortens_prompt and not host.vision_stage_methods:
+        ported = host.vision_stage_methods
+        if self.shortens_prompt and not (ported is True or (ported and self.name in ported)):
             raise MethodError(f"{self.name} acts on the vision tower's features; on {host.title} the vision-stage "
                               f"methods come with the next issue (the in-LLM methods run now: {llm}).")
 

@@ -27,6 +27,9 @@ class ModelGeometry:
     """Several tower tiles per image (LLaVA-NeXT's anyres tiles + image_newline) rather than one (LLaVA-1.5)."""
     drop_cls: bool = True
     """vision_feature_select_strategy 'default' (the CLS feature is not given to the LLM)."""
+    merge: int = 0
+    """Qwen2.5-VL: the patch merger's side (2: one LLM token per 2x2 patches; the token count depends on the image);
+    0: LLaVA's fixed tiles."""
 
     @property
     def patches(self) -> int:

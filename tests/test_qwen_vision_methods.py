@@ -1,0 +1,137 @@
+"""Vision-stage methods on Qwen2.5-VL (pmod_bench/methods/qwen_vision.py): the kept merged tokens reach the LLM at the
+M-RoPE positions of the full grid, cached decode equals a recompute, a batch equals its samples alone; the ones not
+ported refuse in one line."""
+
+import pytest
+import torch
+
+from conftest import TinyHost
+from pmod_bench.methods import MethodError, apply_method, parse_method_spec
+from pmod_bench.methods.geometry import checked_geometry
+from pmod_bench.model.presets import demo_image
+
+QWEN = TinyHost("qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    return QWEN.build()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two prompts, left-padded: two images (8x10 and 10x8 patches) in the first, one (10x12) in the second."""
+    proc = QWEN.processor
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"},
+                                          {"type": "text", "text": "the two images."}]}],
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the shapes."}]}]]
+    prompts = [proc.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
+    images = [demo_image(64, 48, seed=1), demo_image(48, 64, seed=2), demo_image(84, 64, seed=3)]
+    return proc(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _sample(batch, i):
+    """Sample ``i`` of ``batch`` alone (its images, no padding)."""
+    counts = [int((batch["input_ids"][b] == QWEN.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).sum())
+              for b in range(batch["input_ids"].shape[0])]
+    first = sum(counts[:i])
+    grid = batch["image_grid_thw"][first:first + counts[i]]
+    start = int(batch["image_grid_thw"][:first].prod(-1).sum())
+    keep = batch["attention_mask"][i].bool()
+    return {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep],
+            "mm_token_type_ids": batch["mm_token_type_ids"][i:i + 1, keep], "image_grid_thw": grid,
+            "pixel_values": batch["pixel_values"][start:start + int(grid.prod(-1).sum())]}
+
+
+def test_random_keeps_its_budget_in_raster_order_at_full_grid_positions(vanilla, batch):
+    """round(keep * V) merged tokens per image, in raster order, each at the three M-RoPE rows it has without a method;
+    the text after an image where it is without a method; rope_deltas = largest position + 1 - kept length."""
+    apply_method(vanilla, "random:keep=0.3,seed=4")
+    try:
+        with torch.no_grad():
+            mi = vanilla.method_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                                       batch["attention_mask"])
+        full, _ = vanilla.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                               image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    finally:
+        apply_method(vanilla, None)
+    V = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [im.features.shape[0] for im in mi.images] == [round(0.3 * v) for v in V]
+    for im in mi.images:
+        sel = im.selection[0]
+        assert torch.equal(sel, sel.sort().values) and len(set(sel.tolist())) == sel.numel()
+    assert mi.position_ids.shape[0] == 4 and mi.vision_token_mask.sum(1).tolist() == [
+        round(0.3 * V[0]) + round(0.3 * V[1]), round(0.3 * V[2])]
+    k = 0
+    for b in range(2):
+        real = batch["attention_mask"][b].bool()
+        ids, pos = batch["input_ids"][b][real], full[:, b][:, real]
+        is_img = ids == vanilla.config.image_token_id
+        keep = ~is_img
+        starts = [j for j in range(ids.shape[0]) if is_img[j] and (j == 0 or not is_img[j - 1])]
+        for s in starts:
+            keep[s + mi.images[k].selection[0]] = True
+            k += 1
+        got = mi.position_ids[1:, b][:, mi.attention_mask[b].bool()]
+        assert torch.equal(got, pos[:, keep])
+        assert int(vanilla.model.rope_deltas[b]) == int(pos.max()) + 1 - int(keep.sum())
+
+
+def test_random_keeping_everything_is_the_model_itself(vanilla, batch):
+    """keep=1: every token at its own position, so logits and greedy tokens equal the model without a method."""
+    with torch.no_grad():
+        ref = vanilla(**batch).logits
+        ref_gen = vanilla.generate(**batch, max_new_tokens=3, do_sample=False)
+        apply_method(vanilla, "random:keep=1.0")
+        try:
+            got = vanilla(**batch).logits
+            gen = vanilla.generate(**batch, max_new_tokens=3, do_sample=False)
+        finally:
+            apply_method(vanilla, None)
+    real = batch["attention_mask"].bool()
+    assert (got - ref)[real].abs().max() < 1e-4
+    assert torch.equal(gen, ref_gen)
+
+
+def test_random_cached_decode_equals_recompute_and_batch_equals_alone(vanilla, batch):
+    apply_method(vanilla, "random:keep=0.5")
+    try:
+        with torch.no_grad():
+            out = vanilla.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+            full = vanilla(**QWEN.full_inputs(batch, out.sequences), use_cache=False).logits
+            L = full.shape[1]
+            for t, step in enumerate(out.logits):       # the shortened recompute ends where the sequence ends
+                assert (step - full[:, L - 5 + t]).abs().max() < 1e-4, t
+            for i in range(2):
+                alone = vanilla.generate(**_sample(batch, i), max_new_tokens=4, do_sample=False, output_logits=True,
+                                         return_dict_in_generate=True)
+                for a, b in zip(out.logits, alone.logits):
+                    assert (a[i] - b[0]).abs().max() < 1e-4, i
+            # a hand-made decode step: the shortened mask + the host's decode positions (the rope_deltas set)
+            pre = vanilla(**batch, use_cache=True)
+            mi = vanilla.method_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                                       batch["attention_mask"])
+            nxt = pre.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mi.attention_mask, torch.ones_like(nxt)], 1)
+            step = vanilla(input_ids=nxt, attention_mask=mask, past_key_values=pre.past_key_values,
+                           **QWEN.decode_kwargs(vanilla, mask)).logits[:, -1]
+            assert (step - out.logits[1]).abs().max() < 1e-4
+    finally:
+        apply_method(vanilla, None)
+
+
+def test_not_ported_methods_refuse_on_qwen_in_one_line(vanilla):
+    """visionzip / downsample: the next issue; fastervlm / prumerge: no [CLS] token; random's FLOPs accounting
+    (profile --method, --match): the next issue; each one line."""
+    cases = {"visionzip": "come with the next issue", "downsample": "come with the next issue",
+             "fastervlm": "has no [CLS] token", "prumerge": "has no [CLS] token"}
+    for spec, says in cases.items():
+        with pytest.raises(MethodError, match=None) as err:
+            apply_method(vanilla, spec)
+        assert says in str(err.value) and "\n" not in str(err.value), spec
+    geometry = checked_geometry(parse_method_spec("random"), vanilla.config)
+    with pytest.raises(MethodError) as err:
+        parse_method_spec("random").account(geometry, 1, (672, 672), vanilla.config)
+    assert "next issue" in str(err.value) and "\n" not in str(err.value)
+    assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"
