@@ -122,9 +122,9 @@ def test_random_cached_decode_equals_recompute_and_batch_equals_alone(vanilla, b
 
 
 def test_not_ported_methods_refuse_on_qwen_in_one_line(vanilla):
-    """visionzip / downsample: the next issue; fastervlm / prumerge: no [CLS] token; random's FLOPs accounting
+    """downsample: the next issue; fastervlm / prumerge: no [CLS] token; random's FLOPs accounting
     (profile --method, --match): the next issue; each one line."""
-    cases = {"visionzip": "come with the next issue", "downsample": "come with the next issue",
+    cases = {"downsample": "come with the next issue",
              "fastervlm": "has no [CLS] token", "prumerge": "has no [CLS] token"}
     for spec, says in cases.items():
         with pytest.raises(MethodError, match=None) as err:
@@ -135,3 +135,82 @@ def test_not_ported_methods_refuse_on_qwen_in_one_line(vanilla):
         parse_method_spec("random").account(geometry, 1, (672, 672), vanilla.config)
     assert "next issue" in str(err.value) and "\n" not in str(err.value)
     assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_visionzip_selection_on_crafted_scores():
+    """Dominant = the groups the scores favour, in raster order; contextual targets = every step-th of the others, each
+    its own feature + the mean of the others whose key points its way."""
+    from pmod_bench.methods.qwen_vision import visionzip_merged
+
+    V = 12
+    feats = torch.arange(V, dtype=torch.float32)[:, None].repeat(1, 3)
+    scores = torch.zeros(V)
+    scores[[9, 2, 5]] = torch.tensor([3.0, 2.0, 1.0])
+    keys = torch.zeros(V, 2)
+    rest = [0, 1, 3, 4, 6, 7, 8, 10, 11]          # targets (step 9 // 3 = 3): 0, 4, 8
+    for i in rest:
+        keys[i] = torch.tensor([1.0, 0.0]) if i < 4 else (torch.tensor([0.0, 1.0]) if i < 8 else torch.tensor([-1.0, -1.0]))
+    idx, out = visionzip_merged(feats, scores, keys, dominant=3, contextual=3)
+    assert idx.tolist() == [0, 2, 4, 5, 8, 9]
+    by = dict(zip(idx.tolist(), out[:, 0].tolist()))
+    assert by[2] == 2 and by[5] == 5 and by[9] == 9                     # dominant: as they are
+    assert by[0] == 0 + (1 + 3) / 2 and by[4] == 4 + (6 + 7) / 2 and by[8] == 8 + (10 + 11) / 2
+
+
+def test_visionzip_scores_are_the_last_blocks_received_attention(vanilla, batch):
+    """Per image: V scores and keys; the last block (full attention, one chunk per image) gives every query row a sum
+    of 1, so 4 x the group means sum to the image's patch count."""
+    from pmod_bench.methods.qwen_vision import last_block_scores
+
+    assert vanilla.config.vision_config.depth - 1 in vanilla.config.vision_config.fullatt_block_indexes
+    with torch.no_grad():
+        per = last_block_scores(vanilla, batch["pixel_values"], batch["image_grid_thw"])
+        ref = vanilla.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    V = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [f.shape[0] for f, _, _ in per] == V
+    for (f, s, k), r, v in zip(per, ref, V):
+        assert torch.equal(f, r) and s.shape == (v,) and k.shape[0] == v
+        assert abs(float(s.sum()) * 4 - 4 * v) < 1e-3
+
+
+def test_visionzip_on_qwen_budget_order_decode_and_batch(vanilla, batch):
+    """keep=0.4: round(0.4 V) tokens per image, dominant : contextual as 54 : 10, raster order; cached decode ==
+    recompute; the batch == each sample alone."""
+    apply_method(vanilla, "visionzip:keep=0.4,dominant=54,contextual=10")
+    try:
+        with torch.no_grad():
+            mi = vanilla.method_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                                       batch["attention_mask"])
+            out = vanilla.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+            full = vanilla(**QWEN.full_inputs(batch, out.sequences), use_cache=False).logits
+            for t, step in enumerate(out.logits):
+                assert (step - full[:, full.shape[1] - 5 + t]).abs().max() < 1e-4, t
+            for i in range(2):
+                alone = vanilla.generate(**_sample(batch, i), max_new_tokens=4, do_sample=False, output_logits=True,
+                                         return_dict_in_generate=True)
+                for a, b in zip(out.logits, alone.logits):
+                    assert (a[i] - b[0]).abs().max() < 1e-4, i
+    finally:
+        apply_method(vanilla, None)
+    V = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    for im, v in zip(mi.images, V):
+        k = round(0.4 * v)
+        c = round(k * 10 / 64)
+        assert im.features.shape[0] == k and im.info == {"dominant": k - c, "contextual": c}
+        assert torch.equal(im.selection[0], im.selection[0].sort().values)
+    with pytest.raises(MethodError, match="needs keep="):
+        apply_method(vanilla, "visionzip")
+    assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+@pytest.mark.parametrize("spec", ["random", "random:keep=0.5", "visionzip:keep=0.2"])
+def test_ported_methods_refuse_match_on_qwen_in_one_line(spec):
+    """``--match`` / ``profile --method`` of a ported method on Qwen2.5-VL-7B: one line saying the FLOPs come next."""
+    from pmod_bench.methods import solve
+    from pmod_bench.profiler.arch import load_arch
+
+    with pytest.raises(MethodError) as err:
+        solve(spec, load_arch("qwen2.5-vl-7b"), (672, 672), match="p-MoD-0.5")
+    assert "analytic FLOPs (profile --method, --match) come with the next issue" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -260,7 +260,7 @@ def apply_method(model, method: Union[str, dict, MethodConfig, None], **method_a
     geometry = ModelGeometry.from_config(model.config)
     cfg.check_model(geometry)
     host.check(model)
-    if cfg.needs_attentions:
+    if cfg.needs_attentions and not geometry.merge:  # Qwen2.5-VL: visionzip recomputes its last block's attention
         tower = model.model.vision_tower
         tower.set_attn_implementation("eager")
         if tower.config._attn_implementation != "eager":

@@ -56,6 +56,12 @@ class ModelGeometry:
         return cls(**{**fields, "feature_layer": int(layer)})
 
 
+def merged_accounting_error(name: str) -> MethodError:
+    """The one-line refusal of a vision-stage method's analytic FLOPs on Qwen2.5-VL (ported at runtime, not yet counted)."""
+    return MethodError(f"{name} on Qwen2.5-VL runs with its budget given (keep= / tokens=); its analytic FLOPs "
+                       "(profile --method, --match) come with the next issue.")
+
+
 def checked_geometry(cfg: Any, config: Any) -> ModelGeometry:
     """The :class:`ModelGeometry` of an HF ``config`` after method ``cfg`` has checked it can run there: on the family
     (``cfg.check_host``, read through the config's host adapter: a vision-stage method on Qwen2.5-VL refuses in one
@@ -93,4 +99,4 @@ class VisionAccount:
 
 
 
-__all__ = ["MethodError", "ModelGeometry", "VisionAccount", "checked_geometry"]
+__all__ = ["MethodError", "ModelGeometry", "VisionAccount", "checked_geometry", "merged_accounting_error"]

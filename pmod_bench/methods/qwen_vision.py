@@ -102,4 +102,70 @@ def _left_pad(model, seqs, poss, vis, labs, images):
     return MethodInputs(embeds, am, torch.cat([text[None], mrope], 0), vm, lb, images)
 
 
-__all__ = ["image_features", "qwen_method_inputs"]
+
+
+
+def last_block_scores(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """Run the tower once; per image: (merged features (V, d), received attention per merged token (V,), keys per
+    merged token (V, head_dim)), all in raster order.
+
+    The last block's attention is recomputed from its input (a forward pre-hook on ``blocks[-1].attn``: its
+    ``hidden_states``, ``cu_seqlens``, ``position_embeddings``) as that module computes it (``qkv``, HF's
+    ``apply_rotary_pos_emb_vision``, ``softmax(q kᵀ · scaling)`` over each ``cu_seqlens`` chunk): a token's score is
+    the attention it receives, averaged over heads, summed over queries; its key is averaged over heads. Both are
+    averaged over each merged 2x2 group (4 consecutive tokens there) and the window order is undone with
+    ``argsort(window_index)``, as the merger's output (LightCompress's ``merger_hook``)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    attn, seen = visual.blocks[-1].attn, {}
+    handle = attn.register_forward_pre_hook(lambda _m, args, kw: seen.update(kw, hidden_states=(args or (kw["hidden_states"],))[0]),
+                                            with_kwargs=True)
+    try:
+        feats = image_features(model, pixel_values, image_grid_thw)
+    finally:
+        handle.remove()
+    hs, cu = seen["hidden_states"], seen["cu_seqlens"]
+    S, H = hs.shape[0], attn.num_heads
+    q, k, _ = attn.qkv(hs).reshape(S, 3, H, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *seen["position_embeddings"])
+    received = torch.empty(S, dtype=torch.float32, device=hs.device)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * attn.scaling, dim=-1)
+        received[a:b] = w.mean(0).sum(0)
+    unit = visual.spatial_merge_size ** 2
+    window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    reverse = torch.argsort(window_index.to(hs.device))
+    scores = received.view(-1, unit).mean(1)[reverse]
+    keys = k.float().mean(1).view(-1, unit, k.shape[-1]).mean(1)[reverse]
+    sizes = [f.shape[0] for f in feats]
+    return list(zip(feats, scores.split(sizes), keys.split(sizes)))
+
+
+def visionzip_merged(feats: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
+    """VisionZip on one image's merged tokens (raster order): the ``dominant`` tokens of highest score, and
+    ``contextual`` targets (every ``max(1, R // contextual)``-th of the R others, in order), each the target + the mean
+    of the others whose key (L2-normalised) is most similar to its own. -> (kept indices, raster order; features)."""
+    V = feats.shape[0]
+    top = scores.topk(dominant).indices
+    keep = torch.zeros(V, dtype=torch.bool, device=feats.device)
+    keep[top] = True
+    out = feats.clone()
+    rest = (~keep).nonzero()[:, 0]                                  # (R,) raster order
+    if contextual and rest.numel():
+        m = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
+        step = max(1, rest.numel() // contextual)
+        targets = torch.arange(0, rest.numel(), step, device=feats.device)[:contextual]
+        is_t = torch.zeros(rest.numel(), dtype=torch.bool, device=feats.device)
+        is_t[targets] = True
+        assign = (m[~is_t] @ m[targets].T).argmax(1)                 # (R - c,) target of each other token
+        one_hot = torch.zeros(targets.numel(), int((~is_t).sum()), dtype=feats.dtype, device=feats.device)
+        one_hot[assign, torch.arange(assign.numel(), device=feats.device)] = 1
+        merged = one_hot @ feats[rest[~is_t]] / one_hot.sum(1, keepdim=True).clamp(min=1)
+        out[rest[targets]] = feats[rest[targets]] + merged
+        keep[rest[targets]] = True
+    idx = keep.nonzero()[:, 0]
+    return idx, out[idx]
+__all__ = ["image_features", "qwen_method_inputs", "last_block_scores", "visionzip_merged"]

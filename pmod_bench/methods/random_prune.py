@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, param, register_method
+from .geometry import merged_accounting_error
 from .fastervlm import _images
 from .vision import CompressedImage, project, run_tower, tokens_for
 
@@ -49,6 +50,8 @@ class RandomPruneConfig(MethodConfig):
         return tokens_for(self.keep, self.tokens, geometry.patches)
 
     def candidates(self, geometry: ModelGeometry) -> list["RandomPruneConfig"]:
+        if geometry.merge:
+            raise merged_accounting_error(self.name)
         return [self.replace(tokens=n) for n in range(1, geometry.patches + 1)]
 
     def budget(self) -> dict[str, Any]:
@@ -56,8 +59,7 @@ class RandomPruneConfig(MethodConfig):
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         if geometry.merge:
-            raise MethodError("random on Qwen2.5-VL runs with keep= or tokens= given; its analytic FLOPs (profile "
-                              "--method, --match) come with the next issue.")
+            raise merged_accounting_error(self.name)
         k = self.per_tile(geometry)
         return VisionAccount(llm_tokens=tiles * k, tower_tokens=geometry.patches + 1, tower_tiles=tiles, projector_tokens=tiles * k)
 
