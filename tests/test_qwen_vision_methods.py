@@ -214,3 +214,22 @@ def test_ported_methods_refuse_match_on_qwen_in_one_line(spec):
         solve(spec, load_arch("qwen2.5-vl-7b"), (672, 672), match="p-MoD-0.5")
     assert "analytic FLOPs (profile --method, --match) come with the next issue" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_window_order_undone_is_the_towers_own(vanilla, batch):
+    """The reverse index the scores are put back in raster order with is the one the tower applies to its merger's
+    output (and it is not the identity on these images: window attention reorders them)."""
+    from pmod_bench.methods.qwen_vision import window_reverse
+
+    visual = vanilla.model.visual
+    seen = {}
+    handle = visual.blocks[-1].register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out))
+    try:
+        with torch.no_grad():
+            feats = vanilla.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+            reverse = window_reverse(visual, batch["image_grid_thw"])
+            merged = visual.merger(seen["out"])
+    finally:
+        handle.remove()
+    assert not torch.equal(reverse, torch.arange(reverse.numel()))
+    assert torch.equal(merged[reverse], torch.cat(list(feats), 0))

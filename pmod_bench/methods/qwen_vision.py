@@ -105,6 +105,16 @@ def _left_pad(model, seqs, poss, vis, labs, images):
 
 
 
+def window_reverse(visual, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """The merged groups' window order undone: ``argsort(window_index)`` of HF's ``get_vision_window_index`` (what
+    ``Qwen2_5_VisionTransformerPretrainedModel.forward`` applies to the merger's output)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return torch.argsort(window_index)
+
+
 def last_block_scores(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """Run the tower once; per image: (merged features (V, d), received attention per merged token (V,), keys per
     merged token (V, head_dim)), all in raster order.
@@ -116,7 +126,6 @@ def last_block_scores(model, pixel_values: torch.Tensor, image_grid_thw: torch.T
     averaged over each merged 2x2 group (4 consecutive tokens there) and the window order is undone with
     ``argsort(window_index)``, as the merger's output (LightCompress's ``merger_hook``)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_window_index
 
     visual = model.model.visual
     attn, seen = visual.blocks[-1].attn, {}
@@ -135,9 +144,7 @@ def last_block_scores(model, pixel_values: torch.Tensor, image_grid_thw: torch.T
         w = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * attn.scaling, dim=-1)
         received[a:b] = w.mean(0).sum(0)
     unit = visual.spatial_merge_size ** 2
-    window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                              window_size=visual.window_size, patch_size=visual.patch_size)
-    reverse = torch.argsort(window_index.to(hs.device))
+    reverse = window_reverse(visual, image_grid_thw).to(hs.device)
     scores = received.view(-1, unit).mean(1)[reverse]
     keys = k.float().mean(1).view(-1, unit, k.shape[-1]).mean(1)[reverse]
     sizes = [f.shape[0] for f in feats]
@@ -168,4 +175,4 @@ def visionzip_merged(feats: torch.Tensor, scores: torch.Tensor, keys: torch.Tens
         keep[rest[targets]] = True
     idx = keep.nonzero()[:, 0]
     return idx, out[idx]
-__all__ = ["image_features", "qwen_method_inputs", "last_block_scores", "visionzip_merged"]
+__all__ = ["image_features", "qwen_method_inputs", "window_reverse", "last_block_scores", "visionzip_merged"]
