@@ -205,7 +205,6 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--arch", "llava-next-7b", "--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
     (["--method", "downsample"], "vision-stage methods come with the next issue"),
     (["--method", "visionzip:keep=0.25"], "its analytic FLOPs (profile --method, --match) come with the next issue"),
-    (["--method", "random:keep=0.25"], "its analytic FLOPs (profile --method, --match) come with the next issue"),
     (["--method", "fastervlm"], "Qwen2.5-VL's tower has no [CLS] token"),
     (["--method", "prumerge"], "Qwen2.5-VL's tower has no [CLS] token"),
     (["--method", "fastv", "--latency"], "--device cuda"),

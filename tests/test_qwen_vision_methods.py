@@ -122,7 +122,7 @@ def test_random_cached_decode_equals_recompute_and_batch_equals_alone(vanilla, b
 
 
 def test_not_ported_methods_refuse_on_qwen_in_one_line(vanilla):
-    """downsample: the next issue; fastervlm / prumerge: no [CLS] token; random's FLOPs accounting
+    """downsample: the next issue; fastervlm / prumerge: no [CLS] token; visionzip's FLOPs accounting
     (profile --method, --match): the next issue; each one line."""
     cases = {"downsample": "come with the next issue",
              "fastervlm": "has no [CLS] token", "prumerge": "has no [CLS] token"}
@@ -130,9 +130,9 @@ def test_not_ported_methods_refuse_on_qwen_in_one_line(vanilla):
         with pytest.raises(MethodError, match=None) as err:
             apply_method(vanilla, spec)
         assert says in str(err.value) and "\n" not in str(err.value), spec
-    geometry = checked_geometry(parse_method_spec("random"), vanilla.config)
+    geometry = checked_geometry(parse_method_spec("visionzip:keep=0.3"), vanilla.config)
     with pytest.raises(MethodError) as err:
-        parse_method_spec("random").account(geometry, 1, (672, 672), vanilla.config)
+        parse_method_spec("visionzip:keep=0.3").account(geometry, 1, (672, 672), vanilla.config)
     assert "next issue" in str(err.value) and "\n" not in str(err.value)
     assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
@@ -204,16 +204,56 @@ def test_visionzip_on_qwen_budget_order_decode_and_batch(vanilla, batch):
     assert type(vanilla).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
 
-@pytest.mark.parametrize("spec", ["random", "random:keep=0.5", "visionzip:keep=0.2"])
-def test_ported_methods_refuse_match_on_qwen_in_one_line(spec):
-    """``--match`` / ``profile --method`` of a ported method on Qwen2.5-VL-7B: one line saying the FLOPs come next."""
+@pytest.mark.parametrize("spec", ["visionzip", "visionzip:keep=0.2"])
+def test_visionzip_refuses_match_on_qwen_in_one_line(spec):
+    """``--match`` of visionzip on Qwen2.5-VL-7B: one line (keep= needed; its FLOPs come next)."""
     from pmod_bench.methods import solve
     from pmod_bench.profiler.arch import load_arch
 
     with pytest.raises(MethodError) as err:
         solve(spec, load_arch("qwen2.5-vl-7b"), (672, 672), match="p-MoD-0.5")
-    assert "analytic FLOPs (profile --method, --match) come with the next issue" in str(err.value)
-    assert "\n" not in str(err.value)
+    assert ("needs keep=" if spec == "visionzip" else "analytic FLOPs (profile --method, --match) come with the next issue") \
+        in str(err.value) and "\n" not in str(err.value)
+
+
+def test_random_matches_pmod_05_on_qwen_7b():
+    """``--match p-MoD-0.5`` solves random's keep on Qwen2.5-VL-7B at 672x672 (576 merged tokens) within 1%: the whole
+    tower + merger, the LLM on round(keep * 576) tokens."""
+    from pmod_bench.methods import solve
+    from pmod_bench.methods.accounting import method_flops
+    from pmod_bench.profiler.arch import load_arch, vision_layout
+    from pmod_bench.profiler.flops import vision_flops
+
+    arch = load_arch("qwen2.5-vl-7b")
+    res = solve("random", arch, (672, 672), match="p-MoD-0.5")
+    assert res.rel_err <= 0.01
+    f = method_flops(res.config, arch, (672, 672), 58)
+    assert f.baseline_vision_tokens == 576 and f.llm_vision_tokens == round(res.config.keep * 576)
+    assert f.vision == vision_flops(arch, vision_layout(arch, (672, 672))).total and f.llm_prefill == res.achieved
+
+
+def test_random_flops_analytic_equal_counted_on_tiny_qwen(vanilla):
+    """FlopCounterMode over one real forward under random:keep=0.4 == the analytic count (tower + merger + the LLM
+    on the kept tokens, last logits only)."""
+    from pmod_bench.methods.accounting import method_flops
+    from pmod_bench.profiler.arch import load_arch
+    from pmod_bench.profiler.counters import flop_counter
+
+    proc = QWEN.processor
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    inputs = proc(images=[demo_image(90, 40)], text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                  return_tensors="pt")
+    V = int((inputs["input_ids"] == vanilla.config.image_token_id).sum())
+    T = inputs["input_ids"].shape[1] - V
+    apply_method(vanilla, "random:keep=0.4")
+    try:
+        with torch.no_grad(), flop_counter() as fc:
+            vanilla(**inputs, logits_to_keep=1)
+    finally:
+        apply_method(vanilla, None)
+    f = method_flops(parse_method_spec("random:keep=0.4"), load_arch("tiny-qwen2.5-vl"), (90, 40), T, logits_tokens=1)
+    assert f.baseline_vision_tokens == V and f.llm_vision_tokens == round(0.4 * V)
+    assert fc.get_total_flops() == f.ttft
 
 
 def test_window_order_undone_is_the_towers_own(vanilla, batch):

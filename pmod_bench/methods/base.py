@@ -180,6 +180,12 @@ class MethodConfig:
         kept merged-token indices in raster order (see qwen_vision.py)."""
         raise MethodError(f"{self.name} has no Qwen2.5-VL port.")
 
+    def merged_tokens(self, V: int) -> int:
+        """Qwen2.5-VL: the merged tokens the LLM gets of an image of ``V`` (the analytic FLOPs, ``--match``)."""
+        from .geometry import merged_accounting_error
+
+        raise merged_accounting_error(self.name)
+
     @property
     def shortens_prompt(self) -> bool:
         """Whether the method turns the image features into fewer before the LLM (the vision stage)."""

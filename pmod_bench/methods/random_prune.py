@@ -50,12 +50,15 @@ class RandomPruneConfig(MethodConfig):
         return tokens_for(self.keep, self.tokens, geometry.patches)
 
     def candidates(self, geometry: ModelGeometry) -> list["RandomPruneConfig"]:
-        if geometry.merge:
-            raise merged_accounting_error(self.name)
+        if geometry.merge:  # Qwen2.5-VL: the image's token count is the profiler's; keep in steps of 1/1000
+            return [self.replace(keep=i / 1000, tokens=None) for i in range(1, 1001)]
         return [self.replace(tokens=n) for n in range(1, geometry.patches + 1)]
 
     def budget(self) -> dict[str, Any]:
         return {"tokens": self.tokens} if self.tokens is not None else {"keep": self.keep}
+
+    def merged_tokens(self, V: int) -> int:
+        return tokens_for(self.keep, self.tokens, V)
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         if geometry.merge:
