@@ -186,6 +186,10 @@ class MethodConfig:
 
         raise merged_accounting_error(self.name)
 
+    def merged_extra(self, arch: Any, V: int) -> int:
+        """Qwen2.5-VL: the method's own matrix products for an image of ``V`` merged tokens (analytic FLOPs)."""
+        return 0
+
     @property
     def shortens_prompt(self) -> bool:
         """Whether the method turns the image features into fewer before the LLM (the vision stage)."""

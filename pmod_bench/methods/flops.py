@@ -91,15 +91,16 @@ def vision_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int
 
 def _merged_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int) -> MethodFlops:
     """Qwen2.5-VL: the whole tower and merger (the profiler's count of the image), the LLM on the merged tokens the
-    method keeps (``cfg.merged_tokens(V)``); the method's own products: none (random)."""
+    method keeps (``cfg.merged_tokens(V)``), the method's own products (``cfg.merged_extra(arch, V)``)."""
     from pmod_bench.profiler.arch import vision_layout
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
 
     layout = vision_layout(arch, image_size)
-    V, t = cfg.merged_tokens(layout.vision_tokens), arch.text
+    V, t = layout.images * cfg.merged_tokens(layout.vision_tokens // layout.images), arch.text
     vis = vision_flops(arch, layout)
     llm = llm_prefill_flops(t, text_tokens, V, [V] * t.layers, (), logits_tokens).total("full")
-    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector, method_extra=0, llm_prefill=llm,
+    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector,
+                       method_extra=layout.images * cfg.merged_extra(arch, layout.vision_tokens // layout.images), llm_prefill=llm,
                        llm_prefill_paper=paper_prefill_flops(t, text_tokens, V, [V] * t.layers), llm_vision_tokens=V,
                        baseline_vision_tokens=layout.vision_tokens)
 

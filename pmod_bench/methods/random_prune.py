@@ -21,7 +21,6 @@ from typing import Any, Optional
 import torch
 
 from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, param, register_method
-from .geometry import merged_accounting_error
 from .fastervlm import _images
 from .vision import CompressedImage, project, run_tower, tokens_for
 
@@ -62,7 +61,7 @@ class RandomPruneConfig(MethodConfig):
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         if geometry.merge:
-            raise merged_accounting_error(self.name)
+            raise MethodError("random: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens).")
         k = self.per_tile(geometry)
         return VisionAccount(llm_tokens=tiles * k, tower_tokens=geometry.patches + 1, tower_tiles=tiles, projector_tokens=tiles * k)
 

@@ -47,7 +47,6 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .base import MethodConfig, MethodError, ModelGeometry, VisionAccount, param, register_method
-from .geometry import merged_accounting_error
 from .vision import CompressedImage, grid_shape, project, run_tower, stitch
 
 #: README proportion of dominant to all kept tokens (54 of 64, 108 of 128, 162 of 192)
@@ -86,16 +85,35 @@ class VisionZipConfig(MethodConfig):
             raise MethodError("visionzip needs vision_feature_layer to be a layer output (LLaVA: -2), not the embeddings.")
 
     def candidates(self, geometry: ModelGeometry) -> list["VisionZipConfig"]:
-        if geometry.merge:
-            raise merged_accounting_error(self.name)
+        if geometry.merge:  # Qwen2.5-VL: keep in steps of 1/1000 (the image's token count is the profiler's)
+            return [self.replace(keep=i / 1000) for i in range(1, 1001)]
         return [self.replace(**split_tokens(n)) for n in range(1, geometry.patches + 2)]
 
     def budget(self) -> dict[str, Any]:
+        if self.keep is not None:
+            return {"keep": self.keep}
         return {"dominant": self.dominant, "contextual": self.contextual}
+
+    def merged_tokens(self, V: int) -> int:
+        return sum(self.merged_counts(V))
+
+    def merged_extra(self, arch: Any, V: int) -> int:
+        """Qwen2.5-VL (qwen_vision.py): the last block's ``qkv`` again over the image's 4V patches and its ``q kᵀ``
+        (one full-attention chunk per image), the cosines (R - c) x c over head_dim keys and the merge c x (R - c) x
+        out_hidden."""
+        v = arch.vision
+        if v.depth - 1 not in v.fullatt_blocks:
+            raise MethodError("visionzip on Qwen2.5-VL: the tower's last block uses window attention here; its analytic "
+                              "FLOPs assume a full-attention last block (as every Qwen2.5-VL checkpoint has).")
+        S, hd = V * v.merge_size ** 2, v.hidden // v.heads
+        d, c = self.merged_counts(V)
+        R = V - d
+        return 2 * S * v.hidden * 3 * v.hidden + 2 * v.heads * S * S * hd + (2 * (R - c) * c * (hd + v.out_hidden) if c and R else 0)
 
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
         if geometry.merge:
-            raise merged_accounting_error(self.name)
+            raise MethodError("visionzip: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens, "
+                              "merged_extra).")
         n, c = geometry.patches + 1, self.contextual
         R = n - self.dominant
         hd = config.vision_config.hidden_size // config.vision_config.num_attention_heads
