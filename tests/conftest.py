@@ -342,16 +342,22 @@ def check_in_llm_methods_batch_equals_alone(vanilla, batch, prompt):
                 apply_method(model, None)
 
 
-def check_vision_stage_methods_refuse(vanilla, says: str, vanilla_name: str):
-    """Every vision-stage method refuses ``vanilla`` in one line that ``says`` why and names fastv; the model is
-    untouched."""
-    from pmod_bench.methods import MethodError, apply_method
+def check_vision_stage_methods_refuse(vanilla, says: str, vanilla_name: str, ported: tuple = ()):
+    """Every vision-stage method refuses ``vanilla`` in one line that names fastv: the ones that rank by [CLS] attention
+    (fastervlm, prumerge, prumerge_plus) say the tower has no [CLS] token, the others ``says`` why; the model is
+    untouched (the [CLS] refusal also in the profiler's accounting, which starts at the same check). ``ported``: the
+    vision-stage methods that run on the host (not checked here)."""
+    from pmod_bench.methods import MethodError, apply_method, parse_method_spec
+    from pmod_bench.methods.geometry import checked_geometry
 
-    for spec in ("visionzip", "fastervlm", "prumerge", "downsample", "random", "illava"):
-        with pytest.raises(MethodError) as err:
-            apply_method(vanilla, spec)
-        text = str(err.value)
-        assert "\n" not in text and says in text and "fastv" in text, spec
+    for spec in sorted({"visionzip", "fastervlm", "prumerge", "prumerge_plus", "downsample", "random", "illava"} - set(ported)):
+        cls = spec in ("fastervlm", "prumerge", "prumerge_plus")
+        for refuse in (lambda: apply_method(vanilla, spec), lambda: checked_geometry(parse_method_spec(spec), vanilla.config)):
+            with pytest.raises(MethodError) as err:
+                refuse()
+            text = str(err.value)
+            assert "\n" not in text and "fastv" in text, spec
+            assert ("tower has no [CLS] token" in text) == cls and (cls or says in text), (spec, text)
     assert type(vanilla).__name__ == vanilla_name  # untouched
 
 

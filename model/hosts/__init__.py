@@ -52,8 +52,12 @@ class HostAdapter:
     """LLaVA-NeXT's anyres tiling (several tower tiles per image, newline features)."""
     position_rows: ClassVar[int] = 1
     """Rows of position ids (1: 1-D RoPE; 3: M-RoPE's temporal / height / width)."""
-    vision_stage_methods: ClassVar[bool] = True
-    """Whether the vision-stage comparison methods (and iLLaVA's vision side) run on this family."""
+    vision_stage_methods: ClassVar[Any] = True
+    """Whether the vision-stage comparison methods (and iLLaVA's vision side) run on this family: True (all), False
+    (none) or the names of the ported ones (Qwen2.5-VL: a frozenset)."""
+    cls_token: ClassVar[bool] = True
+    """Whether the vision tower has a [CLS] token (CLIP: yes; Qwen2.5-VL's window-attention ViT and SigLIP: no): the
+    methods that rank patches by its attention (FasterVLM, PruMerge) need one."""
 
     # ------------------------------------------------------------------------------- structure
     def text_model(self, model) -> Any:

@@ -83,6 +83,7 @@ class LlavaOnevisionHost(HostAdapter):
     pmod_config_class = PMoDLlavaOnevisionConfig
     anyres = True
     vision_stage_methods = False
+    cls_token = False
 
     def vision_mask(self, config, input_ids):
         """Image and video positions (newline features included: they sit on ``<image>`` / ``<video>`` positions)."""

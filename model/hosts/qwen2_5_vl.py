@@ -117,7 +117,8 @@ class Qwen2_5_VLHost(HostAdapter):
     pmod_class = PMoDQwen2_5_VLForConditionalGeneration
     pmod_config_class = PMoDQwen2_5_VLConfig
     position_rows = 3
-    vision_stage_methods = False
+    vision_stage_methods = frozenset({"random", "visionzip"})  # methods/qwen_vision.py
+    cls_token = False
 
     def vision_mask(self, config, input_ids):
         return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
@@ -177,7 +178,7 @@ class Qwen2_5_VLHost(HostAdapter):
     def method_geometry(self, config) -> dict:
         v, t = config.vision_config, config.text_config
         return dict(patches_per_side=0, vision_layers=v.depth, feature_layer=-1, text_layers=t.num_hidden_layers,
-                    anyres=False, drop_cls=False)
+                    anyres=False, drop_cls=False, merge=v.spatial_merge_size)
 
     def routing_grid(self, config, inputs, num_vision: int) -> Optional[list[int]]:
         """The first image's merged patch grid (``image_grid_thw`` / ``spatial_merge_size``), row-major."""

@@ -77,7 +77,10 @@ class AppliedMethod:
     def method_inputs(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                       image_sizes: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                       labels: Optional[torch.Tensor] = None) -> MethodInputs:
-        """Compress every image of the batch and build the shortened, left-padded LLM inputs."""
+        """Compress every image of the batch and build the shortened, left-padded LLM inputs (Qwen2.5-VL: pass
+        ``image_grid_thw`` as ``image_sizes``; ``position_ids`` are then (4, B, N'), :mod:`.qwen_vision`)."""
+        if _host(model).position_rows == 3:
+            return self._merged_inputs(model, input_ids, pixel_values, image_sizes, attention_mask, labels)
         cfg = self.config
         image_token = model.config.image_token_id
         tiles = split_tiles(model, pixel_values, image_sizes)
@@ -145,6 +148,22 @@ class AppliedMethod:
         pos_ids = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
         return MethodInputs(embeds, am, pos_ids, vm, lb, images)
 
+    def _shorten(self, model, input_ids, pixel_values, kwargs: dict, attention_mask, labels=None) -> MethodInputs:
+        """The shortened prefill, the image inputs taken out of ``kwargs``: LLaVA's tiles (``image_sizes``) or Qwen2.5-VL's
+        merged grids (``image_grid_thw``; positions kept from the full grid, :mod:`.qwen_vision`)."""
+        if _host(model).position_rows != 3:
+            return self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None), attention_mask, labels)
+        kwargs.pop("mm_token_type_ids", None)
+        return self._merged_inputs(model, input_ids, pixel_values, kwargs.pop("image_grid_thw", None), attention_mask, labels)
+
+    def _merged_inputs(self, model, input_ids, pixel_values, grid, attention_mask, labels) -> MethodInputs:
+        from .qwen_vision import qwen_method_inputs
+
+        if grid is None:
+            raise MethodError("Qwen2.5-VL: pixel_values need the processor's image_grid_thw (pass the processor's output).")
+        images = self.config.compress_merged(model, self.geometry, pixel_values, grid)
+        return qwen_method_inputs(model, images, input_ids, grid, attention_mask, labels)
+
     # ------------------------------------------------------------------------------ entry points
     def _has_images(self, model, input_ids, pixel_values) -> bool:
         if not self.config.shortens_prompt:
@@ -162,8 +181,7 @@ class AppliedMethod:
         if cache is not None and cache.get_seq_length() > 0:
             raise MethodError("images given with a non-empty cache: a method compresses the whole prompt at once; "
                               "start from an empty cache (or use generate()).")
-        mi = self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None), kwargs.get("attention_mask"),
-                                kwargs.get("labels"))
+        mi = self._shorten(model, input_ids, pixel_values, kwargs, kwargs.get("attention_mask"), kwargs.get("labels"))
         kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask,
                       vision_token_mask=mi.vision_token_mask)
         if kwargs.get("position_ids") is None:
@@ -196,8 +214,9 @@ class AppliedMethod:
         if args:
             raise MethodError("pass generate()'s options by keyword (generation_config=..., ...) when a method is applied.")
         kwargs.pop("pixel_values")
-        mi = self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None),
-                                kwargs.pop("attention_mask", None))
+        mi = self._shorten(model, input_ids, pixel_values, kwargs, kwargs.pop("attention_mask", None))
+        if mi.position_ids.dim() == 3:  # M-RoPE: the kept tokens' positions; generate extends every row by one a step
+            kwargs["position_ids"] = mi.position_ids
         out = parent_generate(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask,
                               vision_token_mask=mi.vision_token_mask, **kwargs)
         # with inputs_embeds only, HF returns just the new tokens: put the prompt in front (the usual layout)
@@ -241,7 +260,7 @@ def apply_method(model, method: Union[str, dict, MethodConfig, None], **method_a
     geometry = ModelGeometry.from_config(model.config)
     cfg.check_model(geometry)
     host.check(model)
-    if cfg.needs_attentions:
+    if cfg.needs_attentions and not geometry.merge:  # Qwen2.5-VL: visionzip recomputes its last block's attention
         tower = model.model.vision_tower
         tower.set_attn_implementation("eager")
         if tower.config._attn_implementation != "eager":

@@ -117,6 +117,8 @@ class MethodConfig:
     """Needs the vision tower's attention maps (HF ``output_attentions``; eager attention in the tower)."""
     compresses_vision: ClassVar[bool] = False
     """An ``llm`` method that also shortens the image features before the LLM (iLLaVA)."""
+    needs_cls: ClassVar[bool] = False
+    """Ranks the patches by the vision tower's [CLS] attention (FasterVLM, PruMerge): refused on a tower without one."""
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -173,6 +175,21 @@ class MethodConfig:
         """Vision-side methods: the images' tiles -> one CompressedImage per image (see vision.py)."""
         raise NotImplementedError(f"{self.name} does not act on the vision features")
 
+    def compress_merged(self, model, geometry: ModelGeometry, pixel_values: Any, image_grid_thw: Any) -> list:
+        """Vision-side methods on Qwen2.5-VL: the batch's images -> one CompressedImage per image, ``selection[0]`` the
+        kept merged-token indices in raster order (see qwen_vision.py)."""
+        raise MethodError(f"{self.name} has no Qwen2.5-VL port.")
+
+    def merged_tokens(self, V: int) -> int:
+        """Qwen2.5-VL: the merged tokens the LLM gets of an image of ``V`` (the analytic FLOPs, ``--match``)."""
+        from .geometry import merged_accounting_error
+
+        raise merged_accounting_error(self.name)
+
+    def merged_extra(self, arch: Any, V: int) -> int:
+        """Qwen2.5-VL: the method's own matrix products for an image of ``V`` merged tokens (analytic FLOPs)."""
+        return 0
+
     @property
     def shortens_prompt(self) -> bool:
         """Whether the method turns the image features into fewer before the LLM (the vision stage)."""
@@ -189,9 +206,16 @@ class MethodConfig:
 
     def check_host(self, host: Any) -> None:
         """Raise :class:`MethodError` if the method cannot run on the model family of ``host`` (a
-        :class:`~pmod_bench.model.hosts.HostAdapter`)."""
-        if self.shortens_prompt and not host.vision_stage_methods:
-            llm = ", ".join(n for n, c in METHODS.items() if c.stage == "llm" and not c.compresses_vision)
+        :class:`~pmod_bench.model.hosts.HostAdapter`). A method that ranks by [CLS] attention is refused on a tower
+        without a [CLS] token for good: no published adaptation exists (ModelTC/LightCompress@9701d035 runs FasterVLM on
+        LLaVA only and has no PruMerge; the official repositories are LLaVA-only)."""
+        llm = ", ".join(n for n, c in METHODS.items() if c.stage == "llm" and not c.compresses_vision)
+        if self.needs_cls and not host.cls_token:
+            raise MethodError(f"{self.name} ranks the patches by the vision tower's [CLS] attention, and {host.title}'s "
+                              "tower has no [CLS] token (no published adaptation to such a tower exists); the in-LLM "
+                              f"methods run on it: {llm}.")
+        ported = host.vision_stage_methods
+        if self.shortens_prompt and not (ported is True or (ported and self.name in ported)):
             raise MethodError(f"{self.name} acts on the vision tower's features; on {host.title} the vision-stage "
                               f"methods come with the next issue (the in-LLM methods run now: {llm}).")
 

@@ -38,6 +38,7 @@ class FasterVLMConfig(MethodConfig):
     """FasterVLM: per tile, keep the patches the [CLS] token attends to most (before the LLM)."""
 
     official: ClassVar[str] = "Theia-4869/FasterVLM@f5d5f12037e105a51865ecb4b28a73cd86eb4921"
+    needs_cls: ClassVar[bool] = True
     needs_attentions: ClassVar[bool] = True
 
     keep: float = param(0.25, low=0.0, high=1.0, low_open=True)

@@ -75,6 +75,8 @@ def vision_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int
     """A vision-stage method: its vision side (:meth:`MethodConfig.account`), the LLM on the tokens it leaves."""
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops
 
+    if checked_geometry(cfg, arch.config).merge:
+        return _merged_method_flops(cfg, arch, image_size, text_tokens, logits_tokens)
     _, acc, base_v = method_account(cfg, arch, image_size)
     t = arch.text
     V = acc.llm_tokens
@@ -85,6 +87,22 @@ def vision_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int
     return MethodFlops(vision_encoder=tower_flops(arch, acc.tower_tokens, acc.tower_tiles), projector=projector,
                        method_extra=acc.extra_flops, llm_prefill=llm, llm_prefill_paper=paper, llm_vision_tokens=V,
                        baseline_vision_tokens=base_v, exact=acc.exact, note=acc.note)
+
+
+def _merged_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int) -> MethodFlops:
+    """Qwen2.5-VL: the whole tower and merger (the profiler's count of the image), the LLM on the merged tokens the
+    method keeps (``cfg.merged_tokens(V)``), the method's own products (``cfg.merged_extra(arch, V)``)."""
+    from pmod_bench.profiler.arch import vision_layout
+    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
+
+    layout = vision_layout(arch, image_size)
+    V, t = layout.images * cfg.merged_tokens(layout.vision_tokens // layout.images), arch.text
+    vis = vision_flops(arch, layout)
+    llm = llm_prefill_flops(t, text_tokens, V, [V] * t.layers, (), logits_tokens).total("full")
+    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector,
+                       method_extra=layout.images * cfg.merged_extra(arch, layout.vision_tokens // layout.images), llm_prefill=llm,
+                       llm_prefill_paper=paper_prefill_flops(t, text_tokens, V, [V] * t.layers), llm_vision_tokens=V,
+                       baseline_vision_tokens=layout.vision_tokens)
 
 
 def llm_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1):

@@ -69,6 +69,7 @@ class PruMergeConfig(MethodConfig):
     """LLaVA-PruMerge: keep the IQR outliers of [CLS] attention, each merged with its most similar tokens."""
 
     official: ClassVar[str] = "42Shawn/LLaVA-PruMerge@097c04116a58465e4bcb58cec44a94018a68ff1a"
+    needs_cls: ClassVar[bool] = True
     plus: ClassVar[bool] = False
 
     ratio: Optional[float] = param(None, low=0.0, high=1.0)

@@ -8,6 +8,9 @@ ranking. It needs no attention maps (SDPA stays on) and projects only the kept t
 Determinism: tile ``j`` of every image draws its subset from ``torch.Generator().manual_seed(seed + j)``
 on the CPU, independent of the batch, the device and the image content: batched equals per-sample,
 and every run is reproducible. The pattern is random over positions, fixed across images.
+
+Qwen2.5-VL (no tiles, no [CLS]): the subset is drawn over each image's merged 2x2 tokens (the merger's output, raster
+order) with ``seed``, and the LLM gets the kept ones at their full-grid M-RoPE positions (:mod:`.qwen_vision`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class RandomPruneConfig(MethodConfig):
     """Seed of the subsets (tile j of every image uses seed + j)."""
 
     def check_model(self, geometry: ModelGeometry) -> None:
+        if geometry.merge:
+            return  # Qwen2.5-VL: the image's merged tokens (image-dependent); tokens above them keep them all
         if self.tokens is not None and self.tokens > geometry.patches:
             raise MethodError(f"random: tokens must be in [1, {geometry.patches}] (the patches of a tile), got {self.tokens}.")
         if not geometry.drop_cls:
@@ -44,12 +49,19 @@ class RandomPruneConfig(MethodConfig):
         return tokens_for(self.keep, self.tokens, geometry.patches)
 
     def candidates(self, geometry: ModelGeometry) -> list["RandomPruneConfig"]:
+        if geometry.merge:  # Qwen2.5-VL: the image's token count is the profiler's; keep in steps of 1/1000
+            return [self.replace(keep=i / 1000, tokens=None) for i in range(1, 1001)]
         return [self.replace(tokens=n) for n in range(1, geometry.patches + 1)]
 
     def budget(self) -> dict[str, Any]:
         return {"tokens": self.tokens} if self.tokens is not None else {"keep": self.keep}
 
+    def merged_tokens(self, V: int) -> int:
+        return tokens_for(self.keep, self.tokens, V)
+
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
+        if geometry.merge:
+            raise MethodError("random: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens).")
         k = self.per_tile(geometry)
         return VisionAccount(llm_tokens=tiles * k, tower_tokens=geometry.patches + 1, tower_tiles=tiles, projector_tokens=tiles * k)
 
@@ -57,6 +69,18 @@ class RandomPruneConfig(MethodConfig):
         """The kept patch indices of tile ``tile`` (sorted)."""
         g = torch.Generator().manual_seed(self.seed + tile)
         return torch.randperm(patches, generator=g)[:k].sort().values
+
+    def compress_merged(self, model, geometry: ModelGeometry, pixel_values, image_grid_thw) -> list[CompressedImage]:
+        """Qwen2.5-VL: per image, round(keep * V) (or ``tokens``, at most V) of its V merged tokens, the subset of
+        ``seed`` (every image alike: batched equals per-sample), in raster order; the whole tower and merger run."""
+        from .qwen_vision import image_features
+
+        images = []
+        for f in image_features(model, pixel_values, image_grid_thw):
+            V = f.shape[0]
+            idx = self.subset(0, V, tokens_for(self.keep, self.tokens, V)).to(f.device)
+            images.append(CompressedImage(f[idx], [idx]))
+        return images
 
     def compress(self, model, geometry: ModelGeometry, tiles: list[torch.Tensor], sizes: list[Any]) -> list[CompressedImage]:
         self.check_model(geometry)

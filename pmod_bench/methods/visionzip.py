@@ -25,6 +25,16 @@ the equal-compute solver varies the tokens per tile, split between dominant and 
 tokens in the README's 54 : 10 proportion. Keys are read with a forward hook on that layer's ``k_proj``
 (the official code monkey-patches ``CLIPAttention.forward`` to return them).
 
+Qwen2.5-VL (no [CLS], window attention, 2x2 merger), as ModelTC/LightCompress at commit
+9701d035b0aac5df97a2ebaadb30bcf0707616f5 (``llmc/compression/token_reduction/visionzip.py``: ``merger_hook``,
+``prune_qwenv25vl_hook``) ports it, per image (:mod:`.qwen_vision`): a token's score is the attention it receives in
+the tower's last block, averaged over heads and summed over queries (no [CLS] row); scores and keys (heads averaged)
+are averaged over each merged 2x2 group and put back in raster order (``argsort(window_index)``); the ``dominant``
+merged tokens of highest score are kept, the others merge into ``contextual`` targets as above, on the merger's
+output; a contextual token sits at its target's place, so the kept tokens are in raster order and each keeps its
+M-RoPE position. Budget: ``keep`` (LightCompress: dominant and contextual as fractions of the image's tokens), split in
+the ``dominant : contextual`` proportion. The official repository (3151f6d) has no Qwen path.
+
 Defaults: ``dominant=191, contextual=30`` (``visionzip(model, dominant=191, contextual=30)``, the
 function's defaults; the README's example uses 54 / 10, i.e. 64 tokens per tile).
 """
@@ -32,7 +42,7 @@ function's defaults; the README's example uses 54 / 10, i.e. 64 tokens per tile)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -55,8 +65,18 @@ class VisionZipConfig(MethodConfig):
     """Dominant tokens per tile, the [CLS] token included (the official `dominant` argument)."""
     contextual: int = param(30, low=0)
     """Contextual tokens per tile: merges of the remaining tokens by key similarity."""
+    keep: Optional[float] = param(None, low=0.0, high=1.0, low_open=True)
+    """Qwen2.5-VL (required there): fraction of each image's merged tokens kept, split dominant : contextual."""
 
     def check_model(self, geometry: ModelGeometry) -> None:
+        if geometry.merge:
+            if self.keep is None:
+                raise MethodError("visionzip on Qwen2.5-VL needs keep= (the fraction of each image's merged tokens kept, "
+                                  "split in the dominant : contextual proportion), e.g. visionzip:keep=0.25.")
+            return
+        if self.keep is not None:
+            raise MethodError("visionzip: keep= is the budget on Qwen2.5-VL; on this model give dominant= and contextual= "
+                              "(tokens per tile).")
         n = geometry.patches + 1
         if self.dominant + self.contextual > n:
             raise MethodError(f"visionzip: dominant + contextual must be in [1, {n}] (the {geometry.patches} patches + [CLS] "
@@ -65,12 +85,35 @@ class VisionZipConfig(MethodConfig):
             raise MethodError("visionzip needs vision_feature_layer to be a layer output (LLaVA: -2), not the embeddings.")
 
     def candidates(self, geometry: ModelGeometry) -> list["VisionZipConfig"]:
+        if geometry.merge:  # Qwen2.5-VL: keep in steps of 1/1000 (the image's token count is the profiler's)
+            return [self.replace(keep=i / 1000) for i in range(1, 1001)]
         return [self.replace(**split_tokens(n)) for n in range(1, geometry.patches + 2)]
 
     def budget(self) -> dict[str, Any]:
+        if self.keep is not None:
+            return {"keep": self.keep}
         return {"dominant": self.dominant, "contextual": self.contextual}
 
+    def merged_tokens(self, V: int) -> int:
+        return sum(self.merged_counts(V))
+
+    def merged_extra(self, arch: Any, V: int) -> int:
+        """Qwen2.5-VL (qwen_vision.py): the last block's ``qkv`` again over the image's 4V patches and its ``q kᵀ``
+        (one full-attention chunk per image), the cosines (R - c) x c over head_dim keys and the merge c x (R - c) x
+        out_hidden."""
+        v = arch.vision
+        if v.depth - 1 not in v.fullatt_blocks:
+            raise MethodError("visionzip on Qwen2.5-VL: the tower's last block uses window attention here; its analytic "
+                              "FLOPs assume a full-attention last block (as every Qwen2.5-VL checkpoint has).")
+        S, hd = V * v.merge_size ** 2, v.hidden // v.heads
+        d, c = self.merged_counts(V)
+        R = V - d
+        return 2 * S * v.hidden * 3 * v.hidden + 2 * v.heads * S * S * hd + (2 * (R - c) * c * (hd + v.out_hidden) if c and R else 0)
+
     def account(self, geometry: ModelGeometry, tiles: int, image_size: Any, config: Any) -> VisionAccount:
+        if geometry.merge:
+            raise MethodError("visionzip: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens, "
+                              "merged_extra).")
         n, c = geometry.patches + 1, self.contextual
         R = n - self.dominant
         hd = config.vision_config.hidden_size // config.vision_config.num_attention_heads
@@ -82,6 +125,25 @@ class VisionZipConfig(MethodConfig):
                              extra_flops=tiles * extra)
 
     # ---------------------------------------------------------------------------- algorithm
+    def merged_counts(self, V: int) -> tuple[int, int]:
+        """Qwen2.5-VL: (dominant, contextual) of an image of ``V`` merged tokens: round(keep * V) in all (at least 1),
+        contextual its share contextual / (dominant + contextual), at least one dominant."""
+        k = max(1, min(V, int(round(self.keep * V))))
+        c = min(k - 1, int(round(k * self.contextual / (self.dominant + self.contextual))))
+        return k - c, c
+
+    def compress_merged(self, model, geometry: ModelGeometry, pixel_values, image_grid_thw) -> list[CompressedImage]:
+        """Qwen2.5-VL (module docstring, 'Qwen2.5-VL'): per image, VisionZip over its merged tokens."""
+        from .qwen_vision import last_block_scores, visionzip_merged
+
+        self.check_model(geometry)
+        images = []
+        for feats, scores, keys in last_block_scores(model, pixel_values, image_grid_thw):
+            d, c = self.merged_counts(feats.shape[0])
+            idx, kept = visionzip_merged(feats, scores, keys, d, c)
+            images.append(CompressedImage(kept, [idx], {"dominant": d, "contextual": c}))
+        return images
+
     def compress(self, model, geometry: ModelGeometry, tiles: list[torch.Tensor], sizes: list[Any]) -> list[CompressedImage]:
         self.check_model(geometry)
         h = geometry.feature_index
