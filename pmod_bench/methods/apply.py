@@ -30,7 +30,6 @@ the original layout does not match the cache and is refused with that advice).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -38,27 +37,9 @@ import torch
 from pmod_bench.model.compat import CACHE_ARGUMENTS
 
 from .base import MethodConfig, MethodError, ModelGeometry, parse_method_spec
-from .vision import CompressedImage, hf_image_tokens, split_tiles
+from .vision import MethodInputs, hf_image_tokens, split_tiles  # noqa: F401  (MethodInputs re-exported)
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class MethodInputs:
-    """The shortened prefill a vision-side method produces (left-padded)."""
-
-    inputs_embeds: torch.Tensor
-    """(B, N', d)"""
-    attention_mask: torch.Tensor
-    """(B, N') long: 1 = token, 0 = padding (on the left)"""
-    position_ids: torch.Tensor
-    """(B, N'): cumsum of the mask - 1 (padding 0), as ``generate`` computes them"""
-    vision_token_mask: torch.Tensor
-    """(B, N') bool: positions holding image features"""
-    labels: Optional[torch.Tensor] = None
-    """(B, N') with -100 on vision tokens and padding, when labels were given"""
-    images: list[CompressedImage] = field(default_factory=list)
-    """per image of the batch (in order): features and what was kept"""
 
 
 class AppliedMethod:

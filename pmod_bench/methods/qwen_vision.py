@@ -80,7 +80,7 @@ def qwen_method_inputs(model, images: list[CompressedImage], input_ids: torch.Te
 
 
 def _left_pad(model, seqs, poss, vis, labs, images):
-    from .apply import MethodInputs
+    from .vision import MethodInputs
 
     B, L, d = len(seqs), max(s.shape[0] for s in seqs), seqs[0].shape[1]
     dev = seqs[0].device

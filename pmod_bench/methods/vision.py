@@ -232,5 +232,23 @@ def tokens_for(keep: Optional[float], tokens: Optional[int], patches: int) -> in
 __all__ = [
     "CompressedImage", "TowerOutput", "vision_modules", "encoder_layers", "split_tiles", "capture_projections",
     "check_attention", "run_tower", "project", "grid_shape", "unpadded_grid", "stitch", "pack_spatial_unpad", "hf_image_tokens",
-    "masked_spatial", "tokens_for",
+    "masked_spatial", "tokens_for", "MethodInputs",
 ]
+
+
+@dataclass
+class MethodInputs:
+    """The shortened prefill a vision-side method produces (left-padded)."""
+
+    inputs_embeds: torch.Tensor
+    """(B, N', d)"""
+    attention_mask: torch.Tensor
+    """(B, N') long: 1 = token, 0 = padding (on the left)"""
+    position_ids: torch.Tensor
+    """(B, N'): cumsum of the mask - 1 (padding 0), as ``generate`` computes them"""
+    vision_token_mask: torch.Tensor
+    """(B, N') bool: positions holding image features"""
+    labels: Optional[torch.Tensor] = None
+    """(B, N') with -100 on vision tokens and padding, when labels were given"""
+    images: list[CompressedImage] = field(default_factory=list)
+    """per image of the batch (in order): features and what was kept"""
