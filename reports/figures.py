@@ -246,7 +246,7 @@ class MethodsTradeoffData:
 
     @property
     def drawable(self) -> bool:
-        return bool(self.curves)
+        return bool(self.curves or self.pmod)
 
 
 def methods_tradeoff_data(rep: Optional[Reproduction]) -> MethodsTradeoffData:
@@ -310,8 +310,9 @@ def methods_tradeoff_data(rep: Optional[Reproduction]) -> MethodsTradeoffData:
     return data
 
 
-def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
-    """Two panels, prefill TFLOPs and KV cache (% of the baseline) against the mean score: one curve per method."""
+def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path, title: Optional[str] = None) -> list[Path]:
+    """Two panels, prefill TFLOPs and KV cache (% of the baseline) against the mean score: one curve per method.
+    ``title`` replaces the default title (a host's figure names its host)."""
     from matplotlib import colormaps
 
     panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache, vision tokens (% of baseline)")]
@@ -334,7 +335,7 @@ def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
             ax.margins(x=0.2, y=0.2)
             ax.set_xlabel(xlabel)
         axes[0].set_ylabel(f"Mean score (%)\nover {', '.join(data.benchmarks)}" + (" (MME/20)" if "MME" in data.benchmarks else ""))
-        fig.suptitle(f"Accuracy vs compute: token-reduction methods across budgets beside p-MoD ({data.model})", y=1.0)
+        fig.suptitle(title or f"Accuracy vs compute: token-reduction methods across budgets beside p-MoD ({data.model})", y=1.0)
         fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(4, len(handles)),
                    bbox_to_anchor=(0.5, 0.0), frameon=False)
         fig.tight_layout()

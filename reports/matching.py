@@ -463,9 +463,14 @@ def _profile_values(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _own_model(name: Optional[str]) -> str:
-    """The display name of a model that is not the paper's: a path's or hub id's last part."""
+    """The display name of a model that is not the paper's: the profiler preset of a hub id it knows
+    (``Qwen/Qwen2.5-VL-7B-Instruct`` -> ``qwen2.5-vl-7b``, so eval runs join the profile rows of ``--arch
+    qwen2.5-vl-7b``), else a path's or hub id's last part."""
+    from pmod_bench.model.presets import ONEVISION_HUB, QWEN2_5_VL_HUB
+
     text = str(name or "unknown").rstrip("/").removesuffix(":vanilla")  # the preset suffix: the variant says it
-    return Path(text).name or text
+    presets = {hub.lower(): preset for table in (QWEN2_5_VL_HUB, ONEVISION_HUB) for preset, (hub, _) in table.items()}
+    return presets.get(text.lower()) or Path(text).name or text
 
 
 def model_from_info(info: Any) -> tuple[Optional[str], str]:

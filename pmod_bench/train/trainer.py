@@ -785,6 +785,7 @@ def _prepare_model(cfg: TrainConfig, model, args: TrainingArguments, base: dict,
     base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
     device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
     base["model_info"] = model_info(model, device)
+    base["host"] = base["model_info"]["family"]  # the host family (docs/RUN_DIRS.md), read by `pmod-bench report`
     if is_main:
         resolved = cfg.to_dict()
         resolved["pmod_recipe"] = resolved["pmod"]
