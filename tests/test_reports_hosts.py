@@ -165,7 +165,8 @@ def test_tiny_qwen_profile_eval_report_end_to_end(tmp_path):
     assert json.loads((tmp_path / "D1" / "run.json").read_text())["host"] == "qwen2_5_vl"
     assert json.loads((tmp_path / "D2" / "run.json").read_text())["host"] == "qwen2_5_vl"
     eff = _csv(tmp_path / "R" / "tables" / "qwen2-5-vl-efficiency.csv")
-    base = [r for r in eff if r["key"].endswith("/baseline")]
-    assert base and base[0]["TFLOPs"] and base[0]["Doc"]  # the profile row joined with the eval run
+    pmod = [r for r in eff if r["key"] == "tiny-qwen2.5-vl/p-MoD-0.5"]  # the preset is p-MoD-0.5
+    assert pmod and pmod[0]["TFLOPs"] and pmod[0]["Doc"] != "" and pmod[0]["AVG"] != ""  # profile row joined with eval run
+    assert {r["key"] for r in eff} >= {"tiny-qwen2.5-vl/baseline", "tiny-qwen2.5-vl/p-MoD-0.3"}
     assert not any("qwen" in r["key"] for r in _csv(tmp_path / "R" / "tables" / "table7.csv"))
     assert any(p.name.startswith("tradeoff_qwen2-5-vl") for p in (tmp_path / "R" / "figures").iterdir())
