@@ -4,8 +4,10 @@ Output layout (``DIR``)::
 
     index.md                    links every table and figure and says which inputs each came from
     report.json                 the same, machine-readable
-    tables/tableN.{md,tex,csv}  Tables 1-12
-    figures/*.{png,pdf}         trade-off, Fig. 4, and (when runs provide them) Figs. 3, 5, 6
+    tables/tableN.{md,tex,csv}  Tables 1-12 (runs of the paper's hosts, LLaVA-1.5 / LLaVA-NeXT, only)
+    tables/HOST-efficiency.*    per other host found among the runs (Qwen2.5-VL, ...): Table 7's analog
+    tables/HOST-methods.*       ... and Tables 5 / 8-10's analog (:mod:`.hosts`)
+    figures/*.{png,pdf}         trade-off, Fig. 4, tradeoff_HOST per other host, and (when runs provide them) Figs. 3, 5, 6
 
 Everything is first written to a staging directory beside ``DIR``; only when every file was produced
 are they moved into ``DIR`` (one ``os.replace`` each). A bad input therefore leaves ``DIR`` as it was.
