@@ -20,13 +20,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .matching import Reproduction
+from .matching import PAPER_HOSTS, Reproduction
 from .paper import BENCHMARKS, PaperColumn, paper_average, paper_table
 from .runs import Run
 from .tables import Line, ReportTable
 
-#: the host families of the paper's models: their runs feed the paper's tables
-PAPER_HOSTS = frozenset({"llava", "llava_next"})
 
 #: display names of host families (others are shown as their family)
 HOST_TITLES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_5_vl": "Qwen2.5-VL",

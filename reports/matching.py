@@ -70,6 +70,10 @@ EQUAL_COMPUTE_TARGET = "p-MoD-0.5"
 SAME_CONFIGURATION = {"MoD+TanhNorm+STRing": "p-MoD-constant"}
 
 
+#: the host families of the paper's models (``pmod_bench.model.hosts.family_of``): only their runs feed the paper's tables
+PAPER_HOSTS = frozenset({"llava", "llava_next"})
+
+
 class LabelError(ValueError):
     """An explicit label that does not parse; the message lists the accepted forms."""
 
@@ -770,6 +774,10 @@ class _Matcher:
             return model, f"model_info: {why} -> {model}"
         if self.default_model:
             return self.default_model, f"matched as {self.default_model} (--default-model)"
+        host, source = run.data.get("host"), run.data.get("model")
+        if isinstance(host, str) and host not in PAPER_HOSTS and isinstance(source, str) and source:
+            # a host that is not the paper's (reports.hosts): its own model name, as its eval and profile runs get
+            return _own_model(source), f"train_summary.json model {source!r} ({host}, not a paper host)"
         return None, ""
 
 

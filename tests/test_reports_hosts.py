@@ -18,7 +18,7 @@ import pytest
 
 from pmod_bench.reports import build_report, load_run
 from pmod_bench.reports.hosts import run_host, split_by_host
-from test_reports import _pmod, _profile_row, _run_json, _write_json, make_eval_run, make_profile_run
+from test_reports import _pmod, _profile_row, _run_json, _write_json, make_eval_run, make_profile_run, make_train_run
 from test_reports_methods import FASTV, _method_row, make_method_eval
 
 QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -146,6 +146,24 @@ def test_a_host_with_shift_factors_alone_still_gets_its_figure(tmp_path):
     assert len(eff) == 3
 
 
+def test_a_host_train_run_gives_its_measured_training_cost(tmp_path):
+    """A train run of Qwen2.5-VL (train_summary.json host, model) fills the GPU-hours cell of its configuration in the
+    host's efficiency table, never a paper row; without ``model`` it stays unmatched, as before."""
+    qwen = _qwen_runs(tmp_path / "runs")[:3]
+    info = {"class": "PMoDQwen2_5_VLForConditionalGeneration", "family": "qwen2_5_vl", "num_params": 8_290_000_000}
+    train = make_train_run(tmp_path / "runs" / "qwen-train", 123.0, label="qwen p-MoD sft", pmod=_pmod(0.5), model_info=info)
+    summary = json.loads((train / "train_summary.json").read_text())
+    _write_json(train / "train_summary.json", {**summary, "host": "qwen2_5_vl", "model": QWEN})
+    got = build_report([*qwen, train], tmp_path / "r", figures=False)
+    eff = {r["key"]: r for r in _csv(tmp_path / "r" / "tables" / "qwen2-5-vl-efficiency.csv")}
+    assert float(eff["qwen2.5-vl-7b/p-MoD-0.5"]["Training GPU hours"]) == 123.0  # measured, over the profile's 300
+    assert float(eff["qwen2.5-vl-7b/baseline"]["Training GPU hours"]) == 300.0
+    assert not any("qwen" in (ln.key or "").lower() for t in got.tables if t.heading is None for ln in t.lines)
+    _write_json(train / "train_summary.json", {**summary, "host": "qwen2_5_vl"})  # no model: nothing names it
+    build_report([*qwen, train], tmp_path / "r2", figures=False)
+    assert "Qwen2.5-VL: not matched" in (tmp_path / "r2" / "index.md").read_text()
+
+
 def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pmod_bench", *args], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -159,7 +177,9 @@ def test_tiny_qwen_profile_eval_report_end_to_end(tmp_path):
                  ["profile", "--arch", "tiny-qwen2.5-vl", "--output", str(tmp_path / "D1")],
                  ["eval", "--model", "tiny-qwen2.5-vl", "--suite", "ablation", "--limit", "2", "--data", str(data),
                   "--output", str(tmp_path / "D2")],
-                 ["report", str(tmp_path / "D1"), str(tmp_path / "D2"), "--output", str(tmp_path / "R")]):
+                 ["train", "--demo", "--model", "tiny-qwen2.5-vl", "train.max_steps=2", "train.progress_bar=false",
+                  "-o", str(tmp_path / "T")],
+                 ["report", str(tmp_path / "D1"), str(tmp_path / "D2"), str(tmp_path / "T"), "--output", str(tmp_path / "R")]):
         proc = _cli(args, env)
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
     assert json.loads((tmp_path / "D1" / "run.json").read_text())["host"] == "qwen2_5_vl"
@@ -168,5 +188,7 @@ def test_tiny_qwen_profile_eval_report_end_to_end(tmp_path):
     pmod = [r for r in eff if r["key"] == "tiny-qwen2.5-vl/p-MoD-0.5"]  # the preset is p-MoD-0.5
     assert pmod and pmod[0]["TFLOPs"] and pmod[0]["Doc"] != "" and pmod[0]["AVG"] != ""  # profile row joined with eval run
     assert {r["key"] for r in eff} >= {"tiny-qwen2.5-vl/baseline", "tiny-qwen2.5-vl/p-MoD-0.3"}
+    assert float(pmod[0]["Training GPU hours"]) > 0  # the demo train run of the same configuration
+    assert json.loads((tmp_path / "T" / "train_summary.json").read_text())["host"] == "qwen2_5_vl"
     assert not any("qwen" in r["key"] for r in _csv(tmp_path / "R" / "tables" / "table7.csv"))
     assert any(p.name.startswith("tradeoff_qwen2-5-vl") for p in (tmp_path / "R" / "figures").iterdir())

@@ -676,6 +676,7 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
         "recipe": cfg.recipe or "python", "stage": cfg.stage, "output_dir": str(out), "label": cfg.label,
         "world_size": world, "global_batch_size": t.global_batch_size, "gradient_accumulation_steps": grad_accum,
         "pmod": None, "trainable": cfg.trainable, "resumed_from": checkpoint,
+        "model": cfg.model.source,  # the model trained from (null when composed from an LLM and a vision tower)
     }
     trainer = None
     try:
