@@ -73,6 +73,7 @@ class TradeoffPoint:
     latency_pct: Optional[float]
     score: Optional[float]
     key: Optional[str] = None  # MODEL/VARIANT of a reproduced point
+    score_err: Optional[float] = None  # standard error of the score (small samples: eval rows with n), drawn as a bar
 
 
 @dataclass
@@ -175,6 +176,8 @@ def _draw_series(ax, pts: Sequence[TradeoffPoint], attr: str, color: str, marker
         return None
     xs, ys = [getattr(p, attr) for p in pts], [p.score for p in pts]
     (h,) = ax.plot(xs, ys, color=color, marker=marker, ls=ls, lw=1.2, ms=4.5, label=label)
+    if any(p.score_err for p in pts):
+        ax.errorbar(xs, ys, yerr=[p.score_err or 0.0 for p in pts], fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
     # the curves rise to the right: labels above-left of their point, or below-right for a second series
     # (the leftmost point is labelled to its right, clear of the y axis)
     off, ha, va = ((4, -3), "left", "top") if below else ((-4, 3), "right", "bottom")

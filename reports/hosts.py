@@ -177,20 +177,58 @@ def _slug(host: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ figure
 def host_figure_data(rep: Reproduction):
-    """The trade-off of one host: its methods' budgets beside its p-MoD shifts (or the shifts alone)."""
+    """The trade-off of one host: its methods' budgets beside its p-MoD shifts (or the shifts alone); each score with
+    its standard error where the eval rows carry their sample count ``n`` (:func:`score_error`)."""
     from .figures import MethodsTradeoffData, methods_tradeoff_data, tradeoff_data
 
     data = methods_tradeoff_data(rep)
-    if data.drawable:
-        return data
-    shifts = tradeoff_data(rep)
-    if not shifts.reproduced:
-        data.notes.extend(shifts.notes)
-        return data
-    return MethodsTradeoffData(model=shifts.reproduced_model, benchmarks=shifts.reproduced_benchmarks,
-                               pmod=list(shifts.reproduced), sources=_sources([p.key for p in shifts.reproduced], rep),
-                               notes=data.notes[:0] + shifts.notes)
+    if not data.drawable:
+        shifts = tradeoff_data(rep)
+        if not shifts.reproduced:
+            data.notes.extend(shifts.notes)
+            return data
+        data = MethodsTradeoffData(model=shifts.reproduced_model, benchmarks=shifts.reproduced_benchmarks,
+                                   pmod=list(shifts.reproduced), sources=_sources([p.key for p in shifts.reproduced], rep),
+                                   notes=list(shifts.notes))
+    counts = _sample_counts(rep)
+    data.pmod = [dataclasses.replace(p, score_err=score_error(
+        {b: (rep.get(p.key, b), counts.get((rep.source_of(p.key, b), b))) for b in data.benchmarks})) for p in data.pmod]
+    for name, pts in data.curves.items():  # the curve's points in the order methods_tradeoff_data drew them
+        mps = sorted((mp for mp in rep.method_points if mp.model == data.model and mp.name == name and mp.efficiency),
+                     key=lambda mp: mp.efficiency["tflops_ratio"])
+        data.curves[name] = [dataclasses.replace(p, score_err=score_error(
+            {b: (mp.values.get(b), counts.get((mp.source, b))) for b in data.benchmarks})) for p, mp in zip(pts, mps)]
+    if any(p.score_err for p in data.pmod + [p for c in data.curves.values() for p in c]):
+        data.notes.append("error bars: one standard error of the mean score, sqrt(p(1-p)/n) per benchmark (n = the eval "
+                          "rows' sample count), combined over the benchmarks averaged.")
+    return data
+
+
+def _sample_counts(rep: Reproduction) -> dict[tuple[str, str], int]:
+    """(eval run source, benchmark) -> the row's ``n`` (samples scored), where the row carries it."""
+    out: dict[tuple[str, str], int] = {}
+    for e in rep.entries:
+        if e.run.kind == "eval":
+            for row in e.run.rows:
+                n = row.get("n")
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                    out[(e.source, str(row.get("benchmark")))] = n
+    return out
+
+
+def score_error(cells: Mapping[str, tuple[Optional[float], Optional[int]]]) -> Optional[float]:
+    """The standard error of a mean of accuracies (%, benchmark -> (value, n)): sqrt(sum p(1-p)/n) / k, in points.
+    None when a value or its n is missing, or a benchmark is not an accuracy (MME's raw score)."""
+    if not cells:
+        return None
+    var = 0.0
+    for bench, (value, n) in cells.items():
+        if value is None or not n or bench == "MME" or not 0.0 <= value <= 100.0:
+            return None
+        p = value / 100.0
+        var += p * (1.0 - p) / n
+    return 100.0 * var ** 0.5 / len(cells)
 
 
 __all__ = ["PAPER_HOSTS", "HOST_TITLES", "host_title", "run_host", "split_by_host", "label_subset", "efficiency_table",
-           "methods_table", "host_tables", "host_figure_data"]
+           "methods_table", "host_tables", "host_figure_data", "score_error"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from pmod_bench.reports import build_report, load_run
-from pmod_bench.reports.hosts import run_host, split_by_host
+from pmod_bench.reports.hosts import host_figure_data, run_host, score_error, split_by_host
+from pmod_bench.reports.matching import match_runs
 from test_reports import _pmod, _profile_row, _run_json, _write_json, make_eval_run, make_profile_run, make_train_run
 from test_reports_methods import FASTV, _method_row, make_method_eval
 
@@ -144,6 +145,18 @@ def test_a_host_with_shift_factors_alone_still_gets_its_figure(tmp_path):
     assert len(figs) == 1
     eff = _csv(tmp_path / "r" / "tables" / "qwen2-5-vl-efficiency.csv")
     assert len(eff) == 3
+
+
+def test_small_sample_scores_carry_their_standard_error(tmp_path):
+    assert score_error({"Doc": (50.0, 100)}) == pytest.approx(5.0)  # sqrt(0.25 / 100) = 5 points
+    assert score_error({"Doc": (50.0, 100), "GQA": (90.0, 400)}) == pytest.approx(100 * (0.0025 + 0.09 / 400) ** 0.5 / 2)
+    assert score_error({"Doc": (50.0, None)}) is None and score_error({"MME": (1500.0, 100)}) is None
+    _, other = split_by_host([load_run(p) for p in _qwen_runs(tmp_path)])
+    data = host_figure_data(match_runs(other["qwen2_5_vl"], {}, None))
+    pmod05 = next(p for p in data.pmod if p.key == "qwen2.5-vl-7b/p-MoD-0.5")
+    want = 100 * sum((v - 1) / 100 * (1 - (v - 1) / 100) / 100 for v in QWEN6.values()) ** 0.5 / 6  # n = 100 per row
+    assert pmod05.score_err == pytest.approx(want)
+    assert data.curves["fastv"][0].score_err is not None and any("standard error" in n for n in data.notes)
 
 
 def test_a_host_train_run_gives_its_measured_training_cost(tmp_path):
