@@ -73,6 +73,7 @@ class TradeoffPoint:
     latency_pct: Optional[float]
     score: Optional[float]
     key: Optional[str] = None  # MODEL/VARIANT of a reproduced point
+    score_err: Optional[float] = None  # standard error of the score (small samples: eval rows with n), drawn as a bar
 
 
 @dataclass
@@ -175,6 +176,8 @@ def _draw_series(ax, pts: Sequence[TradeoffPoint], attr: str, color: str, marker
         return None
     xs, ys = [getattr(p, attr) for p in pts], [p.score for p in pts]
     (h,) = ax.plot(xs, ys, color=color, marker=marker, ls=ls, lw=1.2, ms=4.5, label=label)
+    if any(p.score_err for p in pts):
+        ax.errorbar(xs, ys, yerr=[p.score_err or 0.0 for p in pts], fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
     # the curves rise to the right: labels above-left of their point, or below-right for a second series
     # (the leftmost point is labelled to its right, clear of the y axis)
     off, ha, va = ((4, -3), "left", "top") if below else ((-4, 3), "right", "bottom")
@@ -246,7 +249,7 @@ class MethodsTradeoffData:
 
     @property
     def drawable(self) -> bool:
-        return bool(self.curves)
+        return bool(self.curves or self.pmod)
 
 
 def methods_tradeoff_data(rep: Optional[Reproduction]) -> MethodsTradeoffData:
@@ -310,8 +313,9 @@ def methods_tradeoff_data(rep: Optional[Reproduction]) -> MethodsTradeoffData:
     return data
 
 
-def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
-    """Two panels, prefill TFLOPs and KV cache (% of the baseline) against the mean score: one curve per method."""
+def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path, title: Optional[str] = None) -> list[Path]:
+    """Two panels, prefill TFLOPs and KV cache (% of the baseline) against the mean score: one curve per method.
+    ``title`` replaces the default title (a host's figure names its host)."""
     from matplotlib import colormaps
 
     panels = [("tflops_pct", "Prefill TFLOPs (% of baseline)"), ("kv_pct", "KV cache, vision tokens (% of baseline)")]
@@ -334,7 +338,7 @@ def plot_methods_tradeoff(data: MethodsTradeoffData, stem: Path) -> list[Path]:
             ax.margins(x=0.2, y=0.2)
             ax.set_xlabel(xlabel)
         axes[0].set_ylabel(f"Mean score (%)\nover {', '.join(data.benchmarks)}" + (" (MME/20)" if "MME" in data.benchmarks else ""))
-        fig.suptitle(f"Accuracy vs compute: token-reduction methods across budgets beside p-MoD ({data.model})", y=1.0)
+        fig.suptitle(title or f"Accuracy vs compute: token-reduction methods across budgets beside p-MoD ({data.model})", y=1.0)
         fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(4, len(handles)),
                    bbox_to_anchor=(0.5, 0.0), frameon=False)
         fig.tight_layout()

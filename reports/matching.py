@@ -70,6 +70,10 @@ EQUAL_COMPUTE_TARGET = "p-MoD-0.5"
 SAME_CONFIGURATION = {"MoD+TanhNorm+STRing": "p-MoD-constant"}
 
 
+#: the host families of the paper's models (``pmod_bench.model.hosts.family_of``): only their runs feed the paper's tables
+PAPER_HOSTS = frozenset({"llava", "llava_next"})
+
+
 class LabelError(ValueError):
     """An explicit label that does not parse; the message lists the accepted forms."""
 
@@ -463,9 +467,14 @@ def _profile_values(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _own_model(name: Optional[str]) -> str:
-    """The display name of a model that is not the paper's: a path's or hub id's last part."""
+    """The display name of a model that is not the paper's: the profiler preset of a hub id it knows
+    (``Qwen/Qwen2.5-VL-7B-Instruct`` -> ``qwen2.5-vl-7b``, so eval runs join the profile rows of ``--arch
+    qwen2.5-vl-7b``), else a path's or hub id's last part."""
+    from pmod_bench.model.presets import ONEVISION_HUB, QWEN2_5_VL_HUB
+
     text = str(name or "unknown").rstrip("/").removesuffix(":vanilla")  # the preset suffix: the variant says it
-    return Path(text).name or text
+    presets = {hub.lower(): preset for table in (QWEN2_5_VL_HUB, ONEVISION_HUB) for preset, (hub, _) in table.items()}
+    return presets.get(text.lower()) or Path(text).name or text
 
 
 def model_from_info(info: Any) -> tuple[Optional[str], str]:
@@ -765,6 +774,10 @@ class _Matcher:
             return model, f"model_info: {why} -> {model}"
         if self.default_model:
             return self.default_model, f"matched as {self.default_model} (--default-model)"
+        host, source = run.data.get("host"), run.data.get("model")
+        if isinstance(host, str) and host not in PAPER_HOSTS and isinstance(source, str) and source:
+            # a host that is not the paper's (reports.hosts): its own model name, as its eval and profile runs get
+            return _own_model(source), f"train_summary.json model {source!r} ({host}, not a paper host)"
         return None, ""
 
 

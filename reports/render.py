@@ -89,7 +89,7 @@ def render_markdown(table: ReportTable) -> str:
     header, rows = _grid(table, "md")
     align = [":--"] + ([":--"] if table.compare else []) + ["--:" if _numeric(c) else ":--" for c in table.columns]
     esc = lambda s: s.replace("|", r"\|")  # noqa: E731
-    out = [f"# Table {table.number}: {table.title}", ""]
+    out = [f"# {table.heading}" if table.heading else f"# Table {table.number}: {table.title}", ""]
     out.append("| " + " | ".join(esc(h) for h in header) + " |")
     out.append("|" + "|".join(align) + "|")
     for r in rows:
@@ -105,7 +105,7 @@ def render_latex(table: ReportTable) -> str:
     header, rows = _grid(table, "tex")
     spec = "l" + ("l" if table.compare else "") + "".join("r" if _numeric(c) else "l" for c in table.columns)
     wide = len(table.columns) > 10
-    caption = f"{table.title}. Paper: {PAPER_CITATION}, Table {table.number}."
+    caption = f"{table.title}." if table.heading else f"{table.title}. Paper: {PAPER_CITATION}, Table {table.number}."
     if table.compare:
         caption += r" Paper values beside reproduced ones; $\Delta$ = reproduced $-$ paper; -- = not measured."
     if any(line.kind == "measured" for line in table.lines):

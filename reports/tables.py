@@ -45,6 +45,7 @@ class ReportTable:
     compare: bool  # True when lines include reproduced / diff lines (a 'line' column is shown)
     notes: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()  # the runs (or profile rows) whose values the table shows
+    heading: Optional[str] = None  # a table that is not the paper's (a host's own, reports.hosts): its heading, no citation
 
     def header(self, col: PaperColumn) -> str:
         return col.header

@@ -381,6 +381,7 @@ def test_cli_default_run_writes_documented_rows(tmp_path, capsys):
     assert rows[0]["prefill_tflops_paper"] == pytest.approx(39.46, rel=1e-3)
     run = load_run(out)  # the report reader validates run.json and the documented keys
     assert run.kind == "profile" and run.meta["command"].startswith("pmod-bench profile") and len(run.rows) == 4
+    assert run.meta["host"] == "llava_next" and run.meta["hosts"] == {"llava-next-7b": "llava_next"}  # the arch's family
     csv_text = (out / "profile.csv").read_text()
     assert csv_text == rows_to_csv(json.loads((out / "profile.json").read_text())["rows"])
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files

@@ -286,8 +286,10 @@ def _profile_rows(args: argparse.Namespace, archs: list, scenarios: list, varian
     from .training import default_recipe, get_recipe
 
     rows = []
+    args.hosts = {}  # row arch -> its host family (run.json `hosts`, docs/RUN_DIRS.md)
     for arch_name in archs:
         arch = load_arch(arch_name)
+        args.hosts[arch.name] = arch.family
         overrides = (args.train_samples, args.train_text_tokens, args.utilisation, args.overhead_s)
         if args.recipe == "none" or (args.recipe == "auto" and all(o is None for o in overrides)):
             recipe = None if args.recipe == "none" else "auto"
@@ -321,7 +323,7 @@ def _write_outputs(args: argparse.Namespace, rows: list, command: str) -> None:
     if args.output:
         try:
             with output_errors("--output", args.output, error=ProfileError):
-                d = write_run_dir(args.output, rows, command, label=args.label)
+                d = write_run_dir(args.output, rows, command, label=args.label, hosts=getattr(args, "hosts", None))
         except FileExistsError as exc:
             raise ProfileError(str(exc)) from None
         print(f"wrote {d}/run.json, profile.json, profile.csv", file=sys.stderr)

@@ -266,8 +266,9 @@ def write_json(path: "str | Path", rows: Iterable[Any], **extra: Any) -> None:
 
 
 def write_run_dir(run_dir: "str | Path", rows: Iterable[Any], command: str, label: Optional[str] = None,
-                  created: Optional[str] = None, **extra: Any) -> Path:
-    """run.json + profile.json + profile.csv (docs/RUN_DIRS.md), each written atomically."""
+                  created: Optional[str] = None, hosts: Optional[dict] = None, **extra: Any) -> Path:
+    """run.json + profile.json + profile.csv (docs/RUN_DIRS.md), each written atomically. ``hosts`` maps each row's
+    ``arch`` to its host family (``pmod_bench.model.hosts.family_of``): run.json ``hosts``, and ``host`` when one."""
     from pmod_bench import __version__
 
     d = Path(run_dir)
@@ -280,6 +281,10 @@ def write_run_dir(run_dir: "str | Path", rows: Iterable[Any], command: str, labe
         "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "pmod_bench_version": __version__, "command": command,
     }
+    if hosts:
+        families = sorted({str(h) for h in hosts.values()})
+        meta["host"] = families[0] if len(families) == 1 else None
+        meta["hosts"] = dict(hosts)
     if label:
         meta["label"] = label
     write_json(d / "profile.json", rows, **extra)

@@ -676,6 +676,7 @@ def train(cfg: TrainConfig, model=None, processor=None, command: str | None = No
         "recipe": cfg.recipe or "python", "stage": cfg.stage, "output_dir": str(out), "label": cfg.label,
         "world_size": world, "global_batch_size": t.global_batch_size, "gradient_accumulation_steps": grad_accum,
         "pmod": None, "trainable": cfg.trainable, "resumed_from": checkpoint,
+        "model": cfg.model.source,  # the model trained from (null when composed from an LLM and a vision tower)
     }
     trainer = None
     try:
@@ -785,6 +786,7 @@ def _prepare_model(cfg: TrainConfig, model, args: TrainingArguments, base: dict,
     base["trainable_params"] = sum(v["params"] for v in groups.values() if v["trainable"])
     device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else args.device.type
     base["model_info"] = model_info(model, device)
+    base["host"] = base["model_info"]["family"]  # the host family (docs/RUN_DIRS.md), read by `pmod-bench report`
     if is_main:
         resolved = cfg.to_dict()
         resolved["pmod_recipe"] = resolved["pmod"]
