@@ -170,8 +170,7 @@ class Arch:
 
     def vanilla_config(self):
         """The HF config without p-MoD fields (a fresh copy)."""
-        own = geometry_of(self.family)  # Qwen2.5-VL / LLaVA-OneVision configs have no p-MoD fields to drop here
-        cfg = type(self.config).from_dict(self.config.to_dict()) if own is not None else self.host.vanilla_config(self.config)
+        cfg = self.host.vanilla_config(self.config)
         cfg._attn_implementation = "sdpa"
         return cfg
 
