@@ -70,7 +70,7 @@ class RegisterWhenNeeded(importlib.abc.MetaPathFinder):
         self._running = False
 
     def find_spec(self, name: str, path, target=None) -> Optional[importlib.machinery.ModuleSpec]:
-        if self._done or not name.startswith("transformers"):
+        if self._done or not (name == "transformers" or name.startswith("transformers.")):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
