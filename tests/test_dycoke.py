@@ -291,10 +291,11 @@ def test_images_pass_unchanged_and_onevision_image_methods_refuse_on_video(ov, q
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 @pytest.mark.parametrize("host, frames, size, spec", [(OV, 8, (64, 48), "dycoke"), (QW, 8, (64, 48), "dycoke:k=0.5"),
-                                                      (QW, 8, (64, 48), "visionzip:keep=0.4,dominant=54,contextual=10")])
+                                                      (QW, 8, (64, 48), "visionzip:keep=0.4,dominant=54,contextual=10"),
+                                                      (QW, 8, (64, 48), "fastv:k=1,keep=0.25")])
 def test_flops_analytic_equal_flop_counter(host, frames, size, spec):
     """FlopCounterMode over one real forward (tower, projector, the method, the LLM on the kept tokens, last logits) ==
-    the analytic count of the profiler's video layout."""
+    the analytic count of the profiler's video layout (an in-LLM method: its own products and per-layer counts)."""
     from pmod_bench.methods.accounting import method_flops
     from pmod_bench.profiler.arch import load_arch
     from pmod_bench.profiler.counters import flop_counter
@@ -308,11 +309,15 @@ def test_flops_analytic_equal_flop_counter(host, frames, size, spec):
     apply_method(model, spec)
     with torch.no_grad(), flop_counter() as fc:
         model(**inputs, logits_to_keep=1)
-    with torch.no_grad():
-        mi = _method_inputs(model, inputs)
-    arch = load_arch(host.preset)
-    f = method_flops(parse_method_spec(spec), arch, size, T, logits_tokens=1, video=Video(frames=frames))
-    assert f.baseline_vision_tokens == V and f.llm_vision_tokens == int(mi.vision_token_mask.sum()) < V
+    cfg = parse_method_spec(spec)
+    f = method_flops(cfg, load_arch(host.preset), size, T, logits_tokens=1, video=Video(frames=frames))
+    if cfg.stage == "vision":
+        with torch.no_grad():
+            kept = int(_method_inputs(model, inputs).vision_token_mask.sum())
+    else:  # an in-LLM method sees every video token, keeps its share from its layer on
+        kept = round(0.25 * V)
+        assert f.layer_vision_tokens == (V,) * 1 + (kept,) * (model.config.text_config.num_hidden_layers - 1)
+    assert f.baseline_vision_tokens == V and f.llm_vision_tokens == kept < V
     assert fc.get_total_flops() == f.ttft
 
 
