@@ -246,6 +246,29 @@ def test_qwen_decode_equals_recompute_and_batch_equals_alone(qw, spec):
     _check_decode_and_batch(QW, qw, _inputs(QW, [_clip(8, seed=1), _clip(6, (48, 64), seed=2)]), spec)
 
 
+@pytest.mark.parametrize("host", [OV, QW], ids=["onevision", "qwen"])
+def test_pmod_routes_the_kept_video_tokens(host):
+    """p-MoD (shift 0.5, random routers) with dycoke: the routing target is the kept video tokens (OneVision 8 frames x 4
+    tokens -> 18 with the newline; Qwen 4 slices x 20 -> 52), and cached decode equals a recompute."""
+    from pmod_bench import PMoDConfig
+    from pmod_bench.model.modeling import to_pmod
+    from pmod_bench.model.presets import random_routers
+
+    model = to_pmod(host.build(), PMoDConfig(shift=0.5))
+    random_routers(model, seed=3)
+    batch = _inputs(host, [_clip(8, seed=1), _clip(8, (40, 56), seed=2)])
+    apply_method(model, "dycoke")
+    with torch.no_grad(), model.record_routing() as rec:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        full = host.full_inputs(batch, out.sequences)
+        full.pop("position_ids", None)
+        logits = model(**full, use_cache=False).logits
+    for t, step in enumerate(out.logits):
+        assert (step - logits[:, logits.shape[1] - 4 + t]).abs().max() < 1e-4, t
+    kept = 18 if host is OV else 52
+    assert rec and all(int(r["target"].sum()) == 2 * kept for r in rec.values())
+
+
 def test_image_methods_per_frame_on_qwen_video(qw):
     """random per temporal slice: round(keep * P) tokens of each slice, the slice's own subset (as on an image)."""
     batch = _inputs(QW, [_clip(8, seed=3)])
@@ -321,7 +344,8 @@ def test_flops_analytic_equal_flop_counter(host, frames, size, spec):
     assert fc.get_total_flops() == f.ttft
 
 
-@pytest.mark.parametrize("arch_name, frames", [("qwen2.5-vl-7b", 32), ("qwen2.5-vl-7b", 8), ("llava-onevision-7b", 32)])
+@pytest.mark.parametrize("arch_name, frames", [("qwen2.5-vl-7b", 32), ("qwen2.5-vl-7b", 8),
+                                              pytest.param("llava-onevision-7b", 32, marks=pytest.mark.slow)])
 def test_match_pmod_05_within_1pct(arch_name, frames):
     """``--match p-MoD-0.5`` solves k on the same clip: the LLM prefill within 1% of p-MoD-0.5's; the count is TTM's plan
     over the profiler's frames (Qwen: 16 frame pairs of 13x23 merged tokens at 640x360; OneVision: 32 x 196 + 1)."""
