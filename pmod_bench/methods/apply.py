@@ -11,6 +11,9 @@ change). The forward calls it at its own entry points:
   those features where the image tokens were, left-padded, with its attention mask, position ids and
   ``vision_token_mask`` (the positions of the new vision features, which p-MoD's routing targets);
   the model's own ``forward`` / ``generate`` then runs the LLM on it;
+* the same with a video (``pixel_values_videos`` and video tokens): each video's tokens become those the method keeps
+  (:mod:`.video`: DyCoke, or an image method per frame on Qwen2.5-VL); a video-only method (``video_only``) leaves
+  image prompts unchanged;
 * an in-LLM method (``first_layer()``): the decoder layers from that layer on read the routing plan,
   and each forward with vision tokens gets the method's token policy (``start``);
 * everything else (text-only prompts, decode steps with the cache) runs unchanged.

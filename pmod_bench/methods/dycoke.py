@@ -25,10 +25,14 @@ the kept tokens keep the M-RoPE positions of the full grid, as :mod:`.qwen_visio
 unchanged (the official code prunes videos only).
 
 Not implemented: DyCoke's second stage, dynamic pruning of the KV cache during decoding (``dycoke_l=3``,
-``dycoke_p=0.8``: a custom ``Cache`` whose ``dycoke_pruning`` drops image entries of every layer from the attention of
-the decode step at layer 3, inside a copy of HF's ``modeling_qwen2.py``). It needs the decoder layer's attention
-weights at each decode step and a cache that drops entries of every layer: not possible through the routed forward
-without patching the HF decoder, so ``dp=true`` is refused in one line.
+``dycoke_p=0.8``; ``modeling_qwen2.py``, a copy of HF's Qwen2 with a custom ``Cache``): at every decode step the
+last token's attention over the image tokens in layer ``l - 1`` (mean over heads) picks the ``1 - p`` of them that
+layers ``l`` on read from the cache (the cache keeps every entry; layers below ``l`` read all of them), at the steps
+where that attention's cosine to the previous step's is under 0.9 (the first step always; the other steps read every
+entry). That needs each decode step's attention
+weights and a per-layer gather of the cache at read time inside HF's decoder; the routed forward gives a method a
+token policy on forwards with vision tokens only (decode steps run HF's layers unchanged), so it cannot be done
+without patching the decoder: ``dp=true`` is refused in one line.
 """
 
 from __future__ import annotations
@@ -90,8 +94,8 @@ class DyCokeConfig(MethodConfig):
     def validate(self) -> None:
         if self.dp:
             raise MethodError("dycoke: dp=true (dynamic KV-cache pruning while decoding) is not implemented: it needs "
-                              "each decode step's attention and a cache that drops entries of every layer, which HF's "
-                              "decoder gives only when patched; use dp=false (token temporal merging only).")
+                              "each decode step's attention and a per-layer gather of the cache inside HF's decoder, "
+                              "which it gives only when patched; use dp=false (token temporal merging only).")
 
     def check_host(self, host: Any) -> None:
         if host.model_type not in VIDEO_HOSTS:
@@ -114,8 +118,8 @@ class DyCokeConfig(MethodConfig):
         return sum(ttm_plan(frames, per_frame, self.k))
 
     def method_flops(self, arch: Any, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> Any:
-        raise MethodError("dycoke merges the frames of a video: profile it on a video prompt (--frames N or --duration "
-                          "S), not an image.")
+        raise MethodError("dycoke merges the frames of a video: its FLOPs are counted on a video prompt (profile "
+                          "--frames N or --duration S), not on an image.")
 
 
 __all__ = ["DyCokeConfig", "ttm_plan", "ttm_keep", "VIDEO_HOSTS", "OFFICIAL_COMMIT"]
