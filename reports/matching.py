@@ -706,7 +706,7 @@ class _Matcher:
             else:
                 variant, how = variant_from_profile_row(row)
             cfg = method_of(row.get("method_config"))
-            if cfg:  # every budget of a method: an eval run of the same config finds its efficiency here
+            if cfg and not row.get("frames"):  # every budget of a method (image prompts: a video row's counts are another input's)
                 slot = (model, method_key(cfg))
                 prev_m = self.method_profiles.get(slot)
                 if prev_m is None or _profile_rank(row) > _profile_rank(prev_m[0]):

@@ -264,7 +264,7 @@ def test_cli_duration(tmp_path, capsys):
     (["--frames", "8", "--image-size", "640x480"], "--image-size is for image prompts"),
     (["--frames", "0"], "--frames must be a whole number in 1..2048"),
     (["--duration", "-3"], "--duration must be seconds"),
-    (["--frames", "8", "--method", "fastv"], "drop --frames / --duration"),
+    (["--frames", "8", "--method", "dycoke:dp=true"], "dp=true (dynamic KV-cache pruning while decoding) is not implemented"),
     (["--frames", "8", "--latency"], "video prompts are counted"),
     (["--frames", "8", "--frame-size", "5000x10"], "less extreme --frame-size"),
 ])

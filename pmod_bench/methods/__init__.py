@@ -8,7 +8,8 @@
     out = model.generate(**inputs)              # the method runs inside forward / generate
 
 Registered (``stage`` = where the method acts): ``visionzip``, ``fastervlm``, ``prumerge``,
-``prumerge_plus``, ``downsample``, ``random`` (``vision``: before the LLM); ``fastv``, ``pyramiddrop``,
+``prumerge_plus``, ``downsample``, ``random``, ``dycoke`` (video only) (``vision``: before the LLM; on video prompts see
+:mod:`.video`); ``fastv``, ``pyramiddrop``,
 ``sparsevlm``, ``random_llm`` (``llm``: inside the LLM's layers, see :mod:`.llm`); ``illava`` (both: merges in
 the vision tower, then in the LLM's layers; registered as ``llm``). A new method is one module of this package with a
 ``MethodConfig`` subclass under ``@register_method("name")``: the registry imports every module of the

@@ -39,8 +39,14 @@ MATCH_TOLERANCE = 0.01
 METRICS = ("prefill", "ttft", "kv")
 
 
-def method_flops(cfg: MethodConfig, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> MethodFlops:
-    """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (:meth:`MethodConfig.method_flops`; module docstring)."""
+def method_flops(cfg: MethodConfig, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1,
+                 video: Any = None) -> MethodFlops:
+    """Analytic FLOPs of one sample with ``cfg`` on ``arch`` (:meth:`MethodConfig.method_flops`; module docstring); with
+    ``video`` (a :class:`~pmod_bench.profiler.video.Video` of frames of ``image_size``): :func:`.video.video_method_flops`."""
+    if video is not None:
+        from .video import video_method_flops
+
+        return video_method_flops(cfg, arch, image_size, video, text_tokens, logits_tokens)
     return cfg.method_flops(arch, image_size, text_tokens, logits_tokens)
 
 
@@ -76,15 +82,15 @@ def _value(f: MethodFlops, metric: str, convention: str) -> float:
 
 
 def target_value(target: Any, arch, image_size: tuple[int, int], text_tokens: int, metric: str, convention: str,
-                 logits_tokens: int = 1) -> float:
+                 logits_tokens: int = 1, video: Any = None) -> float:
     """The metric of a profiler variant (``p-MoD-0.5``, ``baseline``, ``ratios:...``, or a parsed ``Variant``) on the
-    same arch and image."""
+    same arch and image (or ``video`` of frames of ``image_size``)."""
     from pmod_bench.profiler.arch import vision_layout
     from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
     from pmod_bench.profiler.variants import Variant, parse_variant
 
     v = target if isinstance(target, Variant) else parse_variant(target)
-    layout = vision_layout(arch, image_size)
+    layout = vision_layout(arch, image_size, 1, video)
     V, L = layout.vision_tokens, arch.text.layers
     kept, routers = v.kept_vision_tokens(L, V), v.router_layers(L)
     if metric == "kv":
@@ -123,13 +129,13 @@ def _unreachable(name: str, shown: str, where: str, target: float, baseline: flo
 def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, int] = PAPER_IMAGE_SIZE, *,
           match: Optional[str] = None, tflops: Optional[float] = None, kv: Optional[float] = None,
           text_tokens: int = PAPER_TEXT_TOKENS, metric: str = "prefill", convention: str = "headline", logits_tokens: int = 1,
-          tolerance: float = MATCH_TOLERANCE) -> MatchResult:
+          tolerance: float = MATCH_TOLERANCE, video: Any = None) -> MatchResult:
     """Solve ``method``'s token budget to a target (exactly one of ``match`` / ``tflops`` / ``kv``) within ``tolerance``.
 
     ``match="p-MoD-0.5"``: the p-MoD variant's metric (``prefill`` FLOPs by default, or ``kv``); ``tflops=21.94``:
     absolute TFLOPs of the ``metric`` (``prefill`` or ``ttft``) in ``convention`` (``headline`` or ``paper``);
     ``kv=0.537``: the vision KV-cache ratio. Raises :class:`MethodError` if no setting is within ``tolerance``
-    (the message gives the two nearest achievable values).
+    (the message gives the two nearest achievable values). ``video``: a video prompt of frames of ``image_size``.
     """
     from pmod_bench.profiler.arch import load_arch
 
@@ -158,14 +164,14 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
         if metric not in METRICS:
             raise MethodError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
         variant = parse_variant(match)
-        target = target_value(variant, arch, image_size, text_tokens, metric, convention, logits_tokens)
+        target = target_value(variant, arch, image_size, text_tokens, metric, convention, logits_tokens, video)
         label, target_pmod = str(match), variant.describe()["pmod"]
     geometry = checked_geometry(cfg, arch.config)
     best: Optional[tuple[float, MethodConfig, float]] = None
     values = []
     scored = []
     for cand in cfg.candidates(geometry):
-        val = _value(method_flops(cand, arch, image_size, text_tokens, logits_tokens), metric, convention)
+        val = _value(method_flops(cand, arch, image_size, text_tokens, logits_tokens, video), metric, convention)
         values.append(val)
         err = abs(val - target) / target
         scored.append((err, cand, val))
@@ -175,8 +181,8 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
     err, chosen, val = best
     if err > tolerance:
         shown = label if match is None else f"{label} ({_fmt(metric, target)})"
-        where = f"on {arch.name} at {image_size[0]}x{image_size[1]}"
-        baseline = target_value("baseline", arch, image_size, text_tokens, metric, convention, logits_tokens)
+        where = f"on {arch.name} at {image_size[0]}x{image_size[1]}" + (f" ({video.label})" if video is not None else "")
+        baseline = target_value("baseline", arch, image_size, text_tokens, metric, convention, logits_tokens, video)
         raise MethodError(_unreachable(cfg.name, shown, where, target, baseline, values, metric, tolerance))
     # of the settings within tolerance, the method's preferred one (a budget of several axes: iLLaVA), else the nearest
     err, chosen, val = min((s for s in scored if s[0] <= tolerance), key=lambda s: (cfg.prefer(s[1]), s[0]))

@@ -11,6 +11,9 @@ change). The forward calls it at its own entry points:
   those features where the image tokens were, left-padded, with its attention mask, position ids and
   ``vision_token_mask`` (the positions of the new vision features, which p-MoD's routing targets);
   the model's own ``forward`` / ``generate`` then runs the LLM on it;
+* the same with a video (``pixel_values_videos`` and video tokens): each video's tokens become those the method keeps
+  (:mod:`.video`: DyCoke, or an image method per frame on Qwen2.5-VL); a video-only method (``video_only``) leaves
+  image prompts unchanged;
 * an in-LLM method (``first_layer()``): the decoder layers from that layer on read the routing plan,
   and each forward with vision tokens gets the method's token policy (``start``);
 * everything else (text-only prompts, decode steps with the cache) runs unchanged.
@@ -38,6 +41,7 @@ from pmod_bench.model.compat import CACHE_ARGUMENTS
 
 from .base import MethodConfig, MethodError, ModelGeometry, parse_method_spec
 from .vision import MethodInputs, hf_image_tokens, split_tiles  # noqa: F401  (MethodInputs re-exported)
+from .video import has_video, video_method_inputs
 
 IGNORE_INDEX = -100
 
@@ -131,7 +135,9 @@ class AppliedMethod:
 
     def _shorten(self, model, input_ids, pixel_values, kwargs: dict, attention_mask, labels=None) -> MethodInputs:
         """The shortened prefill, the image inputs taken out of ``kwargs``: LLaVA's tiles (``image_sizes``) or Qwen2.5-VL's
-        merged grids (``image_grid_thw``; positions kept from the full grid, :mod:`.qwen_vision`)."""
+        merged grids (``image_grid_thw``; positions kept from the full grid, :mod:`.qwen_vision`); a video: :mod:`.video`."""
+        if has_video(model, input_ids, kwargs):
+            return video_method_inputs(self.config, self.geometry, model, input_ids, kwargs, attention_mask, labels)
         if _host(model).position_rows != 3:
             return self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None), attention_mask, labels)
         kwargs.pop("mm_token_type_ids", None)
@@ -146,9 +152,13 @@ class AppliedMethod:
         return qwen_method_inputs(model, images, input_ids, grid, attention_mask, labels)
 
     # ------------------------------------------------------------------------------ entry points
-    def _has_images(self, model, input_ids, pixel_values) -> bool:
+    def _has_images(self, model, input_ids, pixel_values, kwargs: dict) -> bool:
         if not self.config.shortens_prompt:
             return False  # in-LLM methods: the LLM gets every image feature (methods/llm.py)
+        if has_video(model, input_ids, kwargs):
+            return True   # a video prompt (methods/video.py)
+        if self.config.video_only:
+            return False  # a video method (DyCoke): images reach the model unchanged
         return (pixel_values is not None and input_ids is not None and pixel_values.numel() > 0
                 and bool((input_ids == model.config.image_token_id).any()))
 
@@ -156,7 +166,7 @@ class AppliedMethod:
         """The forward's keyword arguments with the prompt shortened (images present), else as given."""
         input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
         cache = next((kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
-        if not self._has_images(model, input_ids, pixel_values):
+        if not self._has_images(model, input_ids, pixel_values, kwargs):
             self._check_decode_mask(model, kwargs, cache)
             return kwargs
         if cache is not None and cache.get_seq_length() > 0:
@@ -190,11 +200,11 @@ class AppliedMethod:
         """``model.generate`` with the prompt shortened (images present); the output starts with ``input_ids``."""
         input_ids = kwargs.pop("input_ids", inputs)
         pixel_values = kwargs.get("pixel_values")
-        if not self._has_images(model, input_ids, pixel_values):
+        if not self._has_images(model, input_ids, pixel_values, kwargs):
             return parent_generate(input_ids, *args, **kwargs)
         if args:
             raise MethodError("pass generate()'s options by keyword (generation_config=..., ...) when a method is applied.")
-        kwargs.pop("pixel_values")
+        kwargs.pop("pixel_values", None)
         mi = self._shorten(model, input_ids, pixel_values, kwargs, kwargs.pop("attention_mask", None))
         if mi.position_ids.dim() == 3:  # M-RoPE: the kept tokens' positions; generate extends every row by one a step
             kwargs["position_ids"] = mi.position_ids

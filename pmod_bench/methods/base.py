@@ -117,6 +117,8 @@ class MethodConfig:
     """Needs the vision tower's attention maps (HF ``output_attentions``; eager attention in the tower)."""
     compresses_vision: ClassVar[bool] = False
     """An ``llm`` method that also shortens the image features before the LLM (iLLaVA)."""
+    video_only: ClassVar[bool] = False
+    """A vision-stage method that acts on videos only (DyCoke): image prompts reach the model unchanged."""
     needs_cls: ClassVar[bool] = False
     """Ranks the patches by the vision tower's [CLS] attention (FasterVLM, PruMerge): refused on a tower without one."""
 

@@ -29,17 +29,20 @@ class MethodVariant(Variant):
         self._bound = _bound  # (vision tokens of the LLM, MethodFlops, MatchResult or None)
 
     # ------------------------------------------------------------------------------- binding
-    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> "MethodVariant":
-        """This variant on ``arch`` at (width, height): solved (if ``match``), its token count and FLOPs fixed."""
+    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1,
+             video: Any = None) -> "MethodVariant":
+        """This variant on ``arch`` at (width, height) (or on ``video``, frames of that size): solved (if ``match``), its
+        token count and FLOPs fixed."""
         from .accounting import method_flops, solve
 
         try:
             result = None
             cfg = self.config
             if self.match:
-                result = solve(cfg, arch, image_size, text_tokens=text_tokens, logits_tokens=logits_tokens, **self.match)
+                result = solve(cfg, arch, image_size, text_tokens=text_tokens, logits_tokens=logits_tokens, video=video,
+                               **self.match)
                 cfg = result.config
-            flops = method_flops(cfg, arch, image_size, text_tokens, logits_tokens)
+            flops = method_flops(cfg, arch, image_size, text_tokens, logits_tokens, video)
         except MethodError as exc:
             raise VariantError(str(exc)) from None
         return MethodVariant(cfg, self.match, _bound=(flops.llm_vision_tokens, flops, result))

@@ -361,9 +361,6 @@ def _videos(args: argparse.Namespace) -> list[Any]:
     for flag, value in (("--image-size", args.image_size), ("--images", args.images)):
         if value:
             raise ProfileError(f"{flag} is for image prompts; a video's frames are --frame-size WxH: drop {flag}.")
-    if getattr(args, "method", None):
-        raise ProfileError(f"{', '.join(args.method)}: comparison methods are profiled on one image per prompt; drop --frames / "
-                           "--duration (or profile the baseline and p-MoD variants of the video).")
     if frames:
         return [Video(frames=n) for n in frames]
     fps = QWEN_FPS if args.fps is None else args.fps

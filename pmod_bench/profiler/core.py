@@ -252,8 +252,9 @@ CONVENTIONS = {
 
 
 # -------------------------------------------------------------------------------------------- API
-def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]]]) -> list[Variant]:
-    """Variant objects for ``arch`` (strings parsed; 'config' = the arch config's own p-MoD settings)."""
+def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]]], video: bool = False) -> list[Variant]:
+    """Variant objects for ``arch`` (strings parsed; 'config' = the arch config's own p-MoD settings); ``video``: the
+    prompts are videos (the methods count them through methods/video.py, whatever the family's image path lacks)."""
     if variants is None:
         return default_variants()
     out: list[Variant] = []
@@ -271,7 +272,7 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
         v.kept_vision_tokens(arch.text.layers, 1)
     methods = [v.name for v in out if v.is_method]
     host = geometry_of(arch.family)
-    if host is not None and host.pending and methods:
+    if host is not None and host.pending and methods and not video:
         raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.pending}; "
                            f"profile the baseline and p-MoD variants of {arch.name} for now.")
     names = [v.name for v in out]
@@ -347,17 +348,14 @@ def profile(
     called before each row (new_row True) and before each timing (False).
     """
     a = with_pixels(arch if isinstance(arch, Arch) else load_arch(str(arch)), min_pixels, max_pixels)
-    vs = resolve_variants(a, variants)
     scenarios = list(scenarios) if scenarios else [Scenario()]
+    vs = resolve_variants(a, variants, video=all(sc.video is not None for sc in scenarios))
     several = sorted({sc.images for sc in scenarios if sc.images > 1})
     methods = [v.name for v in vs if v.is_method]
     if several and methods:
         raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --images "
                            f"{several[0]} (or profile the baseline and p-MoD variants with it).")
     videos = [sc.video for sc in scenarios if sc.video is not None]
-    if videos and methods:
-        raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --frames / "
-                           "--duration (or profile the baseline and p-MoD variants of the video).")
     if videos and latency in (True, "on", "yes", "true"):
         raise ProfileError("video prompts are counted (FLOPs, KV cache, roofline), not timed: synthetic video batches come "
                            "with the p-MoD video models; use --no-latency (or time image prompts).")
@@ -461,7 +459,7 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     """One variant's row: the analytic counts, their FlopCounterMode check, roofline floor and training cost."""
     a, layout = s.arch, counts.layout
     L, V, T = a.text.layers, layout.vision_tokens, sc.text_tokens
-    v = v.bind(a, sc.image_size, T, counts.logits_tokens)  # a comparison method: solved / counted for this arch and image
+    v = v.bind(a, sc.image_size, T, counts.logits_tokens, sc.video)  # a method: solved / counted for this arch and input
     vis = v.vision_side(a, layout)
     kept = v.kept_vision_tokens(L, V)
     routers = v.router_layers(L)

@@ -67,8 +67,9 @@ class Variant:
     #: a comparison method of the registry (its vision side and token budget depend on the architecture and image)
     is_method: ClassVar[bool] = False
 
-    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> "Variant":
-        """This variant on ``arch`` at (width, height); a p-MoD variant is the same everywhere."""
+    def bind(self, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1, video=None) -> "Variant":
+        """This variant on ``arch`` at (width, height) (or a ``video`` of such frames); a p-MoD variant is the same
+        everywhere."""
         return self
 
     def vision_side(self, arch, layout):

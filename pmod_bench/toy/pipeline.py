@@ -477,7 +477,7 @@ class Reproduction:
         import pmod_bench.methods as mod
 
         try:
-            names = sorted(mod.available_methods())
+            names = sorted(n for n, c in mod.available_methods().items() if not getattr(c, "video_only", False))  # image world
         except Exception as exc:  # the registry failed to load: recorded in the report, the reproduction goes on
             atomic_write_json(path, {"available": False, "note": f"pmod_bench.methods failed to load its methods: "
                                                                  f"{type(exc).__name__}: {exc}"})
