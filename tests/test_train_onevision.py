@@ -351,10 +351,11 @@ def _check_run_directory(run) -> None:
 
 
 @pytest.mark.slow
-def test_zero3_on_two_processes_stops_resumes_and_equals_one_process(tmp_path, one_thread):
-    """ZeRO-3 on two gloo processes (per-device batch 2), stopped at step 2 and resumed, gives the losses of one
-    process with the whole global batch of 4 (the loss: the mean over the global batch's labelled tokens). The data mix
-    single-image, two-image and text-only records; a missing image is skipped alike."""
+def test_zero3_on_two_processes_equals_one_process(tmp_path, one_thread):
+    """ZeRO-3 on two gloo processes (per-device batch 2) gives the losses of one process with the whole global batch
+    of 4 (the loss: the mean over the global batch's labelled tokens); the data mix single-image, two-image and
+    text-only records (a missing image skipped alike where the sampler reaches it). (Stop and resume under ZeRO-3 is the trainer's, host-free:
+    tests/test_train_zero3.py and the Qwen2.5-VL test; one launch here keeps CI short.)"""
     pytest.importorskip("deepspeed")
     import os
     import socket
@@ -372,18 +373,17 @@ def test_zero3_on_two_processes_stops_resumes_and_equals_one_process(tmp_path, o
                       "train: {max_steps: 3, save_steps: 10, progress_bar: false, device: cpu}\n")
     plain = train(load_recipe(recipe, [f"output_dir={tmp_path / 'plain'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    for extra in (["train.stop_at_step=2"], []):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m",
-               "pmod_bench.cli", "train", "--config", str(recipe), "train.deepspeed=zero3", "train.per_device_batch_size=2",
-               *extra, "-o", str(tmp_path / "z3")]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m",
+           "pmod_bench.cli", "train", "--config", str(recipe), "train.deepspeed=zero3", "train.per_device_batch_size=2",
+           "-o", str(tmp_path / "z3")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((tmp_path / "z3" / "train_summary.json").read_text())
-    assert s["status"] == "completed" and s["resumed_from"].endswith("checkpoint-2") and s["world_size"] == 2
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["host"] == "llava_onevision"
     assert s["params"] == plain["params"] and s["bad_sample_skips"] == plain["bad_sample_skips"]
     a, b = ([json.loads(l)["loss"] for l in (tmp_path / k / "train_log.jsonl").read_text().splitlines()]
             for k in ("plain", "z3"))
