@@ -325,12 +325,13 @@ def _check_run_directory(run) -> None:
 
     from pmod_bench.model.loading import load_model
     from pmod_bench.model.presets import build_preset
+    from pmod_bench.model.processors import ONEVISION_CHAT_TEMPLATE
 
     config = json.loads((run / "config.json").read_text())
     assert config["model_type"] == "pmod_llava_onevision" and config["pmod"]["overflow_guard"] is False
     assert all((h // 32) * (w // 32) <= 4 for h, w in config["image_grid_pinpoints"])  # data.max_tiles=4, saved
     processor = AutoProcessor.from_pretrained(str(run))
-    assert type(processor).__name__ == "LlavaOnevisionProcessor" and processor.chat_template
+    assert type(processor).__name__ == "LlavaOnevisionProcessor" and processor.chat_template == ONEVISION_CHAT_TEMPLATE
     assert processor.image_processor.image_grid_pinpoints == config["image_grid_pinpoints"]
     assert (processor.num_image_tokens, processor.vision_aspect_ratio) == (16, "anyres_max_9")
     model = AutoModelForImageTextToText.from_pretrained(str(run))
@@ -343,7 +344,8 @@ def _check_run_directory(run) -> None:
     for name in ("lm_head.weight", "model.multi_modal_projector.linear_1.weight"):
         assert not torch.equal(trained[name], dict(start.named_parameters())[name]), name
     model, processor = load_model(str(run))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},  # the training format's system turn
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[Image.new("RGB", (96, 48), (220, 30, 30))], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
