@@ -28,7 +28,14 @@ def ov():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return demo_records(tmp_path_factory, "ov_demo", n_image=6, n_text=2, n_multi=2, bad={"missing": 1, "malformed": 1})
+    """The demo data plus a record whose two images are in two turns, each mid-sentence (preprocess_multimodal moves a
+    turn's only tag to its front)."""
+    root, records = demo_records(tmp_path_factory, "ov_demo", n_image=6, n_text=2, n_multi=2,
+                                 bad={"missing": 1, "malformed": 1})
+    records.insert(8, {"id": "two-turns", "image": ["images/0000.png", "images/0001.png"], "conversations": [
+        {"from": "human", "value": "Look at <image> please."}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And this one <image>?"}, {"from": "gpt", "value": "green"}]})
+    return root, records
 
 
 def _dataset(processor, root, records, **kw):
@@ -116,6 +123,8 @@ def _preprocess_qwen(tokenizer, rec) -> tuple:
     headers, answers = set(), set()
     h = len(tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])  # 3 with Qwen2's vocabulary
     for role, value in rec.turns:
+        if value.count("<image>") == 1 and not value.startswith("<image>"):  # preprocess_multimodal, per turn
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
         part = enc("user" if role == "human" else "assistant", value)
         if role == "gpt":
             headers.update(range(len(ids), len(ids) + h))
@@ -148,7 +157,9 @@ def test_rendering_is_llava_next_preprocess_qwen_and_learns_its_assistant_answer
         assert any(k not in headers for k in theirs - ours)  # preprocess_qwen does learn user-turn tokens
         assert ids.count(image_id) == len(rec.images)
         seen_multi += len(rec.images) == 2
-    assert seen_multi == 2
+    assert seen_multi == 3
+    text, _ = ds._text_and_spans(next(r for r in ds.records if r.id == "two-turns"))
+    assert "user\n<image>\nLook at  please.<|im_end|>" in text and "user\n<image>\nAnd this one ?<|im_end|>" in text
 
 
 def test_one_image_is_tiled_and_each_image_of_a_multi_image_prompt_is_one_square_tile(ov, demo):
@@ -285,6 +296,27 @@ def test_bad_records_skip_and_fail(ov, demo):
     assert [e["id"] for e in s["bad_samples"]] == ["missing-0"] and "batch_num_images" in s  # same modality
     with pytest.raises(BadSampleError, match=r"record \d+ \(id 'missing-0', image .*missing-0.png\): image file not found"):
         _dataset(processor, root, records[:-1], on_bad_sample="fail")[i]
+
+
+def test_data_cache_serves_what_is_built_per_access(ov, demo, tmp_path):
+    """data.cache on OneVision samples (batch_num_images, tiles of different counts, two-image prompts): stored, loaded
+    back, and served equal to the samples built per access."""
+    from pmod_bench.train.cache import attach_cache
+
+    _, processor = ov
+    root, records = demo
+    fresh = _dataset(processor, root, records)
+    for loaded in (False, True):
+        ds = _dataset(processor, root, records)
+        got = attach_cache(ds, [str(root / "data.json")], cache_root=tmp_path)
+        assert got["loaded"] is loaded and got["bad"] == 1
+        for j, rec in enumerate(ds.records):
+            if j in ds.known_bad:
+                continue
+            a, b = ds[j], fresh.build(rec)
+            assert set(a) - {"bad_samples"} == set(b), rec.id
+            for k, v in b.items():
+                assert torch.equal(a[k], v), (rec.id, k)
 
 
 def test_demo_recipe_and_model_option(capsys, tmp_path):

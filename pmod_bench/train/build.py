@@ -31,7 +31,7 @@ from torch import nn
 
 from pmod_bench.model.config import PMoDConfig
 from pmod_bench.train.config import ConfigError, TrainConfig
-from pmod_bench.train.layouts import LLAVA, TrainLayout, layout_for
+from pmod_bench.train.layouts import LLAVA, TrainLayout, layout_for, restrict_tiles
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,6 @@ def build_model(cfg: TrainConfig, pmod: PMoDConfig | None = None, dtype: torch.d
     if cfg.model.projector and not cfg.model.composed:
         load_projector(model, cfg.model.projector)
     if cfg.data.max_tiles is not None:  # OneVision's resolution cap, in the processor and the config alike
-        from pmod_bench.train.layouts import restrict_tiles
-
         restrict_tiles(model, processor, cfg.data.max_tiles)
     return model, processor
 

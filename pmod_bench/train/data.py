@@ -192,8 +192,8 @@ QWEN_1_5_SYSTEM = "You are a helpful assistant."
 def render_qwen_1_5(turns: list, image_token: str, system: str = QWEN_1_5_SYSTEM) -> tuple:
     """LLaVA-OneVision's training string (LLaVA-VL/LLaVA-NeXT@df179663 ``llava/train/train.py`` ``preprocess_qwen``
     with ``conv_qwen``): ``<|im_start|>system\n{system}<|im_end|>\n``, then ``<|im_start|>{user|assistant}\n{value}
-    <|im_end|>\n`` per turn, the ``<image>`` tags where they stand (one image: first, ``<image>\n``, as
-    ``preprocess_multimodal`` puts it). The spans are the answers with their ``<|im_end|>\n``: what an assistant
+    <|im_end|>\n`` per turn, the ``<image>`` tags where they stand, except that a turn with exactly one tag gets it
+    first, ``<image>\n`` + the rest (``preprocess_multimodal``'s rule, per turn). The spans are the answers with their ``<|im_end|>\n``: what an assistant
     message adds after the generation prompt ``<|im_start|>assistant\n``, as for ``template: chat``.
 
     Learned tokens differ from ``preprocess_qwen``'s on purpose: it also learns each assistant header and every
@@ -203,6 +203,8 @@ def render_qwen_1_5(turns: list, image_token: str, system: str = QWEN_1_5_SYSTEM
     text = f"<|im_start|>system\n{system}<|im_end|>\n"
     spans = []
     for role, value in turns:
+        if value.count(IMAGE_PLACEHOLDER) == 1 and not value.startswith(IMAGE_PLACEHOLDER):
+            value = IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
         value = value.replace(IMAGE_PLACEHOLDER, image_token)
         if role == "human":
             text += f"<|im_start|>user\n{value}<|im_end|>\n"
