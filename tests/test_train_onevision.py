@@ -217,6 +217,22 @@ def test_a_collated_batch_computes_what_each_sample_does_alone(ov, demo):
             torch.testing.assert_close(out[b, :n], ref, atol=2e-4, rtol=1e-4)
 
 
+def test_zero3_filler_row_changes_no_loss(ov, demo):
+    """ZeRO-3's filler (a text-only micro-batch beside an image one gets an image sample with every label -100,
+    append_sample): batch_num_images and image_sizes follow, and the loss is the text-only batch's."""
+    from pmod_bench.train.data import append_sample
+
+    model, processor = ov
+    samples = _mixed_samples(processor, demo)
+    pad = processor.tokenizer.pad_token_id
+    text = DataCollator(pad, LLAVA_ONEVISION.image_keys)([samples[3]])
+    filler = {**samples[2], "labels": torch.full_like(samples[2]["labels"], IGNORE_INDEX)}
+    batch = append_sample(text, filler, pad, LLAVA_ONEVISION.image_keys, LLAVA_ONEVISION.token_keys)
+    assert batch["batch_num_images"].tolist() == [2] and batch["image_sizes"].shape == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, model(**text).loss, atol=1e-5, rtol=1e-5)
+
+
 def test_max_tiles_caps_the_grids_in_processor_and_config_alike(ov, tmp_path):
     from PIL import Image
 

@@ -73,7 +73,7 @@ class ModelConfig:
     """Which model to train: a ready LLaVA checkpoint, or a composition of LLM + vision tower + connector."""
 
     source: str | None = None
-    """Start from this model: a tiny preset (tiny, tiny-llava, tiny-qwen2.5-vl), a local HF LLaVA / LLaVA-NeXT / Qwen2.5-VL / p-MoD checkpoint directory, or a hub id (Qwen/Qwen2.5-VL-7B-Instruct). Leave empty to compose from llm + vision_tower."""
+    """Start from this model: a tiny preset (tiny, tiny-llava, tiny-qwen2.5-vl, tiny-llava-onevision), a local HF LLaVA / LLaVA-NeXT / Qwen2.5-VL / LLaVA-OneVision / p-MoD checkpoint directory, or a hub id (Qwen/Qwen2.5-VL-7B-Instruct, llava-hf/llava-onevision-qwen2-7b-ov-hf). Leave empty to compose from llm + vision_tower."""
     llm: str | None = None
     """Compose: the language model, an HF causal-LM directory or hub id (the paper: lmsys/vicuna-7b-v1.5)."""
     vision_tower: str | None = None
