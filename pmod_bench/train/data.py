@@ -193,8 +193,9 @@ def render_qwen_1_5(turns: list, image_token: str, system: str = QWEN_1_5_SYSTEM
     """LLaVA-OneVision's training string (LLaVA-VL/LLaVA-NeXT@df179663 ``llava/train/train.py`` ``preprocess_qwen``
     with ``conv_qwen``): ``<|im_start|>system\n{system}<|im_end|>\n``, then ``<|im_start|>{user|assistant}\n{value}
     <|im_end|>\n`` per turn, the ``<image>`` tags where they stand, except that a turn with exactly one tag gets it
-    first, ``<image>\n`` + the rest (``preprocess_multimodal``'s rule, per turn). The spans are the answers with their ``<|im_end|>\n``: what an assistant
-    message adds after the generation prompt ``<|im_start|>assistant\n``, as for ``template: chat``.
+    first, ``<image>\n`` + the rest (``preprocess_multimodal``'s rule, per turn). The spans are the answers with
+    their ``<|im_end|>\n``: what an assistant message adds after the generation prompt ``<|im_start|>assistant\n``,
+    as for ``template: chat``.
 
     Learned tokens differ from ``preprocess_qwen``'s on purpose: it also learns each assistant header and every
     ``\n`` / ``<|im_start|>`` / ``<|im_end|>`` token of the system and user turns (its ``unmask_tokens_idx``); the

@@ -143,8 +143,7 @@ def restrict_tiles(model, processor, max_tiles: int) -> list:
     no tile cap, the two lists differ, or no grid is left."""
     layout = layout_for(model)
     if not layout.tile_cap:
-        raise ConfigError(f"data.max_tiles caps LLaVA-OneVision's anyres grids; {layout.title} has no such cap: remove "
-                          "it (Qwen2.5-VL: data.max_pixels).")
+        raise ConfigError(f"data.max_tiles caps LLaVA-OneVision's anyres grids; {layout.title} has no such cap: remove it.")
     ip = processor.image_processor
     own = [list(p) for p in ip.image_grid_pinpoints]
     if own != [list(p) for p in model.config.image_grid_pinpoints]:
