@@ -26,9 +26,11 @@ from pmod_bench.train.config import (
 
 RECIPES = list_recipes()
 PRD_MEAN_32 = mean_retention(prd_ratios(32))  # 0.5375
-ROOTS = {"llava-1.5-7b-pt", "llava-1.5-7b-sft", "demo-tiny", "qwen2.5-vl-7b-pmod-sft"}  # the only recipes without include:
+ROOTS = {"llava-1.5-7b-pt", "llava-1.5-7b-sft", "demo-tiny", "qwen2.5-vl-7b-pmod-sft", "llava-onevision-7b-pmod-sft"}  # the only recipes without include:
 #: recipes that start from a released model (model.source), not a composition of LLM + vision tower
-FROM_SOURCE = {"qwen2.5-vl-7b-pmod-sft"}
+FROM_SOURCE = {"qwen2.5-vl-7b-pmod-sft", "llava-onevision-7b-pmod-sft"}
+#: recipes whose loop is their host's own (global batch, lr), not the paper's Table 12: OneVision's SI/OV stages
+HOST_LOOP = {"llava-onevision-7b-pmod-sft": (256, 1e-5)}
 
 
 def test_recipe_names_are_unique_and_expected():
@@ -41,7 +43,7 @@ def test_recipe_names_are_unique_and_expected():
         "t3-vanilla-mod", "t3-tanhnorm", "t3-string", "t3-prd",
         "t4-constant", "t4-interleaved", "t4-stepped", "t4-linear", "t4-cosine",
         "t6-norm-none", "t6-softmax", "t6-shifted-softmax", "t6-tanh-alpha1", "t6-tanh-alpha0.2", "demo-tiny",
-        "demo-tiny-qwen2.5-vl", "qwen2.5-vl-7b-pmod-sft",
+        "demo-tiny-qwen2.5-vl", "qwen2.5-vl-7b-pmod-sft", "demo-tiny-llava-onevision", "llava-onevision-7b-pmod-sft",
     }
     assert expected <= set(RECIPES)
 
@@ -61,7 +63,8 @@ def test_every_recipe_loads_and_validates(name):
     cfg = load_recipe(name)
     assert isinstance(cfg, TrainConfig) and cfg.recipe == name
     demo = name.startswith("demo-")
-    assert cfg.train.global_batch_size == {"pt": 256, "sft": 128}[cfg.stage] or demo
+    batch, lr = HOST_LOOP.get(name, ({"pt": 256, "sft": 128}[cfg.stage], {"pt": 1e-3, "sft": 2e-5}[cfg.stage]))
+    assert cfg.train.global_batch_size == batch or demo
     if not demo:
         if name in FROM_SOURCE:
             assert cfg.model.source and not cfg.model.llm
@@ -69,7 +72,7 @@ def test_every_recipe_loads_and_validates(name):
             assert (cfg.model.source is None) and cfg.model.llm and cfg.model.vision_tower
         assert cfg.train.deepspeed in DEEPSPEED_CONFIGS and cfg.train.precision == "bf16"
         assert cfg.train.gradient_checkpointing and cfg.train.warmup_ratio == 0.03 and cfg.train.lr_scheduler == "cosine"
-        assert cfg.train.lr == {"pt": 1e-3, "sft": 2e-5}[cfg.stage]
+        assert cfg.train.lr == lr
         assert "vision" not in cfg.trainable
         pmod = cfg.resolved_pmod(32)  # the paper's LLMs have 32 layers
         if pmod is not None:

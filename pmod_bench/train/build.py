@@ -31,7 +31,7 @@ from torch import nn
 
 from pmod_bench.model.config import PMoDConfig
 from pmod_bench.train.config import ConfigError, TrainConfig
-from pmod_bench.train.layouts import LLAVA, TrainLayout, layout_for
+from pmod_bench.train.layouts import LLAVA, TrainLayout, layout_for, restrict_tiles
 
 log = logging.getLogger(__name__)
 
@@ -297,10 +297,13 @@ def build_model(cfg: TrainConfig, pmod: PMoDConfig | None = None, dtype: torch.d
     register()  # p-MoD classes known to transformers' Auto classes (idempotent)
     dtype = dtype or resolve_dtype(cfg)
     if cfg.model.composed:
-        return compose(cfg, pmod, dtype)
-    model, processor = load_source(cfg.model.source, pmod, dtype, cfg.model.attn_implementation, seed=cfg.train.seed)
-    if cfg.model.projector:
+        model, processor = compose(cfg, pmod, dtype)
+    else:
+        model, processor = load_source(cfg.model.source, pmod, dtype, cfg.model.attn_implementation, seed=cfg.train.seed)
+    if cfg.model.projector and not cfg.model.composed:
         load_projector(model, cfg.model.projector)
+    if cfg.data.max_tiles is not None:  # OneVision's resolution cap, in the processor and the config alike
+        restrict_tiles(model, processor, cfg.data.max_tiles)
     return model, processor
 
 

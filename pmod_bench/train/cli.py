@@ -46,8 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--demo", action="store_true",
                    help="generate a tiny dataset in OUTPUT_DIR/demo_data and train the tiny preset on it (recipe demo-tiny)")
     p.add_argument("--model", metavar="PRESET",
-                   help="with --demo: the tiny preset to train (tiny, tiny-llava, tiny-qwen2.5-vl); its recipe is "
-                        "demo-PRESET when one ships (demo-tiny-qwen2.5-vl), else demo-tiny with model.source=PRESET")
+                   help="with --demo: the tiny preset to train (tiny, tiny-llava, tiny-qwen2.5-vl, tiny-llava-onevision); "
+                        "its recipe is demo-PRESET when one ships (demo-tiny-qwen2.5-vl, demo-tiny-llava-onevision), else "
+                        "demo-tiny with model.source=PRESET")
     p.set_defaults(func=run)
 
 

@@ -30,7 +30,7 @@ STAGES = ("pt", "sft")
 TRAINABLE_GROUPS = ("connector", "llm", "routers", "vision")
 #: what each stage trains by default (paper Table 12; the vision encoder stays frozen)
 STAGE_TRAINABLE = {"pt": ["connector"], "sft": ["connector", "llm", "routers"]}
-TEMPLATES = ("vicuna_v1", "plain", "chat")
+TEMPLATES = ("vicuna_v1", "plain", "chat", "qwen_1_5")
 ARCHS = ("llava", "llava_next")
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -73,7 +73,7 @@ class ModelConfig:
     """Which model to train: a ready LLaVA checkpoint, or a composition of LLM + vision tower + connector."""
 
     source: str | None = None
-    """Start from this model: a tiny preset (tiny, tiny-llava, tiny-qwen2.5-vl), a local HF LLaVA / LLaVA-NeXT / Qwen2.5-VL / p-MoD checkpoint directory, or a hub id (Qwen/Qwen2.5-VL-7B-Instruct). Leave empty to compose from llm + vision_tower."""
+    """Start from this model: a tiny preset (tiny, tiny-llava, tiny-qwen2.5-vl, tiny-llava-onevision), a local HF LLaVA / LLaVA-NeXT / Qwen2.5-VL / LLaVA-OneVision / p-MoD checkpoint directory, or a hub id (Qwen/Qwen2.5-VL-7B-Instruct, llava-hf/llava-onevision-qwen2-7b-ov-hf). Leave empty to compose from llm + vision_tower."""
     llm: str | None = None
     """Compose: the language model, an HF causal-LM directory or hub id (the paper: lmsys/vicuna-7b-v1.5)."""
     vision_tower: str | None = None
@@ -120,7 +120,7 @@ class DataConfig:
     image_folder: str | None = None
     """Folder that the records' "image" paths are relative to; a path leading outside it (.., absolute, a symbolic link out) is a bad record, never opened."""
     template: str = "vicuna_v1"
-    """Prompt format: vicuna_v1 (LLaVA-1.5/NeXT SFT, exact LLaVA string), plain (LLaVA PT: image + caption), chat (the tokenizer's chat template)."""
+    """Prompt format: vicuna_v1 (LLaVA-1.5/NeXT SFT, exact LLaVA string), plain (LLaVA PT: image + caption), chat (the tokenizer's chat template: Qwen2.5-VL), qwen_1_5 (LLaVA-OneVision: LLaVA-NeXT's training conversation, system turn included)."""
     max_length: int = 2048
     """Maximum tokens per sample after image-token expansion (the paper: 2048 LLaVA-1.5, 4096 LLaVA-NeXT); longer text is truncated, a sample whose image tokens do not fit is a bad sample."""
     image_aspect_ratio: str = "pad"
@@ -139,6 +139,8 @@ class DataConfig:
     """Qwen2.5-VL dynamic resolution: each image is resized (sides multiples of 28 px) to at least this many pixels; null = the processor's own setting. Refused for hosts without a pixel budget (LLaVA)."""
     max_pixels: int | None = None
     """Qwen2.5-VL dynamic resolution: the pixel cap per image (tokens ~ pixels / 28^2; lmms-eval's qwen2_5_vl evaluates at 1605632); null = the processor's own setting."""
+    max_tiles: int | None = None
+    """LLaVA-OneVision resolution cap: use only the anyres grids of at most this many tiles (rows x cols of 384 px tiles, the base image not counted), in the processor and the model config alike, saved with the run; null = the checkpoint's grids (up to 6x6; anyres_max_9 pools the features of more than 9 tiles). Refused for other hosts."""
     cache: bool = False
     """Build every sample once before training (tokens, label masks, pixel tensors) and keep them in memory and in $PMOD_BENCH_CACHE/train-samples, keyed on the data files' bytes, the images' sizes and times and the processor, so a changed dataset is never served stale (pmod_bench.train.cache): for small models, whose step costs about what the per-sample image and text work does. Same samples, same weights."""
 
@@ -155,7 +157,7 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}.")
-        for name in ("max_samples", "min_pixels", "max_pixels"):
+        for name in ("max_samples", "min_pixels", "max_pixels", "max_tiles"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"data.{name} must be a positive integer or null, got {v!r}.")

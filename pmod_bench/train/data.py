@@ -16,6 +16,11 @@ and expands ``<|image_pad|>`` to ``t*h*w/4`` tokens; the sample holds ``pixel_va
 ``image_grid_thw`` (n_img, 3) and ``mm_token_type_ids`` (N,) instead of ``image_sizes``. What a batch joins is the
 family's :class:`~pmod_bench.train.layouts.TrainLayout`.
 
+LLaVA-OneVision (``template: qwen_1_5``, LLaVA-NeXT's training conversation, :func:`render_qwen_1_5`): the
+``<image>`` tags stay where they stand and the processor expands each to the image's anyres feature count; a
+sample's images go to the processor as one list, so a multi-image sample gets one square tile per image and
+``batch_num_images`` (1,) says how many images its prompt has.
+
 The learned span of a chat-template assistant turn is everything its message adds after the generation prompt:
 with Qwen's template ``answer<|im_end|>\n`` (the header ``<|im_start|>assistant\n`` is not learned). ``<|im_end|>``
 is learned because it is the model's end-of-turn (generation stops on it); the ``\n`` after it goes with it, as
@@ -176,6 +181,38 @@ def render_vicuna_v1(turns: list, image_token: str) -> tuple:
             text += "ASSISTANT: "
             start = len(text)
             text += value + "</s>"
+            spans.append((start, len(text)))
+    return text, spans
+
+
+#: LLaVA-NeXT's ``qwen_1_5`` conversation (``conv_qwen``), the system turn ``preprocess_qwen`` opens every sample with
+QWEN_1_5_SYSTEM = "You are a helpful assistant."
+
+
+def render_qwen_1_5(turns: list, image_token: str, system: str = QWEN_1_5_SYSTEM) -> tuple:
+    """LLaVA-OneVision's training string (LLaVA-VL/LLaVA-NeXT@df179663 ``llava/train/train.py`` ``preprocess_qwen``
+    with ``conv_qwen``): ``<|im_start|>system\n{system}<|im_end|>\n``, then ``<|im_start|>{user|assistant}\n{value}
+    <|im_end|>\n`` per turn, the ``<image>`` tags where they stand, except that a turn with exactly one tag gets it
+    first, ``<image>\n`` + the rest (``preprocess_multimodal``'s rule, per turn). The spans are the answers with
+    their ``<|im_end|>\n``: what an assistant message adds after the generation prompt ``<|im_start|>assistant\n``,
+    as for ``template: chat``.
+
+    Learned tokens differ from ``preprocess_qwen``'s on purpose: it also learns each assistant header and every
+    ``\n`` / ``<|im_start|>`` / ``<|im_end|>`` token of the system and user turns (its ``unmask_tokens_idx``); the
+    header is the generation prompt at inference and the user turns are not the model's output, so only the
+    assistant turns are learned here (the Qwen2.5-VL rule)."""
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    spans = []
+    for role, value in turns:
+        if value.count(IMAGE_PLACEHOLDER) == 1 and not value.startswith(IMAGE_PLACEHOLDER):
+            value = IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+        value = value.replace(IMAGE_PLACEHOLDER, image_token)
+        if role == "human":
+            text += f"<|im_start|>user\n{value}<|im_end|>\n"
+        else:
+            text += "<|im_start|>assistant\n"
+            start = len(text)
+            text += f"{value}<|im_end|>\n"
             spans.append((start, len(text)))
     return text, spans
 
@@ -396,6 +433,8 @@ class LlavaConversationDataset(Dataset):
             return render_vicuna_v1(rec.turns, self.image_token)
         if self.template == "plain":
             return render_plain(rec.turns, self.image_token, has_image)
+        if self.template == "qwen_1_5":
+            return render_qwen_1_5(rec.turns, self.image_token)
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         if not getattr(owner, "chat_template", None):
             raise _Bad("data.template=chat but the processor has no chat template; use data.template=vicuna_v1")
@@ -420,7 +459,7 @@ class LlavaConversationDataset(Dataset):
     def build(self, rec: Record) -> dict:
         """One sample from a validated record (raises _Bad)."""
         text, spans = self._text_and_spans(rec)
-        add_special = self.template != "chat"  # chat templates write their own BOS
+        add_special = self.template not in ("chat", "qwen_1_5")  # chat templates write their own BOS; Qwen2 has none
         enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
         ids0, offsets = enc["input_ids"], enc["offset_mapping"]
         labels0 = [
@@ -436,6 +475,8 @@ class LlavaConversationDataset(Dataset):
                     img = expand_to_square(img, self._background)
                 images.append(img)
             kwargs = {"size": self.pixel_budget} if self.pixel_budget else {}
+            if self.layout.nested_images:  # one list per prompt (OneVision: batch_num_images, tiles for one image only)
+                images = [images]
             try:
                 proc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=add_special,
                                       **kwargs)
@@ -444,7 +485,7 @@ class LlavaConversationDataset(Dataset):
             ids = proc["input_ids"][0].tolist()
             labels = _expand_labels(ids0, labels0, ids, self.image_token_id)
             out["pixel_values"] = proc["pixel_values"]  # LLaVA (n_img, [P,] 3, H, W); Qwen (sum_i t*h*w, 1176)
-            for key in self.layout.image_keys:  # image_sizes (n_img, 2) | image_grid_thw (n_img, 3)
+            for key in self.layout.image_keys:  # image_sizes (n_img, 2) | image_grid_thw (n_img, 3) | batch_num_images (1,)
                 if key in proc:
                     out[key] = proc[key]
             for key in self.layout.token_keys:  # mm_token_type_ids (1, N) -> (N,)
@@ -706,6 +747,7 @@ __all__ = [
     "read_records",
     "render_chat",
     "render_plain",
+    "render_qwen_1_5",
     "render_vicuna_v1",
     "split_to_even_chunks",
 ]

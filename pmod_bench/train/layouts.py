@@ -13,6 +13,7 @@ Parameter groups by family (the first matching prefix wins; ``.router.`` is alwa
     Qwen2.5-VL           connector  model.visual.merger.*        (the 2x2 patch merger: Qwen's projector)
                          vision     model.visual.*               (patch embedding + window-attention blocks)
                          llm        model.language_model.*, lm_head.*
+    LLaVA-OneVision      as LLaVA (SigLIP tower, mlp2x_gelu projector + image_newline, Qwen2 LLM)
 
 Batch layout of the image inputs (``n`` = images in the batch)::
 
@@ -20,6 +21,14 @@ Batch layout of the image inputs (``n`` = images in the batch)::
     Qwen2.5-VL   pixel_values (sum_i t_i*h_i*w_i, C*T*P*P): each image's patches concatenated along dim 0,
                  image_grid_thw (n, 3): which rows belong to which image; mm_token_type_ids (B, N): per token
                  (1 on image tokens), padded with 0 like input_ids; M-RoPE positions are computed from it
+    OneVision    pixel_values (n, P, 3, S, S): each image's tiles (base image first), P padded; image_sizes (n, 2);
+                 batch_num_images (b,): images per prompt of the b samples with images, in batch order. HF's
+                 model tiles an image only when its prompt has one image (``need_patching``); an image of a
+                 multi-image prompt is one square tile (+ one newline feature), so the processor gets each
+                 sample's images as one list (``nested_images``) and says so in ``batch_num_images``
+
+LLaVA-OneVision's training format is LLaVA-NeXT's ``qwen_1_5`` conversation (``data.template: qwen_1_5``,
+:func:`pmod_bench.train.data.render_qwen_1_5`), its resolution cap ``data.max_tiles`` (:func:`restrict_tiles`).
 """
 
 from __future__ import annotations
@@ -48,15 +57,19 @@ class TrainLayout:
     """The data.template values that render this family's prompts."""
     aspect_ratios: tuple = ("pad", "native")
     """The data.image_aspect_ratio values this family's processor is meant for."""
+    nested_images: bool = False
+    """The processor gets a sample's images as one list (OneVision: its batch_num_images marks multi-image prompts)."""
+    tile_cap: bool = False
+    """The anyres grids can be capped by data.max_tiles (:func:`restrict_tiles`)."""
 
     def check_data(self, template: str, aspect_ratio: str) -> None:
         """ConfigError when data.template / data.image_aspect_ratio do not fit this family."""
         if template not in self.templates:
             raise ConfigError(f"data.template={template} does not render {self.title} prompts (its image tokens and turns "
-                              f"are its chat template's); use data.template={self.templates[0]}.")
+                              f"are its training format's); use data.template={self.templates[0]}.")
         if aspect_ratio not in self.aspect_ratios:
-            raise ConfigError(f"data.image_aspect_ratio={aspect_ratio} is not for {self.title}, which reads each image "
-                              f"at its own aspect ratio within the pixel budget; use data.image_aspect_ratio="
+            raise ConfigError(f"data.image_aspect_ratio={aspect_ratio} is not for {self.title}, whose processor reads "
+                              f"each image at its own aspect ratio; use data.image_aspect_ratio="
                               f"{self.aspect_ratios[0]}.")
 
     def param_group(self, name: str) -> str:
@@ -90,8 +103,21 @@ QWEN2_5_VL = TrainLayout(
     aspect_ratios=("native",),
 )
 
+LLAVA_ONEVISION = TrainLayout(
+    title="LLaVA-OneVision",
+    groups=LLAVA.groups,
+    image_keys=("image_sizes", "batch_num_images"),
+    # the OneVision paper trains the projector and the LLM at every stage after the first (the tower too, at a fifth
+    # of the LLM's rate: ours keeps it frozen); train.trainable=[llm, routers] freezes the projector as well
+    stage_trainable={"pt": ["connector"], "sft": ["connector", "llm", "routers"]},
+    templates=("qwen_1_5",),
+    aspect_ratios=("native",),
+    nested_images=True,
+    tile_cap=True,
+)
+
 #: host adapter model_type -> layout (host_for maps a p-MoD model_type to its family's adapter)
-LAYOUTS = {"llava": LLAVA, "llava_next": LLAVA, "qwen2_5_vl": QWEN2_5_VL}
+LAYOUTS = {"llava": LLAVA, "llava_next": LLAVA, "qwen2_5_vl": QWEN2_5_VL, "llava_onevision": LLAVA_ONEVISION}
 
 
 def layout_for(model) -> TrainLayout:
@@ -109,4 +135,28 @@ def layout_for(model) -> TrainLayout:
     return layout
 
 
-__all__ = ["LAYOUTS", "LLAVA", "QWEN2_5_VL", "TrainLayout", "layout_for"]
+def restrict_tiles(model, processor, max_tiles: int) -> list:
+    """Cap the anyres resolution: keep only the grids (``image_grid_pinpoints``, ``[height, width]`` px in whole tiles)
+    of at most ``max_tiles`` tiles, in the processor's image processor and the model's config alike (the processor
+    counts an image's tokens and the model splits its tiles by the same list, so they must agree; both are saved with
+    the run, so evaluation reads images as training did). Returns the kept pinpoints; ConfigError when the layout has
+    no tile cap, the two lists differ, or no grid is left."""
+    layout = layout_for(model)
+    if not layout.tile_cap:
+        raise ConfigError(f"data.max_tiles caps LLaVA-OneVision's anyres grids; {layout.title} has no such cap: remove it.")
+    ip = processor.image_processor
+    own = [list(p) for p in ip.image_grid_pinpoints]
+    if own != [list(p) for p in model.config.image_grid_pinpoints]:
+        raise ConfigError("the checkpoint's processor and config.json list different image_grid_pinpoints; fix the "
+                          "checkpoint's preprocessor_config.json before capping its tiles with data.max_tiles.")
+    tile = ip.size["height"]
+    kept = [p for p in own if (p[0] // tile) * (p[1] // tile) <= max_tiles]
+    if not kept:
+        raise ConfigError(f"data.max_tiles={max_tiles} leaves none of the checkpoint's grids (the smallest has "
+                          f"{min((p[0] // tile) * (p[1] // tile) for p in own)} tiles); raise it.")
+    ip.image_grid_pinpoints = kept
+    model.config.image_grid_pinpoints = [list(p) for p in kept]
+    return kept
+
+
+__all__ = ["LAYOUTS", "LLAVA", "LLAVA_ONEVISION", "QWEN2_5_VL", "TrainLayout", "layout_for", "restrict_tiles"]

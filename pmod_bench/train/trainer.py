@@ -47,7 +47,7 @@ from pmod_bench.outputs import check_output_path, disk_full
 from pmod_bench.rundir import check_owner
 from pmod_bench.train.build import INIT_DIR, apply_trainable, build_model, build_partitioned, num_llm_layers, numel
 from pmod_bench.train.config import ConfigError, TrainConfig, valid_per_device_batch
-from pmod_bench.train.layouts import layout_for
+from pmod_bench.train.layouts import layout_for, restrict_tiles
 from pmod_bench.train.data import (
     DataCollator,
     LlavaConversationDataset,
@@ -768,6 +768,8 @@ def _model_to_train(cfg: TrainConfig, model, processor, args: TrainingArguments,
         return build_model(cfg, pmod)
     if cfg.pmod is not None and getattr(model.config, "pmod", None) is None:
         raise ConfigError("the recipe sets pmod but the given model is a vanilla LLaVA; convert it with to_pmod first.")
+    if cfg.data.max_tiles is not None:  # as build_model does: the given processor and config capped alike
+        restrict_tiles(model, processor, cfg.data.max_tiles)
     return model, processor
 
 
