@@ -420,7 +420,7 @@ class OnevisionRequests(HostRequests):
             self.warn(f"pmod_llava ignores generation kwargs {unknown}")
         until = self.until_of(gen)
         gen = {"max_new_tokens": self.max_new_tokens, "temperature": 0, "top_p": None, "num_beams": 1, **gen}
-        sample = gen["temperature"] > 0
+        sample = (gen["temperature"] or 0) > 0
         eos = self.tokenizer.eos_token_id
         cfg = {"do_sample": sample, "temperature": gen["temperature"] if sample else None, "top_p": gen["top_p"],
                "num_beams": gen["num_beams"], "max_new_tokens": gen["max_new_tokens"], "use_cache": True,
