@@ -22,12 +22,13 @@ tokenizer has none, so the hub-layout copy here gets it written in, as on the hu
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 
 pytest.importorskip("lmms_eval")
-pytest.importorskip("decord")  # lmms-eval's llava_hf imports it at module level
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
@@ -61,6 +62,36 @@ def hub_dir(onevision, tmp_path_factory):
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN2_INSTRUCT_TEMPLATE}, indent=2))
     return d
+
+
+@pytest.fixture(scope="module")
+def llava_hf():
+    """lmms-eval's ``llava_hf`` classes: {"simple": ..., "chat": ...} (the chat one is what ``--model llava_hf`` runs).
+    Their module imports ``decord`` (a video reader lmms-eval does not install) at module level; where it is missing,
+    a stand-in whose readers refuse stands in for the import (no video is decoded here)."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("decord")
+
+        def unavailable(*args, **kwargs):
+            raise ImportError("decord is not installed")
+
+        stand_in.VideoReader = stand_in.cpu = unavailable
+        mp = pytest.MonkeyPatch()
+        mp.setitem(sys.modules, "decord", stand_in)
+        try:
+            return _llava_hf_classes()
+        finally:
+            mp.undo()
+    return _llava_hf_classes()
+
+
+def _llava_hf_classes() -> dict:
+    from lmms_eval.models.chat.llava_hf import LlavaHf as Chat
+    from lmms_eval.models.simple.llava_hf import LlavaHf as Simple
+
+    return {"simple": Simple, "chat": Chat}
 
 
 @pytest.fixture(autouse=True)
@@ -173,11 +204,9 @@ def _check_one_by_one(ref, ours, triples, gen, pick) -> set:
 
 
 @pytest.mark.slow
-def test_requests_equal_lmms_evals_llava_hf(data_root, onevision, hub_dir, monkeypatch):
+def test_requests_equal_lmms_evals_llava_hf(data_root, onevision, hub_dir, llava_hf, monkeypatch):
     """Default (qwen_1_5): lmms-eval's ``llava_hf`` simple class on the hub-layout checkpoint."""
-    from lmms_eval.models.simple.llava_hf import LlavaHf
-
-    ref, ours, triples, gen = _recorded(onevision, hub_dir, LlavaHf, monkeypatch, batch_size=1)
+    ref, ours, triples, gen = _recorded(onevision, hub_dir, llava_hf["simple"], monkeypatch, batch_size=1)
     assert ours.host.template_name == "qwen_1_5" and ref.tokenizer.chat_template == QWEN2_INSTRUCT_TEMPLATE
     multi = _check_one_by_one(ref, ours, triples, gen, pick=lambda simple, chat: simple)
     assert "pmod_mmmu_val" in multi  # several images in one prompt: "<image> <image>\n..."
@@ -189,12 +218,11 @@ def test_requests_equal_lmms_evals_llava_hf(data_root, onevision, hub_dir, monke
 
 
 @pytest.mark.slow
-def test_processor_template_equals_lmms_evals_llava_hf_chat(data_root, onevision, hub_dir, monkeypatch):
+def test_processor_template_equals_lmms_evals_llava_hf_chat(data_root, onevision, hub_dir, llava_hf, monkeypatch):
     """chat_template=processor: lmms-eval's ``llava_hf`` chat class (``--model llava_hf``): the task's messages through
     the checkpoint's chat template (MMMU's interleaved images and text)."""
-    from lmms_eval.models.chat.llava_hf import LlavaHf
-
-    ref, ours, triples, gen = _recorded(onevision, hub_dir, LlavaHf, monkeypatch, batch_size=1, chat_template="processor")
+    ref, ours, triples, gen = _recorded(onevision, hub_dir, llava_hf["chat"], monkeypatch, batch_size=1,
+                                        chat_template="processor")
     multi = _check_one_by_one(ref, ours, triples, gen, pick=lambda simple, chat: chat)
     assert "pmod_mmmu_val" in multi
     assert all(c["text"][0].startswith("<|im_start|>user\n<image>\n") for c in ours.host.processor.calls
@@ -220,11 +248,9 @@ def _rows(call: dict, generate: dict, grid_pinpoints, tile: int) -> list:
 
 
 @pytest.mark.slow
-def test_batched_requests_equal_lmms_evals(data_root, onevision, hub_dir, monkeypatch):
+def test_batched_requests_equal_lmms_evals(data_root, onevision, hub_dir, llava_hf, monkeypatch):
     """Batch size 4 (left padding): each request's tokens, tiles and image sizes are those of lmms-eval's batch-1 request."""
-    from lmms_eval.models.simple.llava_hf import LlavaHf
-
-    ref, ours, triples, gen = _recorded(onevision, hub_dir, LlavaHf, monkeypatch, batch_size=4)
+    ref, ours, triples, gen = _recorded(onevision, hub_dir, llava_hf["simple"], monkeypatch, batch_size=4)
     for task in ("pmod_mme", "pmod_mmmu_val"):
         chosen = [t for t in triples if t[0].task_name == task][:4]
         answers = ours.generate_until([mine for mine, _, _ in chosen])
@@ -339,7 +365,7 @@ def test_whole_suite_answers_equal_at_batch_1_and_8(data_root, tmp_path):
     assert len({json.dumps(r) for r in runs[1].values()}) > 10  # real, varied answers
     meta = json.loads((tmp_path / "b8" / "run.json").read_text())
     assert meta["host"] == meta["model_info"]["host"] == "llava_onevision"
-    assert meta["model_info"]["class"] == "PMoDLlavaOnevisionForConditionalGeneration"
+    assert meta["model_info"]["class"] == "PMoDLlavaOnevisionForConditionalGeneration" and min(meta["model_info"]["layer_ratios"]) < 1
     rows = json.loads((tmp_path / "b8" / "summary.json").read_text())["rows"]
     assert len(rows) == len(BENCHMARKS) and {r["benchmark"]: r["n_unparsed"] for r in rows}["RefCOCO"] is not None
 
