@@ -52,12 +52,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--match-convention", choices=("headline", "paper"), default="headline", help=doc.get("match_convention"))
     p.add_argument("--match-tolerance", type=float, default=0.01, metavar="R", help=doc.get("match_tolerance"))
     p.add_argument("--allow-untrained-routers", action="store_true", help="let --shift/--schedule/--ratios route layers without a trained router")
-    p.add_argument("--dtype", default="auto", help="auto (on GPU the host's: float16 for LLaVA, bfloat16 for Qwen2.5-VL; float32 "
-                   "on CPU), bfloat16, float16, float32")
+    p.add_argument("--dtype", default="auto", help="auto (on GPU the host's: float16 for LLaVA and LLaVA-OneVision, bfloat16 for "
+                   "Qwen2.5-VL; float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: this process's GPU, else CPU)")
     p.add_argument("--attn", dest="attn_implementation", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
     p.add_argument("--chat-template", default=None, help="default: the host's own (LLaVA: vicuna_v1, the paper's; Qwen2.5-VL: "
-                   "the checkpoint's, as lmms-eval's qwen2_5_vl); vicuna_v1 (LLaVA only), processor, or a .jinja file")
+                   "the checkpoint's, as lmms-eval's qwen2_5_vl; LLaVA-OneVision: qwen_1_5, as lmms-eval's llava_onevision); "
+                   "vicuna_v1 (LLaVA only), qwen_1_5 (OneVision only), processor, or a .jinja file")
     p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs") + " Keys: max_new_tokens, temperature, "
                    "top_p, num_beams, do_sample, until.")
     p.add_argument("--stop-at-until", action="store_true", help=doc.get("stop_at_until"))

@@ -5,8 +5,11 @@ image's own width and height, ``[x1/W, y1/H, x2/W, y2/H]``; Acc@0.5 is IoU >= 0.
 box (lmms-eval's aggregations, ``lmms_eval/tasks/refcoco/utils_rec.py``). What an answer's numbers mean depends
 on the host that wrote them, so the answer is read by the host's :class:`BoxSpace`:
 
-* :class:`NormalisedBoxes` (LLaVA-1.5 / LLaVA-NeXT, the paper's runs): lmms-eval's own parser, unchanged: the
-  first ``[x1, y1, x2, y2]`` of four numbers, already normalised to [0, 1].
+* :class:`NormalisedBoxes` (LLaVA-1.5 / LLaVA-NeXT, the paper's runs; LLaVA-OneVision): lmms-eval's own parser,
+  unchanged: the first ``[x1, y1, x2, y2]`` of four numbers, already normalised to [0, 1]. OneVision has no box
+  format of its own (neither its model card nor LLaVA-NeXT's training mixes name one): it answers RefCOCO's prompt,
+  which asks for floats between 0 and 1, as LLaVA does, and lmms-eval scores its runs (``--model llava_onevision``
+  and ``llava_hf``) with this parser, against the ground truth normalised by the image's own ``W x H``.
 * :class:`ResizedPixelBoxes` (Qwen2.5-VL): absolute pixels of the image *as the vision tower saw it*, i.e. after
   the resizes the request went through (for lmms-eval's ``qwen2_5_vl``: qwen_vl_utils' ``fetch_image``, then
   the processor's ``smart_resize`` within ``[min_pixels, max_pixels]``). Qwen writes them as JSON

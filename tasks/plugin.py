@@ -1,11 +1,13 @@
-"""``pmod_llava``: the lmms-eval model for p-MoD and vanilla LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL checkpoints.
+"""``pmod_llava``: the lmms-eval model for p-MoD and vanilla LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL / LLaVA-OneVision
+checkpoints.
 
 A thin class: loading is :func:`pmod_bench.model.loading.load_model`, the forward pass is the HF
 model's own ``generate`` / ``forward``; lmms-eval supplies requests, batching helpers
 (``lmms_eval.utils.Collator``) and the process layout (``accelerate launch``). Nothing of lmms-eval
 is copied. How a request is built is the loaded model's *host*'s business (:mod:`.hosts`, one class per
 family, chosen by ``config.model_type``): LLaVA models get lmms-eval's ``llava`` requests, Qwen2.5-VL models
-lmms-eval's ``qwen2_5_vl`` (chat class) requests.
+lmms-eval's ``qwen2_5_vl`` (chat class) requests, LLaVA-OneVision models ``llava_hf``'s with ``llava_onevision``'s
+``qwen_1_5`` prompt.
 
 ``python -m lmms_eval --model pmod_llava --model_args pretrained=DIR[,key=value...]``; model_args:
 
@@ -18,15 +20,19 @@ lmms-eval's ``qwen2_5_vl`` (chat class) requests.
                             (in ``--model_args``, whose items commas separate: ``[1*8,0.5*24]`` or ``1*8;0.5*24``)
 ``allow_untrained_routers`` let the overrides route layers that have no trained router
 ``dtype``                   ``auto`` (on GPU the host's reference dtype: float16 for LLaVA as the paper,
-                            bfloat16 for Qwen2.5-VL as lmms-eval; float32 on CPU), ``bfloat16``, ...
+                            bfloat16 for Qwen2.5-VL as lmms-eval, float16 for OneVision; float32 on
+                            CPU), ``bfloat16``, ...
 ``device``                  ``cuda:0``, ``cpu``; default: this process's GPU, else CPU
 ``attn_implementation``     ``sdpa`` (default), ``eager``, ``flash_attention_2``
 ``batch_size``              requests per forward pass (left padding; answers equal batch size 1)
 ``chat_template``           default: the host's (LLaVA: ``vicuna_v1``, the paper's conv template;
-                            Qwen2.5-VL: ``processor``, the checkpoint's own); ``processor``, a
-                            ``.jinja`` file or a template string (``vicuna_v1``: LLaVA only)
+                            Qwen2.5-VL: ``processor``, the checkpoint's own; OneVision:
+                            ``qwen_1_5``, the published runs' conv template); ``processor``, a
+                            ``.jinja`` file or a template string (``vicuna_v1``: LLaVA only,
+                            ``qwen_1_5``: OneVision only)
 ``response_cache``          directory for per-request persistence (resume; see ``tasks/cache.py``)
-``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128)
+``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128,
+                            OneVision 1024)
 ``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
 ``min_pixels`` /            Qwen2.5-VL only: the image processor's pixel bounds and the video frame
 ``max_pixels`` /            cap (lmms-eval's qwen2_5_vl defaults: 200,704 / 1,605,632 / 32)
@@ -51,6 +57,7 @@ Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; 
 
 Qwen2.5-VL hosts reproduce lmms-eval 0.7.3's ``qwen2_5_vl`` chat class instead (why that class, and
 what it does: :class:`pmod_bench.tasks.requests.QwenChatRequests`); ``stop_at_until`` works there too.
+LLaVA-OneVision hosts: :class:`pmod_bench.tasks.requests.OnevisionRequests`.
 """
 
 from __future__ import annotations
@@ -144,7 +151,8 @@ def _task_messages(doc_to_visual: Any, doc: dict):
 
 
 class PMoDLlava(lmms):
-    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT) and Qwen2.5-VL checkpoints; see the module docstring."""
+    """lmms-eval model for p-MoD / vanilla LLaVA(-NeXT), Qwen2.5-VL and LLaVA-OneVision checkpoints; see the module
+    docstring."""
 
     is_simple = True
 
@@ -430,8 +438,8 @@ class PMoDLlava(lmms):
         LLaVA hosts only (lmms-eval's qwen2_5_vl has none either).
         """
         if not self.host.supports_loglikelihood:
-            raise NotImplementedError(f"pmod_llava: loglikelihood is not implemented for {self.host.name} models (nor in "
-                                      "lmms-eval's own qwen2_5_vl); no paper benchmark needs it")
+            raise NotImplementedError(f"pmod_llava: loglikelihood is not implemented for {self.host.name} models; no "
+                                      "paper benchmark needs it (lmms-eval's qwen2_5_vl has none either)")
 
         def continuation_of(args) -> str:
             _, target, _, doc_id, task, split = args

@@ -11,13 +11,16 @@ host (``model_type``)               requests equal those of (lmms-eval 0.7.3)
 (and their ``pmod_`` forms)         :class:`LlavaRequests`
 ``qwen2_5_vl``, ``pmod_qwen2_5_vl``  ``--model qwen2_5_vl``, its chat class
                                     (``lmms_eval/models/chat/qwen2_5_vl.py``): :class:`QwenChatRequests`
+``llava_onevision``,                ``--model llava_hf`` (simple class) on the llava-hf checkpoint, i.e.
+``pmod_llava_onevision``            ``--model llava_onevision``'s ``qwen_1_5`` prompt: :class:`OnevisionRequests`
 ==================================  ======================================================================
 
 What is host-specific (and lives here): the prompt and chat template, the image preprocessing (LLaVA: the
 checkpoint's processor; Qwen: qwen_vl_utils' ``fetch_image`` then the processor at lmms-eval's
 ``min_pixels`` / ``max_pixels``), the processor call, the default ``max_new_tokens``, the generate kwargs, the
 decoding, the dtype ``auto`` picks on a GPU, whether ``loglikelihood`` exists, and the grounding box format
-(:mod:`.grounding`). ``tests/test_eval_qwen.py`` proves the Qwen requests byte-identical to lmms-eval's own class.
+(:mod:`.grounding`). ``tests/test_eval_qwen.py`` and ``tests/test_eval_onevision.py`` prove the Qwen and OneVision
+requests byte-identical to lmms-eval's own classes.
 """
 
 from __future__ import annotations
@@ -312,9 +315,126 @@ class QwenChatRequests(HostRequests):
         return self.processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+#: LLaVA-NeXT's ``conv_templates["qwen_1_5"]`` (``conv_qwen``: ChatML separators, Qwen's default system turn;
+#: ``llava/conversation.py`` at LLaVA-VL/LLaVA-NeXT@b0eb49300f0a80723424e2c5cbb1bc54a9e5c3a0, the last commit that
+#: touched it, current at df179663) as a chat template: ``Conversation.get_prompt`` (``SeparatorStyle.CHATML``) writes
+#: ``system + sep + "\n"``, then ``role + "\n" + message + sep + "\n"`` per turn and ``role + "\n"`` for the open
+#: assistant turn. Qwen2-Instruct's tokenizer template (which llava-hf's OneVision checkpoints ship in their
+#: tokenizer_config.json) renders the same text for one user turn.
+QWEN_1_5_TEMPLATE = (
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class OnevisionRequests(HostRequests):
+    """LLaVA-OneVision (HF ``llava_onevision``): the published runs' prompt, in lmms-eval 0.7.3's ``llava_hf`` request.
+
+    Two lmms-eval models evaluate OneVision. The published OneVision numbers come from ``--model llava_onevision``
+    (``lmms_eval/models/simple/llava_onevision.py``; 0.7.3's files, whose logic is that of
+    EvolvingLMMs-Lab/lmms-eval@75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3 for both classes read here), which runs the
+    original LLaVA-NeXT code (``conv_template`` ``qwen_1_5``, anyres_max_9, ``max_frames_num`` 32) and cannot run an
+    HF checkpoint; ``--model llava_hf`` runs the llava-hf checkpoints our host is. What each does, and what is taken:
+
+    * prompt: ``llava_onevision`` writes ``" ".join(["<image>"] * n) + "\n" + context`` (nothing added when the
+      context holds ``<image>``) into one user turn of ``qwen_1_5`` (:data:`QWEN_1_5_TEMPLATE`). ``llava_hf``'s simple
+      class writes the same user turn and renders it with the *tokenizer's* chat template, which on the llava-hf
+      checkpoints is Qwen2-Instruct's (the conversion script loads ``Qwen/Qwen2-*-Instruct``'s tokenizer): the
+      same text. That is the default (``chat_template=qwen_1_5``). ``chat_template=processor`` is ``llava_hf``'s
+      chat class (what ``--model llava_hf`` resolves to in 0.7.3): the task's ``doc_to_messages`` rendered with the
+      *processor's* template (``chat_template.json``: no system turn, one ``<image>\n`` per image before the text).
+      Any other template (a ``.jinja`` file or a string) renders the simple class's user turn, as its own
+      ``chat_template=`` model_arg does;
+    * images: the checkpoint's processor (anyres_max_9 tiles; ``image_sizes`` from it), every image of a prompt tiled
+      as a single image (both ``llava_hf`` classes hand the processor a flat list); the original code instead pads a
+      multi-image prompt's images to squares of one tile (``image_aspect_ratio`` pad), which the HF processor cannot do;
+    * generation: ``llava_hf``'s: greedy unless ``temperature`` > 0, the task's ``top_p`` and ``num_beams``,
+      ``max_new_tokens`` 1024 when the task sets none, ``pad_token_id`` = ``eos_token_id`` = the tokenizer's eos,
+      ``use_cache``; ``until`` ignored (both classes drop it); decoded with ``skip_special_tokens``, not stripped
+      (``llava_onevision`` strips; lmms-eval's answer parsing strips too); float16 on a GPU (the checkpoints' dtype
+      and the original's);
+    * boxes: normalised ``[x1, y1, x2, y2]``, read by lmms-eval's parser (:class:`.grounding.NormalisedBoxes`).
+
+    Both ``llava_hf`` classes run batch size 1 only; here a batch is left-padded and each request's ids, pixels and
+    image sizes equal its batch-1 request (``tests/test_eval_onevision.py``). Videos are refused (no benchmark of the
+    suite has one); so is ``loglikelihood``, which no benchmark of the suite needs.
+    """
+
+    reference = ("llava_hf (lmms_eval/models/simple/llava_hf.py; its chat class with chat_template=processor), prompting as "
+                 "llava_onevision (conv_template=qwen_1_5)")
+    default_template = "qwen_1_5"
+    default_max_new_tokens = 1024
+    gpu_dtype = "float16"
+    supports_loglikelihood = False
+
+    def __init__(self, name: str, processor: Any, **kwargs: Any) -> None:
+        super().__init__(name, processor, **kwargs)
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+
+    def _resolve_template(self, name: str) -> Optional[str]:
+        if name == "qwen_1_5":
+            return QWEN_1_5_TEMPLATE
+        if name == "vicuna_v1":
+            raise ValueError("pmod_llava: vicuna_v1 is LLaVA-1.5's conversation template; LLaVA-OneVision is prompted with "
+                             "qwen_1_5 (the default), processor (the checkpoint's own) or a .jinja file")
+        return super()._resolve_template(name)
+
+    def _template_choices(self) -> str:
+        return "qwen_1_5, processor, a .jinja file or a template"
+
+    def prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
+        if self.template_name == "processor":
+            return self._chat_prompt(context, visuals, task_messages)
+        if visuals and self.image_token not in context:
+            context = " ".join([self.image_token] * len(visuals)) + "\n" + context
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": context}], chat_template=self.template,
+                                                  tokenize=False, add_generation_prompt=True)
+        return text, visuals
+
+    def _chat_prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
+        """``llava_hf``'s chat class: the task's messages (``ChatMessages``) through the processor's chat template."""
+        from lmms_eval.api.task import ConfigurableMessagesTask
+        from lmms_eval.protocol import ChatMessages
+
+        raw = task_messages() if task_messages is not None else None
+        if raw is None:  # a task without lmms-eval's messages builder: its user turn, as ConfigurableMessagesTask builds it
+            raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
+        chat = ChatMessages(messages=raw)
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise TypeError(f"pmod_llava ({self.name}) handles images only; the task gave video/audio")
+        text = self.processor.apply_chat_template(chat.model_dump()["messages"], tokenize=False, add_generation_prompt=True)
+        return text, list(images)
+
+    def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
+        """The processor on the batch's prompts and all their images (a flat list, as ``llava_hf``), floats in ``dtype``."""
+        flat = [im for ims in images for im in ims]
+        inputs = self.processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
+        return inputs.to(device, dtype)
+
+    def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen = dict(gen_kwargs or {})
+        unknown = sorted(set(gen) - _LLAVA_GEN_KEYS)
+        if unknown:
+            self.warn(f"pmod_llava ignores generation kwargs {unknown}")
+        until = self.until_of(gen)
+        gen = {"max_new_tokens": self.max_new_tokens, "temperature": 0, "top_p": None, "num_beams": 1, **gen}
+        sample = (gen["temperature"] or 0) > 0
+        eos = self.tokenizer.eos_token_id
+        cfg = {"do_sample": sample, "temperature": gen["temperature"] if sample else None, "top_p": gen["top_p"],
+               "num_beams": gen["num_beams"], "max_new_tokens": gen["max_new_tokens"], "use_cache": True,
+               "pad_token_id": eos, "eos_token_id": eos}
+        return {**cfg, **self.stop_kwargs(until)}, until
+
+    def decode(self, out: Any, inputs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 #: host family (the host adapter's vanilla model_type, :func:`pmod_bench.model.hosts.family_of`) -> request builder;
 #: a p-MoD model is found under its family through the adapter, never by its own ``pmod_*`` type
-REQUESTS: dict[str, type] = {"llava": LlavaRequests, "llava_next": LlavaRequests, "qwen2_5_vl": QwenChatRequests}
+REQUESTS: dict[str, type] = {"llava": LlavaRequests, "llava_next": LlavaRequests, "qwen2_5_vl": QwenChatRequests,
+                              "llava_onevision": OnevisionRequests}
 
 
 def requests_of_type(model_type: Optional[str]) -> tuple[str, type]:
@@ -323,7 +443,7 @@ def requests_of_type(model_type: Optional[str]) -> tuple[str, type]:
 
     family = family_of(model_type) if model_type else None
     if family not in REQUESTS:
-        raise ValueError(f"pmod_llava evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models (host families "
+        raise ValueError(f"pmod_llava evaluates LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and LLaVA-OneVision models (host families "
                          f"{', '.join(sorted(REQUESTS))}, and their p-MoD forms); this one's model_type is {model_type!r}")
     return family, REQUESTS[family]
 
@@ -355,5 +475,5 @@ def source_model_type(source: str) -> Optional[str]:
         return None
 
 
-__all__ = ["REQUESTS", "HostRequests", "LlavaRequests", "QWEN_MAX_NUM_FRAMES", "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS",
-           "QwenChatRequests", "requests_for", "requests_of_type", "source_model_type"]
+__all__ = ["REQUESTS", "HostRequests", "LlavaRequests", "OnevisionRequests", "QWEN_1_5_TEMPLATE", "QWEN_MAX_NUM_FRAMES",
+           "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS", "QwenChatRequests", "requests_for", "requests_of_type", "source_model_type"]

@@ -226,7 +226,7 @@ def test_host_dispatch_and_options(qwen):
     assert (lm.host.max_new_tokens, lm.host.template) == (128, None)  # lmms-eval's default; the checkpoint's template
     assert qwen[1].image_processor.size["shortest_edge"] == 16 * 28 * 28  # the preset's own processor is untouched
     assert requests_of_type("pmod_qwen2_5_vl") == requests_of_type("qwen2_5_vl") == ("qwen2_5_vl", QwenChatRequests)
-    assert requests_of_type("pmod_llava_next") == ("llava_next", LlavaRequests) and set(REQUESTS) == {"llava", "llava_next", "qwen2_5_vl"}
+    assert requests_of_type("pmod_llava_next") == ("llava_next", LlavaRequests) and set(REQUESTS) >= {"llava", "llava_next", "qwen2_5_vl"}
     cfg, until = lm.host.generation({"until": ["\n\n", "ASSISTANT:"], "max_new_tokens": 9, "top_p": 1.0, "do_sample": False})
     assert until == [] and cfg["max_new_tokens"] == 9 and cfg["top_p"] is None and "stop_strings" not in cfg
     sampled, _ = lm.host.generation({"temperature": 0.7, "top_p": 0.9})
@@ -249,10 +249,8 @@ def test_host_dispatch_and_options(qwen):
     assert isinstance(llava.host, LlavaRequests) and llava.host.name == "llava_next" and "host_settings" not in llava.identity
     with pytest.raises(ValueError, match=r"min_pixels \(model_args of qwen2_5_vl models\) do not apply to this llava_next"):
         PMoDLlava.from_loaded(*tiny, name="tiny", device="cpu", min_pixels=3136)
-    with pytest.raises(ValueError, match="evaluates LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models"):
+    with pytest.raises(ValueError, match="evaluates LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and LLaVA-OneVision models"):
         requests_of_type("idefics3")
-    with pytest.raises(ValueError, match="model_type is 'llava_onevision'"):  # a profiler host, not an evaluated one
-        requests_of_type("llava_onevision")
 
 
 def test_auto_dtype_on_a_gpu_is_the_hosts(hub_dir):
