@@ -31,6 +31,12 @@ from .layer import PMoDRouter, SparseLayerMixin, unwrap_method_layer, wrap_decod
 from .plan import RoutingPlan
 
 
+#: the forward arguments that put vision features into the sequence (every host's HF forward names them so). A
+#: forward on a filled cache without any of them is a decode step: its tokens are text even when one is a generated
+#: ``<image>`` / ``<video>`` id (HF inserts features only where it is given pixels, so the id is a text embedding)
+VISION_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
 class SparseModelMixin:
     """The routed forward (module docstring), in front of a host's HF class."""
 
@@ -144,7 +150,11 @@ class SparseModelMixin:
         cache = self._take_cache(kwargs)
         input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
-        plan = RoutingPlan.build(self._vision_mask(input_ids, inputs_embeds, vision_token_mask), kwargs.get("attention_mask"),
+        decoding = cache is not None and cache.get_seq_length() > 0 and not any(
+            kwargs.get(name) is not None for name in VISION_INPUTS)
+        target = None if decoding and vision_token_mask is None else self._vision_mask(input_ids, inputs_embeds,
+                                                                                        vision_token_mask)
+        plan = RoutingPlan.build(target, kwargs.get("attention_mask"),
                                  seq_len=ref.shape[1], batch=ref.shape[0], device=ref.device, cache=cache,
                                  guard=self._pmod_guard, record=self._pmod_record)
         in_llm = method is not None and method.first_layer() is not None

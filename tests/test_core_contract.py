@@ -90,6 +90,31 @@ def test_cache_passed_under_either_name(host, host_vanilla, one_thread):
             model(input_ids=nxt, attention_mask=mask, cache=foreign, **host.decode_kwargs(model, mask), use_cache=True)
 
 
+def test_generated_vision_id_is_a_text_token_at_decode(host, host_vanilla, one_thread):
+    """A decode step whose token is a generated ``<image>`` / ``<video>`` id carries no pixels, so HF embeds the id as
+    text; p-MoD must route nothing there (it once counted the id as a vision token and a routed layer kept 0 tokens:
+    ``cannot reshape tensor of 0 elements``). The step equals the same step fed as the id's embedding."""
+    from pmod_bench.model.hosts import host_for
+
+    model = to_pmod(host_vanilla, PMoDConfig(shift=0.3))
+    random_routers(model, seed=2)
+    inputs = _single(host, 0)
+    ids = [i for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+           if i is not None]
+    assert ids and host_for(model).vision_mask(model.config, torch.tensor([ids])).all()  # vision ids in a prompt
+    for vid in ids:
+        nxt = torch.tensor([[vid]])
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        steps = []
+        for feed in ({"input_ids": nxt}, {"inputs_embeds": model.get_input_embeddings()(nxt)}):
+            cache = PMoDCache.take_over(None, model.config.text_config, model.config.pmod_router_layers)
+            with torch.no_grad():
+                model(**inputs, cache=cache, use_cache=True)
+                steps.append(model(**feed, attention_mask=mask, cache=cache, **host.decode_kwargs(model, mask),
+                                   use_cache=True).logits)
+        assert torch.isfinite(steps[0]).all() and torch.equal(steps[0], steps[1]), vid
+
+
 # ------------------------------------------------------------------------------- host syncs
 class _CountSyncs(TorchDispatchMode):
     SYNC = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default"}
