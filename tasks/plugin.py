@@ -28,9 +28,10 @@ lmms-eval's ``qwen2_5_vl`` (chat class) requests.
 ``response_cache``          directory for per-request persistence (resume; see ``tasks/cache.py``)
 ``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128)
 ``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
-``min_pixels`` /            Qwen2.5-VL only: the image processor's pixel bounds and the video frame
-``max_pixels`` /            cap (lmms-eval's qwen2_5_vl defaults: 200,704 / 1,605,632 / 32)
-``max_num_frames``
+``min_pixels`` /            Qwen2.5-VL only: the image / video processors' pixel bounds, the video
+``max_pixels`` /            frame cap and sampling rate (lmms-eval's qwen2_5_vl defaults: 200,704 /
+``max_num_frames`` /        1,605,632 / 32 / none: frames by max_num_frames; ``tasks/video_requests.py``)
+``fps``
 ==========================  =====================================================================
 
 Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; read off lmms-eval
@@ -171,12 +172,12 @@ class PMoDLlava(lmms):
         **host_options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames"})
+        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames", "fps"})
         if unknown:
             raise ValueError(
                 f"pmod_llava: unknown model_args {', '.join(unknown)}. Known: pretrained, pmod, shift, schedule, "
                 "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
-                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames."
+                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames, fps."
             )
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -337,9 +338,10 @@ class PMoDLlava(lmms):
                 out.extend(v)
             elif v is not None:
                 out.append(v)
-        for v in out:
-            if not hasattr(v, "convert"):
-                raise TypeError(f"pmod_llava handles images only; task {task} gave a {type(v).__name__} (video/audio)")
+        for v in out:  # a video is its path (lmms-eval's video tasks); the host reads it (tasks/video_requests.py)
+            if not hasattr(v, "convert") and not (isinstance(v, str) and self.host.supports_video):
+                raise TypeError(f"pmod_llava handles images{' and videos' if self.host.supports_video else ''} on "
+                                f"{self.host.name} models; task {task} gave a {type(v).__name__} {str(v)[:80]!r}")
         return out
 
     def _warn_once(self, msg: str) -> None:
