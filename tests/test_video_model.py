@@ -217,3 +217,56 @@ def test_onevision_video_prefill_flops_are_analytic(one_thread, frames):
     layout = vision_layout(arch, (90, 50), video=Video(frames=frames))
     batch = video_batch(OV, [clip(frames, (90, 50))], questions=QUESTIONS[:1])
     check_prefill_flops(arch, layout, batch, build_preset(OV.preset, pmod=None)[0], arch.config.video_token_id)
+
+
+# ------------------------------------------------------------------------------------------- video latency
+@pytest.mark.parametrize("arch_name, pixels", [
+    # 60x40 frames -> 140x112 (the tiny min_pixels): 8x10 patches, 2 pairs of frames, 2 x 4x5 merged tokens
+    ("tiny-qwen2.5-vl", {"pixel_values_videos": (2 * 2 * 8 * 10, 3 * 2 * 14 * 14), "video_grid_thw": (2, 3),
+                         "second_per_grid_ts": (2,), "mm_token_type_ids": (2, 20 + 2 * 4 * 5)}),
+    ("tiny-llava-onevision", {"pixel_values_videos": (2, 4, 3, 32, 32)}),
+])
+def test_synthetic_video_batch_is_what_the_model_takes(arch_name, pixels, one_thread):
+    """``profile --frames N --latency`` feeds each model B clips of its video layout: the host's video pixel inputs (the
+    processor's shapes) and exactly ``vision_tokens`` placeholders a row, which the real model's forward accepts (it
+    refuses a count unlike the features it computes)."""
+    from pmod_bench.model.presets import build_preset
+    from pmod_bench.profiler.arch import load_arch, vision_layout
+    from pmod_bench.profiler.video import Video, synthetic_video_batch
+
+    arch = load_arch(arch_name)
+    layout = vision_layout(arch, (60, 40), video=Video(frames=4))
+    batch = synthetic_video_batch(arch, layout, text_tokens=20, batch_size=2)
+    assert {k: tuple(v.shape) for k, v in batch.items() if k not in ("input_ids", "attention_mask")} == pixels
+    ids = batch["input_ids"]
+    assert ids.shape == (2, 20 + layout.vision_tokens) and batch["attention_mask"].all()
+    assert (ids == arch.config.video_token_id).sum(1).tolist() == [layout.vision_tokens] * 2
+    if "video_grid_thw" in batch:
+        assert batch["video_grid_thw"].tolist() == [[layout.temporal, *layout.patches]] * 2
+    model, _ = build_preset(arch_name, pmod=None)
+    with torch.no_grad():
+        assert model(**batch, logits_to_keep=1).logits.shape[:2] == (2, 1)
+
+
+@pytest.mark.slow
+def test_profile_times_video_rows_on_both_hosts(tmp_path, one_thread):
+    """`pmod-bench profile --arch tiny-qwen2.5-vl tiny-llava-onevision --frames 2 6 --latency`: every row (host x frame
+    count x variant) timed on real tiny forwards of its video batch, prefill and decode, with its latency ratio against
+    the baseline of the same frame count; FLOPs still checked."""
+    import json
+
+    from pmod_bench.cli import main
+
+    js = tmp_path / "video.json"
+    assert main(["profile", "--arch", "tiny-qwen2.5-vl", "tiny-llava-onevision", "--frames", "2", "6", "--frame-size",
+                 "60x40", "--shift", "0.5", "--latency", "--warmup", "0", "--repeats", "1", "--gen-tokens", "3",
+                 "--text-tokens", "12", "-q", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert sorted((r["arch"], r["frames"], r["variant"]) for r in rows) == sorted(
+        (a, n, v) for a in ("tiny-qwen2.5-vl", "tiny-llava-onevision") for n in (2, 6) for v in ("baseline", "p-MoD-0.5"))
+    for r in rows:
+        assert r["prefill_latency_ms"] > 0 and r["decode_latency_ms_per_token"] > 0 and r["latency_note"] is None, r
+        assert r["latency_repeats"] == 1 and r["latency_dtype"] == "float32" and r["flops_check_rel_err"] == 0
+        assert r["latency_ratio"] == (1.0 if r["variant"] == "baseline" else r["latency_ratio"]) and r["latency_ratio"] > 0
+    tokens = {(r["arch"], r["frames"]): r["vision_tokens"] for r in rows}
+    assert tokens["tiny-llava-onevision", 6] == 6 * 4 + 1 and tokens["tiny-qwen2.5-vl", 6] == 3 * tokens["tiny-qwen2.5-vl", 2]
