@@ -117,8 +117,9 @@ def _pmod_arg(pmod: Any):
                          f"got {pmod!r}") from None
 
 
-def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
-    """A DataError naming benchmark, task, split, row and the fix for an image that does not decode."""
+def _image_error(task: str, split: str, doc_id: int, exc: BaseException, what: str = "image"):
+    """A DataError naming benchmark, task, split, row and the fix for an image (``what``: or a video) that does not
+    decode."""
     from .benchmarks import benchmark_for_task
     from .data import DataError, ENV_VAR
 
@@ -127,7 +128,8 @@ def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
     root = os.environ.get(ENV_VAR)
     where = f"The local copy under {root}" if root else "The cached hub copy"
     return DataError(
-        f"{name} ({task}, split '{split}', row {doc_id}): the image does not decode ({type(exc).__name__}: {exc}). "
+        f"{name} ({task}, split '{split}', row {doc_id}): the {what} does not decode ({type(exc).__name__}: "
+        f"{(str(exc).strip().splitlines() or [''])[0]}). "
         f"{where} is damaged: list every bad row with `pmod-bench data check {name} --decode`, then re-download the "
         "dataset snapshot (`hf download ORG/NAME --repo-type dataset --local-dir DIR`)."
     )
@@ -409,7 +411,12 @@ class PMoDLlava(lmms):
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
                 messages = _task_messages(doc_to_visual, self.task_dict[task][split][doc_id])
-                prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
+                try:
+                    prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
+                except Exception as exc:  # reading a video (tasks/video_requests.py): a damaged file, named with its row
+                    if not any(isinstance(v, str) for v in visuals):
+                        raise
+                    raise _image_error(task, split, doc_id, exc, what="video") from None
                 prompts.append(prompt)
                 images.append(shown)
             return self._generate_batch(prompts, images, batch[0][1])

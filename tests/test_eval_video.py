@@ -204,3 +204,24 @@ def test_video_suite_answers_equal_at_batch_1_and_4(data_root, tmp_path):
     assert len({str(r) for r in runs[1].values()}) > 1  # the answers depend on the clip
     meta = json.loads((tmp_path / "b4" / "run.json").read_text())
     assert meta["host"] == "qwen2_5_vl" and meta["model_info"]["max_num_frames"] == 4
+
+
+def test_a_damaged_video_is_named_with_its_row(qwen, tmp_path):
+    """A video that does not decode fails its request in one line naming benchmark, task, row and `data check
+    --decode` (qwen-vl-utils' reader errors, and its torchvision fallback's, would say neither)."""
+    from types import SimpleNamespace
+
+    from pmod_bench.tasks.data import DataError
+    from pmod_bench.tasks.plugin import PMoDLlava
+
+    bad = tmp_path / "data" / "fFjv93ACGo8.mp4"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))  # an mp4 header, no stream
+    lm = PMoDLlava.from_loaded(*qwen, name="q", device="cpu", **SMALL)
+    lm.task_dict = {"pmod_videomme": {"test": [{"videoID": "fFjv93ACGo8"}]}}
+    request = SimpleNamespace(args=("Which option?", {"max_new_tokens": 2}, lambda doc: [str(bad)], 0, "pmod_videomme", "test"))
+    with pytest.raises(DataError) as err:
+        lm.generate_until([request])
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("VideoMME (pmod_videomme, split 'test', row 0): the video does not decode")
+    assert "pmod-bench data check VideoMME --decode" in text

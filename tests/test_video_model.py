@@ -142,6 +142,21 @@ def test_qwen_temporal_positions_reach_the_sparse_layers(qwen, one_thread):
     assert (routed - slower).abs().max() > 1e-4
 
 
+def test_qwen_image_and_video_in_one_prompt_are_one_target(qwen, one_thread):
+    """A prompt holding an image and a clip: p-MoD routes the image's and the video's tokens as one target (k =
+    trunc((V_image + V_video) * ratio)), and cached decode == recompute with both M-RoPE blocks."""
+    proc = QWEN.processor
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Is the disc of the image in the video?"}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = proc(images=[demo_image(64, 48, seed=9)], videos=[clip(4, (80, 40))], text=[prompt], return_tensors="pt")
+    ids, cfg = batch["input_ids"], qwen.config
+    V_image, V_video = int((ids == cfg.image_token_id).sum()), int((ids == cfg.video_token_id).sum())
+    assert (V_image, V_video) == (20, 2 * 6 * 12 // 4)
+    model = pmod_model(qwen)
+    check_routing_target(model, batch, [V_image + V_video])
+    check_several_images_decode(QWEN, model, batch)
+
+
 @pytest.mark.parametrize("frames, size", [(4, (64, 48)), (5, (90, 50))])
 def test_qwen_video_prefill_flops_are_analytic(qwen, one_thread, frames, size):
     """FlopCounterMode over one real forward (tower over every frame pair, merger, the LLM) of the vanilla and the p-MoD
