@@ -34,9 +34,10 @@ lmms-eval's ``qwen2_5_vl`` (chat class) requests, LLaVA-OneVision models ``llava
 ``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128,
                             OneVision 1024)
 ``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
-``min_pixels`` /            Qwen2.5-VL only: the image processor's pixel bounds and the video frame
-``max_pixels`` /            cap (lmms-eval's qwen2_5_vl defaults: 200,704 / 1,605,632 / 32)
-``max_num_frames``
+``min_pixels`` /            Qwen2.5-VL only: the image / video processors' pixel bounds, the video
+``max_pixels`` /            frame cap and sampling rate (lmms-eval's qwen2_5_vl defaults: 200,704 /
+``max_num_frames`` /        1,605,632 / 32 / none: frames by max_num_frames; ``tasks/video_requests.py``)
+``fps``
 ==========================  =====================================================================
 
 Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; read off lmms-eval
@@ -123,8 +124,9 @@ def _pmod_arg(pmod: Any):
                          f"got {pmod!r}") from None
 
 
-def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
-    """A DataError naming benchmark, task, split, row and the fix for an image that does not decode."""
+def _image_error(task: str, split: str, doc_id: int, exc: BaseException, what: str = "image"):
+    """A DataError naming benchmark, task, split, row and the fix for an image (``what``: or a video) that does not
+    decode."""
     from .benchmarks import benchmark_for_task
     from .data import DataError, ENV_VAR
 
@@ -133,7 +135,8 @@ def _image_error(task: str, split: str, doc_id: int, exc: BaseException):
     root = os.environ.get(ENV_VAR)
     where = f"The local copy under {root}" if root else "The cached hub copy"
     return DataError(
-        f"{name} ({task}, split '{split}', row {doc_id}): the image does not decode ({type(exc).__name__}: {exc}). "
+        f"{name} ({task}, split '{split}', row {doc_id}): the {what} does not decode ({type(exc).__name__}: "
+        f"{(str(exc).strip().splitlines() or [''])[0]}). "
         f"{where} is damaged: list every bad row with `pmod-bench data check {name} --decode`, then re-download the "
         "dataset snapshot (`hf download ORG/NAME --repo-type dataset --local-dir DIR`)."
     )
@@ -179,12 +182,12 @@ class PMoDLlava(lmms):
         **host_options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames"})
+        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames", "fps"})
         if unknown:
             raise ValueError(
                 f"pmod_llava: unknown model_args {', '.join(unknown)}. Known: pretrained, pmod, shift, schedule, "
                 "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
-                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames."
+                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames, fps."
             )
         try:
             self.batch_size_per_gpu = int(batch_size)
@@ -345,9 +348,10 @@ class PMoDLlava(lmms):
                 out.extend(v)
             elif v is not None:
                 out.append(v)
-        for v in out:
-            if not hasattr(v, "convert"):
-                raise TypeError(f"pmod_llava handles images only; task {task} gave a {type(v).__name__} (video/audio)")
+        for v in out:  # a video is its path (lmms-eval's video tasks); the host reads it (tasks/video_requests.py)
+            if not hasattr(v, "convert") and not (isinstance(v, str) and self.host.supports_video):
+                raise TypeError(f"pmod_llava handles images{' and videos' if self.host.supports_video else ''} on "
+                                f"{self.host.name} models; task {task} gave a {type(v).__name__} {str(v)[:80]!r}")
         return out
 
     def _warn_once(self, msg: str) -> None:
@@ -415,7 +419,12 @@ class PMoDLlava(lmms):
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
                 messages = _task_messages(doc_to_visual, self.task_dict[task][split][doc_id])
-                prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
+                try:
+                    prompt, shown = self.host.prompt(context, visuals, messages)  # shown: the images as the host prepares them
+                except Exception as exc:  # reading a video (tasks/video_requests.py): a damaged file, named with its row
+                    if not any(isinstance(v, str) for v in visuals):
+                        raise
+                    raise _image_error(task, split, doc_id, exc, what="video") from None
                 prompts.append(prompt)
                 images.append(shown)
             return self._generate_batch(prompts, images, batch[0][1])

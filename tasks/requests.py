@@ -55,6 +55,8 @@ class HostRequests:
     supports_loglikelihood: bool = False
     #: model_args only this host reads (``min_pixels`` ...)
     options: tuple[str, ...] = ()
+    #: whether a request may hold videos (a task's ``doc_to_visual`` giving video paths)
+    supports_video: bool = False
 
     def __init__(self, name: str, processor: Any, chat_template: Optional[str] = None,
                  max_new_tokens: Optional[int] = None, stop_at_until: bool = False,
@@ -216,8 +218,9 @@ class QwenChatRequests(HostRequests):
       first, then the prompt); no system message, so the chat template adds Qwen's default one;
     * the checkpoint's chat template (``processor.apply_chat_template``); images through qwen_vl_utils'
       ``process_vision_info`` (its own ``fetch_image`` resize first), then the processor built with
-      ``min_pixels`` 256*28*28 = 200,704 and ``max_pixels`` 1,605,632; ``max_num_frames`` 32 (videos, which no
-      benchmark here has, are refused); processor padding left at batch size > 1, right at 1;
+      ``min_pixels`` 256*28*28 = 200,704 and ``max_pixels`` 1,605,632; videos (the video suite) read as its chat class
+      reads them, ``max_num_frames`` 32 or ``fps`` (:mod:`.video_requests`); processor padding left at batch size > 1,
+      right at 1;
     * greedy unless the task sets ``temperature`` > 0 (``do_sample``, ``temperature``, ``top_p``, ``top_k``
       None otherwise), ``max_new_tokens`` 128 when the task sets none, ``eos_token_id`` the tokenizer's,
       ``use_cache``; ``until`` ignored (the chat class never cuts); decoded with ``skip_special_tokens`` and
@@ -230,25 +233,31 @@ class QwenChatRequests(HostRequests):
     default_max_new_tokens = 128
     gpu_dtype = "bfloat16"
     supports_loglikelihood = False
-    options = ("min_pixels", "max_pixels", "max_num_frames")
+    options = ("min_pixels", "max_pixels", "max_num_frames", "fps")
+    supports_video = True
 
     def __init__(self, name: str, processor: Any, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 max_num_frames: Optional[int] = None, **kwargs: Any) -> None:
+                 max_num_frames: Optional[int] = None, fps: Optional[float] = None, **kwargs: Any) -> None:
         import copy
 
         from transformers.image_utils import SizeDict
 
+        from .video_requests import video_processor_size
+
         self.min_pixels = int(min_pixels) if min_pixels not in (None, "") else QWEN_MIN_PIXELS
         self.max_pixels = int(max_pixels) if max_pixels not in (None, "") else QWEN_MAX_PIXELS
         self.max_num_frames = int(max_num_frames) if max_num_frames not in (None, "") else QWEN_MAX_NUM_FRAMES
+        self.fps = float(fps) if fps not in (None, "") else None  # lmms-eval's fps: None (frames by max_num_frames)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"pmod_llava: need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+        if self.max_num_frames < 1 or (self.fps is not None and not self.fps > 0):
+            raise ValueError(f"pmod_llava: need max_num_frames >= 1 and fps > 0, got {self.max_num_frames} and {self.fps}")
         # lmms-eval: AutoProcessor.from_pretrained(pretrained, max_pixels=..., min_pixels=...), which sets the image
         # processor's size {shortest_edge: min_pixels, longest_edge: max_pixels}; the same on a copy of ours
         processor = copy.copy(processor)
         processor.image_processor = copy.deepcopy(processor.image_processor)
         processor.image_processor.size = SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
-        super().__init__(name, processor, **kwargs)
+        super().__init__(name, video_processor_size(processor, self.min_pixels, self.max_pixels), **kwargs)
 
     def _resolve_template(self, name: str) -> Optional[str]:
         if name == "vicuna_v1":
@@ -257,7 +266,8 @@ class QwenChatRequests(HostRequests):
         return super()._resolve_template(name)
 
     def settings(self) -> dict:
-        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "max_num_frames": self.max_num_frames}
+        fps = {"fps": self.fps} if self.fps is not None else {}  # set only: image runs keep their identity
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "max_num_frames": self.max_num_frames, **fps}
 
     def box_space(self) -> BoxSpace:
         """Pixels of the image after qwen_vl_utils' ``fetch_image`` (its defaults: the chat class passes no pixel
@@ -275,28 +285,31 @@ class QwenChatRequests(HostRequests):
         from lmms_eval.api.task import ConfigurableMessagesTask
         from lmms_eval.protocol import ChatMessages
 
+        from .video_requests import chat_video_kwargs
+
         raw = task_messages() if task_messages is not None else None
         if raw is None:  # a task without lmms-eval's messages builder: its user turn, as ConfigurableMessagesTask builds it
             raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
         chat = ChatMessages(messages=raw)
         _, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise TypeError(f"pmod_llava ({self.name}) handles images only; the task gave video/audio")
-        video_kwargs = {"max_pixels": self.max_pixels, "min_pixels": self.min_pixels, "nframes": self.max_num_frames}
-        return chat.to_hf_messages(video_kwargs=video_kwargs)
+        if audios:
+            raise TypeError(f"pmod_llava ({self.name}) handles images and videos; the task gave audio")
+        return chat.to_hf_messages(video_kwargs=chat_video_kwargs(videos, self.min_pixels, self.max_pixels,
+                                                                  self.max_num_frames, self.fps))
 
     def prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
-        from qwen_vl_utils import process_vision_info  # what lmms-eval's qwen2_5_vl imports (optional_import)
+        """(prompt text, the images and videos as qwen-vl-utils read them: :func:`.video_requests.read_vision`)."""
+        from .video_requests import read_vision
 
         hf = self.messages(context, visuals, task_messages)
         text = self.processor.apply_chat_template([hf], chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=True)[0]
-        images, _, _ = process_vision_info([hf], return_video_kwargs=True, return_video_metadata=True)
-        return text, list(images or [])
+        return text, read_vision(hf)
 
     def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
-        flat = [im for ims in images for im in ims]
-        inputs = self.processor(text=list(prompts), images=flat or None, videos=None, video_metadata=None, padding=True,
+        from .video_requests import processor_media
+
+        inputs = self.processor(text=list(prompts), **processor_media(images), padding=True,
                                 padding_side="left" if batch_size > 1 else "right", return_tensors="pt")
         return inputs.to(device)
 

@@ -13,9 +13,12 @@ when it changes:
   ``position_ids`` = the text row only (or None). p-MoD keeps original positions, so a sparse layer
   only gathers those ``(cos, sin)`` rows (nothing about M-RoPE is re-derived);
 * prefill positions come from ``Qwen2_5_VLModel.get_rope_index`` (3 rows, from ``mm_token_type_ids``
-  and ``image_grid_thw``), decode positions from the cached ``rope_deltas`` (``text position +
-  rope_deltas``), both computed by HF outside the layers and valid with p-MoD's cache, whose
-  ``get_seq_length()`` is the full sequence length at every layer;
+  and ``image_grid_thw``; for a video ``video_grid_thw`` and ``second_per_grid_ts``: its temporal row steps
+  by ``tokens_per_second`` x the seconds a frame pair spans), decode positions from the cached ``rope_deltas``
+  (``text position + rope_deltas``), both computed by HF outside the layers and valid with p-MoD's cache, whose
+  ``get_seq_length()`` is the full sequence length at every layer. So a video is routed as an image is, its
+  ``<|video_pad|>`` tokens (``video_grid_thw.prod() / 4`` per clip) one target with the prompt's images
+  (``tests/test_video_model.py``: decode == recompute, clips of different lengths batch == alone, FLOPs);
 * a method that renumbers positions (PyramidDrop, SparseVLM) renumbers all three rows alike: the
   layer's RoPE is ``rotary_emb(x, position_ids - shift)`` on the (3, B, N) ids the text model received
   (read by a forward pre-hook on the text model, normalised as ``Qwen2_5_VLTextModel.forward`` does:

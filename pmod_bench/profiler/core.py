@@ -21,7 +21,7 @@ from .paper import is_paper_scenario
 from .scenario import PAPER_IMAGE_SIZE, PAPER_TEXT_TOKENS
 from .training import TrainRecipe, TrainRun, default_recipe, get_recipe, measured_train_cost, read_train_run
 from .variants import PMoD, Variant, default_variants, make_pmod_config, parse_variant
-from .video import Video
+from .video import Video, synthetic_video_batch
 
 #: LLMs above this many parameters are not timed on CPU unless asked (and then refused: too slow)
 CPU_LATENCY_MAX_PARAMS = 1_000_000_000
@@ -282,12 +282,16 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
     return out
 
 
-def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: Sequence[Variant]) -> tuple[bool, Optional[str]]:
+def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: Sequence[Variant],
+                  videos: bool = False) -> tuple[bool, Optional[str]]:
+    """(time the rows?, why not); ``videos``: every scenario is a video prompt (timed where the host builds video
+    batches, :attr:`.geometry.HostGeometry.videos_timed`)."""
     cuda = device.startswith("cuda")
     if latency in (False, "off", "no", "false"):
         return False, "not measured (--no-latency)"
     host = geometry_of(arch.family)
-    if host is not None and host.pending and latency in ("auto", True, "on", "yes", "true"):
+    pending = host is not None and host.pending and not (videos and host.videos_timed)
+    if pending and latency in ("auto", True, "on", "yes", "true"):
         if latency != "auto":
             raise ProfileError(f"timing {arch.name} needs the p-MoD {host.label} model, which comes with {host.pending}; "
                                "use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
@@ -356,11 +360,8 @@ def profile(
         raise ProfileError(f"{', '.join(methods)}: comparison methods are profiled on one image per prompt; drop --images "
                            f"{several[0]} (or profile the baseline and p-MoD variants with it).")
     videos = [sc.video for sc in scenarios if sc.video is not None]
-    if videos and latency in (True, "on", "yes", "true"):
-        raise ProfileError("video prompts are counted (FLOPs, KV cache, roofline), not timed: synthetic video batches come "
-                           "with the p-MoD video models; use --no-latency (or time image prompts).")
     dev = device or _default_device()
-    timed, latency_note = _want_latency(latency, a, dev, vs)
+    timed, latency_note = _want_latency(latency, a, dev, vs, videos=len(videos) == len(scenarios))
     hw: Optional[Hardware] = get_hardware(hardware) if hardware else None
     if timed:
         from .latency import device_name
@@ -448,7 +449,7 @@ def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[Profi
     for v in vs:
         s.note(f"{a.name} · {v.name} · {_images(sc)} · batch {sc.batch_size}", True)
         rows.append(_variant_row(s, sc, counts, v))
-    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable and sc.video is None]
+    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable]
     if to_time:
         _time_rows(s, sc, to_time)
     _latency_ratios(rows)
@@ -479,8 +480,6 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     # latency: measured by _time_rows, interleaved across the variants of this scenario
     if s.timed and not v.runnable:
         row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
-    if s.timed and sc.video is not None:
-        row.latency_note = "not measured: video prompts are counted, not timed (FLOPs, KV cache and roofline are)"
     return row
 
 
@@ -606,7 +605,12 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
 
     a, B = s.arch, sc.batch_size
     lat_dtype = s.dtype if s.device.startswith("cuda") else "float32"
-    batch = synthetic_batch(a, [Sample(sc.image_size, sc.text_tokens, sc.images)] * B, device=s.device, dtype=getattr(torch, lat_dtype))
+    if sc.video is not None:  # one clip a row: the video placeholders and the host's video pixels (profiler/video.py)
+        batch = synthetic_video_batch(a, vision_layout(a, sc.image_size, sc.images, sc.video), sc.text_tokens, B,
+                                      device=s.device, dtype=getattr(torch, lat_dtype))
+    else:
+        batch = synthetic_batch(a, [Sample(sc.image_size, sc.text_tokens, sc.images)] * B, device=s.device,
+                                dtype=getattr(torch, lat_dtype))
     for v, _ in to_time:
         if v.name not in s.models:
             s.note(f"{a.name} · {v.name}: building the model on {s.device_name}", False)

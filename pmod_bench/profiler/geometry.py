@@ -45,6 +45,9 @@ class HostGeometry:
     """the transformers class of its vanilla model (built on the meta device for counting)"""
     pending: Optional[str] = "its host adapter (pmod_bench/model/hosts), which pmod-bench does not have yet"
     """what brings its p-MoD model, which latency and comparison methods need (None: they run)"""
+    videos_timed: bool = False
+    """whether video prompts are timed on it although :attr:`pending` holds its image timing back (its p-MoD model runs
+    and :meth:`video_pixel_inputs` builds its video batches)"""
 
     def arch(self, name: str, cfg: Any):
         raise NotImplementedError
@@ -76,6 +79,12 @@ class HostGeometry:
         sample by sample) in ``input_ids`` (what latency timing feeds a random-weight model)."""
         raise ProfileError(f"{arch.name}: timing {self.label} needs its p-MoD model, which comes with {self.pending}; "
                            "use --no-latency (FLOPs, KV cache and --hardware roofline floors are counted).")
+
+    def video_pixel_inputs(self, arch: Any, layout: Any, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """The model inputs besides input_ids / attention_mask for random pixels of one video of ``layout`` in every row
+        of ``input_ids`` (what video latency timing feeds a random-weight model, :func:`.video.synthetic_video_batch`)."""
+        raise ProfileError(f"{arch.name}: {self.label} has no video inputs; video prompts are timed on Qwen2.5-VL and "
+                           "LLaVA-OneVision.")
 
     def with_pixels(self, arch: Any, min_pixels: Any, max_pixels: Any) -> Any:
         """``arch`` with its processor's pixel range changed; only hosts that resize to a pixel budget have one."""

@@ -62,6 +62,7 @@ class OneVisionHost(HostGeometry):
     family = ONEVISION_FAMILY
     label = "LLaVA-OneVision"
     model_class = "LlavaOnevisionForConditionalGeneration"
+    videos_timed = True  # one tile a frame (video_pixel_inputs); image prompts (anyres tiles) are not timed yet
 
     def arch(self, name: str, cfg: Any) -> Arch:
         """A Qwen2 decoder (GQA, q/k/v biases) over a SigLIP tower read in full, anyres tiles on the config's pinpoints."""
@@ -121,6 +122,14 @@ class OneVisionHost(HostGeometry):
         return VisionLayout(image_size=tuple(frame_size), tiles=frames, projector_tokens=frames * v.features_per_tile,
                             vision_tokens=frames * pooled[0] * pooled[1] + 1, tile_size=v.image_size, frames=frames,
                             frames_read=frames, pooled=pooled)
+
+    def video_pixel_inputs(self, arch: Arch, layout: VisionLayout, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """OneVision's video processor layout, one clip a row: ``pixel_values_videos`` (B, frames, C, tile, tile)."""
+        import torch
+
+        v, B = arch.vision, input_ids.shape[0]
+        shape = (B, layout.frames, v.channels, v.image_size, v.image_size)
+        return {"pixel_values_videos": torch.randn(shape, generator=generator).to(dtype)}
 
 
 def _pooled(arch: Arch) -> tuple[int, int]:

@@ -321,6 +321,21 @@ class QwenHost(HostGeometry):
         mm = (input_ids == arch.image_token_id).long()
         return {"pixel_values": pixels, "image_grid_thw": thw, "mm_token_type_ids": mm}
 
+    def video_pixel_inputs(self, arch: Any, layout: Any, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """Qwen's video processor layout, one clip a row: ``pixel_values_videos`` (``temporal x rows x cols`` patches of
+        C x 2 frames x patch x patch each), ``video_grid_thw`` [pairs, rows, cols], ``second_per_grid_ts`` (2 frames
+        read at qwen-vl-utils' 2 fps: 1 s a pair) and ``mm_token_type_ids`` (2 on the video tokens: M-RoPE)."""
+        import torch
+
+        from .video import QWEN_FPS
+
+        v, (h, w), B = arch.vision, layout.patches, input_ids.shape[0]
+        per_patch = v.channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.randn((B * layout.temporal * h * w, per_patch), generator=generator).to(dtype)
+        return {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[layout.temporal, h, w]] * B),
+                "second_per_grid_ts": torch.full((B,), v.temporal_patch_size / QWEN_FPS),
+                "mm_token_type_ids": 2 * (input_ids == arch.config.video_token_id).long()}
+
     def tied_embeddings(self, cfg: Any) -> bool:
         return bool(getattr(cfg, "tie_word_embeddings", False))  # at the top level (3B)
 

@@ -104,10 +104,39 @@ def qwen_frames(video: Video) -> tuple[int, int]:
     return read, lmms_eval_frames(read, video.max_frames)
 
 
+def synthetic_video_batch(arch, layout, text_tokens: int, batch_size: int, device: str = "cpu", dtype=None,
+                          seed: int = 0) -> dict:
+    """Model inputs of ``batch_size`` prompts, each one video of ``layout`` (:meth:`.geometry.HostGeometry.video_layout`)
+    amid ``text_tokens`` random text tokens (two thirds before it, as :func:`.models.synthetic_batch` places images):
+    its ``layout.vision_tokens`` video placeholders (``video_token_id``) and the host's random video pixels
+    (:meth:`~.geometry.HostGeometry.video_pixel_inputs`). What ``profile --frames N --latency`` times; the model checks
+    that the placeholders match the features it computes, so a wrong count fails loudly. Random text holds no vision
+    token id; every row has the same length (no padding)."""
+    import torch
+
+    from .geometry import geometry_of
+    from .models import _VISION_ID_FIELDS
+
+    own = geometry_of(arch.family)
+    if own is None:
+        raise ProfileError(f"{arch.name}: video prompts are timed on Qwen2.5-VL and LLaVA-OneVision.")
+    g = torch.Generator().manual_seed(seed)
+    cfg = arch.config
+    reserved = torch.tensor(sorted({int(getattr(cfg, f)) for f in _VISION_ID_FIELDS if getattr(cfg, f, None) is not None}))
+    text = torch.randint(3, arch.text.vocab, (batch_size, text_tokens), generator=g)
+    text = torch.where(torch.isin(text, reserved), torch.full_like(text, 3), text)
+    pre = (2 * text_tokens) // 3
+    video = torch.full((batch_size, layout.vision_tokens), int(cfg.video_token_id), dtype=torch.long)
+    ids = torch.cat([text[:, :pre], video, text[:, pre:]], dim=1)  # (B, T + V)
+    pixels = own.video_pixel_inputs(arch, layout, ids, g, dtype or torch.float32)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    return {k: t.to(device) for k, t in batch.items()}
+
+
 def onevision_frames(video: Video) -> int:
     """Frames LLaVA-OneVision sees of ``video``: N for ``--frames N``; lmms-eval's ``max_frames_num`` for any clip."""
     return video.frames if video.frames is not None else video.max_frames
 
 
 __all__ = ["Video", "QWEN_FPS", "LMMS_EVAL_MAX_FRAMES", "CLIP_FPS", "MAX_FRAMES", "MAX_DURATION_S", "lmms_eval_frames",
-           "qwen_frames", "onevision_frames"]
+           "qwen_frames", "onevision_frames", "synthetic_video_batch"]
