@@ -46,6 +46,11 @@ class HostGeometry:
     pending: Optional[str] = "its host adapter (pmod_bench/model/hosts), which pmod-bench does not have yet"
     """what brings its p-MoD model, which latency and comparison methods need (None: they run)"""
 
+    @property
+    def methods_pending(self) -> Optional[str]:
+        """what brings the comparison methods' accounting on this family (None: they run); by default :attr:`pending`"""
+        return self.pending
+
     def arch(self, name: str, cfg: Any):
         raise NotImplementedError
 
