@@ -392,3 +392,33 @@ def test_downsample_match_on_qwen_7b():
     assert "--match-tolerance" in str(err.value) and "\n" not in str(err.value)
     loose = solve("downsample", arch, (672, 672), match="p-MoD-0.5", tolerance=0.015)
     assert loose.config.budget()["grid_h"] * loose.config.budget()["grid_w"] == 17 * 18
+
+
+@pytest.mark.slow
+def test_cli_eval_visionzip_at_matched_flops_batch_1_equals_4(tmp_path, tmp_path_factory):
+    """`pmod-bench eval --model tiny-qwen2.5-vl:vanilla --method visionzip:keep=... --match p-MoD-0.5` through lmms-eval
+    on two fixture benchmarks: the solved budget is recorded, and the answers are the same at batch size 1 and 4."""
+    pytest.importorskip("lmms_eval")
+    from conftest import benchmark_data_env, lmms_eval_responses
+
+    from pmod_bench.cli import main
+
+    env = benchmark_data_env(tmp_path_factory, ["POPE", "RWQA"])
+    next(env)
+    answers = {}
+    try:
+        for bs in (1, 4):
+            run = tmp_path / f"b{bs}"
+            assert main(["eval", "--model", "tiny-qwen2.5-vl:vanilla", "--suite", "POPE,RWQA", "--output", str(run),
+                         "--limit", "4", "--batch-size", str(bs), "--method", "visionzip:keep=0.5,dominant=54,contextual=10",
+                         "--match", "p-MoD-0.5", "--gen-kwargs", "max_new_tokens=4", "--threads", "1"]) == 0
+            answers[bs] = lmms_eval_responses(run)
+    finally:
+        next(env, None)
+    assert len(answers[1]) == 9 and answers[1] == answers[4]  # POPE: 3 splits x 2 documents; RWQA: 3
+    import json
+
+    meta = json.loads((tmp_path / "b4" / "run.json").read_text())
+    mm = meta["eval"]["method_match"]
+    assert mm["rel_err"] <= 0.01 and mm["method"]["method"] == "visionzip" and mm["solved"]["keep"] < 1
+    assert meta["model_info"]["method"] == mm["method"]  # the model ran with the solved budget
