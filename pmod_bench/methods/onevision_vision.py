@@ -14,8 +14,8 @@ pooling is the video path's only; the methods act on images.) Per method:
   tokens.
 * ``visionzip`` ranks a tile's patches by the attention they *receive* in the layer that produced the feature
   OneVision reads (``vision_feature_layer`` -1: the last layer's attention, eager), averaged over heads and summed
-  over the queries: the rule VisionZip's authors give for towers without [CLS] (Yang et al., CVPR 2025, arXiv
-  2412.04467) and what ModelTC/LightCompress@9701d035b0aac5df97a2ebaadb30bcf0707616f5 (``visionzip.py``,
+  over the queries (summing or averaging over the queries ranks alike): the rule VisionZip's authors give for towers
+  without [CLS] (Yang et al., CVPR 2025, arXiv 2412.04467: the attention a token receives from all tokens) and what ModelTC/LightCompress@9701d035b0aac5df97a2ebaadb30bcf0707616f5 (``visionzip.py``,
   ``merger_hook``) computes for Qwen2.5-VL's [CLS]-less tower. Neither the official repository (3151f6d: CLIP only)
   nor LightCompress (its OneVision model has no VisionZip path) adapts it to SigLIP; this follows that published
   rule. The ``dominant`` patches of highest score are kept, the other patches merge into ``contextual`` targets by
