@@ -422,3 +422,17 @@ def test_cli_eval_visionzip_at_matched_flops_batch_1_equals_4(tmp_path, tmp_path
     mm = meta["eval"]["method_match"]
     assert mm["rel_err"] <= 0.01 and mm["method"]["method"] == "visionzip" and mm["solved"]["keep"] < 1
     assert meta["model_info"]["method"] == mm["method"]  # the model ran with the solved budget
+
+
+def test_a_bound_method_keeps_its_fraction_on_another_image():
+    """A method bound at 1344x1008 (1,728 tokens) keeps its 936 there and the same fraction of the training recipe's
+    sample (576 tokens: 312), so its training-cost row is below the baseline's like p-MoD's (it was priced at 936)."""
+    from pmod_bench.methods.variant import method_variant
+    from pmod_bench.profiler.arch import load_arch
+
+    arch = load_arch("qwen2.5-vl-7b")
+    L = arch.text.layers
+    v = method_variant("downsample:grid_h=26,grid_w=36").bind(arch, (1344, 1008), 58)
+    assert v.kept_vision_tokens(L, 1728) == [936] * L and v.kept_vision_tokens(L, 576) == [312] * L
+    fastv = method_variant("fastv:k=2,keep=0.5").bind(arch, (1344, 1008), 58)
+    assert fastv.kept_vision_tokens(L, 576) == [576, 576] + [288] * (L - 2)
