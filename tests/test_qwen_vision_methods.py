@@ -314,39 +314,26 @@ def test_downsample_sizes_follow_smart_resize():
 
 
 def test_downsample_is_the_model_on_the_smaller_image(vanilla, batch):
-    """downsample:keep=0.4 == the model without a method on the resized images (M-RoPE from the new grid): logits
-    and greedy tokens; cached decode == recompute; the batch == each sample alone; keep=1 is the model itself."""
+    """downsample:keep=0.4 == the model without a method on the resized images (M-RoPE from the new grid): greedy
+    tokens and every step's logits; cached decode == a recompute without cache; the batch == each sample alone."""
     spec = "downsample:keep=0.4"
     small = _regridded(vanilla, batch, spec)
     assert small["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ref = vanilla(**small).logits
-        ref_gen = vanilla.generate(**small, max_new_tokens=4, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-        apply_method(vanilla, "downsample:keep=1.0")
-        try:
-            same = vanilla(**batch).logits
-        finally:
-            apply_method(vanilla, None)
-        whole = vanilla(**batch).logits
+        ref = vanilla.generate(**small, **kw)
+        full = vanilla(**QWEN.full_inputs(small, ref.sequences), use_cache=False).logits
         apply_method(vanilla, spec)
         try:
-            got = vanilla(**batch).logits
-            gen = vanilla.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-            alone = [vanilla.generate(**_sample(batch, i), max_new_tokens=4, do_sample=False, output_logits=True,
-                                      return_dict_in_generate=True) for i in range(2)]
+            gen = vanilla.generate(**batch, **kw)
+            alone = [vanilla.generate(**_sample(batch, i), **kw) for i in range(2)]
         finally:
             apply_method(vanilla, None)
-    real = batch["attention_mask"].bool()
-    assert (same - whole)[real].abs().max() < 1e-4
-    m = small["attention_mask"].bool()
-    assert got.shape == ref.shape and (got - ref)[m].abs().max() < 1e-4
-    n = batch["input_ids"].shape[1]
-    assert torch.equal(gen.sequences[:, n:], ref_gen.sequences[:, small["input_ids"].shape[1]:])
-    full = vanilla(**QWEN.full_inputs(small, ref_gen.sequences), use_cache=False).logits
+    n, m = batch["input_ids"].shape[1], small["input_ids"].shape[1]
+    assert torch.equal(gen.sequences[:, n:], ref.sequences[:, m:])
     for t, step in enumerate(gen.logits):
-        assert (step - full[:, full.shape[1] - 5 + t]).abs().max() < 1e-4, t
+        assert (step - ref.logits[t]).abs().max() < 1e-4, t
+        assert (step - full[:, full.shape[1] - 4 + t]).abs().max() < 1e-4, t
         for i in range(2):
             assert (step[i] - alone[i].logits[t][0]).abs().max() < 1e-4, i
 
