@@ -152,7 +152,8 @@ def test_video_tokens_are_vision_tokens(vanilla):
 
 
 def test_vision_stage_methods_refuse_in_one_line(vanilla):
-    check_vision_stage_methods_refuse(vanilla, "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration")
+    check_vision_stage_methods_refuse(vanilla, "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration",
+                                      ported=("random", "visionzip", "downsample"))
 
 
 def test_contract_checks_fail_loudly(vanilla, monkeypatch):

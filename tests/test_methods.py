@@ -59,7 +59,8 @@ def test_spec_parser_types_and_overrides():
     assert parse_method_spec("fastervlm", tokens=29).tokens == 29
     assert parse_method_spec("prumerge:ratio=none").ratio is None
     assert parse_method_spec({"method": "random", "keep": 0.5}).keep == 0.5
-    assert method_dict("downsample:grid_h=2,grid_w=3") == {"method": "downsample", "keep": 0.25, "grid_h": 2, "grid_w": 3}
+    assert method_dict("downsample:grid_h=2,grid_w=3") == {"method": "downsample", "keep": 0.25, "grid_h": 2, "grid_w": 3,
+                                                           "max_pixels": None}
     assert method_dict(None) is None
 
 

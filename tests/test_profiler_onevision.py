@@ -244,7 +244,7 @@ def test_cli_verified_run_writes_rows(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--images", "0"], "--images must be a whole number in 1..64"),
     (["--arch", "llava-next-7b", "--images", "2", "--method", "fastv"], "one image per prompt; drop --images 2"),
-    (["--method", "fastv"], "comparison methods on LLaVA-OneVision come with its host adapter"),
+    (["--method", "fastervlm"], "LLaVA-OneVision's tower has no [CLS] token"),
     (["--latency"], "--no-latency"),
     (["--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
     (["--arch", "llava-onevision-7bb"], "Did you mean 'llava-onevision-7b'"),

@@ -203,7 +203,8 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--min-pixels", "0"], "--min-pixels must be a whole number of pixels >= 1"),
     (["--min-pixels", "2000000"], "min <= max"),
     (["--arch", "llava-next-7b", "--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
-    (["--method", "downsample"], "vision-stage methods come with the next issue"),
+    (["--method", "illava"], "vision-stage methods come with the next issue"),
+    (["--method", "downsample:grid_h=2,grid_w=2,max_pixels=5000"], "not both"),
     (["--method", "visionzip"], "visionzip on Qwen2.5-VL needs keep="),
     (["--method", "fastervlm"], "Qwen2.5-VL's tower has no [CLS] token"),
     (["--method", "prumerge"], "Qwen2.5-VL's tower has no [CLS] token"),
@@ -235,7 +236,7 @@ def test_in_llm_methods_match_pmod_05_on_7b(qwen7b):
     assert fastv.llm_extra == 2 * (58 + 576) * 3584  # the last token's attention row at layer 1 (28 heads x 128)
     assert fastv.layer_vision_tokens == tuple([576, 576] + [288] * 26)
     with pytest.raises(MethodError, match="vision-stage methods come with the next issue"):
-        solve("downsample", qwen7b, (672, 672), match="p-MoD-0.5")
+        solve("illava", qwen7b, (672, 672), match="p-MoD-0.5")
 
 
 @pytest.mark.parametrize("spec, rel", [("fastv:k=2,keep=0.5", 0), ("random_llm:k=2,keep=0.5", 0),

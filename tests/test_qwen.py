@@ -90,7 +90,7 @@ def test_mrope_positions_are_the_ones_hf_uses(vanilla):
 
 def test_vision_stage_methods_refuse_in_one_line(vanilla):
     check_vision_stage_methods_refuse(vanilla, "come with the next issue", "Qwen2_5_VLForConditionalGeneration",
-                                      ported=("random", "visionzip"))
+                                      ported=("random", "visionzip", "downsample"))
 
 
 def test_in_llm_methods_on_several_images_and_on_pmod(vanilla):

@@ -19,8 +19,10 @@ when it changes:
 * every decoder layer is full attention (``text_config.layer_types``; the hub configs set
   ``use_sliding_window`` False): p-MoD's cache keeps whole rows per layer.
 
-The vision-stage comparison methods do not run on OneVision yet (its tiles are pooled by the aspect-ratio
-rule after the tower; the methods' tile arithmetic is LLaVA-NeXT's); they refuse in one line.
+The vision-stage comparison methods (random, visionzip, downsample: :mod:`pmod_bench.methods.onevision_vision`) read
+the tiles of each image as ``get_image_features`` does (:meth:`LlavaOnevisionHost.split_tiles`) and count an image's
+LLM positions at any per-tile grid by ``pack_image_features``' rule (:func:`packed_map`); FasterVLM and PruMerge
+refuse (no [CLS]).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from ..compat import cache_argument, contract_error
 from ..hf_config import PMoDConfigMixin
 from ..routed import PMoDModelMixin, SparseModelMixin, routed_forward
-from . import HOSTS, HostAdapter
+from . import HOSTS, HostAdapter, HostError
 
 
 @strict
@@ -70,6 +72,22 @@ class PMoDLlavaOnevisionForConditionalGeneration(PMoDModelMixin, LlavaOnevisionF
         self._install_pmod_layers()
 
 
+def packed_map(config, image_size, gh: int, gw: int) -> tuple[int, int]:
+    """(rows, cols) of one tiled image's packed feature map at ``gh x gw`` features per tile, newlines not counted:
+    ``LlavaOnevisionModel.pack_image_features``' rule (the stitched tile grid unpadded by transformers'
+    ``unpad_image``, then shrunk to ``int(h // r) x int(w // r)`` when ``r = sqrt(h·w / (N·gh·gw)) > 1.1``, ``N`` of
+    ``anyres_max_N``; at the full grid ``gh·gw`` is HF's ``height**2``). ``image_size`` is (height, width)."""
+    import math
+
+    import torch
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    rows, cols = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+    h, w = unpad_image(torch.empty(0, rows * gh, cols * gw), list(image_size)).shape[1:]
+    ratio = math.sqrt(h * w / (int(config.vision_aspect_ratio.strip("anyres_max_")) * gh * gw))
+    return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (int(h), int(w))
+
+
 @HOSTS.register("llava_onevision", "pmod_llava_onevision")
 class LlavaOnevisionHost(HostAdapter):
     """LLaVA-OneVision (module docstring)."""
@@ -82,7 +100,7 @@ class LlavaOnevisionHost(HostAdapter):
     pmod_class = PMoDLlavaOnevisionForConditionalGeneration
     pmod_config_class = PMoDLlavaOnevisionConfig
     anyres = True
-    vision_stage_methods = False
+    vision_stage_methods = frozenset({"random", "visionzip", "downsample"})  # methods/onevision_vision.py
     cls_token = False
 
     def vision_mask(self, config, input_ids):
@@ -125,7 +143,31 @@ class LlavaOnevisionHost(HostAdapter):
         v, t = config.vision_config, config.text_config
         return dict(patches_per_side=v.image_size // v.patch_size, vision_layers=v.num_hidden_layers,
                     feature_layer=config.vision_feature_layer, text_layers=t.num_hidden_layers, anyres=True,
-                    drop_cls=config.vision_feature_select_strategy == "default")
+                    drop_cls=config.vision_feature_select_strategy == "default", cls_token=False)
+
+    def image_tokens(self, config, image_size, gh: Optional[int] = None, gw: Optional[int] = None) -> int:
+        """One image alone in its prompt (anyres tiles): the base tile's ``gh·gw`` features + the packed map of the
+        grid with a newline per row (:func:`packed_map`); default: the tile's full patch grid, the processor's count."""
+        g = config.vision_config.image_size // config.vision_config.patch_size
+        gh, gw = gh or g, gw or g
+        rows, cols = packed_map(config, image_size, gh, gw)
+        return gh * gw + rows * (cols + 1)
+
+    def split_tiles(self, config, pixel_values, image_sizes) -> list:
+        """(B, max_tiles, C, H, W) (or the tiles concatenated, 4-D) -> [(tiles_i, C, H, W)], as
+        ``LlavaOnevisionModel.get_image_features`` takes them for one image per prompt (``image_size_to_num_patches``)."""
+        import torch
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        if image_sizes is None:
+            raise HostError("LLaVA-OneVision inputs need image_sizes (the processor returns them with pixel_values).")
+        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
+                                            patch_size=config.vision_config.image_size) for s in image_sizes]
+        if pixel_values.dim() == 5:
+            return [pv[:n] for pv, n in zip(pixel_values, counts)]
+        if pixel_values.dim() == 4:
+            return list(torch.split(pixel_values, counts, dim=0))
+        raise HostError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
 
     def routing_grid(self, config, inputs, num_vision: int) -> Optional[list[int]]:
         """[side, side]: a prompt's first image opens with its base tile's features, row-major (strategy "full"; with
@@ -142,5 +184,5 @@ class LlavaOnevisionHost(HostAdapter):
         return PAPER_IMAGE_SIZE
 
 
-__all__ = ["LlavaOnevisionHost", "PMoDLlavaOnevisionConfig", "PMoDLlavaOnevisionForConditionalGeneration",
+__all__ = ["LlavaOnevisionHost", "packed_map", "PMoDLlavaOnevisionConfig", "PMoDLlavaOnevisionForConditionalGeneration",
            "RoutedLlavaOnevisionForConditionalGeneration"]

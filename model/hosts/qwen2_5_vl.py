@@ -120,7 +120,7 @@ class Qwen2_5_VLHost(HostAdapter):
     pmod_class = PMoDQwen2_5_VLForConditionalGeneration
     pmod_config_class = PMoDQwen2_5_VLConfig
     position_rows = 3
-    vision_stage_methods = frozenset({"random", "visionzip"})  # methods/qwen_vision.py
+    vision_stage_methods = frozenset({"random", "visionzip", "downsample"})  # methods/qwen_vision.py
     cls_token = False
 
     def vision_mask(self, config, input_ids):

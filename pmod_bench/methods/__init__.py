@@ -4,7 +4,7 @@
 
     from pmod_bench.methods import parse_method_spec, apply_method
     cfg = parse_method_spec("visionzip:dominant=54,contextual=10")
-    model = apply_method(model, cfg)            # a supported HF model (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL), vanilla or p-MoD
+    model = apply_method(model, cfg)            # a supported HF model (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, LLaVA-OneVision), vanilla or p-MoD
     out = model.generate(**inputs)              # the method runs inside forward / generate
 
 Registered (``stage`` = where the method acts): ``visionzip``, ``fastervlm``, ``prumerge``,

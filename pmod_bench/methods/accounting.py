@@ -170,7 +170,7 @@ def solve(method: Union[str, dict, MethodConfig], arch, image_size: tuple[int, i
     best: Optional[tuple[float, MethodConfig, float]] = None
     values = []
     scored = []
-    for cand in cfg.candidates(geometry):
+    for cand in cfg.candidates_at(geometry, arch, image_size):
         val = _value(method_flops(cand, arch, image_size, text_tokens, logits_tokens, video), metric, convention)
         values.append(val)
         err = abs(val - target) / target

@@ -139,6 +139,9 @@ class AppliedMethod:
         if has_video(model, input_ids, kwargs):
             return video_method_inputs(self.config, self.geometry, model, input_ids, kwargs, attention_mask, labels)
         if _host(model).position_rows != 3:
+            from .onevision_vision import check_one_image_per_prompt
+
+            check_one_image_per_prompt(kwargs.pop("batch_num_images", None))
             return self.method_inputs(model, input_ids, pixel_values, kwargs.pop("image_sizes", None), attention_mask, labels)
         kwargs.pop("mm_token_type_ids", None)
         return self._merged_inputs(model, input_ids, pixel_values, kwargs.pop("image_grid_thw", None), attention_mask, labels)
@@ -148,6 +151,14 @@ class AppliedMethod:
 
         if grid is None:
             raise MethodError("Qwen2.5-VL: pixel_values need the processor's image_grid_thw (pass the processor's output).")
+        sizes = self.config.merged_resize(model, grid)
+        if sizes is not None:  # downsample: the images resized, each image-token run re-counted, positions from the new grid
+            from .qwen_vision import regrid_prompt, resample_images
+
+            pixel_values, grid = resample_images(model, pixel_values, grid, sizes)
+            unit = model.config.vision_config.spatial_merge_size ** 2
+            input_ids, attention_mask, labels = regrid_prompt(input_ids, attention_mask, labels, model.config.image_token_id,
+                                                              [int(g) // unit for g in grid.prod(-1).tolist()])
         images = self.config.compress_merged(model, self.geometry, pixel_values, grid)
         return qwen_method_inputs(model, images, input_ids, grid, attention_mask, labels)
 

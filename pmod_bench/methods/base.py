@@ -165,6 +165,11 @@ class MethodConfig:
         """Every setting of this method's budget (its other options unchanged), for the equal-compute solver."""
         raise MethodError(f"{self.name} has no token budget to solve for.")
 
+    def candidates_at(self, geometry: ModelGeometry, arch: Any, image_size: tuple[int, int]) -> list["MethodConfig"]:
+        """The solver's settings for one image of ``image_size`` (width, height) on ``arch``: :meth:`candidates`, unless
+        a method's budget depends on the image (Qwen2.5-VL's downsampling to a merged grid)."""
+        return self.candidates(geometry)
+
     def budget(self) -> dict[str, Any]:
         """The hyperparameters the solver varies, as solved (recorded in the run)."""
         return {}
@@ -181,6 +186,11 @@ class MethodConfig:
         """Vision-side methods on Qwen2.5-VL: the batch's images -> one CompressedImage per image, ``selection[0]`` the
         kept merged-token indices in raster order (see qwen_vision.py)."""
         raise MethodError(f"{self.name} has no Qwen2.5-VL port.")
+
+    def merged_resize(self, model, image_grid_thw: Any) -> Optional[list]:
+        """Qwen2.5-VL: the (height, width) in pixels each image of the batch is resized to before the tower (the
+        downsampling baseline), or None: the images as given."""
+        return None
 
     def merged_tokens(self, V: int) -> int:
         """Qwen2.5-VL: the merged tokens the LLM gets of an image of ``V`` (the analytic FLOPs, ``--match``)."""

@@ -64,9 +64,9 @@ def method_account(cfg, arch, image_size: tuple[int, int]) -> tuple[ModelGeometr
 
 
 def tower_flops(arch, tokens: int, tiles: int) -> int:
-    """CLIP tower over ``tiles`` tiles of ``tokens`` tokens (patches + [CLS]): patch conv + every layer."""
+    """CLIP / SigLIP tower over ``tiles`` tiles of ``tokens`` tokens (patches, + [CLS] on CLIP): patch conv + every layer."""
     v = arch.vision
-    conv = 2 * v.channels * v.patch_size ** 2 * v.hidden * (tokens - 1)
+    conv = 2 * v.channels * v.patch_size ** 2 * v.hidden * (tokens - (v.seq_len - v.patches))  # patches ([CLS] or not)
     per_layer = 2 * tokens * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate) + 4 * tokens * tokens * v.hidden
     return tiles * (conv + v.layers * per_layer)
 
@@ -105,6 +105,29 @@ def _merged_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: in
                        baseline_vision_tokens=layout.vision_tokens)
 
 
+def resized_merged_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1) -> MethodFlops:
+    """Qwen2.5-VL, downsampling: the profiler's processed image (``smart_resize`` within its pixel range) resized by
+    ``cfg.merged_size``; the tower + merger on that grid (the profiler's own count of a grid) and the LLM on its merged
+    tokens."""
+    import dataclasses
+
+    from pmod_bench.profiler.arch import vision_layout
+    from pmod_bench.profiler.flops import llm_prefill_flops, paper_prefill_flops, vision_flops
+    from pmod_bench.profiler.qwen import QwenGrid, merged_tokens
+
+    layout = vision_layout(arch, image_size)
+    rw, rh = layout.resized
+    h, w = cfg.merged_size(rh, rw)
+    grid = QwenGrid(resized=(w, h), patches=(h // arch.vision.patch_size, w // arch.vision.patch_size))
+    V = merged_tokens(arch.vision, grid) * layout.images
+    small = dataclasses.replace(layout, resized=grid.resized, patches=grid.patches, vision_tokens=V, projector_tokens=V)
+    vis, t = vision_flops(arch, small), arch.text
+    return MethodFlops(vision_encoder=vis.encoder, projector=vis.projector, method_extra=0,
+                       llm_prefill=llm_prefill_flops(t, text_tokens, V, [V] * t.layers, (), logits_tokens).total("full"),
+                       llm_prefill_paper=paper_prefill_flops(t, text_tokens, V, [V] * t.layers), llm_vision_tokens=V,
+                       baseline_vision_tokens=layout.vision_tokens, note=f"image resized to {w}x{h} px")
+
+
 def llm_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, logits_tokens: int = 1):
     """:class:`MethodFlops` of one sample under an in-LLM method: the baseline's vision side, the LLM with
     ``cfg.layer_vision_tokens`` vision tokens per layer, plus the method's own products (``cfg.extra_flops``)."""
@@ -125,4 +148,4 @@ def llm_method_flops(cfg, arch, image_size: tuple[int, int], text_tokens: int, l
                        note=f"in-LLM method: its own products ({extra / 1e12:.4f} TFLOPs) are counted in llm_prefill")
 
 
-__all__ = ["MethodFlops", "method_account", "tower_flops", "vision_method_flops", "llm_method_flops"]
+__all__ = ["MethodFlops", "method_account", "tower_flops", "vision_method_flops", "resized_merged_flops", "llm_method_flops"]

@@ -30,10 +30,17 @@ class ModelGeometry:
     merge: int = 0
     """Qwen2.5-VL: the patch merger's side (2: one LLM token per 2x2 patches; the token count depends on the image);
     0: LLaVA's fixed tiles."""
+    cls_token: bool = True
+    """The tower's sequence opens with a [CLS] token (CLIP); False: patches only (SigLIP, LLaVA-OneVision)."""
 
     @property
     def patches(self) -> int:
         return self.patches_per_side ** 2
+
+    @property
+    def cls(self) -> int:
+        """[CLS] tokens in front of a tile's patches inside the tower (1 or 0)."""
+        return int(self.cls_token)
 
     @property
     def feature_index(self) -> int:

@@ -236,8 +236,9 @@ class IlLaVAConfig(LLMMethodConfig):
 
         from .flops import MethodFlops
 
-        geometry = ModelGeometry.from_config(arch.config)
-        self.check_model(geometry)
+        from .geometry import checked_geometry
+
+        geometry = checked_geometry(self, arch.config)  # the family first: Qwen2.5-VL / OneVision refuse in one line
         layout = vision_layout(arch, image_size)
         v, t = arch.vision, arch.text
         D, M = v.hidden, v.intermediate

@@ -175,4 +175,91 @@ def visionzip_merged(feats: torch.Tensor, scores: torch.Tensor, keys: torch.Tens
         keep[rest[targets]] = True
     idx = keep.nonzero()[:, 0]
     return idx, out[idx]
-__all__ = ["image_features", "qwen_method_inputs", "window_reverse", "last_block_scores", "visionzip_merged"]
+
+
+# ------------------------------------------------------------------------------------------ downsampling
+def unpatchify(visual, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """One image's ``pixel_values`` rows (gh*gw, C*T*p*p) -> its normalised pixels (C, gh*p, gw*p): the inverse of the
+    processor's ``patchify`` (rows in merged-group order (gh/m, gw/m, m, m), each (C, T, p, p) with the T frames of an
+    image equal; frame 0 is read)."""
+    m, p, T = visual.spatial_merge_size, visual.patch_size, visual.config.temporal_patch_size
+    gh, gw = grid
+    x = patches.view(gh // m, gw // m, m, m, -1, T, p, p)[:, :, :, :, :, 0]      # (gh/m, gw/m, m, m, C, p, p)
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(x.shape[4], gh * p, gw * p)
+
+
+def patchify(visual, image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) normalised pixels, H and W multiples of ``merge·patch`` -> (gh*gw, C*T*p*p) rows in the processor's
+    layout (:func:`unpatchify`'s inverse; the image repeated over the T frames, as the processor does)."""
+    m, p, T = visual.spatial_merge_size, visual.patch_size, visual.config.temporal_patch_size
+    C, H, W = image.shape
+    gh, gw = H // p, W // p
+    x = image.reshape(C, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)   # (gh/m, gw/m, m, m, C, p, p)
+    x = x.unsqueeze(5).expand(*x.shape[:5], T, p, p)
+    return x.reshape(gh * gw, C * T * p * p)
+
+
+def resample_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, sizes: list[tuple[int, int]]):
+    """Every image of a batch at a new (height, width) in pixels (multiples of 28; ``None``: kept): bicubic,
+    antialiased, on the normalised pixels (resizing is linear, so it equals resizing before normalisation up to the
+    processor's 8-bit clipping). -> (pixel_values, image_grid_thw) as the processor would give for those sizes."""
+    import torch.nn.functional as F
+
+    visual = model.model.visual
+    p = visual.patch_size
+    rows, grids, start = [], [], 0
+    for thw, size in zip(image_grid_thw.tolist(), sizes):
+        t, gh, gw = thw
+        n = t * gh * gw
+        chunk = pixel_values[start:start + n]
+        start += n
+        if t != 1:
+            raise MethodError("downsample on Qwen2.5-VL resizes images; image_grid_thw with a temporal size above 1 is a "
+                              "video (pixel_values_videos), which the vision-stage methods do not take.")
+        if size is None or tuple(size) == (gh * p, gw * p):
+            rows.append(chunk)
+            grids.append([1, gh, gw])
+            continue
+        img = unpatchify(visual, chunk, (gh, gw)).float()[None]
+        img = F.interpolate(img, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)[0]
+        rows.append(patchify(visual, img.to(chunk.dtype)))
+        grids.append([1, size[0] // p, size[1] // p])
+    return torch.cat(rows, 0), torch.tensor(grids, dtype=image_grid_thw.dtype, device=image_grid_thw.device)
+
+
+def regrid_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                  token: int, counts: list[int]):
+    """The prompts with image ``k``'s run of ``<|image_pad|>`` tokens resized to ``counts[k]`` (the processor's
+    expansion at the new grid), left-padded again -> (input_ids, attention_mask, labels)."""
+    B = input_ids.shape[0]
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    seqs, labs, k = [], [], 0
+    for b in range(B):
+        ids = input_ids[b][mask[b]]
+        lab = None if labels is None else labels[b][mask[b]]
+        keep, pieces, lpieces, pos = [], [], [], 0
+        for start, end in _runs(ids == token):
+            if k >= len(counts):
+                raise MethodError(f"sample {b} has more image-token runs than the batch has images ({len(counts)}).")
+            pieces += [ids[pos:start], ids.new_full((counts[k],), token)]
+            if lab is not None:
+                lpieces += [lab[pos:start], lab.new_full((counts[k],), IGNORE_INDEX)]
+            pos, k = end, k + 1
+        seqs.append(torch.cat(pieces + [ids[pos:]]))
+        if lab is not None:
+            labs.append(torch.cat(lpieces + [lab[pos:]]))
+    if k != len(counts):
+        raise MethodError(f"{len(counts)} images were given but the prompts hold {k} image-token runs.")
+    L = max(s.shape[0] for s in seqs)
+    ids_out = input_ids.new_zeros(B, L)
+    am = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
+    lb = None if labels is None else labels.new_full((B, L), IGNORE_INDEX)
+    for b, s in enumerate(seqs):
+        ids_out[b, L - s.shape[0]:], am[b, L - s.shape[0]:] = s, 1
+        if lb is not None:
+            lb[b, L - s.shape[0]:] = labs[b]
+    return ids_out, am, lb
+
+
+__all__ = ["image_features", "qwen_method_inputs", "window_reverse", "last_block_scores", "visionzip_merged", "unpatchify",
+           "patchify", "resample_images", "regrid_prompt"]

@@ -11,6 +11,9 @@ and every run is reproducible. The pattern is random over positions, fixed acros
 
 Qwen2.5-VL (no tiles, no [CLS]): the subset is drawn over each image's merged 2x2 tokens (the merger's output, raster
 order) with ``seed``, and the LLM gets the kept ones at their full-grid M-RoPE positions (:mod:`.qwen_vision`).
+
+LLaVA-OneVision (SigLIP, no [CLS]): the same per-tile subsets over every patch of a tile, laid out as on LLaVA-NeXT (base
+tile's kept tokens, then the grid's row by row; no newline: :mod:`.onevision_vision`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class RandomPruneConfig(MethodConfig):
             return  # Qwen2.5-VL: the image's merged tokens (image-dependent); tokens above them keep them all
         if self.tokens is not None and self.tokens > geometry.patches:
             raise MethodError(f"random: tokens must be in [1, {geometry.patches}] (the patches of a tile), got {self.tokens}.")
-        if not geometry.drop_cls:
+        if geometry.cls_token and not geometry.drop_cls:
             raise MethodError("random prunes patch features (vision_feature_select_strategy 'default'); this model keeps [CLS].")
 
     def per_tile(self, geometry: ModelGeometry) -> int:
@@ -63,7 +66,8 @@ class RandomPruneConfig(MethodConfig):
         if geometry.merge:
             raise MethodError("random: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens).")
         k = self.per_tile(geometry)
-        return VisionAccount(llm_tokens=tiles * k, tower_tokens=geometry.patches + 1, tower_tiles=tiles, projector_tokens=tiles * k)
+        return VisionAccount(llm_tokens=tiles * k, tower_tokens=geometry.patches + geometry.cls, tower_tiles=tiles,
+                             projector_tokens=tiles * k)
 
     def subset(self, tile: int, patches: int, k: int) -> torch.Tensor:
         """The kept patch indices of tile ``tile`` (sorted)."""
@@ -93,7 +97,7 @@ class RandomPruneConfig(MethodConfig):
                 masks[j, self.subset(t, P, k)] = True
                 j += 1
         masks = masks.to(out.hidden.device)
-        patches = out.hidden[:, 1:]                                          # (T, P, D)
+        patches = out.hidden[:, geometry.cls:]                               # (T, P, D) (SigLIP: no [CLS] to skip)
         kept = patches[masks].view(-1, k, patches.shape[-1])                 # (T, k, D) in token order
         proj = project(model, kept)                                          # (T, k, d): kept tokens only
         feats = proj.new_zeros(masks.shape[0], P, proj.shape[-1])

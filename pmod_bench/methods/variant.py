@@ -62,9 +62,13 @@ class MethodVariant(Variant):
         if self._bound is None:  # validation before binding (resolve_variants): nothing to check by layer count
             return [vision_tokens] * num_layers
         flops = self._bound[1]
-        if flops.layer_vision_tokens:  # in-LLM methods: each layer keeps its own count
-            return list(flops.layer_vision_tokens)
-        return [self._bound[0]] * num_layers
+        # in-LLM methods: each layer keeps its own count; vision-stage methods: the LLM gets the kept tokens throughout
+        kept = list(flops.layer_vision_tokens) if flops.layer_vision_tokens else [self._bound[0]] * num_layers
+        base = flops.baseline_vision_tokens
+        if vision_tokens == base:
+            return kept
+        # another image than the bound one (the training recipe's sample): the same fraction of its vision tokens
+        return [min(vision_tokens, round(k * vision_tokens / base)) for k in kept]
 
     def layer_ratios(self, num_layers: int) -> list[float]:
         if self._bound is None:

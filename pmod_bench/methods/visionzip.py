@@ -35,6 +35,11 @@ output; a contextual token sits at its target's place, so the kept tokens are in
 M-RoPE position. Budget: ``keep`` (LightCompress: dominant and contextual as fractions of the image's tokens), split in
 the ``dominant : contextual`` proportion. The official repository (3151f6d) has no Qwen path.
 
+LLaVA-OneVision (SigLIP, no [CLS]; :mod:`.onevision_vision`): per tile, the ``dominant`` patches that receive the most
+attention in the layer OneVision reads (averaged over heads, summed over queries: the authors' rule for towers without
+[CLS], as LightCompress's Qwen port), the others merged into ``contextual`` targets as above; ``dominant`` counts
+patches only. Laid out as the official LLaVA-NeXT code (base tile, then the grid's kept tokens row by row; no newline).
+
 Defaults: ``dominant=191, contextual=30`` (``visionzip(model, dominant=191, contextual=30)``, the
 function's defaults; the README's example uses 54 / 10, i.e. 64 tokens per tile).
 """
@@ -62,7 +67,7 @@ class VisionZipConfig(MethodConfig):
     needs_attentions: ClassVar[bool] = True
 
     dominant: int = param(191, low=1)
-    """Dominant tokens per tile, the [CLS] token included (the official `dominant` argument)."""
+    """Dominant tokens per tile, the [CLS] token included (the official `dominant` argument; OneVision: patches)."""
     contextual: int = param(30, low=0)
     """Contextual tokens per tile: merges of the remaining tokens by key similarity."""
     keep: Optional[float] = param(None, low=0.0, high=1.0, low_open=True)
@@ -77,17 +82,18 @@ class VisionZipConfig(MethodConfig):
         if self.keep is not None:
             raise MethodError("visionzip: keep= is the budget on Qwen2.5-VL; on this model give dominant= and contextual= "
                               "(tokens per tile).")
-        n = geometry.patches + 1
+        n = geometry.patches + geometry.cls
         if self.dominant + self.contextual > n:
-            raise MethodError(f"visionzip: dominant + contextual must be in [1, {n}] (the {geometry.patches} patches + [CLS] "
-                              f"of a tile), got {self.dominant} + {self.contextual}.")
+            what = f"the {geometry.patches} patches + [CLS]" if geometry.cls else f"the {geometry.patches} patches"
+            raise MethodError(f"visionzip: dominant + contextual must be in [1, {n}] ({what} of a tile), got "
+                              f"{self.dominant} + {self.contextual}.")
         if geometry.feature_index == 0:
             raise MethodError("visionzip needs vision_feature_layer to be a layer output (LLaVA: -2), not the embeddings.")
 
     def candidates(self, geometry: ModelGeometry) -> list["VisionZipConfig"]:
         if geometry.merge:  # Qwen2.5-VL: keep in steps of 1/1000 (the image's token count is the profiler's)
             return [self.replace(keep=i / 1000) for i in range(1, 1001)]
-        return [self.replace(**split_tokens(n)) for n in range(1, geometry.patches + 2)]
+        return [self.replace(**split_tokens(n)) for n in range(1, geometry.patches + geometry.cls + 1)]
 
     def budget(self) -> dict[str, Any]:
         if self.keep is not None:
@@ -114,7 +120,7 @@ class VisionZipConfig(MethodConfig):
         if geometry.merge:
             raise MethodError("visionzip: account() counts LLaVA tiles; Qwen2.5-VL is counted per image (merged_tokens, "
                               "merged_extra).")
-        n, c = geometry.patches + 1, self.contextual
+        n, c = geometry.patches + geometry.cls, self.contextual
         R = n - self.dominant
         hd = config.vision_config.hidden_size // config.vision_config.num_attention_heads
         D = config.vision_config.hidden_size
@@ -146,6 +152,10 @@ class VisionZipConfig(MethodConfig):
 
     def compress(self, model, geometry: ModelGeometry, tiles: list[torch.Tensor], sizes: list[Any]) -> list[CompressedImage]:
         self.check_model(geometry)
+        if not geometry.cls_token:  # LLaVA-OneVision (SigLIP): received attention, onevision_vision.py
+            from .onevision_vision import visionzip_onevision
+
+            return visionzip_onevision(self, model, geometry, tiles, sizes)
         h = geometry.feature_index
         pixels = torch.cat(tiles, 0)
         out = run_tower(model, geometry, pixels, attentions=True, capture={"k": ("k_proj", h - 1)})

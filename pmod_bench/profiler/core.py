@@ -272,8 +272,8 @@ def resolve_variants(arch: Arch, variants: Optional[Sequence[Union[Variant, str]
         v.kept_vision_tokens(arch.text.layers, 1)
     methods = [v.name for v in out if v.is_method]
     host = geometry_of(arch.family)
-    if host is not None and host.pending and methods and not video:
-        raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.pending}; "
+    if host is not None and host.methods_pending and methods and not video:
+        raise ProfileError(f"{', '.join(methods)}: comparison methods on {host.label} come with {host.methods_pending}; "
                            f"profile the baseline and p-MoD variants of {arch.name} for now.")
     names = [v.name for v in out]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -49,6 +49,11 @@ class HostGeometry:
     """whether video prompts are timed on it although :attr:`pending` holds its image timing back (its p-MoD model runs
     and :meth:`video_pixel_inputs` builds its video batches)"""
 
+    @property
+    def methods_pending(self) -> Optional[str]:
+        """what brings the comparison methods' accounting on this family (None: they run); by default :attr:`pending`"""
+        return self.pending
+
     def arch(self, name: str, cfg: Any):
         raise NotImplementedError
 

@@ -63,6 +63,7 @@ class OneVisionHost(HostGeometry):
     label = "LLaVA-OneVision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     videos_timed = True  # one tile a frame (video_pixel_inputs); image prompts (anyres tiles) are not timed yet
+    methods_pending = None  # the comparison methods' accounting runs (pmod_bench/methods); timing still waits on pending
 
     def arch(self, name: str, cfg: Any) -> Arch:
         """A Qwen2 decoder (GQA, q/k/v biases) over a SigLIP tower read in full, anyres tiles on the config's pinpoints."""
