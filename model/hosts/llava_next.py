@@ -57,6 +57,23 @@ def unpadded_grid(config, image_size, gh: int, gw: int) -> tuple[int, int]:
     return tuple(unpad_image(torch.empty(0, rows * gh, cols * gw), list(image_size)).shape[1:])
 
 
+def split_anyres_tiles(config, pixel_values, image_sizes, label: str, num_patches) -> list:
+    """(B, max_tiles, C, H, W) (or the tiles concatenated, 4-D) -> [(tiles_i, C, H, W)], each image's tiles as the
+    anyres models (LLaVA-NeXT, LLaVA-OneVision) count them: ``num_patches`` is the family's own HF
+    ``image_size_to_num_patches``."""
+    import torch
+
+    if image_sizes is None:
+        raise HostError(f"{label} inputs need image_sizes (the processor returns them with pixel_values).")
+    counts = [num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
+                          patch_size=config.vision_config.image_size) for s in image_sizes]
+    if pixel_values.dim() == 5:
+        return [pv[:n] for pv, n in zip(pixel_values, counts)]
+    if pixel_values.dim() == 4:
+        return list(torch.split(pixel_values, counts, dim=0))
+    raise HostError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
+
+
 @HOSTS.register("llava_next", "pmod_llava_next")
 class LlavaNextHost(LlavaHost):
     """LLaVA-NeXT (module docstring)."""
@@ -86,18 +103,9 @@ class LlavaNextHost(LlavaHost):
     def split_tiles(self, config, pixel_values, image_sizes) -> list:
         """(B, max_tiles, C, H, W) (or the tiles concatenated, 4-D) -> [(tiles_i, C, H, W)], as
         ``LlavaNextModel.get_image_features`` takes them (``image_size_to_num_patches``)."""
-        import torch
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        if image_sizes is None:
-            raise HostError("LLaVA-NeXT inputs need image_sizes (the processor returns them with pixel_values).")
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
-                                            patch_size=config.vision_config.image_size) for s in image_sizes]
-        if pixel_values.dim() == 5:
-            return [pv[:n] for pv, n in zip(pixel_values, counts)]
-        if pixel_values.dim() == 4:
-            return list(torch.split(pixel_values, counts, dim=0))
-        raise HostError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
+        return split_anyres_tiles(config, pixel_values, image_sizes, "LLaVA-NeXT", image_size_to_num_patches)
 
     def paper_image_size(self, config) -> tuple[int, int]:
         """The paper's 672x672 on LLaVA-NeXT-7B: 2x2 grid tiles (5 tower tiles, 2,928 vision tokens)."""

@@ -156,18 +156,11 @@ class LlavaOnevisionHost(HostAdapter):
     def split_tiles(self, config, pixel_values, image_sizes) -> list:
         """(B, max_tiles, C, H, W) (or the tiles concatenated, 4-D) -> [(tiles_i, C, H, W)], as
         ``LlavaOnevisionModel.get_image_features`` takes them for one image per prompt (``image_size_to_num_patches``)."""
-        import torch
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        if image_sizes is None:
-            raise HostError("LLaVA-OneVision inputs need image_sizes (the processor returns them with pixel_values).")
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
-                                            patch_size=config.vision_config.image_size) for s in image_sizes]
-        if pixel_values.dim() == 5:
-            return [pv[:n] for pv, n in zip(pixel_values, counts)]
-        if pixel_values.dim() == 4:
-            return list(torch.split(pixel_values, counts, dim=0))
-        raise HostError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
+        from .llava_next import split_anyres_tiles
+
+        return split_anyres_tiles(config, pixel_values, image_sizes, "LLaVA-OneVision", image_size_to_num_patches)
 
     def routing_grid(self, config, inputs, num_vision: int) -> Optional[list[int]]:
         """[side, side]: a prompt's first image opens with its base tile's features, row-major (strategy "full"; with
