@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 pytest.importorskip("lmms_eval")
-pytest.importorskip("decord")
+#: the tests that read a clip (the ``video`` extra); the flags, refusals and image size need none
+needs_decord = pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason="decord (pip install -e '.[video]')")
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
@@ -171,6 +173,7 @@ def _recorded(onevision, hub_dir, monkeypatch, batch_size: int, chat: bool = Fal
 
 
 @pytest.mark.slow
+@needs_decord
 def test_video_requests_equal_lmms_evals_llava_hf(data_root, onevision, hub_dir, monkeypatch):
     """Batch size 1: every video task's request equals lmms-eval's ``llava_hf`` (simple class) request."""
     ref, ours, pairs, gen = _recorded(onevision, hub_dir, monkeypatch, batch_size=1)
@@ -192,6 +195,7 @@ def test_video_requests_equal_lmms_evals_llava_hf(data_root, onevision, hub_dir,
 
 
 @pytest.mark.slow
+@needs_decord
 def test_processor_template_video_requests_equal_lmms_evals_llava_hf_chat(data_root, onevision, hub_dir, monkeypatch):
     """chat_template=processor: the chat class's prompt (the task's messages through the checkpoint's template,
     ``<video>\n`` before the text) and, given the frames ``pmod_llava`` reads (:class:`FramesForPaths`), the same
@@ -210,6 +214,7 @@ def test_processor_template_video_requests_equal_lmms_evals_llava_hf_chat(data_r
 
 
 @pytest.mark.slow
+@needs_decord
 def test_batched_video_requests_equal_lmms_evals(data_root, onevision, hub_dir, monkeypatch):
     """Batch size 4 (left padding, clips of different sizes and lengths stacked): each row's ids and frames' pixels are
     those of lmms-eval's batch-1 request."""
@@ -230,6 +235,7 @@ def test_batched_video_requests_equal_lmms_evals(data_root, onevision, hub_dir, 
 
 
 @pytest.mark.slow  # importing lmms-eval's llava_hf module takes seconds
+@needs_decord
 def test_uniform_frames_are_llava_hfs_load_video(clip):
     """lmms-eval's own ``load_video`` (path or [path]) against ours: the same frames; a 7-frame clip at 32 gives 32
     frames, the indices floored (duplicates kept), so every clip of a batch has max_frames_num frames."""
@@ -246,6 +252,7 @@ def test_uniform_frames_are_llava_hfs_load_video(clip):
     assert np.array_equal(uniform_frames(clip, 4).frames, LlavaHf.load_video(None, clip, 4))
 
 
+@needs_decord
 def test_frame_budgets_reach_the_request(onevision, clip):
     """OneVision's max_frames_num (or its Qwen spelling max_num_frames, what --max-num-frames passes) is the frame
     count of the built request (frames read, pixel_values_videos, <video> tokens); Qwen2.5-VL's max_num_frames and fps
@@ -357,6 +364,7 @@ def test_match_on_tiny_onevision_solves_a_real_budget():
 
 
 @pytest.mark.slow
+@needs_decord
 def test_video_suite_answers_equal_at_batch_1_and_4(data_root, tmp_path):
     """The video suite (1 document a task) through lmms-eval with the tiny p-MoD OneVision (random routers): the same
     answers at batch size 1 and 4 (clips of different sizes stacked, a folder-of-frames task among them), every
