@@ -215,10 +215,10 @@ class EvalConfig:
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise ValueError(f"--attn {self.attn_implementation!r} is unknown; use sdpa, eager or flash_attention_2")
         template = str(self.chat_template)
-        if self.chat_template is not None and template not in ("vicuna_v1", "processor") and "{%" not in template \
+        if self.chat_template is not None and template not in ("vicuna_v1", "qwen_1_5", "processor") and "{%" not in template \
                 and "{{" not in template and not Path(template).expanduser().is_file():
-            raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor "
-                             "(the checkpoint's own) or a .jinja file")
+            raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor (the "
+                             "checkpoint's own), qwen_1_5 (LLaVA-OneVision's published runs) or a .jinja file")
         if self.device:
             import torch
 

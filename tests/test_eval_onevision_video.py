@@ -335,6 +335,17 @@ def test_frame_budgets_are_part_of_the_run_identity(tmp_path):
         check_identity(run, EvalConfig(**base, max_num_frames=8))
 
 
+def test_cli_takes_onevisions_own_template_name(tmp_path):
+    """``--chat-template qwen_1_5`` (the OneVision host's default, named in --help) passes the CLI's check; a name that
+    is neither a template nor a file is refused naming the choices."""
+    from pmod_bench.tasks.runner import EvalConfig
+
+    base = dict(model="tiny-llava-onevision", suite="video", output=str(tmp_path / "r"))
+    assert EvalConfig(**base, chat_template="qwen_1_5").identity()["chat_template"] == "qwen_1_5"
+    with pytest.raises(ValueError, match="qwen_1_5 \\(LLaVA-OneVision's published runs\\)"):
+        EvalConfig(**base, chat_template="qwen_15")
+
+
 def test_paper_image_size_is_the_tiles_own_2x2_grid():
     """OneVision's --match image: 672x672 on the checkpoints' 384 px tiles, two tiles a side on the tiny preset's 32 px
     ones; both a 2x2 grid plus the base tile (672 px on 32 px tiles is a 21x21 grid)."""
