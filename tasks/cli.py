@@ -4,6 +4,7 @@ Only argparse is imported at module level (``pmod-bench --help`` stays instant);
 and datasets load inside the handlers.
 
     pmod-bench eval --model DIR --suite table1 --output runs/next7b [--limit N] [--batch-size B] [--shift 0.3]
+    pmod-bench eval --model DIR --suite video --output runs/v [--max-num-frames N] [--fps F (Qwen2.5-VL)]
     pmod-bench eval --list                 # suites, benchmarks, tasks and metrics
     pmod-bench eval --tasks-dir            # the --include_path for `python -m lmms_eval`
     pmod-bench data check [SUITE] [--root DIR] [--decode]
@@ -62,6 +63,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gen-kwargs", default=None, help=doc.get("gen_kwargs") + " Keys: max_new_tokens, temperature, "
                    "top_p, num_beams, do_sample, until.")
     p.add_argument("--stop-at-until", action="store_true", help=doc.get("stop_at_until"))
+    p.add_argument("--max-num-frames", type=int, default=None, metavar="N", help=doc.get("max_num_frames"))
+    p.add_argument("--fps", type=float, default=None, metavar="F", help=doc.get("fps"))
     p.add_argument("--data", default=None, metavar="DIR", help="local data root (sets PMOD_BENCH_DATA for this run)")
     p.add_argument("--label", default=None, help="free text stored in run.json")
     p.add_argument("--introspect", nargs="?", const="demo", default=None, metavar="IMAGE",
@@ -172,7 +175,8 @@ def _eval_configs(args, command: str) -> list:
                 pmod=args.pmod, shift=args.shift, schedule=args.schedule, ratios=args.ratios,
                 allow_untrained_routers=args.allow_untrained_routers, dtype=args.dtype, device=args.device,
                 attn_implementation=args.attn_implementation, chat_template=args.chat_template, gen_kwargs=args.gen_kwargs,
-                stop_at_until=args.stop_at_until, label=args.label, introspect=args.introspect, command=command,
+                stop_at_until=args.stop_at_until, max_num_frames=args.max_num_frames, fps=args.fps, label=args.label,
+                introspect=args.introspect, command=command,
                 method=spec, match=args.match, match_tflops=args.match_tflops, match_kv=args.match_kv,
                 match_image_size=args.match_image_size, match_convention=args.match_convention,
                 match_tolerance=args.match_tolerance,

@@ -34,10 +34,12 @@ lmms-eval's ``qwen2_5_vl`` (chat class) requests, LLaVA-OneVision models ``llava
 ``max_new_tokens``          default when a task sets none (the host's: LLaVA 1024, Qwen2.5-VL 128,
                             OneVision 1024)
 ``stop_at_until``           cut answers at the task's ``until`` strings (default false, see below)
-``min_pixels`` /            Qwen2.5-VL only: the image / video processors' pixel bounds, the video
+``min_pixels`` /            Qwen2.5-VL: the image / video processors' pixel bounds, the video
 ``max_pixels`` /            frame cap and sampling rate (lmms-eval's qwen2_5_vl defaults: 200,704 /
 ``max_num_frames`` /        1,605,632 / 32 / none: frames by max_num_frames; ``tasks/video_requests.py``)
 ``fps``
+``max_frames_num``          LLaVA-OneVision: frames read of each video, spread uniformly (lmms-eval's
+                            llava_hf: 32); ``max_num_frames`` is accepted as the same setting
 ==========================  =====================================================================
 
 Fidelity with the paper's runs (``--model llava``, ``conv_template=vicuna_v1``; read off lmms-eval
@@ -182,12 +184,13 @@ class PMoDLlava(lmms):
         **host_options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames", "fps"})
+        unknown = sorted(set(host_options) - {"min_pixels", "max_pixels", "max_num_frames", "max_frames_num", "fps"})
         if unknown:
             raise ValueError(
                 f"pmod_llava: unknown model_args {', '.join(unknown)}. Known: pretrained, pmod, shift, schedule, "
                 "ratios, allow_untrained_routers, dtype, device, attn_implementation, batch_size, chat_template, "
-                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames, fps."
+                "response_cache, max_new_tokens, stop_at_until, method, min_pixels, max_pixels, max_num_frames, "
+                "max_frames_num, fps."
             )
         try:
             self.batch_size_per_gpu = int(batch_size)

@@ -328,6 +328,9 @@ class QwenChatRequests(HostRequests):
         return self.processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+#: lmms-eval 0.7.3's ``max_frames_num`` default (``llava_hf`` and ``llava_onevision``): frames read of each video
+ONEVISION_MAX_FRAMES_NUM = 32
+
 #: LLaVA-NeXT's ``conv_templates["qwen_1_5"]`` (``conv_qwen``: ChatML separators, Qwen's default system turn;
 #: ``llava/conversation.py`` at LLaVA-VL/LLaVA-NeXT@b0eb49300f0a80723424e2c5cbb1bc54a9e5c3a0, the last commit that
 #: touched it, current at df179663) as a chat template: ``Conversation.get_prompt`` (``SeparatorStyle.CHATML``) writes
@@ -367,11 +370,29 @@ class OnevisionRequests(HostRequests):
       ``use_cache``; ``until`` ignored (both classes drop it); decoded with ``skip_special_tokens``, not stripped
       (``llava_onevision`` strips; lmms-eval's answer parsing strips too); float16 on a GPU (the checkpoints' dtype
       and the original's);
-    * boxes: normalised ``[x1, y1, x2, y2]``, read by lmms-eval's parser (:class:`.grounding.NormalisedBoxes`).
+    * boxes: normalised ``[x1, y1, x2, y2]``, read by lmms-eval's parser (:class:`.grounding.NormalisedBoxes`);
+    * videos (the video suite; a task's ``doc_to_visual`` gives the clip's path): ``llava_hf``'s simple class writes
+      ``" ".join(["<video>"] * n) + "\n" + context`` (nothing added when the context holds ``<image>``) into the same
+      user turn, reads the request's first clip with decord at ``max_frames_num`` (32) frames spread uniformly
+      (:func:`.video_requests.uniform_frames`) and calls ``processor(videos=[frames], text=...)``. ``llava_onevision``
+      reads the clip the same way (same ``load_video``, same 32 frames) but writes ``<image>`` (the original code
+      pools a video's features by its ``modalities``, HF by the ``<video>`` token: 2x2 bilinear pooling per frame and
+      one newline after the last frame in both), preprocesses the frames with its SigLIP image processor instead of
+      HF's video processor, and answers a clip that does not decode from the text alone (``llava_hf`` answers "");
+      here a clip that does not decode fails its benchmark naming the row. With ``chat_template=processor`` the prompt
+      is the chat class's (the processor's template: ``<video>\n`` before the text) and the frames are still read as
+      above: the chat class hands the clip's *path* to HF's processor, whose OneVision video processor
+      (``do_sample_frames`` False) decodes *every* frame with torchcodec (a Video-MME clip: tens of thousands), and
+      which cannot decode at all without torchcodec; beside it the class passes ``images=[]``, which transformers 5's
+      OneVision image processor fails on, so that class runs no video request on this stack
+      (``tests/test_eval_onevision_video.py`` compares the rest of its request). One video per request (``llava_hf``
+      reads only the first).
+      ``max_frames_num`` (model_arg; ``max_num_frames``, the Qwen2.5-VL name that ``pmod-bench eval --max-num-frames``
+      passes, is the same setting) changes the count; ``fps`` is refused (both lmms-eval classes sample by count).
 
     Both ``llava_hf`` classes run batch size 1 only; here a batch is left-padded and each request's ids, pixels and
-    image sizes equal its batch-1 request (``tests/test_eval_onevision.py``). Videos are refused (no benchmark of the
-    suite has one); so is ``loglikelihood``, which no benchmark of the suite needs.
+    image sizes equal its batch-1 request (``tests/test_eval_onevision.py``, ``tests/test_eval_onevision_video.py``).
+    ``loglikelihood`` is refused: no benchmark of the suite needs it.
     """
 
     reference = ("llava_hf (lmms_eval/models/simple/llava_hf.py; its chat class with chat_template=processor), prompting as "
@@ -380,10 +401,28 @@ class OnevisionRequests(HostRequests):
     default_max_new_tokens = 1024
     gpu_dtype = "float16"
     supports_loglikelihood = False
+    options = ("max_frames_num", "max_num_frames")
+    supports_video = True
 
-    def __init__(self, name: str, processor: Any, **kwargs: Any) -> None:
+    def __init__(self, name: str, processor: Any, max_frames_num: Optional[int] = None,
+                 max_num_frames: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(name, processor, **kwargs)
         self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.video_token = getattr(processor, "video_token", None) or "<video>"
+        given = {int(v) for v in (max_frames_num, max_num_frames) if v not in (None, "")}
+        if len(given) > 1:
+            raise ValueError(f"pmod_llava: max_frames_num={max_frames_num} and max_num_frames={max_num_frames} name the "
+                             "same setting (frames read of each video); give one")
+        self.max_frames_num = given.pop() if given else ONEVISION_MAX_FRAMES_NUM
+        if self.max_frames_num < 1:
+            raise ValueError(f"pmod_llava: max_frames_num (frames read of each video) must be >= 1, got {self.max_frames_num}")
+
+    def settings(self) -> dict:
+        """``max_frames_num`` when not lmms-eval's 32 (an image run's identity, and its saved answers, unchanged)."""
+        return {} if self.max_frames_num == ONEVISION_MAX_FRAMES_NUM else {"max_frames_num": self.max_frames_num}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "max_frames_num": self.max_frames_num}
 
     def _resolve_template(self, name: str) -> Optional[str]:
         if name == "qwen_1_5":
@@ -397,13 +436,27 @@ class OnevisionRequests(HostRequests):
         return "qwen_1_5, processor, a .jinja file or a template"
 
     def prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
+        """(prompt text, the images and videos for the processor: PIL images, or one :class:`.video_requests.VideoFrames`)."""
         if self.template_name == "processor":
             return self._chat_prompt(context, visuals, task_messages)
-        if visuals and self.image_token not in context:
-            context = " ".join([self.image_token] * len(visuals)) + "\n" + context
+        videos = [v for v in visuals if isinstance(v, str)]
+        if visuals and self.image_token not in context:  # llava_hf tests for <image> alone, for videos too
+            token = self.video_token if videos else self.image_token
+            context = " ".join([token] * len(visuals)) + "\n" + context
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": context}], chat_template=self.template,
                                                   tokenize=False, add_generation_prompt=True)
-        return text, visuals
+        return text, self._read_videos(visuals, videos)
+
+    def _read_videos(self, visuals: list, videos: list) -> list:
+        """The visuals with the request's video read (:func:`.video_requests.uniform_frames`); one video, nothing else."""
+        if not videos:
+            return list(visuals)
+        if len(visuals) != 1:
+            raise TypeError(f"pmod_llava ({self.name}) reads one video per request, as lmms-eval's llava_hf (which reads "
+                            f"only the first); the task gave {len(videos)} video(s) and {len(visuals) - len(videos)} image(s)")
+        from .video_requests import uniform_frames
+
+        return [uniform_frames(videos[0], self.max_frames_num)]
 
     def _chat_prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
         """``llava_hf``'s chat class: the task's messages (``ChatMessages``) through the processor's chat template."""
@@ -415,15 +468,21 @@ class OnevisionRequests(HostRequests):
             raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
         chat = ChatMessages(messages=raw)
         images, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise TypeError(f"pmod_llava ({self.name}) handles images only; the task gave video/audio")
+        if audios:
+            raise TypeError(f"pmod_llava ({self.name}) handles images and videos; the task gave audio")
         text = self.processor.apply_chat_template(chat.model_dump()["messages"], tokenize=False, add_generation_prompt=True)
-        return text, list(images)
+        return text, self._read_videos(list(images) + list(videos), list(videos))
 
     def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
-        """The processor on the batch's prompts and all their images (a flat list, as ``llava_hf``), floats in ``dtype``."""
+        """The processor on the batch's prompts, all their images (a flat list, as ``llava_hf``) and their videos' frames
+        (each ``max_frames_num`` frames: they stack), floats in ``dtype``."""
+        from .video_requests import VideoFrames
+
         flat = [im for ims in images for im in ims]
-        inputs = self.processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
+        stills = [im for im in flat if not isinstance(im, VideoFrames)]
+        clips = [v.frames for v in flat if isinstance(v, VideoFrames)]
+        media = {"images": stills or None, **({"videos": clips} if clips else {})}
+        inputs = self.processor(text=list(prompts), **media, return_tensors="pt", padding=True)
         return inputs.to(device, dtype)
 
     def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
@@ -488,5 +547,5 @@ def source_model_type(source: str) -> Optional[str]:
         return None
 
 
-__all__ = ["REQUESTS", "HostRequests", "LlavaRequests", "OnevisionRequests", "QWEN_1_5_TEMPLATE", "QWEN_MAX_NUM_FRAMES",
+__all__ = ["REQUESTS", "HostRequests", "LlavaRequests", "ONEVISION_MAX_FRAMES_NUM", "OnevisionRequests", "QWEN_1_5_TEMPLATE", "QWEN_MAX_NUM_FRAMES",
            "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS", "QwenChatRequests", "requests_for", "requests_of_type", "source_model_type"]

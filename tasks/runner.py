@@ -161,6 +161,13 @@ class EvalConfig:
     stop_at_until: bool = False
     """Cut answers at the tasks' ``until`` stop strings. Off by default, as lmms-eval's ``llava`` model (the
     paper's runs) generates to EOS / max_new_tokens and ignores ``until``; part of the identity."""
+    max_num_frames: Optional[int] = None
+    """Frames read of each video (the video suite): Qwen2.5-VL's ``max_num_frames`` (at most N, as lmms-eval's chat
+    qwen2_5_vl), LLaVA-OneVision's ``max_frames_num`` (exactly N spread uniformly, as lmms-eval's llava_hf); None:
+    lmms-eval's 32. Part of the identity when set."""
+    fps: Optional[float] = None
+    """Qwen2.5-VL only: read each video at F frames a second (qwen-vl-utils) instead of by frame count; refused on
+    LLaVA-OneVision, whose lmms-eval classes sample by count only. Part of the identity when set."""
     label: Optional[str] = None
     command: Optional[str] = None
     introspect: Optional[str] = None
@@ -204,13 +211,14 @@ class EvalConfig:
             raise ValueError(f"--shift must be a shift factor delta in (0, 1.5] (the paper's: 0.3, 0.4, 0.5), got {self.shift!r}")
         parse_ratios(self.ratios)
         parse_gen_kwargs(self.gen_kwargs)
+        self._check_frame_budget()
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise ValueError(f"--attn {self.attn_implementation!r} is unknown; use sdpa, eager or flash_attention_2")
         template = str(self.chat_template)
-        if self.chat_template is not None and template not in ("vicuna_v1", "processor") and "{%" not in template \
+        if self.chat_template is not None and template not in ("vicuna_v1", "qwen_1_5", "processor") and "{%" not in template \
                 and "{{" not in template and not Path(template).expanduser().is_file():
-            raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor "
-                             "(the checkpoint's own) or a .jinja file")
+            raise ValueError(f"--chat-template {template!r}: no such file; use vicuna_v1 (the paper's), processor (the "
+                             "checkpoint's own), qwen_1_5 (LLaVA-OneVision's published runs) or a .jinja file")
         if self.device:
             import torch
 
@@ -230,6 +238,32 @@ class EvalConfig:
         if any(x is not None for x in (self.match, self.match_tflops, self.match_kv)) or self.match_image_size:
             self.method_match = self._solve_match()
             self.method = self.method_match["method_spec"]
+
+    def _check_frame_budget(self) -> None:
+        """--max-num-frames / --fps: their values, and the host when the model's config can be read without loading it
+        (else the model's host refuses them when it is loaded, before anything is written)."""
+        n, fps = self.max_num_frames, self.fps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"--max-num-frames must be a positive integer (frames read of each video; lmms-eval's "
+                             f"default 32), got {n!r}")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf):
+            raise ValueError(f"--fps must be a frame rate > 0 (frames read per second of video, e.g. 1 or 2), got {fps!r}")
+        if n is None and fps is None:
+            return
+        from pmod_bench.model.hosts import family_of
+
+        from .requests import source_model_type
+
+        model_type = source_model_type(self.model)
+        family = family_of(model_type) if model_type else None
+        if family == "llava_onevision" and fps is not None:
+            raise ValueError(f"--fps is Qwen2.5-VL's video sampling rate; LLaVA-OneVision ({self.model}) reads "
+                             "--max-num-frames frames spread uniformly over each clip, as lmms-eval's llava_hf and "
+                             "llava_onevision: leave --fps out")
+        if family in ("llava", "llava_next"):
+            flags = " and ".join(f for f, v in (("--max-num-frames", n), ("--fps", fps)) if v is not None)
+            raise ValueError(f"{flags}: frame budgets of video evaluation, which LLaVA-1.5 / LLaVA-NeXT models "
+                             f"({self.model}) do not run (Qwen2.5-VL and LLaVA-OneVision do); leave {flags} out")
 
     def _solve_match(self) -> dict:
         """--match / --match-tflops / --match-kv: the method's budget solved on the model's architecture (ValueError names the fix)."""
@@ -282,16 +316,20 @@ class EvalConfig:
 
     #: fields that define what a run directory holds (the rest may change on resume)
     IDENTITY = ("model", "pmod", "shift", "schedule", "ratios", "allow_untrained_routers", "dtype",
-                "attn_implementation", "chat_template", "limit", "gen_kwargs", "stop_at_until", "method")
+                "attn_implementation", "chat_template", "limit", "gen_kwargs", "stop_at_until", "method",
+                "max_num_frames", "fps")
+    #: identity fields left out while unset (a run directory from before they existed resumes)
+    _UNSET_LEFT_OUT = ("chat_template", "max_num_frames", "fps")
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in self.IDENTITY if not (k == "chat_template" and self.chat_template is None)}
+        return {k: getattr(self, k) for k in self.IDENTITY if not (k in self._UNSET_LEFT_OUT and getattr(self, k) is None)}
 
     def model_args(self) -> dict:
         return dict(pretrained=self.model, pmod=self.pmod, shift=self.shift, schedule=self.schedule, ratios=self.ratios,
                     allow_untrained_routers=self.allow_untrained_routers, dtype=self.dtype, device=self.device,
                     attn_implementation=self.attn_implementation, batch_size=self.batch_size,
-                    chat_template=self.chat_template, stop_at_until=self.stop_at_until, method=self.method)
+                    chat_template=self.chat_template, stop_at_until=self.stop_at_until, method=self.method,
+                    max_num_frames=self.max_num_frames, fps=self.fps)
 
 
 @dataclass
@@ -481,7 +519,11 @@ def check_identity(run_dir: Path, cfg: EvalConfig) -> Optional[dict]:
     old = meta.get("eval", {}).get("identity", {})
     # a key the run directory predates (added to IDENTITY later) counts as that setting's default
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
-    diff = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.identity().items() if old.get(k, defaults.get(k)) != v}
+    now = cfg.identity()
+    # also a setting the run dir recorded that is now unset (left out of the identity: e.g. --fps dropped on resume)
+    keys = [*now, *(k for k in old if k not in now and k in EvalConfig.IDENTITY)]
+    diff = {k: (old.get(k, defaults.get(k)), now.get(k, getattr(cfg, k))) for k in keys
+            if old.get(k, defaults.get(k)) != now.get(k, getattr(cfg, k))}
     if diff:
         what = "; ".join(f"{k}: {a!r} in the run dir vs {b!r} now" for k, (a, b) in diff.items())
         raise RunDirMismatch(f"{run_dir} holds an evaluation with other settings ({what}). Resume with the same "

@@ -1,4 +1,14 @@
-"""Video in ``pmod_llava``'s requests: a Qwen2.5-VL video document as lmms-eval 0.7.3's chat ``qwen2_5_vl`` reads it.
+"""Video in ``pmod_llava``'s requests: a video document as lmms-eval 0.7.3's model class for the host reads it.
+
+**LLaVA-OneVision** (:class:`pmod_bench.tasks.requests.OnevisionRequests`; :func:`uniform_frames`): as
+``LlavaHf.load_video`` in ``lmms_eval/models/simple/llava_hf.py`` (and ``Llava_OneVision.load_video``, the same lines, at
+EvolvingLMMs-Lab/lmms-eval@75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3): ``decord.VideoReader`` on the request's first
+video, frame indices ``np.linspace(0, total - 1, max_frames_num, dtype=int)`` (``max_frames_num`` 32), read with
+``get_batch`` as one (T, H, W, C) uint8 array. A clip shorter than ``max_frames_num`` frames repeats frames (the
+indices are floored, duplicates kept): every clip gives exactly ``max_frames_num`` frames, so the clips of a batch
+stack into one ``pixel_values_videos`` tensor as HF's OneVision needs.
+
+**Qwen2.5-VL**: as lmms-eval 0.7.3's chat ``qwen2_5_vl`` reads it.
 
 What ``lmms_eval/models/chat/qwen2_5_vl.py`` (``Qwen2_5_VL.generate_until``, lmms-eval 0.7.3) does with the videos of
 a request, reproduced by :class:`pmod_bench.tasks.requests.QwenChatRequests` through the functions here:
@@ -32,9 +42,10 @@ FRAME_FACTOR = 2
 
 @dataclass(frozen=True)
 class VideoFrames:
-    """One video of a request as qwen-vl-utils read it: the sampled ``frames`` ((T, C, H, W) tensor, resized) and the
-    ``metadata`` it returns with them (fps, the frame indices read, ...), which the processor turns into
-    ``second_per_grid_ts`` (the M-RoPE temporal step)."""
+    """One video of a request as read for its host. Qwen2.5-VL: the ``frames`` qwen-vl-utils sampled ((T, C, H, W)
+    tensor, resized) and the ``metadata`` it returns with them (fps, the frame indices read, ...), which the processor
+    turns into ``second_per_grid_ts`` (the M-RoPE temporal step). LLaVA-OneVision (:func:`uniform_frames`): a (T, H, W,
+    C) uint8 array and the frame indices read (not handed to the processor)."""
 
     frames: Any
     metadata: Any
@@ -75,6 +86,21 @@ def chat_video_kwargs(videos: Sequence[Any], min_pixels: int, max_pixels: int, m
     return kwargs
 
 
+def uniform_frames(path: str, max_frames_num: int) -> VideoFrames:
+    """The clip at ``path`` as lmms-eval's ``llava_hf`` / ``llava_onevision`` read it (module docstring): ``frames`` a
+    (max_frames_num, H, W, C) uint8 array, ``metadata`` the frame indices read. Needs decord (the ``video`` extra)."""
+    import numpy as np
+
+    try:
+        from decord import VideoReader, cpu
+    except ImportError:
+        raise ImportError("LLaVA-OneVision reads videos with decord, as lmms-eval's llava_hf: pip install -e \".[video]\"") \
+            from None
+    reader = VideoReader(path, ctx=cpu(0))
+    indices = np.linspace(0, len(reader) - 1, max_frames_num, dtype=int).tolist()  # floored: duplicates when short
+    return VideoFrames(frames=reader.get_batch(indices).asnumpy(), metadata=tuple(indices))
+
+
 def read_vision(hf_messages: list) -> list:
     """The images (PIL) and videos (:class:`VideoFrames`) of one request's HF messages, in their order of kind (images
     first, as ``process_vision_info`` returns them), read by qwen-vl-utils as lmms-eval calls it."""
@@ -111,4 +137,4 @@ def video_processor_size(processor: Any, min_pixels: int, max_pixels: int) -> An
 
 
 __all__ = ["FRAME_FACTOR", "VideoFrames", "clip_frames", "chat_nframes", "chat_video_kwargs", "read_vision",
-           "processor_media", "video_processor_size"]
+           "processor_media", "uniform_frames", "video_processor_size"]

@@ -51,6 +51,8 @@ class PMoDLlavaOnevisionConfig(PMoDConfigMixin, LlavaOnevisionConfig):
 
 
 _FORWARD = "LlavaOnevisionForConditionalGeneration.forward"
+#: the llava-hf OneVision checkpoints' tile (SigLIP so400m-patch14-384), on which the paper's 672x672 is a 2x2 grid
+SIGLIP_TILE = 384
 
 
 class RoutedLlavaOnevisionForConditionalGeneration(SparseModelMixin, LlavaOnevisionForConditionalGeneration):
@@ -171,10 +173,14 @@ class LlavaOnevisionHost(HostAdapter):
         return [side, side] if num_vision >= side * side else None
 
     def paper_image_size(self, config) -> tuple[int, int]:
-        """The paper's 672x672 (on OneVision's 384 px tiles: a 2x2 grid plus the base tile)."""
+        """The paper's 672x672 on OneVision's 384 px tiles (SigLIP-384: a 2x2 grid plus the base tile, the grid
+        LLaVA-NeXT's 336 px tiles give it); on other tiles (the tiny preset's 32 px) the image of that same grid, two
+        tiles a side, as the LLaVA-NeXT host's ``2 * tile``. 672 px on 32 px tiles would be a 21x21 grid that
+        ``anyres_max_9`` shrinks, thousands of vision tokens against which ``--match`` solved a near-zero budget."""
         from pmod_bench.profiler.scenario import PAPER_IMAGE_SIZE
 
-        return PAPER_IMAGE_SIZE
+        tile = int(config.vision_config.image_size)
+        return PAPER_IMAGE_SIZE if tile == SIGLIP_TILE else (2 * tile, 2 * tile)
 
 
 __all__ = ["LlavaOnevisionHost", "packed_map", "PMoDLlavaOnevisionConfig", "PMoDLlavaOnevisionForConditionalGeneration",
