@@ -32,6 +32,8 @@ pytest.importorskip("lmms_eval")
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
+from lmms_capture import Recorder, mmmu_format, recording_generate  # noqa: E402,F401  (mmmu_format: autouse)
+from lmms_capture import same_call as _same_generate, tensor_bytes as _bytes  # noqa: E402
 
 BENCHES = ["MME", "MMMU", "RefCOCO", "SEED", "Chart", "MMB", "POPE"]
 #: ``tokenizer_config.json``'s ``chat_template`` of Qwen/Qwen2-7B-Instruct (and so of llava-hf/llava-onevision-qwen2-7b-ov-hf)
@@ -94,39 +96,6 @@ def _llava_hf_classes() -> dict:
     return {"simple": Simple, "chat": Chat}
 
 
-@pytest.fixture(autouse=True)
-def mmmu_format():
-    """MMMU's ``doc_to_messages`` switches its module to the interleaved format (as in lmms-eval): restored after each test."""
-    from lmms_eval.tasks.mmmu import utils
-
-    before = utils.config["metadata"]["interleaved_format"]
-    yield
-    utils.config["metadata"]["interleaved_format"] = before
-
-
-class Recorder:
-    """A processor that records each call's keyword arguments (everything else is the processor's)."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.inner(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def recording_generate(calls: list):
-    def generate(**kwargs):
-        calls.append(kwargs)
-        ids = kwargs["input_ids"]
-        return torch.cat([ids, torch.tensor([[40, 41]] * ids.shape[0])], dim=1)
-
-    return generate
-
-
 def request_triples():
     """(task objects, [(ours, lmms-eval simple, lmms-eval chat)]) of the adapter tasks of BENCHES: three requests per
     document, built separately (``llava_hf`` changes its request's generation kwargs in place)."""
@@ -148,19 +117,6 @@ def request_triples():
             chat = ConfigurableMessagesTask.construct_requests(task, doc_id=inst.doc_id, ctx=inst.args[0], metadata=meta)
             triples.append((inst, simple, chat))
     return tasks, triples
-
-
-def _bytes(t: torch.Tensor) -> tuple:
-    return t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).flatten().numpy().tobytes()
-
-
-def _same_generate(ours: dict, theirs: dict, where: str) -> None:
-    assert sorted(ours) == sorted(theirs), f"{where}: keys {sorted(ours)} vs {sorted(theirs)}"
-    for key, value in theirs.items():
-        if isinstance(value, torch.Tensor):
-            assert _bytes(ours[key]) == _bytes(value), f"{where}, {key}"
-        else:
-            assert ours[key] == value, f"{where}, {key}: {ours[key]!r} != {value!r}"
 
 
 def _images(call: dict) -> list:

@@ -27,6 +27,8 @@ needs_decord = pytest.mark.skipif(importlib.util.find_spec("decord") is None, re
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
+from lmms_capture import Recorder, recording_generate  # noqa: E402
+from lmms_capture import same_call as _same_generate, tensor_bytes as _bytes  # noqa: E402
 from pmod_bench.tasks.benchmarks import VIDEO_BENCHMARKS  # noqa: E402
 
 FRAMES = 4  # frames a clip in the slow tests (lmms-eval's model_arg max_frames_num; its default is 32)
@@ -65,42 +67,6 @@ def clip(tmp_path_factory):
     from pmod_bench.tasks.fixtures import write_clip
 
     return str(write_clip(tmp_path_factory.mktemp("clip") / "c.mp4", seconds=0.7, fps=10))  # 7 frames
-
-
-class Recorder:
-    """A processor that records each call's keyword arguments (everything else is the processor's)."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.inner(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def recording_generate(calls: list):
-    def generate(**kwargs):
-        calls.append(kwargs)
-        ids = kwargs["input_ids"]
-        return torch.cat([ids, torch.tensor([[40, 41]] * ids.shape[0])], dim=1)
-
-    return generate
-
-
-def _bytes(t: torch.Tensor) -> tuple:
-    return t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).flatten().numpy().tobytes()
-
-
-def _same_generate(ours: dict, theirs: dict, where: str) -> None:
-    assert sorted(ours) == sorted(theirs), f"{where}: keys {sorted(ours)} vs {sorted(theirs)}"
-    for key, value in theirs.items():
-        if isinstance(value, torch.Tensor):
-            assert _bytes(ours[key]) == _bytes(value), f"{where}, {key}"
-        else:
-            assert ours[key] == value, f"{where}, {key}: {ours[key]!r} != {value!r}"
 
 
 def _media(call: dict) -> tuple:

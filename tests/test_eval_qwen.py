@@ -31,6 +31,8 @@ pytest.importorskip("lmms_eval")
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
+from lmms_capture import Recorder, mmmu_format, recording_generate  # noqa: E402,F401  (mmmu_format: autouse)
+from lmms_capture import same_call as _same_call  # noqa: E402
 
 BENCHES = ["MME", "MMMU", "RefCOCO", "SEED", "Chart", "MMB", "POPE"]
 
@@ -69,40 +71,6 @@ def hub_dir(qwen, tmp_path_factory):
     return save_qwen_hub_layout(*qwen, tmp_path_factory.mktemp("qwen_hub"))
 
 
-@pytest.fixture(autouse=True)
-def mmmu_format():
-    """MMMU's ``doc_to_messages`` switches its module to the interleaved format for the rest of the process (as
-    in lmms-eval); restored after each test so that other tests see the default."""
-    from lmms_eval.tasks.mmmu import utils
-
-    before = utils.config["metadata"]["interleaved_format"]
-    yield
-    utils.config["metadata"]["interleaved_format"] = before
-
-
-class Recorder:
-    """A processor that records each call's keyword arguments (everything else is the processor's)."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.inner(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def recording_generate(calls: list):
-    def generate(**kwargs):
-        calls.append(kwargs)
-        ids = kwargs["input_ids"]
-        return torch.cat([ids, torch.tensor([[40, 41]] * ids.shape[0])], dim=1)
-
-    return generate
-
-
 def tasks_and_requests(limit=None):
     """(task objects, [(simple request, chat request)]) of the adapter tasks of BENCHES: the simple request is what
     pmod_llava receives, the chat one what lmms-eval's chat models receive (ConfigurableMessagesTask's)."""
@@ -123,23 +91,6 @@ def tasks_and_requests(limit=None):
             chat = ConfigurableMessagesTask.construct_requests(task, doc_id=inst.doc_id, ctx=inst.args[0], metadata=meta)
             pairs.append((inst, chat))
     return tasks, pairs
-
-
-def _same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert a.contiguous().view(torch.uint8).flatten().tolist() == b.contiguous().view(torch.uint8).flatten().tolist() \
-            if a.dtype.is_floating_point else torch.equal(a, b), where
-    elif isinstance(a, (list, tuple)) and a and hasattr(a[0], "tobytes"):  # PIL images
-        assert [(im.size, im.mode, im.tobytes()) for im in a] == [(im.size, im.mode, im.tobytes()) for im in b], where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def _same_call(ours: dict, theirs: dict, where: str) -> None:
-    assert sorted(ours) == sorted(theirs), f"{where}: keys {sorted(ours)} vs {sorted(theirs)}"
-    for key in theirs:
-        _same(ours[key], theirs[key], f"{where}, {key}")
 
 
 def _recorded_pair(qwen, hub_dir, reference_cls, monkeypatch, batch_size: int):

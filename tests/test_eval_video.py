@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("lmms_eval")
 pytest.importorskip("decord")
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
+from lmms_capture import Recorder, recording_generate  # noqa: E402
+from lmms_capture import same as _same  # noqa: E402
 from pmod_bench.model.presets import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS  # noqa: E402
 from pmod_bench.tasks.benchmarks import VIDEO_BENCHMARKS  # noqa: E402
 
@@ -51,49 +52,6 @@ def hub_dir(qwen, tmp_path_factory):
     from pmod_bench.model.presets import save_qwen_hub_layout
 
     return save_qwen_hub_layout(*qwen, tmp_path_factory.mktemp("qwen_hub"))
-
-
-class Recorder:
-    """A processor that records each call's keyword arguments (everything else is the processor's)."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.inner(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def recording_generate(calls: list):
-    def generate(**kwargs):
-        calls.append(kwargs)
-        ids = kwargs["input_ids"]
-        return torch.cat([ids, torch.tensor([[40, 41]] * ids.shape[0])], dim=1)
-
-    return generate
-
-
-def _same(a, b, where: str) -> None:
-    """Equal values; tensors equal in dtype, shape and bytes; lists element by element; PIL images by their pixels."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) \
-            if a.dtype.is_floating_point else torch.equal(a, b), where
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {len(a)} vs {len(b)} items"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif hasattr(a, "tobytes") and hasattr(a, "size"):  # PIL
-        assert (a.size, a.mode, a.tobytes()) == (b.size, b.mode, b.tobytes()), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def video_requests(limit: int = 1):
