@@ -62,8 +62,7 @@ class OneVisionHost(HostGeometry):
     family = ONEVISION_FAMILY
     label = "LLaVA-OneVision"
     model_class = "LlavaOnevisionForConditionalGeneration"
-    videos_timed = True  # one tile a frame (video_pixel_inputs); image prompts (anyres tiles) are not timed yet
-    methods_pending = None  # the comparison methods' accounting runs (pmod_bench/methods); timing still waits on pending
+    pending = None  # image prompts: pixel_inputs (anyres tiles); videos: video_pixel_inputs (one tile a frame)
 
     def arch(self, name: str, cfg: Any) -> Arch:
         """A Qwen2 decoder (GQA, q/k/v biases) over a SigLIP tower read in full, anyres tiles on the config's pinpoints."""
@@ -111,6 +110,23 @@ class OneVisionHost(HostGeometry):
         return VisionLayout(**common, grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)),
                             downsampled=rows_cols if rows_cols != (uh, uw) else None)
 
+
+    def pixel_inputs(self, arch: Arch, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """OneVision's processor layout (``LlavaOnevisionImageProcessor``) for ``images`` (one (w, h) each, the same
+        count in every row of ``input_ids``): ``pixel_values`` (images, tiles, C, tile, tile), every image's tiles
+        padded to the most any image has (``_pad_for_batching``; the model reads the first ``image_size_to_num_patches``
+        of them), ``image_sizes`` (H, W) and ``batch_num_images`` (images per prompt: several images are one tile each).
+        The tiles per image are :meth:`layout`'s, so the placeholders ``synthetic_batch`` writes are the features the
+        model packs."""
+        import torch
+
+        v, B = arch.vision, input_ids.shape[0]
+        per_prompt = len(images) // B
+        tiles = [self.layout(arch, size, per_prompt).tiles for size in images]
+        shape = (len(images), max(tiles), v.channels, v.image_size, v.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator).to(dtype),
+                "image_sizes": torch.tensor([[h, w] for w, h in images], dtype=torch.long),
+                "batch_num_images": torch.tensor([per_prompt] * B, dtype=torch.long)}
 
     def video_layout(self, arch: Arch, frame_size: tuple[int, int], video: Any) -> VisionLayout:
         """A video: :func:`.video.onevision_frames` frames, each resized to one tile (``LlavaOnevisionVideoProcessor``),
