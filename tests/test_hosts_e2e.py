@@ -94,7 +94,8 @@ def test_train_eval_method_profile_report(tmp_path, preset):
     assert method_rows and method_rows[0]["GQA"] != "" and method_rows[0]["TFLOPs"], (methods, solved.get("method"))
     assert any(r["key"] == f"{preset}/p-MoD-0.5" for r in methods)
     index = (rep / "index.md").read_text()
-    assert f"{title}: efficiency across shift factors" in index and f"{title}: methods at matched FLOPs" in index
+    assert f"{title}: efficiency-performance trade-off across shift factors" in index
+    assert f"{title}: comparison with token-compression methods at matched FLOPs" in index
     for d in (prof, train, ev, meth):
         assert f"`{d}`" in index, d
     assert any(p.name.startswith(f"tradeoff_{slug}") and p.suffix == ".png" for p in (rep / "figures").iterdir())

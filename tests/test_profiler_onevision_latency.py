@@ -100,8 +100,9 @@ def test_cli_times_tiny_onevision_images(tmp_path):
     from pmod_bench.cli import main
 
     js = tmp_path / "ov.json"
-    argv = ["profile", "--arch", "tiny-llava-onevision", "--latency", "--image-size", "190x190", "--shift", "0.5", "--method", "visionzip:dominant=4,contextual=2", "--repeats", "1", "--warmup", "0",
-            "--gen-tokens", "3", "--json", str(js)]
+    argv = ["profile", "--arch", "tiny-llava-onevision", "--latency", "--image-size", "190x190", "--shift", "0.5",
+            "--method", "visionzip:dominant=4,contextual=2", "--repeats", "1", "--warmup", "0", "--gen-tokens", "3",
+            "--json", str(js)]
     assert main(argv) == 0
     rows = json.loads(js.read_text())["rows"]
     timed = [r for r in rows if r["method"] in ("baseline", "pmod")]
