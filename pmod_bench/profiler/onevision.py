@@ -25,6 +25,10 @@ Videos (:meth:`OneVisionHost.video_layout`): every frame is one 384 px tile thro
 features), pooled 2x2 bilinearly to 14x14 (``apply_pooling``: no products), one newline after the video: 32 frames ->
 6,273 tokens; FLOPs are the tile formulas over the frames.
 
+Latency (``--latency``): :meth:`OneVisionHost.pixel_inputs` gives :func:`.models.synthetic_batch` random pixels in the
+image processor's layout (anyres tiles padded to the most any image has, ``image_sizes``, ``batch_num_images``) for
+the vanilla, p-MoD and method-applied models; :meth:`OneVisionHost.video_pixel_inputs` one tile a frame for videos.
+
 Hub configs: ``pmod_bench.model.presets.ONEVISION_HUB`` (llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-ov-hf).
 """
 
