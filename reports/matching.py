@@ -547,7 +547,8 @@ def match_runs(
     if default_model is not None and default_model not in PAPER_MODELS:
         raise LabelError(f"--default-model {default_model!r} is not a paper model; use one of {', '.join(PAPER_MODELS)}.")
     labels = dict(labels or {})
-    matcher = _Matcher(Reproduction(), default_model)
+    runs = list(runs)
+    matcher = _Matcher(Reproduction(), default_model, train_runs={r.path.resolve(): r for r in runs if r.kind == "train"})
     used_labels: set[str] = set()
     order = {"profile": 0, "eval": 1, "train": 2}
     for run in sorted(runs, key=lambda r: order[r.kind]):
@@ -584,6 +585,8 @@ class _Matcher:
     default_model: Optional[str]
     method_profiles: dict[tuple[str, str], tuple[Mapping[str, Any], str]] = field(default_factory=dict)
     """(model, method config) -> the profile row of that config, for the comparison-method eval runs"""
+    train_runs: dict[Path, Run] = field(default_factory=dict)
+    """resolved directory -> the train runs of the report (an eval of one joins its rows, :meth:`trained_model`)"""
 
     def add(self, run: Run, label: Optional[Label], label_how: str) -> None:
         if run.introspection is not None:
@@ -613,8 +616,22 @@ class _Matcher:
                 return m, f"{what} {name!r}: {why} -> {m}"
         if self.default_model:
             return self.default_model, f"{what} {name!r} is not a paper model: matched as {self.default_model} (--default-model)"
+        trained = self.trained_model(name, what) if run.kind == "eval" else None
+        if trained:
+            return trained
         own = _own_model(name)
         return own, f"{what} {name!r} is not a paper model: own rows as {own!r}"
+
+    def trained_model(self, name: Optional[str], what: str) -> Optional[tuple[str, str]]:
+        """An eval of a train run directory given to the same report, of a host that is not the paper's (``eval
+        --model runs/demo-ov``): the train run's own model name, as :meth:`train_model` names it, so the eval's scores
+        join that run's training cost and the profile rows of its preset; None otherwise (the directory's name)."""
+        train = self.train_runs.get(Path(str(name or "")).resolve()) if name else None
+        host, source = (train.data.get("host"), train.data.get("model")) if train is not None else (None, None)
+        if not (isinstance(host, str) and host not in PAPER_HOSTS and isinstance(source, str) and source):
+            return None
+        own = _own_model(source)
+        return own, f"{what} {name!r} is the train run of {source!r} ({host}, not a paper host): own rows as {own!r}"
 
     def check_key(self, model: str, variant: str, label: Optional[Label], label_how: str, where: str) -> None:
         """A label that names a paper model + variant must name a row the paper has."""

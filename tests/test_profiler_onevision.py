@@ -150,7 +150,8 @@ def test_params_kv_and_training_rows(ov7b):
     assert ov7b.llm_params == lm  # q/k/v biases included
     assert ov7b.vision.params == sum(p.numel() for p in model.model.vision_tower.parameters())
     assert ov7b.projector_params == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    rows = profile(ov7b, ["baseline", "p-MoD-0.5"], [Scenario((1344, 1008))], hardware="A6000", verify=False)
+    rows = profile(ov7b, ["baseline", "p-MoD-0.5"], [Scenario((1344, 1008))], hardware="A6000", verify=False,
+                   device="cpu")
     base, pmod = rows
     assert (base.vision_tokens, base.tiles, base.tile_size, base.downsampled_grid, base.images) == (7309, 13, 384, [70, 93], 1)
     per_entry = 2 * 4 * 128 * 2  # K and V, 4 KV heads of 128, bf16
@@ -159,7 +160,7 @@ def test_params_kv_and_training_rows(ov7b):
     assert 0.5 < pmod.tflops_ratio < 0.55 and base.prefill_tflops == pytest.approx(117.93, abs=0.01)
     assert base.train_recipe == "llava-next-sft" and base.train_tokens_per_sample == 3699 + 400  # the recipe's 672x672 image
     assert pmod.train_gpu_hours < base.train_gpu_hours and not base.paper_scenario
-    assert base.prefill_floor_ms is not None and base.latency_note.startswith("not measured: the p-MoD LLaVA-OneVision")
+    assert base.prefill_floor_ms is not None and base.latency_note == "not measured: llava-onevision-7b is not timed on CPU (use --device cuda on a GPU, or --arch tiny)"
 
 
 def test_local_hub_config_profiles_as_the_preset(ov7b, tmp_path):
@@ -245,7 +246,7 @@ def test_cli_verified_run_writes_rows(tmp_path):
     (["--images", "0"], "--images must be a whole number in 1..64"),
     (["--arch", "llava-next-7b", "--images", "2", "--method", "fastv"], "one image per prompt; drop --images 2"),
     (["--method", "fastervlm"], "LLaVA-OneVision's tower has no [CLS] token"),
-    (["--latency"], "--no-latency"),
+    (["--latency"], "on CPU would take minutes per forward"),  # a 7B: image prompts are timed on a GPU
     (["--max-pixels", "1000000"], "Qwen2.5-VL's resize range"),
     (["--arch", "llava-onevision-7bb"], "Did you mean 'llava-onevision-7b'"),
 ])

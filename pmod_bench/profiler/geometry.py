@@ -43,8 +43,9 @@ class HostGeometry:
     """the family's name in messages (Qwen2.5-VL)"""
     model_class: str = ""
     """the transformers class of its vanilla model (built on the meta device for counting)"""
-    pending: Optional[str] = "its host adapter (pmod_bench/model/hosts), which pmod-bench does not have yet"
-    """what brings its p-MoD model, which latency and comparison methods need (None: they run)"""
+    pending: Optional[str] = "its synthetic image inputs (HostGeometry.pixel_inputs), which the profiler does not build yet"
+    """what brings its image timing and comparison methods (None: they run; Qwen2.5-VL and LLaVA-OneVision have none). A
+    new family needs its host adapter (pmod_bench/model/hosts) and :meth:`pixel_inputs` before it clears this"""
     videos_timed: bool = False
     """whether video prompts are timed on it although :attr:`pending` holds its image timing back (its p-MoD model runs
     and :meth:`video_pixel_inputs` builds its video batches)"""

@@ -104,7 +104,8 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
     The images sit after two thirds of the text (system prompt + "USER:"), one placeholder block each, the
     rest follows them (the question + "ASSISTANT:"), as in the Vicuna-v1 template. Rows are left-padded
     (pad id 0, mask 0); the pixel inputs hold every image of every sample, in order, in the host's layout
-    (LLaVA: pixel_values [+ image_sizes]; other families: :meth:`.geometry.HostGeometry.pixel_inputs`). Random text holds no
+    (LLaVA: pixel_values [+ image_sizes]; other families: :meth:`.geometry.HostGeometry.pixel_inputs`: Qwen2.5-VL's
+    patches + image_grid_thw, LLaVA-OneVision's anyres tiles + image_sizes + batch_num_images). Random text holds no
     vision token id. The model checks that the placeholders match the features it computes, so a wrong
     vision-token count fails loudly here.
     """
@@ -118,11 +119,11 @@ def synthetic_batch(arch: Arch, samples: Sequence[Sample], device: str = "cpu", 
     pad = 0 if pad is None else int(pad)
     rows = []
     for s in samples:
-        v = vision_layout(arch, s.image_size).vision_tokens  # one image's placeholders, repeated per image
+        v = vision_layout(arch, s.image_size, s.images).vision_tokens  # every image's placeholders (OneVision: 1 tile each)
         pre = (2 * s.text_tokens) // 3
         text = torch.randint(3, arch.text.vocab, (s.text_tokens,), generator=g)
         text = torch.where(torch.isin(text, reserved), torch.full_like(text, 3), text)
-        rows.append(torch.cat([text[:pre], torch.full((v * s.images,), img, dtype=torch.long), text[pre:]]))
+        rows.append(torch.cat([text[:pre], torch.full((v,), img, dtype=torch.long), text[pre:]]))
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)

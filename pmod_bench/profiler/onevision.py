@@ -25,6 +25,10 @@ Videos (:meth:`OneVisionHost.video_layout`): every frame is one 384 px tile thro
 features), pooled 2x2 bilinearly to 14x14 (``apply_pooling``: no products), one newline after the video: 32 frames ->
 6,273 tokens; FLOPs are the tile formulas over the frames.
 
+Latency (``--latency``): :meth:`OneVisionHost.pixel_inputs` gives :func:`.models.synthetic_batch` random pixels in the
+image processor's layout (anyres tiles padded to the most any image has, ``image_sizes``, ``batch_num_images``) for
+the vanilla, p-MoD and method-applied models; :meth:`OneVisionHost.video_pixel_inputs` one tile a frame for videos.
+
 Hub configs: ``pmod_bench.model.presets.ONEVISION_HUB`` (llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-ov-hf).
 """
 
@@ -62,8 +66,7 @@ class OneVisionHost(HostGeometry):
     family = ONEVISION_FAMILY
     label = "LLaVA-OneVision"
     model_class = "LlavaOnevisionForConditionalGeneration"
-    videos_timed = True  # one tile a frame (video_pixel_inputs); image prompts (anyres tiles) are not timed yet
-    methods_pending = None  # the comparison methods' accounting runs (pmod_bench/methods); timing still waits on pending
+    pending = None  # image prompts: pixel_inputs (anyres tiles); videos: video_pixel_inputs (one tile a frame)
 
     def arch(self, name: str, cfg: Any) -> Arch:
         """A Qwen2 decoder (GQA, q/k/v biases) over a SigLIP tower read in full, anyres tiles on the config's pinpoints."""
@@ -111,6 +114,23 @@ class OneVisionHost(HostGeometry):
         return VisionLayout(**common, grid=(int(rows), int(cols)), unpadded=(int(uh), int(uw)),
                             downsampled=rows_cols if rows_cols != (uh, uw) else None)
 
+
+    def pixel_inputs(self, arch: Arch, images: list, input_ids: Any, generator: Any, dtype: Any) -> dict:
+        """OneVision's processor layout (``LlavaOnevisionImageProcessor``) for ``images`` (one (w, h) each, the same
+        count in every row of ``input_ids``): ``pixel_values`` (images, tiles, C, tile, tile), every image's tiles
+        padded to the most any image has (``_pad_for_batching``; the model reads the first ``image_size_to_num_patches``
+        of them), ``image_sizes`` (H, W) and ``batch_num_images`` (images per prompt: several images are one tile each).
+        The tiles per image are :meth:`layout`'s, so the placeholders ``synthetic_batch`` writes are the features the
+        model packs."""
+        import torch
+
+        v, B = arch.vision, input_ids.shape[0]
+        per_prompt = len(images) // B
+        tiles = [self.layout(arch, size, per_prompt).tiles for size in images]
+        shape = (len(images), max(tiles), v.channels, v.image_size, v.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator).to(dtype),
+                "image_sizes": torch.tensor([[h, w] for w, h in images], dtype=torch.long),
+                "batch_num_images": torch.tensor([per_prompt] * B, dtype=torch.long)}
 
     def video_layout(self, arch: Arch, frame_size: tuple[int, int], video: Any) -> VisionLayout:
         """A video: :func:`.video.onevision_frames` frames, each resized to one tile (``LlavaOnevisionVideoProcessor``),
