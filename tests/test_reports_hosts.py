@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -187,35 +184,3 @@ def test_a_host_train_run_gives_its_measured_training_cost(tmp_path):
     _write_json(train / "train_summary.json", {**summary, "host": "qwen2_5_vl"})  # no model: nothing names it
     build_report([*qwen, train], tmp_path / "r2", figures=False)
     assert "Qwen2.5-VL: not matched" in (tmp_path / "r2" / "index.md").read_text()
-
-
-def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pmod_bench", *args], check=False, capture_output=True, text=True, env=env,
-                          timeout=900)
-
-
-@pytest.mark.slow
-def test_tiny_qwen_profile_eval_report_end_to_end(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    data = tmp_path / "data"
-    for args in (["data", "fixtures", str(data)],
-                 ["profile", "--arch", "tiny-qwen2.5-vl", "--output", str(tmp_path / "D1")],
-                 ["eval", "--model", "tiny-qwen2.5-vl", "--suite", "ablation", "--limit", "2", "--data", str(data),
-                  "--output", str(tmp_path / "D2")],
-                 ["train", "--demo", "--model", "tiny-qwen2.5-vl", "train.max_steps=2", "train.progress_bar=false",
-                  "-o", str(tmp_path / "T")],
-                 ["report", str(tmp_path / "D1"), str(tmp_path / "D2"), str(tmp_path / "T"), "--output", str(tmp_path / "R")]):
-        proc = _cli(args, env)
-        assert proc.returncode == 0, (args, proc.stderr[-3000:])
-    assert json.loads((tmp_path / "D1" / "run.json").read_text())["host"] == "qwen2_5_vl"
-    assert json.loads((tmp_path / "D2" / "run.json").read_text())["host"] == "qwen2_5_vl"
-    eff = _csv(tmp_path / "R" / "tables" / "qwen2-5-vl-efficiency.csv")
-    pmod = [r for r in eff if r["key"] == "tiny-qwen2.5-vl/p-MoD-0.5"]  # the preset is p-MoD-0.5
-    assert pmod and pmod[0]["TFLOPs"] and pmod[0]["Doc"] != "" and pmod[0]["AVG"] != ""  # profile row joined with eval run
-    assert {r["key"] for r in eff} >= {"tiny-qwen2.5-vl/baseline", "tiny-qwen2.5-vl/p-MoD-0.3"}
-    assert pmod[0]["Training GPU hours"] != ""  # the demo train run of the same configuration (rounded: ~0 h)
-    t_line = [ln for ln in (tmp_path / "R" / "index.md").read_text().splitlines() if ln.startswith(f"| `{tmp_path / 'T'}`")]
-    assert t_line and "Qwen2.5-VL: `tiny-qwen2.5-vl/p-MoD-0.5`" in t_line[0]
-    assert json.loads((tmp_path / "T" / "train_summary.json").read_text())["host"] == "qwen2_5_vl"
-    assert not any("qwen" in r["key"] for r in _csv(tmp_path / "R" / "tables" / "table7.csv"))
-    assert any(p.name.startswith("tradeoff_qwen2-5-vl") for p in (tmp_path / "R" / "figures").iterdir())
