@@ -636,7 +636,8 @@ def _log_match(cfg: EvalConfig, log: Callable[[str], None]) -> None:
     scale = 1 if mm["metric"] == "kv" else 1e12
     log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / scale:.4g} vs {mm['target_label']} "
         f"{mm['target'] / scale:.4g}{'' if mm['metric'] == 'kv' else ' TFLOPs'}, rel_err {mm['rel_err']:.2%}) on "
-        f"{mm['arch']} at {mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
+        f"{mm['arch']} at {'' if mm.get('frames') is None else str(mm['frames']) + ' frames of '}"
+        f"{mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
 
 
 def _run_pending(cfg: EvalConfig, run_dir: Path, lm: Any, pending: list, run: tuple, rank: int,
