@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from .hosts import _shift, _slug, host_title, score_error
-from .matching import VIDEO_BENCHMARK_KEYS, Reproduction, _own_model, method_key, method_of, variant_from_profile_row
+from .matching import (VIDEO_BENCHMARK_KEYS, Reproduction, _own_model, budget_text, method_key, method_of,
+                       variant_from_profile_row)
 from .paper import PaperColumn
 from .tables import Line, ReportTable
 
@@ -49,6 +50,8 @@ class VideoLine:
     frame_size: Optional[tuple[int, int]] = None
     config: Optional[str] = None
     """the profile rows' key: a method's config (``method_key``), else the variant"""
+    budget: Optional[str] = None
+    """a method's budget as evaluated (``k=0.63``), shown beside its name"""
     profile: Optional[Mapping[str, Any]] = None
     profile_source: Optional[str] = None
 
@@ -80,6 +83,7 @@ def video_lines(rep: Reproduction) -> list[VideoLine]:
         method = e.extra.get("method")
         line.frames, line.frame_size = _clip_budget(e.run, e.extra.get("method_match"))
         line.config = method_key(method) if method else e.variant
+        line.budget = budget_text(method) if method else None
         for r in rows:
             n = r.get("n")
             line.scores[r["benchmark"]] = (float(r["value"]), n if isinstance(n, int) and n > 0 else None, e.source)
@@ -167,8 +171,8 @@ def video_table(host: str, rep: Reproduction) -> Optional[ReportTable]:
     notes.append(f"Runs: {', '.join(sources)}.")
     return ReportTable(id=f"{_slug(host)}-video", number=0, title=f"{name}: video benchmarks beside prefill compute and KV "
                        "cache at the clip budget", label_header="Model · variant", columns=tuple(_columns(benches)),
-                       lines=tuple(Line(" · ".join(ln.key.rpartition("/")[::2]), "measured", _values(ln, benches), ln.key, i)
-                                   for i, ln in enumerate(lines)),
+                       lines=tuple(Line(" · ".join(ln.key.rpartition("/")[::2]) + (f" ({ln.budget})" if ln.budget else ""),
+                                        "measured", _values(ln, benches), ln.key, i) for i, ln in enumerate(lines)),
                        compare=False, notes=tuple(notes), sources=tuple(sources),
                        heading=f"{name}: video benchmarks at the clip budget (baseline, p-MoD, methods at matched FLOPs)")
 

@@ -141,6 +141,7 @@ def test_report_writes_each_hosts_video_table_and_leaves_the_paper_tables_alone(
     assert float(dycoke["AVG"]) == pytest.approx(sum(SCORES.values()) / 3 - 3)
     md = (tmp_path / "both" / "tables" / "qwen2-5-vl-video.md").read_text()
     assert md.startswith("# Qwen2.5-VL: video benchmarks at the clip budget") and "| 57.0 | 2.9 | 300 |" in md
+    assert "| qwen2.5-vl-7b · dycoke (k=0.63,dp=False) | 32 × 1280x720 |" in md
     # a video-only method's run has no all-dash line in the host's image methods table
     methods = _csv(tmp_path / "both" / "tables" / "qwen2-5-vl-methods.csv")
     assert not any("dycoke" in r["key"] for r in methods)
