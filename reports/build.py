@@ -7,7 +7,10 @@ Output layout (``DIR``)::
     tables/tableN.{md,tex,csv}  Tables 1-12 (runs of the paper's hosts, LLaVA-1.5 / LLaVA-NeXT, only)
     tables/HOST-efficiency.*    per other host found among the runs (Qwen2.5-VL, ...): Table 7's analog
     tables/HOST-methods.*       ... and Tables 5 / 8-10's analog (:mod:`.hosts`)
+    tables/HOST-video.*         ... and, when its eval runs hold video benchmarks, their scores beside prefill TFLOPs
+                                and KV cache at the clip budget (:mod:`.video`)
     figures/*.{png,pdf}         trade-off, Fig. 4, tradeoff_HOST per other host, and (when runs provide them) Figs. 3, 5, 6
+                                and video_tradeoff (prefill TFLOPs and KV cache vs frames, methods' rows included)
 
 Everything is first written to a staging directory beside ``DIR``; only when every file was produced
 are they moved into ``DIR`` (one ``os.replace`` each). A bad input therefore leaves ``DIR`` as it was.
@@ -36,6 +39,7 @@ from .paper import PAPER_CITATION, paper_table
 from .render import RENDERERS
 from .runs import Run, load_runs
 from .tables import ReportTable, build_tables
+from .video import video_tables
 
 
 class ReportError(ValueError):
@@ -209,7 +213,9 @@ def _video_figure(stage: Path, runs: Sequence[Run], notes: list[str]) -> list[_I
         return []
     paths = F.plot_video_tradeoff(data, stage / "figures" / "video_tradeoff")
     notes.extend(f"Video trade-off figure: {n}" for n in data.notes)
-    return [_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors",
+    methods = any(s.method is not None for s in data.series)
+    return [_Item("Video: LLM prefill TFLOPs and KV cache vs frames, baseline and p-MoD shift factors"
+                  + (" and comparison methods" if methods else ""),
                   [str(p.relative_to(stage)) for p in paths], "profile rows of video prompts (frames): " + ", ".join(data.sources),
                   str(paths[0].relative_to(stage)))]
 
@@ -330,7 +336,7 @@ def _write_report(output: Path, command: str, paper: bool, runs: list, rep: Opti
     stage = Path(tempfile.mkdtemp(prefix=".pmod-report.staging-", dir=output.parent))
     result = ReportResult(output=output)
     try:
-        table_files = _write_tables(stage, build_tables(rep) + host_tables(host_reps))
+        table_files = _write_tables(stage, build_tables(rep) + host_tables(host_reps) + video_tables(host_reps))
         fig_items: list[_Item] = []
         if figures:
             _require_matplotlib()

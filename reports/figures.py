@@ -355,6 +355,9 @@ class VideoSeries:
     variant: str
     shift: Optional[float]
     points: dict[int, tuple[float, float]] = field(default_factory=dict)
+    method: Optional[str] = None
+    """a comparison method's series: its name (``variant`` is then the legend label: the spec, or the method and the
+    target its budget was solved to at each frame count)"""
 
 
 @dataclass
@@ -369,20 +372,35 @@ class VideoTradeoffData:
         return any(s.points for s in self.series)
 
 
+def _video_series_name(row: Mapping[str, Any]) -> tuple[str, Optional[str]]:
+    """(series label, method name or None) of a video profile row: a method solved with ``--match`` is one series
+    across frame counts (its budget is solved again at each), named by the target; other rows by their variant."""
+    cfg = row.get("method_config")
+    if not isinstance(cfg, Mapping) or not cfg.get("method"):
+        return str(row["variant"]), None
+    match = row.get("method_match")
+    target = match.get("target_label") if isinstance(match, Mapping) else None
+    return (f"{cfg['method']} (matched to {target})" if target else str(row["variant"])), str(cfg["method"])
+
+
 def video_tradeoff_data(runs: Sequence[Any]) -> VideoTradeoffData:
-    """The video rows (``frames``) of every profile run, baseline and p-MoD, batch 1: one series per (arch, frame
-    size, variant), x the frames the model sees. A later row at the same point replaces an earlier one (noted)."""
+    """The video rows (``frames``) of every profile run, baseline, p-MoD and the comparison methods, batch 1: one series
+    per (arch, frame size, variant; a method solved with ``--match``: per target), x the frames the model sees. A later
+    row at the same point replaces an earlier one (noted)."""
     data = VideoTradeoffData()
     by_key: dict[tuple, VideoSeries] = {}
     for run in runs:
         if run.kind != "profile":
             continue
         for i, row in enumerate(run.rows):
-            if not row.get("frames") or row.get("method") not in ("baseline", "pmod") or row.get("batch_size") != 1:
+            if not row.get("frames") or row.get("batch_size") != 1:
+                continue
+            name, method = _video_series_name(row)
+            if method is None and row.get("method") not in ("baseline", "pmod"):
                 continue
             size = tuple(row.get("image_size") or (0, 0))
-            key = (row["arch"], size, row["variant"])
-            series = by_key.setdefault(key, VideoSeries(row["arch"], size, row["variant"], row.get("shift")))
+            key = (row["arch"], size, name)
+            series = by_key.setdefault(key, VideoSeries(row["arch"], size, name, row.get("shift"), method=method))
             n = int(row["frames"])
             if n in series.points:
                 data.notes.append(f"{row['arch']} {row['variant']} at {n} frames of {size[0]}x{size[1]}: {run.path} row {i} "
@@ -393,23 +411,39 @@ def video_tradeoff_data(runs: Sequence[Any]) -> VideoTradeoffData:
                 data.kv_dtypes.append(dtype)
             if str(run.path) not in data.sources:
                 data.sources.append(str(run.path))
-    data.series = sorted(by_key.values(), key=lambda s: (s.arch, s.frame_size, s.shift is not None, -(s.shift or 0)))
+    data.series = sorted(by_key.values(), key=lambda s: (s.arch, s.frame_size, s.method is not None, s.shift is not None,
+                                                         -(s.shift or 0), s.variant))
     if not data.series:
         data.notes.append("no profile row of a video prompt (pmod-bench profile --arch qwen2.5-vl-7b --frames 8 16 32 64).")
     return data
 
 
+#: comparison methods in the video trade-off: colours (none of them black or blue, p-MoD's) and markers, one per method
+METHOD_COLORS = ("#d9731a", "#2a9d3a", "#c0392b", "#8e44ad", "#8c564b", "#d6408f", "#7f7f00", "#17a0b5")
+METHOD_MARKERS = ("v", "P", "X", "*", "h", "<", ">", "p")
+
+
+def _video_styles(data: VideoTradeoffData) -> tuple[list, dict, dict]:
+    """(the (arch, frame size) pairs in order, the colour of each p-MoD shift, the (colour, marker) of each method)."""
+    from matplotlib import colormaps
+
+    archs = list(dict.fromkeys((s.arch, s.frame_size) for s in data.series))
+    shifts = sorted({s.shift for s in data.series if s.shift is not None and s.method is None}, reverse=True)
+    blues = colormaps["Blues"]
+    color = {sh: blues(0.95 - 0.55 * i / max(len(shifts) - 1, 1)) for i, sh in enumerate(shifts)}
+    names = list(dict.fromkeys(s.variant for s in data.series if s.method is not None))
+    methods = {n: (METHOD_COLORS[i % len(METHOD_COLORS)], METHOD_MARKERS[i % len(METHOD_MARKERS)]) for i, n in enumerate(names)}
+    return archs, color, methods
+
+
 def plot_video_tradeoff(data: VideoTradeoffData, stem: Path) -> list[Path]:
     """Two log-log panels against the frames the model sees: LLM prefill TFLOPs and the KV cache (GiB) per sample; one
-    colour per variant (baseline black, p-MoD shifts from dark to light), one line style per architecture."""
-    from matplotlib import colormaps
+    colour per variant (baseline black, p-MoD shifts from dark to light, each comparison method a colour and a hollow
+    marker of its own), one line style per architecture."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
-    archs = list(dict.fromkeys((s.arch, s.frame_size) for s in data.series))
-    shifts = sorted({s.shift for s in data.series if s.shift is not None}, reverse=True)
-    blues = colormaps["Blues"]
-    color = {sh: blues(0.95 - 0.55 * i / max(len(shifts) - 1, 1)) for i, sh in enumerate(shifts)}
+    archs, color, methods = _video_styles(data)
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     frames = sorted({n for s in data.series for n in s.points})
     kv_max = max(p[1] for s in data.series for p in s.points.values())
@@ -422,6 +456,11 @@ def plot_video_tradeoff(data: VideoTradeoffData, stem: Path) -> list[Path]:
             for s in data.series:
                 ls, marker = styles[archs.index((s.arch, s.frame_size)) % len(styles)]
                 xs = sorted(s.points)
+                if s.method is not None:
+                    c, m = methods[s.variant]
+                    ax.plot(xs, [s.points[x][k] * scale for x in xs], ls=ls, marker=m, ms=4.5, lw=1.0, color=c,
+                            markerfacecolor="none", zorder=3)
+                    continue
                 ax.plot(xs, [s.points[x][k] * scale for x in xs], ls=ls, marker=marker, ms=3.5, lw=1.2,
                         color="black" if s.shift is None else color.get(s.shift, PAPER_COLOR))
             ax.set_xscale("log", base=2)
@@ -434,8 +473,11 @@ def plot_video_tradeoff(data: VideoTradeoffData, stem: Path) -> list[Path]:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
             ax.set_xlabel("Frames seen by the model")
             ax.set_ylabel(ylabel)
-        handles = [Line2D([], [], color="black", lw=1.2, label="baseline")]
-        handles += [Line2D([], [], color=color[sh], lw=1.2, label=f"p-MoD δ={sh:g}") for sh in shifts]
+        handles = [Line2D([], [], color="black", lw=1.2, label="baseline")] if any(
+            s.shift is None and s.method is None for s in data.series) else []
+        handles += [Line2D([], [], color=color[sh], lw=1.2, label=f"p-MoD δ={sh:g}") for sh in color]
+        handles += [Line2D([], [], color=c, lw=1.0, marker=m, ms=4.5, markerfacecolor="none", label=name)
+                    for name, (c, m) in methods.items()]
         handles += [Line2D([], [], color="grey", ls=styles[i % len(styles)][0], marker=styles[i % len(styles)][1], ms=3.5,
                            label=f"{arch} ({w}x{h} frames)") for i, (arch, (w, h)) in enumerate(archs)]
         fig.suptitle(f"Video prompts: prefill compute and KV cache vs frames ({'/'.join(data.kv_dtypes)} KV cache; 2 FLOPs "

@@ -146,7 +146,9 @@ def _benchmark_columns(keys: Sequence[str], rep: Reproduction) -> list[PaperColu
 def methods_table(host: str, rep: Reproduction) -> ReportTable:
     """Tables 5 / 8-10's analog for one host: baseline, p-MoD-δ and the comparison methods at matched FLOPs."""
     t5 = paper_table(5)
-    keys = [k for k in rep.keys if _shift(k.rpartition("/")[2]) is not None or k.rpartition("/")[2] in rep.method_variants]
+    keys = [k for k in rep.keys if rep.values.get(k) and (_shift(k.rpartition("/")[2]) is not None
+                                                          or k.rpartition("/")[2] in rep.method_variants)]
+    # (a run with nothing for these columns, a video-only method's, has its line in the host's video table, reports.video)
     keys.sort(key=lambda k: (k.rpartition("/")[0], -(_shift(k.rpartition("/")[2]) or 0.0), k))
     benches = _benchmark_columns(keys, rep)
     columns = [c for c in t5.value_columns if c.kind == "efficiency"] + benches

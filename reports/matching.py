@@ -70,6 +70,9 @@ EQUAL_COMPUTE_TARGET = "p-MoD-0.5"
 SAME_CONFIGURATION = {"MoD+TanhNorm+STRing": "p-MoD-constant"}
 
 
+#: the video benchmarks of eval rows: no paper column, each host's video table (:mod:`.video`) shows them
+VIDEO_BENCHMARK_KEYS = ("VideoMME", "MVBench", "EgoSchema")
+
 #: the host families of the paper's models (``pmod_bench.model.hosts.family_of``): only their runs feed the paper's tables
 PAPER_HOSTS = frozenset({"llava", "llava_next"})
 
@@ -677,6 +680,8 @@ class _Matcher:
         values: dict[str, float] = {}
         for row in run.rows:
             bench = row["benchmark"]
+            if bench in VIDEO_BENCHMARK_KEYS:  # reports.video reads them (a host's video table)
+                continue
             if bench not in BENCHMARKS:
                 self.rep.notes.append(f"{run.path}: benchmark {bench!r} is not a paper column; shown in the inputs only.")
                 continue
@@ -723,7 +728,9 @@ class _Matcher:
             else:
                 variant, how = variant_from_profile_row(row)
             cfg = method_of(row.get("method_config"))
-            if cfg and not row.get("frames"):  # every budget of a method (image prompts: a video row's counts are another input's)
+            if cfg and row.get("frames"):  # a method's counts on a clip: the host's video table and figure (reports.video)
+                continue
+            if cfg:  # every budget of a method
                 slot = (model, method_key(cfg))
                 prev_m = self.method_profiles.get(slot)
                 if prev_m is None or _profile_rank(row) > _profile_rank(prev_m[0]):

@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--match-tflops", type=float, default=None, metavar="X", help=doc.get("match_tflops"))
     p.add_argument("--match-kv", type=float, default=None, metavar="Y", help=doc.get("match_kv"))
     p.add_argument("--match-image-size", default=None, metavar="WxH", help=doc.get("match_image_size"))
+    p.add_argument("--match-frames", type=int, default=None, metavar="N", help=doc.get("match_frames"))
+    p.add_argument("--match-frame-size", default=None, metavar="WxH", help=doc.get("match_frame_size"))
     p.add_argument("--match-convention", choices=("headline", "paper"), default="headline", help=doc.get("match_convention"))
     p.add_argument("--match-tolerance", type=float, default=0.01, metavar="R", help=doc.get("match_tolerance"))
     p.add_argument("--allow-untrained-routers", action="store_true", help="let --shift/--schedule/--ratios route layers without a trained router")
@@ -178,7 +180,8 @@ def _eval_configs(args, command: str) -> list:
                 stop_at_until=args.stop_at_until, max_num_frames=args.max_num_frames, fps=args.fps, label=args.label,
                 introspect=args.introspect, command=command,
                 method=spec, match=args.match, match_tflops=args.match_tflops, match_kv=args.match_kv,
-                match_image_size=args.match_image_size, match_convention=args.match_convention,
+                match_image_size=args.match_image_size, match_frames=args.match_frames,
+                match_frame_size=args.match_frame_size, match_convention=args.match_convention,
                 match_tolerance=args.match_tolerance,
             ))
     except ValueError as exc:  # bad settings: nothing written

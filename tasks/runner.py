@@ -130,6 +130,25 @@ def default_match_image_size(arch) -> tuple[int, int]:
     return arch.host.paper_image_size(arch.config)
 
 
+#: the frame size ``--match`` solves a video suite's budget at: a 720p frame, which Qwen2.5-VL's per-frame pixel budget
+#: caps (qwen-vl-utils as lmms-eval reads a clip: 1008x560 at 7B, the most a frame gets at 32 frames; any larger 16:9
+#: frame gives the same tokens); LLaVA-OneVision resizes every frame to one tile, whatever its size
+MATCH_FRAME_SIZE = (1280, 720)
+
+
+def video_suite(suite: str) -> bool:
+    """Whether ``suite`` holds only video benchmarks (True) or only image ones (False); ValueError for a mix, which no one
+    ``--match`` budget fits (a clip's tokens are not an image's)."""
+    from .benchmarks import VIDEO_BENCHMARKS
+
+    keys = [b.key for b in resolve_suite(suite)]
+    video = [k for k in keys if k in VIDEO_BENCHMARKS]
+    if video and len(video) != len(keys):
+        raise ValueError(f"--match solves one budget, on a clip or on an image: suite {suite!r} mixes video ({', '.join(video)}) "
+                         "and image benchmarks; evaluate them in two runs (--suite video, and the image suite)")
+    return bool(video)
+
+
 @dataclass
 class EvalConfig:
     """One ``pmod-bench eval`` invocation. Every field is checked here, before anything is written."""
@@ -186,6 +205,12 @@ class EvalConfig:
     match_image_size: Optional[str] = None
     """Image size WIDTHxHEIGHT the budget is solved at (default: the paper's, 672x672 for LLaVA-NeXT and 336x336 for
     LLaVA-1.5, i.e. 2x2 / 1x1 vision tiles), with 58 text tokens."""
+    match_frames: Optional[int] = None
+    """A video suite: frames of the clip the budget is solved on (default: the host's eval frame budget, 32: lmms-eval's
+    max_num_frames for Qwen2.5-VL, max_frames_num for LLaVA-OneVision)."""
+    match_frame_size: Optional[str] = None
+    """A video suite: frame size WIDTHxHEIGHT of that clip (default 1280x720, a 720p frame: Qwen2.5-VL's per-frame pixel
+    budget caps it, 1008x560 at 7B; LLaVA-OneVision resizes every frame to one tile)."""
     match_convention: str = "headline"
     """FLOPs convention of --match / --match-tflops: headline (prefill_tflops) or paper (prefill_tflops_paper)."""
     match_tolerance: float = 0.01
@@ -235,7 +260,8 @@ class EvalConfig:
             from pmod_bench.methods import parse_method_spec
 
             self.method = parse_method_spec(self.method).spec()  # validated, canonical (defaults left out)
-        if any(x is not None for x in (self.match, self.match_tflops, self.match_kv)) or self.match_image_size:
+        if any(x is not None for x in (self.match, self.match_tflops, self.match_kv, self.match_frames)) or \
+                self.match_image_size or self.match_frame_size:
             self.method_match = self._solve_match()
             self.method = self.method_match["method_spec"]
 
@@ -269,12 +295,13 @@ class EvalConfig:
         """--match / --match-tflops / --match-kv: the method's budget solved on the model's architecture (ValueError names the fix)."""
         targets = {"--match": self.match, "--match-tflops": self.match_tflops, "--match-kv": self.match_kv}
         given = [k for k, v in targets.items() if v is not None]
+        where = "--match-image-size" if self.match_image_size else "--match-frames / --match-frame-size"
         if not self.method:
-            raise ValueError(f"{', '.join(given) or '--match-image-size'} solves a comparison method's token budget; add "
+            raise ValueError(f"{', '.join(given) or where} solves a comparison method's token budget; add "
                              "--method NAME, e.g. --method fastv --match p-MoD-0.5")
         if len(given) != 1:
             raise ValueError("give exactly one of --match VARIANT (e.g. p-MoD-0.5), --match-tflops X, --match-kv Y"
-                             + (f" (got {', '.join(given)})" if given else " with --match-image-size"))
+                             + (f" (got {', '.join(given)})" if given else f" with {where}"))
         if self.match_convention not in ("headline", "paper"):
             raise ValueError(f"--match-convention must be headline or paper, got {self.match_convention!r}")
         if not (isinstance(self.match_tolerance, (int, float)) and 0.0 < float(self.match_tolerance) < 1.0):
@@ -285,13 +312,45 @@ class EvalConfig:
         if self.match is not None:
             self._check_match_target()
         arch = match_arch(self.model)
-        size = parse_image_size(self.match_image_size) if self.match_image_size else default_match_image_size(arch)
+        video = self._match_video()
+        if video is not None:
+            size = parse_image_size(self.match_frame_size) if self.match_frame_size else MATCH_FRAME_SIZE
+        else:
+            size = parse_image_size(self.match_image_size) if self.match_image_size else default_match_image_size(arch)
         res = solve(self.method, arch, size, match=self.match, tflops=self.match_tflops, kv=self.match_kv,
-                    text_tokens=MATCH_TEXT_TOKENS, convention=self.match_convention, tolerance=float(self.match_tolerance))
+                    text_tokens=MATCH_TEXT_TOKENS, convention=self.match_convention, tolerance=float(self.match_tolerance),
+                    video=video)
         out = res.to_dict()
         out.update(arch=arch.name, image_size=[int(size[0]), int(size[1])], text_tokens=MATCH_TEXT_TOKENS,
                    method_spec=res.config.spec())
+        if video is not None:  # image_size is the clip's frame size, as in a profile row of a video prompt
+            out["frames"] = video.frames
         return out
+
+    def _match_video(self):
+        """The clip a video suite's ``--match`` solves on (:class:`~pmod_bench.profiler.video.Video`), None for an image
+        suite; the flags of the other kind refused (ValueError naming the fix)."""
+        from pmod_bench.methods import get_method
+        from pmod_bench.profiler.video import LMMS_EVAL_MAX_FRAMES, Video
+
+        if not video_suite(self.suite):
+            if self.match_frames is not None or self.match_frame_size:
+                raise ValueError(f"--match-frames / --match-frame-size solve the budget on a clip, for a video suite; suite "
+                                 f"{self.suite!r} has images: use --match-image-size WxH (or --suite video)")
+            name = str(self.method).partition(":")[0]
+            if getattr(get_method(name), "video_only", False):
+                raise ValueError(f"{name} reduces the tokens of a video: evaluate it on a video suite (--suite video, or "
+                                 "VideoMME, MVBench, EgoSchema), where --match solves its budget on a clip")
+            return None
+        if self.match_image_size:
+            raise ValueError(f"suite {self.suite!r} is video: the budget is solved on a clip, --match-frames N and "
+                             f"--match-frame-size WxH (default {LMMS_EVAL_MAX_FRAMES} frames of "
+                             f"{MATCH_FRAME_SIZE[0]}x{MATCH_FRAME_SIZE[1]}); drop --match-image-size")
+        frames = self.match_frames if self.match_frames is not None else \
+            getattr(self, "max_num_frames", None) or LMMS_EVAL_MAX_FRAMES   # the eval's own frame budget, where it sets one
+        if isinstance(frames, bool) or not isinstance(frames, int):
+            raise ValueError(f"--match-frames must be a whole number of frames, e.g. 32, got {frames!r}")
+        return Video(frames=frames)   # ProfileError (a ValueError) names the range
 
     def _check_match_target(self) -> None:
         """--match names a configuration to equal: a malformed p-MoD spec is refused with what targets look like
@@ -619,7 +678,8 @@ def _log_match(cfg: EvalConfig, log: Callable[[str], None]) -> None:
     scale = 1 if mm["metric"] == "kv" else 1e12
     log(f"--match: {cfg.method} ({mm['metric']} {mm['achieved'] / scale:.4g} vs {mm['target_label']} "
         f"{mm['target'] / scale:.4g}{'' if mm['metric'] == 'kv' else ' TFLOPs'}, rel_err {mm['rel_err']:.2%}) on "
-        f"{mm['arch']} at {mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
+        f"{mm['arch']} at {'' if mm.get('frames') is None else str(mm['frames']) + ' frames of '}"
+        f"{mm['image_size'][0]}x{mm['image_size'][1]}, {mm['text_tokens']} text tokens")
 
 
 def _run_pending(cfg: EvalConfig, run_dir: Path, lm: Any, pending: list, run: tuple, rank: int,

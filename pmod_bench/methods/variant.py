@@ -93,6 +93,21 @@ class MethodVariant(Variant):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "method_config": self.config.to_dict()}
 
+    # ------------------------------------------------------------------------------ real models
+    def runnable_on(self, video: Any = None) -> bool:
+        """Timed on video prompts (``profile --frames N --latency``): the method applied to a vanilla model
+        (:meth:`applied_to`); image rows stay accounting only (``benchmarks/bench_methods.py`` times images)."""
+        return video is not None
+
+    def applied_to(self, model: Any) -> Any:
+        """``model`` running this (bound, solved) method: :func:`pmod_bench.methods.apply.apply_method`."""
+        from .apply import apply_method
+
+        try:
+            return apply_method(model, self.config)
+        except MethodError as exc:
+            raise VariantError(str(exc)) from None
+
 
 def method_variant(spec: str, match: Optional[dict[str, Any]] = None) -> Optional[MethodVariant]:
     """A :class:`MethodVariant` if ``spec`` names a registered method (else None); errors as VariantError."""

@@ -449,7 +449,7 @@ def _scenario_rows(s: _Setup, sc: Scenario, vs: Sequence[Variant]) -> list[Profi
     for v in vs:
         s.note(f"{a.name} · {v.name} · {_images(sc)} · batch {sc.batch_size}", True)
         rows.append(_variant_row(s, sc, counts, v))
-    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable]
+    to_time = [(v, r) for v, r in zip(vs, rows) if s.timed and v.runnable_on(sc.video)]
     if to_time:
         _time_rows(s, sc, to_time)
     _latency_ratios(rows)
@@ -478,7 +478,7 @@ def _variant_row(s: _Setup, sc: Scenario, counts: _ScenarioCounts, v: Variant) -
     if s.recipe is not None:
         _add_train_cost(row, s, counts, v, routers)
     # latency: measured by _time_rows, interleaved across the variants of this scenario
-    if s.timed and not v.runnable:
+    if s.timed and not v.runnable_on(sc.video):
         row.latency_note = f"not measured: {v.method} has no model in pmod-bench (accounting only)"
     return row
 
@@ -601,7 +601,7 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
     import torch
 
     from .latency import UNRELIABLE_SPREAD, time_interleaved
-    from .models import Sample, random_model, synthetic_batch
+    from .models import Sample, synthetic_batch
 
     a, B = s.arch, sc.batch_size
     lat_dtype = s.dtype if s.device.startswith("cuda") else "float32"
@@ -614,8 +614,7 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
     for v, _ in to_time:
         if v.name not in s.models:
             s.note(f"{a.name} · {v.name}: building the model on {s.device_name}", False)
-            s.models[v.name], s.base_model = random_model(a, v, device=s.device, dtype=getattr(torch, lat_dtype),
-                                                          base=s.base_model)
+            s.models[v.name] = _timed_model(s, v, getattr(torch, lat_dtype))
     timings = time_interleaved(
         {v.name: s.models[v.name] for v, _ in to_time}, batch, sc.gen_tokens, warmup=s.warmup, repeats=s.repeats,
         device=s.device, progress=lambda msg: s.note(f"{a.name} · {_images(sc)} · {msg}", False),
@@ -640,6 +639,36 @@ def _time_rows(s: _Setup, sc: Scenario, to_time: Sequence[tuple[Variant, Profile
         row.achieved_tflops_per_s = B * row.ttft_tflops / (tm.prefill.median / 1e3)
         if s.hw is not None and s.device.startswith("cuda"):
             row.mfu = row.achieved_tflops_per_s / s.hw.bf16_tflops
+
+
+def _timed_model(s: _Setup, v: Variant, dtype) -> Any:
+    """The random-weight model ``v`` is timed on, its weights the baseline's (``s.base_model``, built once): baseline and
+    p-MoD from :func:`.models.random_model`; a comparison method applied to a vanilla model of its own
+    (:meth:`.variants.Variant.applied_to`: the method changes that model's layers and forward, never the baseline's)."""
+    from .models import random_model
+    from .variants import Baseline
+
+    if v.runnable:
+        model, s.base_model = random_model(s.arch, v, device=s.device, dtype=dtype, base=s.base_model)
+        return model
+    if s.base_model is None:
+        _, s.base_model = random_model(s.arch, Baseline(), device=s.device, dtype=dtype)
+    return v.applied_to(_sharing_weights(s.base_model))
+
+
+def _sharing_weights(model: Any) -> Any:
+    """A copy of ``model``'s modules that holds the very same tensors (parameters, buffers, tensor attributes such as
+    RoPE's ``inv_freq``): no memory for weights, and changes to the copy's layers or class leave ``model`` as it was."""
+    import copy
+
+    import torch
+
+    memo = {}
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+    return copy.deepcopy(model, memo)
 
 
 def _latency_ratios(rows: Sequence[ProfileRow]) -> None:

@@ -8,6 +8,10 @@ between ``torch.cuda.synchronize()`` calls; on CPU with ``time.perf_counter``. R
 10th/90th percentiles, min, max, the spread (max - min) / median and the number of samples. Peak
 memory (CUDA) is reset before the prefill and read after it and after the decode.
 
+A model running a comparison method (``pmod_bench.methods.apply_method``) is timed the same way: its prefill is the
+method's (vision tower, the method's selection or merge, the LLM on the tokens it keeps; :func:`_method_prefill`), its
+decode steps read the shortened cache.
+
 Several variants are timed **interleaved** (:func:`time_interleaved`): repeat 1 of every variant,
 then repeat 2 of every variant, ...; a change of machine load (other processes on a shared CPU can
 change CPU latency a hundredfold) then hits every variant alike instead of one, and the spread shows
@@ -102,6 +106,7 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
 
     host = host_for(model)
     t0 = timer.start() if timer else None
+    batch = _method_prefill(model, batch)
     out = model(**batch, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     prefill_ms = timer.stop(t0) if timer else 0.0
@@ -119,6 +124,16 @@ def _run(model, batch: dict[str, Any], steps: int, timer: Optional[_Timer], afte
             decode_ms.append(timer.stop(t0))
         cache = output_cache(out)
     return prefill_ms, decode_ms
+
+
+def _method_prefill(model, batch: dict[str, Any]) -> dict[str, Any]:
+    """The prefill inputs of ``model``: ``batch`` itself, or, under a comparison method that shortens the prompt (its
+    ``applied_method``, :mod:`pmod_bench.methods.apply`), the shortened inputs the model's own forward would build from
+    it (what the method costs is timed with the prefill); the decode steps continue from their attention mask."""
+    method = getattr(model, "applied_method", None)
+    if method is None:
+        return batch
+    return method.prefill(model, dict(batch))  # a copy: the method takes the pixel inputs out of what it is given
 
 
 def time_generation(model, batch: dict[str, Any], gen_tokens: int = 16, warmup: int = 2, repeats: int = 5, device: str = "cpu") -> Timing:

@@ -101,6 +101,17 @@ class Variant:
         """The p-MoD settings of the real model; None = the vanilla (baseline) model."""
         raise NotImplementedError(f"variant {self.name} ({self.method}) has no real implementation in pmod-bench")
 
+    def runnable_on(self, video: Any = None) -> bool:
+        """Whether the profiler times a real model of this variant on a scenario's prompts (``video``: the scenario's
+        video, None for images): :attr:`runnable` variants everywhere; a comparison method on video prompts
+        (:meth:`applied_to` a vanilla model)."""
+        return self.runnable
+
+    def applied_to(self, model: Any) -> Any:
+        """``model`` (a vanilla model of its own, weights shared with the baseline's) running this variant's method;
+        only for variants that are :meth:`runnable_on` a scenario without being :attr:`runnable`."""
+        raise NotImplementedError(f"variant {self.name} ({self.method}) is not applied to a model")
+
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Variant":
         raise NotImplementedError
