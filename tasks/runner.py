@@ -347,7 +347,7 @@ class EvalConfig:
                              f"--match-frame-size WxH (default {LMMS_EVAL_MAX_FRAMES} frames of "
                              f"{MATCH_FRAME_SIZE[0]}x{MATCH_FRAME_SIZE[1]}); drop --match-image-size")
         frames = self.match_frames if self.match_frames is not None else \
-            getattr(self, "max_num_frames", None) or LMMS_EVAL_MAX_FRAMES   # the eval's own frame budget, where it sets one
+            self.max_num_frames or LMMS_EVAL_MAX_FRAMES   # the eval's own frame budget, where it sets one
         if isinstance(frames, bool) or not isinstance(frames, int):
             raise ValueError(f"--match-frames must be a whole number of frames, e.g. 32, got {frames!r}")
         return Video(frames=frames)   # ProfileError (a ValueError) names the range
