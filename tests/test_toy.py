@@ -297,6 +297,34 @@ def test_bootstrap_scores_match_lmms_eval_and_claim_only_clear_differences():
     assert d["distinguishable"] and d["low"] > 0
 
 
+def test_existence_accuracy_puts_an_all_no_answerer_at_chance_where_f1_gives_zero():
+    """A blank image rightly answered "no" every time: POPE F1 0 (it counts "yes" answers only), POPE accuracy 50;
+    the accuracy is lmms-eval's own, and the controls table shows it beside F1."""
+    from lmms_eval.tasks.pope.utils import pope_aggregate_accuracy
+
+    from pmod_bench.toy.report import build_tables
+    from pmod_bench.toy.stats import LEAVES, exist_accuracy, sample_values, summarise
+
+    rng = random.Random(1)
+    truth = ["yes", "no"] * 20
+    preds = [t if rng.random() < 0.8 else ("no" if t == "yes" else "yes") for t in truth]
+    samples = [_pope_sample(p, t) for p, t in zip(preds, truth)]
+    leaves = [leaf for leaf in LEAVES if "exist" in leaf]
+    docs = {leaf: [(i, sample_values(leaf, x)) for i, x in enumerate(samples)] for leaf in leaves}
+    assert exist_accuracy(docs) == pytest.approx(100 * pope_aggregate_accuracy([x["pope_accuracy"] for x in samples]))
+    blank = {leaf: [(i, sample_values(leaf, _pope_sample("no", t))) for i, t in enumerate(truth)] for leaf in leaves}
+    b = summarise(blank)
+    assert b["scores"]["Toy-Exist"] == 0.0 and b["exist_accuracy"] == pytest.approx(50.0)
+    assert exist_accuracy({"pmod_toy_count": [(0, [1.0])]}) is None
+    pub = {"scores": {"Toy-Exist": 0.0}, "n": {"Toy-Exist": 120}, "avg": None, "avg_low": None, "avg_high": None,
+           "exist_accuracy": 50.0}
+    data = {"scores": {"baseline": {"Toy-Exist": 90.0}}, "n": {}, "profile": {}, "train": {},
+            "intervals": {"baseline": {**pub, "exist_accuracy": 91.5}}, "controls": {"baseline, blanked images": pub}}
+    t = build_tables(data)["controls"]
+    col = t["columns"].index("Exist acc")
+    assert t["columns"][-1].startswith("AVG") and [r[col] for r in t["rows"]] == [91.5, 50.0]
+
+
 def test_blanked_benchmark_keeps_questions_and_sizes_and_has_its_own_datasets_cache(tmp_path):
     """pmod_bench.toy.controls: the blanked copy holds the same documents with images of one colour (the scene's
     background, same size); the toy task reads each copy through a datasets cache of its own (datasets would
