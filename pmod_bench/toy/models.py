@@ -9,7 +9,7 @@ Each model is one recipe in ``pmod_bench/toy/recipes``, run in three stages::
     toy-t3-*/t4-*  compute exactly what the SFT model computes, TanhNorm's design); routers train too
 
 The paper trains each p-MoD model's SFT from the PT connector. Sharing the first SFT stage keeps the
-costly part (learning to read the image at all: ~290k question instances for this LLM) to one run on a CPU, and
+costly part (learning to read the image at all: ~430k question instances for this LLM) to one run on a CPU, and
 every model then gets the same continuation (data, steps, learning rate), so differences between
 them come from their routing alone. A configuration that fills several rows is trained once: Table
 3's "+ PRD" and Table 4's "cosine" rows are p-MoD-0.5; Table 4's "constant" row is Table 3's "+ STRing".

@@ -80,7 +80,8 @@ def _public(summary: dict) -> dict:
 
     ci = interval(summary["boot_avg"])
     return {"scores": summary["scores"], "n": summary["n"], "avg": summary["avg"],
-            "avg_low": None if ci is None else ci[0], "avg_high": None if ci is None else ci[1]}
+            "avg_low": None if ci is None else ci[0], "avg_high": None if ci is None else ci[1],
+            "exist_accuracy": summary.get("exist_accuracy")}
 
 
 def _statistics(out: Path, models: list) -> dict:
@@ -154,12 +155,14 @@ def build_tables(data: dict) -> dict:
     tables["table7"] = {"columns": ["Model", "Training CPU s", "MFLOPs", "TFLOPs %", "Latency (ms)", "KV cache", *bcols, "AVG"],
                         "rows": rows}
     controls = data.get("controls") or {}
-    if controls:
-        rows = [["toy LLaVA-NeXT (baseline)", *scores("baseline")]]
+    if controls:  # + existence accuracy: F1 scores a right "no" to everything (a blank image) 0, accuracy 50 (chance)
+        base = scores("baseline")
+        rows = [["toy LLaVA-NeXT (baseline)", *base[:-1],
+                 ((data.get("intervals") or {}).get("baseline") or {}).get("exist_accuracy"), base[-1]]]
         for label, c in controls.items():
             rows.append([label, *[_with_n(c["scores"].get(b), None if c["n"].get(b) == common.get(b) else c["n"].get(b))
-                                  for b in BENCH], _avg_cell(c["avg"], c)])
-        tables["controls"] = {"columns": ["Control", *bcols, "AVG [95% CI]"], "rows": rows}
+                                  for b in BENCH], c.get("exist_accuracy"), _avg_cell(c["avg"], c)])
+        tables["controls"] = {"columns": ["Control", *bcols, "Exist acc", "AVG [95% CI]"], "rows": rows}
     limit = ((data.get("state") or {}).get("plan") or {}).get("eval_limit")
     for k in tables:
         tables[k]["title"] = TITLES[k] + (f" (--quick: at most {limit} documents a task, a smoke-test size)" if limit else "")
@@ -373,6 +376,11 @@ def write_report(out: Path, plan: Any = None) -> Path:
         atomic_write_text(rep / f"{key}.tex", render_latex(t))
         atomic_write_text(rep / f"{key}.csv", render_csv(t))
         index += [render_markdown(t), f"({key}.md / .tex / .csv)", ""]
+        if key == "controls":
+            index += ["Existence is scored by F1 (POPE's headline metric), which counts only \"yes\" answers: a model "
+                      "that answers \"no\" to every question, as it should on a blank image, scores F1 0 while its "
+                      "accuracy (`Exist acc`, POPE accuracy, chance 50) is at chance. The controls' existence is judged by "
+                      "that accuracy.", ""]
     index += _differences_lines(data)
     figs = []
     if data["scores"]:

@@ -14,6 +14,10 @@ exactly the run's summary values::
     Toy-Attr, Toy-Count, Toy-Text   exact_match;  Toy-MC  accuracy
     Toy-Ground   refcoco Acc@0.5 (lmms-eval's compute_accuracy of the logged box and prediction)
 
+Existence is also summarised as POPE's accuracy (``exist_accuracy``: a document is right when it is neither a false
+positive nor a false negative, mean of the three splits): F1 counts only "yes" answers, so a model that rightly says
+"no" to everything (the blanked-image control) scores F1 0 while its accuracy sits at the 50% chance level.
+
 Bootstrap: ``B`` resamples; in each, every leaf task's documents are drawn with replacement (same size),
 the benchmark scores and their mean (AVG) recomputed. The draws depend only on the task and its ``n``
 (not on the model), so two models evaluated on the same documents are compared *paired*: the interval
@@ -93,11 +97,20 @@ def _draws(leaf: str, n: int, resamples: int):
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
+def exist_accuracy(docs: dict) -> Optional[float]:
+    """POPE accuracy of the existence documents in ``docs`` (``load_docs`` layout), in %: per split the share of
+    documents that are neither a false positive nor a false negative ([tp, fp, fn] values), averaged over the splits;
+    None without existence documents."""
+    splits = [[1.0 - v[1] - v[2] for _, v in rows] for leaf, rows in docs.items() if LEAVES[leaf] == "Toy-Exist" and rows]
+    return 100.0 * sum(sum(s) / len(s) for s in splits) / len(splits) if splits else None
+
+
 def summarise(docs: dict, resamples: int = RESAMPLES) -> dict:
     """Point scores, n and bootstrap replicates of every benchmark and of AVG.
 
-    Returns {"scores": {bench: %}, "n": {bench: documents}, "avg": %, "boot": {bench: (B,) array}, "boot_avg": (B,)};
-    benchmarks without documents are left out, and AVG (the mean of all six) is None unless every one is there."""
+    Returns {"scores": {bench: %}, "n": {bench: documents}, "avg": %, "boot": {bench: (B,) array}, "boot_avg": (B,),
+    "exist_accuracy": %}; benchmarks without documents are left out, and AVG (the mean of all six) is None unless
+    every one is there."""
     import numpy as np
 
     per_bench: dict = {}
@@ -114,7 +127,7 @@ def summarise(docs: dict, resamples: int = RESAMPLES) -> dict:
     boot = {b: np.mean([bt for _, bt, _ in v], axis=0) for b, v in per_bench.items()}
     complete = all(b in scores for b in BENCHES)
     return {"scores": scores, "n": n, "boot": boot, "avg": float(np.mean([scores[b] for b in BENCHES])) if complete else None,
-            "boot_avg": np.mean([boot[b] for b in BENCHES], axis=0) if complete else None}
+            "boot_avg": np.mean([boot[b] for b in BENCHES], axis=0) if complete else None, "exist_accuracy": exist_accuracy(docs)}
 
 
 def interval(replicates, level: float = 0.95) -> Optional[tuple]:
@@ -136,5 +149,5 @@ def difference(a: dict, b: dict) -> Optional[dict]:
     return {"diff": a["avg"] - b["avg"], "low": lo, "high": hi, "distinguishable": lo > 0 or hi < 0}
 
 
-__all__ = ["BENCHES", "LEAVES", "RESAMPLES", "difference", "interval", "load_docs", "logged_samples", "sample_values",
+__all__ = ["BENCHES", "LEAVES", "RESAMPLES", "difference", "exist_accuracy", "interval", "load_docs", "logged_samples", "sample_values",
            "summarise"]
