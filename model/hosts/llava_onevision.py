@@ -37,7 +37,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from ..compat import cache_argument, contract_error
 from ..hf_config import PMoDConfigMixin
 from ..routed import PMoDModelMixin, SparseModelMixin, routed_forward
-from . import HOSTS, HostAdapter, HostError
+from . import HOSTS, HostAdapter
 
 
 @strict

@@ -237,7 +237,7 @@ def regrid_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     for b in range(B):
         ids = input_ids[b][mask[b]]
         lab = None if labels is None else labels[b][mask[b]]
-        keep, pieces, lpieces, pos = [], [], [], 0
+        pieces, lpieces, pos = [], [], 0
         for start, end in _runs(ids == token):
             if k >= len(counts):
                 raise MethodError(f"sample {b} has more image-token runs than the batch has images ({len(counts)}).")
