@@ -43,6 +43,23 @@ def _read_template(name: str) -> Optional[str]:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
+def chat_messages(host: str, context: str, visuals: list, task_messages: Optional[Callable[[], Any]]):
+    """(lmms-eval ``ChatMessages``, its images, its videos) of a request, as lmms-eval's chat model classes read it: the
+    task's messages (``doc_to_messages``), or for a task without a messages builder its user turn as
+    ``ConfigurableMessagesTask`` builds it; audio is refused."""
+    from lmms_eval.api.task import ConfigurableMessagesTask
+    from lmms_eval.protocol import ChatMessages
+
+    raw = task_messages() if task_messages is not None else None
+    if raw is None:
+        raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
+    chat = ChatMessages(messages=raw)
+    images, videos, audios = chat.extract_media()
+    if audios:
+        raise TypeError(f"pmod_llava ({host}) handles images and videos; the task gave audio")
+    return chat, images, videos
+
+
 class HostRequests:
     """What every host shares: the chat template, the stop strings (``stop_at_until``) and the answer cut."""
 
@@ -282,18 +299,9 @@ class QwenChatRequests(HostRequests):
 
     def messages(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> list:
         """The request's chat messages in HF form (``ChatMessages.to_hf_messages`` with the chat class's video kwargs)."""
-        from lmms_eval.api.task import ConfigurableMessagesTask
-        from lmms_eval.protocol import ChatMessages
-
         from .video_requests import chat_video_kwargs
 
-        raw = task_messages() if task_messages is not None else None
-        if raw is None:  # a task without lmms-eval's messages builder: its user turn, as ConfigurableMessagesTask builds it
-            raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
-        chat = ChatMessages(messages=raw)
-        _, videos, audios = chat.extract_media()
-        if audios:
-            raise TypeError(f"pmod_llava ({self.name}) handles images and videos; the task gave audio")
+        chat, _, videos = chat_messages(self.name, context, visuals, task_messages)
         return chat.to_hf_messages(video_kwargs=chat_video_kwargs(videos, self.min_pixels, self.max_pixels,
                                                                   self.max_num_frames, self.fps))
 
@@ -460,16 +468,7 @@ class OnevisionRequests(HostRequests):
 
     def _chat_prompt(self, context: str, visuals: list, task_messages: Callable[[], Any]) -> tuple[str, list]:
         """``llava_hf``'s chat class: the task's messages (``ChatMessages``) through the processor's chat template."""
-        from lmms_eval.api.task import ConfigurableMessagesTask
-        from lmms_eval.protocol import ChatMessages
-
-        raw = task_messages() if task_messages is not None else None
-        if raw is None:  # a task without lmms-eval's messages builder: its user turn, as ConfigurableMessagesTask builds it
-            raw = ConfigurableMessagesTask._build_user_turn(visuals, context)
-        chat = ChatMessages(messages=raw)
-        images, videos, audios = chat.extract_media()
-        if audios:
-            raise TypeError(f"pmod_llava ({self.name}) handles images and videos; the task gave audio")
+        chat, images, videos = chat_messages(self.name, context, visuals, task_messages)
         text = self.processor.apply_chat_template(chat.model_dump()["messages"], tokenize=False, add_generation_prompt=True)
         return text, self._read_videos(list(images) + list(videos), list(videos))
 
