@@ -252,3 +252,16 @@ def test_cli_verified_run_writes_rows(tmp_path):
 ])
 def test_cli_bad_flags_one_line(argv, needle, capsys):
     check_profile_refuses(argv, needle, capsys, "llava-onevision-7b")
+
+
+def test_auto_latency_on_cpu_times_only_the_tiny_archs():
+    """``--latency auto`` on CPU times the tiny archs but not a 0.5B LLM over thousands of vision tokens (minutes a
+    forward: it once held a profile of llava-onevision-0.5b for many minutes); ``--latency`` still times it when asked."""
+    from pmod_bench.profiler.arch import load_arch
+    from pmod_bench.profiler.core import _want_latency
+
+    assert _want_latency("auto", load_arch("tiny-llava-onevision"), "cpu", []) == (True, None)
+    timed, note = _want_latency("auto", load_arch("llava-onevision-0.5b"), "cpu", [])
+    assert not timed and "unless asked (--latency" in note
+    assert _want_latency(True, load_arch("llava-onevision-0.5b"), "cpu", []) == (True, None)
+    assert _want_latency("auto", load_arch("llava-onevision-0.5b"), "cuda:0", []) == (True, None)

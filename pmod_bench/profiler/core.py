@@ -25,6 +25,9 @@ from .video import Video, synthetic_video_batch
 
 #: LLMs above this many parameters are not timed on CPU unless asked (and then refused: too slow)
 CPU_LATENCY_MAX_PARAMS = 1_000_000_000
+#: ``--latency auto`` times on CPU only LLMs below this many parameters (the tiny archs, milliseconds a forward); a
+#: 0.5B LLM over thousands of vision tokens takes minutes a forward there, so it is timed on CPU only when asked
+CPU_AUTO_LATENCY_MAX_PARAMS = 100_000_000
 #: relative tolerance of the FLOPs cross-check
 FLOPS_CHECK_TOLERANCE = 0.01
 
@@ -307,8 +310,10 @@ def _want_latency(latency: Union[str, bool], arch: Arch, device: str, variants: 
         return True, None
     if latency != "auto":
         raise ProfileError(f"latency must be auto, on or off, got {latency!r}")
-    if cuda or small:
+    if cuda or arch.llm_params < CPU_AUTO_LATENCY_MAX_PARAMS:
         return True, None
+    if small:
+        return False, f"not measured: {arch.name} is not timed on CPU unless asked (--latency; or --device cuda on a GPU)"
     return False, f"not measured: {arch.name} is not timed on CPU (use --device cuda on a GPU, or --arch tiny)"
 
 
