@@ -294,3 +294,16 @@ def test_report_draws_the_video_tradeoff(tmp_path):
     assert main(["report", str(run), "--output", str(out)]) == 0
     assert (out / "figures" / "video_tradeoff.png").stat().st_size > 10_000 and (out / "figures" / "video_tradeoff.pdf").is_file()
     assert "figures/video_tradeoff.png" in (out / "index.md").read_text()
+
+
+def test_max_num_frames_is_the_max_frames_flag(tmp_path):
+    """``profile --max-num-frames`` (pmod-bench eval's name for the budget) is ``--max-frames``: the same frames kept."""
+    from pmod_bench.cli import main
+
+    rows = []
+    for flag in ("--max-frames", "--max-num-frames"):
+        js = tmp_path / f"{flag}.json"
+        assert main(["profile", "--arch", "qwen2.5-vl-7b", "--duration", "60", flag, "16", "--no-latency", "--quiet",
+                     "--json", str(js)]) == 0
+        rows.append(json.loads(js.read_text())["rows"][0])
+    assert [(r["frames"], r["frames_read"], r["vision_tokens"]) for r in rows] == [(16, 120, 2392)] * 2

@@ -123,8 +123,9 @@ def _add_video_arguments(s) -> None:
                    "--max-frames kept; LLaVA-OneVision always --max-frames frames")
     s.add_argument("--fps", type=float, metavar="F", help="Qwen2.5-VL: frames per second read of a --duration clip (default: "
                    "qwen-vl-utils' 2.0)")
-    s.add_argument("--max-frames", type=int, metavar="N", help="frames lmms-eval keeps of a --duration clip (default: its "
-                   "max_num_frames / max_frames_num, 32)")
+    s.add_argument("--max-frames", "--max-num-frames", dest="max_frames", type=int, metavar="N",
+                   help="frames lmms-eval keeps of a --duration clip (default: its max_num_frames / max_frames_num, 32; "
+                   "--max-num-frames is the same flag under pmod-bench eval's name)")
 
 
 def _command(args: argparse.Namespace) -> str:
