@@ -90,7 +90,7 @@ def test_bad_video_match_exits_2_with_one_line(tmp_path, capsys, extra, message)
 @pytest.mark.parametrize("arch", ["tiny-qwen2.5-vl", "tiny-llava-onevision"])
 def test_method_rows_on_video_are_timed(arch):
     """Every method row of a video scenario is timed (prefill with the method, decode steps on its shortened cache),
-    beside the baseline; image rows of methods stay accounting only."""
+    beside the baseline (image rows of methods are timed the same way: tests/test_profiler.py)."""
     from pmod_bench.profiler.core import Scenario, profile
     from pmod_bench.profiler.video import Video
 

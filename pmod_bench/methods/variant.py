@@ -95,9 +95,10 @@ class MethodVariant(Variant):
 
     # ------------------------------------------------------------------------------ real models
     def runnable_on(self, video: Any = None) -> bool:
-        """Timed on video prompts (``profile --frames N --latency``): the method applied to a vanilla model
-        (:meth:`applied_to`); image rows stay accounting only (``benchmarks/bench_methods.py`` times images)."""
-        return video is not None
+        """Timed on image and video prompts (``profile --latency``): the method applied to a vanilla model that shares
+        the baseline's weights (:meth:`applied_to`), its prefill the method's own work and its decode on the shortened
+        cache."""
+        return True
 
     def applied_to(self, model: Any) -> Any:
         """``model`` running this (bound, solved) method: :func:`pmod_bench.methods.apply.apply_method`."""
