@@ -117,6 +117,15 @@ class HostRequests:
         raise ValueError(f"build_prompt is the LLaVA hosts' prompt; a {self.name} request is built from its messages "
                          f"({type(self).__name__}.prompt)")
 
+    def llava_gen_kwargs(self, gen_kwargs: Optional[dict]) -> tuple[dict, list[str]]:
+        """(the task's generation kwargs, its ``until``), with a warning naming the kwargs lmms-eval's ``llava`` /
+        ``llava_hf`` classes do not read (the keys both take: ``_LLAVA_GEN_KEYS``)."""
+        gen = dict(gen_kwargs or {})
+        unknown = sorted(set(gen) - _LLAVA_GEN_KEYS)
+        if unknown:
+            self.warn(f"pmod_llava ignores generation kwargs {unknown}")
+        return gen, self.until_of(gen)
+
     def until_of(self, gen: dict) -> list[str]:
         """The task's ``until`` strings when ``stop_at_until`` (both reference models ignore them otherwise)."""
         until = gen.get("until") or []
@@ -192,11 +201,7 @@ class LlavaRequests(HostRequests):
         return inputs
 
     def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
-        gen = dict(gen_kwargs or {})
-        unknown = sorted(set(gen) - _LLAVA_GEN_KEYS)
-        if unknown:
-            self.warn(f"pmod_llava ignores generation kwargs {unknown}")
-        until = self.until_of(gen)
+        gen, until = self.llava_gen_kwargs(gen_kwargs)
         temperature = float(gen.get("temperature") or 0.0)
         do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
         cfg: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
@@ -485,11 +490,7 @@ class OnevisionRequests(HostRequests):
         return inputs.to(device, dtype)
 
     def generation(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
-        gen = dict(gen_kwargs or {})
-        unknown = sorted(set(gen) - _LLAVA_GEN_KEYS)
-        if unknown:
-            self.warn(f"pmod_llava ignores generation kwargs {unknown}")
-        until = self.until_of(gen)
+        gen, until = self.llava_gen_kwargs(gen_kwargs)
         gen = {"max_new_tokens": self.max_new_tokens, "temperature": 0, "top_p": None, "num_beams": 1, **gen}
         sample = (gen["temperature"] or 0) > 0
         eos = self.tokenizer.eos_token_id
