@@ -470,3 +470,40 @@ def check_profile_refuses(argv, needle: str, capsys, arch: str) -> None:
     err = capsys.readouterr().err
     assert err.startswith("pmod-bench profile: error:") and needle in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def zero3_against_one_process(tmp_path, include: str, *stops: list) -> tuple[dict, dict, list, list]:
+    """A demo recipe over mixed records (single-image, two-image, text-only, one missing image), trained 3 steps in this
+    process (``plain``) and under ZeRO-3 on two gloo processes at per-device batch 2 (``z3``), launched once per entry
+    of ``stops`` (extra overrides; e.g. ``["train.stop_at_step=2"], []`` stops and resumes) or once:
+    (plain summary, ZeRO-3 summary, plain losses, ZeRO-3 losses)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pmod_bench.train.config import load_recipe
+    from pmod_bench.train.demo import make_demo_dataset
+    from pmod_bench.train.trainer import train
+
+    make_demo_dataset(tmp_path / "data", n_image=8, n_text=4, n_multi=2, bad={"missing": 1})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"# pmod-bench train --config {recipe}\ninclude: {include}\n"
+                      f"data: {{json: {tmp_path / 'data' / 'data.json'}, image_folder: {tmp_path / 'data'}}}\n"
+                      "train: {max_steps: 3, save_steps: 10, progress_bar: false, device: cpu}\n")
+    plain = train(load_recipe(recipe, [f"output_dir={tmp_path / 'plain'}"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    for extra in stops or ([],):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m",
+               "pmod_bench.cli", "train", "--config", str(recipe), "train.deepspeed=zero3", "train.per_device_batch_size=2",
+               *extra, "-o", str(tmp_path / "z3")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "z3" / "train_summary.json").read_text())
+    a, b = ([json.loads(line)["loss"] for line in (tmp_path / k / "train_log.jsonl").read_text().splitlines()]
+            for k in ("plain", "z3"))
+    return plain, summary, a, b

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import demo_records
+from conftest import demo_records, zero3_against_one_process
 from pmod_bench.train.config import ConfigError
 from pmod_bench.train.data import IGNORE_INDEX, DataCollator, LlavaConversationDataset
 from pmod_bench.train.layouts import LLAVA, LLAVA_ONEVISION, QWEN2_5_VL, layout_for, restrict_tiles
@@ -407,34 +407,7 @@ def test_zero3_on_two_processes_equals_one_process(tmp_path, one_thread):
     text-only records (a missing image skipped alike where the sampler reaches it). (Stop and resume under ZeRO-3 is the trainer's, host-free:
     tests/test_train_zero3.py and the Qwen2.5-VL test; one launch here keeps CI short.)"""
     pytest.importorskip("deepspeed")
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from pmod_bench.train.config import load_recipe
-    from pmod_bench.train.demo import make_demo_dataset
-    from pmod_bench.train.trainer import train
-
-    make_demo_dataset(tmp_path / "data", n_image=8, n_text=4, n_multi=2, bad={"missing": 1})
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"# pmod-bench train --config {recipe}\ninclude: demo-tiny-llava-onevision.yaml\n"
-                      f"data: {{json: {tmp_path / 'data' / 'data.json'}, image_folder: {tmp_path / 'data'}}}\n"
-                      "train: {max_steps: 3, save_steps: 10, progress_bar: false, device: cpu}\n")
-    plain = train(load_recipe(recipe, [f"output_dir={tmp_path / 'plain'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m",
-           "pmod_bench.cli", "train", "--config", str(recipe), "train.deepspeed=zero3", "train.per_device_batch_size=2",
-           "-o", str(tmp_path / "z3")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    s = json.loads((tmp_path / "z3" / "train_summary.json").read_text())
+    plain, s, a, b = zero3_against_one_process(tmp_path, "demo-tiny-llava-onevision.yaml")
     assert s["status"] == "completed" and s["world_size"] == 2 and s["host"] == "llava_onevision"
     assert s["params"] == plain["params"] and s["bad_sample_skips"] == plain["bad_sample_skips"]
-    a, b = ([json.loads(l)["loss"] for l in (tmp_path / k / "train_log.jsonl").read_text().splitlines()]
-            for k in ("plain", "z3"))
     assert len(a) == len(b) == 3 and max(abs(x - y) / x for x, y in zip(a, b)) < 1e-5, (a, b)
