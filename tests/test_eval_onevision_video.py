@@ -27,6 +27,7 @@ needs_decord = pytest.mark.skipif(importlib.util.find_spec("decord") is None, re
 
 from conftest import benchmark_data_env  # noqa: E402
 from conftest import lmms_eval_responses as responses  # noqa: E402
+from test_eval_onevision import hub_dir, onevision  # noqa: E402,F401  (the same module fixtures: tiny model, hub layout)
 from lmms_capture import Recorder, recording_generate  # noqa: E402
 from lmms_capture import same_call as _same_generate, tensor_bytes as _bytes  # noqa: E402
 from pmod_bench.tasks.benchmarks import VIDEO_BENCHMARKS  # noqa: E402
@@ -41,25 +42,6 @@ def data_root(tmp_path_factory):
     video._offline_root.cache_clear()
     yield from benchmark_data_env(tmp_path_factory, list(VIDEO_BENCHMARKS))
     video._offline_root.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def onevision():
-    from pmod_bench.model.presets import build_preset
-
-    return build_preset("tiny-llava-onevision", pmod=None)
-
-
-@pytest.fixture(scope="module")
-def hub_dir(onevision, tmp_path_factory):
-    from pmod_bench.model.presets import save_onevision_hub_layout
-
-    from test_eval_onevision import QWEN2_INSTRUCT_TEMPLATE
-
-    d = save_onevision_hub_layout(*onevision, tmp_path_factory.mktemp("onevision_hub"))
-    config = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN2_INSTRUCT_TEMPLATE}, indent=2))
-    return d
 
 
 @pytest.fixture(scope="module")
