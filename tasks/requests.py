@@ -480,12 +480,10 @@ class OnevisionRequests(HostRequests):
     def encode(self, prompts: Sequence[str], images: Sequence[list], device: Any, dtype: Any, batch_size: int):
         """The processor on the batch's prompts, all their images (a flat list, as ``llava_hf``) and their videos' frames
         (each ``max_frames_num`` frames: they stack), floats in ``dtype``."""
-        from .video_requests import VideoFrames
+        from .video_requests import processor_media
 
-        flat = [im for ims in images for im in ims]
-        stills = [im for im in flat if not isinstance(im, VideoFrames)]
-        clips = [v.frames for v in flat if isinstance(v, VideoFrames)]
-        media = {"images": stills or None, **({"videos": clips} if clips else {})}
+        found = processor_media(images)  # llava_hf passes no video metadata, and videos= only with a video
+        media = {"images": found["images"], **({"videos": found["videos"]} if found["videos"] else {})}
         inputs = self.processor(text=list(prompts), **media, return_tensors="pt", padding=True)
         return inputs.to(device, dtype)
 
