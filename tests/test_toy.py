@@ -163,29 +163,30 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     for m, v in scores.items():  # every benchmark scored from a run, as a percentage
         assert set(v) == set(CHANCE) and all(0.0 <= x <= 100.0 for x in v.values()), (m, v)
     # Measured on the shipped checkpoints (--quick, 30 documents a task; AVG with its 95% bootstrap interval):
-    # baseline Exist 76.0 Attr 70.0 Count 80.0 MC 20.0 Text 100.0 Ground 13.3, AVG 59.9 [54.6, 64.6];
-    # p-MoD-0.5 82.5 60.0 73.3 23.3 96.7 10.0, AVG 57.6 [52.1, 63.3]; p-MoD-0.3 75.5 63.3 70.0 13.3 83.3 13.3, AVG 53.1
-    # [47.6, 59.3]. The baseline learns existence, attributes, counts and digits; multiple choice stays at chance and
-    # grounding far below the issue's target; the p-MoD models (routers at 100x lr) keep reading digits.
+    # baseline Exist 88.4 Attr 86.7 Count 93.3 MC 76.7 Text 93.3 Ground 6.7, AVG 74.2 [69.5, 78.2];
+    # p-MoD-0.5 87.3 73.3 90.0 76.7 86.7 3.3, AVG 69.5 [64.5, 73.9]; p-MoD-0.3 82.5 70.0 90.0 73.3 90.0 10.0, AVG 69.3
+    # [64.0, 74.1]. The baseline answers existence, attributes, counts, multiple choice and digits from the image (the
+    # LM pretrained for 1500 steps); grounding stays near chance; the p-MoD models keep every skill but grounding.
     b = scores["baseline"]
-    assert b["Toy-Exist"] > 68 and b["Toy-Attr"] > 60 and b["Toy-Count"] > 70 and b["Toy-Text"] > 90, b
-    assert base > 54 and pmod05 > 52 and pmod03 > 47 and scores["p-MoD-0.5"]["Toy-Text"] > 85, (base, pmod05, pmod03)
+    assert b["Toy-Exist"] > 80 and b["Toy-Attr"] > 78 and b["Toy-Count"] > 85 and b["Toy-Text"] > 88, b
+    assert b["Toy-MC"] > 65, b  # the letter, not a constant answer (best constant: 43.3)
+    assert base > 68 and pmod05 > 63 and pmod03 > 63 and scores["p-MoD-0.5"]["Toy-Text"] > 80, (base, pmod05, pmod03)
     for m, iv in data["intervals"].items():  # AVG's 95% bootstrap interval holds it; n is 30 a task (90: existence)
         assert iv["avg_low"] < iv["avg"] < iv["avg_high"] and iv["avg_high"] - iv["avg_low"] > 3, (m, iv)
         assert iv["n"] == {"Toy-Exist": 90, "Toy-Attr": 30, "Toy-Count": 30, "Toy-MC": 30, "Toy-Text": 30, "Toy-Ground": 30}
     diffs = {(d["model"], d["reference"]): d for d in data["differences"]}
-    d05 = diffs[("p-MoD-0.5", "baseline")]  # measured -2.3 [-6.8, +2.5]: not distinguishable, not claimed
+    d05 = diffs[("p-MoD-0.5", "baseline")]  # measured -4.6 [-9.2, -0.8]: lower, claimed (full run: -3.4 [-6.3, -0.4])
     assert d05["low"] <= d05["diff"] <= d05["high"] and d05["distinguishable"] == (d05["high"] < 0 or d05["low"] > 0)
-    assert d05["low"] < 0 < d05["high"] and not d05["distinguishable"], d05
+    assert -8 < d05["diff"] < 0 and d05["high"] - d05["low"] > 3, d05
     # the control: on blanked images the baseline answers "no" / "0" / no digit: measured Exist F1 0.0 (accuracy 50.0)
-    # Attr 0.0 Count 20.0 MC 13.3 Text 6.7 Ground 0.0 (AVG 6.7); chance (best constant answer) 66.7 (accuracy 50.0)
+    # Attr 10.0 Count 20.0 MC 36.7 Text 6.7 Ground 0.0 (AVG 12.2); chance (best constant answer) 66.7 (accuracy 50.0)
     # 20.0 43.3 43.3 23.3 10.0. F1 counts only "yes": the blanked images' right "no" is judged by existence accuracy
     blank, chance = data["controls"]["baseline, blanked images"], data["controls"]["chance (best constant answer)"]
-    assert blank["avg"] < 15 and base - blank["avg"] > 45, (blank, base)
+    assert blank["avg"] < 18 and base - blank["avg"] > 50, (blank, base)
     for bench, v in blank["scores"].items():
         assert v <= chance["scores"][bench] + 5, (bench, v, chance["scores"][bench])
     assert abs(blank["exist_accuracy"] - 50.0) <= 5 and chance["exist_accuracy"] == pytest.approx(50.0), blank
-    assert data["intervals"]["baseline"]["exist_accuracy"] > 65
+    assert data["intervals"]["baseline"]["exist_accuracy"] > 80  # measured 87.8
     assert "text only (question prior)" in data["controls"] and "Control" in (out / "report" / "controls.md").read_text()
     prof = data["profile"]
     # measured: 54.6% (p-MoD-0.5) and 41.2% (p-MoD-0.3) of the baseline's prefill FLOPs with 10 text and 88 vision
@@ -200,10 +201,10 @@ def test_reproduce_toy_quick_gives_real_numbers(tmp_path, monkeypatch):
     for r in (r5, r3):
         assert 0.0 < r["shape_area"] < r["tokens_on_shapes"] < 1.0 and 0.0 < r["kept_on_shapes"] < 1.0
     # measured: both keep shape tokens more than background ones (keep rate of shape / background tokens: p-MoD-0.5
-    # 48.6% / 34.1%, 1.43x; p-MoD-0.3 51.8% / 33.8%, 1.53x)
+    # 45.2% / 34.1%, 1.33x; p-MoD-0.3 48.4% / 35.5%, 1.36x; 8 images)
     for r in (r5, r3):
         assert 0.0 < r["keep_rate_background_tokens"] < r["keep_rate_shape_tokens"] < 1.0, r
-        assert r["keep_rate_shape_tokens"] > 1.3 * r["keep_rate_background_tokens"], r
+        assert r["keep_rate_shape_tokens"] > 1.2 * r["keep_rate_background_tokens"], r
     # resume: a second invocation recomputes nothing and gives the same report
     assert main(["reproduce", "--toy", "--quick", "--quiet", "--output", str(out)]) == 0
     assert json.loads((out / "report" / "data.json").read_text())["scores"] == scores
@@ -403,3 +404,17 @@ def test_toy_template_prompts_are_short_and_train_as_they_are_evaluated():
     for s, e in spans:  # every token is inside an answer span or outside all of them
         for a, b in enc["offset_mapping"]:
             assert b <= s or a >= s, (text[a:b], text[s:e])
+
+
+def test_ship_writes_the_same_tokenizer_config_online_and_offline(tmp_path):
+    """transformers records how a tokenizer was loaded (``local_files_only``, from the environment) in the config it
+    saves; the shipped files drop it, so two regenerations in different environments hash the same."""
+    from pmod_bench.toy.ship import normalise_tokenizer_config
+
+    texts = []
+    for offline in (True, False):
+        path = tmp_path / f"{offline}.json"
+        path.write_text(json.dumps({"is_local": True, "local_files_only": offline, "model_max_length": 2048}, indent=2))
+        normalise_tokenizer_config(path)
+        texts.append(path.read_text())
+    assert texts[0] == texts[1] and "local_files_only" not in texts[0] and json.loads(texts[0])["model_max_length"] == 2048

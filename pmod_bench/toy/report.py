@@ -253,8 +253,13 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
     axes_spec = (("tflops_ratio", "prefill TFLOPs (% of baseline)"), ("kv_cache_ratio", "KV cache (% of baseline)"),
                  ("latency_ratio", "prefill latency on CPU (% of baseline)"))
     shift_series = [m for m in ("p-MoD-0.3", "p-MoD-0.4", "p-MoD-0.5") if m in S]
+    # the ablations sit at one mean retention, so their points cluster: each gets its own marker and colour, named in
+    # the legend, instead of a text label that would collide with its neighbours'
+    ablations = [m for m in S if m != "baseline" and m not in shift_series]
+    markers, colours = "sDvP^Xhp<>", ("#7f7f7f", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+    look = {m: (markers[i % len(markers)], colours[i % len(colours)]) for i, m in enumerate(ablations)}
     with _rc():
-        fig = _figure(10.5, 3.4)
+        fig = _figure(10.5, 4.0)
         axs = fig.subplots(1, 3)
         for ax, (key, xlabel) in zip(axs, axes_spec):
             labelled: set = set()  # one legend entry per kind of point
@@ -276,11 +281,16 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
                     ax.errorbar([100 * x], [avg], yerr=[[avg - iv["avg_low"]], [iv["avg_high"] - avg]], fmt="none",
                                 ecolor="#999999", elinewidth=0.8, capsize=2, zorder=2,
                                 label=once("ci", "95% bootstrap interval of the average"))
-                ax.scatter([100 * x], [avg], s=28 if is_shift else 18, marker="*" if name == "baseline" else "o",
-                           color="#c0392b" if name == "baseline" else ("#1f6fb4" if is_shift else "#7f7f7f"), zorder=3,
-                           label=None if is_shift else once("ablation", "Table 3/4 ablation (same mean retention)"))
-                ax.annotate(name.replace("p-MoD-", "δ=") if name in shift_series else name, (100 * x, avg), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+                if is_shift:
+                    ax.scatter([100 * x], [avg], s=28, marker="*" if name == "baseline" else "o",
+                               color="#c0392b" if name == "baseline" else "#1f6fb4", zorder=3)
+                    below = name in shift_series and shift_series.index(name) % 2 == 1  # neighbours' labels apart
+                    ax.annotate(name.replace("p-MoD-", "δ="), (100 * x, avg), fontsize=6, xytext=(3, -9 if below else 3),
+                                textcoords="offset points")
+                else:
+                    marker, colour = look[name]
+                    ax.scatter([100 * x], [avg], s=18, marker=marker, color=colour, zorder=3,
+                               label=once(name, f"{name} (Table 3/4, same mean retention)"))
             pts = [(100 * (1.0 if m == "baseline" else _ratio(P, m, key) or float("nan")), average(S[m]))
                    for m in ("baseline", *reversed(shift_series)) if m in S and average(S[m]) is not None]
             pts = sorted(p for p in pts if p[0] == p[0])
@@ -308,9 +318,9 @@ def plot_tradeoff(data: dict, stem: Path) -> list:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("toy suite average (%)")
         handles, labels = axs[0].get_legend_handles_labels()  # below the panels: no point hidden under it
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=6, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=6, frameon=False)
         fig.suptitle("Toy world: accuracy vs efficiency", fontsize=8)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.tight_layout(rect=(0, 0.05 + 0.028 * -(-len(labels) // 4), 1, 1))
         return _save(fig, stem)
 
 

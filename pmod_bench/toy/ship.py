@@ -49,6 +49,15 @@ def normalise_config(path: Path, work: Path) -> None:
     path.write_text(text.replace(str(work.resolve()), "<work>").replace(str(work), "<work>"), encoding="utf-8")
 
 
+def normalise_tokenizer_config(path: Path) -> None:
+    """Drop ``local_files_only`` from ``tokenizer_config.json``: transformers records how the tokenizer was loaded
+    (offline or not, from the environment), which is not a property of the model and would make the file differ
+    between two regenerations."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.pop("local_files_only", None) is not None:
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_manifest(dest: Path, key: str) -> dict:
     """``dest/MANIFEST.json``: SHA-256 of every shipped file but the run logs (those are listed)."""
     files = {}
@@ -77,6 +86,7 @@ def ship(work: Path, dest: Path = SHIPPED) -> dict:
                 shutil.copy2(src / f, tmp / f)
         to_float16(src / "model.safetensors", tmp / "model.safetensors")
         normalise_config(tmp / "config.json", work)
+        normalise_tokenizer_config(tmp / "tokenizer_config.json")
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
     return write_manifest(dest, rep.plan.key())
