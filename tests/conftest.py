@@ -203,9 +203,11 @@ def one_thread():
 
 def benchmark_data_env(tmp_path_factory, benchmarks=None):
     """Generator for module fixtures: benchmark fixtures (hub schema) under PMOD_BENCH_DATA, an isolated
-    datasets cache, one torch thread; undone afterwards."""
+    datasets cache, one torch thread; undone afterwards. The video tasks' memo of the data root is cleared on both
+    sides, since it follows PMOD_BENCH_DATA."""
     import torch
 
+    from pmod_bench.tasks import video
     from pmod_bench.tasks.fixtures import generate
 
     root = tmp_path_factory.mktemp("data")
@@ -213,11 +215,13 @@ def benchmark_data_env(tmp_path_factory, benchmarks=None):
     mp = pytest.MonkeyPatch()
     mp.setenv("PMOD_BENCH_DATA", str(root))
     mp.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+    video._offline_root.cache_clear()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield root
     torch.set_num_threads(before)
     mp.undo()
+    video._offline_root.cache_clear()
 
 
 def train_workspace(tmp_path_factory, name: str, train_keys: str):

@@ -37,11 +37,7 @@ FRAMES = 4  # frames a clip in the slow tests (lmms-eval's model_arg max_frames_
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from pmod_bench.tasks import video
-
-    video._offline_root.cache_clear()
     yield from benchmark_data_env(tmp_path_factory, list(VIDEO_BENCHMARKS))
-    video._offline_root.cache_clear()
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,7 @@ SMALL = {"min_pixels": TINY_QWEN_MIN_PIXELS, "max_pixels": TINY_QWEN_MAX_PIXELS,
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from pmod_bench.tasks import video
-
-    video._offline_root.cache_clear()
     yield from benchmark_data_env(tmp_path_factory, list(VIDEO_BENCHMARKS))
-    video._offline_root.cache_clear()
 
 
 @pytest.fixture(scope="module")

@@ -235,25 +235,9 @@ def test_matches_pmod_05_on_qwen_7b(spec):
 def test_flops_analytic_equal_counted_on_tiny_qwen(vanilla, spec):
     """FlopCounterMode over one real forward == the analytic count (tower + merger, visionzip's own products, the LLM
     on the kept tokens, last logits only)."""
-    from pmod_bench.methods.accounting import method_flops
-    from pmod_bench.profiler.arch import load_arch
-    from pmod_bench.profiler.counters import flop_counter
-
-    proc = QWEN.processor
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    inputs = proc(images=[demo_image(90, 40)], text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
-                  return_tensors="pt")
-    V = int((inputs["input_ids"] == vanilla.config.image_token_id).sum())
-    T = inputs["input_ids"].shape[1] - V
-    apply_method(vanilla, spec)
-    try:
-        with torch.no_grad(), flop_counter() as fc:
-            vanilla(**inputs, logits_to_keep=1)
-    finally:
-        apply_method(vanilla, None)
-    f = method_flops(parse_method_spec(spec), load_arch("tiny-qwen2.5-vl"), (90, 40), T, logits_tokens=1)
+    inputs, V, counted, f = _counted_and_analytic(vanilla, spec, (90, 40))
     assert f.baseline_vision_tokens == V and f.llm_vision_tokens == round(0.4 * V)
-    assert fc.get_total_flops() == f.ttft
+    assert counted == f.ttft
 
 
 def test_window_order_undone_is_the_towers_own(vanilla, batch):
@@ -276,6 +260,29 @@ def test_window_order_undone_is_the_towers_own(vanilla, batch):
 
 
 # ------------------------------------------------------------------------------------------ downsampling
+def _counted_and_analytic(model, spec, size):
+    """One image of ``size`` with a short question: (processor inputs, its vision tokens, FlopCounterMode's FLOPs of
+    one forward under ``spec`` (last logits only), the analytic ``method_flops`` of the same prompt)."""
+    from pmod_bench.methods.accounting import method_flops
+    from pmod_bench.profiler.arch import load_arch
+    from pmod_bench.profiler.counters import flop_counter
+
+    proc = QWEN.processor
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    inputs = proc(images=[demo_image(*size)], text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                  return_tensors="pt")
+    V = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    apply_method(model, spec)
+    try:
+        with torch.no_grad(), flop_counter() as fc:
+            model(**inputs, logits_to_keep=1)
+    finally:
+        apply_method(model, None)
+    f = method_flops(parse_method_spec(spec), load_arch("tiny-qwen2.5-vl"), size, inputs["input_ids"].shape[1] - V,
+                     logits_tokens=1)
+    return inputs, V, fc.get_total_flops(), f
+
+
 def _regridded(model, batch, spec):
     """``batch`` as the processor would give it at the method's smaller sizes (the images resized from the pixel
     values, the <|image_pad|> runs re-counted, mm_token_type_ids rebuilt): what the model sees under ``spec``."""
@@ -342,26 +349,10 @@ def test_downsample_is_the_model_on_the_smaller_image(vanilla, batch):
 def test_downsample_flops_analytic_equal_counted(vanilla, spec):
     """FlopCounterMode over one real forward == the analytic count: the tower + merger on the resized image, the LLM
     on its merged tokens."""
-    from pmod_bench.methods.accounting import method_flops
-    from pmod_bench.profiler.arch import load_arch
-    from pmod_bench.profiler.counters import flop_counter
-
-    proc = QWEN.processor
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    inputs = proc(images=[demo_image(160, 112)], text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
-                  return_tensors="pt")
-    V = int((inputs["input_ids"] == vanilla.config.image_token_id).sum())
-    T = inputs["input_ids"].shape[1] - V
+    inputs, V, counted, f = _counted_and_analytic(vanilla, spec, (160, 112))
     small = _regridded(vanilla, inputs, spec)
-    apply_method(vanilla, spec)
-    try:
-        with torch.no_grad(), flop_counter() as fc:
-            vanilla(**inputs, logits_to_keep=1)
-    finally:
-        apply_method(vanilla, None)
-    f = method_flops(parse_method_spec(spec), load_arch("tiny-qwen2.5-vl"), (160, 112), T, logits_tokens=1)
     assert f.baseline_vision_tokens == V and f.llm_vision_tokens == int(small["image_grid_thw"].prod() // 4) < V
-    assert fc.get_total_flops() == f.ttft
+    assert counted == f.ttft
 
 
 def test_downsample_match_on_qwen_7b():

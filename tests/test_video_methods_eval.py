@@ -149,11 +149,9 @@ def test_dycoke_at_matched_flops_on_video_fixtures_batch_1_equals_4(tmp_path, tm
     from conftest import lmms_eval_responses as responses
 
     from pmod_bench.model.presets import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS, build_preset
-    from pmod_bench.tasks import video
     from pmod_bench.tasks.plugin import PMoDLlava
     from pmod_bench.tasks.runner import run_eval
 
-    video._offline_root.cache_clear()
     env = benchmark_data_env(tmp_path_factory, ["VideoMME", "EgoSchema"])
     next(env)
     try:
@@ -172,7 +170,6 @@ def test_dycoke_at_matched_flops_on_video_fixtures_batch_1_equals_4(tmp_path, tm
             metas[bs] = json.loads((tmp_path / f"b{bs}" / "run.json").read_text())
     finally:
         next(env, None)
-        video._offline_root.cache_clear()
     assert len(runs[1]) == 4 and runs[1] == runs[4] and calls[1] == 4 > calls[4]  # batches of two clips
     mm = metas[4]["eval"]["method_match"]
     assert mm["frames"] == 4 and mm["rel_err"] <= 0.01 and mm["method"]["method"] == "dycoke"
