@@ -67,8 +67,10 @@ class Plan:
     (6: ~430k, what the standalone experiment of issue 23 needed; measured against 4 (~290k): baseline AVG 59.0 vs 54.3,
     paired difference +4.7 [+0.9, +8.5], full suite, 60 documents a split)"""
     pt_images: int = 1280
-    pmod_samples: int = 1920
-    """conversations of the p-MoD continuation stage (fresh questions about the SFT scenes, ``sft_pmod.json``)"""
+    pmod_samples: int = 3600
+    """conversations of the continuation stage every model runs (fresh questions about the SFT scenes, ``sft_pmod.json``,
+    one per scene). Measured (issue 23, full suite, 60 documents a split, same SFT): 1920 -> 3600 took the baseline from
+    74.3 to 76.0 and p-MoD-0.5 from 70.8 to 74.9 (its gap to the baseline -3.4 -> -1.0); ~2 min a model on one thread"""
     lm_steps: int = 1500
     """steps of the toy LM's text pretraining (batch 16; conversations with the scene's caption where the image goes).
     Measured (issue 23, full suite, 60 documents a split, same SFT): 150 -> 1500 steps took the baseline's AVG from

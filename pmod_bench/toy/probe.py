@@ -1,12 +1,14 @@
-"""What the toy vision tower's features hold: linear probes per patch, the (colour, shape) pair included.
+"""What the toy vision tower's features hold: linear probes per patch, the (colour, shape) pair and position included.
 
     python -m pmod_bench.toy.probe DIR        # DIR: a toy checkpoint (its tower) or the prepared tower (prep/vision)
 
 Answering "is there a red circle?" needs colour and shape *bound* at one place. The probe reads LLaVA's features
 (layer -2, CLS dropped) of fresh toy crops (the scales anyres feeds the tower) and fits a linear classifier on
-the patches that hold a shape, three times: colour alone, shape alone, and the (colour, shape) pair (20 classes).
-A pair read as well as its parts means the binding is in the features, and what is left to learn is in the LLM
-and connector. Deterministic given the seed; a few seconds on one CPU thread.
+the patches that hold a shape, four times: colour alone, shape alone, the (colour, shape) pair (20 classes), and
+where the patch is in its 32 px crop (16 classes). A pair read as well as its parts means the binding is in the
+features, and what is left to learn is in the LLM and connector. Grounding needs the position too: the base tile is
+the whole image, so a shape patch's place in it is the shape's place in the image. Deterministic given the seed; a
+few seconds on one CPU thread.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _fit(x, y, classes: int, steps: int, seed: int) -> float:
 
 
 def pair_probe(path: str, seed: int = 0, scenes: int = 600, steps: int = 400) -> dict:
-    """Probe accuracies {"colour", "shape", "pair", "patches"} on the shape patches of fresh crops."""
+    """Probe accuracies {"colour", "shape", "pair", "position", "patches"} on the shape patches of fresh crops."""
     import torch
 
     from .prepare import _crops, deterministic
@@ -67,10 +69,12 @@ def pair_probe(path: str, seed: int = 0, scenes: int = 600, steps: int = 400) ->
         hs = tower(pixel_values=torch.from_numpy(x), output_hidden_states=True).hidden_states[layer][:, 1:]
     feats, labels = hs.reshape(-1, hs.shape[-1]), torch.from_numpy(y).permute(0, 2, 1).reshape(-1, 3)
     colour, shape = labels[:, 0], labels[:, 1]
+    where = torch.arange(hs.shape[1]).repeat(hs.shape[0])  # the patch's index in its crop (row-major)
     keep = (colour >= 1) & (colour <= len(COLOURS)) & (shape >= 1)
-    feats, colour, shape = feats[keep], colour[keep] - 1, shape[keep] - 1
+    feats, colour, shape, where = feats[keep], colour[keep] - 1, shape[keep] - 1, where[keep]
     return {"colour": _fit(feats, colour, len(COLOURS), steps, seed), "shape": _fit(feats, shape, len(SHAPES), steps, seed),
             "pair": _fit(feats, colour * len(SHAPES) + shape, len(COLOURS) * len(SHAPES), steps, seed),
+            "position": _fit(feats, where, hs.shape[1], steps, seed),
             "patches": int(keep.sum()), "definition": "linear probe test accuracy on patches holding a shape (layer -2)"}
 
 
