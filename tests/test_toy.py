@@ -138,6 +138,23 @@ def test_shipped_checkpoints_are_those_of_the_current_recipes_and_code():
             assert hashlib.sha256((SHIPPED / name / f).read_bytes()).hexdigest() == digest, (name, f)
 
 
+def test_the_last_routed_layers_router_gets_no_gradient_and_stays_zero():
+    """What the README says of the trained routers: the last p-MoD layer's vision outputs feed no later layer and no
+    loss, so its router never moves from its zero initialisation, while every earlier router trains."""
+    from safetensors.torch import load_file
+
+    from pmod_bench.toy.pipeline import SHIPPED
+
+    for name in ("p-MoD-0.5", "p-MoD-0.3"):
+        t = load_file(str(SHIPPED / name / "model.safetensors"))
+        layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in t if ".router." in k})
+        assert len(layers) >= 6, (name, layers)
+        last = [k for k in t if f".layers.{layers[-1]}.router." in k]
+        assert len(last) == 2 and all(float(t[k].abs().max()) == 0.0 for k in last), name
+        for l in layers[:-1]:
+            assert float(t[next(k for k in t if f".layers.{l}.router.weight" in k)].abs().max()) > 0.1, (name, l)
+
+
 def test_probe_reads_colour_shape_and_their_pair_from_the_shipped_tower():
     """The shipped baseline's (frozen) tower, probed as ``python -m pmod_bench.toy.probe`` does: colour, shape and the
     (colour, shape) pair are read linearly from LLaVA's features of shape patches (measured on the shipped checkpoint,
